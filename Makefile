@@ -1,0 +1,26 @@
+# The two commands a new user needs (see README): `make demo` and `make test`.
+SHELL := /bin/bash
+ENV := source scripts/env.sh &&
+
+.PHONY: setup build release test demo bench fmt clippy gpu-check
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	@$(ENV) cargo build --workspace
+
+release: setup
+	@$(ENV) cargo build --workspace --release
+
+test: build
+	@$(ENV) cargo test --workspace --no-fail-fast
+
+demo: release
+	@$(ENV) scripts/demo.sh
+
+fmt:
+	cargo fmt --all
+
+clippy: setup
+	@$(ENV) cargo clippy --workspace --all-targets

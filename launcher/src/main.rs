@@ -1,0 +1,2 @@
+//! `rsdeep`: the launcher binary.
+fn main() {}

@@ -1,0 +1,13 @@
+//! The rendezvous wire contract between the `rsdeep` launcher (server, hosted by node 0)
+//! and every `rsdeep-worker` (client). The schema lives in `proto/rendezvous.proto`; this
+//! crate only re-exports the generated code so that neither side depends on libtorch.
+
+pub mod v1 {
+    tonic::include_proto!("rendezvous.v1");
+}
+
+/// The rsdeep version every participant sends on Join; a mismatch is refused.
+pub const RSDEEP_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// gRPC metadata key that carries the per-job token on every call.
+pub const TOKEN_METADATA_KEY: &str = "x-rsdeep-token";

@@ -1,0 +1,10 @@
+# Sourced by the Makefile and scripts: the environment rsdeep builds and runs with.
+# tch finds libtorch through the venv's python (LIBTORCH_USE_PYTORCH); cudarc finds NCCL
+# through the libnccl.so symlink made by scripts/setup.sh.
+export RSDEEP_HOME="${RSDEEP_HOME:-$HOME/.cache/rsdeep}"
+export VIRTUAL_ENV="$RSDEEP_HOME/venv"
+export PATH="$VIRTUAL_ENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1
+export LD_LIBRARY_PATH="$RSDEEP_HOME/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$RSDEEP_HOME/target}"
+export RSDEEP_PYTHON="$VIRTUAL_ENV/bin/python"

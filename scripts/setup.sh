@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what building and testing rsdeep needs, when it is missing; idempotent and
+# fast (a few stat calls) when everything is already there.
+#
+#   - a Python venv with torch==2.11.0 (libtorch for tch 0.24, CUDA 13 wheel, also runs on
+#     CPU) and the Hugging Face reference packages the parity tests compare against;
+#   - a `libnccl.so` symlink next to pip's `libnccl.so.2` (cudarc never dlopens `.so.2`);
+#   - prints the environment lines that `make` exports (see scripts/env.sh).
+#
+# Everything lives under $RSDEEP_HOME (default ~/.cache/rsdeep) so a fresh clone on the same
+# machine (CI) reuses it.
+set -euo pipefail
+
+RSDEEP_HOME="${RSDEEP_HOME:-$HOME/.cache/rsdeep}"
+VENV="$RSDEEP_HOME/venv"
+PY_REQS="torch==2.11.0 transformers==5.* peft safetensors tokenizers numpy tensorboard"
+STAMP="$VENV/.rsdeep-reqs"
+
+mkdir -p "$RSDEEP_HOME"
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo is not on PATH; install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV"
+    python3 -m venv "$VENV"
+fi
+
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$PY_REQS" ]; then
+    echo "setup: installing $PY_REQS into $VENV (first time: ~5 GB, a few minutes)"
+    # shellcheck disable=SC2086
+    "$VENV/bin/pip" install -q --disable-pip-version-check $PY_REQS
+    echo "$PY_REQS" > "$STAMP"
+fi
+
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+NCCL_SO2="$SITE/nvidia/nccl/lib/libnccl.so.2"
+mkdir -p "$RSDEEP_HOME/lib"
+if [ -f "$NCCL_SO2" ]; then
+    ln -sfn "$NCCL_SO2" "$RSDEEP_HOME/lib/libnccl.so"
+fi
+echo "setup: ok ($VENV)"

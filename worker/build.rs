@@ -1,0 +1,12 @@
+//! Links libtorch so that CUDA does not silently disappear: rustc links with
+//! `--as-needed`, which drops `libtorch_cuda.so` unless `libtorch.so` is forced in, and
+//! torch-sys's own rpath never reaches this binary. See
+//! ../shared/reference/rust-toolchain-notes.md §1 ("the CUDA link trap").
+
+fn main() {
+    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    }
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg=-ltorch");
+}
