@@ -1,0 +1,59 @@
+//! The worker library's error type: one enum, grouped by subsystem. Binaries wrap it in
+//! `anyhow` with context; library code returns `Result<T>` and uses fallible tch ops.
+
+/// Every error the worker library can return.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // === libtorch and I/O ===
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    // === rendezvous ===
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+
+    // === collectives ===
+    /// A collective failed: which operation, on which rank, with how many elements.
+    #[error("collective {op} failed on rank {rank} ({numel} elements): {detail}")]
+    Comm {
+        op: &'static str,
+        rank: usize,
+        numel: usize,
+        detail: String,
+    },
+
+    // === model, tokenizer, data ===
+    #[error("model: {0}")]
+    Model(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("data: {0}")]
+    Data(String),
+
+    // === engine, checkpoints, configuration ===
+    #[error("engine: {0}")]
+    Engine(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("config: {0}")]
+    Config(String),
+}
+
+/// The worker library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with what was being done (file names belong in `context`).
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
