@@ -10,5 +10,6 @@
 pub mod comm;
 pub mod error;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};

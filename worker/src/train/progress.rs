@@ -1,0 +1,202 @@
+//! Training progress for people and tools: a live progress bar on rank 0 when stderr is a
+//! terminal (plain lines otherwise), `metrics.jsonl` in output_dir (one JSON object per
+//! logging step, the same fields HF Trainer puts in `log_history`), and TensorBoard
+//! scalars when `report_to` includes tensorboard.
+
+use super::tensorboard::EventWriter;
+use crate::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Instant;
+
+/// One logging step's numbers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub loss_scale: f64,
+    pub tokens_per_second: f64,
+    /// Estimated model FLOPs utilisation in percent (None on CPU, where no peak is known).
+    pub mfu: Option<f64>,
+    pub elapsed_s: f64,
+    pub eta_s: f64,
+}
+
+/// Writes metrics and draws the bar; only rank 0 constructs one.
+pub struct ProgressReporter {
+    total_steps: u64,
+    started: Instant,
+    jsonl: File,
+    tensorboard: Option<EventWriter>,
+    live_bar: bool,
+    history: Vec<StepMetrics>,
+}
+
+impl ProgressReporter {
+    /// Opens `output_dir/metrics.jsonl` for appending (a resumed run continues the file)
+    /// and, when asked, a TensorBoard writer under `logging_dir`.
+    pub fn open(
+        output_dir: &Path,
+        total_steps: u64,
+        tensorboard_dir: Option<&Path>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(output_dir)
+            .map_err(|e| Error::io(format!("creating {}", output_dir.display()), e))?;
+        let path = output_dir.join("metrics.jsonl");
+        let jsonl = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let tensorboard = tensorboard_dir.map(EventWriter::create).transpose()?;
+        Ok(ProgressReporter {
+            total_steps,
+            started: Instant::now(),
+            jsonl,
+            tensorboard,
+            live_bar: std::io::stderr().is_terminal(),
+            history: Vec::new(),
+        })
+    }
+
+    /// Seconds since the reporter was opened.
+    pub fn elapsed_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Estimated seconds left, from the average step time since `first_step`.
+    pub fn eta_s(&self, first_step: u64, step: u64) -> f64 {
+        let done = step.saturating_sub(first_step).max(1) as f64;
+        let left = self.total_steps.saturating_sub(step) as f64;
+        self.elapsed_s() / done * left
+    }
+
+    /// Records one logging step everywhere.
+    pub fn log(&mut self, metrics: StepMetrics) -> Result<()> {
+        let line = serde_json::to_string(&metrics)
+            .map_err(|e| Error::Engine(format!("serialising metrics: {e}")))?;
+        writeln!(self.jsonl, "{line}").map_err(|e| Error::io("writing metrics.jsonl", e))?;
+        if let Some(tb) = self.tensorboard.as_mut() {
+            let step = metrics.step as i64;
+            tb.add_scalar("train/loss", metrics.loss as f32, step)?;
+            tb.add_scalar("train/learning_rate", metrics.learning_rate as f32, step)?;
+            tb.add_scalar("train/grad_norm", metrics.grad_norm as f32, step)?;
+            tb.add_scalar("train/tokens_per_second", metrics.tokens_per_second as f32, step)?;
+            tb.flush()?;
+        }
+        self.draw(&metrics);
+        self.history.push(metrics);
+        Ok(())
+    }
+
+    /// Records an evaluation result (loss and perplexity).
+    pub fn log_eval(&mut self, step: u64, eval_loss: f64) -> Result<()> {
+        let record = serde_json::json!({
+            "step": step,
+            "eval_loss": eval_loss,
+            "eval_perplexity": eval_loss.exp(),
+        });
+        writeln!(self.jsonl, "{record}").map_err(|e| Error::io("writing metrics.jsonl", e))?;
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.add_scalar("eval/loss", eval_loss as f32, step as i64)?;
+            tb.flush()?;
+        }
+        self.finish_line();
+        eprintln!(
+            "[rank 0] eval step {step}: loss {eval_loss:.4} perplexity {:.2}",
+            eval_loss.exp()
+        );
+        Ok(())
+    }
+
+    /// Every logged step so far (for the loss curve and the summary).
+    pub fn history(&self) -> &[StepMetrics] {
+        &self.history
+    }
+
+    /// Ends the live bar's line so later output starts on a fresh line.
+    pub fn finish_line(&self) {
+        if self.live_bar {
+            eprintln!();
+        }
+    }
+
+    fn draw(&self, m: &StepMetrics) {
+        let mfu = m.mfu.map(|v| format!(" mfu {v:.1}%")).unwrap_or_default();
+        let text = format!(
+            "step {}/{} loss {:.4} lr {:.3e} grad_norm {:.3} scale {} tok/s {:.0}{} elapsed {} eta {}",
+            m.step,
+            self.total_steps,
+            m.loss,
+            m.learning_rate,
+            m.grad_norm,
+            m.loss_scale,
+            m.tokens_per_second,
+            mfu,
+            clock(m.elapsed_s),
+            clock(m.eta_s),
+        );
+        if self.live_bar {
+            let width = 24usize;
+            let filled = (m.step as usize * width) / (self.total_steps.max(1) as usize);
+            let bar: String = (0..width)
+                .map(|i| if i < filled { '#' } else { '.' })
+                .collect();
+            eprint!("\r\x1b[2K[{bar}] {text}");
+        } else {
+            eprintln!("[rank 0] {text}");
+        }
+    }
+}
+
+/// `h:mm:ss` for a duration in seconds.
+pub fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(step: u64) -> StepMetrics {
+        StepMetrics {
+            step,
+            epoch: 0.5,
+            loss: 3.0 / step as f64,
+            learning_rate: 1e-3,
+            grad_norm: 0.7,
+            loss_scale: 1.0,
+            tokens_per_second: 1000.0,
+            mfu: None,
+            elapsed_s: 1.0,
+            eta_s: 2.0,
+        }
+    }
+
+    #[test]
+    fn metrics_jsonl_has_one_parseable_line_per_log() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let mut reporter = ProgressReporter::open(dir.path(), 10, None)?;
+        reporter.log(metrics(1))?;
+        reporter.log(metrics(2))?;
+        let text = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .map_err(|e| Error::io("read", e))?;
+        let parsed: Vec<StepMetrics> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("valid json line"))
+            .collect();
+        assert_eq!(parsed, vec![metrics(1), metrics(2)]);
+        Ok(())
+    }
+
+    #[test]
+    fn clock_formats_hours_minutes_seconds() {
+        assert_eq!(clock(3725.2), "1:02:05");
+        assert_eq!(clock(-3.0), "0:00:00");
+    }
+}
