@@ -8,8 +8,10 @@
 //! - `zero`: the ZeRO engine (stages 0-3) over the model's blocks.
 
 pub mod comm;
+pub mod data;
 pub mod error;
 pub mod model;
+pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,596 @@
+//! The pretraining dataset: JSONL documents -> tokens -> EOS per document -> concatenated
+//! and cut into `block_size` blocks (run_clm's `group_texts`), cached on disk as a
+//! memory-mapped array of u32 token ids and reused across runs.
+//!
+//! Contract:
+//! - Input: JSONL files in the given order, one document per line in `text_field`.
+//!   Reading streams line chunks through a rayon pool, so memory does not grow with the
+//!   file size. A malformed line fails as `file:line: <serde error>`; with
+//!   `skip_bad_lines` it is counted instead and the count is reported (`meta.skipped_lines`).
+//! - Blocks: like `group_texts` over the whole corpus as one batch, the final remainder
+//!   shorter than `block_size` is dropped. (run_clm groups each map batch of 1000
+//!   documents separately and so drops one remainder per batch; we drop only one.)
+//! - Cache: `<cache_dir>/<key>/tokens.bin` (u32 little-endian, `num_blocks * block_size`)
+//!   and `meta.json`, key = sha256 over (format version, each file's content sha256,
+//!   tokenizer fingerprint, block_size, text_field). Built in a temporary directory and
+//!   renamed into place, so a reader never sees half a cache.
+//! - One builder per node: the caller says `is_builder` (local rank 0); the others poll for
+//!   `meta.json`, calling a `wait` function between polls, and fail if the builder left a
+//!   `<key>.failed` note.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// Bumped whenever the cache layout or the blocking rule changes.
+const CACHE_FORMAT_VERSION: u32 = 1;
+/// Lines tokenized together: bounds the memory the streaming reader holds.
+const LINES_PER_CHUNK: usize = 4096;
+
+/// What to build: files, field, block size, cache location.
+#[derive(Debug, Clone)]
+pub struct PretrainConfig {
+    pub files: Vec<PathBuf>,
+    pub text_field: String,
+    pub block_size: usize,
+    pub skip_bad_lines: bool,
+    pub cache_dir: PathBuf,
+}
+
+/// An input file and the sha256 of its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFile {
+    pub path: String,
+    pub sha256: String,
+}
+
+/// meta.json of a built cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheMeta {
+    pub version: u32,
+    pub key: String,
+    pub files: Vec<InputFile>,
+    pub tokenizer: String,
+    pub text_field: String,
+    pub block_size: usize,
+    pub num_documents: u64,
+    pub num_tokens: u64,
+    pub num_blocks: u64,
+    pub dropped_tail_tokens: u64,
+    pub skipped_lines: u64,
+}
+
+/// A built (or reused) pretraining dataset: `num_blocks` blocks of `block_size` ids.
+#[derive(Debug)]
+pub struct PretrainDataset {
+    mmap: Mmap,
+    meta: CacheMeta,
+    dir: PathBuf,
+    cache_hit: bool,
+}
+
+impl PretrainDataset {
+    /// Opens the cache for `config`, building it first when missing (`is_builder`) or
+    /// waiting for the builder (`wait` is called between polls; an error from it aborts).
+    pub fn load_or_build(
+        config: &PretrainConfig,
+        tokenizer: &Tokenizer,
+        is_builder: bool,
+        mut wait: impl FnMut() -> Result<()>,
+    ) -> Result<Self> {
+        validate_config(config)?;
+        let files = hash_inputs(&config.files)?;
+        let key = cache_key(&files, &tokenizer_fingerprint(tokenizer)?, config);
+        let dir = config.cache_dir.join(&key);
+        if dir.join("meta.json").is_file() {
+            return Self::open(&dir, true);
+        }
+        if is_builder {
+            let _span = tracing::info_span!("build_pretrain_cache", key = %key).entered();
+            let failure_note = config.cache_dir.join(format!("{key}.failed"));
+            let _ = std::fs::remove_file(&failure_note);
+            if let Err(e) = build_cache(config, tokenizer, &files, &key, &dir) {
+                let _ = std::fs::write(&failure_note, e.to_string());
+                return Err(e);
+            }
+            return Self::open(&dir, false);
+        }
+        wait_for_builder(config, &key, &dir, &mut wait)?;
+        Self::open(&dir, true)
+    }
+
+    /// Opens an existing cache directory.
+    pub fn open(dir: &Path, cache_hit: bool) -> Result<Self> {
+        let meta_path = dir.join("meta.json");
+        let text = std::fs::read_to_string(&meta_path)
+            .map_err(|e| Error::io(format!("reading {}", meta_path.display()), e))?;
+        let meta: CacheMeta = serde_json::from_str(&text)
+            .map_err(|e| Error::Data(format!("{}: {e}", meta_path.display())))?;
+        let tokens_path = dir.join("tokens.bin");
+        let file = File::open(&tokens_path)
+            .map_err(|e| Error::io(format!("opening {}", tokens_path.display()), e))?;
+        // SAFETY: the cache file is written once, renamed into place and never modified.
+        let mmap = unsafe { Mmap::map(&file) }
+            .map_err(|e| Error::io(format!("mapping {}", tokens_path.display()), e))?;
+        let expected = meta.num_blocks * meta.block_size as u64 * 4;
+        if mmap.len() as u64 != expected {
+            return Err(Error::Data(format!(
+                "{}: {} bytes, meta.json says {expected}",
+                tokens_path.display(),
+                mmap.len()
+            )));
+        }
+        Ok(PretrainDataset {
+            mmap,
+            meta,
+            dir: dir.to_path_buf(),
+            cache_hit,
+        })
+    }
+
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        self.meta.num_blocks as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.num_blocks == 0
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.meta.block_size
+    }
+
+    /// The token ids of block `index`.
+    pub fn block(&self, index: usize) -> Result<Vec<u32>> {
+        if index >= self.len() {
+            return Err(Error::Data(format!(
+                "block {index} out of range ({} blocks)",
+                self.len()
+            )));
+        }
+        let width = self.meta.block_size * 4;
+        let bytes = &self.mmap[index * width..(index + 1) * width];
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    pub fn meta(&self) -> &CacheMeta {
+        &self.meta
+    }
+
+    /// The cache directory (`<cache_dir>/<key>`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the cache existed already (false when this call built it).
+    pub fn cache_hit(&self) -> bool {
+        self.cache_hit
+    }
+}
+
+/// Fails before training when a block would not fit the model's positions.
+pub fn check_block_size(block_size: usize, max_position_embeddings: usize) -> Result<()> {
+    if block_size == 0 || block_size > max_position_embeddings {
+        return Err(Error::Config(format!(
+            "block_size {block_size} must be in 1..={max_position_embeddings} (the model's max_position_embeddings)"
+        )));
+    }
+    Ok(())
+}
+
+/// A polling `wait` for `load_or_build`: sleeps `interval`, fails after `timeout`.
+pub fn poll_wait(interval: Duration, timeout: Duration) -> impl FnMut() -> Result<()> {
+    let started = Instant::now();
+    move || {
+        if started.elapsed() > timeout {
+            return Err(Error::Data(format!(
+                "timed out after {timeout:?} waiting for the builder rank's data cache"
+            )));
+        }
+        std::thread::sleep(interval);
+        Ok(())
+    }
+}
+
+fn validate_config(config: &PretrainConfig) -> Result<()> {
+    if config.files.is_empty() {
+        return Err(Error::Data("no pretraining files given".into()));
+    }
+    if config.block_size == 0 {
+        return Err(Error::Config("block_size must be positive".into()));
+    }
+    if config.text_field.is_empty() {
+        return Err(Error::Config("text_field must not be empty".into()));
+    }
+    Ok(())
+}
+
+/// The sha256 of the tokenizer's serialization and its EOS id.
+fn tokenizer_fingerprint(tokenizer: &Tokenizer) -> Result<String> {
+    let json = tokenizer
+        .inner()
+        .to_string(false)
+        .map_err(|e| Error::Tokenizer(format!("serializing for the cache key: {e}")))?;
+    let mut hasher = Sha256::new();
+    hasher.update(json.as_bytes());
+    hasher.update(format!("eos={:?}", tokenizer.eos_id()).as_bytes());
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn hash_inputs(files: &[PathBuf]) -> Result<Vec<InputFile>> {
+    files
+        .par_iter()
+        .map(|path| {
+            Ok(InputFile {
+                path: path.to_string_lossy().into_owned(),
+                sha256: sha256_file(path)?,
+            })
+        })
+        .collect()
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file =
+        File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buffer)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The cache key: inputs by content (not by path), tokenizer, block size, field.
+pub fn cache_key(files: &[InputFile], tokenizer: &str, config: &PretrainConfig) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(format!("rsdeep-pretrain-v{CACHE_FORMAT_VERSION}\n").as_bytes());
+    for file in files {
+        hasher.update(format!("file {}\n", file.sha256).as_bytes());
+    }
+    hasher.update(format!("tokenizer {tokenizer}\n").as_bytes());
+    hasher.update(format!("block_size {}\n", config.block_size).as_bytes());
+    hasher.update(format!("text_field {}\n", config.text_field).as_bytes());
+    hex::encode(hasher.finalize())[..32].to_string()
+}
+
+fn wait_for_builder(
+    config: &PretrainConfig,
+    key: &str,
+    dir: &Path,
+    wait: &mut impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let failure_note = config.cache_dir.join(format!("{key}.failed"));
+    while !dir.join("meta.json").is_file() {
+        if let Ok(reason) = std::fs::read_to_string(&failure_note) {
+            return Err(Error::Data(format!(
+                "the builder rank failed to build the data cache: {reason}"
+            )));
+        }
+        wait()?;
+    }
+    Ok(())
+}
+
+/// Streams every file into `<dir>.tmp-<pid>`, then renames it to `dir`.
+fn build_cache(
+    config: &PretrainConfig,
+    tokenizer: &Tokenizer,
+    files: &[InputFile],
+    key: &str,
+    dir: &Path,
+) -> Result<()> {
+    let eos = tokenizer.eos_id().ok_or_else(|| {
+        Error::Tokenizer(
+            "the tokenizer has no eos_token; pretraining appends one per document".into(),
+        )
+    })?;
+    std::fs::create_dir_all(&config.cache_dir)
+        .map_err(|e| Error::io(format!("creating {}", config.cache_dir.display()), e))?;
+    let tmp = config
+        .cache_dir
+        .join(format!("{key}.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    let result = write_blocks(config, tokenizer, eos, &tmp.join("tokens.bin"));
+    let stats = match result {
+        Ok(stats) => stats,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if stats.skipped_lines > 0 {
+        tracing::warn!(
+            skipped = stats.skipped_lines,
+            "skipped malformed lines (skip_bad_lines)"
+        );
+    }
+    let meta = CacheMeta {
+        version: CACHE_FORMAT_VERSION,
+        key: key.to_string(),
+        files: files.to_vec(),
+        tokenizer: tokenizer_fingerprint(tokenizer)?,
+        text_field: config.text_field.clone(),
+        block_size: config.block_size,
+        num_documents: stats.documents,
+        num_tokens: stats.tokens,
+        num_blocks: stats.blocks,
+        dropped_tail_tokens: stats.tokens - stats.blocks * config.block_size as u64,
+        skipped_lines: stats.skipped_lines,
+    };
+    let meta_text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Data(e.to_string()))?;
+    std::fs::write(tmp.join("meta.json"), meta_text)
+        .map_err(|e| Error::io(format!("writing {}/meta.json", tmp.display()), e))?;
+    if std::fs::rename(&tmp, dir).is_err() && dir.join("meta.json").is_file() {
+        // Another builder (another node on a shared disk) finished first: same content.
+        let _ = std::fs::remove_dir_all(&tmp);
+    } else if !dir.join("meta.json").is_file() {
+        return Err(Error::Data(format!(
+            "could not move the cache into {}",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct BuildStats {
+    documents: u64,
+    tokens: u64,
+    blocks: u64,
+    skipped_lines: u64,
+}
+
+/// Tokenizes every file in chunks, appends EOS per document and writes full blocks.
+fn write_blocks(
+    config: &PretrainConfig,
+    tokenizer: &Tokenizer,
+    eos: u32,
+    out: &Path,
+) -> Result<BuildStats> {
+    let file =
+        File::create(out).map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
+    let mut writer = BlockWriter::new(BufWriter::new(file), config.block_size);
+    let mut stats = BuildStats::default();
+    for path in &config.files {
+        let reader = BufReader::new(
+            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
+        );
+        let mut chunk: Vec<(usize, String)> = Vec::with_capacity(LINES_PER_CHUNK);
+        for (index, line) in reader.lines().enumerate() {
+            let line =
+                line.map_err(|e| Error::io(format!("{}:{}", path.display(), index + 1), e))?;
+            chunk.push((index + 1, line));
+            if chunk.len() == LINES_PER_CHUNK {
+                tokenize_chunk(
+                    config,
+                    tokenizer,
+                    path,
+                    &chunk,
+                    eos,
+                    &mut writer,
+                    &mut stats,
+                )?;
+                chunk.clear();
+            }
+        }
+        tokenize_chunk(
+            config,
+            tokenizer,
+            path,
+            &chunk,
+            eos,
+            &mut writer,
+            &mut stats,
+        )?;
+    }
+    stats.blocks = writer.finish(out)?;
+    if stats.documents == 0 {
+        return Err(Error::Data(format!(
+            "empty input: no documents in {:?}",
+            config.files
+        )));
+    }
+    if stats.blocks == 0 {
+        return Err(Error::Data(format!(
+            "the corpus has {} tokens, fewer than one block of {}",
+            stats.tokens, config.block_size
+        )));
+    }
+    Ok(stats)
+}
+
+/// One parsed line: a document's text, a blank line, or a reportable error.
+enum Line {
+    Text(String),
+    Blank,
+    Bad(String),
+}
+
+fn tokenize_chunk(
+    config: &PretrainConfig,
+    tokenizer: &Tokenizer,
+    path: &Path,
+    chunk: &[(usize, String)],
+    eos: u32,
+    writer: &mut BlockWriter<impl Write>,
+    stats: &mut BuildStats,
+) -> Result<()> {
+    let parsed: Vec<Line> = chunk
+        .par_iter()
+        .map(|(number, line)| parse_line(path, *number, line, &config.text_field))
+        .collect();
+    let mut texts = Vec::with_capacity(parsed.len());
+    for line in parsed {
+        match line {
+            Line::Text(text) => texts.push(text),
+            Line::Blank => {}
+            Line::Bad(message) if config.skip_bad_lines => {
+                tracing::debug!(%message, "skipping bad line");
+                stats.skipped_lines += 1;
+            }
+            Line::Bad(message) => return Err(Error::Data(message)),
+        }
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    for ids in tokenizer.encode_batch(&refs, false)? {
+        stats.documents += 1;
+        stats.tokens += ids.len() as u64 + 1;
+        writer.push(&ids)?;
+        writer.push(&[eos])?;
+    }
+    Ok(())
+}
+
+/// Parses one JSONL line; errors name `file:line`.
+fn parse_line(path: &Path, number: usize, line: &str, field: &str) -> Line {
+    if line.trim().is_empty() {
+        return Line::Blank;
+    }
+    let value: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return Line::Bad(format!("{}:{number}: {e}", path.display())),
+    };
+    match value.get(field) {
+        Some(serde_json::Value::String(text)) => Line::Text(text.clone()),
+        Some(other) => Line::Bad(format!(
+            "{}:{number}: text field \"{field}\" is not a string but {}",
+            path.display(),
+            json_kind(other)
+        )),
+        None => Line::Bad(format!(
+            "{}:{number}: missing text field \"{field}\"",
+            path.display()
+        )),
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Accumulates tokens and writes each complete block; the tail is dropped at `finish`.
+struct BlockWriter<W: Write> {
+    out: W,
+    block_size: usize,
+    pending: Vec<u32>,
+    blocks: u64,
+}
+
+impl<W: Write> BlockWriter<W> {
+    fn new(out: W, block_size: usize) -> Self {
+        BlockWriter {
+            out,
+            block_size,
+            pending: Vec::with_capacity(2 * block_size),
+            blocks: 0,
+        }
+    }
+
+    fn push(&mut self, ids: &[u32]) -> Result<()> {
+        self.pending.extend_from_slice(ids);
+        let full = self.pending.len() / self.block_size * self.block_size;
+        if full == 0 {
+            return Ok(());
+        }
+        let bytes: Vec<u8> = self.pending[..full]
+            .iter()
+            .flat_map(|id| id.to_le_bytes())
+            .collect();
+        self.out
+            .write_all(&bytes)
+            .map_err(|e| Error::io("writing tokens.bin", e))?;
+        self.blocks += (full / self.block_size) as u64;
+        self.pending.drain(..full);
+        Ok(())
+    }
+
+    fn finish(mut self, path: &Path) -> Result<u64> {
+        self.out
+            .flush()
+            .map_err(|e| Error::io(format!("flushing {}", path.display()), e))?;
+        Ok(self.blocks)
+    }
+}
+
+/// run_clm's `group_texts` on in-memory documents (each already ending in EOS): the
+/// reference the streaming writer is tested against.
+pub fn group_texts(documents: &[Vec<u32>], block_size: usize) -> Vec<Vec<u32>> {
+    let concatenated: Vec<u32> = documents.concat();
+    let total = concatenated.len() / block_size * block_size;
+    concatenated[..total]
+        .chunks(block_size)
+        .map(<[u32]>::to_vec)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_writer_cuts_blocks_and_drops_tail() {
+        let mut bytes = Vec::new();
+        let mut writer = BlockWriter::new(&mut bytes, 3);
+        writer.push(&[1, 2]).unwrap();
+        writer.push(&[3, 4, 5, 6, 7]).unwrap();
+        assert_eq!(writer.finish(Path::new("mem")).unwrap(), 2);
+        let ids: Vec<u32> = bytes
+            .chunks(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            group_texts(&[vec![1, 2], vec![3, 4, 5, 6, 7]], 3),
+            vec![vec![1, 2, 3], vec![4, 5, 6]]
+        );
+    }
+
+    #[test]
+    fn parse_line_names_file_line_and_field() {
+        let p = Path::new("corpus.jsonl");
+        assert!(matches!(parse_line(p, 1, "{\"text\": \"a\"}", "text"), Line::Text(t) if t == "a"));
+        assert!(matches!(parse_line(p, 2, "  ", "text"), Line::Blank));
+        match parse_line(p, 3, "{\"text\": ", "text") {
+            Line::Bad(m) => assert!(m.starts_with("corpus.jsonl:3: EOF while parsing"), "{m}"),
+            _ => panic!("expected an error"),
+        }
+        match parse_line(p, 4, "{\"body\": \"x\"}", "text") {
+            Line::Bad(m) => assert_eq!(m, "corpus.jsonl:4: missing text field \"text\""),
+            _ => panic!("expected an error"),
+        }
+    }
+
+    #[test]
+    fn block_size_check() {
+        assert!(check_block_size(512, 512).is_ok());
+        let err = check_block_size(1024, 512).unwrap_err().to_string();
+        assert!(err.contains("max_position_embeddings"), "{err}");
+    }
+}
