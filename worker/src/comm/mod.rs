@@ -2,6 +2,23 @@
 //! ZeRO engine calls, with a TCP ring backend (CPU ranks, and every CI run) and an NCCL
 //! backend (CUDA ranks). The contract is the trait below; semantics of `Avg` are "sum,
 //! then divide by world size" on every backend.
+//!
+//! Layout: `tcp/` (ring backend), `nccl.rs` (NCCL backend, the only raw NCCL FFI),
+//! `bucket.rs` (coalesced collectives over many small tensors), `elementwise.rs`
+//! (reduction arithmetic and its rounding rules), `trace.rs` (record of issued
+//! collectives), `backend.rs` (choosing and building a backend).
+
+pub mod backend;
+pub mod bucket;
+pub mod elementwise;
+pub mod nccl;
+pub mod tcp;
+pub mod trace;
+
+pub use backend::{Backend, CommSetup, build_communicator};
+pub use bucket::{BucketPlan, all_reduce_bucketed, reduce_scatter_bucketed};
+pub use tcp::{TcpComm, TcpOptions};
+pub use trace::{TraceEvent, TraceRecorder};
 
 use crate::Result;
 use tch::Tensor;
@@ -56,4 +73,6 @@ pub trait Communicator: Send + Sync {
     /// In place: every rank ends with `root`'s `tensor`.
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Work>;
     fn barrier(&self) -> Result<()>;
+    /// The record of collectives issued through this communicator (off until enabled).
+    fn trace(&self) -> &TraceRecorder;
 }
