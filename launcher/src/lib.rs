@@ -3,4 +3,12 @@
 //! The worker crate depends on this library only for the validated configuration types
 //! (`config`) and the environment contract (`env_contract`).
 
+pub mod cli;
 pub mod config;
+pub mod env_contract;
+pub mod envfile;
+pub mod hostfile;
+pub mod memory;
+pub mod plan;
+pub mod rendezvous;
+pub mod resources;

@@ -1,0 +1,179 @@
+//! The `rsdeep` command line as typed (raw, unvalidated): DeepSpeed's launcher flag names
+//! and meanings (`/work/shared/reference/deepspeed.md` §1 "CLI"), rsdeep's CPU and
+//! supervision flags, then `train.json [--key value ...]` overrides. `plan::LaunchPlan`
+//! turns these into a validated plan; nothing here touches the machine.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Where workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    /// The value of `RSDEEP_DEVICE` for this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// How launchers reach the other nodes of a multi-node job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LauncherKind {
+    Ssh,
+    Slurm,
+    Local,
+}
+
+/// `rsdeep [launcher flags] train.json [--key value ...]`
+///
+/// One node, 8 GPUs:            rsdeep --num_gpus 8 train.json
+/// No GPU, 4 CPU ranks:         rsdeep --device cpu --num_procs 4 train.json
+/// Node k of a manual cluster:  rsdeep --no_ssh --node_rank K --master_addr HOST0 -H hosts train.json
+/// Rendezvous check only:       rsdeep --device cpu --num_procs 4 --selftest
+///
+/// Workers receive RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_SIZE, GROUP_RANK,
+/// CROSS_RANK, CROSS_SIZE, MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES and RSDEEP_*
+/// (job id, token, device, config path), plus KEY=VALUE lines of ~/.rsdeep_env and
+/// ./.rsdeep_env. Other subcommands: `rsdeep check-config ...`, `rsdeep estimate-memory
+/// ...`, `rsdeep bench-rendezvous`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rsdeep", version, verbatim_doc_comment)]
+pub struct LaunchArgs {
+    /// DeepSpeed hostfile (`host slots=N` lines); missing file = local run.
+    #[arg(short = 'H', long = "hostfile", default_value = "/job/hostfile")]
+    pub hostfile: PathBuf,
+    /// Resources to use: `host[:slot,slot]@host...`.
+    #[arg(short = 'i', long = "include", default_value = "")]
+    pub include: String,
+    /// Resources to leave out: `host[:slot,slot]@host...`.
+    #[arg(short = 'e', long = "exclude", default_value = "")]
+    pub exclude: String,
+    /// Use only the first N hosts.
+    #[arg(long = "num_nodes")]
+    pub num_nodes: Option<usize>,
+    /// GPUs per host (slots 0..N), overriding the hostfile.
+    #[arg(long = "num_gpus", alias = "num_accelerators")]
+    pub num_gpus: Option<usize>,
+    /// CPU ranks per host (with `--device cpu`).
+    #[arg(long = "num_procs")]
+    pub num_procs: Option<usize>,
+    /// Device of the workers.
+    #[arg(long = "device", value_enum, default_value = "cuda")]
+    pub device: DeviceKind,
+    /// Address of the node-0 launcher (default 127.0.0.1 on one node).
+    #[arg(long = "master_addr", default_value = "")]
+    pub master_addr: String,
+    /// Rendezvous port; 0 picks a free port (single node only).
+    #[arg(long = "master_port", default_value_t = 29500)]
+    pub master_port: u16,
+    /// This node's index (with `--no_ssh`: one launcher per node).
+    #[arg(long = "node_rank")]
+    pub node_rank: Option<usize>,
+    /// How other nodes are started.
+    #[arg(long = "launcher", value_enum, default_value = "ssh")]
+    pub launcher: LauncherKind,
+    /// Do not ssh: every node runs its own `rsdeep --node_rank K`.
+    #[arg(long = "no_ssh")]
+    pub no_ssh: bool,
+    /// ssh port for the multi-node runner.
+    #[arg(long = "ssh_port")]
+    pub ssh_port: Option<u16>,
+    /// Also write each rank's output to DIR/<YYYYmmddHHMMSS>_rank<R>.log.
+    #[arg(long = "enable_each_rank_log")]
+    pub enable_each_rank_log: Option<PathBuf>,
+    /// Pin each local rank to total_cores/local_ranks cores and set OMP_NUM_THREADS.
+    #[arg(long = "bind_cores_to_rank")]
+    pub bind_cores_to_rank: bool,
+    /// Print the launch plan (every rank's host, device, environment) and exit.
+    #[arg(long = "dry_run")]
+    pub dry_run: bool,
+    /// Restart the whole job this many times after a worker failure.
+    #[arg(long = "max_restarts", default_value_t = 0)]
+    pub max_restarts: u32,
+    /// Seconds without a heartbeat after which a rank counts as hung (0 = never).
+    #[arg(long = "heartbeat_timeout", default_value_t = 300.0)]
+    pub heartbeat_timeout: f64,
+    /// Seconds the rendezvous waits for every rank to join.
+    #[arg(long = "join_timeout", default_value_t = 300.0)]
+    pub join_timeout: f64,
+    /// Seconds between SIGTERM and SIGKILL when stopping workers.
+    #[arg(long = "grace_period", default_value_t = 30.0)]
+    pub grace_period: f64,
+    /// Run the rendezvous selftest in every worker instead of training.
+    #[arg(long = "selftest")]
+    pub selftest: bool,
+    /// `train.json` followed by `--key value` overrides of its keys.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "TRAIN_JSON [--key value ...]"
+    )]
+    pub config_and_overrides: Vec<String>,
+}
+
+impl LaunchArgs {
+    /// The train.json path, if one was given.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config_and_overrides.first().map(PathBuf::from)
+    }
+
+    /// Everything after the train.json path.
+    pub fn overrides(&self) -> &[String] {
+        self.config_and_overrides.get(1..).unwrap_or(&[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launcher_flags_then_config_then_overrides() {
+        let args = LaunchArgs::try_parse_from([
+            "rsdeep",
+            "-H",
+            "hosts",
+            "--num_gpus",
+            "8",
+            "--master_port",
+            "0",
+            "train.json",
+            "--learning_rate",
+            "1e-4",
+            "--num_gpus",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(args.hostfile, PathBuf::from("hosts"));
+        assert_eq!(args.num_gpus, Some(8));
+        assert_eq!(args.master_port, 0);
+        assert_eq!(args.config_path(), Some(PathBuf::from("train.json")));
+        assert_eq!(
+            args.overrides(),
+            ["--learning_rate", "1e-4", "--num_gpus", "2"]
+        );
+    }
+
+    #[test]
+    fn defaults_follow_deepspeed() {
+        let args = LaunchArgs::try_parse_from(["rsdeep", "--selftest"]).unwrap();
+        assert_eq!(args.master_port, 29500);
+        assert_eq!(args.hostfile, PathBuf::from("/job/hostfile"));
+        assert_eq!(args.device, DeviceKind::Cuda);
+        assert_eq!(args.config_path(), None);
+        assert!(args.overrides().is_empty());
+    }
+
+    #[test]
+    fn bad_device_is_a_usage_error() {
+        assert!(LaunchArgs::try_parse_from(["rsdeep", "--device", "tpu"]).is_err());
+    }
+}

@@ -1,0 +1,701 @@
+//! The validated launch plan: which hosts and slots the job uses, every rank's global and
+//! local index, device and full worker environment. Built from the raw CLI (`cli`), the
+//! hostfile, include/exclude and device discovery (`resources`) and `.rsdeep_env`
+//! (`envfile`). Pure (no I/O): `PlanInputs` carries what was read from the machine. The
+//! environment names are the contract in `env_contract`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::{DeviceKind, LaunchArgs, LauncherKind};
+use crate::env_contract as ev;
+use crate::hostfile::HostEntry;
+use crate::resources::{self, ResourceError, ResourcePool};
+
+/// Name of the local machine when no hostfile is used (DeepSpeed's name).
+pub const LOCALHOST: &str = "localhost";
+
+/// What the planner needs from the machine (read by the binary, faked by tests).
+#[derive(Debug, Clone, Default)]
+pub struct PlanInputs {
+    /// Parsed hostfile, `None` when the file does not exist.
+    pub hostfile: Option<Vec<HostEntry>>,
+    /// The launcher's `CUDA_VISIBLE_DEVICES`, if set.
+    pub cuda_visible_devices: Option<String>,
+    /// Devices reported by the CUDA driver (`None`: no driver).
+    pub cuda_device_count: Option<usize>,
+    /// `.rsdeep_env` variables, in file order.
+    pub env_file_vars: Vec<(String, String)>,
+    /// Job id and token: fresh for single-node jobs, shared via env for multi-node.
+    pub job_id: String,
+    pub token: String,
+    /// True when the job id/token came from the environment (required for multi-node).
+    pub job_from_env: bool,
+    /// `SLURM_NODEID` when running under `--launcher slurm`.
+    pub slurm_node_id: Option<usize>,
+    /// Online CPU cores of this machine (for `--bind_cores_to_rank`).
+    pub total_cores: usize,
+}
+
+/// One rank of the job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankPlan {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub node_rank: usize,
+    pub host: String,
+    /// CUDA device index for CUDA workers, `None` for CPU workers.
+    pub device_index: Option<usize>,
+    /// Cores to pin this rank to (`--bind_cores_to_rank`).
+    pub cpu_cores: Option<Vec<usize>>,
+    /// The complete set of variables the launcher sets for this rank.
+    pub env: BTreeMap<String, String>,
+}
+
+/// One node of the job and the slots it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePlan {
+    pub host: String,
+    pub slots: Vec<usize>,
+}
+
+/// Everything `rsdeep` decided before starting anything.
+#[derive(Debug, Clone)]
+pub struct LaunchPlan {
+    pub job_id: String,
+    pub token: String,
+    pub device: DeviceKind,
+    pub master_addr: String,
+    /// 0 means "pick a free port when the rendezvous starts" (single node only).
+    pub master_port: u16,
+    /// The node this launcher runs (0 hosts the rendezvous).
+    pub node_rank: usize,
+    pub nodes: Vec<NodePlan>,
+    /// Every rank of every node, in rank order.
+    pub ranks: Vec<RankPlan>,
+    pub selftest: bool,
+    pub config_path: Option<PathBuf>,
+    pub overrides: Vec<String>,
+    pub join_timeout: Duration,
+    pub heartbeat_timeout: Option<Duration>,
+    pub grace_period: Duration,
+    pub max_restarts: u32,
+    pub rank_log_dir: Option<PathBuf>,
+    /// Warnings to print before launching (e.g. an ignored CUDA_VISIBLE_DEVICES).
+    pub warnings: Vec<String>,
+}
+
+/// Why no plan could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Resources(#[from] ResourceError),
+    #[error(
+        "no CUDA GPU found (the CUDA driver could not be loaded or reports no device). \
+         To run on CPU, pass `--device cpu --num_procs N` (N CPU ranks on this machine)"
+    )]
+    NoGpu,
+    #[error("--num_gpus is for CUDA workers; with --device cpu use --num_procs")]
+    NumGpusOnCpu,
+    #[error("--num_procs is for CPU workers; add --device cpu (or use --num_gpus for GPUs)")]
+    NumProcsOnCuda,
+    #[error("--master_port 0 (pick a free port) works on a single node only; give a fixed port")]
+    FreePortMultiNode,
+    #[error("--node_rank {node_rank} is out of range: the job has {num_nodes} node(s)")]
+    NodeRankOutOfRange { node_rank: usize, num_nodes: usize },
+    #[error(
+        "this job has {0} nodes: multi-node launch over ssh is not built yet; start \
+         `rsdeep --no_ssh --node_rank K --master_addr <node-0 address> ...` on every node"
+    )]
+    MultiNodeNeedsNoSsh(usize),
+    #[error("multi-node jobs need --node_rank K (or SLURM_NODEID under --launcher slurm)")]
+    MissingNodeRank,
+    #[error(
+        "multi-node jobs need the same {} and {} exported on every node \
+         (e.g. {}=$(uuidgen) {}=$(openssl rand -hex 16))",
+        ev::JOB_ID,
+        ev::TOKEN,
+        ev::JOB_ID,
+        ev::TOKEN
+    )]
+    MissingSharedJob,
+    #[error("cannot bind {ranks} local ranks to {cores} cores")]
+    TooFewCores { ranks: usize, cores: usize },
+    #[error("a train.json path is required (or pass --selftest to only test the rendezvous)")]
+    MissingConfig,
+}
+
+impl LaunchPlan {
+    /// Validates the CLI against the machine and lays out every rank.
+    pub fn build(args: &LaunchArgs, inputs: &PlanInputs) -> Result<Self, PlanError> {
+        let mut warnings = Vec::new();
+        let pool = select_resources(args, inputs, &mut warnings)?;
+        if pool.is_empty() {
+            return Err(ResourceError::NoResources.into());
+        }
+        let nodes: Vec<NodePlan> = pool
+            .into_iter()
+            .map(|(host, slots)| NodePlan { host, slots })
+            .collect();
+        let node_rank = choose_node_rank(args, inputs, nodes.len())?;
+        if args.master_port == 0 && nodes.len() > 1 {
+            return Err(PlanError::FreePortMultiNode);
+        }
+        if args.config_path().is_none() && !args.selftest {
+            return Err(PlanError::MissingConfig);
+        }
+        let master_addr = match args.master_addr.as_str() {
+            "" if nodes.len() == 1 => "127.0.0.1".to_string(),
+            "" => nodes[0].host.clone(),
+            addr => addr.to_string(),
+        };
+        let mut plan = LaunchPlan {
+            job_id: inputs.job_id.clone(),
+            token: inputs.token.clone(),
+            device: args.device,
+            master_addr,
+            master_port: args.master_port,
+            node_rank,
+            nodes,
+            ranks: Vec::new(),
+            selftest: args.selftest,
+            config_path: args.config_path(),
+            overrides: args.overrides().to_vec(),
+            join_timeout: secs(args.join_timeout),
+            heartbeat_timeout: (args.heartbeat_timeout > 0.0).then(|| secs(args.heartbeat_timeout)),
+            grace_period: secs(args.grace_period),
+            max_restarts: args.max_restarts,
+            rank_log_dir: args.enable_each_rank_log.clone(),
+            warnings,
+        };
+        plan.ranks = plan.layout_ranks(args.bind_cores_to_rank, inputs)?;
+        Ok(plan)
+    }
+
+    /// Total number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// The ranks this launcher starts (its own node's).
+    pub fn local_ranks(&self) -> impl Iterator<Item = &RankPlan> {
+        self.ranks.iter().filter(|r| r.node_rank == self.node_rank)
+    }
+
+    /// True when this launcher hosts the rendezvous.
+    pub fn hosts_rendezvous(&self) -> bool {
+        self.node_rank == 0
+    }
+
+    /// Sets the rendezvous port once it is known (after binding port 0).
+    pub fn set_master_port(&mut self, port: u16) {
+        self.master_port = port;
+        for rank in &mut self.ranks {
+            rank.env.insert(ev::MASTER_PORT.into(), port.to_string());
+        }
+    }
+
+    /// Adds one variable to every rank (e.g. the resolved config path).
+    pub fn set_env_all(&mut self, key: &str, value: &str) {
+        for rank in &mut self.ranks {
+            rank.env.insert(key.into(), value.into());
+        }
+    }
+
+    fn layout_ranks(
+        &self,
+        bind_cores: bool,
+        inputs: &PlanInputs,
+    ) -> Result<Vec<RankPlan>, PlanError> {
+        let mut ranks = Vec::new();
+        for (node_rank, node) in self.nodes.iter().enumerate() {
+            let local_size = node.slots.len();
+            let cores_per_rank = inputs.total_cores / local_size.max(1);
+            if bind_cores && cores_per_rank == 0 {
+                return Err(PlanError::TooFewCores {
+                    ranks: local_size,
+                    cores: inputs.total_cores,
+                });
+            }
+            for (local_rank, &slot) in node.slots.iter().enumerate() {
+                let cpu_cores = bind_cores.then(|| {
+                    (local_rank * cores_per_rank..(local_rank + 1) * cores_per_rank).collect()
+                });
+                let mut rank = RankPlan {
+                    rank: ranks.len(),
+                    local_rank,
+                    node_rank,
+                    host: node.host.clone(),
+                    device_index: (self.device == DeviceKind::Cuda).then_some(slot),
+                    cpu_cores,
+                    env: BTreeMap::new(),
+                };
+                rank.env = self.rank_env(&rank, local_size, inputs);
+                ranks.push(rank);
+            }
+        }
+        let world = ranks.len().to_string();
+        for rank in &mut ranks {
+            rank.env.insert(ev::WORLD_SIZE.into(), world.clone());
+        }
+        Ok(ranks)
+    }
+
+    fn rank_env(
+        &self,
+        rank: &RankPlan,
+        local_size: usize,
+        inputs: &PlanInputs,
+    ) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = inputs.env_file_vars.iter().cloned().collect();
+        let comm_host = if is_loopback(&self.master_addr) {
+            "127.0.0.1"
+        } else {
+            &rank.host
+        };
+        let visible = rank.device_index.map(|d| d.to_string()).unwrap_or_default();
+        let pairs: [(&str, String); 20] = [
+            (ev::RANK, rank.rank.to_string()),
+            (ev::LOCAL_RANK, rank.local_rank.to_string()),
+            (ev::LOCAL_WORLD_SIZE, local_size.to_string()),
+            (ev::LOCAL_SIZE, local_size.to_string()),
+            (ev::GROUP_RANK, rank.node_rank.to_string()),
+            (ev::CROSS_RANK, rank.node_rank.to_string()),
+            (ev::CROSS_SIZE, self.nodes.len().to_string()),
+            (ev::MASTER_ADDR, self.master_addr.clone()),
+            (ev::MASTER_PORT, self.master_port.to_string()),
+            (ev::CUDA_VISIBLE_DEVICES, visible),
+            (ev::JOB_ID, self.job_id.clone()),
+            (ev::TOKEN, self.token.clone()),
+            (ev::NODE_RANK, rank.node_rank.to_string()),
+            (ev::NUM_NODES, self.nodes.len().to_string()),
+            (ev::DEVICE, self.device.as_str().to_string()),
+            (ev::HOST, rank.host.clone()),
+            (ev::COMM_HOST, comm_host.to_string()),
+            (
+                ev::SELFTEST,
+                if self.selftest { "1" } else { "0" }.to_string(),
+            ),
+            (ev::RESTART_COUNT, "0".to_string()),
+            (ev::HEARTBEAT_INTERVAL_MS, "2000".to_string()),
+        ];
+        env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
+        if let Some(cores) = &rank.cpu_cores {
+            env.insert(ev::OMP_NUM_THREADS.into(), cores.len().to_string());
+        }
+        env
+    }
+
+    /// The `--dry_run` report: every rank's host, device and environment (token hidden).
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "rsdeep launch plan: job {} | {} rank(s) on {} node(s) | device {} | rendezvous {}:{}{}\n",
+            self.job_id,
+            self.world_size(),
+            self.nodes.len(),
+            self.device.as_str(),
+            self.master_addr,
+            self.master_port,
+            if self.master_port == 0 {
+                " (free port picked at launch)"
+            } else {
+                ""
+            },
+        );
+        for warning in &self.warnings {
+            out.push_str(&format!("warning: {warning}\n"));
+        }
+        for rank in &self.ranks {
+            let device = match rank.device_index {
+                Some(d) => format!("cuda:{d}"),
+                None => "cpu".to_string(),
+            };
+            out.push_str(&format!(
+                "rank {} host {} node {} local_rank {} device {}\n",
+                rank.rank, rank.host, rank.node_rank, rank.local_rank, device
+            ));
+            for (key, value) in &rank.env {
+                let shown = if key == ev::TOKEN { "<hidden>" } else { value };
+                out.push_str(&format!("    {key}={shown}\n"));
+            }
+        }
+        out
+    }
+}
+
+fn secs(value: f64) -> Duration {
+    Duration::from_secs_f64(value.max(0.0))
+}
+
+fn is_loopback(addr: &str) -> bool {
+    addr == "localhost" || addr.starts_with("127.") || addr == "::1"
+}
+
+/// The pool of hosts and slots after hostfile, CUDA_VISIBLE_DEVICES, include/exclude and
+/// the count flags.
+fn select_resources(
+    args: &LaunchArgs,
+    inputs: &PlanInputs,
+    warnings: &mut Vec<String>,
+) -> Result<ResourcePool, PlanError> {
+    let cpu = args.device == DeviceKind::Cpu;
+    if cpu && args.num_gpus.is_some() {
+        return Err(PlanError::NumGpusOnCpu);
+    }
+    if !cpu && args.num_procs.is_some() {
+        return Err(PlanError::NumProcsOnCuda);
+    }
+    let per_node = if cpu { args.num_procs } else { args.num_gpus };
+    let filtered = !args.include.is_empty() || !args.exclude.is_empty();
+    let mut include = args.include.clone();
+    let pool: ResourcePool = match (&inputs.hostfile, cpu) {
+        (Some(hosts), _) => hosts
+            .iter()
+            .map(|h| (h.host.clone(), (0..h.slots).collect()))
+            .collect(),
+        (None, true) => vec![(LOCALHOST.into(), (0..per_node.unwrap_or(1)).collect())],
+        (None, false) => {
+            let flags_given = filtered || args.num_gpus.is_some() || args.num_nodes.is_some();
+            match &inputs.cuda_visible_devices {
+                Some(visible) if flags_given => {
+                    warnings.push(resources::visible_devices_warning(visible))
+                }
+                Some(visible) => include = format!("{LOCALHOST}:{visible}"),
+                None => {}
+            }
+            local_cuda_pool(inputs, args.num_gpus)?
+        }
+    };
+    let filtered_pool = resources::filter_resources(&pool, &include, &args.exclude)?;
+    Ok(resources::limit_resources(
+        filtered_pool,
+        args.num_nodes,
+        per_node,
+        filtered,
+    )?)
+}
+
+/// `localhost` with the driver's devices, or the visible list (which defines the slots).
+fn local_cuda_pool(
+    inputs: &PlanInputs,
+    num_gpus: Option<usize>,
+) -> Result<ResourcePool, PlanError> {
+    let devices: Vec<usize> = match (&inputs.cuda_visible_devices, inputs.cuda_device_count) {
+        (Some(v), _) if !v.trim().is_empty() => resources::parse_visible_devices(v)?,
+        (_, Some(n)) if n > 0 => (0..n).collect(),
+        _ => Vec::new(),
+    };
+    if devices.is_empty()
+        || num_gpus.is_some_and(|n| inputs.cuda_device_count.unwrap_or(0) < n.min(1))
+    {
+        return Err(PlanError::NoGpu);
+    }
+    Ok(vec![(LOCALHOST.into(), devices)])
+}
+
+fn choose_node_rank(
+    args: &LaunchArgs,
+    inputs: &PlanInputs,
+    num_nodes: usize,
+) -> Result<usize, PlanError> {
+    let node_rank = match args.launcher {
+        LauncherKind::Slurm => inputs.slurm_node_id.or(args.node_rank),
+        _ => args.node_rank,
+    };
+    if num_nodes > 1 {
+        if args.launcher == LauncherKind::Ssh && !args.no_ssh {
+            return Err(PlanError::MultiNodeNeedsNoSsh(num_nodes));
+        }
+        if !inputs.job_from_env {
+            return Err(PlanError::MissingSharedJob);
+        }
+    }
+    let node_rank = match node_rank {
+        Some(r) => r,
+        None if num_nodes == 1 => 0,
+        None => return Err(PlanError::MissingNodeRank),
+    };
+    if node_rank >= num_nodes {
+        return Err(PlanError::NodeRankOutOfRange {
+            node_rank,
+            num_nodes,
+        });
+    }
+    Ok(node_rank)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(list: &[&str]) -> LaunchArgs {
+        let mut all = vec!["rsdeep"];
+        all.extend_from_slice(list);
+        LaunchArgs::try_parse_from(all).unwrap()
+    }
+
+    fn inputs() -> PlanInputs {
+        PlanInputs {
+            job_id: "job1".into(),
+            token: "secret".into(),
+            total_cores: 8,
+            ..Default::default()
+        }
+    }
+
+    fn hosts(list: &[(&str, usize)]) -> Option<Vec<HostEntry>> {
+        Some(
+            list.iter()
+                .map(|(h, s)| HostEntry {
+                    host: h.to_string(),
+                    slots: *s,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn cpu_ranks_get_the_full_environment() {
+        let plan = LaunchPlan::build(
+            &args(&["--device", "cpu", "--num_procs", "4", "--selftest"]),
+            &inputs(),
+        )
+        .unwrap();
+        assert_eq!(plan.world_size(), 4);
+        let r2 = &plan.ranks[2];
+        assert_eq!(
+            (r2.rank, r2.local_rank, r2.node_rank, r2.device_index),
+            (2, 2, 0, None)
+        );
+        let env = |k: &str| r2.env.get(k).cloned().unwrap_or_default();
+        assert_eq!(env("RANK"), "2");
+        assert_eq!(env("LOCAL_RANK"), "2");
+        assert_eq!(env("WORLD_SIZE"), "4");
+        assert_eq!(env("LOCAL_WORLD_SIZE"), "4");
+        assert_eq!(env("LOCAL_SIZE"), "4");
+        assert_eq!(env("CROSS_RANK"), "0");
+        assert_eq!(env("GROUP_RANK"), "0");
+        assert_eq!(env("CROSS_SIZE"), "1");
+        assert_eq!(env("MASTER_ADDR"), "127.0.0.1");
+        assert_eq!(env("MASTER_PORT"), "29500");
+        assert_eq!(env("CUDA_VISIBLE_DEVICES"), "");
+        assert_eq!(env("RSDEEP_TOKEN"), "secret");
+        assert_eq!(env("RSDEEP_JOB_ID"), "job1");
+        assert_eq!(env("RSDEEP_DEVICE"), "cpu");
+        assert_eq!(env("RSDEEP_SELFTEST"), "1");
+    }
+
+    #[test]
+    fn visible_devices_become_the_local_include_list() {
+        let mut machine = inputs();
+        machine.cuda_visible_devices = Some("2,5".into());
+        machine.cuda_device_count = Some(2);
+        let plan = LaunchPlan::build(&args(&["t.json"]), &machine).unwrap();
+        let devices: Vec<_> = plan
+            .ranks
+            .iter()
+            .map(|r| r.env["CUDA_VISIBLE_DEVICES"].clone())
+            .collect();
+        assert_eq!(devices, ["2", "5"]);
+        assert_eq!(plan.ranks[1].env["LOCAL_RANK"], "1");
+        assert!(plan.warnings.is_empty());
+    }
+
+    #[test]
+    fn visible_devices_are_ignored_with_a_warning_when_counts_are_given() {
+        let mut machine = inputs();
+        machine.cuda_visible_devices = Some("3".into());
+        machine.cuda_device_count = Some(4);
+        let plan = LaunchPlan::build(&args(&["--num_gpus", "2", "t.json"]), &machine).unwrap();
+        assert_eq!(plan.world_size(), 2);
+        assert_eq!(plan.warnings.len(), 1);
+        assert!(plan.warnings[0].contains("ignoring it"));
+    }
+
+    #[test]
+    fn driver_devices_and_include_filter() {
+        let mut machine = inputs();
+        machine.cuda_device_count = Some(4);
+        let plan = LaunchPlan::build(&args(&["-i", "localhost:1,3", "t.json"]), &machine).unwrap();
+        let devices: Vec<_> = plan.ranks.iter().map(|r| r.device_index).collect();
+        assert_eq!(devices, [Some(1), Some(3)]);
+        assert_eq!(plan.ranks[1].env["LOCAL_RANK"], "1");
+    }
+
+    #[test]
+    fn no_gpu_tells_how_to_run_on_cpu() {
+        let err = LaunchPlan::build(&args(&["t.json"]), &inputs()).unwrap_err();
+        assert!(
+            err.to_string().contains("--device cpu --num_procs N"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ranks_follow_node_order_then_local_index() {
+        let mut machine = inputs();
+        machine.hostfile = hosts(&[("a", 2), ("b", 3)]);
+        machine.job_from_env = true;
+        let plan = LaunchPlan::build(
+            &args(&[
+                "--device",
+                "cpu",
+                "--no_ssh",
+                "--node_rank",
+                "1",
+                "--master_addr",
+                "a",
+                "t.json",
+            ]),
+            &machine,
+        )
+        .unwrap();
+        let layout: Vec<_> = plan
+            .ranks
+            .iter()
+            .map(|r| (r.rank, r.host.as_str(), r.local_rank))
+            .collect();
+        assert_eq!(
+            layout,
+            [
+                (0, "a", 0),
+                (1, "a", 1),
+                (2, "b", 0),
+                (3, "b", 1),
+                (4, "b", 2)
+            ]
+        );
+        assert_eq!(plan.local_ranks().count(), 3);
+        assert_eq!(plan.ranks[3].env["LOCAL_SIZE"], "3");
+        assert_eq!(plan.ranks[3].env["CROSS_SIZE"], "2");
+        assert_eq!(plan.ranks[3].env["RSDEEP_COMM_HOST"], "b");
+        assert!(!plan.hosts_rendezvous());
+    }
+
+    #[test]
+    fn multi_node_rules() {
+        let mut machine = inputs();
+        machine.hostfile = hosts(&[("a", 1), ("b", 1)]);
+        let cpu = ["--device", "cpu"];
+        let err =
+            LaunchPlan::build(&args(&[&cpu[..], &["t.json"]].concat()), &machine).unwrap_err();
+        assert!(matches!(err, PlanError::MultiNodeNeedsNoSsh(2)));
+        let no_ssh = [&cpu[..], &["--no_ssh", "--node_rank", "0", "t.json"]].concat();
+        assert!(matches!(
+            LaunchPlan::build(&args(&no_ssh), &machine).unwrap_err(),
+            PlanError::MissingSharedJob
+        ));
+        machine.job_from_env = true;
+        let far = [&cpu[..], &["--no_ssh", "--node_rank", "2", "t.json"]].concat();
+        assert!(matches!(
+            LaunchPlan::build(&args(&far), &machine).unwrap_err(),
+            PlanError::NodeRankOutOfRange {
+                node_rank: 2,
+                num_nodes: 2
+            }
+        ));
+        let port0 = [
+            &cpu[..],
+            &[
+                "--no_ssh",
+                "--node_rank",
+                "0",
+                "--master_port",
+                "0",
+                "t.json",
+            ],
+        ]
+        .concat();
+        assert!(matches!(
+            LaunchPlan::build(&args(&port0), &machine).unwrap_err(),
+            PlanError::FreePortMultiNode
+        ));
+        let plan = LaunchPlan::build(&args(&no_ssh), &machine).unwrap();
+        assert_eq!(plan.master_addr, "a");
+    }
+
+    #[test]
+    fn env_file_vars_reach_workers_but_never_override_the_contract() {
+        let mut machine = inputs();
+        machine.env_file_vars = vec![
+            ("NCCL_DEBUG".into(), "INFO".into()),
+            ("RANK".into(), "99".into()),
+        ];
+        let plan = LaunchPlan::build(
+            &args(&["--device", "cpu", "--num_procs", "2", "t.json"]),
+            &machine,
+        )
+        .unwrap();
+        assert_eq!(plan.ranks[1].env["NCCL_DEBUG"], "INFO");
+        assert_eq!(plan.ranks[1].env["RANK"], "1");
+    }
+
+    #[test]
+    fn bind_cores_splits_cores_and_sets_omp_threads() {
+        let plan = LaunchPlan::build(
+            &args(&[
+                "--device",
+                "cpu",
+                "--num_procs",
+                "2",
+                "--bind_cores_to_rank",
+                "--selftest",
+            ]),
+            &inputs(),
+        )
+        .unwrap();
+        assert_eq!(plan.ranks[1].cpu_cores, Some(vec![4, 5, 6, 7]));
+        assert_eq!(plan.ranks[1].env["OMP_NUM_THREADS"], "4");
+        let err = LaunchPlan::build(
+            &args(&[
+                "--device",
+                "cpu",
+                "--num_procs",
+                "16",
+                "--bind_cores_to_rank",
+                "--selftest",
+            ]),
+            &inputs(),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            PlanError::TooFewCores {
+                ranks: 16,
+                cores: 8
+            }
+        ));
+    }
+
+    #[test]
+    fn dry_run_lists_every_rank_and_hides_the_token() {
+        let mut plan = LaunchPlan::build(
+            &args(&["--device", "cpu", "--num_procs", "2", "t.json"]),
+            &inputs(),
+        )
+        .unwrap();
+        plan.set_master_port(4242);
+        let text = plan.render();
+        assert!(
+            text.contains("rank 1 host localhost node 0 local_rank 1 device cpu"),
+            "{text}"
+        );
+        assert!(text.contains("    MASTER_PORT=4242"));
+        assert!(text.contains("RSDEEP_TOKEN=<hidden>"));
+        assert!(!text.contains("secret"));
+    }
+
+    #[test]
+    fn config_is_required_without_selftest_and_flag_misuse_is_explained() {
+        let err = LaunchPlan::build(&args(&["--device", "cpu"]), &inputs()).unwrap_err();
+        assert!(matches!(err, PlanError::MissingConfig));
+        let err = LaunchPlan::build(
+            &args(&["--device", "cpu", "--num_gpus", "2", "t.json"]),
+            &inputs(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, PlanError::NumGpusOnCpu));
+    }
+}

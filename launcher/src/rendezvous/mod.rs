@@ -1,0 +1,10 @@
+//! The rendezvous hosted by the node-0 launcher: a tonic gRPC server (`service`) over a
+//! plain state machine (`state`). Wire contract: `proto/proto/rendezvous.proto`. Every
+//! call must carry the job token (`x-rsdeep-token` metadata, checked by an interceptor)
+//! and the job id; Join also checks the rsdeep version.
+
+pub mod service;
+pub mod state;
+
+pub use service::{ServerHandle, start_server};
+pub use state::{Command, ErrorRecord, Member, RendezvousError, RendezvousState, WorldSpec};

@@ -1,0 +1,618 @@
+//! The rendezvous state machine, independent of gRPC: who joined, the key-value store,
+//! named barriers and heartbeats, for one job and one generation. The gRPC service
+//! (`service.rs`) maps its errors to statuses; the supervisor reads it to detect a join
+//! timeout or a hung rank. Ranks are fixed by the plan: `rank = node offset + local rank`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc};
+
+/// The world the rendezvous expects.
+#[derive(Debug, Clone)]
+pub struct WorldSpec {
+    pub job_id: String,
+    /// Host name and number of workers of every node, in node order.
+    pub nodes: Vec<(String, usize)>,
+    pub join_timeout: Duration,
+}
+
+impl WorldSpec {
+    pub fn world_size(&self) -> usize {
+        self.nodes.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Global rank of `(node_rank, local_rank)`, if that slot exists.
+    pub fn rank_of(&self, node_rank: usize, local_rank: usize) -> Option<usize> {
+        let (_, local_size) = self.nodes.get(node_rank)?;
+        (local_rank < *local_size).then(|| {
+            self.nodes[..node_rank]
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<usize>()
+                + local_rank
+        })
+    }
+
+    /// `(host, node_rank, local_rank)` of a global rank.
+    pub fn locate(&self, rank: usize) -> Option<(&str, usize, usize)> {
+        let mut offset = 0;
+        for (node_rank, (host, size)) in self.nodes.iter().enumerate() {
+            if rank < offset + size {
+                return Some((host, node_rank, rank - offset));
+            }
+            offset += size;
+        }
+        None
+    }
+}
+
+/// One joined worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub rank: usize,
+    pub node_rank: usize,
+    pub local_rank: usize,
+    pub host: String,
+    pub comm_addr: String,
+    pub pid: u32,
+}
+
+/// The last progress report of a rank.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub step: u64,
+    pub loss: f64,
+    pub tokens_per_second: f64,
+    pub at: Instant,
+}
+
+/// A command the launcher sends down a worker's heartbeat stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Stop,
+    SaveNow,
+}
+
+/// Why a rendezvous request was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RendezvousError {
+    #[error("unknown job id '{got}' (this rendezvous serves job '{expected}')")]
+    UnknownJob { got: String, expected: String },
+    #[error("rsdeep version mismatch: worker runs {worker}, launcher runs {launcher}")]
+    Version { worker: String, launcher: String },
+    #[error(
+        "join beyond the world size: node {node_rank} local rank {local_rank} does not exist \
+         (world of {world_size} ranks: {layout})"
+    )]
+    BeyondWorld {
+        node_rank: usize,
+        local_rank: usize,
+        world_size: usize,
+        layout: String,
+    },
+    #[error(
+        "duplicate rank {rank}: node {node_rank} local rank {local_rank} already joined (pid {pid} from {host})"
+    )]
+    DuplicateRank {
+        rank: usize,
+        node_rank: usize,
+        local_rank: usize,
+        pid: u32,
+        host: String,
+    },
+    #[error(
+        "rendezvous timed out after {waited:.1?}: {joined}/{world_size} ranks joined; never arrived: {missing}"
+    )]
+    JoinTimeout {
+        waited: Duration,
+        joined: usize,
+        world_size: usize,
+        missing: String,
+    },
+    #[error("key '{key}' was not set within {waited:?}")]
+    KeyTimeout { key: String, waited: Duration },
+    #[error("barrier '{name}' timed out after {waited:?}: waiting for rank(s) {missing}")]
+    BarrierTimeout {
+        name: String,
+        waited: Duration,
+        missing: String,
+    },
+    #[error("rank {rank} is outside the world of {world_size}")]
+    BadRank { rank: usize, world_size: usize },
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    generation: u64,
+    started: Option<Instant>,
+    members: Vec<Option<Member>>,
+    kv: HashMap<String, Vec<u8>>,
+    barriers: HashMap<String, BTreeSet<usize>>,
+    progress: HashMap<usize, Progress>,
+    command_senders: HashMap<usize, mpsc::Sender<Command>>,
+    error_reports: Vec<ErrorRecord>,
+}
+
+/// A structured error a worker reported before exiting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorRecord {
+    pub rank: usize,
+    pub message: String,
+    /// Unix time in milliseconds on the worker.
+    pub time_ms: u64,
+}
+
+/// Shared rendezvous state of one job (one per launcher process on node 0).
+#[derive(Debug)]
+pub struct RendezvousState {
+    spec: WorldSpec,
+    inner: Mutex<Inner>,
+    join_complete: Notify,
+    kv_changed: Notify,
+    barrier_changed: Notify,
+}
+
+impl RendezvousState {
+    /// A fresh rendezvous at generation 1; the join clock starts now.
+    pub fn new(spec: WorldSpec) -> Self {
+        let members = vec![None; spec.world_size()];
+        RendezvousState {
+            spec,
+            inner: Mutex::new(Inner {
+                generation: 1,
+                started: Some(Instant::now()),
+                members,
+                ..Default::default()
+            }),
+            join_complete: Notify::new(),
+            kv_changed: Notify::new(),
+            barrier_changed: Notify::new(),
+        }
+    }
+
+    pub fn spec(&self) -> &WorldSpec {
+        &self.spec
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts a new generation for a restart: forgets members, keys, barriers, progress.
+    pub fn next_generation(&self) -> u64 {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.started = Some(Instant::now());
+        inner.members = vec![None; self.spec.world_size()];
+        inner.kv.clear();
+        inner.barriers.clear();
+        inner.progress.clear();
+        inner.command_senders.clear();
+        inner.generation
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Refuses a request for another job.
+    pub fn check_job(&self, job_id: &str) -> Result<(), RendezvousError> {
+        if job_id == self.spec.job_id {
+            return Ok(());
+        }
+        Err(RendezvousError::UnknownJob {
+            got: job_id.to_string(),
+            expected: self.spec.job_id.clone(),
+        })
+    }
+
+    /// Registers a worker; returns its rank. Does not wait.
+    pub fn register(&self, member: Member) -> Result<usize, RendezvousError> {
+        let rank = self
+            .spec
+            .rank_of(member.node_rank, member.local_rank)
+            .ok_or_else(|| RendezvousError::BeyondWorld {
+                node_rank: member.node_rank,
+                local_rank: member.local_rank,
+                world_size: self.spec.world_size(),
+                layout: self.layout(),
+            })?;
+        let mut inner = self.lock();
+        if let Some(existing) = &inner.members[rank] {
+            return Err(RendezvousError::DuplicateRank {
+                rank,
+                node_rank: member.node_rank,
+                local_rank: member.local_rank,
+                pid: existing.pid,
+                host: existing.host.clone(),
+            });
+        }
+        inner.members[rank] = Some(Member { rank, ..member });
+        if inner.members.iter().all(Option::is_some) {
+            self.join_complete.notify_waiters();
+        }
+        Ok(rank)
+    }
+
+    fn layout(&self) -> String {
+        let nodes: Vec<String> = self
+            .spec
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (host, n))| format!("node {i} {host} has {n}"))
+            .collect();
+        nodes.join(", ")
+    }
+
+    /// All members in rank order once everyone joined.
+    pub fn complete_world(&self) -> Option<(u64, Vec<Member>)> {
+        let inner = self.lock();
+        let members: Option<Vec<Member>> = inner.members.iter().cloned().collect();
+        members.map(|m| (inner.generation, m))
+    }
+
+    /// Waits until the world is complete or the join timeout passes.
+    pub async fn wait_for_world(&self) -> Result<(u64, Vec<Member>), RendezvousError> {
+        loop {
+            let notified = self.join_complete.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(world) = self.complete_world() {
+                return Ok(world);
+            }
+            let deadline = self.join_deadline();
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                if let Some(world) = self.complete_world() {
+                    return Ok(world);
+                }
+                return Err(self.join_timeout_error());
+            }
+        }
+    }
+
+    fn join_deadline(&self) -> Instant {
+        let started = self.lock().started.unwrap_or_else(Instant::now);
+        started + self.spec.join_timeout
+    }
+
+    /// True when the join timeout passed and someone is still missing.
+    pub fn join_timed_out(&self) -> bool {
+        self.complete_world().is_none() && Instant::now() >= self.join_deadline()
+    }
+
+    /// The timeout error naming every rank (host, node, local rank) that never arrived.
+    pub fn join_timeout_error(&self) -> RendezvousError {
+        let inner = self.lock();
+        let missing: Vec<String> = (0..self.spec.world_size())
+            .filter(|&r| inner.members[r].is_none())
+            .filter_map(|r| {
+                let (host, node, local) = self.spec.locate(r)?;
+                Some(format!(
+                    "rank {r} (host {host}, node {node}, local rank {local})"
+                ))
+            })
+            .collect();
+        RendezvousError::JoinTimeout {
+            waited: inner.started.map(|s| s.elapsed()).unwrap_or_default(),
+            joined: inner.members.iter().filter(|m| m.is_some()).count(),
+            world_size: self.spec.world_size(),
+            missing: missing.join(", "),
+        }
+    }
+
+    /// Stores a value and wakes every blocked `get`.
+    pub fn set(&self, key: &str, value: Vec<u8>) {
+        self.lock().kv.insert(key.to_string(), value);
+        self.kv_changed.notify_waiters();
+    }
+
+    /// Returns the value of `key`, waiting up to `timeout` for someone to set it.
+    pub async fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>, RendezvousError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.kv_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(value) = self.lock().kv.get(key) {
+                return Ok(value.clone());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(RendezvousError::KeyTimeout {
+                    key: key.to_string(),
+                    waited: timeout,
+                });
+            }
+        }
+    }
+
+    /// Marks `rank` as arrived at barrier `name` and waits for the whole world.
+    pub async fn barrier(
+        &self,
+        name: &str,
+        rank: usize,
+        timeout: Duration,
+    ) -> Result<(), RendezvousError> {
+        let world_size = self.spec.world_size();
+        if rank >= world_size {
+            return Err(RendezvousError::BadRank { rank, world_size });
+        }
+        let arrived_all = {
+            let mut inner = self.lock();
+            let arrived = inner.barriers.entry(name.to_string()).or_default();
+            arrived.insert(rank);
+            arrived.len() == world_size
+        };
+        if arrived_all {
+            self.barrier_changed.notify_waiters();
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.barrier_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.barrier_count(name) >= world_size {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(self.barrier_timeout_error(name, timeout));
+            }
+        }
+    }
+
+    fn barrier_count(&self, name: &str) -> usize {
+        self.lock().barriers.get(name).map_or(0, BTreeSet::len)
+    }
+
+    fn barrier_timeout_error(&self, name: &str, waited: Duration) -> RendezvousError {
+        let inner = self.lock();
+        let arrived = inner.barriers.get(name).cloned().unwrap_or_default();
+        let missing: Vec<String> = (0..self.spec.world_size())
+            .filter(|r| !arrived.contains(r))
+            .map(|r| r.to_string())
+            .collect();
+        RendezvousError::BarrierTimeout {
+            name: name.to_string(),
+            waited,
+            missing: missing.join(", "),
+        }
+    }
+
+    /// Records a heartbeat from `rank`.
+    pub fn record_progress(&self, rank: usize, step: u64, loss: f64, tokens_per_second: f64) {
+        let progress = Progress {
+            step,
+            loss,
+            tokens_per_second,
+            at: Instant::now(),
+        };
+        self.lock().progress.insert(rank, progress);
+    }
+
+    /// The last heartbeat of every rank that sent one.
+    pub fn progress(&self) -> HashMap<usize, Progress> {
+        self.lock().progress.clone()
+    }
+
+    /// Ranks whose last heartbeat is older than `timeout` (ranks that never sent one are
+    /// not judged: they may still be loading).
+    pub fn silent_ranks(&self, timeout: Duration) -> Vec<usize> {
+        let mut ranks: Vec<usize> = self
+            .lock()
+            .progress
+            .iter()
+            .filter(|(_, p)| p.at.elapsed() > timeout)
+            .map(|(r, _)| *r)
+            .collect();
+        ranks.sort_unstable();
+        ranks
+    }
+
+    /// Keeps a worker's error report (shown in the launcher's failure report).
+    pub fn record_error(&self, record: ErrorRecord) {
+        self.lock().error_reports.push(record);
+    }
+
+    /// Error reports of `rank`, oldest first (all generations).
+    pub fn errors_of(&self, rank: usize) -> Vec<ErrorRecord> {
+        let inner = self.lock();
+        inner
+            .error_reports
+            .iter()
+            .filter(|e| e.rank == rank)
+            .cloned()
+            .collect()
+    }
+
+    /// Registers the command channel of a rank's heartbeat stream.
+    pub fn attach_commands(&self, rank: usize, sender: mpsc::Sender<Command>) {
+        self.lock().command_senders.insert(rank, sender);
+    }
+
+    /// Sends a command to every connected heartbeat stream; returns how many got it.
+    pub fn broadcast_command(&self, command: Command) -> usize {
+        let senders: Vec<_> = self.lock().command_senders.values().cloned().collect();
+        senders
+            .iter()
+            .filter(|s| s.try_send(command).is_ok())
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn spec(nodes: &[(&str, usize)], timeout_ms: u64) -> WorldSpec {
+        WorldSpec {
+            job_id: "job".into(),
+            nodes: nodes.iter().map(|(h, n)| (h.to_string(), *n)).collect(),
+            join_timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    fn member(node_rank: usize, local_rank: usize) -> Member {
+        Member {
+            rank: 0,
+            node_rank,
+            local_rank,
+            host: format!("h{node_rank}"),
+            comm_addr: format!("10.0.0.{node_rank}:{}", 5000 + local_rank),
+            pid: 100 + local_rank as u32,
+        }
+    }
+
+    #[test]
+    fn ranks_are_node_offset_plus_local_rank() {
+        let s = spec(&[("a", 2), ("b", 3)], 1000);
+        assert_eq!(s.rank_of(0, 1), Some(1));
+        assert_eq!(s.rank_of(1, 2), Some(4));
+        assert_eq!(s.rank_of(1, 3), None);
+        assert_eq!(s.rank_of(2, 0), None);
+        assert_eq!(s.locate(3), Some(("b", 1, 1)));
+    }
+
+    #[tokio::test]
+    async fn world_completes_in_rank_order_regardless_of_arrival() {
+        let state = Arc::new(RendezvousState::new(spec(&[("a", 2), ("b", 2)], 5000)));
+        let mut waiters = Vec::new();
+        for (node, local) in [(1, 1), (0, 1), (1, 0), (0, 0)] {
+            let state = state.clone();
+            waiters.push(tokio::spawn(async move {
+                let rank = state.register(member(node, local)).unwrap();
+                (rank, state.wait_for_world().await.unwrap())
+            }));
+        }
+        for waiter in waiters {
+            let (rank, (generation, members)) = waiter.await.unwrap();
+            assert_eq!(generation, 1);
+            assert_eq!(members[rank].rank, rank);
+            let order: Vec<_> = members
+                .iter()
+                .map(|m| (m.node_rank, m.local_rank))
+                .collect();
+            assert_eq!(order, [(0, 0), (0, 1), (1, 0), (1, 1)]);
+        }
+    }
+
+    #[test]
+    fn duplicate_and_beyond_world_are_refused_precisely() {
+        let state = RendezvousState::new(spec(&[("a", 2)], 1000));
+        state.register(member(0, 1)).unwrap();
+        let err = state.register(member(0, 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RendezvousError::DuplicateRank {
+                    rank: 1,
+                    pid: 101,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = state.register(member(0, 2)).unwrap_err();
+        assert!(
+            err.to_string().contains("join beyond the world size"),
+            "{err}"
+        );
+        assert!(
+            state
+                .check_job("other")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown job id 'other'")
+        );
+    }
+
+    #[tokio::test]
+    async fn join_timeout_names_missing_ranks_and_hosts() {
+        let state = RendezvousState::new(spec(&[("a", 1), ("b", 2)], 100));
+        state.register(member(0, 0)).unwrap();
+        state.register(member(1, 0)).unwrap();
+        let err = state.wait_for_world().await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("2/3 ranks joined"), "{text}");
+        assert!(
+            text.contains("rank 2 (host b, node 1, local rank 1)"),
+            "{text}"
+        );
+        assert!(state.join_timed_out());
+    }
+
+    #[tokio::test]
+    async fn blocking_get_sees_a_later_set() {
+        let state = Arc::new(RendezvousState::new(spec(&[("a", 2)], 1000)));
+        let reader = {
+            let state = state.clone();
+            tokio::spawn(async move { state.get("nccl_id", Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        state.set("nccl_id", vec![7; 128]);
+        assert_eq!(reader.await.unwrap().unwrap(), vec![7; 128]);
+        let err = state
+            .get("never", Duration::from_millis(30))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RendezvousError::KeyTimeout { .. }));
+    }
+
+    #[tokio::test]
+    async fn barrier_releases_all_or_names_the_missing() {
+        let state = Arc::new(RendezvousState::new(spec(&[("a", 3)], 1000)));
+        let tasks: Vec<_> = (0..3)
+            .map(|r| {
+                let state = state.clone();
+                tokio::spawn(async move { state.barrier("b1", r, Duration::from_secs(5)).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let err = state
+            .barrier("b2", 0, Duration::from_millis(30))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("waiting for rank(s) 1, 2"),
+            "{err}"
+        );
+        assert!(
+            state
+                .barrier("b3", 3, Duration::from_millis(30))
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn next_generation_forgets_everything() {
+        let state = RendezvousState::new(spec(&[("a", 1)], 1000));
+        state.register(member(0, 0)).unwrap();
+        state.set("k", vec![1]);
+        state.record_progress(0, 5, 1.0, 10.0);
+        assert_eq!(state.next_generation(), 2);
+        assert!(state.complete_world().is_none());
+        assert!(state.progress().is_empty());
+        state.register(member(0, 0)).unwrap();
+        assert_eq!(state.complete_world().unwrap().0, 2);
+    }
+
+    #[test]
+    fn silent_ranks_only_counts_ranks_that_reported() {
+        let state = RendezvousState::new(spec(&[("a", 2)], 1000));
+        state.record_progress(1, 1, 0.5, 1.0);
+        assert!(state.silent_ranks(Duration::from_secs(60)).is_empty());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(state.silent_ranks(Duration::from_millis(1)), vec![1]);
+    }
+}
