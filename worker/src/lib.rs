@@ -7,6 +7,7 @@
 //! - `tokenizer`, `data`: tokenizer.json + chat templates; pretrain and SFT datasets.
 //! - `zero`: the ZeRO engine (stages 0-3) over the model's blocks.
 
+pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod error;
