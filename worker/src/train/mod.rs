@@ -1,8 +1,14 @@
-//! The training loop for pretrain and SFT: builds communicator, tokenizer, data, model
-//! and ZeRO engine from the resolved `TrainConfig`, runs epochs/max_steps with gradient
-//! accumulation, evaluates, logs (progress bar, metrics.jsonl, TensorBoard, loss.png)
-//! and saves an HF-loadable model at the end.
+//! The training loop for pretrain and SFT: builds tokenizer, data, model and ZeRO engine
+//! from the resolved `TrainConfig`, runs epochs/max_steps with gradient accumulation,
+//! evaluates, logs (progress bar, metrics.jsonl, TensorBoard, loss.png) and saves an
+//! HF-loadable model at the end. Entry point: `run::train`.
 
+pub mod data_source;
+pub mod engine_config;
+pub mod outputs;
 pub mod plot;
 pub mod progress;
+pub mod run;
 pub mod tensorboard;
+
+pub use run::{StepProgress, TrainSummary, TrainWorld, train};

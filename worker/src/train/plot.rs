@@ -130,7 +130,12 @@ pub fn write_loss_curve(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)]) 
     for k in 0..=4 {
         let loss = min_loss + (max_loss - min_loss) * k as f64 / 4.0;
         let (_, y) = to_px(min_step, loss);
-        canvas.line((MARGIN_LEFT as i64, y), ((WIDTH - MARGIN_RIGHT) as i64, y), GREY, 1);
+        canvas.line(
+            (MARGIN_LEFT as i64, y),
+            ((WIDTH - MARGIN_RIGHT) as i64, y),
+            GREY,
+            1,
+        );
         canvas.text(8, y - 5, &format!("{loss:.3}"), 2, BLACK);
     }
     let (x0, y0) = to_px(min_step, min_loss);
@@ -181,7 +186,8 @@ fn encode_png(path: &Path, rgb: &[u8]) -> Result<()> {
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), WIDTH as u32, HEIGHT as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
-    let png_error = |e: png::EncodingError| Error::Engine(format!("writing {}: {e}", path.display()));
+    let png_error =
+        |e: png::EncodingError| Error::Engine(format!("writing {}: {e}", path.display()));
     let mut writer = encoder.write_header().map_err(png_error)?;
     writer.write_image_data(rgb).map_err(png_error)?;
     writer.finish().map_err(png_error)

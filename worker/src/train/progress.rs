@@ -85,7 +85,11 @@ impl ProgressReporter {
             tb.add_scalar("train/loss", metrics.loss as f32, step)?;
             tb.add_scalar("train/learning_rate", metrics.learning_rate as f32, step)?;
             tb.add_scalar("train/grad_norm", metrics.grad_norm as f32, step)?;
-            tb.add_scalar("train/tokens_per_second", metrics.tokens_per_second as f32, step)?;
+            tb.add_scalar(
+                "train/tokens_per_second",
+                metrics.tokens_per_second as f32,
+                step,
+            )?;
             tb.flush()?;
         }
         self.draw(&metrics);

@@ -24,8 +24,8 @@ impl EventWriter {
         let secs = unix_seconds() as u64;
         let host = hostname();
         let path = dir.join(format!("events.out.tfevents.{secs}.{host}.rsdeep"));
-        let file =
-            File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let file = File::create(&path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
         let mut writer = EventWriter { file, path };
         let mut event = Vec::new();
         put_double(&mut event, 1, unix_seconds());
@@ -160,7 +160,9 @@ mod tests {
             assert_eq!(len_crc, masked_crc32c(&len_bytes));
             let payload = &bytes[offset + 12..offset + 12 + len];
             let crc = u32::from_le_bytes(
-                bytes[offset + 12 + len..offset + 16 + len].try_into().unwrap(),
+                bytes[offset + 12 + len..offset + 16 + len]
+                    .try_into()
+                    .unwrap(),
             );
             assert_eq!(crc, masked_crc32c(payload));
             offset += 16 + len;

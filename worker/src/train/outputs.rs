@@ -1,0 +1,126 @@
+//! What a finished run leaves in output_dir besides checkpoints: the HF-loadable model
+//! (config.json, model.safetensors or shards + index, tokenizer files), `loss.png`, and
+//! `trainer_state.json`. Written by rank 0 after the collective weight gather.
+
+use super::plot::write_loss_curve as plot_loss_curve;
+use super::progress::StepMetrics;
+use crate::model::{ModelConfig, save_safetensors_sharded};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use rsdeep::config::TrainConfig;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// Saves the gathered fp32 `weights` as `kind` with the model config and tokenizer.
+pub fn write_final_model(
+    dir: &Path,
+    config: &ModelConfig,
+    tokenizer: &Tokenizer,
+    weights: Vec<(String, Tensor)>,
+    kind: Kind,
+    max_shard_size: &str,
+) -> Result<()> {
+    let max_shard_bytes = parse_size(max_shard_size)?;
+    let named = weights
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.f_to_kind(kind)?)))
+        .collect::<Result<Vec<_>>>()?;
+    save_safetensors_sharded(&named, dir, max_shard_bytes)?;
+    let mut config = config.clone();
+    config.set_declared_kind(kind)?;
+    let path = dir.join("config.json");
+    std::fs::write(&path, config.to_json_string()?)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    tokenizer.save(dir)
+}
+
+/// `loss.png` from the logged train losses and any eval points in the history.
+pub fn write_loss_curve(dir: &Path, history: &[StepMetrics], log_history: &[serde_json::Value]) -> Result<()> {
+    let train: Vec<(u64, f64)> = history.iter().map(|m| (m.step, m.loss)).collect();
+    let eval: Vec<(u64, f64)> = log_history
+        .iter()
+        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("eval_loss")?.as_f64()?)))
+        .collect();
+    plot_loss_curve(&dir.join("loss.png"), &train, &eval)
+}
+
+/// HF's `trainer_state.json` for the finished run.
+pub fn write_trainer_state(
+    dir: &Path,
+    config: &TrainConfig,
+    global_step: u64,
+    epoch: f64,
+    log_history: &[serde_json::Value],
+) -> Result<()> {
+    let args = &config.args;
+    let state = serde_json::json!({
+        "best_global_step": null,
+        "best_metric": null,
+        "best_model_checkpoint": null,
+        "epoch": epoch,
+        "eval_steps": args.eval_interval(),
+        "global_step": global_step,
+        "is_hyper_param_search": false,
+        "is_local_process_zero": true,
+        "is_world_process_zero": true,
+        "log_history": log_history,
+        "logging_steps": args.logging_steps,
+        "max_steps": global_step,
+        "num_input_tokens_seen": 0,
+        "num_train_epochs": args.num_train_epochs,
+        "save_steps": args.save_steps,
+        "stateful_callbacks": {},
+        "total_flos": 0.0,
+        "train_batch_size": config.batch.train_micro_batch_size_per_gpu,
+        "trial_name": null,
+        "trial_params": null,
+    });
+    let path = dir.join("trainer_state.json");
+    let text = serde_json::to_string_pretty(&state).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// HF's `convert_file_size_to_int`: "5GB" = 5·10⁹, "5GiB" = 5·2³⁰, "500MB", "10KB", or a
+/// plain byte count.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let units: [(&str, f64); 8] = [
+        ("GIB", 1073741824.0),
+        ("MIB", 1048576.0),
+        ("KIB", 1024.0),
+        ("GB", 1e9),
+        ("MB", 1e6),
+        ("KB", 1e3),
+        ("B", 1.0),
+        ("", 1.0),
+    ];
+    let upper = t.to_ascii_uppercase();
+    for (suffix, factor) in units {
+        if let Some(number) = upper.strip_suffix(suffix) {
+            if let Ok(value) = number.trim().parse::<f64>() {
+                if value > 0.0 {
+                    return Ok((value * factor) as u64);
+                }
+            }
+        }
+    }
+    Err(Error::Config(format!(
+        "max_shard_size {text:?} is not a size: use e.g. \"5GB\", \"500MB\" or a byte count"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_hf_units() -> Result<()> {
+        assert_eq!(parse_size("5GB")?, 5_000_000_000);
+        assert_eq!(parse_size("2GiB")?, 2 * 1024 * 1024 * 1024);
+        assert_eq!(parse_size("500MB")?, 500_000_000);
+        assert_eq!(parse_size("1024")?, 1024);
+        assert!(parse_size("big").is_err());
+        assert!(parse_size("-1GB").is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,344 @@
+//! The training loop proper: model + engine + data from the resolved `TrainConfig`, the
+//! step loop with gradient accumulation, logging, evaluation, periodic checkpoints and the
+//! final HF-loadable output. Determinism contract: libtorch's RNG is reseeded at every
+//! optimizer step from (seed, step, rank), and the data order comes from the sampler, so a
+//! run depends only on its config and a resumed run continues exactly.
+
+use super::data_source::{BatchStream, DataPlan, Examples};
+use super::outputs;
+use super::progress::{ProgressReporter, StepMetrics};
+use crate::comm::{Communicator, ReduceOp};
+use crate::model::{CausalLm, ForwardCtx, ModelConfig, causal_lm_loss};
+use crate::tokenizer::Tokenizer;
+use super::engine_config::engine_config;
+use crate::zero::{EngineModel, ZeroEngine};
+use crate::{Error, Result};
+use rsdeep::config::{IntervalStrategy, TrainConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// This rank's place in the world, as the worker binary learned it from the rendezvous.
+pub struct TrainWorld {
+    pub comm: Arc<dyn Communicator>,
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub device: Device,
+}
+
+/// What the loop reports after every optimizer step (for heartbeats).
+#[derive(Debug, Clone, Copy)]
+pub struct StepProgress {
+    pub step: u64,
+    pub loss: f64,
+    pub tokens_per_second: f64,
+}
+
+/// The outcome of a finished run.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub steps: u64,
+    pub output_dir: PathBuf,
+}
+
+/// Runs pretraining or SFT to the end. Every rank calls it with the same config.
+pub fn train(
+    mut config: TrainConfig,
+    world: TrainWorld,
+    on_step: &mut dyn FnMut(StepProgress),
+) -> Result<TrainSummary> {
+    let args = config.args.clone();
+    let rank = world.rank;
+    let tokenizer = load_tokenizer(&config)?;
+    let kind = compute_kind(&config);
+    let model = build_model(&config, world.device, kind)?;
+    check_vocab(&model.config, &tokenizer)?;
+    let plan = DataPlan {
+        config: &config,
+        tokenizer: &tokenizer,
+        max_position_embeddings: model.config.max_position_embeddings,
+        is_builder: world.local_rank == 0,
+    };
+    let train_data = plan.load(&args.train_files)?;
+    let eval_data = if args.eval_files.is_empty() {
+        None
+    } else {
+        Some(plan.load(&args.eval_files)?)
+    };
+    let flops_per_token = flops_per_token(&model, plan.block_size());
+    let micro_batch = config.batch.train_micro_batch_size_per_gpu as usize;
+    let grad_accum = config.batch.gradient_accumulation_steps as usize;
+    let data_seed = args.data_seed.unwrap_or(args.seed);
+    let mut stream = BatchStream::new(train_data.len(), world.world_size, rank, data_seed, micro_batch)?;
+    let updates_per_epoch = (stream.micro_batches_per_epoch() / grad_accum).max(1) as u64;
+    let total_steps = args.total_training_steps(updates_per_epoch);
+    config
+        .fill_model_autos(model.config.hidden_size, total_steps)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let engine_config = engine_config(&config, total_steps, world.device)?;
+    let model_config = model.config.clone();
+    let engine_model = EngineModel {
+        head_tied_to_embedding: model.tied_to_embedding(),
+        blocks: model.blocks,
+        frozen: Default::default(),
+    };
+    let mut engine = ZeroEngine::new(engine_model, world.comm.clone(), engine_config)?;
+    let output_dir = PathBuf::from(&args.output_dir);
+    let mut reporter = if rank == 0 {
+        let tb_dir = args.report_to_tensorboard().then(|| {
+            args.logging_dir.clone().map(PathBuf::from).unwrap_or_else(|| output_dir.join("runs"))
+        });
+        Some(ProgressReporter::open(&output_dir, total_steps, tb_dir.as_deref())?)
+    } else {
+        None
+    };
+    if rank == 0 {
+        announce(&config, &model_config, &train_data, total_steps, world.world_size);
+    }
+    let mut log_history = Vec::new();
+    let (mut first_loss, mut last_loss, mut final_eval) = (None, None, None);
+    let mut window = LogWindow::default();
+    let start_step = 0u64;
+    let mut step = start_step;
+    while step < total_steps {
+        tch::manual_seed(step_seed(args.seed, step, rank));
+        let started = Instant::now();
+        let mut tokens = 0i64;
+        for _ in 0..grad_accum {
+            let indices = stream.next_indices();
+            let batch = train_data.batch(&indices, world.device)?;
+            tokens += batch.input_ids.numel() as i64;
+            let ctx = ForwardCtx::build(
+                &batch.input_ids,
+                batch.attention_mask.as_ref(),
+                batch.segment_ids.as_ref(),
+            )?;
+            let labels = batch.labels.shallow_clone();
+            engine.forward_backward(&batch.input_ids, &ctx, &mut |logits| causal_lm_loss(logits, &labels))?;
+        }
+        let report = engine.step()?;
+        step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        let tokens_per_second = (tokens * world.world_size as i64) as f64 / seconds.max(1e-9);
+        first_loss.get_or_insert(report.loss);
+        last_loss = Some(report.loss);
+        window.add(report.loss, report.grad_norm, tokens_per_second);
+        on_step(StepProgress { step, loss: report.loss, tokens_per_second });
+        let log_now = args.logging_strategy == IntervalStrategy::Steps
+            && (step % args.logging_steps.max(1) == 0 || step == total_steps || (step == 1 && args.logging_first_step));
+        if log_now {
+            if let Some(rep) = reporter.as_mut() {
+                let (loss, grad_norm, tps) = window.take();
+                let metrics = StepMetrics {
+                    step,
+                    epoch: stream.epoch_progress(),
+                    loss,
+                    learning_rate: report.lr,
+                    grad_norm,
+                    loss_scale: report.loss_scale,
+                    tokens_per_second: tps,
+                    mfu: mfu_percent(flops_per_token, tps, world.device, world.world_size),
+                    elapsed_s: rep.elapsed_s(),
+                    eta_s: rep.eta_s(start_step, step),
+                };
+                log_history.push(serde_json::to_value(&metrics).unwrap_or_default());
+                rep.log(metrics)?;
+            } else {
+                window.take();
+            }
+        }
+        let eval_now = args.eval_strategy == IntervalStrategy::Steps && step % args.eval_interval().max(1) == 0;
+        if let (true, Some(eval)) = (eval_now || step == total_steps, eval_data.as_ref()) {
+            let loss = evaluate(&mut engine, eval, &world, micro_batch)?;
+            final_eval = Some(loss);
+            if let Some(rep) = reporter.as_mut() {
+                rep.log_eval(step, loss)?;
+                log_history.push(serde_json::json!({"step": step, "eval_loss": loss}));
+            }
+        }
+    }
+    if let Some(rep) = reporter.as_ref() {
+        rep.finish_line();
+    }
+    let weights = engine.gather_full_weights()?;
+    if rank == 0 {
+        outputs::write_final_model(&output_dir, &model_config, &tokenizer, weights, kind, &args.max_shard_size)?;
+        if let Some(rep) = reporter.as_ref() {
+            outputs::write_loss_curve(&output_dir, rep.history(), &log_history)?;
+        }
+        outputs::write_trainer_state(&output_dir, &config, step, stream.epoch_progress(), &log_history)?;
+    }
+    world.comm.barrier()?;
+    Ok(TrainSummary { first_loss, last_loss, final_eval_loss: final_eval, steps: step, output_dir })
+}
+
+/// Mean eval loss over the eval split (token-weighted, over all ranks). Every rank calls
+/// it (the forward is a collective under ZeRO-3).
+fn evaluate(engine: &mut ZeroEngine, eval: &Examples, world: &TrainWorld, micro_batch: usize) -> Result<f64> {
+    let _span = tracing::info_span!("evaluate", rank = world.rank).entered();
+    let per_rank = eval.len().div_ceil(world.world_size);
+    let (mut loss_sum, mut count) = (0f64, 0f64);
+    let mut start = 0;
+    while start < per_rank {
+        let end = (start + micro_batch).min(per_rank);
+        // Rank r takes r, r+W, ...; indices past the end wrap (every rank runs the same
+        // number of forwards, as ZeRO-3 requires).
+        let indices: Vec<usize> =
+            (start..end).map(|i| (i * world.world_size + world.rank) % eval.len()).collect();
+        let batch = eval.batch(&indices, world.device)?;
+        let ctx = ForwardCtx::build(&batch.input_ids, batch.attention_mask.as_ref(), batch.segment_ids.as_ref())?;
+        let logits = engine.forward_eval(&batch.input_ids, &ctx)?;
+        let tokens = batch.labels.f_narrow(1, 1, batch.labels.size()[1] - 1)?.f_ne(-100)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+        if tokens > 0.0 {
+            loss_sum += causal_lm_loss(&logits, &batch.labels)?.f_double_value(&[])? * tokens;
+            count += tokens;
+        }
+        start = end;
+    }
+    let totals = Tensor::from_slice(&[loss_sum, count]);
+    world.comm.all_reduce(&totals, ReduceOp::Sum)?.wait()?;
+    let (sum, n) = (totals.f_double_value(&[0])?, totals.f_double_value(&[1])?);
+    if n == 0.0 {
+        return Err(Error::Data("the eval split has no tokens to score".into()));
+    }
+    Ok(sum / n)
+}
+
+/// Running means between two log lines.
+#[derive(Default)]
+struct LogWindow {
+    loss: f64,
+    grad_norm: f64,
+    tokens_per_second: f64,
+    count: f64,
+}
+
+impl LogWindow {
+    fn add(&mut self, loss: f64, grad_norm: f64, tps: f64) {
+        self.loss += loss;
+        self.grad_norm += grad_norm;
+        self.tokens_per_second += tps;
+        self.count += 1.0;
+    }
+
+    fn take(&mut self) -> (f64, f64, f64) {
+        let n = self.count.max(1.0);
+        let means = (self.loss / n, self.grad_norm / n, self.tokens_per_second / n);
+        *self = LogWindow::default();
+        means
+    }
+}
+
+/// The seed libtorch gets at optimizer step `step` on `rank` (splitmix-style mix).
+pub fn step_seed(seed: u64, step: u64, rank: usize) -> i64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (rank as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+fn compute_kind(config: &TrainConfig) -> Kind {
+    match config.precision() {
+        rsdeep::config::Precision::Bf16 => Kind::BFloat16,
+        rsdeep::config::Precision::Fp16 => Kind::Half,
+        rsdeep::config::Precision::Fp32 => Kind::Float,
+    }
+}
+
+fn load_tokenizer(config: &TrainConfig) -> Result<Tokenizer> {
+    let path = config.args.tokenizer_path().ok_or_else(|| {
+        Error::Config("no tokenizer: set tokenizer_name (or model_name_or_path) in train.json".into())
+    })?;
+    Tokenizer::from_dir(path)
+}
+
+/// From a pretrained folder (`model_name_or_path`) or a config alone (`config_name`: a
+/// config.json file or a folder holding one), seeded.
+fn build_model(config: &TrainConfig, device: Device, kind: Kind) -> Result<CausalLm> {
+    let args = &config.args;
+    if let Some(dir) = &args.model_name_or_path {
+        return CausalLm::from_pretrained(Path::new(dir), device, kind);
+    }
+    let name = args.config_name.as_ref().ok_or_else(|| {
+        Error::Config("set model_name_or_path (a pretrained folder) or config_name (a config.json) in train.json".into())
+    })?;
+    let path = Path::new(name);
+    let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    let model_config = ModelConfig::from_file(&file)?;
+    CausalLm::from_config(model_config, device, kind, args.seed)
+}
+
+fn check_vocab(config: &ModelConfig, tokenizer: &Tokenizer) -> Result<()> {
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(Error::Config(format!(
+            "the tokenizer has {} tokens but the model's vocab_size is {}: use a model config with vocab_size >= {}",
+            tokenizer.vocab_size(),
+            config.vocab_size,
+            tokenizer.vocab_size()
+        )));
+    }
+    Ok(())
+}
+
+/// 6·N plus attention (12·L·h·T) FLOPs per trained token (the PaLM/nanoGPT estimate).
+fn flops_per_token(model: &CausalLm, seq_len: usize) -> f64 {
+    let n = model.num_parameters() as f64;
+    let c = &model.config;
+    6.0 * n + 12.0 * c.num_hidden_layers as f64 * c.hidden_size as f64 * seq_len as f64
+}
+
+/// MFU in percent against the GPU's dense bf16 peak (`RSDEEP_PEAK_TFLOPS`, default 989 for
+/// H100 SXM); None on CPU.
+fn mfu_percent(flops_per_token: f64, tokens_per_second: f64, device: Device, world_size: usize) -> Option<f64> {
+    if !device.is_cuda() {
+        return None;
+    }
+    let peak_tflops: f64 = std::env::var("RSDEEP_PEAK_TFLOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(989.0);
+    Some(100.0 * flops_per_token * tokens_per_second / (peak_tflops * 1e12 * world_size as f64))
+}
+
+fn announce(config: &TrainConfig, model: &ModelConfig, data: &Examples, total_steps: u64, world_size: usize) {
+    let b = &config.batch;
+    eprintln!(
+        "[rank 0] {:?}: {} examples, {} ranks x micro batch {} x accumulation {} = global batch {}, {} steps, ZeRO stage {}, {:?}; model {} layers hidden {} vocab {}",
+        config.args.task,
+        data.len(),
+        world_size,
+        b.train_micro_batch_size_per_gpu,
+        b.gradient_accumulation_steps,
+        b.train_batch_size,
+        total_steps,
+        config.zero_stage(),
+        config.precision(),
+        model.num_hidden_layers,
+        model.hidden_size,
+        model.vocab_size,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_seeds_differ_by_step_and_rank_and_repeat() {
+        assert_eq!(step_seed(7, 3, 1), step_seed(7, 3, 1));
+        assert_ne!(step_seed(7, 3, 1), step_seed(7, 4, 1));
+        assert_ne!(step_seed(7, 3, 1), step_seed(7, 3, 0));
+        assert!(step_seed(7, 3, 1) >= 0);
+    }
+
+    #[test]
+    fn log_window_averages_and_resets() {
+        let mut w = LogWindow::default();
+        w.add(2.0, 1.0, 10.0);
+        w.add(4.0, 3.0, 30.0);
+        assert_eq!(w.take(), (3.0, 2.0, 20.0));
+        assert_eq!(w.take(), (0.0, 0.0, 0.0));
+    }
+}
