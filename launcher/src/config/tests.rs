@@ -1,0 +1,572 @@
+//! Tests of `load` end to end on files: the seed's DeepSpeed config, errors as a user sees
+//! them, overrides, model autos, the shipped configs/ files, and a never-panics property.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use super::*;
+
+/// A temporary folder with train.json (and optional extra files).
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn train_json(&self, value: &Value) -> PathBuf {
+        self.write("train.json", &serde_json::to_string_pretty(value).unwrap())
+    }
+}
+
+fn repo_configs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+}
+
+/// The seed's `deepspeed pretrain.py` arguments as train.json.
+fn seed_args(deepspeed: Value) -> Value {
+    json!({
+        "config_name": "autodl-tmp/qwen-1.5b",
+        "tokenizer_name": "autodl-tmp/qwen-1.5b",
+        "train_files": "autodl-tmp/dataset/pretrain_data/mobvoi_seq_monkey_general_open_corpus_small.jsonl",
+        "per_device_train_batch_size": 16,
+        "gradient_accumulation_steps": 4,
+        "do_train": true,
+        "output_dir": "autodl-tmp/output/pretrain",
+        "evaluation_strategy": "no",
+        "learning_rate": 1e-4,
+        "num_train_epochs": 1,
+        "warmup_steps": 200,
+        "logging_dir": "autodl-tmp/output/pretrain/logs",
+        "logging_strategy": "steps",
+        "logging_steps": 5,
+        "save_strategy": "steps",
+        "save_steps": 100,
+        "preprocessing_num_workers": 10,
+        "save_total_limit": 1,
+        "seed": 12,
+        "block_size": 2048,
+        "bf16": true,
+        "gradient_checkpointing": true,
+        "deepspeed": deepspeed,
+        "report_to": "swanlab"
+    })
+}
+
+fn seed_fixture() -> (Fixture, PathBuf) {
+    let fixture = Fixture::new();
+    let seed_ds = std::fs::read_to_string(repo_configs().join("ds_config_zero2.json")).unwrap();
+    fixture.write("ds_config_zero2.json", &seed_ds);
+    let path = fixture.train_json(&seed_args(json!("./ds_config_zero2.json")));
+    (fixture, path)
+}
+
+fn load_err(path: &Path, overrides: &[&str], world: usize) -> String {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    load(path, &overrides, world).unwrap_err().to_string()
+}
+
+#[test]
+fn seed_zero2_config_loads_unchanged_with_the_seed_arguments() {
+    let (_fixture, path) = seed_fixture();
+    let config = load(&path, &[], 2).unwrap();
+    let ds = &config.deepspeed;
+    assert_eq!(
+        config.batch,
+        BatchSizes {
+            train_batch_size: 128,
+            train_micro_batch_size_per_gpu: 16,
+            gradient_accumulation_steps: 4,
+            world_size: 2,
+        }
+    );
+    assert_eq!(ds.train_batch_size, Some(AutoOr::Value(128)));
+    assert_eq!(ds.gradient_clipping, AutoOr::Value(1.0));
+    assert_eq!(config.precision(), Precision::Bf16);
+    assert_eq!(ds.fp16.enabled, AutoOr::Value(false));
+    let optimizer = config.optimizer();
+    assert_eq!(optimizer.kind, OptimizerKind::AdamW);
+    assert_eq!(
+        (
+            optimizer.lr,
+            optimizer.betas,
+            optimizer.eps,
+            optimizer.weight_decay
+        ),
+        (1e-4, [0.9, 0.999], 1e-8, 0.0)
+    );
+    let scheduler = ds.scheduler.as_ref().unwrap();
+    assert_eq!(scheduler.kind, SchedulerKind::WarmupLR);
+    assert_eq!(scheduler.params.warmup_min_lr, Some(AutoOr::Value(0.0)));
+    assert_eq!(scheduler.params.warmup_max_lr, Some(AutoOr::Value(1e-4)));
+    let zero = &ds.zero_optimization;
+    assert_eq!((zero.stage, zero.allgather_bucket_size), (2, 200_000_000));
+    assert_eq!(zero.reduce_bucket_size, AutoOr::Value(200_000_000));
+    assert_eq!(zero.overlap_comm, Some(true));
+    assert_eq!(
+        zero.offload_optimizer.as_ref().unwrap().device,
+        OffloadDevice::None
+    );
+    assert_eq!(ds.steps_per_print, Some(100));
+    assert_eq!(
+        config.unresolved_autos(),
+        vec!["scheduler.params.warmup_num_steps"]
+    );
+    assert!(config.activation_checkpointing());
+    assert_eq!(config.args.eval_strategy, IntervalStrategy::No);
+    assert!(
+        config.warnings.iter().any(|w| w.contains("swanlab")),
+        "{:?}",
+        config.warnings
+    );
+    assert!(
+        matches!(&config.deepspeed_source, DeepSpeedSource::File(p) if p.ends_with("ds_config_zero2.json"))
+    );
+}
+
+#[test]
+fn seed_config_fills_warmup_once_the_model_is_known() {
+    let (_fixture, path) = seed_fixture();
+    let mut config = load(&path, &[], 2).unwrap();
+    config.fill_model_autos(896, 1000).unwrap();
+    let params = &config.deepspeed.scheduler.as_ref().unwrap().params;
+    assert_eq!(params.warmup_num_steps, Some(AutoOr::Value(200)));
+    assert!(config.unresolved_autos().is_empty());
+    // Explicit 2e8 stays: fill_only never overrides a set value.
+    assert_eq!(
+        config.deepspeed.zero_optimization.reduce_bucket_size,
+        AutoOr::Value(200_000_000)
+    );
+}
+
+#[test]
+fn world_size_changes_the_calculated_train_batch_size() {
+    let (_fixture, path) = seed_fixture();
+    assert_eq!(load(&path, &[], 8).unwrap().batch.train_batch_size, 512);
+}
+
+#[test]
+fn zero3_model_autos_follow_hugging_face() {
+    let fixture = Fixture::new();
+    let ds = std::fs::read_to_string(repo_configs().join("ds_config_zero3.json")).unwrap();
+    fixture.write("ds3.json", &ds);
+    let path = fixture.train_json(&seed_args(json!("ds3.json")));
+    let mut config = load(&path, &[], 2).unwrap();
+    assert_eq!(config.unresolved_autos().len(), 4);
+    config.fill_model_autos(896, 50).unwrap();
+    let zero = &config.deepspeed.zero_optimization;
+    assert_eq!(zero.reduce_bucket_size, AutoOr::Value(896 * 896));
+    assert_eq!(zero.stage3_prefetch_bucket_size, AutoOr::Value(722_534)); // int(0.9 * 802816)
+    assert_eq!(zero.stage3_param_persistence_threshold, AutoOr::Value(8960));
+    assert!(zero.gather_16bit_weights_on_model_save());
+    assert_eq!(zero.stage3_max_live_parameters, 1_000_000_000);
+}
+
+#[test]
+fn ratio_warmup_and_explicit_step_mismatches() {
+    let fixture = Fixture::new();
+    let mut args = seed_args(json!({
+        "train_micro_batch_size_per_gpu": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 999, "warmup_num_steps": "auto"}}
+    }));
+    args["warmup_steps"] = json!(0.1);
+    let path = fixture.train_json(&args);
+    let mut config = load(&path, &[], 1).unwrap();
+    let err = config.fill_model_autos(64, 1000).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "- ds scheduler.params.total_num_steps=999 vs hf num_training_steps (calculated)=1000"
+        ),
+        "{err}"
+    );
+    let params = &config.deepspeed.scheduler.as_ref().unwrap().params;
+    assert_eq!(params.warmup_num_steps, Some(AutoOr::Value(100)));
+}
+
+#[test]
+fn no_deepspeed_key_means_zero0_from_the_arguments() {
+    let fixture = Fixture::new();
+    let mut args = seed_args(Value::Null);
+    args.as_object_mut().unwrap().remove("deepspeed");
+    let path = fixture.train_json(&args);
+    let config = load(&path, &[], 3).unwrap();
+    assert_eq!(config.deepspeed_source, DeepSpeedSource::Default);
+    assert_eq!(config.zero_stage(), 0);
+    assert_eq!(config.batch.train_batch_size, 16 * 4 * 3);
+    assert_eq!(config.precision(), Precision::Bf16);
+    assert_eq!(config.optimizer().kind, OptimizerKind::AdamW);
+    assert_eq!(config.deepspeed.zero_optimization.overlap_comm, Some(false));
+}
+
+#[test]
+fn top_level_typo_suggests_deepspeed() {
+    let fixture = Fixture::new();
+    let mut args = seed_args(Value::Null);
+    let object = args.as_object_mut().unwrap();
+    object.remove("deepspeed");
+    object.insert("deepsped".into(), json!("ds.json"));
+    let path = fixture.train_json(&args);
+    let err = load_err(&path, &[], 1);
+    assert_eq!(
+        err,
+        format!(
+            "{}: unknown key \"deepsped\" (did you mean \"deepspeed\"?)",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn nested_typo_inline_names_the_full_path() {
+    let fixture = Fixture::new();
+    let path = fixture.train_json(&seed_args(json!({
+        "train_micro_batch_size_per_gpu": "auto",
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 5e7}
+    })));
+    let err = load_err(&path, &[], 1);
+    assert_eq!(
+        err,
+        format!(
+            "{}: unknown key \"deepspeed.zero_optimization.stage3_prefetch_bucket_sise\" (did you mean \"stage3_prefetch_bucket_size\"?)",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn nested_typo_in_a_deepspeed_file_names_that_file() {
+    let fixture = Fixture::new();
+    let ds = fixture.write(
+        "ds.json",
+        r#"{"train_batch_size": 8, "fp16": {"enabeld": true}}"#,
+    );
+    let path = fixture.train_json(&seed_args(json!("ds.json")));
+    let err = load_err(&path, &[], 1);
+    assert_eq!(
+        err,
+        format!(
+            "{}: unknown key \"fp16.enabeld\" (did you mean \"enabled\"?)",
+            ds.display()
+        )
+    );
+}
+
+#[test]
+fn wrong_types_name_key_expected_type_and_value() {
+    let fixture = Fixture::new();
+    let mut args = seed_args(
+        json!({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": "two"}}),
+    );
+    let path = fixture.train_json(&args);
+    let err = load_err(&path, &[], 1);
+    assert!(err.ends_with("key \"deepspeed.zero_optimization.stage\": invalid type: string \"two\", expected a non-negative integer"), "{err}");
+    args["learning_rate"] = json!("fast");
+    let path = fixture.train_json(&args);
+    let err = load_err(&path, &[], 1);
+    assert!(
+        err.ends_with("key \"learning_rate\": invalid type: string \"fast\", expected a number"),
+        "{err}"
+    );
+    let ds = fixture.write("ds.json", r#"{"gradient_clipping": [1]}"#);
+    let path = fixture.train_json(&seed_args(json!("ds.json")));
+    let err = load_err(&path, &[], 1);
+    assert!(
+        err.starts_with(&format!(
+            "{}: key \"gradient_clipping\": invalid type: sequence",
+            ds.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("(or \"auto\")"), "{err}");
+}
+
+#[test]
+fn syntax_errors_point_at_file_line_column() {
+    let fixture = Fixture::new();
+    let path = fixture.write("train.json", "{\n  \"seed\": 1,\n  \"bf16\": tru\n}\n");
+    let err = load_err(&path, &[], 1);
+    assert!(
+        err.starts_with(&format!("{}:3:13: ", path.display())),
+        "{err}"
+    );
+    let ds = fixture.write("ds.json", "{\"a\": 1,,}");
+    let path = fixture.train_json(&seed_args(json!("ds.json")));
+    assert!(load_err(&path, &[], 1).starts_with(&format!("{}:1:9: ", ds.display())));
+}
+
+#[test]
+fn auto_mismatches_are_all_listed_in_hugging_face_wording() {
+    let fixture = Fixture::new();
+    let path = fixture.train_json(&seed_args(json!({
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 4,
+        "gradient_clipping": 0.5,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4}}
+    })));
+    let err = load_err(&path, &[], 2);
+    assert_eq!(
+        err,
+        "Please correct the following DeepSpeed config values that mismatch TrainingArguments values:\n\
+        - ds train_micro_batch_size_per_gpu=8 vs hf per_device_train_batch_size=16\n\
+        - ds gradient_clipping=0.5 vs hf max_grad_norm=1.0\n\
+        - ds optimizer.params.lr=0.0003 vs hf learning_rate=0.0001\n\
+        The easiest method is to set these DeepSpeed config values to 'auto'."
+    );
+}
+
+#[test]
+fn inconsistent_explicit_batch_fails_with_numbers() {
+    let fixture = Fixture::new();
+    let mut args = seed_args(
+        json!({"train_batch_size": 100, "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto"}),
+    );
+    args["per_device_train_batch_size"] = json!(10);
+    args["gradient_accumulation_steps"] = json!(5);
+    let path = fixture.train_json(&args);
+    // HF computes 10*5*2 = 100: consistent at world size 2 ...
+    assert_eq!(load(&path, &[], 2).unwrap().batch.train_batch_size, 100);
+    // ... but at world size 4 the explicit 100 mismatches the calculated 200.
+    let err = load_err(&path, &[], 4);
+    assert!(
+        err.contains("- ds train_batch_size=100 vs hf train_batch_size (calculated)=200"),
+        "{err}"
+    );
+    // Only gradient_accumulation_steps: DeepSpeed cannot derive the rest.
+    let path = fixture.train_json(&seed_args(json!({"gradient_accumulation_steps": "auto"})));
+    let err = load_err(&path, &[], 2);
+    assert!(
+        err.starts_with(
+            "Either train_batch_size or train_micro_batch_size_per_gpu needs to be provided"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn overrides_apply_before_auto_filling() {
+    let (_fixture, path) = seed_fixture();
+    let overrides = [
+        "--learning_rate",
+        "3e-4",
+        "--output_dir",
+        "out2",
+        "--fp16",
+        "--bf16",
+        "false",
+        "--deepspeed.zero_optimization.stage",
+        "1",
+    ];
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let config = load(&path, &overrides, 2).unwrap();
+    assert_eq!(config.optimizer().lr, 3e-4);
+    assert_eq!(config.args.output_dir, "out2");
+    assert_eq!(config.precision(), Precision::Fp16);
+    assert_eq!(config.zero_stage(), 1);
+    let err = load_err(
+        &path,
+        &[
+            "--deepspeed.zero_optimization.stage3_prefetch_bucket_sise",
+            "1",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("did you mean \"stage3_prefetch_bucket_size\""),
+        "{err}"
+    );
+    let err = load_err(&path, &["--ouput_dir", "x"], 2);
+    assert!(err.contains("did you mean \"--output_dir\""), "{err}");
+}
+
+#[test]
+fn unsupported_features_are_refused_with_what_is_supported() {
+    let fixture = Fixture::new();
+    let cases = [
+        (
+            json!({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}),
+            "optimizer to \"cpu\" only",
+        ),
+        (
+            json!({"train_batch_size": 8, "optimizer": {"type": "Lamb", "params": {}}}),
+            "rsdeep implements \"Adam\" and \"AdamW\"",
+        ),
+        (
+            json!({"train_batch_size": 8, "scheduler": {"type": "OneCycle"}}),
+            "rsdeep implements \"WarmupLR\"",
+        ),
+        (
+            json!({"train_batch_size": 8, "amp": {"enabled": true}}),
+            "apex AMP is not supported",
+        ),
+        (
+            json!({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}),
+            "parameter offload is not implemented",
+        ),
+        (
+            json!({"train_batch_size": 8, "zero_optimization": {"stage": 4}}),
+            "4 is not a ZeRO stage",
+        ),
+    ];
+    for (ds, expected) in cases {
+        let mut args = seed_args(ds);
+        args["bf16"] = json!(false);
+        let path = fixture.train_json(&args);
+        let err = load_err(
+            &path,
+            &[
+                "--per_device_train_batch_size",
+                "8",
+                "--gradient_accumulation_steps",
+                "1",
+            ],
+            1,
+        );
+        assert!(err.contains(expected), "{err}");
+    }
+}
+
+#[test]
+fn fp16_and_bf16_together_are_refused() {
+    let ds: DeepSpeedConfig =
+        serde_json::from_value(json!({"fp16": {"enabled": true}, "bf16": {"enabled": true}}))
+            .unwrap();
+    let err = validate::validate_deepspeed(&ds, Path::new("ds.json"), "")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "ds.json: key \"bf16.enabled\": bfloat16 and fp16 modes cannot be simultaneously enabled"
+    );
+}
+
+#[test]
+fn report_to_unknown_backend_is_an_error_with_suggestion() {
+    let fixture = Fixture::new();
+    let mut args = seed_args(Value::Null);
+    args["report_to"] = json!(["tensorbord"]);
+    let path = fixture.train_json(&args);
+    assert!(
+        load_err(&path, &[], 1)
+            .contains("unknown integration \"tensorbord\" (did you mean \"tensorboard\"?)")
+    );
+}
+
+#[test]
+fn adam_defaults_to_decoupled_weight_decay_like_deepspeed() {
+    let fixture = Fixture::new();
+    let path = fixture.train_json(&seed_args(json!({"train_batch_size": "auto", "optimizer": {"type": "adam", "params": {"adam_w_mode": false}}})));
+    let optimizer = load(&path, &[], 1).unwrap().optimizer();
+    assert_eq!(
+        (optimizer.kind, optimizer.decoupled_weight_decay),
+        (OptimizerKind::Adam, false)
+    );
+}
+
+#[test]
+fn resolved_config_round_trips_through_json() {
+    let (_fixture, path) = seed_fixture();
+    let config = load(&path, &[], 2).unwrap();
+    let back = TrainConfig::from_json(&config.to_pretty_json()).unwrap();
+    assert_eq!(back, config);
+    let text = check_config_cli(&path, &[], 2).unwrap();
+    assert!(
+        text.contains(
+            "world size 2: train_batch_size 128 = 16 micro batch x 4 accumulation x 2 ranks"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("warning: report_to"), "{text}");
+}
+
+#[test]
+fn shipped_configs_load() {
+    for name in ["pretrain.json", "sft.json", "lora.json"] {
+        let path = repo_configs().join(name);
+        let mut config = load(&path, &[], 2).unwrap_or_else(|e| panic!("{name}: {e}"));
+        config
+            .fill_model_autos(256, 100)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(config.unresolved_autos().is_empty(), "{name}");
+    }
+    for stage in 1..=3 {
+        let ds: Value = serde_json::from_str(
+            &std::fs::read_to_string(repo_configs().join(format!("ds_config_zero{stage}.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ds["zero_optimization"]["stage"], json!(stage));
+    }
+}
+
+mod never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEYS: [&str; 16] = [
+        "deepspeed",
+        "zero_optimization",
+        "stage",
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "optimizer",
+        "params",
+        "lr",
+        "betas",
+        "scheduler",
+        "type",
+        "fp16",
+        "bf16",
+        "enabled",
+        "per_device_train_batch_size",
+    ];
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            Just(Value::from("auto")),
+            "[a-z_]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((prop::sample::select(KEYS.to_vec()), inner), 0..6).prop_map(
+                    |pairs| Value::Object(
+                        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+                    )
+                ),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn random_json_only_returns_errors(ds in json_value(), world in 0usize..5) {
+            let fixture = Fixture::new();
+            let path = fixture.train_json(&seed_args(ds));
+            if let Ok(mut config) = load(&path, &[], world) {
+                let _ = config.fill_model_autos(64, 10);
+            }
+            let raw = fixture.write("raw.json", "{\"deepspeed\": {\"zero_optimization\": [");
+            prop_assert!(load(&raw, &[], world).is_err());
+        }
+    }
+}
