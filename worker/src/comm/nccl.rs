@@ -264,7 +264,7 @@ impl NcclComm {
     fn divide_for_avg(&self, op: &'static str, tensor: &Tensor, reduce: ReduceOp) -> Result<()> {
         if reduce == ReduceOp::Avg {
             let mut target = tensor.shallow_clone();
-            target
+            let _ = target
                 .f_div_scalar_(self.world as f64)
                 .map_err(|e| self.error(op, tensor.numel(), e.to_string()))?;
         }
@@ -492,6 +492,12 @@ mod tests {
         Ok(())
     }
 
+    fn deep_copy(x: &Tensor) -> Result<Tensor> {
+        let mut y = x.f_zeros_like()?;
+        y.f_copy_(x)?;
+        Ok(y)
+    }
+
     fn check_all_ops_one_rank(kind: Kind, numel: i64) -> Result<()> {
         let device = Device::Cuda(0);
         let comm = NcclComm::new(
@@ -503,7 +509,7 @@ mod tests {
         )?;
         let x = Tensor::f_arange(numel, (Kind::Float, device))?.f_to_kind(kind)?;
         for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
-            let y = x.f_clone()?;
+            let y = deep_copy(&x)?;
             comm.all_reduce(&y, op)?.wait()?;
             assert!(
                 y.f_equal(&x)?,
@@ -516,7 +522,7 @@ mod tests {
         let gathered = x.f_zeros_like()?;
         comm.all_gather(&x, &gathered)?.wait()?;
         assert!(gathered.f_equal(&x)?);
-        let b = x.f_clone()?;
+        let b = deep_copy(&x)?;
         comm.broadcast(&b, 0)?.wait()?;
         assert!(b.f_equal(&x)?);
         comm.barrier()

@@ -12,6 +12,10 @@
 mod handshake;
 mod ring;
 mod schedule;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
 use super::elementwise::ElemKind;
 use super::trace::TraceRecorder;
