@@ -1,0 +1,524 @@
+//! The ZeRO engine's core: one flat buffer per block, the block-wise forward and backward
+//! (detach at block boundaries, backprop each block with its output cotangent), activation
+//! checkpointing by recomputation, and the hand-off of each block's gradient to the
+//! reducer as soon as its backward is done. Stage-3 gathering lives in `gather.rs`,
+//! gradient reduction in `reduce.rs`, the optimizer step in `step.rs`, state and memory
+//! accounting in `state.rs`. Design and contract: `docs/zero-engine.md`.
+
+use super::adamw::AdamSlice;
+use super::config::{EngineConfig, Precision};
+use super::gather::PendingGather;
+use super::loss_scaler::LossScaler;
+use super::partition::FlatLayout;
+use super::reduce::PendingReduce;
+use super::scheduler::LrSchedule;
+use crate::comm::Communicator;
+use crate::model::{Block, ForwardCtx};
+use crate::{Error, Result};
+use std::collections::HashSet;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// What the engine trains: the model's blocks in order.
+pub struct EngineModel {
+    pub blocks: Vec<Box<dyn Block>>,
+    /// The last block (head) also reads block 0's parameters (tied `lm_head` =
+    /// `embed_tokens`) without listing them; the engine gathers and differentiates them.
+    pub head_tied_to_embedding: bool,
+    /// Parameter names kept out of the flat buffers and never updated (e.g. LoRA bases).
+    pub frozen: HashSet<String>,
+}
+
+/// One block's partitioned state on this rank.
+pub(super) struct BlockShard {
+    pub(super) layout: FlatLayout,
+    /// Handles sharing the block's trainable parameter tensors (same TensorImpl), so
+    /// `set_data` on them re-points the model's parameters.
+    pub(super) params: Vec<Tensor>,
+    /// Stage 3: parameters at or below `stage3_param_persistence_threshold`.
+    pub(super) persistent: Vec<bool>,
+    /// Stages 0-2: the full (padded,) compute buffer; stage 3: the owned (P,) slice.
+    pub(super) compute: Tensor,
+    /// Stage 3: the full (padded,) buffer while the block is gathered.
+    pub(super) gathered: Option<Tensor>,
+    /// Stage 3: every parameter is persistent and was gathered since the last step.
+    pub(super) resident: bool,
+    /// Stages 0/1: (padded,) gradients, accumulated over micro-steps.
+    pub(super) grad_full: Option<Tensor>,
+    /// Stages 2/3: (P,) reduced gradients of the owned slice, accumulated.
+    pub(super) grad_owned: Option<Tensor>,
+    /// (padded,) gradient the tied head produced for this block, added at its backward.
+    pub(super) tied_grad: Option<Tensor>,
+    pub(super) optim: Option<AdamSlice>,
+}
+
+impl BlockShard {
+    pub(super) fn is_empty(&self) -> bool {
+        self.layout.numel == 0
+    }
+
+    /// Offset of this rank's slice in the flat buffer.
+    pub(super) fn owned_start(&self, shard_rank: usize) -> usize {
+        self.layout.partition_start(shard_rank)
+    }
+}
+
+/// A block's saved forward state for one micro-step.
+struct Activation {
+    /// The detached block input (a grad-requiring leaf when it is floating point).
+    input: Tensor,
+    /// The output with its graph; None when the block is recomputed in backward.
+    output: Option<Tensor>,
+}
+
+/// The engine: owns the model's blocks, the partitioned states and the communicator.
+pub struct ZeroEngine {
+    pub(super) blocks: Vec<Box<dyn Block>>,
+    pub(super) shards: Vec<BlockShard>,
+    pub(super) frozen_params: Vec<(String, Tensor)>,
+    pub(super) tied: bool,
+    pub(super) comm: Arc<dyn Communicator>,
+    pub(super) config: EngineConfig,
+    pub(super) rank: usize,
+    pub(super) world_size: usize,
+    /// Ranks the optimizer state is split over: 1 for stage 0, the world otherwise.
+    pub(super) shard_world: usize,
+    pub(super) shard_rank: usize,
+    pub(super) optimizer_device: Device,
+    pub(super) schedule: LrSchedule,
+    pub(super) scaler: LossScaler,
+    /// Applied optimizer steps (Adam's step count; the scheduler position).
+    pub(super) optimizer_steps: u64,
+    /// Steps taken, skipped ones included.
+    pub(super) global_steps: u64,
+    pub(super) skipped_steps: u64,
+    /// Micro-steps done in the current accumulation window.
+    pub(super) micro_step: usize,
+    pub(super) micro_losses: Vec<f64>,
+    pub(super) pending_reduce: Vec<PendingReduce>,
+    pub(super) prefetch: Option<PendingGather>,
+    /// Stage 3: elements of currently gathered, non-resident blocks.
+    pub(super) live_numel: usize,
+    pub(super) inject_overflow: bool,
+}
+
+impl ZeroEngine {
+    /// Flattens every block's trainable parameters into its flat buffer (rank 0's initial
+    /// values are broadcast so all ranks start equal), creates the owned fp32 masters and
+    /// moments, and partitions according to `config.stage`.
+    pub fn new(
+        model: EngineModel,
+        comm: Arc<dyn Communicator>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        let (rank, world_size) = (comm.rank(), comm.world_size());
+        config.validate(world_size)?;
+        let _span = tracing::info_span!("zero_init", rank, stage = config.stage).entered();
+        if !config.contiguous_gradients {
+            tracing::info!(
+                rank,
+                "contiguous_gradients=false: rsdeep always keeps gradients in flat buffers"
+            );
+        }
+        let shard_world = if config.stage == 0 { 1 } else { world_size };
+        let shard_rank = if config.stage == 0 { 0 } else { rank };
+        let optimizer_device = if config.offload_optimizer_cpu {
+            Device::Cpu
+        } else {
+            config.device
+        };
+        let mut frozen_params = Vec::new();
+        let mut shards = Vec::with_capacity(model.blocks.len());
+        for block in &model.blocks {
+            let shard = build_shard(
+                block.as_ref(),
+                &model.frozen,
+                &mut frozen_params,
+                &*comm,
+                &config,
+                shard_world,
+                shard_rank,
+                optimizer_device,
+            )?;
+            shards.push(shard);
+        }
+        let scaler = match config.precision {
+            Precision::Fp16(scale) => LossScaler::new(scale),
+            _ => LossScaler::unit(),
+        };
+        Ok(ZeroEngine {
+            blocks: model.blocks,
+            shards,
+            frozen_params,
+            tied: model.head_tied_to_embedding,
+            comm,
+            schedule: LrSchedule::new(config.scheduler, config.optimizer.lr),
+            config,
+            rank,
+            world_size,
+            shard_world,
+            shard_rank,
+            optimizer_device,
+            scaler,
+            optimizer_steps: 0,
+            global_steps: 0,
+            skipped_steps: 0,
+            micro_step: 0,
+            micro_losses: Vec::new(),
+            pending_reduce: Vec::new(),
+            prefetch: None,
+            live_numel: 0,
+            inject_overflow: false,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The model's blocks (their parameters are views into the engine's buffers; under
+    /// stage 3 they are empty outside a forward/backward).
+    pub fn blocks(&self) -> &[Box<dyn Block>] {
+        &self.blocks
+    }
+
+    /// Micro-steps still expected before `step()`.
+    pub fn is_gradient_accumulation_boundary(&self) -> bool {
+        self.micro_step == self.config.gradient_accumulation_steps
+    }
+
+    /// One micro-batch: forward through every block, `loss_fn` on the last block's output
+    /// (it returns the mean loss of this micro-batch), backward block by block with the
+    /// gradients handed to the reducer as each block finishes. Returns the unscaled loss.
+    pub fn forward_backward(
+        &mut self,
+        input: &Tensor,
+        ctx: &ForwardCtx,
+        loss_fn: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<f64> {
+        if self.micro_step >= self.config.gradient_accumulation_steps {
+            return Err(Error::Engine(format!(
+                "forward_backward called {} times without step() (gradient_accumulation_steps = {})",
+                self.micro_step + 1,
+                self.config.gradient_accumulation_steps
+            )));
+        }
+        let _span =
+            tracing::debug_span!("micro_step", rank = self.rank, micro = self.micro_step).entered();
+        let last_micro = self.micro_step + 1 == self.config.gradient_accumulation_steps;
+        let mut activations = self.forward_all(input, ctx, true)?;
+        let last = activations.len() - 1;
+        let output = activations[last]
+            .output
+            .take()
+            .ok_or_else(|| Error::Engine("head output missing".into()))?;
+        let loss = loss_fn(&output)?.f_to_kind(Kind::Float)?;
+        let loss_value = loss.f_double_value(&[])?;
+        let factor = self.scaler.scale() / self.config.gradient_accumulation_steps as f64;
+        activations[last].output = Some(output);
+        self.backward_all(activations, ctx, loss.f_mul_scalar(factor)?, last_micro)?;
+        self.micro_step += 1;
+        self.micro_losses.push(loss_value);
+        Ok(loss_value)
+    }
+
+    /// Inference forward (no graph): the last block's output. Gathers under stage 3.
+    pub fn forward_eval(&mut self, input: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let mut activations = self.forward_all(input, ctx, false)?;
+        activations
+            .pop()
+            .and_then(|a| a.output)
+            .ok_or_else(|| Error::Engine("model has no blocks".into()))
+    }
+
+    /// Forward through every block. With `training` false nothing is kept but the last
+    /// output; with activation checkpointing only block inputs are kept (the last block
+    /// always keeps its graph, the loss needs it).
+    fn forward_all(
+        &mut self,
+        input: &Tensor,
+        ctx: &ForwardCtx,
+        training: bool,
+    ) -> Result<Vec<Activation>> {
+        let count = self.blocks.len();
+        if count == 0 {
+            return Err(Error::Engine("model has no blocks".into()));
+        }
+        let mut activations = Vec::with_capacity(count);
+        let mut x = input.shallow_clone();
+        for b in 0..count {
+            self.acquire(b, b + 1 < count, b + 1)?;
+            let leaf = if training {
+                block_input_leaf(&x)?
+            } else {
+                x.shallow_clone()
+            };
+            let keep_graph = training && (!self.config.activation_checkpointing || b + 1 == count);
+            let output = if keep_graph {
+                self.blocks[b].forward(&leaf, ctx)?
+            } else {
+                tch::no_grad(|| self.blocks[b].forward(&leaf, ctx))?
+            };
+            self.release(b)?;
+            x = output.f_detach()?;
+            let saved_output = if keep_graph || b + 1 == count {
+                Some(output)
+            } else {
+                None
+            };
+            activations.push(Activation {
+                input: if training { leaf } else { Tensor::new() },
+                output: saved_output,
+            });
+        }
+        Ok(activations)
+    }
+
+    /// Backward in reverse block order, starting from `scaled_loss` on the last block.
+    fn backward_all(
+        &mut self,
+        mut activations: Vec<Activation>,
+        ctx: &ForwardCtx,
+        scaled_loss: Tensor,
+        last_micro: bool,
+    ) -> Result<()> {
+        let count = activations.len();
+        let mut cotangent: Option<Tensor> = None;
+        for b in (0..count).rev() {
+            let _span =
+                tracing::trace_span!("block_backward", rank = self.rank, block = b).entered();
+            self.acquire(b, b > 0, b.wrapping_sub(1))?;
+            let act = &mut activations[b];
+            let output = match act.output.take() {
+                Some(output) => output,
+                None => self.blocks[b].forward(&act.input, ctx)?,
+            };
+            let root = match &cotangent {
+                None => scaled_loss.shallow_clone(),
+                Some(cot) => output.f_mul(cot)?.f_sum(Kind::Float)?,
+            };
+            let input_has_grad = act.input.requires_grad();
+            let mut wrt: Vec<Tensor> = Vec::new();
+            if input_has_grad {
+                wrt.push(act.input.shallow_clone());
+            }
+            let own_count = self.shards[b].params.len();
+            wrt.extend(self.shards[b].params.iter().map(|p| p.shallow_clone()));
+            let tied_here = self.tied && b + 1 == count && b > 0;
+            if tied_here {
+                wrt.extend(self.shards[0].params.iter().map(|p| p.shallow_clone()));
+            }
+            let mut grads = if wrt.is_empty() {
+                Vec::new()
+            } else {
+                Tensor::f_run_backward(&[root], &wrt, false, false)?
+            };
+            drop(output);
+            activations[b] = Activation {
+                input: Tensor::new(),
+                output: None,
+            };
+            self.release(b)?;
+            cotangent = if input_has_grad {
+                Some(grads.remove(0))
+            } else {
+                None
+            };
+            let tied_grads = grads.split_off(own_count);
+            if tied_here && !self.shards[0].is_empty() {
+                let flat =
+                    flatten_grads(&self.shards[0], &tied_grads, self.config.precision.kind())?;
+                self.shards[0].tied_grad = Some(flat);
+            }
+            if self.shards[b].is_empty() {
+                continue;
+            }
+            let mut flat = flatten_grads(&self.shards[b], &grads, self.config.precision.kind())?;
+            if let Some(tied) = self.shards[b].tied_grad.take() {
+                flat = flat.f_add(&tied)?;
+            }
+            self.reduce_block_gradients(b, flat, last_micro)?;
+        }
+        self.finish_reductions()
+    }
+
+    /// Stage 3: makes block `b` (and block 0 for a tied head) usable, and prefetches
+    /// `next` when `has_next`. Other stages: nothing to do.
+    fn acquire(&mut self, b: usize, has_next: bool, next: usize) -> Result<()> {
+        if self.config.stage < 3 {
+            return Ok(());
+        }
+        self.ensure_gathered(b)?;
+        if self.tied && b + 1 == self.blocks.len() {
+            self.ensure_gathered(0)?;
+        }
+        if has_next {
+            self.maybe_prefetch(next)?;
+        }
+        Ok(())
+    }
+
+    /// Stage 3: frees block `b`'s gathered parameters (and block 0's for a tied head).
+    fn release(&mut self, b: usize) -> Result<()> {
+        if self.config.stage < 3 {
+            return Ok(());
+        }
+        self.release_block(b)?;
+        if self.tied && b + 1 == self.blocks.len() {
+            self.release_block(0)?;
+        }
+        Ok(())
+    }
+}
+
+/// The detached input of a block; floating-point inputs become grad-requiring leaves so
+/// the block's backward yields the previous block's cotangent.
+fn block_input_leaf(x: &Tensor) -> Result<Tensor> {
+    let detached = x.f_detach()?;
+    if detached.is_floating_point() {
+        Ok(detached.f_set_requires_grad(true)?)
+    } else {
+        Ok(detached)
+    }
+}
+
+/// Concatenates per-parameter gradients into a (padded,) flat buffer of `kind`; an
+/// undefined gradient (parameter unused) counts as zeros.
+pub(super) fn flatten_grads(shard: &BlockShard, grads: &[Tensor], kind: Kind) -> Result<Tensor> {
+    let device = shard.compute.device();
+    let mut pieces = Vec::with_capacity(grads.len() + 1);
+    for (slot, grad) in shard.layout.slots.iter().zip(grads) {
+        let piece = if grad.defined() {
+            grad.f_reshape([-1])?.f_to_kind(kind)?
+        } else {
+            Tensor::f_zeros([slot.numel as i64], (kind, device))?
+        };
+        pieces.push(piece);
+    }
+    let padding = shard.layout.padding();
+    if padding > 0 {
+        pieces.push(Tensor::f_zeros([padding as i64], (kind, device))?);
+    }
+    Ok(Tensor::f_cat(&pieces, 0)?)
+}
+
+/// Builds one block's shard: flat fp32 copy of its trainable parameters (broadcast from
+/// rank 0), the owned masters and moments, the compute buffer, and points the parameters
+/// at it (stages 0-2) or empties them (stage 3).
+#[allow(clippy::too_many_arguments)]
+fn build_shard(
+    block: &dyn Block,
+    frozen: &HashSet<String>,
+    frozen_params: &mut Vec<(String, Tensor)>,
+    comm: &dyn Communicator,
+    config: &EngineConfig,
+    shard_world: usize,
+    shard_rank: usize,
+    optimizer_device: Device,
+) -> Result<BlockShard> {
+    let mut named = Vec::new();
+    let mut params = Vec::new();
+    for p in block.params() {
+        if frozen.contains(&p.name) {
+            frozen_params.push((p.name.clone(), p.tensor.shallow_clone()));
+        } else {
+            named.push((p.name.clone(), p.tensor.size()));
+            params.push(p.tensor.shallow_clone());
+        }
+    }
+    let layout = FlatLayout::new(&named, shard_world);
+    let kind = config.precision.kind();
+    let persistent: Vec<bool> = layout
+        .slots
+        .iter()
+        .map(|s| config.stage == 3 && s.numel <= config.stage3_param_persistence_threshold)
+        .collect();
+    let mut shard = BlockShard {
+        params,
+        persistent,
+        compute: Tensor::new(),
+        gathered: None,
+        resident: false,
+        grad_full: None,
+        grad_owned: None,
+        tied_grad: None,
+        optim: None,
+        layout,
+    };
+    if shard.is_empty() {
+        return Ok(shard);
+    }
+    let flat32 = flat_fp32(&shard, config.device)?;
+    if comm.world_size() > 1 {
+        comm.broadcast(&flat32, 0)?.wait()?;
+    }
+    let (start, part) = (
+        shard.owned_start(shard_rank) as i64,
+        shard.layout.partition_numel() as i64,
+    );
+    let owned32 = flat32.f_narrow(0, start, part)?;
+    shard.optim = Some(AdamSlice::new(&owned32, optimizer_device)?);
+    let padded = shard.layout.padded_numel as i64;
+    if config.stage < 3 {
+        shard.compute = flat32.f_to_kind(kind)?.f_contiguous()?;
+        point_params_at(&mut shard.params, &shard.layout, &shard.compute)?;
+        if config.stage <= 1 {
+            shard.grad_full = Some(Tensor::f_zeros([padded], (kind, config.device))?);
+        } else {
+            shard.grad_owned = Some(Tensor::f_zeros([part], (kind, config.device))?);
+        }
+    } else {
+        shard.compute = owned32.f_to_kind(kind)?.f_contiguous()?.f_detach_copy()?;
+        shard.grad_owned = Some(Tensor::f_zeros([part], (kind, config.device))?);
+        let empty = Tensor::f_empty([0], (kind, config.device))?;
+        for p in shard.params.iter_mut() {
+            p.f_set_data(&empty)?;
+        }
+    }
+    for p in shard.params.iter_mut() {
+        *p = p.f_set_requires_grad(true)?;
+    }
+    Ok(shard)
+}
+
+/// The block's trainable parameters as one (padded,) fp32 buffer on `device`.
+fn flat_fp32(shard: &BlockShard, device: Device) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let mut pieces: Vec<Tensor> = Vec::with_capacity(shard.params.len() + 1);
+    for p in &shard.params {
+        pieces.push(
+            p.f_detach()?
+                .f_reshape([-1])?
+                .f_to_kind(Kind::Float)?
+                .f_to_device(device)?,
+        );
+    }
+    if shard.layout.padding() > 0 {
+        pieces.push(Tensor::f_zeros(
+            [shard.layout.padding() as i64],
+            (Kind::Float, device),
+        )?);
+    }
+    Ok(Tensor::f_cat(&pieces, 0)?)
+}
+
+/// Re-points every parameter at its view of the (padded,) buffer `flat`.
+pub(super) fn point_params_at(
+    params: &mut [Tensor],
+    layout: &FlatLayout,
+    flat: &Tensor,
+) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    for (p, slot) in params.iter_mut().zip(&layout.slots) {
+        let view = flat
+            .f_narrow(0, slot.offset as i64, slot.numel as i64)?
+            .f_view(slot.shape.as_slice())?;
+        p.f_set_data(&view)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Learning-rate schedules with DeepSpeed's exact formulas (`deepspeed/runtime/
+//! lr_schedules.py`: WarmupLR, WarmupDecayLR, WarmupCosineLR) and Hugging Face's
+//! `get_linear_schedule_with_warmup` / `get_cosine_schedule_with_warmup` for configs
+//! without a DeepSpeed scheduler. Contract: `lr_for_step(k)` is the rate the k-th applied
+//! optimizer step (0-based) uses. DeepSpeed schedulers start at `last_batch_iteration = -1`
+//! (rate 0.0) and are stepped after each applied step, so step k uses iteration k - 1;
+//! HF's LambdaLR uses `lambda(k)` for step k. Skipped (overflow) steps do not advance it.
+
+use super::config::{SchedulerConfig, WarmupType};
+use std::f64::consts::PI;
+
+/// The schedule and the optimizer's base lr.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    pub config: SchedulerConfig,
+    pub base_lr: f64,
+}
+
+impl LrSchedule {
+    pub fn new(config: SchedulerConfig, base_lr: f64) -> Self {
+        LrSchedule { config, base_lr }
+    }
+
+    /// The learning rate of the `step`-th applied optimizer step (0-based).
+    pub fn lr_for_step(&self, step: u64) -> f64 {
+        let iteration = step as i64 - 1;
+        match self.config {
+            SchedulerConfig::Constant => self.base_lr,
+            SchedulerConfig::WarmupLr {
+                warmup_min_lr,
+                warmup_max_lr,
+                warmup_num_steps,
+                warmup_type,
+            } => {
+                if iteration < 0 {
+                    return 0.0;
+                }
+                let gamma = warmup_gamma(iteration, warmup_num_steps, warmup_type).unwrap_or(1.0);
+                warmup_min_lr + (warmup_max_lr - warmup_min_lr) * gamma
+            }
+            SchedulerConfig::WarmupDecayLr {
+                warmup_min_lr,
+                warmup_max_lr,
+                warmup_num_steps,
+                total_num_steps,
+                warmup_type,
+            } => {
+                if iteration < 0 {
+                    return 0.0;
+                }
+                let warmup = effective_warmup(warmup_num_steps) as f64;
+                let gamma =
+                    warmup_gamma(iteration, warmup_num_steps, warmup_type).unwrap_or_else(|| {
+                        let total = total_num_steps as f64;
+                        ((total - iteration as f64) / (total - warmup).max(1.0)).max(0.0)
+                    });
+                warmup_min_lr + (warmup_max_lr - warmup_min_lr) * gamma
+            }
+            SchedulerConfig::WarmupCosineLr {
+                warmup_min_ratio,
+                cos_min_ratio,
+                warmup_num_steps,
+                total_num_steps,
+                warmup_type,
+            } => {
+                if iteration < 0 {
+                    return 0.0;
+                }
+                let capped = iteration.min(total_num_steps as i64);
+                self.base_lr
+                    * cosine_ratio(
+                        capped,
+                        warmup_min_ratio,
+                        cos_min_ratio,
+                        warmup_num_steps,
+                        total_num_steps,
+                        warmup_type,
+                    )
+            }
+            SchedulerConfig::HfLinear {
+                warmup_steps,
+                total_steps,
+            } => self.base_lr * hf_linear_lambda(step, warmup_steps, total_steps),
+            SchedulerConfig::HfCosine {
+                warmup_steps,
+                total_steps,
+            } => self.base_lr * hf_cosine_lambda(step, warmup_steps, total_steps),
+        }
+    }
+}
+
+/// DeepSpeed clamps the warmup length to at least 2 (log warmup divides by ln(N)).
+fn effective_warmup(warmup_num_steps: u64) -> u64 {
+    warmup_num_steps.max(2)
+}
+
+/// The warmup fraction at `iteration`, or None once warmup is over.
+fn warmup_gamma(iteration: i64, warmup_num_steps: u64, warmup_type: WarmupType) -> Option<f64> {
+    let warmup = effective_warmup(warmup_num_steps);
+    if iteration >= warmup as i64 {
+        return None;
+    }
+    Some(match warmup_type {
+        WarmupType::Log => ((iteration + 1) as f64).ln() / (warmup as f64).ln(),
+        WarmupType::Linear => iteration as f64 / warmup as f64,
+    })
+}
+
+/// WarmupCosineLR's `get_lr_ratio` at a non-negative iteration.
+fn cosine_ratio(
+    iteration: i64,
+    warmup_min_ratio: f64,
+    cos_min_ratio: f64,
+    warmup_num_steps: u64,
+    total_num_steps: u64,
+    warmup_type: WarmupType,
+) -> f64 {
+    if let Some(gamma) = warmup_gamma(iteration, warmup_num_steps, warmup_type) {
+        return warmup_min_ratio + gamma * (1.0 - warmup_min_ratio);
+    }
+    let warmup = effective_warmup(warmup_num_steps) as i64;
+    let real_last_step = (iteration - warmup + 1) as f64;
+    let real_total_steps = (total_num_steps as i64 - warmup).max(1) as f64;
+    let cosine = (1.0 + (PI * real_last_step / real_total_steps).cos()) / 2.0;
+    (cos_min_ratio + (1.0 - cos_min_ratio) * cosine).max(0.0)
+}
+
+/// transformers' `_get_linear_schedule_with_warmup_lr_lambda`.
+fn hf_linear_lambda(step: u64, warmup: u64, total: u64) -> f64 {
+    if step < warmup {
+        return step as f64 / warmup.max(1) as f64;
+    }
+    ((total as f64 - step as f64) / (total.saturating_sub(warmup)).max(1) as f64).max(0.0)
+}
+
+/// transformers' `_get_cosine_schedule_with_warmup_lr_lambda` with num_cycles = 0.5.
+fn hf_cosine_lambda(step: u64, warmup: u64, total: u64) -> f64 {
+    if step < warmup {
+        return step as f64 / warmup.max(1) as f64;
+    }
+    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    (0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos())).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) {
+        assert!((a - b).abs() < 1e-12, "{a} != {b}");
+    }
+
+    #[test]
+    fn warmup_lr_log_and_linear_match_hand_values() {
+        let log = LrSchedule::new(
+            SchedulerConfig::WarmupLr {
+                warmup_min_lr: 0.1,
+                warmup_max_lr: 1.1,
+                warmup_num_steps: 10,
+                warmup_type: WarmupType::Log,
+            },
+            1.1,
+        );
+        close(log.lr_for_step(0), 0.0); // iteration -1
+        close(log.lr_for_step(1), 0.1); // ln(1) = 0
+        close(log.lr_for_step(5), 0.1 + 5f64.ln() / 10f64.ln());
+        close(log.lr_for_step(11), 1.1);
+        let lin = LrSchedule::new(
+            SchedulerConfig::WarmupLr {
+                warmup_min_lr: 0.0,
+                warmup_max_lr: 1.0,
+                warmup_num_steps: 4,
+                warmup_type: WarmupType::Linear,
+            },
+            1.0,
+        );
+        close(lin.lr_for_step(3), 0.5); // iteration 2 / 4
+        close(lin.lr_for_step(100), 1.0);
+        let one = LrSchedule::new(
+            SchedulerConfig::WarmupLr {
+                warmup_min_lr: 0.0,
+                warmup_max_lr: 1.0,
+                warmup_num_steps: 1,
+                warmup_type: WarmupType::Linear,
+            },
+            1.0,
+        );
+        close(one.lr_for_step(2), 0.5); // warmup clamped to 2
+    }
+
+    #[test]
+    fn warmup_decay_lr_decays_linearly_to_zero() {
+        let s = LrSchedule::new(
+            SchedulerConfig::WarmupDecayLr {
+                warmup_min_lr: 0.0,
+                warmup_max_lr: 2.0,
+                warmup_num_steps: 4,
+                total_num_steps: 12,
+                warmup_type: WarmupType::Linear,
+            },
+            2.0,
+        );
+        close(s.lr_for_step(2), 2.0 * 1.0 / 4.0);
+        close(s.lr_for_step(5), 2.0); // iteration 4: (12-4)/8
+        close(s.lr_for_step(9), 2.0 * 4.0 / 8.0); // iteration 8
+        close(s.lr_for_step(20), 0.0);
+    }
+
+    #[test]
+    fn warmup_cosine_lr_uses_ratios_of_the_base_lr() {
+        let s = LrSchedule::new(
+            SchedulerConfig::WarmupCosineLr {
+                warmup_min_ratio: 0.1,
+                cos_min_ratio: 0.01,
+                warmup_num_steps: 4,
+                total_num_steps: 10,
+                warmup_type: WarmupType::Linear,
+            },
+            0.5,
+        );
+        close(s.lr_for_step(0), 0.0);
+        close(s.lr_for_step(3), 0.5 * (0.1 + 0.5 * 0.9)); // iteration 2
+        // iteration 5: real_last_step 2 of 6
+        let cosine = (1.0 + (PI * 2.0 / 6.0).cos()) / 2.0;
+        close(s.lr_for_step(6), 0.5 * (0.01 + 0.99 * cosine));
+        // the end: ratio = cos_min_ratio, and it stays there past total_num_steps
+        close(
+            s.lr_for_step(11),
+            0.5 * 0.01 + 0.5 * 0.99 * (1.0 + (PI * 7.0 / 6.0).cos()) / 2.0,
+        );
+        assert_eq!(s.lr_for_step(50), s.lr_for_step(11));
+    }
+
+    #[test]
+    fn hf_schedules_match_transformers_lambdas() {
+        let lin = LrSchedule::new(
+            SchedulerConfig::HfLinear {
+                warmup_steps: 2,
+                total_steps: 10,
+            },
+            1.0,
+        );
+        close(lin.lr_for_step(0), 0.0);
+        close(lin.lr_for_step(1), 0.5);
+        close(lin.lr_for_step(2), 1.0);
+        close(lin.lr_for_step(6), 0.5);
+        close(lin.lr_for_step(10), 0.0);
+        let cos = LrSchedule::new(
+            SchedulerConfig::HfCosine {
+                warmup_steps: 0,
+                total_steps: 4,
+            },
+            2.0,
+        );
+        close(cos.lr_for_step(0), 2.0);
+        close(cos.lr_for_step(2), 1.0);
+        close(cos.lr_for_step(4), 0.0);
+    }
+}

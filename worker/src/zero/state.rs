@@ -1,0 +1,211 @@
+//! What the engine holds, for memory accounting and checkpoints: `memory_report` counts
+//! the bytes of the tensors this rank actually keeps (parameters, gradients, optimizer
+//! state); `owned_state`/`load_owned_state` expose each block's owned fp32 master slice
+//! and Adam moments with the layout needed to reshard them; `gather_full_weights`
+//! rebuilds full fp32 weights by Hugging Face name from any stage (a collective).
+//! Contract: `docs/zero-engine.md`.
+
+use super::engine::ZeroEngine;
+use super::loss_scaler::LossScalerState;
+use super::partition::FlatLayout;
+use crate::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// Bytes this rank holds for model states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Compute-precision parameters (full buffers, or owned slices + persistent/gathered
+    /// ones under stage 3), frozen parameters included.
+    pub param_bytes: usize,
+    /// Gradient buffers kept between micro-steps (full, or owned slices).
+    pub grad_bytes: usize,
+    /// fp32 master weights plus Adam's two moments.
+    pub optimizer_bytes: usize,
+}
+
+impl MemoryReport {
+    pub fn total(&self) -> usize {
+        self.param_bytes + self.grad_bytes + self.optimizer_bytes
+    }
+}
+
+/// One block's owned optimizer partition and the layout to place it.
+pub struct BlockOwnedState {
+    pub block: usize,
+    /// Names, shapes and offsets in the flat buffer, padding, partition world size.
+    pub layout: FlatLayout,
+    /// Which partition this is (0 under stage 0, where the partition is everything).
+    pub partition_rank: usize,
+    /// (P,) fp32 tensors: master weights, exp_avg, exp_avg_sq.
+    pub master: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+/// This rank's whole optimizer-side state.
+pub struct OwnedState {
+    pub stage: u8,
+    pub world_size: usize,
+    pub rank: usize,
+    /// Applied optimizer steps (Adam's step, the scheduler position).
+    pub optimizer_steps: u64,
+    pub global_steps: u64,
+    pub skipped_steps: u64,
+    pub loss_scaler: LossScalerState,
+    pub blocks: Vec<BlockOwnedState>,
+}
+
+impl ZeroEngine {
+    /// Bytes of model states this rank holds now.
+    pub fn memory_report(&self) -> MemoryReport {
+        let bytes = |t: &Tensor| {
+            if t.defined() {
+                t.numel() * t.kind().elt_size_in_bytes()
+            } else {
+                0
+            }
+        };
+        let mut report = MemoryReport {
+            param_bytes: 0,
+            grad_bytes: 0,
+            optimizer_bytes: 0,
+        };
+        for shard in &self.shards {
+            report.param_bytes += bytes(&shard.compute);
+            if let Some(full) = &shard.gathered {
+                report.param_bytes += bytes(full);
+            }
+            for (p, persistent) in shard.params.iter().zip(&shard.persistent) {
+                if *persistent && self.config.stage == 3 {
+                    report.param_bytes += bytes(p);
+                }
+            }
+            for grad in [&shard.grad_full, &shard.grad_owned].into_iter().flatten() {
+                report.grad_bytes += bytes(grad);
+            }
+            if let Some(optim) = &shard.optim {
+                report.optimizer_bytes += optim.bytes();
+            }
+        }
+        report.param_bytes += self
+            .frozen_params
+            .iter()
+            .map(|(_, t)| bytes(t))
+            .sum::<usize>();
+        report
+    }
+
+    /// Copies of this rank's owned optimizer partitions with their layout.
+    pub fn owned_state(&self) -> Result<OwnedState> {
+        let mut blocks = Vec::new();
+        for (b, shard) in self.shards.iter().enumerate() {
+            let Some(optim) = &shard.optim else { continue };
+            blocks.push(BlockOwnedState {
+                block: b,
+                layout: shard.layout.clone(),
+                partition_rank: self.shard_rank,
+                master: optim.master.f_detach_copy()?,
+                exp_avg: optim.exp_avg.f_detach_copy()?,
+                exp_avg_sq: optim.exp_avg_sq.f_detach_copy()?,
+            });
+        }
+        Ok(OwnedState {
+            stage: self.config.stage,
+            world_size: self.world_size,
+            rank: self.rank,
+            optimizer_steps: self.optimizer_steps,
+            global_steps: self.global_steps,
+            skipped_steps: self.skipped_steps,
+            loss_scaler: self.scaler.state(),
+            blocks,
+        })
+    }
+
+    /// Restores a state saved by `owned_state` with the same stage and world size, and
+    /// refreshes the compute buffers from the masters (a collective under stages 1/2).
+    pub fn load_owned_state(&mut self, state: &OwnedState) -> Result<()> {
+        if state.stage != self.config.stage || state.world_size != self.world_size {
+            return Err(Error::Engine(format!(
+                "owned state is stage {} world {}, engine is stage {} world {}: reshard it first",
+                state.stage, state.world_size, self.config.stage, self.world_size
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        for saved in &state.blocks {
+            let shard = self
+                .shards
+                .get_mut(saved.block)
+                .ok_or_else(|| Error::Engine(format!("no block {}", saved.block)))?;
+            if shard.layout != saved.layout || saved.partition_rank != self.shard_rank {
+                return Err(Error::Engine(format!(
+                    "block {}: layout or partition differs from the saved one",
+                    saved.block
+                )));
+            }
+            let optim = shard
+                .optim
+                .as_mut()
+                .ok_or_else(|| Error::Engine(format!("block {} has no optimizer", saved.block)))?;
+            optim.master.f_copy_(&saved.master)?;
+            optim.exp_avg.f_copy_(&saved.exp_avg)?;
+            optim.exp_avg_sq.f_copy_(&saved.exp_avg_sq)?;
+            let updated = optim
+                .master
+                .f_to_kind(shard.compute.kind())?
+                .f_to_device(shard.compute.device())?;
+            let mut target = if self.config.stage == 3 {
+                shard.compute.shallow_clone()
+            } else {
+                let start = shard.layout.partition_start(self.shard_rank) as i64;
+                shard.compute.f_narrow(0, start, updated.numel() as i64)?
+            };
+            target.f_copy_(&updated)?;
+        }
+        self.optimizer_steps = state.optimizer_steps;
+        self.global_steps = state.global_steps;
+        self.skipped_steps = state.skipped_steps;
+        self.scaler.load_state(state.loss_scaler);
+        if self.config.stage == 3 {
+            self.invalidate_resident();
+            Ok(())
+        } else {
+            self.all_gather_updated_params()
+        }
+    }
+
+    /// Full fp32 weights by Hugging Face name, in block order (frozen ones included, cast
+    /// to fp32). Every rank must call it (it all-gathers the masters when partitioned).
+    pub fn gather_full_weights(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let _span = tracing::info_span!("gather_full_weights", rank = self.rank).entered();
+        let mut weights = Vec::new();
+        for b in 0..self.shards.len() {
+            let Some(optim) = &self.shards[b].optim else {
+                continue;
+            };
+            let master = optim.master.shallow_clone();
+            let layout = self.shards[b].layout.clone();
+            let full = if self.shard_world == 1 {
+                master
+            } else {
+                let full =
+                    Tensor::f_empty([layout.padded_numel as i64], (Kind::Float, master.device()))?;
+                self.comm.all_gather(&master, &full)?.wait()?;
+                full
+            };
+            for slot in &layout.slots {
+                let weight = full
+                    .f_narrow(0, slot.offset as i64, slot.numel as i64)?
+                    .f_view(slot.shape.as_slice())?
+                    .f_detach_copy()?;
+                weights.push((slot.name.clone(), weight));
+            }
+        }
+        for (name, tensor) in &self.frozen_params {
+            weights.push((
+                name.clone(),
+                tensor.f_detach()?.f_to_kind(Kind::Float)?.f_detach_copy()?,
+            ));
+        }
+        Ok(weights)
+    }
+}
