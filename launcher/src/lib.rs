@@ -12,3 +12,4 @@ pub mod memory;
 pub mod plan;
 pub mod rendezvous;
 pub mod resources;
+pub mod supervisor;

@@ -1,0 +1,518 @@
+//! Starts the local workers and watches them: each worker runs in its own process group
+//! with `PR_SET_PDEATHSIG=SIGKILL` (none survives a killed launcher), its stdout/stderr
+//! lines reach the launcher prefixed `[rank N]` (and `--enable_each_rank_log` files), and
+//! the first failure is reported with rank, host, pid, exit code or signal and the last
+//! lines of output before the others get SIGTERM, then SIGKILL after the grace period.
+//! Contract: issue 2 "Supervision"; DeepSpeed's behaviour (and pitfalls) in
+//! `/work/shared/reference/deepspeed.md` §1 "Failure handling".
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use crate::plan::RankPlan;
+use crate::rendezvous::RendezvousState;
+
+/// Output lines kept per rank for the failure report.
+pub const TAIL_LINES: usize = 20;
+const POLL: Duration = Duration::from_millis(25);
+
+/// A started worker process.
+#[derive(Debug)]
+pub struct Worker {
+    pub rank: usize,
+    pub host: String,
+    pub pid: u32,
+    child: Child,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    readers: Vec<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+}
+
+impl Worker {
+    /// The last output lines of this worker (stdout and stderr interleaved).
+    pub fn tail(&self) -> Vec<String> {
+        lock(&self.tail).iter().cloned().collect()
+    }
+
+    fn poll(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait()?;
+        }
+        Ok(self.status)
+    }
+
+    fn finish_output(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How one attempt of the job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every local worker exited 0.
+    Success,
+    /// A worker failed first; the report is ready to print.
+    WorkerFailed { rank: usize, exit_code: i32, report: String },
+    /// The launcher got SIGINT/SIGTERM/SIGHUP.
+    Interrupted { signal: i32 },
+    /// The rendezvous deadline passed; the message names who never arrived.
+    JoinTimeout { message: String },
+    /// Ranks stopped sending heartbeats.
+    Hung { ranks: Vec<usize> },
+}
+
+impl Outcome {
+    /// The launcher's exit code for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::WorkerFailed { exit_code, .. } => *exit_code,
+            Outcome::Interrupted { signal } => 128 + signal,
+            Outcome::JoinTimeout { .. } | Outcome::Hung { .. } => 1,
+        }
+    }
+}
+
+/// Set by the launcher's signal handler; read by the watch loop.
+pub static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn remember_signal(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+/// Routes SIGINT, SIGTERM and SIGHUP to `STOP_SIGNAL` so the launcher stops its workers.
+pub fn install_stop_handlers() -> nix::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    let action = SigAction::new(SigHandler::Handler(remember_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action)? };
+    }
+    Ok(())
+}
+
+/// Options of one supervised attempt.
+#[derive(Debug, Clone)]
+pub struct SuperviseOptions {
+    pub grace_period: Duration,
+    pub heartbeat_timeout: Option<Duration>,
+    /// Where `[rank N]` log files go (`--enable_each_rank_log`).
+    pub rank_log_dir: Option<PathBuf>,
+}
+
+/// Starts one worker per rank of `ranks` running `program`. Must be called from the
+/// main thread: the parent-death signal fires when the *spawning thread* exits.
+pub fn spawn_workers(
+    program: &Path,
+    ranks: &[&RankPlan],
+    extra_env: &[(String, String)],
+    rank_log_dir: Option<&Path>,
+) -> std::io::Result<Vec<Worker>> {
+    let stamp = utc_stamp(SystemTime::now());
+    let mut workers = Vec::new();
+    for plan in ranks {
+        let log = match rank_log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                Some(File::create(dir.join(format!("{stamp}_rank{}.log", plan.rank)))?)
+            }
+            None => None,
+        };
+        match spawn_one(program, plan, extra_env, log) {
+            Ok(worker) => workers.push(worker),
+            Err(e) => {
+                stop_workers(&mut workers, Duration::from_secs(5));
+                return Err(std::io::Error::new(e.kind(), format!("cannot start {}: {e}", program.display())));
+            }
+        }
+    }
+    Ok(workers)
+}
+
+fn spawn_one(
+    program: &Path,
+    plan: &RankPlan,
+    extra_env: &[(String, String)],
+    log: Option<File>,
+) -> std::io::Result<Worker> {
+    let mut command = Command::new(program);
+    command
+        .envs(plan.env.iter())
+        .envs(extra_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let launcher_pid = std::process::id() as libc::pid_t;
+    let cores = plan.cpu_cores.clone();
+    // SAFETY: between fork and exec only async-signal-safe calls are made (prctl, getppid,
+    // sched_setaffinity, _exit); `cores` was allocated before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            if libc::getppid() != launcher_pid {
+                libc::_exit(111);
+            }
+            if let Some(cores) = &cores {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for &core in cores {
+                    libc::CPU_SET(core, &mut set);
+                }
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+    let log = log.map(|f| Arc::new(Mutex::new(f)));
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(forward_lines(out, plan.rank, false, tail.clone(), log.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(forward_lines(err, plan.rank, true, tail.clone(), log));
+    }
+    Ok(Worker {
+        rank: plan.rank,
+        host: plan.host.clone(),
+        pid: child.id(),
+        child,
+        tail,
+        readers,
+        status: None,
+    })
+}
+
+/// Copies a worker stream line by line to the launcher's stdout/stderr with `[rank N]`.
+fn forward_lines(
+    stream: impl Read + Send + 'static,
+    rank: usize,
+    to_stderr: bool,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    log: Option<Arc<Mutex<File>>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut bytes = Vec::new();
+        loop {
+            bytes.clear();
+            match reader.read_until(b'\n', &mut bytes) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&bytes).trim_end_matches(['\n', '\r']).to_string();
+            let prefixed = format!("[rank {rank}] {line}\n");
+            let _ = if to_stderr {
+                std::io::stderr().lock().write_all(prefixed.as_bytes())
+            } else {
+                std::io::stdout().lock().write_all(prefixed.as_bytes())
+            };
+            if let Some(log) = &log {
+                let _ = lock(log).write_all(format!("{line}\n").as_bytes());
+            }
+            let mut tail = lock(&tail);
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    })
+}
+
+/// Watches `workers` until all succeed, one fails, the launcher is signalled, the
+/// rendezvous times out or a rank stops sending heartbeats. Does not stop anyone.
+pub fn watch(workers: &mut [Worker], rendezvous: Option<&RendezvousState>, options: &SuperviseOptions) -> Outcome {
+    loop {
+        let signal = STOP_SIGNAL.load(Ordering::SeqCst);
+        if signal != 0 {
+            return Outcome::Interrupted { signal };
+        }
+        if let Some(state) = rendezvous {
+            if state.join_timed_out() {
+                return Outcome::JoinTimeout {
+                    message: state.join_timeout_error().to_string(),
+                };
+            }
+            if let Some(timeout) = options.heartbeat_timeout {
+                let ranks = state.silent_ranks(timeout);
+                if !ranks.is_empty() {
+                    return Outcome::Hung { ranks };
+                }
+            }
+        }
+        let mut running = 0;
+        for worker in workers.iter_mut() {
+            match worker.poll() {
+                Ok(Some(status)) if status.success() => {}
+                Ok(Some(status)) => return failure(worker, status, rendezvous),
+                Ok(None) => running += 1,
+                Err(e) => {
+                    return Outcome::WorkerFailed {
+                        rank: worker.rank,
+                        exit_code: 1,
+                        report: format!("cannot wait for rank {} (pid {}): {e}", worker.rank, worker.pid),
+                    };
+                }
+            }
+        }
+        if running == 0 {
+            for worker in workers.iter_mut() {
+                worker.finish_output();
+            }
+            return Outcome::Success;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn failure(worker: &mut Worker, status: ExitStatus, rendezvous: Option<&RendezvousState>) -> Outcome {
+    // Let the reader threads drain what the worker printed before dying.
+    worker.finish_output();
+    let reported = rendezvous.map(|s| s.errors_of(worker.rank)).unwrap_or_default();
+    let report = failure_report(
+        worker.rank,
+        &worker.host,
+        worker.pid,
+        status,
+        &worker.tail(),
+        reported.iter().map(|e| e.message.as_str()),
+    );
+    Outcome::WorkerFailed {
+        rank: worker.rank,
+        exit_code: exit_code_of(status),
+        report,
+    }
+}
+
+/// Exit code the launcher uses for a worker status: its code, or 128 + signal.
+pub fn exit_code_of(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    }
+}
+
+/// How a worker ended, in words: `exit code 3` or `signal 9 (SIGKILL)` plus a hint.
+pub fn describe_status(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exit code {code}");
+    }
+    let Some(signal) = status.signal() else {
+        return "an unknown status".into();
+    };
+    let name = Signal::try_from(signal).map(|s| s.as_str()).unwrap_or("unknown signal");
+    let hint = match signal {
+        libc::SIGKILL => " - SIGKILL usually comes from the kernel's OOM killer (check `dmesg`) or a manual kill -9",
+        libc::SIGSEGV => " - a segmentation fault (a native library crashed)",
+        libc::SIGABRT => " - aborted (a native library assertion or panic=abort)",
+        libc::SIGBUS => " - bus error (often a truncated memory-mapped file or full /dev/shm)",
+        _ => "",
+    };
+    format!("signal {signal} ({name}){hint}")
+}
+
+/// The multi-line failure report printed by the launcher.
+pub fn failure_report<'a>(
+    rank: usize,
+    host: &str,
+    pid: u32,
+    status: ExitStatus,
+    tail: &[String],
+    reported: impl Iterator<Item = &'a str>,
+) -> String {
+    let mut out = format!(
+        "rsdeep: rank {rank} failed first (host {host}, pid {pid}): {}\n",
+        describe_status(status)
+    );
+    for message in reported {
+        out.push_str(&format!("rsdeep: rank {rank} reported: {message}\n"));
+    }
+    if tail.is_empty() {
+        out.push_str(&format!("rsdeep: rank {rank} printed nothing\n"));
+    } else {
+        out.push_str(&format!("rsdeep: last {} line(s) of rank {rank}:\n", tail.len()));
+        for line in tail {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
+    out
+}
+
+/// SIGTERMs every still-running worker's process group, waits up to `grace`, then
+/// SIGKILLs what is left. Returns how many needed SIGKILL.
+pub fn stop_workers(workers: &mut [Worker], grace: Duration) -> usize {
+    signal_groups(workers, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && workers.iter_mut().any(|w| matches!(w.poll(), Ok(None))) {
+        std::thread::sleep(POLL);
+    }
+    let mut stubborn = 0;
+    for worker in workers.iter_mut() {
+        stubborn += usize::from(matches!(worker.poll(), Ok(None)));
+    }
+    signal_groups(workers, Signal::SIGKILL);
+    for worker in workers.iter_mut() {
+        if worker.status.is_none() {
+            worker.status = worker.child.wait().ok();
+        }
+        worker.finish_output();
+    }
+    stubborn
+}
+
+/// Sends `signal` to the process group of every worker whose group may still hold
+/// processes (a group outlives its leader when the leader forked).
+fn signal_groups(workers: &mut [Worker], signal: Signal) {
+    for worker in workers.iter_mut() {
+        let _ = killpg(Pid::from_raw(worker.pid as i32), signal);
+    }
+}
+
+/// `YYYYmmddHHMMSS` in UTC (DeepSpeed's per-rank log file prefix).
+pub fn utc_stamp(now: SystemTime) -> String {
+    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}{month:02}{day:02}{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's method).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn rank(rank: usize, script: &str) -> (RankPlan, Vec<(String, String)>) {
+        let plan = RankPlan {
+            rank,
+            local_rank: rank,
+            node_rank: 0,
+            host: "localhost".into(),
+            device_index: None,
+            cpu_cores: None,
+            env: BTreeMap::from([("RANK".to_string(), rank.to_string())]),
+        };
+        (plan, vec![("SCRIPT".into(), script.into())])
+    }
+
+    fn options() -> SuperviseOptions {
+        SuperviseOptions {
+            grace_period: Duration::from_secs(2),
+            heartbeat_timeout: None,
+            rank_log_dir: None,
+        }
+    }
+
+    static SCRIPTS: std::sync::LazyLock<tempfile::TempDir> =
+        std::sync::LazyLock::new(|| tempfile::tempdir().unwrap());
+    static NEXT_SCRIPT: AtomicI32 = AtomicI32::new(0);
+
+    /// Each script becomes a small executable file run as the worker program.
+    fn spawn_sh(scripts: &[&str], log_dir: Option<&Path>) -> Vec<Worker> {
+        let mut workers = Vec::new();
+        for (i, script) in scripts.iter().enumerate() {
+            let (plan, env) = rank(i, script);
+            let program = SCRIPTS.path().join(format!("{}.sh", NEXT_SCRIPT.fetch_add(1, Ordering::SeqCst)));
+            std::fs::write(&program, format!("#!/bin/sh\n{script}\n")).unwrap();
+            std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            let mut w = spawn_workers(&program, &[&plan], &env, log_dir).unwrap();
+            workers.append(&mut w);
+        }
+        workers
+    }
+
+    #[test]
+    fn all_zero_exits_are_success_and_output_is_kept() {
+        let mut workers = spawn_sh(&["echo hello $RANK", "echo err >&2"], None);
+        assert_eq!(watch(&mut workers, None, &options()), Outcome::Success);
+        assert_eq!(workers[0].tail(), vec!["hello 0".to_string()]);
+        assert_eq!(workers[1].tail(), vec!["err".to_string()]);
+    }
+
+    #[test]
+    fn first_failure_is_reported_with_signal_and_last_lines_then_others_stop() {
+        let mut workers = spawn_sh(&["exec sleep 30", "echo about to die; kill -9 $$"], None);
+        let outcome = watch(&mut workers, None, &options());
+        let Outcome::WorkerFailed { rank, exit_code, report } = outcome else {
+            panic!("expected a failure, got {outcome:?}");
+        };
+        assert_eq!((rank, exit_code), (1, 137));
+        assert!(report.contains("rank 1 failed first (host localhost, pid"), "{report}");
+        assert!(report.contains("signal 9 (SIGKILL)"), "{report}");
+        assert!(report.contains("OOM killer"), "{report}");
+        assert!(report.contains("    about to die"), "{report}");
+        let started = Instant::now();
+        assert_eq!(stop_workers(&mut workers, Duration::from_secs(5)), 0);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(workers[0].status.and_then(|s| s.signal()), Some(libc::SIGTERM));
+    }
+
+    #[test]
+    fn a_worker_ignoring_sigterm_is_killed_after_the_grace_period() {
+        let mut workers = spawn_sh(&["trap '' TERM; echo ready; while :; do sleep 0.05; done"], None);
+        while workers[0].tail().is_empty() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let started = Instant::now();
+        assert_eq!(stop_workers(&mut workers, Duration::from_millis(300)), 1);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(workers[0].status.and_then(|s| s.signal()), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn exit_codes_and_per_rank_log_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut workers = spawn_sh(&["echo logged line; exit 3"], Some(dir.path()));
+        let outcome = watch(&mut workers, None, &options());
+        assert_eq!(outcome.exit_code(), 3);
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1);
+        let name = files[0].file_name().unwrap().to_string_lossy().to_string();
+        assert!(name.ends_with("_rank0.log") && name.len() == "YYYYmmddHHMMSS_rank0.log".len(), "{name}");
+        assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), "logged line\n");
+    }
+
+    #[test]
+    fn utc_stamp_matches_known_dates() {
+        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101000000");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56 UTC
+        assert_eq!(utc_stamp(t), "20240229123456");
+    }
+}
