@@ -14,5 +14,6 @@ pub mod error;
 pub mod model;
 pub mod tokenizer;
 pub mod train;
+pub mod zero;
 
 pub use error::{Error, Result};
