@@ -247,6 +247,7 @@ fn missing_field_and_empty_input_are_clear_errors() {
     .to_string();
     assert!(err.contains("empty input"), "{err}");
 
+    write_corpus(&corpus, 5, "text");
     let err = PretrainDataset::load_or_build(
         &config(vec![corpus], &cache, 1 << 20),
         &tokenizer,
