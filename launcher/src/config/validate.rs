@@ -82,16 +82,16 @@ fn check_model_and_data(args: &TrainingArgs, file: &Path) -> Result<(), ConfigEr
             "must be below 100",
         ));
     }
-    if let Some(overrides) = &args.config_overrides {
-        if let Some(bad) = overrides.split(',').find(|part| !part.contains('=')) {
-            return Err(invalid(
-                file,
-                "config_overrides",
-                format!(
-                    "\"{bad}\" is not key=value (expected e.g. \"num_hidden_layers=2,rope_theta=1e6\")"
-                ),
-            ));
-        }
+    if let Some(overrides) = &args.config_overrides
+        && let Some(bad) = overrides.split(',').find(|part| !part.contains('='))
+    {
+        return Err(invalid(
+            file,
+            "config_overrides",
+            format!(
+                "\"{bad}\" is not key=value (expected e.g. \"num_hidden_layers=2,rope_theta=1e6\")"
+            ),
+        ));
     }
     Ok(())
 }
@@ -222,7 +222,11 @@ fn check_runtime(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> {
             "must be a positive number of seconds",
         ));
     }
-    if !(args.heartbeat_timeout_secs > args.heartbeat_interval_secs) {
+    if args
+        .heartbeat_timeout_secs
+        .partial_cmp(&args.heartbeat_interval_secs)
+        != Some(std::cmp::Ordering::Greater)
+    {
         return Err(invalid(
             file,
             "heartbeat_timeout_secs",
@@ -278,7 +282,7 @@ pub fn validate_deepspeed(
             format!("{} is not a ZeRO stage: use 0, 1, 2 or 3", zero.stage),
         ));
     }
-    if zero.allgather_bucket_size == 0 || zero.allgather_bucket_size % 2 != 0 {
+    if zero.allgather_bucket_size == 0 || !zero.allgather_bucket_size.is_multiple_of(2) {
         return Err(invalid(
             file,
             &key("zero_optimization.allgather_bucket_size"),
@@ -374,7 +378,11 @@ fn check_precision(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<()
             "must be 0 (dynamic) or a positive static scale",
         ));
     }
-    if !(fp16.min_loss_scale > 0.0) || fp16.hysteresis == 0 || fp16.loss_scale_window == 0 {
+    if fp16.min_loss_scale.is_nan()
+        || fp16.min_loss_scale <= 0.0
+        || fp16.hysteresis == 0
+        || fp16.loss_scale_window == 0
+    {
         return Err(invalid(
             file,
             &key("min_loss_scale"),
@@ -388,21 +396,22 @@ fn check_precision(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<()
             "must be at most 63",
         ));
     }
-    if !(ds.gradient_clipping.value().unwrap_or(0.0) >= 0.0) {
+    let clipping = ds.gradient_clipping.value().unwrap_or(0.0);
+    if clipping.is_nan() || clipping < 0.0 {
         return Err(invalid(
             file,
             &format!("{prefix}gradient_clipping"),
             "must be >= 0 (0 disables clipping)",
         ));
     }
-    if let Some(kind) = ds.communication_data_type.as_deref() {
-        if !matches!(kind, "fp32" | "fp16" | "bf16") {
-            return Err(invalid(
-                file,
-                &format!("{prefix}communication_data_type"),
-                format!("\"{kind}\" is not one of \"fp32\", \"fp16\", \"bf16\""),
-            ));
-        }
+    if let Some(kind) = ds.communication_data_type.as_deref()
+        && !matches!(kind, "fp32" | "fp16" | "bf16")
+    {
+        return Err(invalid(
+            file,
+            &format!("{prefix}communication_data_type"),
+            format!("\"{kind}\" is not one of \"fp32\", \"fp16\", \"bf16\""),
+        ));
     }
     Ok(())
 }
@@ -450,23 +459,23 @@ fn check_scheduler(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<()
 }
 
 fn check_misc(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<(), ConfigError> {
-    if let Some(op) = ds.gradient_allreduce_op.as_deref() {
-        if op != "mean" {
-            return Err(unsupported(
-                file,
-                &format!("{prefix}gradient_allreduce_op"),
-                format!("\"{op}\" is not supported: rsdeep averages gradients (\"mean\")"),
-            ));
-        }
+    if let Some(op) = ds.gradient_allreduce_op.as_deref()
+        && op != "mean"
+    {
+        return Err(unsupported(
+            file,
+            &format!("{prefix}gradient_allreduce_op"),
+            format!("\"{op}\" is not supported: rsdeep averages gradients (\"mean\")"),
+        ));
     }
-    if let Some(ac) = &ds.activation_checkpointing {
-        if ac.partition_activations || ac.cpu_checkpointing || ac.contiguous_memory_optimization {
-            return Err(unsupported(
-                file,
-                &format!("{prefix}activation_checkpointing"),
-                "partition_activations, cpu_checkpointing and contiguous_memory_optimization are not implemented: rsdeep recomputes whole decoder layers; set them false",
-            ));
-        }
+    if let Some(ac) = &ds.activation_checkpointing
+        && (ac.partition_activations || ac.cpu_checkpointing || ac.contiguous_memory_optimization)
+    {
+        return Err(unsupported(
+            file,
+            &format!("{prefix}activation_checkpointing"),
+            "partition_activations, cpu_checkpointing and contiguous_memory_optimization are not implemented: rsdeep recomputes whole decoder layers; set them false",
+        ));
     }
     if let Some(checkpoint) = &ds.checkpoint {
         let key = format!("{prefix}checkpoint");
@@ -477,14 +486,14 @@ fn check_misc(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<(), Con
                 "use_node_local_storage is not implemented: checkpoints go to the shared output_dir",
             ));
         }
-        if let Some(tag) = checkpoint.tag_validation.as_deref() {
-            if !matches!(tag.to_lowercase().as_str(), "warn" | "ignore" | "fail") {
-                return Err(invalid(
-                    file,
-                    &key,
-                    format!("tag_validation \"{tag}\" is not one of Warn, Ignore, Fail"),
-                ));
-            }
+        if let Some(tag) = checkpoint.tag_validation.as_deref()
+            && !matches!(tag.to_lowercase().as_str(), "warn" | "ignore" | "fail")
+        {
+            return Err(invalid(
+                file,
+                &key,
+                format!("tag_validation \"{tag}\" is not one of Warn, Ignore, Fail"),
+            ));
         }
     }
     Ok(())
