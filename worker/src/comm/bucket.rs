@@ -183,6 +183,109 @@ pub fn reduce_scatter_bucketed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::tcp::testing::{run_world, test_options};
+
+    /// Mixed sizes (some over the bucket), integer-valued so any summation order is exact.
+    fn tensors_for(rank: usize, sizes: &[i64]) -> Result<Vec<Tensor>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let base = Tensor::f_arange(n, (Kind::Float, Device::Cpu))?;
+                Ok(base
+                    .f_remainder((7 + i + rank) as i64)?
+                    .f_add_scalar((rank * 3) as i64)?)
+            })
+            .collect()
+    }
+
+    const SIZES: [i64; 9] = [3, 100, 1, 257, 40, 1000, 64, 5, 333];
+    const BUCKET_BYTES: usize = 1024;
+
+    #[test]
+    fn bucketed_all_reduce_equals_one_big_reduction() -> Result<()> {
+        let results = run_world(3, test_options(128), |rank, comm| {
+            let tensors = tensors_for(rank, &SIZES)?;
+            let flat = Tensor::f_cat(&tensors, 0)?;
+            comm.all_reduce(&flat, ReduceOp::Sum)?.wait()?;
+            comm.trace().set_enabled(true);
+            all_reduce_bucketed(&comm, &tensors, ReduceOp::Sum, BUCKET_BYTES)?.wait()?;
+            let events = comm.trace().take();
+            assert!(
+                Tensor::f_cat(&tensors, 0)?.f_equal(&flat)?,
+                "bucketed result equals the big reduction"
+            );
+            Ok(events)
+        })?;
+        // Tensors over the bucket size travel alone; the rest fill ceil(bytes / B)-ish buckets.
+        let bytes: Vec<usize> = SIZES.iter().map(|&n| n as usize * 4).collect();
+        let oversized = bytes.iter().filter(|&&b| b > BUCKET_BYTES).count();
+        let small_total: usize = bytes.iter().filter(|&&b| b <= BUCKET_BYTES).sum();
+        let lower = oversized + small_total.div_ceil(BUCKET_BYTES);
+        for events in results {
+            let events = events?;
+            assert!(
+                events.len() >= lower && events.len() <= 2 * lower + 1,
+                "{} collectives for {lower} buckets' worth",
+                events.len()
+            );
+            for event in &events {
+                let oversized_single = SIZES
+                    .iter()
+                    .any(|&n| n as usize * 4 == event.bytes && event.bytes > BUCKET_BYTES);
+                assert!(
+                    event.op == "all_reduce" && (event.bytes <= BUCKET_BYTES || oversized_single),
+                    "{event:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bucketed_reduce_scatter_equals_per_tensor_reduce_scatter() -> Result<()> {
+        let world = 3usize;
+        let chunks: Vec<i64> = SIZES.to_vec();
+        let results = run_world(world, test_options(96), move |rank, comm| {
+            let inputs = tensors_for(
+                rank,
+                &chunks.iter().map(|c| c * world as i64).collect::<Vec<_>>(),
+            )?;
+            let zeros = |c: &i64| Tensor::f_zeros([*c], (Kind::Float, Device::Cpu));
+            let expected = chunks
+                .iter()
+                .map(zeros)
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            for (input, output) in inputs.iter().zip(&expected) {
+                comm.reduce_scatter(input, output, ReduceOp::Avg)?.wait()?;
+            }
+            let outputs = chunks
+                .iter()
+                .map(zeros)
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            comm.trace().set_enabled(true);
+            reduce_scatter_bucketed(&comm, &inputs, &outputs, ReduceOp::Avg, BUCKET_BYTES)?
+                .wait()?;
+            let events = comm.trace().take();
+            for (got, want) in outputs.iter().zip(&expected) {
+                assert!(
+                    got.f_allclose(want, 1e-6, 1e-6, false)?,
+                    "bucketed chunk equals the per-tensor chunk"
+                );
+            }
+            assert!(
+                events.iter().all(|e| e.op == "reduce_scatter"),
+                "{events:?}"
+            );
+            assert!(
+                events.len() < chunks.len(),
+                "tensors were coalesced: {events:?}"
+            );
+            Ok(())
+        })?;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
 
     #[test]
     fn plan_respects_size_and_key() {
