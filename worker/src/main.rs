@@ -1,5 +1,131 @@
-//! `rsdeep-worker`: started by the launcher, one per device.
+//! `rsdeep-worker`: started by the `rsdeep` launcher, one per device. Reads the
+//! environment contract (`rsdeep::env_contract`), joins the rendezvous, then runs either
+//! the diagnostic selftest (`RSDEEP_SELFTEST=1`) or training (`run_training`). Exit
+//! codes: 0 success, 1 any error (also reported to the launcher when it can be).
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rsdeep_worker::rendezvous::{Rendezvous, WorkerEnv, World, join_world};
+use tracing::{info, info_span, warn};
+
+/// How long selftest waits for the store and the barrier.
+const SELFTEST_WAIT: Duration = Duration::from_secs(120);
+
 fn main() {
-    let t = tch::Tensor::from_slice(&[1.0f32, 2.0]);
-    println!("{}", t.sum(tch::Kind::Float).double_value(&[]));
+    let env = match WorkerEnv::from_env() {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("rsdeep-worker: error: {e}");
+            std::process::exit(1);
+        }
+    };
+    init_tracing();
+    let _span = info_span!("worker", rank = env.rank).entered();
+    let code = match run(&env) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("rsdeep-worker rank {}: error: {e:#}", env.rank);
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RSDEEP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+}
+
+fn run(env: &WorkerEnv) -> Result<()> {
+    let (rendezvous, world, listener) = join_world(env).context("rendezvous")?;
+    info!(
+        generation = world.generation,
+        world_size = world.world_size,
+        "joined the rendezvous"
+    );
+    let result = if env.selftest {
+        selftest(&rendezvous, &world)
+    } else {
+        run_training(env, &rendezvous, world, listener)
+    };
+    if let Err(e) = &result {
+        if let Err(report) = rendezvous.report_error(&format!("{e:#}")) {
+            warn!("could not report the error to the launcher: {report}");
+        }
+    }
+    result
+}
+
+/// The training entry point: builds the communicator from `world` + `listener`, loads
+/// `env.config` and runs the engine. Filled in by the engine work.
+fn run_training(
+    env: &WorkerEnv,
+    _rendezvous: &Rendezvous,
+    _world: World,
+    _listener: TcpListener,
+) -> Result<()> {
+    anyhow::bail!(
+        "training is not built into rsdeep-worker yet (config {}); run the launcher with --selftest to test the rendezvous",
+        env.config
+            .as_ref()
+            .map_or("<none>".into(), |p| p.display().to_string())
+    )
+}
+
+/// Rank 0 publishes a real NCCL unique id, every rank reads and checks it, all pass a
+/// barrier, and each prints one summary line.
+fn selftest(rendezvous: &Rendezvous, world: &World) -> Result<()> {
+    const KEY: &str = "selftest/nccl_id";
+    if world.rank == 0 {
+        rendezvous
+            .set(KEY, &nccl_unique_id())
+            .context("publishing the NCCL id")?;
+    }
+    let id = rendezvous
+        .get(KEY, SELFTEST_WAIT)
+        .context("reading the NCCL id")?;
+    anyhow::ensure!(
+        id.len() == 128,
+        "NCCL id has {} bytes, expected 128",
+        id.len()
+    );
+    rendezvous
+        .barrier("selftest/done", SELFTEST_WAIT)
+        .context("selftest barrier")?;
+    let peers: Vec<String> = world.peers.iter().map(|p| p.comm_addr.clone()).collect();
+    println!(
+        "rank {}/{} local {} node {} peers=[{}] nccl_id={}",
+        world.rank,
+        world.world_size,
+        world.local_rank,
+        world.node_rank,
+        peers.join(","),
+        hex::encode(&id[..8])
+    );
+    Ok(())
+}
+
+/// 128 bytes from `ncclGetUniqueId`, or random bytes (logged) when NCCL cannot load.
+fn nccl_unique_id() -> Vec<u8> {
+    // SAFETY: only probes whether the NCCL library can be dlopen'ed.
+    if unsafe { cudarc::nccl::sys::is_culib_present() } {
+        match cudarc::nccl::Id::new() {
+            Ok(id) => {
+                info!("created a real NCCL unique id");
+                return id.internal().iter().map(|&b| b as u8).collect();
+            }
+            Err(e) => warn!("ncclGetUniqueId failed ({e:?}); using 128 random bytes instead"),
+        }
+    } else {
+        warn!("libnccl.so could not be loaded; using 128 random bytes as the NCCL id");
+    }
+    rand::random::<[u8; 128]>().to_vec()
 }

@@ -1,0 +1,282 @@
+//! The launch sequence of `rsdeep`: gather what the plan needs from the machine, resolve
+//! train.json for the world size, print the plan (`--dry_run`) or host the rendezvous
+//! (node 0), spawn the local workers and supervise them, restarting up to
+//! `--max_restarts` times. Binary code: errors are `anyhow`, usage errors are tagged
+//! with `UsageError` so `main` exits 2.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rsdeep::cli::{DeviceKind, LaunchArgs};
+use rsdeep::env_contract as ev;
+use rsdeep::plan::{LaunchPlan, PlanInputs};
+use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec};
+use rsdeep::supervisor::{self, Outcome, SuperviseOptions};
+use rsdeep::{config, envfile, hostfile, resources};
+
+/// Marks an error as the user's (bad flag, plan or config): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+fn usage(err: impl std::fmt::Display) -> anyhow::Error {
+    UsageError(err.to_string()).into()
+}
+
+/// Runs the whole launch; returns the process exit code.
+pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
+    let inputs = gather_inputs(&args)?;
+    let mut plan = LaunchPlan::build(&args, &inputs).map_err(usage)?;
+    for warning in &plan.warnings {
+        eprintln!("rsdeep: warning: {warning}");
+    }
+    let job_dir = std::env::temp_dir().join(format!("rsdeep-{}", plan.job_id));
+    resolve_config(&mut plan, &job_dir)?;
+    if args.dry_run {
+        print!("{}", plan.render());
+        return Ok(0);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let rendezvous = host_rendezvous(&runtime, &mut plan)?;
+    supervisor::install_stop_handlers().context("cannot install signal handlers")?;
+    let code = supervise_attempts(
+        &runtime,
+        &plan,
+        rendezvous.as_ref().map(|(s, _)| s.clone()),
+        started,
+    );
+    if let Some((_, mut server)) = rendezvous {
+        server.shutdown();
+    }
+    let _ = std::fs::remove_dir_all(&job_dir);
+    code
+}
+
+/// Reads the hostfile, CUDA state, env files and job identity.
+fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
+    let hostfile = hostfile::read_hostfile(&args.hostfile).map_err(usage)?;
+    if hostfile.is_none() && args.hostfile != Path::new("/job/hostfile") {
+        eprintln!(
+            "rsdeep: warning: hostfile {} not found, running on this machine only",
+            args.hostfile.display()
+        );
+    }
+    let cuda_visible_devices = std::env::var(ev::CUDA_VISIBLE_DEVICES).ok();
+    let cuda_device_count = match (args.device, &hostfile) {
+        (DeviceKind::Cuda, None) => resources::cuda_device_count(),
+        _ => None,
+    };
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let env_file_vars = envfile::load_env_files(home.as_deref(), &cwd).map_err(usage)?;
+    let shared = (
+        std::env::var(ev::JOB_ID).ok(),
+        std::env::var(ev::TOKEN).ok(),
+    );
+    let (job_id, token, job_from_env) = match shared {
+        (Some(id), Some(token)) if !id.is_empty() && !token.is_empty() => (id, token, true),
+        _ => (
+            hex::encode(rand::random::<[u8; 6]>()),
+            hex::encode(rand::random::<[u8; 16]>()),
+            false,
+        ),
+    };
+    Ok(PlanInputs {
+        hostfile,
+        cuda_visible_devices,
+        cuda_device_count,
+        env_file_vars,
+        job_id,
+        token,
+        job_from_env,
+        slurm_node_id: std::env::var("SLURM_NODEID")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        total_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+/// Resolves train.json for the world size (fail fast) and ships it as `RSDEEP_CONFIG`.
+fn resolve_config(plan: &mut LaunchPlan, job_dir: &Path) -> Result<()> {
+    let Some(path) = plan.config_path.clone() else {
+        return Ok(());
+    };
+    let resolved = config::load(&path, &plan.overrides, plan.world_size()).map_err(usage)?;
+    for warning in &resolved.warnings {
+        eprintln!("rsdeep: warning: {warning}");
+    }
+    std::fs::create_dir_all(job_dir)
+        .with_context(|| format!("cannot create {}", job_dir.display()))?;
+    let out = job_dir.join("config.json");
+    std::fs::write(&out, resolved.to_pretty_json())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    plan.set_env_all(ev::CONFIG, &out.to_string_lossy());
+    Ok(())
+}
+
+/// On node 0: binds the rendezvous (port 0 picks one) and records the real port.
+fn host_rendezvous(
+    runtime: &tokio::runtime::Runtime,
+    plan: &mut LaunchPlan,
+) -> Result<Option<(Arc<RendezvousState>, ServerHandle)>> {
+    if !plan.hosts_rendezvous() {
+        return Ok(None);
+    }
+    let spec = WorldSpec {
+        job_id: plan.job_id.clone(),
+        nodes: plan
+            .nodes
+            .iter()
+            .map(|n| (n.host.clone(), n.slots.len()))
+            .collect(),
+        join_timeout: plan.join_timeout,
+    };
+    let state = Arc::new(RendezvousState::new(spec));
+    let mut last_error = None;
+    for addr in bind_candidates(&plan.master_addr, plan.master_port, plan.nodes.len() > 1) {
+        match runtime.block_on(rendezvous::start_server(
+            state.clone(),
+            plan.token.clone(),
+            addr,
+        )) {
+            Ok(server) => {
+                plan.set_master_port(server.addr.port());
+                return Ok(Some((state, server)));
+            }
+            Err(e) => last_error = Some(format!("{addr}: {e}")),
+        }
+    }
+    anyhow::bail!(
+        "cannot start the rendezvous on {}:{} ({}); choose another --master_port (0 picks a free one)",
+        plan.master_addr,
+        plan.master_port,
+        last_error.unwrap_or_else(|| "address does not resolve".into())
+    )
+}
+
+/// The master address itself, and every interface for multi-node jobs.
+fn bind_candidates(master_addr: &str, port: u16, multi_node: bool) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = (master_addr, port)
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .unwrap_or_default();
+    if multi_node || addrs.is_empty() {
+        addrs.push(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    addrs
+}
+
+/// Spawns and supervises the local workers, restarting after failures if allowed.
+fn supervise_attempts(
+    runtime: &tokio::runtime::Runtime,
+    plan: &LaunchPlan,
+    state: Option<Arc<RendezvousState>>,
+    started: Instant,
+) -> Result<i32> {
+    let program = worker_program()?;
+    let options = SuperviseOptions {
+        grace_period: plan.grace_period,
+        heartbeat_timeout: plan.heartbeat_timeout,
+        rank_log_dir: plan.rank_log_dir.clone(),
+    };
+    let local: Vec<_> = plan.local_ranks().collect();
+    for attempt in 0..=plan.max_restarts {
+        if let Some(state) = &state {
+            announce_world(runtime, state.clone(), started);
+        }
+        let extra = vec![(ev::RESTART_COUNT.to_string(), attempt.to_string())];
+        let mut workers =
+            supervisor::spawn_workers(&program, &local, &extra, plan.rank_log_dir.as_deref())?;
+        eprintln!(
+            "rsdeep: job {} started {} worker(s) on node {} (world size {}, rendezvous {}:{})",
+            plan.job_id,
+            workers.len(),
+            plan.node_rank,
+            plan.world_size(),
+            plan.master_addr,
+            plan.master_port
+        );
+        let outcome = supervisor::watch(&mut workers, state.as_deref(), &options);
+        report_outcome(&outcome, workers.len(), plan);
+        let killed = supervisor::stop_workers(&mut workers, plan.grace_period);
+        if killed > 0 {
+            eprintln!("rsdeep: {killed} worker(s) ignored SIGTERM and were killed");
+        }
+        let retry = matches!(
+            outcome,
+            Outcome::WorkerFailed { .. } | Outcome::Hung { .. } | Outcome::JoinTimeout { .. }
+        );
+        if !retry || attempt == plan.max_restarts {
+            return Ok(outcome.exit_code());
+        }
+        eprintln!(
+            "rsdeep: restarting the job ({}/{})",
+            attempt + 1,
+            plan.max_restarts
+        );
+        if let Some(state) = &state {
+            state.next_generation();
+        }
+    }
+    Ok(1)
+}
+
+/// Prints, once, how long after the launcher started the whole world had joined.
+fn announce_world(
+    runtime: &tokio::runtime::Runtime,
+    state: Arc<RendezvousState>,
+    started: Instant,
+) {
+    runtime.spawn(async move {
+        if let Ok((generation, members)) = state.wait_for_world().await {
+            eprintln!(
+                "rsdeep: rendezvous complete: {} rank(s) joined generation {generation} in {:.1} ms after launcher start",
+                members.len(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    });
+}
+
+fn report_outcome(outcome: &Outcome, local_workers: usize, plan: &LaunchPlan) {
+    let grace = plan.grace_period.as_secs_f64();
+    match outcome {
+        Outcome::Success => eprintln!("rsdeep: all {local_workers} worker(s) exited 0"),
+        Outcome::WorkerFailed { report, .. } => {
+            eprint!("{report}");
+            eprintln!("rsdeep: stopping the other workers (SIGTERM, SIGKILL after {grace}s)");
+        }
+        Outcome::Interrupted { signal } => {
+            eprintln!(
+                "rsdeep: received signal {signal}, stopping every worker (SIGKILL after {grace}s)"
+            )
+        }
+        Outcome::JoinTimeout { message } => eprintln!("rsdeep: {message}"),
+        Outcome::Hung { ranks } => eprintln!(
+            "rsdeep: rank(s) {ranks:?} sent no heartbeat for {:?}: treating them as hung",
+            plan.heartbeat_timeout.unwrap_or_default()
+        ),
+    }
+}
+
+/// `RSDEEP_WORKER_BIN`, else `rsdeep-worker` next to this executable.
+fn worker_program() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("RSDEEP_WORKER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("cannot locate the rsdeep executable")?;
+    let sibling = exe.with_file_name("rsdeep-worker");
+    anyhow::ensure!(
+        sibling.exists(),
+        "worker binary {} not found (build it with `cargo build -p rsdeep-worker` or set RSDEEP_WORKER_BIN)",
+        sibling.display()
+    );
+    Ok(sibling)
+}
