@@ -12,6 +12,7 @@ pub mod comm;
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod rendezvous;
 pub mod tokenizer;
 pub mod train;
 pub mod zero;
