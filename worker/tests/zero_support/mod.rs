@@ -93,12 +93,33 @@ impl Block for Head {
     }
 }
 
+/// A tiny deterministic generator (tests run in parallel threads, so torch's global RNG
+/// would make their data depend on scheduling).
+struct Lcg(u64);
+
+impl Lcg {
+    /// Uniform in [0, 1).
+    fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// Named initial weights (fp32), deterministic.
 pub fn init_weights(spec: &TinySpec) -> Vec<(String, Tensor)> {
-    tch::manual_seed(7);
+    let mut rng = Lcg(7);
     let (v, h) = (spec.vocab, spec.hidden);
-    let randn =
-        |shape: &[i64], scale: f64| Tensor::randn(shape, (Kind::Float, Device::Cpu)) * scale;
+    let mut randn = |shape: &[i64], scale: f64| {
+        let n: i64 = shape.iter().product();
+        // centred uniform with unit variance, times scale
+        let values: Vec<f32> = (0..n)
+            .map(|_| ((rng.next() - 0.5) * 12f64.sqrt() * scale) as f32)
+            .collect();
+        Tensor::from_slice(&values).reshape(shape)
+    };
     let mut weights = vec![("embed.weight".to_string(), randn(&[v, h], 0.5))];
     for i in 0..spec.mlp_blocks {
         weights.push((format!("mlp.{i}.w1"), randn(&[2 * h, h], 0.3)));
@@ -149,10 +170,21 @@ pub fn build_model(spec: &TinySpec, weights: &[(String, Tensor)]) -> EngineModel
     }
 }
 
-/// (rows, T + 1) token ids, deterministic.
+/// (rows, T + 1) token ids, deterministic and learnable.
 pub fn make_tokens(spec: &TinySpec, rows: i64) -> Tensor {
-    tch::manual_seed(11);
-    Tensor::randint(spec.vocab, [rows, spec.seq + 1], (Kind::Int64, Device::Cpu))
+    let mut rng = Lcg(11);
+    let n = rows * (spec.seq + 1);
+    // a learnable pattern: each row starts at random, then t' = (5t + 3) mod V
+    let mut ids: Vec<i64> = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let id = if i % (spec.seq + 1) == 0 {
+            (rng.next() * spec.vocab as f64) as i64
+        } else {
+            (ids[ids.len() - 1] * 5 + 3) % spec.vocab
+        };
+        ids.push(id);
+    }
+    Tensor::from_slice(&ids).reshape([rows, spec.seq + 1])
 }
 
 /// One training run's settings.
