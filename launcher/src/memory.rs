@@ -27,6 +27,9 @@ use serde_json::Value;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// Largest accepted config dimension (keeps the exact u64 parameter count from overflowing).
+const MAX_DIMENSION: u64 = 1 << 20;
+
 /// Precision of the weights, gradients and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -133,8 +136,10 @@ impl ModelShape {
             config
                 .get(key)
                 .and_then(Value::as_u64)
-                .filter(|n| *n > 0)
-                .with_context(|| format!("\"{key}\" must be a positive integer"))
+                .filter(|n| (1..=MAX_DIMENSION).contains(n))
+                .with_context(|| {
+                    format!("\"{key}\" must be an integer between 1 and {MAX_DIMENSION}")
+                })
         };
         let flag = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);
         let hidden_size = number("hidden_size")?;
@@ -186,11 +191,11 @@ impl ModelShape {
         embedding + self.num_layers * self.layer_parameters() + self.hidden_size + head
     }
 
-    /// Activation bytes of one layer without checkpointing, 16-bit (Korthikanti et al.).
-    fn layer_activation_bytes(&self, micro_batch: u64, seq_len: u64) -> u64 {
-        let sbh = seq_len * micro_batch * self.hidden_size;
-        // s·b·h·(34 + 5·a·s/h) = 34·sbh + 5·a·s²·b, kept in integers.
-        34 * sbh + 5 * self.num_heads * seq_len * seq_len * micro_batch
+    /// Activation bytes of one layer without checkpointing, 16-bit (Korthikanti et al.):
+    /// s·b·h·(34 + 5·a·s/h) = 34·sbh + 5·a·s²·b (in f64: user sizes may be huge).
+    fn layer_activation_bytes(&self, micro_batch: f64, seq_len: f64) -> f64 {
+        let sbh = seq_len * micro_batch * self.hidden_size as f64;
+        34.0 * sbh + 5.0 * self.num_heads as f64 * seq_len * seq_len * micro_batch
     }
 }
 
@@ -271,14 +276,16 @@ pub fn activation_bytes(
     gradient_checkpointing: bool,
     dtype: Dtype,
 ) -> f64 {
-    let one_layer = shape.layer_activation_bytes(micro_batch, seq_len);
-    let layers = if gradient_checkpointing {
-        shape.num_layers * 2 * seq_len * micro_batch * shape.hidden_size + one_layer
+    let (b, t) = (micro_batch as f64, seq_len as f64);
+    let one_layer = shape.layer_activation_bytes(b, t);
+    let layers = shape.num_layers as f64;
+    let layer_bytes = if gradient_checkpointing {
+        layers * 2.0 * t * b * shape.hidden_size as f64 + one_layer
     } else {
-        shape.num_layers * one_layer
+        layers * one_layer
     };
-    let logits = seq_len * micro_batch * shape.vocab_size * (2 + 4);
-    ((layers * dtype.activation_scale()) + logits) as f64
+    let logits = t * b * shape.vocab_size as f64 * (2.0 + 4.0);
+    layer_bytes * dtype.activation_scale() as f64 + logits
 }
 
 /// `rsdeep estimate-memory ...`: the table to print.

@@ -267,14 +267,19 @@ impl TrainConfig {
     ) -> Result<(), ConfigError> {
         let h = hidden_size as u64;
         let zero = &mut self.deepspeed.zero_optimization;
-        fill_only(&mut zero.reduce_bucket_size, h * h);
+        let h_squared = h.saturating_mul(h);
+        fill_only(&mut zero.reduce_bucket_size, h_squared);
         let stage3 = zero.stage == 3;
         let prefetch = if stage3 {
-            (0.9 * (h * h) as f64) as u64
+            (0.9 * h_squared as f64) as u64
         } else {
             50_000_000
         };
-        let persistence = if stage3 { 10 * h } else { 100_000 };
+        let persistence = if stage3 {
+            h.saturating_mul(10)
+        } else {
+            100_000
+        };
         fill_only(&mut zero.stage3_prefetch_bucket_size, prefetch);
         fill_only(&mut zero.stage3_param_persistence_threshold, persistence);
         let warmup = self.args.warmup_steps_for(total_steps).max(1);

@@ -568,5 +568,27 @@ mod never_panics {
             let raw = fixture.write("raw.json", "{\"deepspeed\": {\"zero_optimization\": [");
             prop_assert!(load(&raw, &[], world).is_err());
         }
+
+        #[test]
+        fn random_top_level_and_overrides_only_return_errors(
+            top in json_value(),
+            tokens in prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(KEYS.to_vec()).prop_map(|k| format!("--{k}")),
+                    "[-a-z0-9.=]{0,6}".prop_map(String::from),
+                    Just("--deepspeed.zero_optimization.stage".to_string()),
+                ],
+                0..6,
+            ),
+            text in "[\\PC]{0,40}",
+        ) {
+            let fixture = Fixture::new();
+            let path = fixture.write("train.json", &top.to_string());
+            let _ = load(&path, &tokens, 2);
+            let seeded = fixture.train_json(&seed_args(Value::Null));
+            let _ = load(&seeded, &tokens, 2);
+            let garbage = fixture.write("garbage.json", &text);
+            let _ = load(&garbage, &[], 1);
+        }
     }
 }
