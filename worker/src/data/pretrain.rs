@@ -218,16 +218,13 @@ fn validate_config(config: &PretrainConfig) -> Result<()> {
     Ok(())
 }
 
-/// The sha256 of the tokenizer's serialization and its EOS id.
+/// The tokenizer's fingerprint (sha256 of tokenizer.json) and its EOS id.
 fn tokenizer_fingerprint(tokenizer: &Tokenizer) -> Result<String> {
-    let json = tokenizer
-        .inner()
-        .to_string(false)
-        .map_err(|e| Error::Tokenizer(format!("serializing for the cache key: {e}")))?;
-    let mut hasher = Sha256::new();
-    hasher.update(json.as_bytes());
-    hasher.update(format!("eos={:?}", tokenizer.eos_id()).as_bytes());
-    Ok(hex::encode(hasher.finalize()))
+    Ok(format!(
+        "{}/eos={:?}",
+        tokenizer.fingerprint(),
+        tokenizer.eos_id()
+    ))
 }
 
 fn hash_inputs(files: &[PathBuf]) -> Result<Vec<InputFile>> {

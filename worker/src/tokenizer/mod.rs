@@ -29,6 +29,7 @@ pub struct Tokenizer {
     bos_id: Option<u32>,
     chat_template: ChatTemplate,
     has_own_template: bool,
+    fingerprint: String,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -46,7 +47,10 @@ impl Tokenizer {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let json_path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&json_path)
+        let bytes = std::fs::read(&json_path)
+            .map_err(|e| Error::io(format!("reading {}", json_path.display()), e))?;
+        let fingerprint = sha256_hex(&bytes);
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", json_path.display())))?;
         let config = read_config(&dir.join("tokenizer_config.json"))?;
         let jinja_path = dir.join("chat_template.jinja");
@@ -55,7 +59,7 @@ impl Tokenizer {
         } else {
             template_from_config(&config)
         };
-        Self::from_parts(inner, config, template)
+        Self::assemble(inner, config, template, fingerprint)
     }
 
     /// Builds from an encoder, a tokenizer_config map and an optional template text.
@@ -63,6 +67,19 @@ impl Tokenizer {
         inner: tokenizers::Tokenizer,
         config: Map<String, Json>,
         template: Option<String>,
+    ) -> Result<Self> {
+        let json = inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(format!("serializing tokenizer.json: {e}")))?;
+        let fingerprint = sha256_hex(json.as_bytes());
+        Self::assemble(inner, config, template, fingerprint)
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        config: Map<String, Json>,
+        template: Option<String>,
+        fingerprint: String,
     ) -> Result<Self> {
         let tokens = TemplateTokens {
             bos_token: special_token(&config, "bos_token"),
@@ -88,6 +105,7 @@ impl Tokenizer {
             bos_id,
             chat_template,
             has_own_template,
+            fingerprint,
         })
     }
 
@@ -169,6 +187,12 @@ impl Tokenizer {
         self.chat_template.render(messages, add_generation_prompt)
     }
 
+    /// sha256 of the tokenizer.json bytes (of its serialization when built in memory):
+    /// part of the data cache key.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
     /// The wrapped `tokenizers::Tokenizer`.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
@@ -210,6 +234,11 @@ impl Tokenizer {
         }
         Json::Object(map)
     }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// tokenizer_config.json as a map; a missing file is an empty config.
