@@ -1,9 +1,40 @@
 //! Causal language models as the engine sees them: an ordered list of blocks (embedding,
 //! decoder layers, final norm + head), each owning named leaf parameters with Hugging Face
-//! names. The contract for the engine is `Block` and `CausalLm` below.
+//! names. The contract for the engine is `Block`, `Param`, `ForwardCtx` and `CausalLm`
+//! below; numerics match transformers 5.x Qwen2 / Llama (SDPA backend) — see
+//! `worker/tests/model_parity.rs`.
+//!
+//! Engine contract:
+//! - `CausalLm::blocks` is `[Embedding, DecoderLayer 0..L, Head]`. Each block's `params()`
+//!   are leaf tensors (`requires_grad` true) with HF names. Blocks read their weights from
+//!   exactly these tensor handles at every forward, so the engine may swap storage in place
+//!   (`set_data`, `copy_`) to gather/free parameters (ZeRO-3).
+//! - Tied embeddings (`CausalLm::tied_to_embedding()`): the `Head` multiplies by the
+//!   embedding's `model.embed_tokens.weight` handle but does NOT list it in its `params()`
+//!   (the `Embedding` block owns it, and its gradient accumulates there from both uses).
+//!   For the head's forward/backward the engine must have the embedding weight gathered.
+//! - RoPE cos/sin tables are model state shared by the decoder layers (cached per device),
+//!   not parameters.
+//! - `ForwardCtx::build` makes positions and the attention mask for a batch (padding,
+//!   packed segments); `causal_lm_loss` is HF's loss (shift inside, ignore -100, fp32).
 
-use crate::Result;
-use tch::Tensor;
+mod config;
+mod ctx;
+mod io;
+mod layers;
+mod rope;
+
+pub use config::{ModelConfig, ModelType, RopeScaling, RopeSpec, kind_from_name, kind_name};
+pub use ctx::{IGNORE_INDEX, causal_lm_loss};
+pub use io::{INDEX_FILE, SINGLE_FILE, SafetensorsFolder, save_safetensors_sharded};
+pub use layers::{DecoderLayer, Embedding, Head, InitKind, ParamSource, rms_norm};
+pub use rope::{Rotary, apply_rotary, inverse_frequencies};
+
+use crate::{Error, Result};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
 
 /// A trainable (or frozen) leaf tensor and its Hugging Face name, e.g.
 /// `model.layers.0.self_attn.q_proj.weight`.
@@ -12,7 +43,8 @@ pub struct Param {
     pub tensor: Tensor,
 }
 
-/// What every block's forward needs besides its input: positions, masks.
+/// What every block's forward needs besides its input: positions, masks. Build it with
+/// `ForwardCtx::causal` or `ForwardCtx::build`.
 pub struct ForwardCtx {
     /// (B, T) int64 position ids.
     pub position_ids: Tensor,
@@ -28,4 +60,407 @@ pub trait Block: Send {
     /// Embedding: (B, T) int64 ids -> (B, T, H). Decoder: (B, T, H) -> (B, T, H).
     /// Head: (B, T, H) -> (B, T, V) logits.
     fn forward(&self, input: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+}
+
+/// A Qwen2 or Llama causal LM as an ordered list of blocks.
+pub struct CausalLm {
+    pub config: ModelConfig,
+    /// `[Embedding, DecoderLayer x num_hidden_layers, Head]`.
+    pub blocks: Vec<Box<dyn Block>>,
+    device: Device,
+    kind: Kind,
+}
+
+/// Name suffixes that old checkpoints carry but that are recomputed, not loaded.
+const IGNORED_SUFFIXES: &[&str] = &["rotary_emb.inv_freq"];
+
+fn check_kind(kind: Kind) -> Result<()> {
+    match kind {
+        Kind::Float | Kind::BFloat16 | Kind::Half => Ok(()),
+        other => Err(Error::Model(format!(
+            "parameters must be float32, bfloat16 or float16, not {other:?}"
+        ))),
+    }
+}
+
+/// Makes `t` a contiguous leaf on `device` in `kind` that requires grad.
+fn into_leaf(t: Tensor, device: Device, kind: Kind) -> Result<Tensor> {
+    let t = t
+        .f_to_device(device)?
+        .f_to_kind(kind)?
+        .f_contiguous()?
+        .f_detach()?;
+    Ok(t.f_set_requires_grad(true)?)
+}
+
+/// HF `_init_weights`: normal(0, initializer_range) weights, zero biases, unit norms, and
+/// a zero `pad_token_id` row in the embedding. Drawn in fp32 on the CPU so a seed gives
+/// the same model on every device.
+struct InitSource {
+    std: f64,
+    pad_token_id: Option<i64>,
+    device: Device,
+    kind: Kind,
+}
+
+impl ParamSource for InitSource {
+    fn take(&mut self, name: &str, shape: &[i64], init: InitKind) -> Result<Tensor> {
+        let options = (Kind::Float, Device::Cpu);
+        let tensor = match init {
+            InitKind::Normal => {
+                let mut t = Tensor::f_empty(shape, options)?;
+                let _ = t.f_normal_(0.0, self.std)?;
+                t
+            }
+            InitKind::Zeros => Tensor::f_zeros(shape, options)?,
+            InitKind::Ones => Tensor::f_ones(shape, options)?,
+        };
+        if let (Embedding::WEIGHT, Some(pad)) = (name, self.pad_token_id) {
+            let _ = tensor.f_get(pad)?.f_zero_()?;
+        }
+        into_leaf(tensor, self.device, self.kind)
+    }
+}
+
+/// Takes tensors from a checkpoint folder, collecting every missing name and shape
+/// mismatch so one error can list them all.
+struct FolderSource<'a> {
+    folder: &'a SafetensorsFolder,
+    device: Device,
+    kind: Kind,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl ParamSource for FolderSource<'_> {
+    fn take(&mut self, name: &str, shape: &[i64], _init: InitKind) -> Result<Tensor> {
+        self.used.insert(name.to_string());
+        if !self.folder.contains(name) {
+            self.problems.push(format!("missing {name}"));
+            return Ok(Tensor::f_zeros(shape, (self.kind, self.device))?);
+        }
+        let tensor = self.folder.load(name)?;
+        if tensor.size() != shape {
+            self.problems.push(format!(
+                "{name} has shape {:?}, config wants {shape:?}",
+                tensor.size()
+            ));
+            return Ok(Tensor::f_zeros(shape, (self.kind, self.device))?);
+        }
+        into_leaf(tensor, self.device, self.kind)
+    }
+}
+
+impl CausalLm {
+    /// A freshly initialised model (HF-style init, seeded with `seed` through
+    /// `tch::manual_seed`). The same seed gives the same weights as long as nothing else
+    /// in the process draws from libtorch's global generator meanwhile (concurrent
+    /// `from_config` calls are serialised).
+    pub fn from_config(config: ModelConfig, device: Device, kind: Kind, seed: u64) -> Result<Self> {
+        config.validate()?;
+        check_kind(kind)?;
+        static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _serialised = INIT_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tch::manual_seed(seed as i64);
+        let mut source = InitSource {
+            std: config.initializer_range,
+            pad_token_id: config.pad_token_id,
+            device,
+            kind,
+        };
+        Self::assemble(config, device, kind, &mut source)
+    }
+
+    /// Loads `dir/config.json` and `dir/model.safetensors` (or the sharded index) onto
+    /// `device` as `kind`. Missing, mis-shaped and unexpected tensors are an error that
+    /// lists them; a tied model may lack `lm_head.weight` (a present one is ignored).
+    pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        check_kind(kind)?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let folder = SafetensorsFolder::open(dir)?;
+        let mut source = FolderSource {
+            folder: &folder,
+            device,
+            kind,
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+        };
+        let model = Self::assemble(config, device, kind, &mut source)?;
+        let tied = model.tied_to_embedding();
+        let unexpected = folder.names().filter(|name| {
+            !source.used.contains(*name)
+                && !(tied && *name == Head::LM_HEAD)
+                && !IGNORED_SUFFIXES.iter().any(|s| name.ends_with(s))
+        });
+        let mut problems = source.problems;
+        problems.extend(unexpected.map(|name| format!("unexpected {name}")));
+        if !problems.is_empty() {
+            return Err(Error::Model(format!(
+                "checkpoint {} does not match its config: {}",
+                dir.display(),
+                problems.join(", ")
+            )));
+        }
+        Ok(model)
+    }
+
+    fn assemble(
+        config: ModelConfig,
+        device: Device,
+        kind: Kind,
+        source: &mut dyn ParamSource,
+    ) -> Result<Self> {
+        let rotary = Arc::new(Rotary::new(&config.rope_spec()?, config.head_dim())?);
+        let embedding = Embedding::new(&config, source)?;
+        let tied_weight = config
+            .tie_word_embeddings
+            .then(|| embedding.weight_handle());
+        let mut blocks: Vec<Box<dyn Block>> = vec![Box::new(embedding)];
+        for index in 0..config.num_hidden_layers {
+            blocks.push(Box::new(DecoderLayer::new(
+                &config,
+                index,
+                rotary.clone(),
+                source,
+            )?));
+        }
+        blocks.push(Box::new(Head::new(&config, tied_weight, source)?));
+        Ok(CausalLm {
+            config,
+            blocks,
+            device,
+            kind,
+        })
+    }
+
+    /// True when the head multiplies by the embedding's weight (which only the embedding
+    /// block lists): the engine must have it gathered for the head's forward/backward.
+    pub fn tied_to_embedding(&self) -> bool {
+        self.config.tie_word_embeddings
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The parameters' dtype at construction.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Every parameter once, in block order (HF `named_parameters` order).
+    pub fn params(&self) -> impl Iterator<Item = &Param> {
+        self.blocks.iter().flat_map(|b| b.params().iter())
+    }
+
+    /// Total number of parameter elements (tied weights counted once).
+    pub fn num_parameters(&self) -> i64 {
+        self.params().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    /// Runs every block: ids (B, T) -> logits (B, T, V).
+    pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut hidden = ids.shallow_clone();
+        for block in &self.blocks {
+            hidden = block.forward(&hidden, ctx)?;
+        }
+        Ok(hidden)
+    }
+
+    /// Writes `config.json` and the weights (as `dtype`) in HF layout; shards above
+    /// `max_shard_bytes`. A tied model saves no `lm_head.weight`, like transformers.
+    pub fn save_pretrained(&self, dir: &Path, max_shard_bytes: u64, dtype: Kind) -> Result<()> {
+        check_kind(dtype)?;
+        let named: Vec<(String, Tensor)> = self
+            .params()
+            .map(|p| Ok((p.name.clone(), p.tensor.f_detach()?.f_to_kind(dtype)?)))
+            .collect::<Result<_>>()?;
+        save_safetensors_sharded(&named, dir, max_shard_bytes)?;
+        self.save_config(dir, dtype)
+    }
+
+    /// Writes `dir/config.json` declaring `dtype`, atomically.
+    pub fn save_config(&self, dir: &Path, dtype: Kind) -> Result<()> {
+        let mut config = self.config.clone();
+        config.set_declared_kind(dtype)?;
+        if config.architectures.is_none() {
+            config.architectures = Some(vec![config.model_type.causal_lm_architecture().into()]);
+        }
+        let path = dir.join("config.json");
+        let temp = dir.join(".config.json.tmp");
+        std::fs::write(&temp, config.to_json_string()? + "\n")
+            .map_err(|e| Error::io(format!("writing {}", temp.display()), e))?;
+        std::fs::rename(&temp, &path)
+            .map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(model_type: ModelType, kv_heads: usize, tied: bool) -> ModelConfig {
+        let mut config = ModelConfig::new(model_type, 96, 32, 48, 2, 4, kv_heads);
+        config.tie_word_embeddings = tied;
+        config.initializer_range = 0.05;
+        config
+    }
+
+    #[test]
+    fn blocks_and_names_follow_hf_layout() {
+        let model = CausalLm::from_config(
+            tiny(ModelType::Qwen2, 2, false),
+            Device::Cpu,
+            Kind::Float,
+            1,
+        )
+        .unwrap();
+        assert_eq!(model.blocks.len(), 4);
+        let names: Vec<&str> = model.blocks[1]
+            .params()
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names[0], "model.layers.0.self_attn.q_proj.weight");
+        assert_eq!(names[1], "model.layers.0.self_attn.q_proj.bias");
+        assert!(names.contains(&"model.layers.0.mlp.down_proj.weight"));
+        assert!(names.contains(&"model.layers.0.post_attention_layernorm.weight"));
+        assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias"));
+        let head: Vec<&str> = model.blocks[3]
+            .params()
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(head, vec!["model.norm.weight", "lm_head.weight"]);
+        let k = &model.blocks[1].params()[2].tensor;
+        assert_eq!(k.size(), vec![16, 32], "GQA: 2 kv heads x head_dim 8");
+        assert!(
+            model
+                .params()
+                .all(|p| p.tensor.requires_grad() && p.tensor.is_leaf())
+        );
+    }
+
+    #[test]
+    fn init_is_seeded_and_hf_shaped() {
+        let config = tiny(ModelType::Llama, 4, true);
+        let a = CausalLm::from_config(config.clone(), Device::Cpu, Kind::Float, 7).unwrap();
+        let b = CausalLm::from_config(config.clone(), Device::Cpu, Kind::Float, 7).unwrap();
+        let c = CausalLm::from_config(config, Device::Cpu, Kind::Float, 8).unwrap();
+        let first = |m: &CausalLm| m.params().next().unwrap().tensor.shallow_clone();
+        assert!(first(&a).equal(&first(&b)));
+        assert!(!first(&a).equal(&first(&c)));
+        let std = first(&a).std(true).double_value(&[]);
+        assert!((std - 0.05).abs() < 0.005, "std {std}");
+        let norm = a.params().find(|p| p.name == "model.norm.weight").unwrap();
+        assert_eq!(norm.tensor.sum(Kind::Float).double_value(&[]), 32.0);
+        assert!(a.tied_to_embedding());
+        assert_eq!(
+            a.blocks[3].params().len(),
+            1,
+            "tied head lists only its norm"
+        );
+    }
+
+    #[test]
+    fn tied_head_follows_embedding_storage_swaps() {
+        let model =
+            CausalLm::from_config(tiny(ModelType::Qwen2, 4, true), Device::Cpu, Kind::Float, 3)
+                .unwrap();
+        let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).reshape([1, 4]);
+        let ctx = ForwardCtx::causal(&ids).unwrap();
+        let before = model.forward(&ids, &ctx).unwrap();
+        let mut embed = model.blocks[0].params()[0].tensor.shallow_clone();
+        tch::no_grad(|| embed.set_data(&(embed.detach() * 2.0)));
+        let after = model.forward(&ids, &ctx).unwrap();
+        assert!(!before.allclose(&after, 1e-5, 1e-6, false));
+        let loss = causal_lm_loss(&after, &ids).unwrap();
+        loss.backward();
+        assert!(model.params().all(|p| p.tensor.grad().defined()));
+    }
+
+    #[test]
+    fn padding_row_is_zero_and_gets_no_gradient() {
+        let mut config = tiny(ModelType::Llama, 2, false);
+        config.pad_token_id = Some(0);
+        let model = CausalLm::from_config(config, Device::Cpu, Kind::Float, 4).unwrap();
+        let embed = &model.blocks[0].params()[0].tensor;
+        assert_eq!(embed.get(0).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        let ids = Tensor::from_slice(&[0i64, 5, 0, 6]).reshape([1, 4]);
+        let logits = model
+            .forward(&ids, &ForwardCtx::causal(&ids).unwrap())
+            .unwrap();
+        causal_lm_loss(
+            &logits,
+            &Tensor::from_slice(&[1i64, 2, 3, 4]).reshape([1, 4]),
+        )
+        .unwrap()
+        .backward();
+        let grad = embed.grad();
+        assert_eq!(grad.get(0).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert!(grad.get(5).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn half_precision_forward_tracks_fp32() {
+        let config = tiny(ModelType::Qwen2, 2, false);
+        let ids = Tensor::from_slice(&[3i64, 9, 27, 81, 50, 7]).reshape([2, 3]);
+        let ctx = ForwardCtx::causal(&ids).unwrap();
+        let full = CausalLm::from_config(config.clone(), Device::Cpu, Kind::Float, 5).unwrap();
+        let reference = full.forward(&ids, &ctx).unwrap();
+        for kind in [Kind::BFloat16, Kind::Half] {
+            let model = CausalLm::from_config(config.clone(), Device::Cpu, kind, 5).unwrap();
+            for (ours, source) in model.params().zip(full.params()) {
+                let mut target = ours.tensor.shallow_clone();
+                tch::no_grad(|| target.copy_(&source.tensor));
+            }
+            let logits = model.forward(&ids, &ctx).unwrap();
+            assert_eq!(logits.kind(), kind);
+            let err = (logits.to_kind(Kind::Float) - &reference)
+                .abs()
+                .max()
+                .double_value(&[]);
+            let scale = reference.abs().max().double_value(&[]);
+            assert!(
+                err < 0.05 * scale + 1e-3,
+                "{kind:?}: err {err} scale {scale}"
+            );
+        }
+    }
+
+    #[test]
+    fn save_and_reload_round_trips_and_reports_mismatches() {
+        let dir = tempfile::tempdir().unwrap();
+        let model =
+            CausalLm::from_config(tiny(ModelType::Llama, 2, true), Device::Cpu, Kind::Float, 6)
+                .unwrap();
+        model
+            .save_pretrained(dir.path(), 4096, Kind::Float)
+            .unwrap();
+        assert!(dir.path().join(INDEX_FILE).is_file());
+        let loaded = CausalLm::from_pretrained(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        for (a, b) in model.params().zip(loaded.params()) {
+            assert_eq!(a.name, b.name);
+            assert!(a.tensor.equal(&b.tensor), "{}", a.name);
+        }
+        let mut config = loaded.config.clone();
+        config.tie_word_embeddings = false;
+        config.num_hidden_layers = 1;
+        std::fs::write(
+            dir.path().join("config.json"),
+            config.to_json_string().unwrap(),
+        )
+        .unwrap();
+        let err = CausalLm::from_pretrained(dir.path(), Device::Cpu, Kind::Float)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("missing lm_head.weight"), "{err}");
+        assert!(
+            err.contains("unexpected model.layers.1.mlp.up_proj.weight"),
+            "{err}"
+        );
+    }
 }
