@@ -1,13 +1,193 @@
 //! Test harness for the end-to-end tests in this folder: finds the built `rsdeep` and
-//! `rsdeep-worker` binaries (next to the test executable's target directory) and runs them
-//! in temporary folders. The tests themselves are the `[[test]]` targets of this crate.
+//! `rsdeep-worker` binaries (next to the test executable's target directory), runs the
+//! launcher in a temporary folder with its output captured to files, writes wrapper
+//! "worker" scripts that misbehave on purpose, and checks whether processes are gone.
+//! The tests themselves are the `[[test]]` targets of this crate.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// Path of a binary built by this workspace (`cargo build --workspace` must have run).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|p| p.parent()).expect("target profile dir");
-    dir.join(name)
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target profile dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the e2e tests",
+        path.display()
+    );
+    path
+}
+
+/// A running `rsdeep` launcher whose stdout/stderr go to files in its own temp folder.
+/// Dropping it kills the launcher's process group if it is still running.
+pub struct Launcher {
+    pub dir: tempfile::TempDir,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+impl Launcher {
+    /// Starts `rsdeep args...` in a fresh temp folder with `envs` added.
+    pub fn start(args: &[&str], envs: &[(&str, String)]) -> Launcher {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stdout = File::create(dir.path().join("stdout")).expect("stdout file");
+        let stderr = File::create(dir.path().join("stderr")).expect("stderr file");
+        let mut command = Command::new(binary("rsdeep"));
+        command
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("RSDEEP_JOB_ID")
+            .env_remove("RSDEEP_TOKEN")
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .env("RSDEEP_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn rsdeep");
+        Launcher {
+            dir,
+            child,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for the launcher to exit; panics (with its output) after `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.status = Some(status);
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "rsdeep did not exit within {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `pred(stderr)` holds; panics after `limit`.
+    pub fn wait_for_stderr(&self, limit: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !pred(&self.stderr()) {
+            assert!(
+                Instant::now() < deadline,
+                "stderr never matched within {limit:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Stdout and stderr, for assertion messages.
+    pub fn output(&self) -> String {
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Writes an executable `/bin/sh` script used as `RSDEEP_WORKER_BIN`. The script gets
+/// `$REAL_WORKER` (the real `rsdeep-worker`) and `$PID_DIR` (where it should record
+/// `$$` as `pid.<LOCAL_RANK>`) from the environment the test passes.
+pub fn worker_script(dir: &Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("worker.sh");
+    let text = format!("#!/bin/sh\necho $$ > \"$PID_DIR/pid.$LOCAL_RANK\"\n{body}\n");
+    std::fs::write(&path, text).expect("write worker script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// The pids recorded by `worker_script` in `dir`, once `count` are there.
+pub fn recorded_pids(dir: &Path, count: usize, limit: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let pids: Vec<i32> = (0..count)
+            .filter_map(|r| std::fs::read_to_string(dir.join(format!("pid.{r}"))).ok())
+            .filter_map(|t| t.trim().parse().ok())
+            .collect();
+        if pids.len() == count {
+            return pids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} workers recorded their pid",
+            pids.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state != 'Z'),
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `limit` for every pid to be gone; returns the survivors.
+pub fn survivors(pids: &[i32], limit: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills leftover processes by pid (cleanup after a failed assertion).
+pub fn kill_all(pids: &[i32]) {
+    for &pid in pids {
+        // SAFETY: plain kill(2) on pids this test started.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
 }
