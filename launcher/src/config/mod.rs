@@ -100,7 +100,9 @@ pub fn load(
     let mut raw = top_level_object(json_errors::read_json_file(path)?, path)?;
     let parsed_overrides = parse_overrides(overrides)?;
     overrides::apply_to_training_args(&mut raw, &parsed_overrides)?;
-    let (deepspeed_source, mut ds_raw) = take_deepspeed_section(&mut raw, path)?;
+    let deepspeed_on_command_line = parsed_overrides.iter().any(|o| o.key == "deepspeed");
+    let (deepspeed_source, mut ds_raw) =
+        take_deepspeed_section(&mut raw, path, deepspeed_on_command_line)?;
     overrides::apply_to_deepspeed(&mut ds_raw, &parsed_overrides)?;
 
     let mut args: TrainingArgs = json_errors::typed_from_value(Value::Object(raw), path, "")?;
@@ -149,9 +151,12 @@ fn top_level_object(value: Value, path: &Path) -> Result<Map<String, Value>, Con
 }
 
 /// Removes `deepspeed` from the raw train.json and returns the DeepSpeed JSON it names.
+/// A relative path is resolved against train.json's folder, or against the current
+/// directory when it was given on the command line (`--deepspeed path`).
 fn take_deepspeed_section(
     raw: &mut Map<String, Value>,
     train_json: &Path,
+    from_command_line: bool,
 ) -> Result<(DeepSpeedSource, Value), ConfigError> {
     match raw.get("deepspeed").cloned() {
         None | Some(Value::Null) => Ok((DeepSpeedSource::Default, auto::default_deepspeed_value())),
@@ -160,8 +165,26 @@ fn take_deepspeed_section(
             Ok((DeepSpeedSource::Inline, Value::Object(inline)))
         }
         Some(Value::String(relative)) => {
-            let folder = train_json.parent().unwrap_or(Path::new("."));
+            let folder = match train_json.parent() {
+                Some(parent) if !from_command_line => parent,
+                _ => Path::new(""),
+            };
             let file = folder.join(&relative);
+            if !file.is_file() {
+                let base = if from_command_line {
+                    "the current directory"
+                } else {
+                    "the folder of train.json"
+                };
+                return Err(ConfigError::Invalid {
+                    file: train_json.to_path_buf(),
+                    key: "deepspeed".to_string(),
+                    message: format!(
+                        "DeepSpeed config {} not found (a relative path is resolved against {base})",
+                        file.display()
+                    ),
+                });
+            }
             let value = json_errors::read_json_file(&file)?;
             if !value.is_object() {
                 return Err(ConfigError::WrongType {

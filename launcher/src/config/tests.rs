@@ -391,6 +391,36 @@ fn overrides_apply_before_auto_filling() {
 }
 
 #[test]
+fn deepspeed_path_is_relative_to_train_json_or_to_the_command_line_cwd() {
+    let (fixture, path) = seed_fixture();
+    let err = load_err(
+        &fixture.train_json(&seed_args(json!("missing.json"))),
+        &[],
+        1,
+    );
+    assert!(
+        err.contains(
+            "missing.json not found (a relative path is resolved against the folder of train.json)"
+        ),
+        "{err}"
+    );
+    // On the command line the path is the user's, relative to where rsdeep runs.
+    let from_cwd = repo_configs().join("ds_config_zero3.json");
+    let config = load(
+        &path,
+        &["--deepspeed".into(), from_cwd.display().to_string()],
+        2,
+    )
+    .unwrap();
+    assert_eq!(config.zero_stage(), 3);
+    let err = load_err(&path, &["--deepspeed", "ds_config_zero2.json"], 2);
+    assert!(
+        err.contains("resolved against the current directory"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unsupported_features_are_refused_with_what_is_supported() {
     let fixture = Fixture::new();
     let cases = [
