@@ -12,7 +12,7 @@
 //!   documents separately and so drops one remainder per batch; we drop only one.)
 //! - Cache: `<cache_dir>/<key>/tokens.bin` (u32 little-endian, `num_blocks * block_size`)
 //!   and `meta.json`, key = sha256 over (format version, each file's content sha256,
-//!   tokenizer fingerprint, block_size, text_field). Built in a temporary directory and
+//!   tokenizer fingerprint, block_size, text_field, skip_bad_lines). Built in a temporary directory and
 //!   renamed into place, so a reader never sees half a cache.
 //! - One builder per node: the caller says `is_builder` (local rank 0); the others poll for
 //!   `meta.json`, calling a `wait` function between polls, and fail if the builder left a
@@ -266,6 +266,9 @@ pub fn cache_key(files: &[InputFile], tokenizer: &str, config: &PretrainConfig) 
     hasher.update(format!("tokenizer {tokenizer}\n").as_bytes());
     hasher.update(format!("block_size {}\n", config.block_size).as_bytes());
     hasher.update(format!("text_field {}\n", config.text_field).as_bytes());
+    // With the setting in the key, a `.failed` note left for this key is a deterministic
+    // failure of these very inputs, so waiting ranks may trust it.
+    hasher.update(format!("skip_bad_lines {}\n", config.skip_bad_lines).as_bytes());
     hex::encode(hasher.finalize())[..32].to_string()
 }
 
