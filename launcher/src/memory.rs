@@ -63,20 +63,20 @@ pub struct EstimateArgs {
     #[arg(long = "model")]
     pub model_config: PathBuf,
     /// GPUs per node.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long = "num_gpus", default_value_t = 1)]
     pub num_gpus: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long = "num_nodes", default_value_t = 1)]
     pub num_nodes: usize,
     /// Micro batch per GPU (train_micro_batch_size_per_gpu).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long = "micro_batch", default_value_t = 1)]
     pub micro_batch: usize,
     /// Sequence length in tokens (block_size).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long = "seq_len", default_value_t = 1024)]
     pub seq_len: usize,
-    #[arg(long)]
+    #[arg(long = "gradient_checkpointing")]
     pub gradient_checkpointing: bool,
     /// GPU memory in GiB; configurations above it are flagged "DOES NOT FIT".
-    #[arg(long)]
+    #[arg(long = "gpu_memory")]
     pub gpu_memory: Option<f64>,
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     pub dtype: Dtype,
@@ -477,6 +477,47 @@ mod tests {
             4,
             "{text}"
         );
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: EstimateArgs,
+    }
+
+    #[test]
+    fn flags_use_the_deepspeed_underscore_spelling() {
+        use clap::Parser;
+        let argv = [
+            "estimate-memory",
+            "--model",
+            "m.json",
+            "--num_gpus",
+            "8",
+            "--num_nodes",
+            "2",
+            "--micro_batch",
+            "4",
+            "--seq_len",
+            "512",
+            "--gradient_checkpointing",
+            "--gpu_memory",
+            "80",
+            "--dtype",
+            "fp32",
+        ];
+        let args = Command::try_parse_from(argv).unwrap().args;
+        assert_eq!(
+            (
+                args.num_gpus,
+                args.num_nodes,
+                args.micro_batch,
+                args.seq_len
+            ),
+            (8, 2, 4, 512)
+        );
+        assert!(args.gradient_checkpointing);
+        assert_eq!((args.gpu_memory, args.dtype), (Some(80.0), Dtype::Fp32));
     }
 
     #[test]

@@ -113,10 +113,15 @@ fn classify_serde_error(file: &Path, key: &str, message: &str) -> ConfigError {
         };
     }
     if message.starts_with("invalid type") || message.starts_with("invalid value") {
+        let auto_hint = if message.contains("string \"auto\"") {
+            " (\"auto\" is accepted only for the keys Hugging Face fills from the training arguments)"
+        } else {
+            ""
+        };
         return ConfigError::WrongType {
             file: file.to_path_buf(),
             key: key.to_string(),
-            message: humanize_expected(message),
+            message: format!("{}{auto_hint}", humanize_expected(message)),
         };
     }
     ConfigError::Invalid {
@@ -223,6 +228,18 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "t.json: key \"steps\": invalid type: string \"ten\", expected a non-negative integer"
+        );
+    }
+
+    #[test]
+    fn auto_where_not_fillable_says_so() {
+        let v = serde_json::json!({"steps": "auto"});
+        let err = typed_from_value::<Outer>(v, Path::new("t.json"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"auto\" is accepted only for the keys Hugging Face fills"),
+            "{err}"
         );
     }
 

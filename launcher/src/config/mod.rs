@@ -98,6 +98,7 @@ pub fn load(
     world_size: usize,
 ) -> Result<TrainConfig, ConfigError> {
     let mut raw = top_level_object(json_errors::read_json_file(path)?, path)?;
+    overrides::canonicalize_keys(&mut raw);
     let parsed_overrides = parse_overrides(overrides)?;
     overrides::apply_to_training_args(&mut raw, &parsed_overrides)?;
     let deepspeed_on_command_line = parsed_overrides.iter().any(|o| o.key == "deepspeed");

@@ -83,9 +83,28 @@ pub fn apply_to_training_args(
             });
         }
         let value = typed_value(&item.key, item.value.as_deref())?;
-        raw.insert(item.key.clone(), value);
+        raw.insert(canonical_key(&item.key).to_string(), value);
     }
     Ok(())
+}
+
+/// Hugging Face's older spelling maps to the current key, so a file and an override
+/// using different spellings do not collide.
+pub fn canonical_key(key: &str) -> &str {
+    match key {
+        "evaluation_strategy" => "eval_strategy",
+        other => other,
+    }
+}
+
+/// Renames older spellings in the raw train.json (both spellings in one file stay an
+/// error: serde reports the duplicate).
+pub fn canonicalize_keys(raw: &mut Map<String, Value>) {
+    if !raw.contains_key("eval_strategy")
+        && let Some(value) = raw.remove("evaluation_strategy")
+    {
+        raw.insert("eval_strategy".to_string(), value);
+    }
 }
 
 /// Applies `--deepspeed.a.b value` overrides to the raw DeepSpeed config (validated later
@@ -229,6 +248,18 @@ mod tests {
         );
         let err = applied(&["--output_dir"]).unwrap_err().to_string();
         assert!(err.contains("needs a value"), "{err}");
+    }
+
+    #[test]
+    fn old_eval_spelling_overrides_the_new_key() {
+        let mut raw = Map::from_iter([("evaluation_strategy".to_string(), json!("steps"))]);
+        canonicalize_keys(&mut raw);
+        let parsed = parse_overrides(&strings(&["--evaluation_strategy", "no"])).unwrap();
+        apply_to_training_args(&mut raw, &parsed).unwrap();
+        assert_eq!(
+            raw,
+            Map::from_iter([("eval_strategy".to_string(), json!("no"))])
+        );
     }
 
     #[test]
