@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::data::expand_files;
 use crate::error::{Error, Result};
 
 /// Tokenizer tools.
@@ -47,7 +48,7 @@ where
             vocab_size,
             out,
         } => {
-            let files = expand_globs(&files)?;
+            let files = expand_files(&files)?;
             let tokenizer = super::train_bpe(&files, vocab_size, &out)?;
             println!(
                 "trained byte-level BPE: {} ids from {} file(s) -> {}",
@@ -58,25 +59,6 @@ where
             Ok(())
         }
     }
-}
-
-/// Expands glob patterns; a pattern matching nothing is an error naming it.
-pub fn expand_globs(patterns: &[String]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for pattern in patterns {
-        let paths =
-            glob::glob(pattern).map_err(|e| Error::Config(format!("glob {pattern}: {e}")))?;
-        let before = files.len();
-        for path in paths {
-            files.push(path.map_err(|e| Error::Config(format!("glob {pattern}: {e}")))?);
-        }
-        if files.len() == before {
-            return Err(Error::Config(format!("no file matches {pattern}")));
-        }
-    }
-    files.sort();
-    files.dedup();
-    Ok(files)
 }
 
 #[cfg(test)]
@@ -106,7 +88,7 @@ mod tests {
 
     #[test]
     fn unmatched_glob_is_an_error() {
-        let err = expand_globs(&["/nonexistent/dir/*.jsonl".to_string()]).unwrap_err();
+        let err = expand_files(&["/nonexistent/dir/*.jsonl".to_string()]).unwrap_err();
         assert!(err.to_string().contains("no file matches"), "{err}");
     }
 }
