@@ -13,6 +13,7 @@
 //! A crash at any moment leaves either no `checkpoint-N` or a complete one, so the
 //! previous complete checkpoint stays the newest. Contract: `docs/checkpoints.md`.
 
+use super::crash::crash_point;
 use super::manifest::{
     EngineMeta, FORMAT_VERSION, FileTable, Manifest, SavedBlock, sync_and_hash, sync_dir,
     write_synced,
@@ -59,6 +60,7 @@ pub struct SaveRequest<'a> {
 /// A rank's state copied out of the engine: nothing here aliases training tensors.
 struct RankSnapshot {
     rank: usize,
+    step: u64,
     tmp_dir: PathBuf,
     owned: OwnedState,
     /// Whether this rank writes an optimizer partition (stage 0: only rank 0).
@@ -164,7 +166,7 @@ fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, CommitPlan)> {
         .output_dir
         .join(format!("{}.tmp", checkpoint_dir_name(req.step)));
     let created = if rank == 0 {
-        create_tmp_dir(req.output_dir, &tmp_dir)
+        create_tmp_dir(req.output_dir, &tmp_dir, req.step)
     } else {
         Ok(())
     };
@@ -206,6 +208,7 @@ fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, CommitPlan)> {
     let writes_partition = owned.stage > 0 || rank == 0;
     let snapshot = RankSnapshot {
         rank,
+        step: req.step,
         tmp_dir: tmp_dir.clone(),
         owned,
         writes_partition,
@@ -286,13 +289,15 @@ fn frozen_params(engine: &ZeroEngine, meta: &EngineMeta) -> Result<Vec<(String, 
     Ok(frozen)
 }
 
-fn create_tmp_dir(output_dir: &Path, tmp_dir: &Path) -> Result<()> {
+fn create_tmp_dir(output_dir: &Path, tmp_dir: &Path, step: u64) -> Result<()> {
     std::fs::create_dir_all(output_dir)
         .map_err(|e| Error::io(format!("creating {}", output_dir.display()), e))?;
     remove_stale_tmp_dirs(output_dir)?;
     std::fs::create_dir_all(tmp_dir.join(ZERO_DIR))
         .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
-    sync_dir(output_dir)
+    sync_dir(output_dir)?;
+    crash_point("tmp_dir_created", step);
+    Ok(())
 }
 
 /// Removes `checkpoint-*.tmp` folders left by crashed saves (never resumable).
@@ -328,8 +333,9 @@ fn write_rank_files(snapshot: RankSnapshot) -> Result<FileTable> {
         let relative = partition_file(partition_rank);
         table.insert(
             relative.clone(),
-            write_partition(&dir.join(&relative), &snapshot.owned)?,
+            write_partition(&dir.join(&relative), &snapshot.owned, snapshot.step)?,
         );
+        crash_point("partition_written", snapshot.step);
     }
     let extra = serde_json::to_vec_pretty(&snapshot.per_rank_extra)
         .map_err(|e| Error::Checkpoint(format!("serialising rank state: {e}")))?;
@@ -339,11 +345,12 @@ fn write_rank_files(snapshot: RankSnapshot) -> Result<FileTable> {
         write_synced(&dir.join(&relative), &extra)?,
     );
     if let Some(leader) = snapshot.leader {
-        write_leader_files(dir, leader, &mut table)?;
+        write_leader_files(dir, leader, &mut table, snapshot.step)?;
     }
     let part =
         serde_json::to_vec(&table).map_err(|e| Error::Checkpoint(format!("manifest part: {e}")))?;
     write_synced(&dir.join(manifest_part_file(snapshot.rank)), &part)?;
+    crash_point("manifest_part_written", snapshot.step);
     Ok(table)
 }
 
@@ -355,7 +362,11 @@ pub(super) fn partition_tensor_name(block: usize, which: &str) -> String {
 /// The three optimizer tensors of each block, in file order.
 pub(super) const OPTIMIZER_TENSORS: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
 
-fn write_partition(path: &Path, owned: &OwnedState) -> Result<super::manifest::FileEntry> {
+fn write_partition(
+    path: &Path,
+    owned: &OwnedState,
+    step: u64,
+) -> Result<super::manifest::FileEntry> {
     let mut specs = Vec::new();
     let mut sources = Vec::new();
     for block in &owned.blocks {
@@ -372,10 +383,20 @@ fn write_partition(path: &Path, owned: &OwnedState) -> Result<super::manifest::F
             sources.push(tensor);
         }
     }
-    write_streaming(path, &specs, |i| tensor_bytes(sources[i]))
+    write_streaming(path, &specs, |i| {
+        if i == specs.len() / 2 {
+            crash_point("partition_partly_written", step);
+        }
+        tensor_bytes(sources[i])
+    })
 }
 
-fn write_leader_files(dir: &Path, mut leader: LeaderSnapshot, table: &mut FileTable) -> Result<()> {
+fn write_leader_files(
+    dir: &Path,
+    mut leader: LeaderSnapshot,
+    table: &mut FileTable,
+    step: u64,
+) -> Result<()> {
     table.insert(
         "config.json".into(),
         write_synced(
@@ -412,9 +433,11 @@ fn write_leader_files(dir: &Path, mut leader: LeaderSnapshot, table: &mut FileTa
         "engine_state.json".into(),
         write_synced(&dir.join("engine_state.json"), &state)?,
     );
+    crash_point("leader_files_written", step);
     if let Some(weights) = leader.weights {
         // The HF writer renames its files into place; they are fsynced and hashed at commit.
         crate::model::save_safetensors_sharded(&weights, dir, leader.max_shard_bytes)?;
+        crash_point("weights_written", step);
     }
     Ok(())
 }
@@ -454,6 +477,7 @@ fn publish(world_size: usize, plan: &CommitPlan) -> Result<()> {
         std::fs::remove_file(&path)
             .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
     }
+    crash_point("manifest_parts_merged", plan.step);
     hash_unlisted_files(&plan.tmp_dir, "", &mut files)?;
     let mut meta = plan.meta.clone();
     let engine_state = plan.tmp_dir.join("engine_state.json");
@@ -473,8 +497,11 @@ fn publish(world_size: usize, plan: &CommitPlan) -> Result<()> {
     write_synced(&plan.tmp_dir.join(MANIFEST_FILE), &text)?;
     sync_dir(&plan.tmp_dir.join(ZERO_DIR))?;
     sync_dir(&plan.tmp_dir)?;
+    crash_point("manifest_written", plan.step);
     move_into_place(plan)?;
+    crash_point("renamed_into_place", plan.step);
     write_latest(&plan.output_dir, plan.step)?;
+    crash_point("latest_updated", plan.step);
     rotate(
         &plan.output_dir,
         plan.save_total_limit,
@@ -559,6 +586,7 @@ fn rotate(output_dir: &Path, limit: Option<usize>, newest: u64, best: Option<&st
         let doomed = output_dir.join(format!("{name}.deleting.tmp"));
         std::fs::rename(path, &doomed)
             .map_err(|e| Error::io(format!("retiring {}", path.display()), e))?;
+        crash_point("rotation_retired_one", newest);
         std::fs::remove_dir_all(&doomed)
             .map_err(|e| Error::io(format!("removing {}", doomed.display()), e))?;
         tracing::info!(checkpoint = %name, "deleted by save_total_limit");

@@ -1,0 +1,50 @@
+//! Crash injection for the crash-safety tests: when `RSDEEP_CHECKPOINT_KILL_AT` is
+//! `POINT:STEP`, the process sends itself SIGKILL (kill -9: no unwinding, no buffered
+//! writes flushed) on reaching point POINT of the save of step STEP. Unset (always, in
+//! production) every point is a no-op after one environment read. The points, in
+//! protocol order, are `KILL_POINTS`; `worker/tests/checkpoint_crash.rs` kills at each.
+
+use std::sync::OnceLock;
+
+/// Environment variable naming the kill point: `POINT:STEP`.
+pub const KILL_ENV: &str = "RSDEEP_CHECKPOINT_KILL_AT";
+
+/// Every point a save can be killed at, in the order the protocol passes them.
+pub const KILL_POINTS: [&str; 11] = [
+    "tmp_dir_created",
+    "partition_partly_written",
+    "partition_written",
+    "leader_files_written",
+    "weights_written",
+    "manifest_part_written",
+    "manifest_parts_merged",
+    "manifest_written",
+    "renamed_into_place",
+    "latest_updated",
+    "rotation_retired_one",
+];
+
+fn target() -> Option<&'static (String, u64)> {
+    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    TARGET
+        .get_or_init(|| {
+            let value = std::env::var(KILL_ENV).ok()?;
+            let (point, step) = value.rsplit_once(':')?;
+            Some((point.to_string(), step.parse().ok()?))
+        })
+        .as_ref()
+}
+
+/// Kills this process with SIGKILL if `point` of step `step`'s save is the target.
+pub(crate) fn crash_point(point: &str, step: u64) {
+    if let Some((name, at)) = target()
+        && name == point
+        && *at == step
+    {
+        eprintln!("rsdeep: {KILL_ENV}: killing this process at {point} of step {step}");
+        // SAFETY: kill(2) on our own pid; no memory is touched.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
