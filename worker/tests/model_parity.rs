@@ -342,17 +342,22 @@ fn check_against_transformers(name: &str) {
         ours, hf_names,
         "{name}: parameter names differ from transformers"
     );
+    let mut worst_grad = 0f64;
     for param in model.params() {
         let err = relative_error(
             &param.tensor.grad(),
             &expected[&format!("grad.{}", param.name)],
         );
+        worst_grad = worst_grad.max(err);
         assert!(
             err < RELATIVE_TOL,
             "{name}: gradient of {} off by {err:e} (relative)",
             param.name
         );
     }
+    eprintln!(
+        "{name}: max |logits diff| {logit_err:.2e}, loss rel {loss_err:.2e}, worst grad rel {worst_grad:.2e}"
+    );
 }
 
 #[test]
@@ -440,4 +445,45 @@ fn rsdeep_saved_models_load_in_transformers() {
             case.name
         );
     }
+}
+
+/// bf16 end to end: rsdeep loads the HF fp32 folder as bf16, saves it as bf16 (config
+/// declares bfloat16), transformers loads that in bf16 and its logits track rsdeep's.
+/// Both run the same libtorch bf16 kernels, so the bound is loose only for op ordering.
+#[test]
+fn bf16_saved_model_matches_transformers_in_bf16() {
+    let case = case_named("qwen2_gqa_untied");
+    let work = tempfile::tempdir().unwrap();
+    let source = reference().dir.path().join(case.name).join("hf_model");
+    let model = CausalLm::from_pretrained(&source, Device::Cpu, Kind::BFloat16).unwrap();
+    assert!(model.params().all(|p| p.tensor.kind() == Kind::BFloat16));
+    let saved = work.path().join("bf16");
+    model
+        .save_pretrained(&saved, 1 << 30, Kind::BFloat16)
+        .unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+
+    let ids = to_tensor(&case.input_ids);
+    let logits = tch::no_grad(|| model.forward(&ids, &rsdeep_ctx(&case, &ids))).unwrap();
+    assert_eq!(logits.kind(), Kind::BFloat16);
+    let out_file = work.path().join("bf16.logits.safetensors");
+    let mut spec = batch_spec(&case);
+    let extra = json!({"model_dir": saved, "out_file": out_file, "dtype": "bfloat16"});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    run_script(
+        "load_rsdeep_model.py",
+        &Value::Array(vec![spec]),
+        work.path(),
+    );
+    let theirs = read_tensors(&out_file)["logits"].to_kind(Kind::Float);
+    let err = relative_error(&logits.to_kind(Kind::Float), &theirs);
+    eprintln!("bf16: max |logits diff| / max |logits| = {err:.2e}");
+    assert!(
+        err < 1e-2,
+        "bf16 logits differ by {err:e} (relative to max)"
+    );
 }

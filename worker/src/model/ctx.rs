@@ -20,8 +20,9 @@ impl ForwardCtx {
     /// token) and optional packed-sequence segment ids (B, T) (tokens attend only within
     /// their segment; positions restart at 0 per segment). Without padding (or with an
     /// all-ones mask) and without segments the mask is `None`, so SDPA runs `is_causal`.
-    /// Rows that would see no key at all (padding queries) may attend to themselves, which
-    /// keeps every backend free of NaN and changes nothing at real tokens.
+    /// Like transformers, a padding query that sees no real key keeps an all-false row;
+    /// torch's SDPA (>= 2.5) returns zeros there, exactly as HF gets (its logits still
+    /// enter the loss when the next label is real, e.g. the last left-padding position).
     pub fn build(
         ids: &Tensor,
         padding_mask: Option<&Tensor>,
@@ -79,11 +80,7 @@ impl ForwardCtx {
                 .f_eq_tensor(&segments.f_unsqueeze(1)?)?; // (B, T, T)
             mask = mask.f_logical_and(&same.f_unsqueeze(1)?)?;
         }
-        let diagonal = Tensor::f_eye(seq, (Kind::Bool, device))?; // (T, T)
-        let mask = mask
-            .f_logical_or(&diagonal)?
-            .f_expand([batch, 1, seq, seq], false)?
-            .f_contiguous()?; // (B, 1, T, T)
+        let mask = mask.f_expand([batch, 1, seq, seq], false)?.f_contiguous()?; // (B, 1, T, T)
         Ok(ForwardCtx {
             position_ids,
             attention_mask: Some(mask),
@@ -189,10 +186,13 @@ mod tests {
         let at = |b, q, k| mask.int64_value(&[b, 0, q, k]) != 0;
         assert!(!at(0, 2, 0), "left padding key hidden");
         assert!(at(0, 2, 1) && at(0, 2, 2) && !at(0, 2, 3), "causal");
-        assert!(at(0, 0, 0), "fully padded row keeps its diagonal");
         assert!(
-            at(1, 3, 3) && at(1, 3, 0),
-            "padded query: diagonal plus real keys"
+            !at(0, 0, 0),
+            "a fully padded row stays empty, as in transformers"
+        );
+        assert!(
+            at(1, 3, 0) && !at(1, 3, 3),
+            "padded query sees real keys only"
         );
         assert!(!at(1, 2, 3), "right-padding key hidden");
     }
