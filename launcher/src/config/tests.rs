@@ -211,6 +211,42 @@ fn no_deepspeed_key_means_zero0_from_the_arguments() {
 }
 
 #[test]
+fn defaults_are_deepspeeds() {
+    let ds = DeepSpeedConfig::default();
+    let zero = &ds.zero_optimization;
+    assert_eq!(
+        (
+            zero.stage,
+            zero.reduce_bucket_size,
+            zero.allgather_bucket_size
+        ),
+        (0, AutoOr::Value(500_000_000), 500_000_000)
+    );
+    assert_eq!(
+        (
+            zero.stage3_prefetch_bucket_size,
+            zero.stage3_param_persistence_threshold
+        ),
+        (AutoOr::Value(50_000_000), AutoOr::Value(100_000))
+    );
+    assert!(zero.contiguous_gradients && zero.reduce_scatter && zero.overlap_comm.is_none());
+    assert_eq!(ds.gradient_clipping, AutoOr::Value(1.0));
+    assert_eq!(
+        (
+            ds.fp16.initial_scale_power,
+            ds.fp16.loss_scale_window,
+            ds.fp16.hysteresis
+        ),
+        (16, 1000, 2)
+    );
+    assert_eq!(ds.fp16, Fp16Config::default());
+    assert_eq!(ds.bf16, Bf16Config::default());
+    let mut stage3 = ZeroConfig::default();
+    stage3.stage = 3;
+    assert!(stage3.overlap_comm_resolved() && !zero.overlap_comm_resolved());
+}
+
+#[test]
 fn top_level_typo_suggests_deepspeed() {
     let fixture = Fixture::new();
     let mut args = seed_args(Value::Null);

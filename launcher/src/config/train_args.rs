@@ -106,6 +106,7 @@ pub struct TrainingArgs {
     /// Pretraining chunk length in tokens; `None`: min(1024, max_position_embeddings).
     pub block_size: Option<usize>,
     /// SFT: longest example in tokens (TRL `max_length` default 1024).
+    #[serde(alias = "max_length")]
     pub max_seq_length: usize,
     /// SFT: pack several examples into one sequence.
     pub packing: bool,
@@ -151,6 +152,7 @@ pub struct TrainingArgs {
     pub do_eval: bool,
     pub logging_dir: Option<String>,
     pub logging_strategy: IntervalStrategy,
+    /// Whole steps (Hugging Face's fractional "ratio of total steps" is not accepted).
     pub logging_steps: u64,
     pub logging_first_step: bool,
     #[serde(alias = "evaluation_strategy")]
