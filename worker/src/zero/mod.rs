@@ -6,6 +6,7 @@
 //! checkpointing, memory accounting and checkpoint state. Design: `docs/zero-engine.md`.
 //!
 //! Layout: `config.rs` (the keys honoured), `partition.rs` (flat-buffer arithmetic),
+//! `from_train_config.rs` (adapter from the launcher's TrainConfig),
 //! `engine.rs` (block-wise forward/backward), `reduce.rs` (gradient buckets),
 //! `gather.rs` (parameter all-gathers), `step.rs` (optimizer step), `state.rs` (memory
 //! report, checkpoint state), `adamw.rs`, `scheduler.rs`, `loss_scaler.rs`,
@@ -14,6 +15,7 @@
 pub mod adamw;
 pub mod config;
 pub mod engine;
+pub mod from_train_config;
 mod gather;
 pub mod local_comm;
 pub mod loss_scaler;
