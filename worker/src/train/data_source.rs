@@ -37,7 +37,10 @@ impl Examples {
     pub fn batch(&self, indices: &[usize], device: Device) -> Result<Batch> {
         match self {
             Examples::Pretrain(d) => {
-                let blocks = indices.iter().map(|&i| d.block(i)).collect::<Result<Vec<_>>>()?;
+                let blocks = indices
+                    .iter()
+                    .map(|&i| d.block(i))
+                    .collect::<Result<Vec<_>>>()?;
                 collate_blocks(&blocks, device)
             }
             Examples::Sft { dataset, pad_id } => {
@@ -62,7 +65,9 @@ impl DataPlan<'_> {
     pub fn block_size(&self) -> usize {
         let args = &self.config.args;
         match args.task {
-            Task::Pretrain => args.block_size.unwrap_or(self.max_position_embeddings.min(1024)),
+            Task::Pretrain => args
+                .block_size
+                .unwrap_or(self.max_position_embeddings.min(1024)),
             _ => args.max_seq_length,
         }
     }
@@ -82,7 +87,8 @@ impl DataPlan<'_> {
                     cache_dir: cache_dir(),
                 };
                 let wait = poll_wait(Duration::from_millis(200), Duration::from_secs(3600));
-                let dataset = PretrainDataset::load_or_build(&config, self.tokenizer, self.is_builder, wait)?;
+                let dataset =
+                    PretrainDataset::load_or_build(&config, self.tokenizer, self.is_builder, wait)?;
                 Ok(Examples::Pretrain(dataset))
             }
             _ => {
@@ -96,7 +102,9 @@ impl DataPlan<'_> {
                     .tokenizer
                     .pad_id()
                     .or(self.tokenizer.eos_id())
-                    .ok_or_else(|| Error::Tokenizer("the tokenizer has neither a pad nor an eos token".into()))?;
+                    .ok_or_else(|| {
+                        Error::Tokenizer("the tokenizer has neither a pad nor an eos token".into())
+                    })?;
                 Ok(Examples::Sft { dataset, pad_id })
             }
         }
@@ -119,7 +127,9 @@ pub fn cache_dir() -> PathBuf {
 /// Expands globs in the file list; a pattern that matches nothing is an error naming it.
 fn expand(patterns: &[String]) -> Result<Vec<PathBuf>> {
     if patterns.is_empty() {
-        return Err(Error::Config("no data files given (train_files / eval_files is empty)".into()));
+        return Err(Error::Config(
+            "no data files given (train_files / eval_files is empty)".into(),
+        ));
     }
     let mut files = Vec::new();
     for pattern in patterns {
@@ -130,7 +140,9 @@ fn expand(patterns: &[String]) -> Result<Vec<PathBuf>> {
         if matches.is_empty() {
             return Err(Error::Config(format!(
                 "data file {pattern:?} does not exist (relative paths are taken from the working directory {})",
-                std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default()
+                std::env::current_dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
             )));
         }
         files.extend(matches);
@@ -146,7 +158,13 @@ pub struct BatchStream {
 
 impl BatchStream {
     /// A shuffled, drop-last stream (so every rank takes the same number of steps).
-    pub fn new(len: usize, world_size: usize, rank: usize, seed: u64, micro_batch: usize) -> Result<Self> {
+    pub fn new(
+        len: usize,
+        world_size: usize,
+        rank: usize,
+        seed: u64,
+        micro_batch: usize,
+    ) -> Result<Self> {
         let sampler = DistributedSampler::new(len, world_size, rank, true, seed, true)?;
         if sampler.per_rank_len() < micro_batch {
             return Err(Error::Data(format!(
@@ -154,7 +172,10 @@ impl BatchStream {
                 sampler.per_rank_len()
             )));
         }
-        Ok(BatchStream { sampler, micro_batch })
+        Ok(BatchStream {
+            sampler,
+            micro_batch,
+        })
     }
 
     /// Micro-batches per epoch on this rank.

@@ -2,22 +2,32 @@
 //! arguments, "auto" already filled) to the engine's own `EngineConfig`. Every key the
 //! engine honours is mapped here; keys it cannot honour were refused by the config loader.
 
-use crate::zero::{EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType};
+use crate::zero::{
+    EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType,
+};
 use crate::{Error, Result};
 use rsdeep::config::{self as cfg, TrainConfig};
 use tch::Device;
 
 /// Maps `config` (after `fill_model_autos`) to the engine's configuration on `device`.
-pub fn engine_config(config: &TrainConfig, total_steps: u64, device: Device) -> Result<EngineConfig> {
+pub fn engine_config(
+    config: &TrainConfig,
+    total_steps: u64,
+    device: Device,
+) -> Result<EngineConfig> {
     let pending = config.unresolved_autos();
     if !pending.is_empty() {
-        return Err(Error::Config(format!("still \"auto\" after model autos: {}", pending.join(", "))));
+        return Err(Error::Config(format!(
+            "still \"auto\" after model autos: {}",
+            pending.join(", ")
+        )));
     }
     let ds = &config.deepspeed;
     let zero = &ds.zero_optimization;
     let batch = &config.batch;
     let value = |v: cfg::AutoOr<u64>, key: &str| {
-        v.value().ok_or_else(|| Error::Config(format!("{key} is still \"auto\"")))
+        v.value()
+            .ok_or_else(|| Error::Config(format!("{key} is still \"auto\"")))
     };
     Ok(EngineConfig {
         stage: zero.stage,
@@ -26,7 +36,10 @@ pub fn engine_config(config: &TrainConfig, total_steps: u64, device: Device) -> 
         overlap_comm: zero.overlap_comm_resolved(),
         contiguous_gradients: zero.contiguous_gradients,
         reduce_scatter: zero.reduce_scatter,
-        stage3_prefetch_bucket_size: value(zero.stage3_prefetch_bucket_size, "stage3_prefetch_bucket_size")? as usize,
+        stage3_prefetch_bucket_size: value(
+            zero.stage3_prefetch_bucket_size,
+            "stage3_prefetch_bucket_size",
+        )? as usize,
         stage3_param_persistence_threshold: value(
             zero.stage3_param_persistence_threshold,
             "stage3_param_persistence_threshold",
@@ -84,8 +97,10 @@ fn scheduler(config: &TrainConfig, total_steps: u64) -> Result<SchedulerConfig> 
         return Ok(hf_scheduler(config, total_steps));
     };
     let p = &ds.params;
-    let auto_f64 = |v: Option<cfg::AutoOr<f64>>, default: f64| v.and_then(|a| a.value()).unwrap_or(default);
-    let auto_u64 = |v: Option<cfg::AutoOr<u64>>, default: u64| v.and_then(|a| a.value()).unwrap_or(default);
+    let auto_f64 =
+        |v: Option<cfg::AutoOr<f64>>, default: f64| v.and_then(|a| a.value()).unwrap_or(default);
+    let auto_u64 =
+        |v: Option<cfg::AutoOr<u64>>, default: u64| v.and_then(|a| a.value()).unwrap_or(default);
     let warmup_type = match p.warmup_type {
         Some(cfg::WarmupType::Linear) => WarmupType::Linear,
         _ => WarmupType::Log,
@@ -122,8 +137,14 @@ fn scheduler(config: &TrainConfig, total_steps: u64) -> Result<SchedulerConfig> 
 fn hf_scheduler(config: &TrainConfig, total_steps: u64) -> SchedulerConfig {
     let warmup_steps = config.args.warmup_steps_for(total_steps);
     match config.args.lr_scheduler_type {
-        cfg::LrSchedulerType::Linear => SchedulerConfig::HfLinear { warmup_steps, total_steps },
-        cfg::LrSchedulerType::Cosine => SchedulerConfig::HfCosine { warmup_steps, total_steps },
+        cfg::LrSchedulerType::Linear => SchedulerConfig::HfLinear {
+            warmup_steps,
+            total_steps,
+        },
+        cfg::LrSchedulerType::Cosine => SchedulerConfig::HfCosine {
+            warmup_steps,
+            total_steps,
+        },
         cfg::LrSchedulerType::Constant => SchedulerConfig::Constant,
         cfg::LrSchedulerType::ConstantWithWarmup => SchedulerConfig::WarmupLr {
             warmup_min_lr: 0.0,

@@ -5,10 +5,12 @@
 
 pub mod data_source;
 pub mod engine_config;
+pub mod entry;
 pub mod outputs;
 pub mod plot;
 pub mod progress;
 pub mod run;
 pub mod tensorboard;
 
+pub use entry::train_from_launcher;
 pub use run::{StepProgress, TrainSummary, TrainWorld, train};

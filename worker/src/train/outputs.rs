@@ -4,10 +4,10 @@
 
 use super::plot::write_loss_curve as plot_loss_curve;
 use super::progress::StepMetrics;
+use crate::checkpoint::TrainerState;
 use crate::model::{ModelConfig, save_safetensors_sharded};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use rsdeep::config::TrainConfig;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -35,7 +35,11 @@ pub fn write_final_model(
 }
 
 /// `loss.png` from the logged train losses and any eval points in the history.
-pub fn write_loss_curve(dir: &Path, history: &[StepMetrics], log_history: &[serde_json::Value]) -> Result<()> {
+pub fn write_loss_curve(
+    dir: &Path,
+    history: &[StepMetrics],
+    log_history: &[serde_json::Value],
+) -> Result<()> {
     let train: Vec<(u64, f64)> = history.iter().map(|m| (m.step, m.loss)).collect();
     let eval: Vec<(u64, f64)> = log_history
         .iter()
@@ -45,39 +49,10 @@ pub fn write_loss_curve(dir: &Path, history: &[StepMetrics], log_history: &[serd
 }
 
 /// HF's `trainer_state.json` for the finished run.
-pub fn write_trainer_state(
-    dir: &Path,
-    config: &TrainConfig,
-    global_step: u64,
-    epoch: f64,
-    log_history: &[serde_json::Value],
-) -> Result<()> {
-    let args = &config.args;
-    let state = serde_json::json!({
-        "best_global_step": null,
-        "best_metric": null,
-        "best_model_checkpoint": null,
-        "epoch": epoch,
-        "eval_steps": args.eval_interval(),
-        "global_step": global_step,
-        "is_hyper_param_search": false,
-        "is_local_process_zero": true,
-        "is_world_process_zero": true,
-        "log_history": log_history,
-        "logging_steps": args.logging_steps,
-        "max_steps": global_step,
-        "num_input_tokens_seen": 0,
-        "num_train_epochs": args.num_train_epochs,
-        "save_steps": args.save_steps,
-        "stateful_callbacks": {},
-        "total_flos": 0.0,
-        "train_batch_size": config.batch.train_micro_batch_size_per_gpu,
-        "trial_name": null,
-        "trial_params": null,
-    });
+pub fn write_trainer_state(dir: &Path, state: &TrainerState) -> Result<()> {
     let path = dir.join("trainer_state.json");
-    let text = serde_json::to_string_pretty(&state).map_err(|e| Error::Checkpoint(e.to_string()))?;
-    std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    std::fs::write(&path, state.to_json_string()?)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 /// HF's `convert_file_size_to_int`: "5GB" = 5·10⁹, "5GiB" = 5·2³⁰, "500MB", "10KB", or a

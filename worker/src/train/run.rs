@@ -5,15 +5,16 @@
 //! run depends only on its config and a resumed run continues exactly.
 
 use super::data_source::{BatchStream, DataPlan, Examples};
+use super::engine_config::engine_config;
 use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
+use crate::checkpoint::{self, PendingSave, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
 use crate::model::{CausalLm, ForwardCtx, ModelConfig, causal_lm_loss};
 use crate::tokenizer::Tokenizer;
-use super::engine_config::engine_config;
 use crate::zero::{EngineModel, ZeroEngine};
 use crate::{Error, Result};
-use rsdeep::config::{IntervalStrategy, TrainConfig};
+use rsdeep::config::{IntervalStrategy, ResumeFrom, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,7 +47,8 @@ pub struct TrainSummary {
     pub output_dir: PathBuf,
 }
 
-/// Runs pretraining or SFT to the end. Every rank calls it with the same config.
+/// Runs pretraining or SFT to the end (resuming first when asked). Every rank calls it
+/// with the same config.
 pub fn train(
     mut config: TrainConfig,
     world: TrainWorld,
@@ -65,16 +67,21 @@ pub fn train(
         is_builder: world.local_rank == 0,
     };
     let train_data = plan.load(&args.train_files)?;
-    let eval_data = if args.eval_files.is_empty() {
-        None
-    } else {
-        Some(plan.load(&args.eval_files)?)
+    let eval_data = match args.eval_files.is_empty() {
+        true => None,
+        false => Some(plan.load(&args.eval_files)?),
     };
     let flops_per_token = flops_per_token(&model, plan.block_size());
     let micro_batch = config.batch.train_micro_batch_size_per_gpu as usize;
     let grad_accum = config.batch.gradient_accumulation_steps as usize;
     let data_seed = args.data_seed.unwrap_or(args.seed);
-    let mut stream = BatchStream::new(train_data.len(), world.world_size, rank, data_seed, micro_batch)?;
+    let mut stream = BatchStream::new(
+        train_data.len(),
+        world.world_size,
+        rank,
+        data_seed,
+        micro_batch,
+    )?;
     let updates_per_epoch = (stream.micro_batches_per_epoch() / grad_accum).max(1) as u64;
     let total_steps = args.total_training_steps(updates_per_epoch);
     config
@@ -89,21 +96,63 @@ pub fn train(
     };
     let mut engine = ZeroEngine::new(engine_model, world.comm.clone(), engine_config)?;
     let output_dir = PathBuf::from(&args.output_dir);
+    let mut state = TrainerState {
+        max_steps: total_steps,
+        logging_steps: args.logging_steps,
+        eval_steps: args.eval_interval(),
+        save_steps: args.save_steps,
+        train_batch_size: Some(config.batch.train_micro_batch_size_per_gpu),
+        num_train_epochs: args.num_train_epochs.ceil() as u64,
+        is_world_process_zero: rank == 0,
+        is_local_process_zero: world.local_rank == 0,
+        ..TrainerState::default()
+    };
+    if let Some(resume) = &args.resume_from_checkpoint {
+        resume_from(
+            resume,
+            &output_dir,
+            &mut engine,
+            &world,
+            &mut stream,
+            &mut state,
+            grad_accum,
+        )?;
+    }
+    let start_step = state.global_step;
     let mut reporter = if rank == 0 {
         let tb_dir = args.report_to_tensorboard().then(|| {
-            args.logging_dir.clone().map(PathBuf::from).unwrap_or_else(|| output_dir.join("runs"))
+            args.logging_dir
+                .clone()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| output_dir.join("runs"))
         });
-        Some(ProgressReporter::open(&output_dir, total_steps, tb_dir.as_deref())?)
+        Some(ProgressReporter::open(
+            &output_dir,
+            total_steps,
+            tb_dir.as_deref(),
+        )?)
     } else {
         None
     };
     if rank == 0 {
-        announce(&config, &model_config, &train_data, total_steps, world.world_size);
+        announce(
+            &config,
+            &model_config,
+            &train_data,
+            total_steps,
+            world.world_size,
+        );
     }
-    let mut log_history = Vec::new();
+    let saver = Saver {
+        config: &config,
+        model_config_json: model_config.to_json_string()?,
+        tokenizer: &tokenizer,
+        kind,
+        output_dir: &output_dir,
+    };
     let (mut first_loss, mut last_loss, mut final_eval) = (None, None, None);
     let mut window = LogWindow::default();
-    let start_step = 0u64;
+    let mut pending_save = None;
     let mut step = start_step;
     while step < total_steps {
         tch::manual_seed(step_seed(args.seed, step, rank));
@@ -119,67 +168,208 @@ pub fn train(
                 batch.segment_ids.as_ref(),
             )?;
             let labels = batch.labels.shallow_clone();
-            engine.forward_backward(&batch.input_ids, &ctx, &mut |logits| causal_lm_loss(logits, &labels))?;
+            engine.forward_backward(&batch.input_ids, &ctx, &mut |logits| {
+                causal_lm_loss(logits, &labels)
+            })?;
         }
         let report = engine.step()?;
         step += 1;
+        state.global_step = step;
+        state.epoch = Some(stream.epoch_progress());
+        state.num_input_tokens_seen += (tokens * world.world_size as i64) as u64;
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_second = (tokens * world.world_size as i64) as f64 / seconds.max(1e-9);
         first_loss.get_or_insert(report.loss);
         last_loss = Some(report.loss);
         window.add(report.loss, report.grad_norm, tokens_per_second);
-        on_step(StepProgress { step, loss: report.loss, tokens_per_second });
+        on_step(StepProgress {
+            step,
+            loss: report.loss,
+            tokens_per_second,
+        });
         let log_now = args.logging_strategy == IntervalStrategy::Steps
-            && (step % args.logging_steps.max(1) == 0 || step == total_steps || (step == 1 && args.logging_first_step));
+            && (step % args.logging_steps.max(1) == 0
+                || step == total_steps
+                || (step == 1 && args.logging_first_step));
         if log_now {
+            let (loss, grad_norm, tps) = window.take();
+            let metrics = StepMetrics {
+                step,
+                epoch: stream.epoch_progress(),
+                loss,
+                learning_rate: report.lr,
+                grad_norm,
+                loss_scale: report.loss_scale,
+                tokens_per_second: tps,
+                mfu: mfu_percent(flops_per_token, tps, world.device, world.world_size),
+                elapsed_s: reporter.as_ref().map_or(0.0, |r| r.elapsed_s()),
+                eta_s: reporter.as_ref().map_or(0.0, |r| r.eta_s(start_step, step)),
+            };
+            state
+                .log_history
+                .push(serde_json::to_value(&metrics).unwrap_or_default());
             if let Some(rep) = reporter.as_mut() {
-                let (loss, grad_norm, tps) = window.take();
-                let metrics = StepMetrics {
-                    step,
-                    epoch: stream.epoch_progress(),
-                    loss,
-                    learning_rate: report.lr,
-                    grad_norm,
-                    loss_scale: report.loss_scale,
-                    tokens_per_second: tps,
-                    mfu: mfu_percent(flops_per_token, tps, world.device, world.world_size),
-                    elapsed_s: rep.elapsed_s(),
-                    eta_s: rep.eta_s(start_step, step),
-                };
-                log_history.push(serde_json::to_value(&metrics).unwrap_or_default());
                 rep.log(metrics)?;
-            } else {
-                window.take();
             }
         }
-        let eval_now = args.eval_strategy == IntervalStrategy::Steps && step % args.eval_interval().max(1) == 0;
+        let eval_now = args.eval_strategy == IntervalStrategy::Steps
+            && step % args.eval_interval().max(1) == 0;
         if let (true, Some(eval)) = (eval_now || step == total_steps, eval_data.as_ref()) {
             let loss = evaluate(&mut engine, eval, &world, micro_batch)?;
             final_eval = Some(loss);
+            state.log_history.push(
+                serde_json::json!({"step": step, "eval_loss": loss, "eval_perplexity": loss.exp()}),
+            );
             if let Some(rep) = reporter.as_mut() {
                 rep.log_eval(step, loss)?;
-                log_history.push(serde_json::json!({"step": step, "eval_loss": loss}));
             }
         }
+        let save_now = args.save_strategy == IntervalStrategy::Steps
+            && (step % args.save_steps.max(1) == 0 || step == total_steps);
+        if save_now {
+            if let Some(previous) = pending_save.take() {
+                saver.finish(previous, world.comm.as_ref())?;
+            }
+            let extra = serde_json::json!({
+                "seed": args.seed,
+                "step": step,
+                "rank": rank,
+                "world_size": world.world_size,
+                "sampler": stream.state(),
+            });
+            pending_save = saver.save(&mut engine, world.comm.as_ref(), &state, extra)?;
+        }
+    }
+    if let Some(previous) = pending_save.take() {
+        saver.finish(previous, world.comm.as_ref())?;
     }
     if let Some(rep) = reporter.as_ref() {
         rep.finish_line();
     }
     let weights = engine.gather_full_weights()?;
     if rank == 0 {
-        outputs::write_final_model(&output_dir, &model_config, &tokenizer, weights, kind, &args.max_shard_size)?;
+        outputs::write_final_model(
+            &output_dir,
+            &model_config,
+            &tokenizer,
+            weights,
+            kind,
+            &args.max_shard_size,
+        )?;
         if let Some(rep) = reporter.as_ref() {
-            outputs::write_loss_curve(&output_dir, rep.history(), &log_history)?;
+            outputs::write_loss_curve(&output_dir, rep.history(), &state.log_history)?;
         }
-        outputs::write_trainer_state(&output_dir, &config, step, stream.epoch_progress(), &log_history)?;
+        outputs::write_trainer_state(&output_dir, &state)?;
     }
     world.comm.barrier()?;
-    Ok(TrainSummary { first_loss, last_loss, final_eval_loss: final_eval, steps: step, output_dir })
+    Ok(TrainSummary {
+        first_loss,
+        last_loss,
+        final_eval_loss: final_eval,
+        steps: step,
+        output_dir,
+    })
+}
+
+/// Restores engine, data position and trainer state from the checkpoint `resume` names.
+fn resume_from(
+    resume: &ResumeFrom,
+    output_dir: &Path,
+    engine: &mut ZeroEngine,
+    world: &TrainWorld,
+    stream: &mut BatchStream,
+    state: &mut TrainerState,
+    grad_accum: usize,
+) -> Result<()> {
+    let spec = match resume {
+        ResumeFrom::Latest(false) => return Ok(()),
+        ResumeFrom::Latest(true) => "latest".to_string(),
+        ResumeFrom::Path(path) => path.clone(),
+    };
+    let dir = checkpoint::resolve_resume_path(output_dir, &spec)?;
+    let resumed = checkpoint::load_checkpoint(&dir, engine, world.rank, world.world_size)?;
+    // The saved sampler position is this rank's only when the world size is unchanged;
+    // otherwise every rank recomputes it from the global step.
+    let extra = &resumed.per_rank_extra;
+    let same_world = extra.get("world_size").and_then(|v| v.as_u64())
+        == Some(world.world_size as u64)
+        && extra.get("rank").and_then(|v| v.as_u64()) == Some(world.rank as u64);
+    let saved_sampler = extra
+        .get("sampler")
+        .and_then(|v| serde_json::from_value(v.clone()).ok());
+    match saved_sampler {
+        Some(sampler) if same_world => stream.restore(sampler)?,
+        _ => stream.skip_micro_batches(resumed.global_step * grad_accum as u64)?,
+    }
+    let max_steps = state.max_steps;
+    *state = resumed.trainer_state;
+    state.max_steps = max_steps;
+    state.global_step = resumed.global_step;
+    if world.rank == 0 {
+        eprintln!(
+            "[rank 0] resumed from {} at step {}",
+            dir.display(),
+            resumed.global_step
+        );
+    }
+    Ok(())
+}
+
+/// The parts of a checkpoint save that stay the same for the whole run.
+struct Saver<'a> {
+    config: &'a TrainConfig,
+    model_config_json: String,
+    tokenizer: &'a Tokenizer,
+    kind: Kind,
+    output_dir: &'a Path,
+}
+
+impl Saver<'_> {
+    /// Saves `checkpoint-{global_step}`; with `async_save` returns the save still being
+    /// written (finish it with `finish` before the next save or the end).
+    fn save(
+        &self,
+        engine: &mut ZeroEngine,
+        comm: &dyn Communicator,
+        state: &TrainerState,
+        per_rank_extra: serde_json::Value,
+    ) -> Result<Option<PendingSave>> {
+        let args = &self.config.args;
+        let zero = &self.config.deepspeed.zero_optimization;
+        let request = SaveRequest {
+            output_dir: self.output_dir,
+            step: state.global_step,
+            engine,
+            comm,
+            model_config_json: &self.model_config_json,
+            tokenizer: Some(self.tokenizer),
+            trainer_state: state,
+            per_rank_extra,
+            save_total_limit: args.save_total_limit.map(|n| n as usize),
+            max_shard_bytes: outputs::parse_size(&args.max_shard_size)?,
+            write_model_weights: zero.stage < 3 || zero.gather_16bit_weights_on_model_save(),
+            weights_dtype: self.kind,
+        };
+        if args.async_save {
+            return Ok(Some(checkpoint::save_checkpoint_async(request)?));
+        }
+        checkpoint::save_checkpoint(request)?;
+        Ok(None)
+    }
+
+    fn finish(&self, pending: PendingSave, comm: &dyn Communicator) -> Result<()> {
+        pending.finish(comm).map(|_| ())
+    }
 }
 
 /// Mean eval loss over the eval split (token-weighted, over all ranks). Every rank calls
 /// it (the forward is a collective under ZeRO-3).
-fn evaluate(engine: &mut ZeroEngine, eval: &Examples, world: &TrainWorld, micro_batch: usize) -> Result<f64> {
+fn evaluate(
+    engine: &mut ZeroEngine,
+    eval: &Examples,
+    world: &TrainWorld,
+    micro_batch: usize,
+) -> Result<f64> {
     let _span = tracing::info_span!("evaluate", rank = world.rank).entered();
     let per_rank = eval.len().div_ceil(world.world_size);
     let (mut loss_sum, mut count) = (0f64, 0f64);
@@ -188,12 +378,22 @@ fn evaluate(engine: &mut ZeroEngine, eval: &Examples, world: &TrainWorld, micro_
         let end = (start + micro_batch).min(per_rank);
         // Rank r takes r, r+W, ...; indices past the end wrap (every rank runs the same
         // number of forwards, as ZeRO-3 requires).
-        let indices: Vec<usize> =
-            (start..end).map(|i| (i * world.world_size + world.rank) % eval.len()).collect();
+        let indices: Vec<usize> = (start..end)
+            .map(|i| (i * world.world_size + world.rank) % eval.len())
+            .collect();
         let batch = eval.batch(&indices, world.device)?;
-        let ctx = ForwardCtx::build(&batch.input_ids, batch.attention_mask.as_ref(), batch.segment_ids.as_ref())?;
+        let ctx = ForwardCtx::build(
+            &batch.input_ids,
+            batch.attention_mask.as_ref(),
+            batch.segment_ids.as_ref(),
+        )?;
         let logits = engine.forward_eval(&batch.input_ids, &ctx)?;
-        let tokens = batch.labels.f_narrow(1, 1, batch.labels.size()[1] - 1)?.f_ne(-100)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+        let tokens = batch
+            .labels
+            .f_narrow(1, 1, batch.labels.size()[1] - 1)?
+            .f_ne(-100)?
+            .f_sum(Kind::Float)?
+            .f_double_value(&[])?;
         if tokens > 0.0 {
             loss_sum += causal_lm_loss(&logits, &batch.labels)?.f_double_value(&[])? * tokens;
             count += tokens;
@@ -228,7 +428,11 @@ impl LogWindow {
 
     fn take(&mut self) -> (f64, f64, f64) {
         let n = self.count.max(1.0);
-        let means = (self.loss / n, self.grad_norm / n, self.tokens_per_second / n);
+        let means = (
+            self.loss / n,
+            self.grad_norm / n,
+            self.tokens_per_second / n,
+        );
         *self = LogWindow::default();
         means
     }
@@ -236,7 +440,9 @@ impl LogWindow {
 
 /// The seed libtorch gets at optimizer step `step` on `rank` (splitmix-style mix).
 pub fn step_seed(seed: u64, step: u64, rank: usize) -> i64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (rank as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (rank as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) >> 1) as i64
@@ -252,7 +458,9 @@ fn compute_kind(config: &TrainConfig) -> Kind {
 
 fn load_tokenizer(config: &TrainConfig) -> Result<Tokenizer> {
     let path = config.args.tokenizer_path().ok_or_else(|| {
-        Error::Config("no tokenizer: set tokenizer_name (or model_name_or_path) in train.json".into())
+        Error::Config(
+            "no tokenizer: set tokenizer_name (or model_name_or_path) in train.json".into(),
+        )
     })?;
     Tokenizer::from_dir(path)
 }
@@ -268,7 +476,11 @@ fn build_model(config: &TrainConfig, device: Device, kind: Kind) -> Result<Causa
         Error::Config("set model_name_or_path (a pretrained folder) or config_name (a config.json) in train.json".into())
     })?;
     let path = Path::new(name);
-    let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
     let model_config = ModelConfig::from_file(&file)?;
     CausalLm::from_config(model_config, device, kind, args.seed)
 }
@@ -294,15 +506,29 @@ fn flops_per_token(model: &CausalLm, seq_len: usize) -> f64 {
 
 /// MFU in percent against the GPU's dense bf16 peak (`RSDEEP_PEAK_TFLOPS`, default 989 for
 /// H100 SXM); None on CPU.
-fn mfu_percent(flops_per_token: f64, tokens_per_second: f64, device: Device, world_size: usize) -> Option<f64> {
+fn mfu_percent(
+    flops_per_token: f64,
+    tokens_per_second: f64,
+    device: Device,
+    world_size: usize,
+) -> Option<f64> {
     if !device.is_cuda() {
         return None;
     }
-    let peak_tflops: f64 = std::env::var("RSDEEP_PEAK_TFLOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(989.0);
+    let peak_tflops: f64 = std::env::var("RSDEEP_PEAK_TFLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(989.0);
     Some(100.0 * flops_per_token * tokens_per_second / (peak_tflops * 1e12 * world_size as f64))
 }
 
-fn announce(config: &TrainConfig, model: &ModelConfig, data: &Examples, total_steps: u64, world_size: usize) {
+fn announce(
+    config: &TrainConfig,
+    model: &ModelConfig,
+    data: &Examples,
+    total_steps: u64,
+    world_size: usize,
+) {
     let b = &config.batch;
     eprintln!(
         "[rank 0] {:?}: {} examples, {} ranks x micro batch {} x accumulation {} = global batch {}, {} steps, ZeRO stage {}, {:?}; model {} layers hidden {} vocab {}",
