@@ -163,3 +163,64 @@ fn every_stage_matches_world_one_stage_zero_untied_head() {
         ],
     );
 }
+
+#[test]
+fn every_stage_matches_over_the_tcp_ring_backend() {
+    tch::set_num_threads(1);
+    let spec = TinySpec::default();
+    let global_batch = 8;
+    let reference = run_world(
+        &spec,
+        &Case {
+            world: 1,
+            config: base_config(0, 1, 1, global_batch),
+            steps: STEPS,
+            global_batch,
+            ..Case::default()
+        },
+    );
+    for (stage, world, overlap, gas) in [
+        (0u8, 2usize, false, 1usize),
+        (1, 4, true, 1),
+        (2, 2, true, 2),
+        (3, 4, true, 1),
+        (3, 2, false, 2),
+    ] {
+        let v = Variant {
+            stage,
+            world,
+            overlap,
+            checkpointing: stage == 3,
+            gas,
+            small_buckets: true,
+        };
+        let config = variant_config(&v, global_batch);
+        let ranks = run_world(
+            &spec,
+            &Case {
+                world,
+                config,
+                steps: STEPS,
+                global_batch,
+                tcp: true,
+                ..Case::default()
+            },
+        );
+        for rank in &ranks {
+            for (step, (got, want)) in rank.losses.iter().zip(&reference[0].losses).enumerate() {
+                assert!(
+                    ((got - want) / want).abs() <= 1e-5,
+                    "tcp stage {stage} world {world}: step {step}: {got} vs {want}"
+                );
+            }
+            for ((name, got), (_, want)) in rank.weights.iter().zip(&reference[0].weights) {
+                assert_close(
+                    got,
+                    want,
+                    1e-5,
+                    &format!("tcp stage {stage} world {world}: {name}"),
+                );
+            }
+        }
+    }
+}

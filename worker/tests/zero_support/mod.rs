@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use rsdeep_worker::Result;
-use rsdeep_worker::comm::{Communicator, TraceEvent};
+use rsdeep_worker::comm::{Communicator, TcpComm, TcpOptions, TraceEvent};
 use rsdeep_worker::model::{Block, ForwardCtx, Param};
 use rsdeep_worker::zero::{
     EngineConfig, EngineModel, LocalCommunicator, MemoryReport, StepReport, ZeroEngine,
@@ -197,6 +197,8 @@ pub struct Case {
     /// (step, rank): that rank injects an inf gradient before that step.
     pub inject_overflow: Option<(usize, usize)>,
     pub trace: bool,
+    /// Ranks talk over the real TCP ring backend on 127.0.0.1 instead of in memory.
+    pub tcp: bool,
 }
 
 impl Default for Case {
@@ -208,6 +210,7 @@ impl Default for Case {
             global_batch: 1,
             inject_overflow: None,
             trace: false,
+            tcp: false,
         }
     }
 }
@@ -228,14 +231,15 @@ pub struct RankOutcome {
 pub fn run_world(spec: &TinySpec, case: &Case) -> Vec<RankOutcome> {
     let weights = init_weights(spec);
     let tokens = make_tokens(spec, (case.steps * case.global_batch) as i64);
-    let handles: Vec<_> = LocalCommunicator::world(case.world)
+    let connectors = rank_connectors(case.world, case.tcp);
+    let handles: Vec<_> = connectors
         .into_iter()
-        .map(|comm| {
+        .map(|connect| {
             let spec = *spec;
             let case = case.clone();
             let weights: Vec<_> = weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
             let tokens = tokens.copy();
-            std::thread::spawn(move || run_rank(&spec, &case, &weights, &tokens, comm))
+            std::thread::spawn(move || run_rank(&spec, &case, &weights, &tokens, connect()))
         })
         .collect();
     handles
@@ -244,15 +248,53 @@ pub fn run_world(spec: &TinySpec, case: &Case) -> Vec<RankOutcome> {
         .collect()
 }
 
+type Connector = Box<dyn FnOnce() -> Arc<dyn Communicator> + Send>;
+
+/// One closure per rank that yields its communicator when run on the rank's thread (TCP
+/// ring formation needs every rank connecting at once).
+fn rank_connectors(world: usize, tcp: bool) -> Vec<Connector> {
+    if !tcp {
+        return LocalCommunicator::world(world)
+            .into_iter()
+            .map(|c| Box::new(move || Arc::new(c) as Arc<dyn Communicator>) as Connector)
+            .collect();
+    }
+    let listeners: Vec<_> = (0..world)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let addrs = addrs.clone();
+            Box::new(move || {
+                let comm = TcpComm::connect(
+                    rank,
+                    world,
+                    &addrs,
+                    listener,
+                    "zero-test",
+                    TcpOptions::default(),
+                )
+                .expect("tcp ring");
+                Arc::new(comm) as Arc<dyn Communicator>
+            }) as Connector
+        })
+        .collect()
+}
+
 fn run_rank(
     spec: &TinySpec,
     case: &Case,
     weights: &[(String, Tensor)],
     tokens: &Tensor,
-    comm: LocalCommunicator,
+    comm: Arc<dyn Communicator>,
 ) -> RankOutcome {
     let rank = comm.rank();
-    let comm = Arc::new(comm);
     comm.trace().set_enabled(case.trace);
     let mut engine = ZeroEngine::new(
         build_model(spec, weights),
