@@ -487,3 +487,59 @@ fn bf16_saved_model_matches_transformers_in_bf16() {
         "bf16 logits differ by {err:e} (relative to max)"
     );
 }
+
+/// Models initialised by rsdeep from a config alone (legacy `rope_theta` + `rope_scaling`
+/// keys, as rsdeep writes them) load strictly in transformers with the same RoPE: logits
+/// and loss match rsdeep's.
+#[test]
+fn from_config_models_load_in_transformers() {
+    use rsdeep_worker::model::{ModelConfig, ModelType, RopeScaling};
+    let mut llama = ModelConfig::new(ModelType::Llama, 192, 64, 96, 2, 4, 2);
+    llama.initializer_range = 0.2;
+    llama.rope_theta = Some(50000.0);
+    llama.rope_scaling = Some(RopeScaling {
+        rope_type: Some("llama3".into()),
+        factor: Some(4.0),
+        low_freq_factor: Some(1.0),
+        high_freq_factor: Some(4.0),
+        original_max_position_embeddings: Some(32),
+        ..Default::default()
+    });
+    let mut qwen = ModelConfig::new(ModelType::Qwen2, 128, 64, 128, 2, 4, 4);
+    qwen.tie_word_embeddings = true;
+    qwen.initializer_range = 0.2;
+
+    let work = tempfile::tempdir().unwrap();
+    let mut specs = Vec::new();
+    let mut ours = Vec::new();
+    for (i, config) in [llama, qwen].into_iter().enumerate() {
+        let ids = token_ids(40 + i as u64, config.vocab_size as i64);
+        let model = CausalLm::from_config(config, Device::Cpu, Kind::Float, 11 + i as u64).unwrap();
+        let saved = work.path().join(format!("model{i}"));
+        model.save_pretrained(&saved, 1 << 30, Kind::Float).unwrap();
+        let ids_tensor = to_tensor(&ids);
+        let ctx = ForwardCtx::causal(&ids_tensor).unwrap();
+        let logits = tch::no_grad(|| model.forward(&ids_tensor, &ctx)).unwrap();
+        let loss = causal_lm_loss(&logits, &ids_tensor).unwrap();
+        let out_file = work.path().join(format!("model{i}.logits.safetensors"));
+        specs.push(
+            json!({"model_dir": saved, "out_file": out_file, "input_ids": ids,
+            "labels": ids, "attention_mask": null, "position_ids": null}),
+        );
+        ours.push((logits, loss, out_file));
+    }
+    run_script("load_rsdeep_model.py", &Value::Array(specs), work.path());
+    for (i, (logits, loss, out_file)) in ours.into_iter().enumerate() {
+        let theirs = read_tensors(&out_file);
+        let err = max_abs_diff(&logits, &theirs["logits"]);
+        assert!(
+            err < LOGITS_ATOL,
+            "model {i}: transformers' logits differ by {err:e}"
+        );
+        let loss_err = relative_error(&loss, &theirs["loss"]);
+        assert!(
+            loss_err < RELATIVE_TOL,
+            "model {i}: loss differs by {loss_err:e}"
+        );
+    }
+}

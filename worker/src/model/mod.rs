@@ -13,8 +13,8 @@
 //!   embedding's `model.embed_tokens.weight` handle but does NOT list it in its `params()`
 //!   (the `Embedding` block owns it, and its gradient accumulates there from both uses).
 //!   For the head's forward/backward the engine must have the embedding weight gathered.
-//! - RoPE cos/sin tables are model state shared by the decoder layers (cached per device),
-//!   not parameters.
+//! - RoPE is model state shared by the decoder layers (inverse frequencies cached per
+//!   device, cos/sin derived from `ForwardCtx::position_ids`), not parameters.
 //! - `ForwardCtx::build` makes positions and the attention mask for a batch (padding,
 //!   packed segments); `causal_lm_loss` is HF's loss (shift inside, ignore -100, fp32).
 
@@ -379,6 +379,49 @@ mod tests {
         let loss = causal_lm_loss(&after, &ids).unwrap();
         loss.backward();
         assert!(model.params().all(|p| p.tensor.grad().defined()));
+    }
+
+    /// The engine's way: each block run on a detached input, then backpropagated alone
+    /// in reverse with its output gradient; the gradients must equal one full backward
+    /// (including the tied head's contribution landing on the embedding weight).
+    #[test]
+    fn blockwise_backward_matches_full_backward() {
+        let model =
+            CausalLm::from_config(tiny(ModelType::Llama, 2, true), Device::Cpu, Kind::Float, 9)
+                .unwrap();
+        let ids = Tensor::from_slice(&[5i64, 17, 3, 88, 41, 2, 9, 60]).reshape([2, 4]);
+        let pad = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 1, 1, 1]).reshape([2, 4]);
+        let ctx = ForwardCtx::build(&ids, Some(&pad), None).unwrap();
+        causal_lm_loss(&model.forward(&ids, &ctx).unwrap(), &ids)
+            .unwrap()
+            .backward();
+        let full: Vec<Tensor> = model.params().map(|p| p.tensor.grad().copy()).collect();
+        for p in model.params() {
+            p.tensor.grad().zero_();
+        }
+
+        let mut inputs = vec![ids.shallow_clone()];
+        for block in &model.blocks[..model.blocks.len() - 1] {
+            let out = tch::no_grad(|| block.forward(inputs.last().unwrap(), &ctx)).unwrap();
+            inputs.push(out);
+        }
+        let mut grad_out: Option<Tensor> = None;
+        for (i, block) in model.blocks.iter().enumerate().rev() {
+            let input = match i {
+                0 => inputs[0].shallow_clone(),
+                _ => inputs[i].detach().set_requires_grad(true),
+            };
+            let out = block.forward(&input, &ctx).unwrap();
+            match &grad_out {
+                None => causal_lm_loss(&out, &ids).unwrap().backward(),
+                Some(g) => (out * g).sum(Kind::Float).backward(),
+            }
+            grad_out = (i > 0).then(|| input.grad());
+        }
+        for (p, expected) in model.params().zip(&full) {
+            let err = (p.tensor.grad() - expected).abs().max().double_value(&[]);
+            assert!(err < 1e-6, "{}: {err}", p.name);
+        }
     }
 
     #[test]

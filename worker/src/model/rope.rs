@@ -1,8 +1,9 @@
 //! Rotary position embeddings, exactly as transformers 5.x computes them
 //! (`modeling_rope_utils` for the inverse frequencies, `*RotaryEmbedding.forward` and
 //! `apply_rotary_pos_emb` for their use). `Rotary` is shared by all decoder layers of a
-//! model; it caches an fp32 cos/sin table per device and grows it on demand. It is model
-//! state, not a parameter.
+//! model; it keeps the inverse frequencies on the device and derives cos/sin from the
+//! position ids at each use (a few element-wise ops, no host sync, any position). It is
+//! model state, not a parameter.
 
 use super::config::RopeSpec;
 use crate::Result;
@@ -79,78 +80,48 @@ fn scalar_over(numerator: f64, t: &Tensor) -> Result<Tensor> {
     Ok(t.f_full_like(numerator)?.f_div(t)?)
 }
 
-struct Table {
-    device: Device,
-    /// (L, D) fp32, D = head_dim.
-    cos: Tensor,
-    sin: Tensor,
-}
-
 /// The shared cos/sin source for one model.
 pub struct Rotary {
     /// (D/2,) fp32 values (kept as plain floats so `Rotary` is `Sync`).
     inv_freq: Vec<f32>,
-    table: Mutex<Option<Table>>,
+    /// `inv_freq` as a tensor on the device last asked for (one upload per device).
+    on_device: Mutex<Option<(Device, Tensor)>>,
 }
 
 impl Rotary {
     pub fn new(spec: &RopeSpec, head_dim: usize) -> Result<Self> {
         Ok(Rotary {
             inv_freq: Vec::<f32>::try_from(&inverse_frequencies(spec, head_dim)?)?,
-            table: Mutex::new(None),
+            on_device: Mutex::new(None),
         })
     }
 
     /// cos and sin for `position_ids` (B, T), each (B, T, D) in `kind` on the ids' device.
+    /// Computed like transformers' `RotaryEmbedding.forward` (fp32 position * inv_freq,
+    /// duplicated halves, cos/sin, cast): a few element-wise ops, no host sync.
     pub fn cos_sin(&self, position_ids: &Tensor, kind: Kind) -> Result<(Tensor, Tensor)> {
-        let device = position_ids.device();
-        let needed = if position_ids.numel() == 0 {
-            1
-        } else {
-            position_ids.f_max()?.f_int64_value(&[])? + 1
-        };
-        let mut guard = self
-            .table
-            .lock()
-            .map_err(|_| crate::Error::Model("RoPE table lock poisoned".into()))?;
-        let stale = match guard.as_ref() {
-            Some(t) => t.device != device || t.cos.size()[0] < needed,
-            None => true,
-        };
-        if stale {
-            let length = (needed.max(64) as u64).next_power_of_two() as i64;
-            *guard = Some(self.build_table(length, device)?);
-        }
-        let table = guard
-            .as_ref()
-            .ok_or_else(|| crate::Error::Model("RoPE table missing".into()))?;
-        let flat = position_ids.f_reshape([-1])?;
-        let mut out_shape = position_ids.size();
-        out_shape.push(table.cos.size()[1]);
-        let cos = table
-            .cos
-            .f_index_select(0, &flat)?
-            .f_reshape(&out_shape)?
-            .f_to_kind(kind)?;
-        let sin = table
-            .sin
-            .f_index_select(0, &flat)?
-            .f_reshape(&out_shape)?
-            .f_to_kind(kind)?;
-        Ok((cos, sin))
+        let inv_freq = self.inv_freq_on(position_ids.device())?; // (D/2,)
+        let freqs = position_ids
+            .f_to_kind(Kind::Float)?
+            .f_unsqueeze(-1)?
+            .f_mul(&inv_freq)?; // (B, T, D/2)
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?; // (B, T, D)
+        Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
     }
 
-    /// freqs = position (fp32) * inv_freq, duplicated along the last dim: (L, D).
-    fn build_table(&self, length: i64, device: Device) -> Result<Table> {
-        let positions = Tensor::f_arange(length, (Kind::Int64, device))?.f_to_kind(Kind::Float)?;
-        let inv_freq = Tensor::from_slice(&self.inv_freq).f_to_device(device)?;
-        let freqs = positions.f_unsqueeze(1)?.f_mul(&inv_freq.f_unsqueeze(0)?)?; // (L, D/2)
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?; // (L, D)
-        Ok(Table {
-            device,
-            cos: emb.f_cos()?,
-            sin: emb.f_sin()?,
-        })
+    fn inv_freq_on(&self, device: Device) -> Result<Tensor> {
+        let mut cached = self
+            .on_device
+            .lock()
+            .map_err(|_| crate::Error::Model("RoPE cache lock poisoned".into()))?;
+        match cached.as_ref() {
+            Some((at, tensor)) if *at == device => Ok(tensor.shallow_clone()),
+            _ => {
+                let tensor = Tensor::from_slice(&self.inv_freq).f_to_device(device)?;
+                *cached = Some((device, tensor.shallow_clone()));
+                Ok(tensor)
+            }
+        }
     }
 }
 
@@ -221,7 +192,7 @@ mod tests {
     }
 
     #[test]
-    fn table_lookup_matches_direct_formula_and_rotation_preserves_norm() {
+    fn cos_sin_match_direct_formula_and_rotation_preserves_norm() {
         let rotary = Rotary::new(&RopeSpec::Default { theta: 10000.0 }, 8).unwrap();
         let positions = Tensor::from_slice(&[0i64, 1, 2, 100, 3, 0]).reshape([2, 3]);
         let (cos, sin) = rotary.cos_sin(&positions, Kind::Float).unwrap();
