@@ -1,5 +1,6 @@
 """Reference side of worker/tests/tokenizer_parity.rs: Python `tokenizers` and
-transformers' `AutoTokenizer`, driven by one JSON request on stdin, answering JSON.
+transformers' `AutoTokenizer`, driven by JSON on stdin (one request, or a list of them
+answered by a list, so one interpreter start serves a whole test), answering JSON.
 
 Requests:
   {"op": "encode", "tokenizer_json": PATH, "texts": [...]}          -> {"ids": [[...]]}
@@ -13,6 +14,14 @@ import sys
 
 def main():
     request = json.load(sys.stdin)
+    if isinstance(request, list):
+        answer = [answer_one(r) for r in request]
+    else:
+        answer = answer_one(request)
+    json.dump(answer, sys.stdout, ensure_ascii=False)
+
+
+def answer_one(request):
     op = request["op"]
     if op == "encode":
         from tokenizers import Tokenizer
@@ -39,7 +48,7 @@ def main():
         answer = {"texts": texts}
     else:
         raise SystemExit(f"unknown op {op}")
-    json.dump(answer, sys.stdout, ensure_ascii=False)
+    return answer
 
 
 if __name__ == "__main__":

@@ -89,18 +89,29 @@ fn conversations() -> Vec<Vec<ChatMessage>> {
     ]
 }
 
-/// Renders every conversation in Rust and in transformers, with and without the
-/// generation prompt, and requires byte equality.
-fn assert_chat_parity(dir: &std::path::Path) {
+/// Requests for transformers' rendering of every conversation, with and without the
+/// generation prompt (answered in that order).
+fn chat_requests(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    [false, true]
+        .iter()
+        .map(|add_generation_prompt| {
+            json!({
+                "op": "chat",
+                "dir": dir,
+                "conversations": conversations(),
+                "add_generation_prompt": add_generation_prompt,
+            })
+        })
+        .collect()
+}
+
+/// Requires byte equality between our rendering and the answers to `chat_requests`.
+fn assert_chat_parity(dir: &std::path::Path, answers: &[serde_json::Value]) {
     let tokenizer = Tokenizer::from_dir(dir).unwrap();
-    for add_generation_prompt in [false, true] {
-        let answer = support::python_reference(&json!({
-            "op": "chat",
-            "dir": dir,
-            "conversations": conversations(),
-            "add_generation_prompt": add_generation_prompt,
-        }));
+    assert_eq!(answers.len(), 2);
+    for (answer, add_generation_prompt) in answers.iter().zip([false, true]) {
         let theirs: Vec<String> = serde_json::from_value(answer["texts"].clone()).unwrap();
+        assert_eq!(theirs.len(), conversations().len());
         for (conversation, expected) in conversations().iter().zip(&theirs) {
             let ours = tokenizer
                 .apply_chat_template(conversation, add_generation_prompt)
@@ -111,6 +122,12 @@ fn assert_chat_parity(dir: &std::path::Path) {
             );
         }
     }
+}
+
+/// Asks the Python reference for `requests` in one interpreter start.
+fn python_answers(requests: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    let answer = support::python_reference(&serde_json::Value::Array(requests));
+    serde_json::from_value(answer).expect("a list of answers")
 }
 
 #[test]
@@ -126,7 +143,36 @@ fn qwen25_chat_template_is_byte_identical_to_transformers() {
     let mut config: serde_json::Value = serde_json::from_str(&config_text).unwrap();
     config["chat_template"] = json!(QWEN25_TEMPLATE);
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-    assert_chat_parity(dir.path());
+
+    // The same template as transformers 5 saves it: a chat_template.jinja file.
+    let jinja_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        qwen.join("tokenizer.json"),
+        jinja_dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(
+        jinja_dir.path().join("tokenizer_config.json"),
+        config.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        jinja_dir.path().join("chat_template.jinja"),
+        QWEN25_TEMPLATE,
+    )
+    .unwrap();
+
+    let mut requests = chat_requests(dir.path());
+    requests.extend(chat_requests(jinja_dir.path()));
+    let answers = python_answers(requests);
+    assert_chat_parity(dir.path(), &answers[..2]);
+    assert_chat_parity(jinja_dir.path(), &answers[2..]);
+    assert_eq!(
+        answers[..2],
+        answers[2..],
+        "both spellings give transformers the same template"
+    );
     let tokenizer = Tokenizer::from_dir(dir.path()).unwrap();
     let text = tokenizer
         .apply_chat_template(&[ChatMessage::new("user", "hi")], true)
@@ -140,7 +186,8 @@ fn qwen25_chat_template_is_byte_identical_to_transformers() {
 
 #[test]
 fn shipped_qwen3_chat_template_is_byte_identical_to_transformers() {
-    assert_chat_parity(&support::qwen_tokenizer_dir());
+    let dir = support::qwen_tokenizer_dir();
+    assert_chat_parity(&dir, &python_answers(chat_requests(&dir)));
 }
 
 #[test]
@@ -157,10 +204,11 @@ fn trained_bpe_loads_in_auto_tokenizer_and_encodes_identically() {
     let texts = support::mixed_texts();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let ours = tokenizer.encode_batch(&refs, true).unwrap();
-    let answer =
-        support::python_reference(&json!({"op": "auto_encode", "dir": out, "texts": texts}));
-    assert_eq!(ours, ids_from_json(&answer["ids"]));
-    assert_eq!(answer["eos"], json!(tokenizer.eos_id()));
-    assert_eq!(answer["pad"], json!(tokenizer.pad_id()));
-    assert_chat_parity(&out);
+    let mut requests = vec![json!({"op": "auto_encode", "dir": out, "texts": texts})];
+    requests.extend(chat_requests(&out));
+    let answers = python_answers(requests);
+    assert_eq!(ours, ids_from_json(&answers[0]["ids"]));
+    assert_eq!(answers[0]["eos"], json!(tokenizer.eos_id()));
+    assert_eq!(answers[0]["pad"], json!(tokenizer.pad_id()));
+    assert_chat_parity(&out, &answers[1..]);
 }
