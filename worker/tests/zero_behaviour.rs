@@ -189,3 +189,129 @@ fn memory_report_matches_the_zero_formulas_for_bf16_adam() {
         }
     }
 }
+
+/// Trains `first` steps, snapshots `owned_state`, trains `then` more; a fresh engine
+/// loaded from the snapshot must reproduce those last losses exactly.
+fn state_round_trip(stage: u8, offload: bool) {
+    use rsdeep_worker::comm::Communicator;
+    use rsdeep_worker::zero::{LocalCommunicator, ZeroEngine};
+    use std::sync::Arc;
+    use zero_support::{build_model, init_weights, make_tokens, run_micro_steps};
+    let spec = TinySpec::default();
+    let world = 2;
+    let mut config = config(stage, world);
+    config.offload_optimizer_cpu = offload;
+    let case = Case {
+        world,
+        config: config.clone(),
+        steps: 5,
+        global_batch: 4,
+        ..Case::default()
+    };
+    let weights = init_weights(&spec);
+    let tokens = make_tokens(&spec, 20);
+    let comms: Vec<_> = LocalCommunicator::world(world)
+        .into_iter()
+        .zip(LocalCommunicator::world(world))
+        .collect();
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|(first_comm, second_comm)| {
+            let (case, tokens) = (case.clone(), tokens.copy());
+            let weights: Vec<_> = weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+            std::thread::spawn(move || {
+                let rank = first_comm.rank();
+                let mut first = ZeroEngine::new(
+                    build_model(&spec, &weights),
+                    Arc::new(first_comm),
+                    case.config.clone(),
+                )
+                .unwrap();
+                for step in 0..3 {
+                    run_micro_steps(&mut first, &spec, &case, &tokens, rank, step);
+                    first.step().unwrap();
+                }
+                let state = first.owned_state().unwrap();
+                let mut continued = Vec::new();
+                for step in 3..5 {
+                    run_micro_steps(&mut first, &spec, &case, &tokens, rank, step);
+                    continued.push(first.step().unwrap().loss);
+                }
+                let mut second = ZeroEngine::new(
+                    build_model(&spec, &weights),
+                    Arc::new(second_comm),
+                    case.config.clone(),
+                )
+                .unwrap();
+                second.load_owned_state(&state).unwrap();
+                let mut resumed = Vec::new();
+                for step in 3..5 {
+                    run_micro_steps(&mut second, &spec, &case, &tokens, rank, step);
+                    resumed.push(second.step().unwrap().loss);
+                }
+                let eval_ids = tokens.narrow(0, 0, 2).narrow(1, 0, spec.seq);
+                let ctx = rsdeep_worker::model::ForwardCtx::causal(&eval_ids).unwrap();
+                let logits = (
+                    first.forward_eval(&eval_ids, &ctx).unwrap(),
+                    second.forward_eval(&eval_ids, &ctx).unwrap(),
+                );
+                (continued, resumed, state.optimizer_steps, logits)
+            })
+        })
+        .collect();
+    for handle in handles {
+        let (continued, resumed, steps, (a, b)) = handle.join().unwrap();
+        assert_eq!(steps, 3);
+        assert_eq!(
+            continued, resumed,
+            "stage {stage}: resumed losses equal the uninterrupted run"
+        );
+        assert_eq!(a.size(), vec![2, spec.seq, spec.vocab]);
+        assert_close(
+            &a,
+            &b,
+            0.0,
+            &format!("stage {stage}: eval logits after resume"),
+        );
+    }
+}
+
+#[test]
+fn owned_state_round_trip_resumes_exactly() {
+    tch::set_num_threads(1);
+    for stage in [1u8, 3] {
+        state_round_trip(stage, false);
+    }
+    state_round_trip(2, true);
+}
+
+#[test]
+fn optimizer_offload_to_cpu_matches_the_plain_run() {
+    tch::set_num_threads(1);
+    let spec = TinySpec::default();
+    let mut offloaded = config(2, 2);
+    offloaded.offload_optimizer_cpu = true;
+    let plain = run_world(
+        &spec,
+        &Case {
+            world: 2,
+            config: config(2, 2),
+            steps: 4,
+            global_batch: 4,
+            ..Case::default()
+        },
+    );
+    let moved = run_world(
+        &spec,
+        &Case {
+            world: 2,
+            config: offloaded,
+            steps: 4,
+            global_batch: 4,
+            ..Case::default()
+        },
+    );
+    for ((name, a), (_, b)) in plain[0].weights.iter().zip(&moved[0].weights) {
+        assert_close(a, b, 0.0, &format!("offload: {name}"));
+    }
+}

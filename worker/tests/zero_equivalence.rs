@@ -52,6 +52,8 @@ fn variant_config(v: &Variant, global_batch: usize) -> EngineConfig {
         config.stage3_max_live_parameters = 700;
     }
     config.stage3_param_persistence_threshold = 8;
+    // stage 2 on 4 ranks takes the all-reduce-and-keep-the-slice path
+    config.reduce_scatter = !(v.stage == 2 && v.world == 4);
     config
 }
 

@@ -303,9 +303,6 @@ fn run_rank(
     )
     .expect("engine");
     comm.trace().take();
-    let (gas, world) = (case.config.gradient_accumulation_steps, case.world);
-    let mbs = case.config.train_micro_batch_size_per_gpu as i64;
-    let vocab = spec.vocab;
     let mut outcome = RankOutcome {
         losses: vec![],
         reports: vec![],
@@ -315,22 +312,7 @@ fn run_rank(
         optimizer_steps: 0,
     };
     for step in 0..case.steps {
-        for micro in 0..gas {
-            let row = (step * case.global_batch) as i64 + ((micro * world + rank) as i64) * mbs;
-            let batch = tokens.narrow(0, row, mbs); // (mbs, T + 1)
-            let ids = batch.narrow(1, 0, spec.seq);
-            let labels = batch.narrow(1, 1, spec.seq).reshape([-1]);
-            let ctx = ForwardCtx::causal(&ids).expect("ctx");
-            let mut loss_fn = |logits: &Tensor| -> Result<Tensor> {
-                Ok(logits
-                    .to_kind(Kind::Float)
-                    .reshape([-1, vocab])
-                    .cross_entropy_for_logits(&labels))
-            };
-            engine
-                .forward_backward(&ids, &ctx, &mut loss_fn)
-                .expect("forward_backward");
-        }
+        run_micro_steps(&mut engine, spec, case, tokens, rank, step);
         if case.inject_overflow == Some((step, rank)) {
             engine.inject_gradient_overflow();
         }
@@ -343,6 +325,37 @@ fn run_rank(
     outcome.optimizer_steps = engine.optimizer_steps();
     outcome.weights = engine.gather_full_weights().expect("gather weights");
     outcome
+}
+
+/// The `gradient_accumulation_steps` forward/backward passes of global step `step` on
+/// `rank` (rows as documented on `run_world`).
+pub fn run_micro_steps(
+    engine: &mut ZeroEngine,
+    spec: &TinySpec,
+    case: &Case,
+    tokens: &Tensor,
+    rank: usize,
+    step: usize,
+) {
+    let (gas, world) = (case.config.gradient_accumulation_steps, case.world);
+    let mbs = case.config.train_micro_batch_size_per_gpu as i64;
+    let vocab = spec.vocab;
+    for micro in 0..gas {
+        let row = (step * case.global_batch) as i64 + ((micro * world + rank) as i64) * mbs;
+        let batch = tokens.narrow(0, row, mbs); // (mbs, T + 1)
+        let ids = batch.narrow(1, 0, spec.seq);
+        let labels = batch.narrow(1, 1, spec.seq).reshape([-1]);
+        let ctx = ForwardCtx::causal(&ids).expect("ctx");
+        let mut loss_fn = |logits: &Tensor| -> Result<Tensor> {
+            Ok(logits
+                .to_kind(Kind::Float)
+                .reshape([-1, vocab])
+                .cross_entropy_for_logits(&labels))
+        };
+        engine
+            .forward_backward(&ids, &ctx, &mut loss_fn)
+            .expect("forward_backward");
+    }
 }
 
 /// Element-wise |a - b| <= tol * max(1, |b|).
