@@ -1,7 +1,7 @@
 //! `rsdeep-worker tokenizer ...` (forwarded from `rsdeep tokenizer ...`): the tokenizer
 //! subcommands. Today: `train --files F... --vocab_size N --out DIR`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -21,9 +21,13 @@ pub enum TokenizerCommand {
     /// Train a byte-level BPE tokenizer (special tokens <|endoftext|>, <|im_start|>,
     /// <|im_end|>; ChatML chat template) on text files.
     Train {
-        /// Text files (glob patterns are expanded); JSONL lines are read as plain text.
+        /// Text files (glob patterns are expanded); of `.jsonl` files only `--text_field`
+        /// of each line is used.
         #[arg(long, num_args = 1.., required = true)]
         files: Vec<String>,
+        /// The JSONL field holding the text.
+        #[arg(long = "text_field", alias = "text-field", default_value = "text")]
+        text_field: String,
         /// Vocabulary size, special tokens included.
         #[arg(long = "vocab_size", alias = "vocab-size")]
         vocab_size: usize,
@@ -41,15 +45,27 @@ where
 {
     let argv = std::iter::once(std::ffi::OsString::from("tokenizer"))
         .chain(args.into_iter().map(Into::into));
-    let parsed = TokenizerArgs::try_parse_from(argv).map_err(|e| Error::Config(e.to_string()))?;
+    let parsed = match TokenizerArgs::try_parse_from(argv) {
+        Ok(parsed) => parsed,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version: print and succeed.
+            print!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(Error::Config(e.to_string())),
+    };
     match parsed.command {
         TokenizerCommand::Train {
             files,
+            text_field,
             vocab_size,
             out,
         } => {
             let files = expand_files(&files)?;
-            let tokenizer = super::train_bpe(&files, vocab_size, &out)?;
+            let scratch =
+                tempfile::tempdir().map_err(|e| Error::io("creating a scratch directory", e))?;
+            let texts = plain_text_files(&files, &text_field, scratch.path())?;
+            let tokenizer = super::train_bpe(&texts, vocab_size, &out)?;
             println!(
                 "trained byte-level BPE: {} ids from {} file(s) -> {}",
                 tokenizer.vocab_size(),
@@ -59,6 +75,24 @@ where
             Ok(())
         }
     }
+}
+
+/// The training inputs as plain text: `.jsonl` files are reduced to their `field` (one
+/// document per line) in `scratch`; other files are used as they are.
+fn plain_text_files(files: &[PathBuf], field: &str, scratch: &Path) -> Result<Vec<PathBuf>> {
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, file)| {
+            if file.extension().is_some_and(|e| e == "jsonl") {
+                let text = scratch.join(format!("{i}.txt"));
+                super::train::jsonl_to_text(file, field, &text)?;
+                Ok(text)
+            } else {
+                Ok(file.clone())
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -84,6 +118,33 @@ mod tests {
         .unwrap();
         assert!(out.join("tokenizer.json").is_file());
         assert!(out.join("tokenizer_config.json").is_file());
+    }
+
+    #[test]
+    fn jsonl_inputs_train_on_the_text_field_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("c.jsonl");
+        let line = serde_json::json!({"text": "alpha beta gamma\nsecond line", "meta": "zzzz"});
+        std::fs::write(&corpus, format!("{line}\n").repeat(40)).unwrap();
+        let out = dir.path().join("tok");
+        run([
+            "train",
+            "--files",
+            corpus.to_str().unwrap(),
+            "--vocab_size",
+            "300",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+        let vocab = std::fs::read_to_string(out.join("tokenizer.json")).unwrap();
+        assert!(vocab.contains("alpha"), "learned from the text");
+        assert!(
+            !vocab.contains("zzzz") && !vocab.contains("\\\\n"),
+            "not from other fields or escapes"
+        );
+        let help = run(["train", "--help"]);
+        assert!(help.is_ok());
     }
 
     #[test]

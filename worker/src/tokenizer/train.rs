@@ -75,6 +75,39 @@ pub fn train_bpe(
     Ok(tokenizer)
 }
 
+/// Writes the `field` of every line of the JSONL file `src` to `dst`, one document per
+/// line (newlines inside a document kept); returns the number of documents. Errors name
+/// `file:line`.
+pub fn jsonl_to_text(src: &Path, field: &str, dst: &Path) -> Result<u64> {
+    use std::io::{BufRead, Write};
+    let input =
+        std::fs::File::open(src).map_err(|e| Error::io(format!("opening {}", src.display()), e))?;
+    let output = std::fs::File::create(dst)
+        .map_err(|e| Error::io(format!("creating {}", dst.display()), e))?;
+    let mut writer = std::io::BufWriter::new(output);
+    let mut documents = 0;
+    for (index, line) in std::io::BufReader::new(input).lines().enumerate() {
+        let at = format!("{}:{}", src.display(), index + 1);
+        let line = line.map_err(|e| Error::io(at.clone(), e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Json =
+            serde_json::from_str(&line).map_err(|e| Error::Data(format!("{at}: {e}")))?;
+        let text = value
+            .get(field)
+            .and_then(Json::as_str)
+            .ok_or_else(|| Error::Data(format!("{at}: missing text field \"{field}\"")))?;
+        writeln!(writer, "{text}")
+            .map_err(|e| Error::io(format!("writing {}", dst.display()), e))?;
+        documents += 1;
+    }
+    writer
+        .flush()
+        .map_err(|e| Error::io(format!("writing {}", dst.display()), e))?;
+    Ok(documents)
+}
+
 fn existing_files(files: &[impl AsRef<Path>]) -> Result<Vec<String>> {
     if files.is_empty() {
         return Err(Error::Tokenizer("no training files given".into()));
