@@ -14,6 +14,10 @@ use tracing::{info, info_span, warn};
 const SELFTEST_WAIT: Duration = Duration::from_secs(120);
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(code) = run_tool(&argv) {
+        std::process::exit(code);
+    }
     let env = match WorkerEnv::from_env() {
         Ok(env) => env,
         Err(e) => {
@@ -31,6 +35,25 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// The worker's offline tools (the launcher forwards `rsdeep tokenizer|consolidate ...`
+/// here, since they need libtorch or the tokenizer): Some(exit code) when `argv` names one.
+fn run_tool(argv: &[String]) -> Option<i32> {
+    let tool = argv.get(1)?.as_str();
+    let rest = &argv[2..];
+    let result: Result<()> = match tool {
+        "tokenizer" => rsdeep_worker::tokenizer::cli::run(rest).map_err(Into::into),
+        "consolidate" => rsdeep_worker::checkpoint::consolidate_cli(rest),
+        _ => return None,
+    };
+    Some(match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("rsdeep {tool}: error: {e:#}");
+            1
+        }
+    })
 }
 
 fn init_tracing() {
@@ -68,16 +91,24 @@ fn run(env: &WorkerEnv) -> Result<()> {
 /// `env.config` and runs the engine. Filled in by the engine work.
 fn run_training(
     env: &WorkerEnv,
-    _rendezvous: &Rendezvous,
-    _world: World,
-    _listener: TcpListener,
+    rendezvous: &Rendezvous,
+    world: World,
+    listener: TcpListener,
 ) -> Result<()> {
-    anyhow::bail!(
-        "training is not built into rsdeep-worker yet (config {}); run the launcher with --selftest to test the rendezvous",
-        env.config
-            .as_ref()
-            .map_or("<none>".into(), |p| p.display().to_string())
-    )
+    let rank = world.rank;
+    let summary = rsdeep_worker::train::train_from_launcher(env, rendezvous, world, listener)
+        .context("training")?;
+    if rank == 0 {
+        info!(
+            steps = summary.steps,
+            first_loss = summary.first_loss,
+            last_loss = summary.last_loss,
+            eval_loss = summary.final_eval_loss,
+            output_dir = %summary.output_dir.display(),
+            "training finished"
+        );
+    }
+    Ok(())
 }
 
 /// Rank 0 publishes a real NCCL unique id, every rank reads and checks it, all pass a

@@ -111,7 +111,7 @@ impl ProgressReporter {
         }
         self.finish_line();
         eprintln!(
-            "[rank 0] eval step {step}: loss {eval_loss:.4} perplexity {:.2}",
+            "eval step {step}: loss {eval_loss:.4} perplexity {:.2}",
             eval_loss.exp()
         );
         Ok(())
@@ -152,7 +152,7 @@ impl ProgressReporter {
                 .collect();
             eprint!("\r\x1b[2K[{bar}] {text}");
         } else {
-            eprintln!("[rank 0] {text}");
+            eprintln!("{text}");
         }
     }
 }

@@ -531,7 +531,7 @@ fn announce(
 ) {
     let b = &config.batch;
     eprintln!(
-        "[rank 0] {:?}: {} examples, {} ranks x micro batch {} x accumulation {} = global batch {}, {} steps, ZeRO stage {}, {:?}; model {} layers hidden {} vocab {}",
+        "{:?}: {} examples, {} ranks x micro batch {} x accumulation {} = global batch {}, {} steps, ZeRO stage {}, {:?}; model {} layers hidden {} vocab {}",
         config.args.task,
         data.len(),
         world_size,
