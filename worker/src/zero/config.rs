@@ -115,6 +115,9 @@ pub enum SchedulerConfig {
         warmup_steps: u64,
         total_steps: u64,
     },
+    HfConstantWithWarmup {
+        warmup_steps: u64,
+    },
 }
 
 /// `zero_optimization` plus the engine-wide keys, resolved.

@@ -125,10 +125,8 @@ fn scheduler(config: &TrainConfig, lr: f64, total_steps: u64) -> Result<Schedule
                 total_steps,
             },
             LrSchedulerType::Constant => SchedulerConfig::Constant,
-            // the linear schedule with an infinite horizon is exactly constant-with-warmup
-            LrSchedulerType::ConstantWithWarmup => SchedulerConfig::HfLinear {
+            LrSchedulerType::ConstantWithWarmup => SchedulerConfig::HfConstantWithWarmup {
                 warmup_steps: warmup,
-                total_steps: u64::MAX,
             },
         });
     };

@@ -85,6 +85,9 @@ impl LrSchedule {
                 warmup_steps,
                 total_steps,
             } => self.base_lr * hf_cosine_lambda(step, warmup_steps, total_steps),
+            SchedulerConfig::HfConstantWithWarmup { warmup_steps } => {
+                self.base_lr * (step as f64 / warmup_steps.max(1) as f64).min(1.0)
+            }
         }
     }
 }
@@ -255,5 +258,12 @@ mod tests {
         close(cos.lr_for_step(0), 2.0);
         close(cos.lr_for_step(2), 1.0);
         close(cos.lr_for_step(4), 0.0);
+        let flat = LrSchedule::new(
+            SchedulerConfig::HfConstantWithWarmup { warmup_steps: 4 },
+            2.0,
+        );
+        close(flat.lr_for_step(1), 0.5);
+        close(flat.lr_for_step(4), 2.0);
+        close(flat.lr_for_step(1000), 2.0);
     }
 }
