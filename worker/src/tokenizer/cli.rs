@@ -63,9 +63,13 @@ where
         } => {
             let files = expand_files(&files)?;
             let scratch =
-                tempfile::tempdir().map_err(|e| Error::io("creating a scratch directory", e))?;
-            let texts = plain_text_files(&files, &text_field, scratch.path())?;
-            let tokenizer = super::train_bpe(&texts, vocab_size, &out)?;
+                std::env::temp_dir().join(format!("rsdeep-tokenizer-{}", std::process::id()));
+            std::fs::create_dir_all(&scratch)
+                .map_err(|e| Error::io(format!("creating {}", scratch.display()), e))?;
+            let trained = plain_text_files(&files, &text_field, &scratch)
+                .and_then(|texts| super::train_bpe(&texts, vocab_size, &out));
+            let _ = std::fs::remove_dir_all(&scratch);
+            let tokenizer = trained?;
             println!(
                 "trained byte-level BPE: {} ids from {} file(s) -> {}",
                 tokenizer.vocab_size(),
