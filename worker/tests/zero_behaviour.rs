@@ -315,3 +315,57 @@ fn optimizer_offload_to_cpu_matches_the_plain_run() {
         assert_close(a, b, 0.0, &format!("offload: {name}"));
     }
 }
+
+#[test]
+fn stage3_prefetch_respects_its_bucket_live_limit_and_persistence() {
+    tch::set_num_threads(1);
+    let spec = TinySpec::default(); // blocks of 128, 280, 280 and 8 elements, head tied
+    let steps = 2;
+    let run = |prefetch: usize, max_live: usize, persistence: usize| {
+        let mut config = config(3, 2);
+        config.stage3_prefetch_bucket_size = prefetch;
+        config.stage3_max_live_parameters = max_live;
+        config.stage3_param_persistence_threshold = persistence;
+        run_world(
+            &spec,
+            &Case {
+                world: 2,
+                config,
+                steps,
+                global_batch: 4,
+                ..Case::default()
+            },
+        )
+        .remove(0)
+    };
+    let free = run(1 << 20, 1 << 20, 0);
+    assert!(
+        free.stage3.prefetches >= 4 * steps as u64,
+        "{:?}",
+        free.stage3
+    );
+    assert!(free.stage3.peak_live_numel > 300, "{:?}", free.stage3);
+    let limited = run(1 << 20, 300, 0);
+    assert!(
+        limited.stage3.peak_live_numel <= 300,
+        "max_live respected: {:?}",
+        limited.stage3
+    );
+    assert!(limited.stage3.prefetches < free.stage3.prefetches);
+    let no_prefetch = run(0, 1 << 20, 0);
+    assert_eq!(no_prefetch.stage3.prefetches, 0);
+    // every parameter persistent: each of the 4 blocks is gathered once per step
+    let persistent = run(1 << 20, 1 << 20, 1 << 20);
+    assert_eq!(
+        persistent.stage3.gathers + persistent.stage3.prefetches,
+        4 * steps as u64,
+        "{:?}",
+        persistent.stage3
+    );
+    for other in [&limited, &no_prefetch, &persistent] {
+        assert_eq!(
+            other.losses, free.losses,
+            "gathering schedules do not change the math"
+        );
+    }
+}

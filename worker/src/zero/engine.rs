@@ -29,6 +29,17 @@ pub struct EngineModel {
     pub frozen: HashSet<String>,
 }
 
+/// Stage-3 gathering counters since the engine was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stage3Stats {
+    /// Block gathers waited synchronously.
+    pub gathers: u64,
+    /// Block gathers started ahead of use.
+    pub prefetches: u64,
+    /// Most parameter elements gathered at once (persistent copies excluded).
+    pub peak_live_numel: usize,
+}
+
 /// One block's partitioned state on this rank.
 pub(super) struct BlockShard {
     pub(super) layout: FlatLayout,
@@ -99,6 +110,7 @@ pub struct ZeroEngine {
     pub(super) prefetch: Option<PendingGather>,
     /// Stage 3: elements of currently gathered, non-resident blocks.
     pub(super) live_numel: usize,
+    pub(super) stage3_stats: Stage3Stats,
     pub(super) inject_overflow: bool,
 }
 
@@ -168,8 +180,14 @@ impl ZeroEngine {
             pending_reduce: Vec::new(),
             prefetch: None,
             live_numel: 0,
+            stage3_stats: Stage3Stats::default(),
             inject_overflow: false,
         })
+    }
+
+    /// Stage-3 gather/prefetch counters (all zero below stage 3).
+    pub fn stage3_stats(&self) -> Stage3Stats {
+        self.stage3_stats
     }
 
     pub fn config(&self) -> &EngineConfig {

@@ -88,6 +88,11 @@ impl ZeroEngine {
         Ok(())
     }
 
+    fn note_live(&mut self) {
+        let peak = &mut self.stage3_stats.peak_live_numel;
+        *peak = (*peak).max(self.live_numel);
+    }
+
     fn block_needs_gather(&self, b: usize) -> bool {
         let shard = &self.shards[b];
         !shard.is_empty() && shard.gathered.is_none() && !shard.resident
@@ -113,6 +118,8 @@ impl ZeroEngine {
             shard.compute.kind(),
         )?;
         self.live_numel += numel;
+        self.stage3_stats.prefetches += 1;
+        self.note_live();
         self.prefetch = Some(PendingGather {
             block: b,
             full,
@@ -145,6 +152,8 @@ impl ZeroEngine {
             full
         };
         self.live_numel += self.shards[b].layout.padded_numel;
+        self.stage3_stats.gathers += 1;
+        self.note_live();
         self.install(b, full)
     }
 

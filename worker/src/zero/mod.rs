@@ -28,7 +28,7 @@ pub mod step;
 pub use config::{
     EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType,
 };
-pub use engine::{EngineModel, ZeroEngine};
+pub use engine::{EngineModel, Stage3Stats, ZeroEngine};
 pub use local_comm::LocalCommunicator;
 pub use state::{BlockOwnedState, MemoryReport, OwnedState};
 pub use step::StepReport;

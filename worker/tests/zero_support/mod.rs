@@ -9,7 +9,7 @@ use rsdeep_worker::Result;
 use rsdeep_worker::comm::{Communicator, TcpComm, TcpOptions, TraceEvent};
 use rsdeep_worker::model::{Block, ForwardCtx, Param};
 use rsdeep_worker::zero::{
-    EngineConfig, EngineModel, LocalCommunicator, MemoryReport, StepReport, ZeroEngine,
+    EngineConfig, EngineModel, LocalCommunicator, MemoryReport, Stage3Stats, StepReport, ZeroEngine,
 };
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -224,6 +224,7 @@ pub struct RankOutcome {
     /// Collectives per step (only when `Case::trace`).
     pub trace_per_step: Vec<Vec<TraceEvent>>,
     pub optimizer_steps: u64,
+    pub stage3: Stage3Stats,
 }
 
 /// Trains the tiny model on `case.world` thread ranks; step s uses rows
@@ -310,6 +311,7 @@ fn run_rank(
         memory: engine.memory_report(),
         trace_per_step: vec![],
         optimizer_steps: 0,
+        stage3: Stage3Stats::default(),
     };
     for step in 0..case.steps {
         run_micro_steps(&mut engine, spec, case, tokens, rank, step);
@@ -323,6 +325,7 @@ fn run_rank(
     }
     outcome.memory = engine.memory_report();
     outcome.optimizer_steps = engine.optimizer_steps();
+    outcome.stage3 = engine.stage3_stats();
     outcome.weights = engine.gather_full_weights().expect("gather weights");
     outcome
 }
