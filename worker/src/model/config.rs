@@ -335,7 +335,7 @@ impl ModelConfig {
                 return Err(config_error(key, "must be > 0"));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(config_error(
                 "num_attention_heads",
                 format!(
@@ -345,13 +345,13 @@ impl ModelConfig {
             ));
         }
         let head_dim = self.head_dim();
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(config_error(
                 "head_dim",
                 format!("must be even and > 0, got {head_dim}"),
             ));
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(config_error(
                 "num_key_value_heads",
                 format!(
@@ -373,13 +373,13 @@ impl ModelConfig {
         if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
             return Err(config_error("initializer_range", "must be >= 0"));
         }
-        if let Some(pad) = self.pad_token_id {
-            if pad < 0 || pad as usize >= self.vocab_size {
-                return Err(config_error(
-                    "pad_token_id",
-                    format!("{pad} is outside the vocabulary"),
-                ));
-            }
+        if let Some(pad) = self.pad_token_id
+            && (pad < 0 || pad as usize >= self.vocab_size)
+        {
+            return Err(config_error(
+                "pad_token_id",
+                format!("{pad} is outside the vocabulary"),
+            ));
         }
         if self.extra.get("use_sliding_window") == Some(&Value::Bool(true)) {
             return Err(config_error(

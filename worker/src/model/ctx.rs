@@ -37,13 +37,13 @@ impl ForwardCtx {
         let (batch, seq) = (size[0], size[1]);
         let device = ids.device();
         for (what, t) in [("padding mask", padding_mask), ("segment ids", segment_ids)] {
-            if let Some(t) = t {
-                if t.size() != size {
-                    return Err(Error::Model(format!(
-                        "{what} shape {:?} differs from input ids {size:?}",
-                        t.size()
-                    )));
-                }
+            if let Some(t) = t
+                && t.size() != size
+            {
+                return Err(Error::Model(format!(
+                    "{what} shape {:?} differs from input ids {size:?}",
+                    t.size()
+                )));
             }
         }
         let steps = Tensor::f_arange(seq, (Kind::Int64, device))?; // (T,)
