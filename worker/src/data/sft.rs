@@ -13,6 +13,8 @@
 //!   (so templates that are not prefix-stable, like Qwen3's, work too) and mapped to
 //!   tokens by byte offsets: a token is labelled when it starts inside a span.
 //! - Labels are aligned with `input_ids` (the model shifts them), as in transformers.
+//! - A malformed line, or one the template cannot render, fails as `file:line: ...`; with
+//!   `skip_bad_lines` it is counted in `skipped_lines` instead.
 //! - Truncation keeps the first `max_seq_length` tokens. Packing concatenates examples in
 //!   order into blocks of at most `max_seq_length`; `segment_ids` number them 1, 2, ...
 //!   within a block so attention and positions can restart per example.
@@ -86,8 +88,16 @@ impl SftDataset {
             for (number, messages) in
                 read_conversations(path, config.skip_bad_lines, &mut skipped_lines)?
             {
-                let mut example = tokenize_conversation(tokenizer, &messages)
-                    .map_err(|e| Error::Data(format!("{}:{number}: {e}", path.display())))?;
+                let mut example = match tokenize_conversation(tokenizer, &messages) {
+                    Ok(example) => example,
+                    Err(_) if config.skip_bad_lines => {
+                        skipped_lines += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(Error::Data(format!("{}:{number}: {e}", path.display())));
+                    }
+                };
                 truncated += u64::from(truncate(&mut example, config.max_seq_length));
                 examples.push(example);
             }
