@@ -103,6 +103,45 @@ fn restart_positions(segments: &Tensor, steps: &Tensor) -> Result<Tensor> {
 /// HF causal-LM loss: logits (B, T, V) predict labels shifted by one; `IGNORE_INDEX`
 /// labels are skipped; mean over the rest; computed in fp32 whatever the logits' dtype.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (logits, shifted) = flat_logits_and_shifted_labels(logits, labels)?;
+    Ok(
+        logits.f_cross_entropy_loss::<Tensor>(
+            &shifted,
+            None,
+            Reduction::Mean,
+            IGNORE_INDEX,
+            0.0,
+        )?,
+    )
+}
+
+/// HF's loss when the Trainer passes `num_items_in_batch` (gradient accumulation): the
+/// summed token loss of this micro-batch divided by the token count of the whole
+/// accumulated batch (sum of `count_loss_tokens` over its micro-batches).
+pub fn causal_lm_loss_over(
+    logits: &Tensor,
+    labels: &Tensor,
+    num_items_in_batch: f64,
+) -> Result<Tensor> {
+    let (logits, shifted) = flat_logits_and_shifted_labels(logits, labels)?;
+    let summed =
+        logits.f_cross_entropy_loss::<Tensor>(&shifted, None, Reduction::Sum, IGNORE_INDEX, 0.0)?;
+    Ok(summed.f_div_scalar(num_items_in_batch)?)
+}
+
+/// How many tokens of `labels` (B, T) enter the loss (shifted labels != IGNORE_INDEX):
+/// a 0-dim int64 tensor on the labels' device.
+pub fn count_loss_tokens(labels: &Tensor) -> Result<Tensor> {
+    let seq = labels.size().get(1).copied().unwrap_or(0);
+    if seq < 2 {
+        return Ok(Tensor::f_zeros([], (Kind::Int64, labels.device()))?);
+    }
+    let next = labels.f_narrow(1, 1, seq - 1)?;
+    Ok(next.f_ne(IGNORE_INDEX)?.f_sum(Kind::Int64)?)
+}
+
+/// (B*T, V) fp32 logits and (B*T,) labels shifted left by one, IGNORE_INDEX at the end.
+fn flat_logits_and_shifted_labels(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let size = logits.size();
     if size.len() != 3 || labels.size() != size[..2] {
         return Err(Error::Model(format!(
@@ -118,13 +157,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     // labels[:, 1:] followed by one IGNORE_INDEX column: (B, T)
     let tail = Tensor::f_full([size[0], 1], IGNORE_INDEX, (Kind::Int64, labels.device()))?;
     let shifted = Tensor::f_cat(&[labels.f_narrow(1, 1, size[1] - 1)?, tail], 1)?;
-    Ok(logits.f_cross_entropy_loss::<Tensor>(
-        &shifted.f_reshape([-1])?,
-        None,
-        Reduction::Mean,
-        IGNORE_INDEX,
-        0.0,
-    )?)
+    Ok((logits, shifted.f_reshape([-1])?))
 }
 
 #[cfg(test)]
@@ -150,6 +183,28 @@ mod tests {
         let loss2 = causal_lm_loss(&logits, &labels).unwrap().double_value(&[]);
         let second = -(5f64.exp() / (2.0 + 5f64.exp())).ln();
         assert!((loss2 - (expected + second) / 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn summed_loss_over_accumulated_token_count_equals_global_mean() {
+        let logits = Tensor::from_slice(&[
+            0.3f32, -1.0, 2.0, 0.5, 0.1, 0.7, -0.2, 0.9, 0.0, 1.5, 0.4, -0.6,
+        ])
+        .reshape([2, 2, 3]);
+        let labels = Tensor::from_slice(&[0i64, 2, 1, 1]).reshape([2, 2]);
+        let labels_b = Tensor::from_slice(&[0i64, IGNORE_INDEX, 1, 0]).reshape([2, 2]);
+        let count_a = count_loss_tokens(&labels).unwrap().int64_value(&[]);
+        let count_b = count_loss_tokens(&labels_b).unwrap().int64_value(&[]);
+        assert_eq!((count_a, count_b), (2, 1));
+        let total = (count_a + count_b) as f64;
+        let accumulated = causal_lm_loss_over(&logits, &labels, total).unwrap()
+            + causal_lm_loss_over(&logits, &labels_b, total).unwrap();
+        let both = causal_lm_loss(
+            &Tensor::cat(&[&logits, &logits], 0),
+            &Tensor::cat(&[&labels, &labels_b], 0),
+        )
+        .unwrap();
+        assert!((accumulated - both).abs().double_value(&[]) < 1e-6);
     }
 
     #[test]

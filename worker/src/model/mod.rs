@@ -25,7 +25,7 @@ mod layers;
 mod rope;
 
 pub use config::{ModelConfig, ModelType, RopeScaling, RopeSpec, kind_from_name, kind_name};
-pub use ctx::{IGNORE_INDEX, causal_lm_loss};
+pub use ctx::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_over, count_loss_tokens};
 pub use io::{INDEX_FILE, SINGLE_FILE, SafetensorsFolder, save_safetensors_sharded};
 pub use layers::{DecoderLayer, Embedding, Head, InitKind, ParamSource, rms_norm};
 pub use rope::{Rotary, apply_rotary, inverse_frequencies};
