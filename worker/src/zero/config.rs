@@ -214,13 +214,14 @@ impl EngineConfig {
         if self.gradient_clipping < 0.0 {
             return fail("gradient_clipping must be >= 0".into());
         }
-        if let Precision::Fp16(scale) = self.precision {
-            if scale.min_loss_scale <= 0.0 || scale.loss_scale_window == 0 || scale.hysteresis == 0
-            {
-                return fail(
-                    "fp16: min_loss_scale, loss_scale_window and hysteresis must be > 0".into(),
-                );
-            }
+        if let Precision::Fp16(scale) = self.precision
+            && (scale.min_loss_scale <= 0.0
+                || scale.loss_scale_window == 0
+                || scale.hysteresis == 0)
+        {
+            return fail(
+                "fp16: min_loss_scale, loss_scale_window and hysteresis must be > 0".into(),
+            );
         }
         Ok(())
     }

@@ -140,7 +140,11 @@ mod tests {
         for world in [1usize, 2, 3, 4, 8] {
             for numel in 0..50usize {
                 let padded = padded_len(numel, world);
-                assert!(padded >= numel && padded % (2 * world) == 0 && padded - numel < 2 * world);
+                assert!(
+                    padded >= numel
+                        && padded.is_multiple_of(2 * world)
+                        && padded - numel < 2 * world
+                );
                 let part = padded / world;
                 for bucket in [1usize, 3, 7, 64, 1000] {
                     let pieces = bucket_pieces(part, world, bucket);

@@ -258,7 +258,7 @@ impl ZeroEngine {
 
     fn maybe_print(&self, report: &StepReport) {
         let every = self.config.steps_per_print;
-        if every > 0 && report.global_step % every == 0 && self.rank == 0 {
+        if every > 0 && report.global_step.is_multiple_of(every) && self.rank == 0 {
             tracing::info!(
                 rank = self.rank,
                 "step={} loss={:.6} lr={:.3e} grad_norm={:.4} loss_scale={} skipped={}",
