@@ -4,6 +4,7 @@
 //! sampler interleaves ranks), and so that the position can be saved and restored.
 
 use crate::data::batch::{Batch, collate_blocks, collate_sft};
+use crate::data::expand_files;
 use crate::data::pretrain::{PretrainConfig, PretrainDataset, check_block_size, poll_wait};
 use crate::data::sampler::{DistributedSampler, SamplerState};
 use crate::data::sft::{SftConfig, SftDataset};
@@ -75,7 +76,12 @@ impl DataPlan<'_> {
     /// Loads `files` (train or eval split) for the configured task.
     pub fn load(&self, files: &[String]) -> Result<Examples> {
         let args = &self.config.args;
-        let paths = expand(files)?;
+        if files.is_empty() {
+            return Err(Error::Config(
+                "no data files given (train_files / eval_files is empty)".into(),
+            ));
+        }
+        let paths = expand_files(files)?;
         check_block_size(self.block_size(), self.max_position_embeddings)?;
         match args.task {
             Task::Pretrain => {
@@ -122,32 +128,6 @@ pub fn cache_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rsdeep")))
         .unwrap_or_else(|| PathBuf::from(".rsdeep"));
     home.join("cache")
-}
-
-/// Expands globs in the file list; a pattern that matches nothing is an error naming it.
-fn expand(patterns: &[String]) -> Result<Vec<PathBuf>> {
-    if patterns.is_empty() {
-        return Err(Error::Config(
-            "no data files given (train_files / eval_files is empty)".into(),
-        ));
-    }
-    let mut files = Vec::new();
-    for pattern in patterns {
-        let matches: Vec<PathBuf> = glob::glob(pattern)
-            .map_err(|e| Error::Config(format!("bad file pattern {pattern:?}: {e}")))?
-            .filter_map(|entry| entry.ok())
-            .collect();
-        if matches.is_empty() {
-            return Err(Error::Config(format!(
-                "data file {pattern:?} does not exist (relative paths are taken from the working directory {})",
-                std::env::current_dir()
-                    .map(|d| d.display().to_string())
-                    .unwrap_or_default()
-            )));
-        }
-        files.extend(matches);
-    }
-    Ok(files)
 }
 
 /// This rank's stream of micro-batches over epochs.
