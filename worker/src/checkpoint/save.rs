@@ -435,8 +435,18 @@ fn write_leader_files(
     );
     crash_point("leader_files_written", step);
     if let Some(weights) = leader.weights {
-        // The HF writer renames its files into place; they are fsynced and hashed at commit.
-        crate::model::save_safetensors_sharded(&weights, dir, leader.max_shard_bytes)?;
+        let written =
+            crate::model::save_safetensors_sharded(&weights, dir, leader.max_shard_bytes)?;
+        drop(weights);
+        // Hashed here (the writer thread of an async save), not in the commit.
+        for path in written {
+            let relative = path
+                .strip_prefix(dir)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            table.insert(relative, sync_and_hash(&path)?);
+        }
         crash_point("weights_written", step);
     }
     Ok(())
