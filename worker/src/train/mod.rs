@@ -4,7 +4,6 @@
 //! HF-loadable model at the end. Entry point: `run::train`.
 
 pub mod data_source;
-pub mod engine_config;
 pub mod entry;
 pub mod outputs;
 pub mod plot;

@@ -5,14 +5,13 @@
 //! run depends only on its config and a resumed run continues exactly.
 
 use super::data_source::{BatchStream, DataPlan, Examples};
-use super::engine_config::engine_config;
 use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
 use crate::checkpoint::{self, PendingSave, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
 use crate::model::{CausalLm, ForwardCtx, ModelConfig, causal_lm_loss};
 use crate::tokenizer::Tokenizer;
-use crate::zero::{EngineModel, ZeroEngine};
+use crate::zero::{EngineConfig, EngineModel, ZeroEngine};
 use crate::{Error, Result};
 use rsdeep::config::{IntervalStrategy, ResumeFrom, TrainConfig};
 use std::path::{Path, PathBuf};
@@ -87,7 +86,7 @@ pub fn train(
     config
         .fill_model_autos(model.config.hidden_size, total_steps)
         .map_err(|e| Error::Config(e.to_string()))?;
-    let engine_config = engine_config(&config, total_steps, world.device)?;
+    let engine_config = EngineConfig::from_train_config(&config, total_steps, world.device)?;
     let model_config = model.config.clone();
     let engine_model = EngineModel {
         head_tied_to_embedding: model.tied_to_embedding(),
