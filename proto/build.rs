@@ -5,6 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/rendezvous.proto");
     let mut cfg = tonic_prost_build::Config::new();
     cfg.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure().compile_with_config(cfg, &["proto/rendezvous.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_with_config(
+        cfg,
+        &["proto/rendezvous.proto"],
+        &["proto"],
+    )?;
     Ok(())
 }

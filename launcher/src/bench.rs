@@ -104,8 +104,10 @@ async fn in_process_join(clients: usize, connections: usize) -> Result<Duration>
     };
     let state = Arc::new(RendezvousState::new(spec));
     let token = "bench-token".to_string();
-    let server = start_server(state, token.clone(), ([127, 0, 0, 1], 0).into()).await?;
-    let endpoint = Endpoint::from_shared(format!("http://{}", server.addr))?;
+    let server = start_server(state.clone(), token.clone(), ([127, 0, 0, 1], 0).into()).await?;
+    let endpoint = Endpoint::from_shared(format!("http://{}", server.addr))?
+        .initial_connection_window_size(Some(32 << 20))
+        .initial_stream_window_size(Some(4 << 20));
     let started = Instant::now();
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
@@ -135,9 +137,17 @@ async fn in_process_join(clients: usize, connections: usize) -> Result<Duration>
             Ok::<_, anyhow::Error>(())
         }));
     }
+    let watcher =
+        tokio::spawn(async move { state.wait_for_world().await.map(|_| started.elapsed()) });
     for task in tasks {
         task.await??;
     }
+    let server_side = watcher.await??;
+    println!(
+        "  (server saw the last Join after {:.1} ms; answers done after {:.1} ms)",
+        server_side.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64() * 1e3
+    );
     Ok(started.elapsed())
 }
 

@@ -235,10 +235,11 @@ fn announce_world(
     started: Instant,
 ) {
     runtime.spawn(async move {
-        if let Ok((generation, members)) = state.wait_for_world().await {
+        if let Ok(world) = state.wait_for_world().await {
             eprintln!(
-                "rsdeep: rendezvous complete: {} rank(s) joined generation {generation} in {:.1} ms after launcher start",
-                members.len(),
+                "rsdeep: rendezvous complete: {} rank(s) joined generation {} in {:.1} ms after launcher start",
+                world.members.len(),
+                world.generation,
                 started.elapsed().as_secs_f64() * 1e3
             );
         }

@@ -58,11 +58,70 @@ mod subcommands {
     use clap::Parser;
     use rsdeep::memory::{EstimateArgs, estimate_memory_cli};
 
-    /// `rsdeep check-config train.json [--num_gpus N | --num_procs N] [--key value ...]`
-    pub fn check_config(_args: &[String]) -> anyhow::Result<i32> {
-        anyhow::bail!(
-            "`rsdeep check-config` is not wired yet: rsdeep::config::check_config_cli does not exist yet"
-        )
+    /// `rsdeep check-config train.json [--num_gpus N | --num_procs N] [--num_nodes M]
+    /// [--key value ...]`: world size = nodes x ranks per node; the rest are overrides.
+    pub fn check_config(args: &[String]) -> anyhow::Result<i32> {
+        let Some((path, rest)) = args.split_first() else {
+            anyhow::bail!(
+                "usage: rsdeep check-config train.json [--num_gpus N | --num_procs N] [--num_nodes M] [--key value ...]"
+            );
+        };
+        let (world_size, overrides) = split_world_flags(rest)?;
+        print!(
+            "{}",
+            rsdeep::config::check_config_cli(std::path::Path::new(path), &overrides, world_size)?
+        );
+        Ok(0)
+    }
+
+    /// Takes `--num_gpus/--num_procs/--num_nodes` (also `--flag=N`) out of `args`.
+    fn split_world_flags(args: &[String]) -> anyhow::Result<(usize, Vec<String>)> {
+        let (mut per_node, mut nodes, mut rest) = (1usize, 1usize, Vec::new());
+        let mut iter = args.iter();
+        while let Some(arg) = iter.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f, Some(v.to_string())),
+                None => (arg.as_str(), None),
+            };
+            if !matches!(flag, "--num_gpus" | "--num_procs" | "--num_nodes") {
+                rest.push(arg.clone());
+                continue;
+            }
+            let value = inline.or_else(|| iter.next().cloned()).unwrap_or_default();
+            let n: usize = value
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{flag} needs a positive integer, got {value:?}"))?;
+            anyhow::ensure!(n > 0, "{flag} must be at least 1");
+            if flag == "--num_nodes" {
+                nodes = n
+            } else {
+                per_node = n
+            }
+        }
+        Ok((per_node * nodes, rest))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn world_flags_are_taken_out_of_the_overrides() {
+            let args: Vec<String> = [
+                "--num_gpus",
+                "4",
+                "--learning_rate",
+                "1e-4",
+                "--num_nodes=2",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let (world, rest) = super::split_world_flags(&args).unwrap();
+            assert_eq!(world, 8);
+            assert_eq!(rest, ["--learning_rate", "1e-4"]);
+            assert!(
+                super::split_world_flags(&["--num_procs".to_string(), "x".to_string()]).is_err()
+            );
+        }
     }
 
     #[derive(Debug, Parser)]

@@ -69,7 +69,11 @@ pub enum Outcome {
     /// Every local worker exited 0.
     Success,
     /// A worker failed first; the report is ready to print.
-    WorkerFailed { rank: usize, exit_code: i32, report: String },
+    WorkerFailed {
+        rank: usize,
+        exit_code: i32,
+        report: String,
+    },
     /// The launcher got SIGINT/SIGTERM/SIGHUP.
     Interrupted { signal: i32 },
     /// The rendezvous deadline passed; the message names who never arrived.
@@ -100,7 +104,11 @@ extern "C" fn remember_signal(signal: libc::c_int) {
 /// Routes SIGINT, SIGTERM and SIGHUP to `STOP_SIGNAL` so the launcher stops its workers.
 pub fn install_stop_handlers() -> nix::Result<()> {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
-    let action = SigAction::new(SigHandler::Handler(remember_signal), SaFlags::SA_RESTART, SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(remember_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
         unsafe { sigaction(signal, &action)? };
@@ -131,7 +139,9 @@ pub fn spawn_workers(
         let log = match rank_log_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
-                Some(File::create(dir.join(format!("{stamp}_rank{}.log", plan.rank)))?)
+                Some(File::create(
+                    dir.join(format!("{stamp}_rank{}.log", plan.rank)),
+                )?)
             }
             None => None,
         };
@@ -139,7 +149,10 @@ pub fn spawn_workers(
             Ok(worker) => workers.push(worker),
             Err(e) => {
                 stop_workers(&mut workers, Duration::from_secs(5));
-                return Err(std::io::Error::new(e.kind(), format!("cannot start {}: {e}", program.display())));
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot start {}: {e}", program.display()),
+                ));
             }
         }
     }
@@ -166,7 +179,13 @@ fn spawn_one(
     // sched_setaffinity, _exit); `cores` was allocated before the fork.
     unsafe {
         command.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
             if libc::getppid() != launcher_pid {
                 libc::_exit(111);
             }
@@ -185,7 +204,13 @@ fn spawn_one(
     let log = log.map(|f| Arc::new(Mutex::new(f)));
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
-        readers.push(forward_lines(out, plan.rank, false, tail.clone(), log.clone()));
+        readers.push(forward_lines(
+            out,
+            plan.rank,
+            false,
+            tail.clone(),
+            log.clone(),
+        ));
     }
     if let Some(err) = child.stderr.take() {
         readers.push(forward_lines(err, plan.rank, true, tail.clone(), log));
@@ -218,7 +243,9 @@ fn forward_lines(
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
-            let line = String::from_utf8_lossy(&bytes).trim_end_matches(['\n', '\r']).to_string();
+            let line = String::from_utf8_lossy(&bytes)
+                .trim_end_matches(['\n', '\r'])
+                .to_string();
             let prefixed = format!("[rank {rank}] {line}\n");
             let _ = if to_stderr {
                 std::io::stderr().lock().write_all(prefixed.as_bytes())
@@ -239,7 +266,11 @@ fn forward_lines(
 
 /// Watches `workers` until all succeed, one fails, the launcher is signalled, the
 /// rendezvous times out or a rank stops sending heartbeats. Does not stop anyone.
-pub fn watch(workers: &mut [Worker], rendezvous: Option<&RendezvousState>, options: &SuperviseOptions) -> Outcome {
+pub fn watch(
+    workers: &mut [Worker],
+    rendezvous: Option<&RendezvousState>,
+    options: &SuperviseOptions,
+) -> Outcome {
     loop {
         let signal = STOP_SIGNAL.load(Ordering::SeqCst);
         if signal != 0 {
@@ -268,7 +299,10 @@ pub fn watch(workers: &mut [Worker], rendezvous: Option<&RendezvousState>, optio
                     return Outcome::WorkerFailed {
                         rank: worker.rank,
                         exit_code: 1,
-                        report: format!("cannot wait for rank {} (pid {}): {e}", worker.rank, worker.pid),
+                        report: format!(
+                            "cannot wait for rank {} (pid {}): {e}",
+                            worker.rank, worker.pid
+                        ),
                     };
                 }
             }
@@ -283,10 +317,16 @@ pub fn watch(workers: &mut [Worker], rendezvous: Option<&RendezvousState>, optio
     }
 }
 
-fn failure(worker: &mut Worker, status: ExitStatus, rendezvous: Option<&RendezvousState>) -> Outcome {
+fn failure(
+    worker: &mut Worker,
+    status: ExitStatus,
+    rendezvous: Option<&RendezvousState>,
+) -> Outcome {
     // Let the reader threads drain what the worker printed before dying.
     worker.finish_output();
-    let reported = rendezvous.map(|s| s.errors_of(worker.rank)).unwrap_or_default();
+    let reported = rendezvous
+        .map(|s| s.errors_of(worker.rank))
+        .unwrap_or_default();
     let report = failure_report(
         worker.rank,
         &worker.host,
@@ -319,9 +359,13 @@ pub fn describe_status(status: ExitStatus) -> String {
     let Some(signal) = status.signal() else {
         return "an unknown status".into();
     };
-    let name = Signal::try_from(signal).map(|s| s.as_str()).unwrap_or("unknown signal");
+    let name = Signal::try_from(signal)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown signal");
     let hint = match signal {
-        libc::SIGKILL => " - SIGKILL usually comes from the kernel's OOM killer (check `dmesg`) or a manual kill -9",
+        libc::SIGKILL => {
+            " - SIGKILL usually comes from the kernel's OOM killer (check `dmesg`) or a manual kill -9"
+        }
         libc::SIGSEGV => " - a segmentation fault (a native library crashed)",
         libc::SIGABRT => " - aborted (a native library assertion or panic=abort)",
         libc::SIGBUS => " - bus error (often a truncated memory-mapped file or full /dev/shm)",
@@ -349,7 +393,10 @@ pub fn failure_report<'a>(
     if tail.is_empty() {
         out.push_str(&format!("rsdeep: rank {rank} printed nothing\n"));
     } else {
-        out.push_str(&format!("rsdeep: last {} line(s) of rank {rank}:\n", tail.len()));
+        out.push_str(&format!(
+            "rsdeep: last {} line(s) of rank {rank}:\n",
+            tail.len()
+        ));
         for line in tail {
             out.push_str(&format!("    {line}\n"));
         }
@@ -389,7 +436,10 @@ fn signal_groups(workers: &mut [Worker], signal: Signal) {
 
 /// `YYYYmmddHHMMSS` in UTC (DeepSpeed's per-rank log file prefix).
 pub fn utc_stamp(now: SystemTime) -> String {
-    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
     format!(
@@ -449,9 +499,15 @@ mod tests {
         let mut workers = Vec::new();
         for (i, script) in scripts.iter().enumerate() {
             let (plan, env) = rank(i, script);
-            let program = SCRIPTS.path().join(format!("{}.sh", NEXT_SCRIPT.fetch_add(1, Ordering::SeqCst)));
+            let program = SCRIPTS
+                .path()
+                .join(format!("{}.sh", NEXT_SCRIPT.fetch_add(1, Ordering::SeqCst)));
             std::fs::write(&program, format!("#!/bin/sh\n{script}\n")).unwrap();
-            std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(
+                &program,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
             let mut w = spawn_workers(&program, &[&plan], &env, log_dir).unwrap();
             workers.append(&mut w);
         }
@@ -470,30 +526,47 @@ mod tests {
     fn first_failure_is_reported_with_signal_and_last_lines_then_others_stop() {
         let mut workers = spawn_sh(&["exec sleep 30", "echo about to die; kill -9 $$"], None);
         let outcome = watch(&mut workers, None, &options());
-        let Outcome::WorkerFailed { rank, exit_code, report } = outcome else {
+        let Outcome::WorkerFailed {
+            rank,
+            exit_code,
+            report,
+        } = outcome
+        else {
             panic!("expected a failure, got {outcome:?}");
         };
         assert_eq!((rank, exit_code), (1, 137));
-        assert!(report.contains("rank 1 failed first (host localhost, pid"), "{report}");
+        assert!(
+            report.contains("rank 1 failed first (host localhost, pid"),
+            "{report}"
+        );
         assert!(report.contains("signal 9 (SIGKILL)"), "{report}");
         assert!(report.contains("OOM killer"), "{report}");
         assert!(report.contains("    about to die"), "{report}");
         let started = Instant::now();
         assert_eq!(stop_workers(&mut workers, Duration::from_secs(5)), 0);
         assert!(started.elapsed() < Duration::from_secs(3));
-        assert_eq!(workers[0].status.and_then(|s| s.signal()), Some(libc::SIGTERM));
+        assert_eq!(
+            workers[0].status.and_then(|s| s.signal()),
+            Some(libc::SIGTERM)
+        );
     }
 
     #[test]
     fn a_worker_ignoring_sigterm_is_killed_after_the_grace_period() {
-        let mut workers = spawn_sh(&["trap '' TERM; echo ready; while :; do sleep 0.05; done"], None);
+        let mut workers = spawn_sh(
+            &["trap '' TERM; echo ready; while :; do sleep 0.05; done"],
+            None,
+        );
         while workers[0].tail().is_empty() {
             std::thread::sleep(Duration::from_millis(10));
         }
         let started = Instant::now();
         assert_eq!(stop_workers(&mut workers, Duration::from_millis(300)), 1);
         assert!(started.elapsed() >= Duration::from_millis(300));
-        assert_eq!(workers[0].status.and_then(|s| s.signal()), Some(libc::SIGKILL));
+        assert_eq!(
+            workers[0].status.and_then(|s| s.signal()),
+            Some(libc::SIGKILL)
+        );
     }
 
     #[test]
@@ -502,10 +575,16 @@ mod tests {
         let mut workers = spawn_sh(&["echo logged line; exit 3"], Some(dir.path()));
         let outcome = watch(&mut workers, None, &options());
         assert_eq!(outcome.exit_code(), 3);
-        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         assert_eq!(files.len(), 1);
         let name = files[0].file_name().unwrap().to_string_lossy().to_string();
-        assert!(name.ends_with("_rank0.log") && name.len() == "YYYYmmddHHMMSS_rank0.log".len(), "{name}");
+        assert!(
+            name.ends_with("_rank0.log") && name.len() == "YYYYmmddHHMMSS_rank0.log".len(),
+            "{name}"
+        );
         assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), "logged line\n");
     }
 

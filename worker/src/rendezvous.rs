@@ -233,7 +233,9 @@ impl Rendezvous {
         let url = format!("http://{}:{}", env.master_addr, env.master_port);
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| Error::Rendezvous(format!("bad rendezvous address {url}: {e}")))?
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            .initial_connection_window_size(Some(8 << 20))
+            .initial_stream_window_size(Some(4 << 20));
         let channel = runtime.block_on(connect_with_retry(&endpoint, &url, timeout))?;
         let token = env
             .token

@@ -7,4 +7,6 @@ pub mod service;
 pub mod state;
 
 pub use service::{ServerHandle, start_server};
-pub use state::{Command, ErrorRecord, Member, RendezvousError, RendezvousState, WorldSpec};
+pub use state::{
+    Command, CompleteWorld, ErrorRecord, Member, RendezvousError, RendezvousState, WorldSpec,
+};

@@ -17,7 +17,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
-use super::state::{Command, ErrorRecord, Member, RendezvousError, RendezvousState};
+use super::state::{Command, CompleteWorld, ErrorRecord, Member, RendezvousError, RendezvousState};
 
 /// Longest a blocking Get/Barrier may wait when the client asks for no limit.
 const DEFAULT_WAIT: Duration = Duration::from_secs(1800);
@@ -43,6 +43,32 @@ impl From<RendezvousError> for Status {
 #[derive(Debug, Clone)]
 pub struct RendezvousService {
     state: Arc<RendezvousState>,
+    /// The wire form of the last completed world's peers, built once per generation.
+    peers: Arc<std::sync::Mutex<Option<(u64, Arc<Vec<pb::Peer>>)>>>,
+}
+
+impl RendezvousService {
+    fn wire_peers(&self, world: &CompleteWorld) -> Arc<Vec<pb::Peer>> {
+        let mut cache = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.as_ref() {
+            Some((generation, peers)) if *generation == world.generation => peers.clone(),
+            _ => {
+                let peers = Arc::new(world.members.iter().map(wire_peer).collect::<Vec<_>>());
+                *cache = Some((world.generation, peers.clone()));
+                peers
+            }
+        }
+    }
+}
+
+fn wire_peer(m: &Member) -> pb::Peer {
+    pb::Peer {
+        rank: m.rank as u32,
+        host: m.host.clone(),
+        comm_addr: m.comm_addr.clone(),
+        node_rank: m.node_rank as u32,
+        local_rank: m.local_rank as u32,
+    }
 }
 
 fn wait_limit(timeout_ms: u64) -> Duration {
@@ -82,12 +108,13 @@ impl Rendezvous for RendezvousService {
                 comm_addr: req.comm_addr,
                 pid: req.pid,
             })?;
-            let (generation, members) = self.state.wait_for_world().await?;
+            let world = self.state.wait_for_world().await?;
+            let peers = self.wire_peers(&world);
             Ok(Response::new(join_response(
                 &self.state,
                 rank,
-                generation,
-                &members,
+                &world,
+                &peers,
             )))
         }
         .instrument(span)
@@ -184,29 +211,20 @@ impl Rendezvous for RendezvousService {
 fn join_response(
     state: &RendezvousState,
     rank: usize,
-    generation: u64,
-    members: &[Member],
+    world: &CompleteWorld,
+    peers: &[pb::Peer],
 ) -> pb::JoinResponse {
-    let me = &members[rank];
+    let me = &world.members[rank];
     let spec = state.spec();
     pb::JoinResponse {
         rank: rank as u32,
-        world_size: members.len() as u32,
+        world_size: world.members.len() as u32,
         local_rank: me.local_rank as u32,
         local_world_size: spec.nodes[me.node_rank].1 as u32,
         node_rank: me.node_rank as u32,
         num_nodes: spec.nodes.len() as u32,
-        generation,
-        peers: members
-            .iter()
-            .map(|m| pb::Peer {
-                rank: m.rank as u32,
-                host: m.host.clone(),
-                comm_addr: m.comm_addr.clone(),
-                node_rank: m.node_rank as u32,
-                local_rank: m.local_rank as u32,
-            })
-            .collect(),
+        generation: world.generation,
+        peers: peers.to_vec(),
     }
 }
 
@@ -260,13 +278,22 @@ pub async fn start_server(
 ) -> std::io::Result<ServerHandle> {
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
-    let service =
-        RendezvousServer::with_interceptor(RendezvousService { state }, token_checker(token));
+    let service = RendezvousServer::with_interceptor(
+        RendezvousService {
+            state,
+            peers: Default::default(),
+        },
+        token_checker(token),
+    );
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(16_384))
             .tcp_nodelay(true)
+            // Join answers carry every peer (about 40 bytes each): large windows keep
+            // thousands of simultaneous answers from stalling on WINDOW_UPDATE round trips.
+            .initial_connection_window_size(Some(32 << 20))
+            .initial_stream_window_size(Some(4 << 20))
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = rx.await;
@@ -281,4 +308,205 @@ pub async fn start_server(
         addr,
         shutdown: Some(tx),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rendezvous::WorldSpec;
+    use rsdeep_proto::v1::rendezvous_client::RendezvousClient;
+    use tonic::transport::Channel;
+
+    const TOKEN: &str = "t0ken";
+
+    async fn serve(local_ranks: usize, timeout: Duration) -> (Arc<RendezvousState>, ServerHandle) {
+        let spec = WorldSpec {
+            job_id: "job".into(),
+            nodes: vec![("localhost".into(), local_ranks)],
+            join_timeout: timeout,
+        };
+        let state = Arc::new(RendezvousState::new(spec));
+        let server = start_server(state.clone(), TOKEN.into(), ([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        (state, server)
+    }
+
+    async fn client(server: &ServerHandle) -> RendezvousClient<Channel> {
+        RendezvousClient::connect(format!("http://{}", server.addr))
+            .await
+            .unwrap()
+    }
+
+    fn with_token<T>(message: T, token: &str) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert(TOKEN_METADATA_KEY, token.parse().unwrap());
+        request
+    }
+
+    fn join(local_rank: u32, job: &str, version: &str) -> pb::JoinRequest {
+        pb::JoinRequest {
+            job_id: job.into(),
+            version: version.into(),
+            node_rank: 0,
+            local_rank,
+            host: "localhost".into(),
+            comm_addr: format!("127.0.0.1:{}", 7000 + local_rank),
+            pid: 42 + local_rank,
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_precise_statuses() {
+        let (_state, server) = serve(2, Duration::from_millis(300)).await;
+        let mut c = client(&server).await;
+        let wrong = c
+            .join(with_token(join(0, "job", RSDEEP_VERSION), "nope"))
+            .await
+            .unwrap_err();
+        assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+        assert!(
+            wrong.message().contains("wrong rendezvous token"),
+            "{}",
+            wrong.message()
+        );
+        let missing = c
+            .join(Request::new(join(0, "job", RSDEEP_VERSION)))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        let job = c
+            .join(with_token(join(0, "other", RSDEEP_VERSION), TOKEN))
+            .await
+            .unwrap_err();
+        assert_eq!(job.code(), tonic::Code::NotFound);
+        let version = c
+            .join(with_token(join(0, "job", "0.0.0-old"), TOKEN))
+            .await
+            .unwrap_err();
+        assert_eq!(version.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            version.message().contains("0.0.0-old"),
+            "{}",
+            version.message()
+        );
+        let beyond = c
+            .join(with_token(join(2, "job", RSDEEP_VERSION), TOKEN))
+            .await
+            .unwrap_err();
+        assert_eq!(beyond.code(), tonic::Code::OutOfRange);
+        // Rank 0 joins and waits; a second rank 0 is a duplicate; rank 1 never comes.
+        let mut first = c.clone();
+        let waiting = tokio::spawn(async move {
+            first
+                .join(with_token(join(0, "job", RSDEEP_VERSION), TOKEN))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let duplicate = c
+            .join(with_token(join(0, "job", RSDEEP_VERSION), TOKEN))
+            .await
+            .unwrap_err();
+        assert_eq!(duplicate.code(), tonic::Code::AlreadyExists);
+        let timeout = waiting.await.unwrap().unwrap_err();
+        assert_eq!(timeout.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            timeout
+                .message()
+                .contains("never arrived: rank 1 (host localhost"),
+            "{}",
+            timeout.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn join_store_barrier_heartbeat_and_error_report_round_trip() {
+        let (state, server) = serve(2, Duration::from_secs(10)).await;
+        let c = client(&server).await;
+        let joins: Vec<_> = (0..2u32)
+            .map(|r| {
+                let mut c = c.clone();
+                tokio::spawn(async move {
+                    c.join(with_token(join(r, "job", RSDEEP_VERSION), TOKEN))
+                        .await
+                })
+            })
+            .collect();
+        for (r, handle) in joins.into_iter().enumerate() {
+            let answer = handle.await.unwrap().unwrap().into_inner();
+            assert_eq!(
+                (answer.rank as usize, answer.world_size, answer.generation),
+                (r, 2, 1)
+            );
+            let addrs: Vec<_> = answer.peers.iter().map(|p| p.comm_addr.as_str()).collect();
+            assert_eq!(addrs, ["127.0.0.1:7000", "127.0.0.1:7001"]);
+        }
+        let mut c1 = c.clone();
+        let getter = tokio::spawn(async move {
+            let get = pb::GetRequest {
+                job_id: "job".into(),
+                key: "id".into(),
+                timeout_ms: 5000,
+            };
+            c1.get(with_token(get, TOKEN)).await
+        });
+        let mut c0 = c.clone();
+        let set = pb::SetRequest {
+            job_id: "job".into(),
+            key: "id".into(),
+            value: vec![9; 128],
+        };
+        c0.set(with_token(set, TOKEN)).await.unwrap();
+        assert_eq!(
+            getter.await.unwrap().unwrap().into_inner().value,
+            vec![9; 128]
+        );
+        let barriers: Vec<_> = (0..2u32)
+            .map(|rank| {
+                let mut c = c.clone();
+                let req = pb::BarrierRequest {
+                    job_id: "job".into(),
+                    name: "b".into(),
+                    rank,
+                    timeout_ms: 5000,
+                };
+                tokio::spawn(async move { c.barrier(with_token(req, TOKEN)).await })
+            })
+            .collect();
+        for b in barriers {
+            b.await.unwrap().unwrap();
+        }
+        let (beat_tx, beat_rx) = mpsc::channel(4);
+        let beat = pb::HeartbeatRequest {
+            job_id: "job".into(),
+            rank: 1,
+            step: 7,
+            loss: 2.5,
+            tokens_per_second: 100.0,
+            generation: 1,
+        };
+        beat_tx.send(beat).await.unwrap();
+        let mut commands = c0
+            .heartbeat(with_token(ReceiverStream::new(beat_rx), TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
+        while state.progress().get(&1).is_none_or(|p| p.step != 7) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state.broadcast_command(Command::SaveNow), 1);
+        let command = commands.next().await.unwrap().unwrap();
+        assert_eq!(command.kind, Kind::SaveNow as i32);
+        let report = pb::ErrorReport {
+            job_id: "job".into(),
+            rank: 1,
+            message: "CUDA OOM".into(),
+            time_ms: 1,
+        };
+        c0.report_error(with_token(report, TOKEN)).await.unwrap();
+        assert_eq!(state.errors_of(1)[0].message, "CUDA OOM");
+        drop(beat_tx);
+    }
 }

@@ -4,7 +4,7 @@
 //! timeout or a hung rank. Ranks are fixed by the plan: `rank = node offset + local rank`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
@@ -57,6 +57,13 @@ pub struct Member {
     pub host: String,
     pub comm_addr: String,
     pub pid: u32,
+}
+
+/// Every member of a completed generation, in rank order (built once, shared).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompleteWorld {
+    pub generation: u64,
+    pub members: Vec<Member>,
 }
 
 /// The last progress report of a rank.
@@ -128,6 +135,8 @@ struct Inner {
     generation: u64,
     started: Option<Instant>,
     members: Vec<Option<Member>>,
+    joined: usize,
+    complete: Option<Arc<CompleteWorld>>,
     kv: HashMap<String, Vec<u8>>,
     barriers: HashMap<String, BTreeSet<usize>>,
     progress: HashMap<usize, Progress>,
@@ -189,6 +198,8 @@ impl RendezvousState {
         inner.generation += 1;
         inner.started = Some(Instant::now());
         inner.members = vec![None; self.spec.world_size()];
+        inner.joined = 0;
+        inner.complete = None;
         inner.kv.clear();
         inner.barriers.clear();
         inner.progress.clear();
@@ -233,7 +244,14 @@ impl RendezvousState {
             });
         }
         inner.members[rank] = Some(Member { rank, ..member });
-        if inner.members.iter().all(Option::is_some) {
+        inner.joined += 1;
+        if inner.joined == inner.members.len() {
+            let members = inner.members.iter().flatten().cloned().collect();
+            let generation = inner.generation;
+            inner.complete = Some(Arc::new(CompleteWorld {
+                generation,
+                members,
+            }));
             self.join_complete.notify_waiters();
         }
         Ok(rank)
@@ -251,14 +269,12 @@ impl RendezvousState {
     }
 
     /// All members in rank order once everyone joined.
-    pub fn complete_world(&self) -> Option<(u64, Vec<Member>)> {
-        let inner = self.lock();
-        let members: Option<Vec<Member>> = inner.members.iter().cloned().collect();
-        members.map(|m| (inner.generation, m))
+    pub fn complete_world(&self) -> Option<Arc<CompleteWorld>> {
+        self.lock().complete.clone()
     }
 
     /// Waits until the world is complete or the join timeout passes.
-    pub async fn wait_for_world(&self) -> Result<(u64, Vec<Member>), RendezvousError> {
+    pub async fn wait_for_world(&self) -> Result<Arc<CompleteWorld>, RendezvousError> {
         loop {
             let notified = self.join_complete.notified();
             tokio::pin!(notified);
@@ -303,7 +319,7 @@ impl RendezvousState {
             .collect();
         RendezvousError::JoinTimeout {
             waited: inner.started.map(|s| s.elapsed()).unwrap_or_default(),
-            joined: inner.members.iter().filter(|m| m.is_some()).count(),
+            joined: inner.joined,
             world_size: self.spec.world_size(),
             missing: missing.join(", "),
         }
@@ -493,8 +509,9 @@ mod tests {
             }));
         }
         for waiter in waiters {
-            let (rank, (generation, members)) = waiter.await.unwrap();
-            assert_eq!(generation, 1);
+            let (rank, world) = waiter.await.unwrap();
+            let members = &world.members;
+            assert_eq!(world.generation, 1);
             assert_eq!(members[rank].rank, rank);
             let order: Vec<_> = members
                 .iter()
@@ -604,7 +621,7 @@ mod tests {
         assert!(state.complete_world().is_none());
         assert!(state.progress().is_empty());
         state.register(member(0, 0)).unwrap();
-        assert_eq!(state.complete_world().unwrap().0, 2);
+        assert_eq!(state.complete_world().unwrap().generation, 2);
     }
 
     #[test]
