@@ -3,13 +3,13 @@
 # gloo, over loopback, 1 KiB .. 256 MiB; prints one table (GB/s, nccl-tests algbw/busbw
 # definitions) with the busbw ratio per size. Results are recorded in docs/comm-bench.md.
 # Usage: benches/comm/run.sh [MIN_BYTES MAX_BYTES BUDGET_BYTES]   (env: EXTRA_ARGS for
-# rsdeep-comm-bench, e.g. "--chunk-bytes 262144 --check")
+# rsdeep-comm-bench, e.g. "--chunk-bytes 262144 --check"; SKIP_BUILD=1 to reuse the binary)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
 MIN=${1:-1024}; MAX=${2:-268435456}; BUDGET=${3:-67108864}
-OUT=${OUT:-$(mktemp -d)}
-cargo build --release -q -p rsdeep-worker --bin rsdeep-comm-bench
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p rsdeep-worker --bin rsdeep-comm-bench
 BENCH="$CARGO_TARGET_DIR/release/rsdeep-comm-bench"
 free_port() { "$RSDEEP_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ADDRS="127.0.0.1:$(free_port),127.0.0.1:$(free_port)"

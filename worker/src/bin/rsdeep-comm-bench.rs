@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = TcpOptions::default().chunk_bytes)]
     chunk_bytes: usize,
     /// SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TcpOptions::default().socket_buffer_bytes.unwrap_or(0))]
     socket_buffer: usize,
     /// Verify each operation's result once per size (untimed).
     #[arg(long)]

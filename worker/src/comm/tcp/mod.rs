@@ -47,8 +47,9 @@ impl Default for TcpOptions {
         TcpOptions {
             connect_timeout: Duration::from_secs(120),
             op_timeout: Duration::from_secs(300),
-            chunk_bytes: 1 << 20,
-            socket_buffer_bytes: None,
+            // Tuned with benches/comm on loopback (docs/comm-bench.md).
+            chunk_bytes: 256 << 10,
+            socket_buffer_bytes: Some(4 << 20),
         }
     }
 }
