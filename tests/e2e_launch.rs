@@ -256,3 +256,28 @@ fn no_gpu_and_no_cpu_flag_explains_how_to_run_on_cpu() {
         assert_eq!(status.code(), Some(0), "{}", launcher.output());
     }
 }
+
+#[test]
+fn a_failed_attempt_is_restarted_with_a_new_generation() {
+    let _guard = serial();
+    let pid_dir = tempfile::tempdir().unwrap();
+    let script = worker_script(
+        pid_dir.path(),
+        "if [ \"$RSDEEP_RESTART_COUNT\" = 0 ] && [ \"$LOCAL_RANK\" = 1 ]; then echo first try fails; exit 3; fi\nexec \"$REAL_WORKER\"",
+    );
+    let args = [&CPU4[..], &["--max_restarts", "1", "--grace_period", "5"]].concat();
+    let mut launcher = Launcher::start(&args, &wrapped(&script, pid_dir.path()));
+    let status = launcher.wait(Duration::from_secs(120));
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(0), "{}", launcher.output());
+    assert!(stderr.contains("rank 1 failed first"), "{stderr}");
+    assert!(stderr.contains("exit code 3"), "{stderr}");
+    assert!(stderr.contains("restarting the job (1/1)"), "{stderr}");
+    assert!(stderr.contains("joined generation 2"), "{stderr}");
+    assert_eq!(
+        launcher.stdout().matches("nccl_id=").count(),
+        4,
+        "{}",
+        launcher.output()
+    );
+}
