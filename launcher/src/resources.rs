@@ -47,10 +47,8 @@ pub fn filter_resources(
     for node_spec in spec.split('@') {
         let (host, slots) = parse_node_spec(node_spec)?;
         let available = pool_slots(pool, &host)?;
-        if let Some(slots) = &slots {
-            if let Some(&slot) = slots.iter().find(|s| !available.contains(s)) {
-                return Err(ResourceError::UnknownSlot { host, slot });
-            }
+        if let Some(&slot) = slots.iter().flatten().find(|s| !available.contains(s)) {
+            return Err(ResourceError::UnknownSlot { host, slot });
         }
         let entry = entry_mut(&mut chosen, &host);
         match (including, slots) {
@@ -159,17 +157,17 @@ pub fn visible_devices_warning(value: &str) -> String {
 pub fn cuda_device_count() -> Option<usize> {
     type CuInit = unsafe extern "C" fn(u32) -> i32;
     type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
-    let names: [&[u8]; 2] = [b"libcuda.so.1\0", b"libcuda.so\0"];
+    let names = [c"libcuda.so.1", c"libcuda.so"];
     // SAFETY: dlopen/dlsym get NUL-terminated names; the symbols are the CUDA driver API
     // entry points with the C signatures above; the library is never closed, so the
     // function pointers stay valid.
     unsafe {
         let handle = names
             .iter()
-            .map(|n| libc::dlopen(n.as_ptr().cast(), libc::RTLD_NOW | libc::RTLD_LOCAL))
+            .map(|n| libc::dlopen(n.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL))
             .find(|h| !h.is_null())?;
-        let init = libc::dlsym(handle, b"cuInit\0".as_ptr().cast());
-        let count = libc::dlsym(handle, b"cuDeviceGetCount\0".as_ptr().cast());
+        let init = libc::dlsym(handle, c"cuInit".as_ptr());
+        let count = libc::dlsym(handle, c"cuDeviceGetCount".as_ptr());
         if init.is_null() || count.is_null() {
             return None;
         }

@@ -44,8 +44,11 @@ impl From<RendezvousError> for Status {
 pub struct RendezvousService {
     state: Arc<RendezvousState>,
     /// The wire form of the last completed world's peers, built once per generation.
-    peers: Arc<std::sync::Mutex<Option<(u64, Arc<Vec<pb::Peer>>)>>>,
+    peers: Arc<std::sync::Mutex<Option<WirePeers>>>,
 }
+
+/// A generation number and the wire form of its peers.
+type WirePeers = (u64, Arc<Vec<pb::Peer>>);
 
 impl RendezvousService {
     fn wire_peers(&self, world: &CompleteWorld) -> Arc<Vec<pb::Peer>> {
