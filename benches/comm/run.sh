@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
-MIN=${1:-1024}; MAX=${2:-268435456}; BUDGET=${3:-67108864}
+MIN=${1:-1024}; MAX=${2:-268435456}; BUDGET=${3:-33554432}
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p rsdeep-worker --bin rsdeep-comm-bench
 BENCH="$CARGO_TARGET_DIR/release/rsdeep-comm-bench"
