@@ -26,6 +26,8 @@ use crate::rendezvous::RendezvousState;
 /// Output lines kept per rank for the failure report.
 pub const TAIL_LINES: usize = 20;
 const POLL: Duration = Duration::from_millis(25);
+/// Longest wait for a dead worker's last output lines.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 /// A started worker process.
 #[derive(Debug)]
@@ -52,9 +54,17 @@ impl Worker {
         Ok(self.status)
     }
 
+    /// Waits (bounded) for the output threads to drain what the worker printed; a
+    /// grandchild still holding the pipes open must not hang the launcher.
     fn finish_output(&mut self) {
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
+        let deadline = Instant::now() + OUTPUT_DRAIN;
+        while Instant::now() < deadline && self.readers.iter().any(|r| !r.is_finished()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for reader in std::mem::take(&mut self.readers) {
+            if reader.is_finished() {
+                let _ = reader.join();
+            }
         }
     }
 }
@@ -586,6 +596,17 @@ mod tests {
             "{name}"
         );
         assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), "logged line\n");
+    }
+
+    #[test]
+    fn a_grandchild_holding_the_pipes_does_not_hang_the_report() {
+        let mut workers = spawn_sh(&["sleep 30 & echo bye; exit 4"], None);
+        let started = Instant::now();
+        let outcome = watch(&mut workers, None, &options());
+        assert_eq!(outcome.exit_code(), 4);
+        assert!(started.elapsed() < OUTPUT_DRAIN + Duration::from_secs(2));
+        stop_workers(&mut workers, Duration::from_secs(2));
+        assert_eq!(workers[0].tail(), vec!["bye".to_string()]);
     }
 
     #[test]
