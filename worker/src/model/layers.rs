@@ -7,7 +7,7 @@
 use super::config::ModelConfig;
 use super::rope::{Rotary, apply_rotary};
 use super::{Block, ForwardCtx, Param};
-use crate::Result;
+use crate::{Error, Result};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
@@ -20,19 +20,54 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(weight.f_mul(&normed.f_to_kind(input_kind)?)?)
 }
 
-/// Indices of a linear layer's weight and optional bias inside a block's `params`.
+/// Indices of a linear layer's weight and optional bias inside a block's `params`, plus
+/// an optional LoRA adapter on it.
 #[derive(Clone, Copy)]
 struct LinearSlot {
     weight: usize,
     bias: Option<usize>,
+    lora: Option<LoraSlot>,
+}
+
+/// A LoRA adapter on one linear layer (PEFT's math): indices of `lora_A.weight` (r, in)
+/// and `lora_B.weight` (out, r) in the block's `params`, `scaling` = alpha / r.
+#[derive(Clone, Copy)]
+struct LoraSlot {
+    a: usize,
+    b: usize,
+    scaling: f64,
+    dropout: f64,
 }
 
 impl LinearSlot {
-    fn apply(&self, params: &[Param], x: &Tensor) -> Result<Tensor> {
+    /// y = x W^T + b (+ B(A(dropout(x))) * scaling when an adapter is attached).
+    fn apply(&self, params: &[Param], training: bool, x: &Tensor) -> Result<Tensor> {
         let bias = self.bias.map(|i| &params[i].tensor);
-        Ok(x.f_linear(&params[self.weight].tensor, bias)?)
+        let base = x.f_linear(&params[self.weight].tensor, bias)?; // (B, T, out)
+        let Some(lora) = self.lora else {
+            return Ok(base);
+        };
+        let dropped = match lora.dropout > 0.0 && training {
+            true => x.f_dropout(lora.dropout, true)?,
+            false => x.shallow_clone(),
+        };
+        let down = dropped.f_linear::<&Tensor>(&params[lora.a].tensor, None)?; // (B, T, r)
+        let up = down.f_linear::<&Tensor>(&params[lora.b].tensor, None)?; // (B, T, out)
+        Ok(base.f_add(&up.f_mul_scalar(lora.scaling)?)?)
     }
 }
+
+/// The linear layers of a decoder layer, by their module path inside the layer, in HF
+/// order (PEFT's `target_modules` names are the last component).
+pub const DECODER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 /// Builds a block's parameter list in a fixed order while handing out slots.
 struct ParamList {
@@ -59,7 +94,11 @@ impl ParamList {
     fn linear(&mut self, name: &str, weight: Tensor, bias: Option<Tensor>) -> LinearSlot {
         let weight = self.push(&format!("{name}.weight"), weight);
         let bias = bias.map(|b| self.push(&format!("{name}.bias"), b));
-        LinearSlot { weight, bias }
+        LinearSlot {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 }
 
@@ -142,6 +181,10 @@ pub struct DecoderLayer {
     head_dim: i64,
     eps: f64,
     rotary: Arc<Rotary>,
+    /// Layer index in the model (`model.layers.{index}.`).
+    index: usize,
+    /// Whether LoRA dropout is active (training); false for inference.
+    lora_training: bool,
 }
 
 impl DecoderLayer {
@@ -239,50 +282,245 @@ impl DecoderLayer {
             head_dim,
             eps: config.rms_norm_eps,
             rotary,
+            index,
+            lora_training: true,
         })
     }
 
-    /// (B, T, H) -> (B, T, H): RoPE attention with GQA through SDPA.
-    fn attention(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    /// (B, T, H) -> (B, T, H): RoPE attention with GQA through SDPA. With `cache`, the
+    /// keys/values of earlier positions are prepended and this call's are appended to it
+    /// (the ctx's positions must continue the cached ones; no padding mask then).
+    fn attention(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let (batch, seq) = (x.size()[0], x.size()[1]);
         let heads = |t: Tensor, n: i64| -> Result<Tensor> {
             Ok(t.f_view([batch, seq, n, self.head_dim])?
                 .f_transpose(1, 2)?) // (B, n, T, D)
         };
-        let q = heads(self.q.apply(&self.params, x)?, self.num_heads)?;
-        let k = heads(self.k.apply(&self.params, x)?, self.num_kv_heads)?;
-        let v = heads(self.v.apply(&self.params, x)?, self.num_kv_heads)?;
+        let training = self.lora_training;
+        let q = heads(self.q.apply(&self.params, training, x)?, self.num_heads)?;
+        let k = heads(self.k.apply(&self.params, training, x)?, self.num_kv_heads)?;
+        let v = heads(self.v.apply(&self.params, training, x)?, self.num_kv_heads)?;
         let (cos, sin) = self.rotary.cos_sin(&ctx.position_ids, x.kind())?; // (B, T, D)
         let q = apply_rotary(&q, &cos, &sin)?;
-        let k = repeat_kv(
-            &apply_rotary(&k, &cos, &sin)?,
-            self.num_heads / self.num_kv_heads,
-        )?;
-        let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?; // (B, N, T, D)
+        let k = apply_rotary(&k, &cos, &sin)?; // (B, KV, T, D)
+        let (k, v, past) = match cache {
+            Some(cache) => cache.append(k, v)?, // (B, KV, P+T, D)
+            None => (k, v, 0),
+        };
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(&k, n_rep)?;
+        let v = repeat_kv(&v, n_rep)?; // (B, N, P+T, D)
+        let offset_mask = match past > 0 && seq > 1 {
+            true => Some(offset_causal_mask(seq, past, x.device())?), // (T, P+T)
+            false => None,
+        };
+        let mask = offset_mask.as_ref().or(ctx.attention_mask.as_ref());
         let scale = (self.head_dim as f64).powf(-0.5);
-        let is_causal = ctx.attention_mask.is_none() && seq > 1;
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            ctx.attention_mask.as_ref(),
-            0.0,
-            is_causal,
-            scale,
-            false,
-        )?; // (B, N, T, D)
+        let is_causal = mask.is_none() && seq > 1 && past == 0;
+        let out =
+            Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, scale, false)?; // (B, N, T, D)
         let out = out
             .f_transpose(1, 2)?
             .f_reshape([batch, seq, self.num_heads * self.head_dim])?; // (B, T, N*D)
-        self.o.apply(&self.params, &out)
+        self.o.apply(&self.params, training, &out)
+    }
+
+    /// One layer step with a KV cache: (B, T, H) -> (B, T, H). `ctx.position_ids` must be
+    /// `past..past+T` where `past` is the cache's length.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor> {
+        let normed = rms_norm(x, &self.params[self.input_norm].tensor, self.eps)?;
+        let x = x.f_add(&self.attention(&normed, ctx, Some(cache))?)?; // (B, T, H)
+        let normed = rms_norm(&x, &self.params[self.post_attention_norm].tensor, self.eps)?;
+        Ok(x.f_add(&self.mlp(&normed)?)?)
+    }
+
+    /// Layer index in the model.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    fn slot(&self, module: &str) -> Option<&LinearSlot> {
+        match module {
+            "self_attn.q_proj" => Some(&self.q),
+            "self_attn.k_proj" => Some(&self.k),
+            "self_attn.v_proj" => Some(&self.v),
+            "self_attn.o_proj" => Some(&self.o),
+            "mlp.gate_proj" => Some(&self.gate),
+            "mlp.up_proj" => Some(&self.up),
+            "mlp.down_proj" => Some(&self.down),
+            _ => None,
+        }
+    }
+
+    fn slot_mut(&mut self, module: &str) -> Option<&mut LinearSlot> {
+        match module {
+            "self_attn.q_proj" => Some(&mut self.q),
+            "self_attn.k_proj" => Some(&mut self.k),
+            "self_attn.v_proj" => Some(&mut self.v),
+            "self_attn.o_proj" => Some(&mut self.o),
+            "mlp.gate_proj" => Some(&mut self.gate),
+            "mlp.up_proj" => Some(&mut self.up),
+            "mlp.down_proj" => Some(&mut self.down),
+            _ => None,
+        }
+    }
+
+    /// (out, in) of the linear `module` (one of `DECODER_LINEARS`).
+    pub fn linear_shape(&self, module: &str) -> Result<(i64, i64)> {
+        let slot = self
+            .slot(module)
+            .ok_or_else(|| Error::Model(format!("no linear layer {module}")))?;
+        let size = self.params[slot.weight].tensor.size();
+        Ok((size[0], size[1]))
+    }
+
+    /// Attaches a LoRA adapter to `module`: `a` (r, in) and `b` (out, r) become params
+    /// named `model.layers.{i}.{module}.lora_A.weight` / `.lora_B.weight`, appended after
+    /// the base params. Returns their names.
+    pub fn attach_lora(
+        &mut self,
+        module: &str,
+        a: Tensor,
+        b: Tensor,
+        scaling: f64,
+        dropout: f64,
+    ) -> Result<[String; 2]> {
+        let (out, inp) = self.linear_shape(module)?;
+        let (a_size, b_size) = (a.size(), b.size());
+        let rank = a_size.first().copied().unwrap_or(0);
+        if a_size != [rank, inp] || b_size != [out, rank] || rank == 0 {
+            return Err(Error::Model(format!(
+                "LoRA for layer {} {module}: A {a_size:?} / B {b_size:?} do not fit a \
+                 ({out}, {inp}) linear",
+                self.index
+            )));
+        }
+        if self.slot(module).is_some_and(|s| s.lora.is_some()) {
+            return Err(Error::Model(format!(
+                "layer {} {module} already has a LoRA adapter",
+                self.index
+            )));
+        }
+        let prefix = format!("model.layers.{}.{module}", self.index);
+        let names = [
+            format!("{prefix}.lora_A.weight"),
+            format!("{prefix}.lora_B.weight"),
+        ];
+        self.params.push(Param {
+            name: names[0].clone(),
+            tensor: a,
+        });
+        self.params.push(Param {
+            name: names[1].clone(),
+            tensor: b,
+        });
+        let (a, b) = (self.params.len() - 2, self.params.len() - 1);
+        if let Some(slot) = self.slot_mut(module) {
+            slot.lora = Some(LoraSlot {
+                a,
+                b,
+                scaling,
+                dropout,
+            });
+        }
+        Ok(names)
+    }
+
+    /// Folds every adapter into its base weight (W += scaling * B A) and removes the
+    /// adapter params, leaving a plain layer.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let mut first_adapter = self.params.len();
+        for module in DECODER_LINEARS {
+            let Some(slot) = self.slot(module).copied() else {
+                continue;
+            };
+            let Some(lora) = slot.lora else { continue };
+            first_adapter = first_adapter.min(lora.a).min(lora.b);
+            let delta = self.params[lora.b]
+                .tensor
+                .f_detach()?
+                .f_to_kind(Kind::Float)?
+                .f_matmul(
+                    &self.params[lora.a]
+                        .tensor
+                        .f_detach()?
+                        .f_to_kind(Kind::Float)?,
+                )?
+                .f_mul_scalar(lora.scaling)?; // (out, in)
+            let weight = &self.params[slot.weight].tensor;
+            let merged = weight
+                .f_detach()?
+                .f_to_kind(Kind::Float)?
+                .f_add(&delta)?
+                .f_to_kind(weight.kind())?;
+            let mut target = weight.shallow_clone();
+            tch::no_grad(|| target.f_copy_(&merged))?;
+            if let Some(slot) = self.slot_mut(module) {
+                slot.lora = None;
+            }
+        }
+        self.params.truncate(first_adapter);
+        Ok(())
+    }
+
+    /// Turns LoRA dropout on (training) or off (inference).
+    pub fn set_lora_training(&mut self, training: bool) {
+        self.lora_training = training;
     }
 
     /// (B, T, H) -> (B, T, H): down(silu(gate(x)) * up(x)).
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = self.gate.apply(&self.params, x)?.f_silu()?; // (B, T, I)
-        let hidden = gated.f_mul(&self.up.apply(&self.params, x)?)?;
-        self.down.apply(&self.params, &hidden)
+        let training = self.lora_training;
+        let gated = self.gate.apply(&self.params, training, x)?.f_silu()?; // (B, T, I)
+        let hidden = gated.f_mul(&self.up.apply(&self.params, training, x)?)?;
+        self.down.apply(&self.params, training, &hidden)
     }
+}
+
+/// One decoder layer's cached keys (after RoPE) and values, (B, KV, P, D) each.
+#[derive(Default)]
+pub struct LayerKv {
+    keys: Option<Tensor>,
+    values: Option<Tensor>,
+}
+
+impl LayerKv {
+    /// Number of cached positions P.
+    pub fn len(&self) -> i64 {
+        self.keys.as_ref().map_or(0, |k| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends (B, KV, T, D) keys/values; returns the full (B, KV, P+T, D) pair and P.
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor, i64)> {
+        let past = self.len();
+        let (k, v) = match (&self.keys, &self.values) {
+            (Some(pk), Some(pv)) => (Tensor::f_cat(&[pk, &k], 2)?, Tensor::f_cat(&[pv, &v], 2)?),
+            _ => (k, v),
+        };
+        self.keys = Some(k.f_detach()?);
+        self.values = Some(v.f_detach()?);
+        Ok((k, v, past))
+    }
+}
+
+/// (T, P+T) boolean mask: query i (absolute position P+i) may see keys 0..=P+i.
+fn offset_causal_mask(seq: i64, past: i64, device: tch::Device) -> Result<Tensor> {
+    let ones = Tensor::f_ones([seq, past + seq], (Kind::Bool, device))?;
+    Ok(ones.f_tril(past)?)
 }
 
 /// (B, KV, T, D) -> (B, KV * n_rep, T, D), each kv head repeated n_rep times in place.
@@ -302,9 +540,17 @@ impl Block for DecoderLayer {
         &self.params
     }
 
+    fn as_decoder_layer(&self) -> Option<&DecoderLayer> {
+        Some(self)
+    }
+
+    fn as_decoder_layer_mut(&mut self) -> Option<&mut DecoderLayer> {
+        Some(self)
+    }
+
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let normed = rms_norm(x, &self.params[self.input_norm].tensor, self.eps)?;
-        let x = x.f_add(&self.attention(&normed, ctx)?)?; // (B, T, H)
+        let x = x.f_add(&self.attention(&normed, ctx, None)?)?; // (B, T, H)
         let normed = rms_norm(&x, &self.params[self.post_attention_norm].tensor, self.eps)?;
         Ok(x.f_add(&self.mlp(&normed)?)?)
     }

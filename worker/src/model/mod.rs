@@ -27,7 +27,9 @@ mod rope;
 pub use config::{ModelConfig, ModelType, RopeScaling, RopeSpec, kind_from_name, kind_name};
 pub use ctx::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_over, count_loss_tokens};
 pub use io::{INDEX_FILE, SINGLE_FILE, SafetensorsFolder, save_safetensors_sharded};
-pub use layers::{DecoderLayer, Embedding, Head, InitKind, ParamSource, rms_norm};
+pub use layers::{
+    DECODER_LINEARS, DecoderLayer, Embedding, Head, InitKind, LayerKv, ParamSource, rms_norm,
+};
 pub use rope::{Rotary, apply_rotary, inverse_frequencies};
 
 use crate::{Error, Result};
@@ -60,6 +62,38 @@ pub trait Block: Send {
     /// Embedding: (B, T) int64 ids -> (B, T, H). Decoder: (B, T, H) -> (B, T, H).
     /// Head: (B, T, H) -> (B, T, V) logits.
     fn forward(&self, input: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+    /// This block as a decoder layer (LoRA injection, KV-cached decoding); None otherwise.
+    fn as_decoder_layer(&self) -> Option<&DecoderLayer> {
+        None
+    }
+    /// Mutable form of `as_decoder_layer`.
+    fn as_decoder_layer_mut(&mut self) -> Option<&mut DecoderLayer> {
+        None
+    }
+}
+
+/// Per-layer key/value caches for incremental decoding (`CausalLm::forward_cached`).
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    /// An empty cache for `model`.
+    pub fn new(model: &CausalLm) -> Self {
+        let layers = (0..model.config.num_hidden_layers)
+            .map(|_| LayerKv::default())
+            .collect();
+        KvCache { layers }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> i64 {
+        self.layers.first().map_or(0, LayerKv::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A Qwen2 or Llama causal LM as an ordered list of blocks.
@@ -268,6 +302,52 @@ impl CausalLm {
             hidden = block.forward(&hidden, ctx)?;
         }
         Ok(hidden)
+    }
+
+    /// Runs the model on `ids` (B, T) continuing `cache` (positions start at its length;
+    /// no padding): logits (B, T, V). The new keys/values are appended to `cache`.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let size = ids.size();
+        if size.len() != 2 || cache.layers.len() != self.config.num_hidden_layers {
+            return Err(Error::Model(format!(
+                "forward_cached wants ids (B, T) and a cache built for this model, got {size:?}"
+            )));
+        }
+        let past = cache.len();
+        let positions = Tensor::f_arange_start(past, past + size[1], (Kind::Int64, ids.device()))?
+            .f_unsqueeze(0)?
+            .f_expand([size[0], size[1]], false)?
+            .f_contiguous()?; // (B, T)
+        let ctx = ForwardCtx {
+            position_ids: positions,
+            attention_mask: None,
+        };
+        let mut hidden = ids.shallow_clone();
+        let mut layer_caches = cache.layers.iter_mut();
+        for block in &self.blocks {
+            hidden = match block.as_decoder_layer() {
+                Some(layer) => {
+                    let layer_cache = layer_caches
+                        .next()
+                        .ok_or_else(|| Error::Model("KV cache has too few layers".into()))?;
+                    layer.forward_cached(&hidden, &ctx, layer_cache)?
+                }
+                None => block.forward(&hidden, &ctx)?,
+            };
+        }
+        Ok(hidden)
+    }
+
+    /// The decoder layers, mutably (LoRA injection and merging).
+    pub fn decoder_layers_mut(&mut self) -> impl Iterator<Item = &mut DecoderLayer> {
+        self.blocks
+            .iter_mut()
+            .filter_map(|b| b.as_decoder_layer_mut())
+    }
+
+    /// The decoder layers.
+    pub fn decoder_layers(&self) -> impl Iterator<Item = &DecoderLayer> {
+        self.blocks.iter().filter_map(|b| b.as_decoder_layer())
     }
 
     /// Writes `config.json` and the weights (as `dtype`) in HF layout; shards above
