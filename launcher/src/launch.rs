@@ -268,7 +268,7 @@ fn report_outcome(outcome: &Outcome, local_workers: usize, plan: &LaunchPlan) {
 }
 
 /// `RSDEEP_WORKER_BIN`, else `rsdeep-worker` next to this executable.
-fn worker_program() -> Result<PathBuf> {
+pub fn worker_program() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("RSDEEP_WORKER_BIN") {
         return Ok(PathBuf::from(path));
     }

@@ -24,6 +24,9 @@ fn main() {
         Some("bench-rendezvous") => report(bench::run(&argv[2..])),
         Some("check-config") => report(subcommands::check_config(&argv[2..])),
         Some("estimate-memory") => report(subcommands::estimate_memory(&argv[2..])),
+        Some(tool @ ("tokenizer" | "consolidate" | "generate" | "merge-lora")) => {
+            report(subcommands::worker_tool(tool, &argv[2..]))
+        }
         _ => report(launch::run(LaunchArgs::parse_from(&argv), started)),
     };
     std::process::exit(code);
@@ -55,7 +58,21 @@ fn init_tracing() {
 
 /// Wiring of the train.json subcommands written in `rsdeep::config` and `rsdeep::memory`.
 mod subcommands {
+    use anyhow::Context;
     use clap::Parser;
+
+    /// `rsdeep tokenizer|consolidate|generate|merge-lora ...`: tools that need libtorch or
+    /// the tokenizer run in the worker binary; the launcher forwards the arguments and
+    /// returns its exit code.
+    pub fn worker_tool(tool: &str, args: &[String]) -> anyhow::Result<i32> {
+        let program = crate::launch::worker_program()?;
+        let status = std::process::Command::new(&program)
+            .arg(tool)
+            .args(args)
+            .status()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(status.code().unwrap_or(1))
+    }
     use rsdeep::memory::{EstimateArgs, estimate_memory_cli};
 
     /// `rsdeep check-config train.json [--num_gpus N | --num_procs N] [--num_nodes M]
