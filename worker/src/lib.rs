@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod rendezvous;
