@@ -1,0 +1,257 @@
+//! End-to-end training through the real binaries on loopback, with fixtures the test makes
+//! itself (a synthetic corpus and chat set, a tokenizer trained by `rsdeep tokenizer
+//! train`, a tiny Qwen2 config): pretrain → SFT lowers the loss and writes outputs that
+//! Python transformers loads; a run resumed from a checkpoint is bit-identical to the
+//! uninterrupted run; a resume at another world size continues the same losses.
+
+use rsdeep_e2e::{Launcher, binary};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+/// A folder with corpus, chat data, tokenizer, model config and a base train.json.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
+        std::fs::write(root.join("chat.jsonl"), chat()).expect("chat");
+        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        let status = Command::new(binary("rsdeep"))
+            .args(["tokenizer", "train", "--files"])
+            .arg(root.join("corpus.jsonl"))
+            .args(["--vocab_size", "400", "--out"])
+            .arg(root.join("tok"))
+            .status()
+            .expect("rsdeep tokenizer train");
+        assert!(status.success(), "tokenizer training failed");
+        Fixture { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `name` (a pretrain train.json over the fixture) and returns its path.
+    fn train_json(&self, name: &str, stage: u8) -> PathBuf {
+        let config = serde_json::json!({
+            "task": "pretrain",
+            "config_name": self.path("model.json"),
+            "tokenizer_name": self.path("tok"),
+            "train_files": [self.path("corpus.jsonl")],
+            "block_size": 32,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 3e-3,
+            "warmup_steps": 2,
+            "max_steps": 8,
+            "logging_steps": 1,
+            "save_steps": 4,
+            "seed": 7,
+            "output_dir": self.path("out"),
+            "deepspeed": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "gradient_clipping": "auto",
+                "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+                "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+                "zero_optimization": {"stage": stage, "reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
+            }
+        });
+        let path = self.path(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json")).expect("write train.json");
+        path
+    }
+}
+
+/// Runs `rsdeep --device cpu --num_procs N <train.json> <overrides>` to success.
+fn train(ranks: usize, train_json: &Path, overrides: &[&str]) -> String {
+    let procs = ranks.to_string();
+    let json = train_json.to_string_lossy().to_string();
+    let mut args = vec!["--device", "cpu", "--num_procs", &procs, "--master_port", "0", &json];
+    args.extend_from_slice(overrides);
+    let mut launcher = Launcher::start(&args, &[("OMP_NUM_THREADS", "1".to_string())]);
+    let status = launcher.wait(RUN_LIMIT);
+    assert!(status.success(), "training failed:\n{}", launcher.output());
+    launcher.output()
+}
+
+/// (step, loss) of every logged training step in `out/metrics.jsonl`.
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics.jsonl");
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss")))
+        .collect()
+}
+
+fn mean(values: &[(u64, f64)]) -> f64 {
+    values.iter().map(|(_, l)| l).sum::<f64>() / values.len() as f64
+}
+
+#[test]
+fn pretrain_then_sft_lower_the_loss_and_write_files_transformers_loads() {
+    let fx = Fixture::new();
+    let pretrain = fx.train_json("pretrain.json", 2);
+    let out = fx.path("pre");
+    train(2, &pretrain, &["--output_dir", out.to_str().unwrap(), "--max_steps", "16", "--report_to", "tensorboard"]);
+    let pre = losses(&out);
+    assert_eq!(pre.len(), 16, "one log line per step");
+    assert!(mean(&pre[12..]) < mean(&pre[..4]) - 0.3, "pretraining did not lower the loss: {pre:?}");
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "loss.png", "checkpoint-16/manifest.json", "latest"] {
+        assert!(out.join(file).exists(), "{file} missing in {}", out.display());
+    }
+    let events = std::fs::read_dir(out.join("runs")).expect("runs/").count();
+    assert!(events >= 1, "no TensorBoard event file");
+
+    let sft_out = fx.path("sft");
+    train(
+        2,
+        &pretrain,
+        &[
+            "--task", "sft",
+            "--model_name_or_path", out.to_str().unwrap(),
+            "--train_files", fx.path("chat.jsonl").to_str().unwrap(),
+            "--max_seq_length", "64",
+            "--output_dir", sft_out.to_str().unwrap(),
+            "--max_steps", "12",
+            "--deepspeed.zero_optimization.stage", "3",
+        ],
+    );
+    let sft = losses(&sft_out);
+    assert!(mean(&sft[9..]) < mean(&sft[..3]), "SFT did not lower the loss: {sft:?}");
+
+    let python = std::env::var("RSDEEP_PYTHON").expect(
+        "RSDEEP_PYTHON is not set: run the tests through `make test` (scripts/env.sh), which points it at the venv with transformers",
+    );
+    let script = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+for path in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("the quick brown fox", return_tensors="pt").input_ids
+    logits = model(ids).logits
+    assert torch.isfinite(logits).all(), path
+    print("loaded", path, tuple(logits.shape))
+"#;
+    let output = Command::new(python)
+        .args(["-c", script])
+        .arg(&out)
+        .arg(&sft_out)
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "transformers could not load the outputs:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run() {
+    let fx = Fixture::new();
+    let json = fx.train_json("train.json", 2);
+    let straight = fx.path("straight");
+    train(2, &json, &["--output_dir", straight.to_str().unwrap()]);
+
+    let resumed = fx.path("resumed");
+    train(2, &json, &["--output_dir", resumed.to_str().unwrap(), "--max_steps", "4"]);
+    assert!(resumed.join("checkpoint-4/manifest.json").exists());
+    train(2, &json, &["--output_dir", resumed.to_str().unwrap(), "--resume_from_checkpoint", "true"]);
+
+    assert_eq!(losses(&straight), losses(&resumed), "logged losses differ after resume");
+    let a = std::fs::read(straight.join("model.safetensors")).expect("straight weights");
+    let b = std::fs::read(resumed.join("model.safetensors")).expect("resumed weights");
+    assert!(a == b, "final weights differ between the straight and the resumed run");
+}
+
+#[test]
+fn resume_at_another_world_size_and_stage_continues_the_same_losses() {
+    let fx = Fixture::new();
+    let json = fx.train_json("train.json", 2);
+    let reference = fx.path("reference");
+    train(2, &json, &["--output_dir", reference.to_str().unwrap()]);
+
+    // Same global batch (2 ranks x 2 = 1 rank x 4), ZeRO-2 -> ZeRO-3.
+    let moved = fx.path("moved");
+    train(2, &json, &["--output_dir", moved.to_str().unwrap(), "--max_steps", "4"]);
+    train(
+        1,
+        &json,
+        &[
+            "--output_dir", moved.to_str().unwrap(),
+            "--resume_from_checkpoint", "true",
+            "--per_device_train_batch_size", "4",
+            "--deepspeed.zero_optimization.stage", "3",
+        ],
+    );
+    let (want, got) = (losses(&reference), losses(&moved));
+    assert_eq!(want.len(), got.len());
+    for ((step, a), (_, b)) in want.iter().zip(&got) {
+        assert!(((a - b) / a).abs() < 1e-5, "step {step}: loss {b} after resharding, {a} without");
+    }
+}
+
+const MODEL_CONFIG: &str = r#"{
+  "architectures": ["Qwen2ForCausalLM"],
+  "model_type": "qwen2",
+  "hidden_size": 64,
+  "intermediate_size": 128,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "max_position_embeddings": 128,
+  "rms_norm_eps": 1e-6,
+  "rope_theta": 10000.0,
+  "vocab_size": 512,
+  "tie_word_embeddings": false,
+  "initializer_range": 0.02,
+  "hidden_act": "silu",
+  "torch_dtype": "float32"
+}"#;
+
+/// 300 short documents of repetitive, learnable English.
+fn corpus() -> String {
+    let subjects = ["the quick brown fox", "a lazy dog", "the old captain", "my small cat", "the river"];
+    let verbs = ["jumps over", "sleeps near", "sails across", "watches", "runs past"];
+    let objects = ["the fence", "the harbour", "a sunny garden", "the mountain", "an open door"];
+    (0..300)
+        .map(|i| {
+            let text = format!(
+                "{} {} {}. {} {} {}.",
+                subjects[i % 5],
+                verbs[(i / 5) % 5],
+                objects[(i / 25) % 5],
+                subjects[(i + 2) % 5],
+                verbs[(i + 3) % 5],
+                objects[(i + 1) % 5]
+            );
+            serde_json::json!({ "text": text }).to_string() + "\n"
+        })
+        .collect()
+}
+
+/// 120 short conversations in the `messages` shape.
+fn chat() -> String {
+    let animals = ["fox", "dog", "cat", "horse", "bird", "fish"];
+    (0..120)
+        .map(|i| {
+            let animal = animals[i % animals.len()];
+            let messages = serde_json::json!({"messages": [
+                {"role": "user", "content": format!("what does the {animal} do?")},
+                {"role": "assistant", "content": format!("the {animal} runs past the fence.")}
+            ]});
+            messages.to_string() + "\n"
+        })
+        .collect()
+}
