@@ -136,6 +136,7 @@ fn main() -> Result<()> {
 
     let mut save_times = Vec::new();
     let mut stalls = Vec::new();
+    let mut snapshots = Vec::new();
     let mut load_times = Vec::new();
     let mut consolidate_times = Vec::new();
     let checkpoint = args.out.join("checkpoint-1");
@@ -160,7 +161,8 @@ fn main() -> Result<()> {
             &state,
             round,
         ))?;
-        let mut stall = started.elapsed();
+        let snapshot = started.elapsed();
+        let mut stall = snapshot;
         while !pending.is_written() {
             std::thread::sleep(Duration::from_millis(5)); // training would run here
         }
@@ -168,6 +170,7 @@ fn main() -> Result<()> {
         pending.finish(&*comm)?;
         stall += started.elapsed();
         stalls.push(stall);
+        snapshots.push(snapshot);
 
         let started = Instant::now();
         load_checkpoint(&checkpoint, &mut engine, 0, 1)?;
@@ -188,6 +191,7 @@ fn main() -> Result<()> {
     println!("load_seconds\t{load:.4}");
     println!("load_gbps\t{:.3}", bytes / load / 1e9);
     println!("async_stall_seconds\t{stall:.4}");
+    println!("async_snapshot_seconds\t{:.4}", median(snapshots));
     println!("async_stall_fraction\t{:.3}", stall / save);
     println!(
         "consolidate_gbps\t{:.3}",

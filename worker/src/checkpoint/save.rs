@@ -181,30 +181,12 @@ fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, CommitPlan)> {
     };
     let meta = engine_meta(&owned, req.comm.world_size());
     let leader = if rank == 0 {
-        if let Some(tokenizer) = req.tokenizer {
-            tokenizer.save(&tmp_dir)?;
-        }
-        let weights = match weights {
-            Some(w) => Some(
-                w.into_iter()
-                    .map(|(n, t)| {
-                        Ok((n, t.f_to_kind(req.weights_dtype)?.f_to_device(Device::Cpu)?))
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            None => None,
-        };
-        Some(LeaderSnapshot {
-            model_config_json: req.model_config_json.to_string(),
-            trainer_state_json: req.trainer_state.to_json_string()?,
-            frozen: frozen_params(req.engine, &meta)?,
-            meta: meta.clone(),
-            weights,
-            max_shard_bytes: req.max_shard_bytes,
-        })
+        leader_snapshot(&req, &tmp_dir, &meta, weights).map(Some)
     } else {
-        None
+        Ok(None)
     };
+    // Every rank learns whether rank 0's snapshot failed, so none waits in the commit.
+    let leader = agreed(req.comm, device, "snapshotting the checkpoint", leader)?;
     let writes_partition = owned.stage > 0 || rank == 0;
     let snapshot = RankSnapshot {
         rank,
@@ -227,6 +209,34 @@ fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, CommitPlan)> {
         device,
     };
     Ok((snapshot, plan))
+}
+
+/// Rank 0's extra state: tokenizer files (written now), config, trainer state, weights.
+fn leader_snapshot(
+    req: &SaveRequest<'_>,
+    tmp_dir: &Path,
+    meta: &EngineMeta,
+    weights: Option<Vec<(String, Tensor)>>,
+) -> Result<LeaderSnapshot> {
+    if let Some(tokenizer) = req.tokenizer {
+        tokenizer.save(tmp_dir)?;
+    }
+    let weights = match weights {
+        Some(w) => Some(
+            w.into_iter()
+                .map(|(n, t)| Ok((n, t.f_to_kind(req.weights_dtype)?.f_to_device(Device::Cpu)?)))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
+    Ok(LeaderSnapshot {
+        model_config_json: req.model_config_json.to_string(),
+        trainer_state_json: req.trainer_state.to_json_string()?,
+        frozen: frozen_params(req.engine, meta)?,
+        meta: meta.clone(),
+        weights,
+        max_shard_bytes: req.max_shard_bytes,
+    })
 }
 
 fn owned_to_cpu(mut owned: OwnedState) -> Result<OwnedState> {
