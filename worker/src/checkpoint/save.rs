@@ -316,11 +316,22 @@ pub fn remove_stale_tmp_dirs(output_dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("listing {}", output_dir.display()), e))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("checkpoint-") && name.ends_with(".tmp") && entry.path().is_dir() {
-            tracing::info!(dir = %entry.path().display(), "removing an incomplete checkpoint of a crashed save");
-            std::fs::remove_dir_all(entry.path())
-                .map_err(|e| Error::io(format!("removing stale {}", entry.path().display()), e))?;
+        if !(name.starts_with("checkpoint-") && name.ends_with(".tmp") && entry.path().is_dir()) {
+            continue;
         }
+        // A complete checkpoint moved aside by a re-save of its step that then crashed
+        // before the new one took its place: put it back instead of deleting it.
+        if let Some(original) = name.strip_suffix(".replaced.tmp") {
+            let target = output_dir.join(original);
+            if !target.exists() && entry.path().join(MANIFEST_FILE).is_file() {
+                std::fs::rename(entry.path(), &target)
+                    .map_err(|e| Error::io(format!("restoring {}", target.display()), e))?;
+                continue;
+            }
+        }
+        tracing::info!(dir = %entry.path().display(), "removing an incomplete checkpoint of a crashed save");
+        std::fs::remove_dir_all(entry.path())
+            .map_err(|e| Error::io(format!("removing stale {}", entry.path().display()), e))?;
     }
     Ok(())
 }
@@ -612,4 +623,32 @@ fn rotate(output_dir: &Path, limit: Option<usize>, newest: u64, best: Option<&st
         tracing::info!(checkpoint = %name, "deleted by save_total_limit");
     }
     sync_dir(output_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_cleanup_removes_tmp_folders_and_restores_a_moved_aside_checkpoint() {
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path();
+        std::fs::create_dir_all(dir.join("checkpoint-5.tmp/zero")).unwrap();
+        std::fs::create_dir_all(dir.join("checkpoint-2.deleting.tmp")).unwrap();
+        std::fs::create_dir_all(dir.join("checkpoint-3.replaced.tmp")).unwrap();
+        std::fs::write(
+            dir.join("checkpoint-3.replaced.tmp").join(MANIFEST_FILE),
+            "{}",
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("checkpoint-4")).unwrap();
+        remove_stale_tmp_dirs(dir).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["checkpoint-3", "checkpoint-4"]);
+        assert!(dir.join("checkpoint-3").join(MANIFEST_FILE).is_file());
+    }
 }
