@@ -1,0 +1,102 @@
+//! LoRA against full fine-tuning on the same model and data through the ZeRO engine
+//! (stage 0, one rank, CPU): peak resident memory growth (VmHWM after resetting it via
+//! `/proc/self/clear_refs`) and tokens/s. LoRA must need clearly less memory (no
+//! gradients, fp32 masters or Adam moments for the frozen base). One test per binary so
+//! no other test shares the process while it measures. Prints the figures.
+
+use rsdeep_worker::comm::Communicator;
+use rsdeep_worker::lora::{LoraConfig, apply_lora};
+use rsdeep_worker::model::{CausalLm, ForwardCtx, ModelConfig, ModelType, causal_lm_loss};
+use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+const STEPS: usize = 4;
+const BATCH: i64 = 4;
+const SEQ: i64 = 64;
+const VOCAB: usize = 4096;
+
+fn proc_status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// Resets the peak RSS to the current RSS (Linux >= 4.0).
+fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("writing /proc/self/clear_refs");
+}
+
+/// (peak RSS growth in MiB, tokens/s) of STEPS training steps.
+fn measure(lora: bool) -> (f64, f64) {
+    reset_peak_rss();
+    let before = proc_status_kib("VmRSS:");
+    let config = ModelConfig::new(ModelType::Qwen2, VOCAB, 512, 1376, 4, 8, 2);
+    let mut model = CausalLm::from_config(config, Device::Cpu, Kind::Float, 1).unwrap();
+    let frozen = match lora {
+        true => {
+            let cfg = LoraConfig {
+                r: 8,
+                alpha: 16.0,
+                dropout: 0.0,
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+                use_rslora: false,
+            };
+            let info = apply_lora(&mut model, &cfg, 1).unwrap();
+            println!("{}", info.summary);
+            info.frozen
+        }
+        false => HashSet::new(),
+    };
+    let comm = LocalCommunicator::world(1).remove(0);
+    assert_eq!(comm.rank(), 0);
+    let engine_model = EngineModel {
+        blocks: model.blocks,
+        head_tied_to_embedding: false,
+        frozen,
+    };
+    let engine_config = EngineConfig {
+        stage: 0,
+        gradient_accumulation_steps: 1,
+        train_micro_batch_size_per_gpu: BATCH as usize,
+        train_batch_size: BATCH as usize,
+        ..EngineConfig::default()
+    };
+    let mut engine = ZeroEngine::new(engine_model, Arc::new(comm), engine_config).unwrap();
+    let ids = Tensor::randint(VOCAB as i64, [BATCH, SEQ], (Kind::Int64, Device::Cpu));
+    let ctx = ForwardCtx::causal(&ids).unwrap();
+    let started = Instant::now();
+    for _ in 0..STEPS {
+        engine
+            .forward_backward(&ids, &ctx, &mut |logits| causal_lm_loss(logits, &ids))
+            .unwrap();
+        engine.step().unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = proc_status_kib("VmHWM:");
+    drop(engine);
+    let growth_mib = peak.saturating_sub(before) as f64 / 1024.0;
+    let tokens_per_s = (STEPS as i64 * BATCH * SEQ) as f64 / seconds;
+    (growth_mib, tokens_per_s)
+}
+
+#[test]
+fn lora_needs_clearly_less_memory_than_full_training() {
+    tch::set_num_threads(1);
+    let _warm_up = measure(true); // libtorch's one-time allocations land here
+    let (lora_mib, lora_tps) = measure(true);
+    let (full_mib, full_tps) = measure(false);
+    println!(
+        "peak RSS growth: LoRA {lora_mib:.1} MiB vs full {full_mib:.1} MiB; \
+         tokens/s: LoRA {lora_tps:.0} vs full {full_tps:.0}"
+    );
+    assert!(
+        lora_mib < 0.6 * full_mib,
+        "LoRA {lora_mib:.1} MiB is not clearly below full {full_mib:.1} MiB"
+    );
+}
