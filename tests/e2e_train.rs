@@ -255,3 +255,62 @@ fn chat() -> String {
         })
         .collect()
 }
+
+/// Save points every rank passes (killed on rank 1) and rank 0's commit points.
+const PER_RANK_POINTS: [&str; 3] = [
+    "partition_partly_written",
+    "partition_written",
+    "manifest_part_written",
+];
+const LEADER_POINTS: [&str; 8] = [
+    "tmp_dir_created",
+    "leader_files_written",
+    "weights_written",
+    "manifest_parts_merged",
+    "manifest_written",
+    "renamed_into_place",
+    "latest_updated",
+    "rotation_retired_one",
+];
+
+/// Runs with a SIGKILL injected at `kill_at` (`POINT:STEP[:RANK]`) and expects failure.
+fn train_until_killed(train_json: &Path, out: &Path, kill_at: &str) {
+    let json = train_json.to_string_lossy().to_string();
+    let args = [
+        "--device", "cpu", "--num_procs", "2", "--master_port", "0", &json,
+        "--output_dir", out.to_str().unwrap(), "--max_steps", "6", "--save_steps", "2",
+        "--save_total_limit", "1",
+    ];
+    let envs = [
+        ("OMP_NUM_THREADS", "1".to_string()),
+        ("RSDEEP_CHECKPOINT_KILL_AT", kill_at.to_string()),
+    ];
+    let mut launcher = Launcher::start(&args, &envs);
+    let status = launcher.wait(RUN_LIMIT);
+    assert!(!status.success(), "the kill at {kill_at} did not stop the job:\n{}", launcher.output());
+    assert!(launcher.stderr().contains("killing this process at"), "no kill happened at {kill_at}:\n{}", launcher.output());
+}
+
+#[test]
+fn a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_resumes_exactly() {
+    let fx = Fixture::new();
+    let json = fx.train_json("train.json", 2);
+    let straight = fx.path("straight");
+    train(2, &json, &["--output_dir", straight.to_str().unwrap(), "--max_steps", "6", "--save_steps", "2"]);
+    let want = std::fs::read(straight.join("model.safetensors")).expect("straight weights");
+    let one_worker = PER_RANK_POINTS
+        .iter()
+        .map(|p| format!("{p}:4:1"))
+        .chain(LEADER_POINTS.iter().map(|p| format!("{p}:4:0")));
+    let all_workers = ["partition_partly_written", "manifest_part_written", "renamed_into_place"]
+        .iter()
+        .map(|p| format!("{p}:4"));
+    for (case, kill_at) in one_worker.chain(all_workers).enumerate() {
+        let out = fx.path(&format!("killed-{case}"));
+        train_until_killed(&json, &out, &kill_at);
+        train(2, &json, &["--output_dir", out.to_str().unwrap(), "--max_steps", "6", "--save_steps", "2", "--resume_from_checkpoint", "true"]);
+        let got = std::fs::read(out.join("model.safetensors")).expect("resumed weights");
+        assert!(got == want, "after a kill at {kill_at} the resumed run's weights differ");
+        assert!(out.join("checkpoint-6/manifest.json").exists(), "no complete checkpoint-6 after {kill_at}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Crash injection for the crash-safety tests: when `RSDEEP_CHECKPOINT_KILL_AT` is
-//! `POINT:STEP`, the process sends itself SIGKILL (kill -9: no unwinding, no buffered
-//! writes flushed) on reaching point POINT of the save of step STEP. Unset (always, in
+//! `POINT:STEP` (or `POINT:STEP:RANK`, to kill only the worker whose `RANK` environment
+//! variable is RANK), the process sends itself SIGKILL (kill -9: no unwinding, no
+//! buffered writes flushed) on reaching point POINT of the save of step STEP. Unset (always, in
 //! production) every point is a no-op after one environment read. The points, in
 //! protocol order, are `KILL_POINTS`; `worker/tests/checkpoint_crash.rs` kills at each.
 
@@ -27,12 +28,33 @@ pub const KILL_POINTS: [&str; 11] = [
 fn target() -> Option<&'static (String, u64)> {
     static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
     TARGET
-        .get_or_init(|| {
-            let value = std::env::var(KILL_ENV).ok()?;
-            let (point, step) = value.rsplit_once(':')?;
-            Some((point.to_string(), step.parse().ok()?))
-        })
+        .get_or_init(|| parse_target(&std::env::var(KILL_ENV).ok()?, std::env::var("RANK").ok()))
         .as_ref()
+}
+
+/// `POINT:STEP[:RANK]` -> the point and step, when this process (`rank`) is targeted.
+fn parse_target(value: &str, rank: Option<String>) -> Option<(String, u64)> {
+    let mut parts = value.split(':');
+    let point = parts.next()?.to_string();
+    let step = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some(wanted) if Some(wanted) != rank.as_deref() => None,
+        _ => Some((point, step)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_target;
+
+    #[test]
+    fn targets_every_rank_or_only_the_named_one() {
+        let any = parse_target("manifest_written:4", Some("1".into()));
+        assert_eq!(any, Some(("manifest_written".to_string(), 4)));
+        assert_eq!(parse_target("manifest_written:4:1", Some("1".into())).map(|t| t.1), Some(4));
+        assert_eq!(parse_target("manifest_written:4:1", Some("0".into())), None);
+        assert_eq!(parse_target("manifest_written:x", None), None);
+    }
 }
 
 /// Kills this process with SIGKILL if `point` of step `step`'s save is the target.

@@ -55,33 +55,16 @@ pub fn write_trainer_state(dir: &Path, state: &TrainerState) -> Result<()> {
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
-/// HF's `convert_file_size_to_int`: "5GB" = 5·10⁹, "5GiB" = 5·2³⁰, "500MB", "10KB", or a
-/// plain byte count.
+/// `max_shard_size` ("5GB", "500MB", "2GiB", a byte count) in bytes, or an error saying
+/// what to write.
 pub fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let units: [(&str, f64); 8] = [
-        ("GIB", 1073741824.0),
-        ("MIB", 1048576.0),
-        ("KIB", 1024.0),
-        ("GB", 1e9),
-        ("MB", 1e6),
-        ("KB", 1e3),
-        ("B", 1.0),
-        ("", 1.0),
-    ];
-    let upper = t.to_ascii_uppercase();
-    for (suffix, factor) in units {
-        if let Some(number) = upper.strip_suffix(suffix) {
-            if let Ok(value) = number.trim().parse::<f64>() {
-                if value > 0.0 {
-                    return Ok((value * factor) as u64);
-                }
-            }
-        }
-    }
-    Err(Error::Config(format!(
-        "max_shard_size {text:?} is not a size: use e.g. \"5GB\", \"500MB\" or a byte count"
-    )))
+    crate::checkpoint::consolidate::parse_size(text)
+        .filter(|&bytes| bytes > 0)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "max_shard_size {text:?} is not a size: use e.g. \"5GB\", \"500MB\" or a byte count"
+            ))
+        })
 }
 
 #[cfg(test)]
