@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use tch::{Kind, Tensor};
 
 /// File names PEFT writes and reads.
@@ -100,6 +102,10 @@ pub struct LoraInfo {
     pub total: i64,
     /// PEFT's `print_trainable_parameters` line.
     pub summary: String,
+    /// LoRA dropout on (true, training) or off (false, eval/inference) for every layer
+    /// of the model, also after its blocks moved into the engine: store false around
+    /// evaluation, like PEFT's `model.eval()`.
+    pub dropout_switch: Arc<AtomicBool>,
 }
 
 /// Injects fresh adapters (A kaiming-uniform from `seed`, B zeros) into the target
@@ -109,7 +115,9 @@ pub fn apply_lora(model: &mut CausalLm, cfg: &LoraConfig, seed: u64) -> Result<L
     let (device, kind) = (model.device(), model.kind());
     let mut rng = StdRng::seed_from_u64(seed);
     let rank = cfg.r as i64;
+    let switch = Arc::new(AtomicBool::new(true));
     for layer in model.decoder_layers_mut() {
+        layer.use_lora_switch(switch.clone());
         for module in &modules {
             let (out, inp) = layer.linear_shape(module)?;
             let a = kaiming_uniform_a_sqrt5(&mut rng, rank, inp)?; // (r, in)
@@ -120,9 +128,8 @@ pub fn apply_lora(model: &mut CausalLm, cfg: &LoraConfig, seed: u64) -> Result<L
             );
             layer.attach_lora(module, a, b, cfg.scaling(), cfg.dropout)?;
         }
-        layer.set_lora_training(true);
     }
-    freeze_base(model)
+    freeze_base(model, switch)
 }
 
 /// torch's `kaiming_uniform_(a=sqrt(5))` on an (rows, fan_in) weight: U(-1/sqrt(fan_in),
@@ -149,7 +156,7 @@ fn is_adapter_name(name: &str) -> bool {
 }
 
 /// Marks every non-adapter parameter frozen (`requires_grad` false) and counts.
-fn freeze_base(model: &mut CausalLm) -> Result<LoraInfo> {
+fn freeze_base(model: &mut CausalLm, dropout_switch: Arc<AtomicBool>) -> Result<LoraInfo> {
     let mut frozen = HashSet::new();
     let mut adapter_names = Vec::new();
     let (mut trainable, mut total) = (0i64, 0i64);
@@ -170,6 +177,7 @@ fn freeze_base(model: &mut CausalLm) -> Result<LoraInfo> {
         trainable,
         total,
         summary: trainable_parameters_line(trainable, total),
+        dropout_switch,
     })
 }
 
@@ -365,7 +373,9 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraInfo> {
     let pairs = pair_adapter_tensors(tensors, &path)?;
     let (device, kind) = (model.device(), model.kind());
     let mut remaining = pairs;
+    let switch = Arc::new(AtomicBool::new(false));
     for layer in model.decoder_layers_mut() {
+        layer.use_lora_switch(switch.clone());
         for module in DECODER_LINEARS {
             let Some((a, b)) = remaining.remove(&(layer.index(), module.to_string())) else {
                 continue;
@@ -376,7 +386,6 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraInfo> {
             );
             layer.attach_lora(module, a, b, cfg.scaling(), cfg.dropout)?;
         }
-        layer.set_lora_training(false);
     }
     if let Some((layer, module)) = remaining.keys().next() {
         return Err(Error::Model(format!(
@@ -384,7 +393,7 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraInfo> {
             path.display()
         )));
     }
-    freeze_base(model)
+    freeze_base(model, switch)
 }
 
 /// Groups PEFT keys `base_model.model.model.layers.{i}.{module}.lora_{A,B}.weight` into
@@ -504,6 +513,28 @@ mod tests {
         let bound = 1.0 / 32f64.sqrt();
         assert!(a.tensor.abs().max().double_value(&[]) <= bound);
         assert!(a.tensor.std(true).double_value(&[]) > bound / 3.0);
+    }
+
+    #[test]
+    fn dropout_switch_turns_dropout_off_for_the_whole_model() {
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7]).reshape([1, 5]);
+        let ctx = ForwardCtx::causal(&ids).unwrap();
+        let mut model = tiny_model();
+        let mut lora = cfg(&["all-linear"]);
+        lora.dropout = 0.5;
+        let info = apply_lora(&mut model, &lora, 2).unwrap();
+        for p in model.params().filter(|p| p.name.contains("lora_B")) {
+            let mut t = p.tensor.shallow_clone();
+            tch::no_grad(|| t.copy_(&(Tensor::ones(t.size(), (Kind::Float, Device::Cpu)) * 0.1)));
+        }
+        let run = |m: &CausalLm| tch::no_grad(|| m.forward(&ids, &ctx).unwrap());
+        assert!(
+            !run(&model).equal(&run(&model)),
+            "dropout active while training"
+        );
+        info.dropout_switch
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(run(&model).equal(&run(&model)), "no dropout in eval");
     }
 
     #[test]

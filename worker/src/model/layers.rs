@@ -9,6 +9,7 @@ use super::rope::{Rotary, apply_rotary};
 use super::{Block, ForwardCtx, Param};
 use crate::{Error, Result};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Kind, Tensor};
 
 /// HF RMSNorm: normalise in fp32, cast back to the input dtype, then scale by `weight`.
@@ -183,8 +184,10 @@ pub struct DecoderLayer {
     rotary: Arc<Rotary>,
     /// Layer index in the model (`model.layers.{index}.`).
     index: usize,
-    /// Whether LoRA dropout is active (training); false for inference.
-    lora_training: bool,
+    /// Whether LoRA dropout is active (training) or not (inference); shared by every
+    /// layer of a model through `use_lora_switch`, so it can be flipped after the blocks
+    /// moved into the engine.
+    lora_training: Arc<AtomicBool>,
 }
 
 impl DecoderLayer {
@@ -283,7 +286,7 @@ impl DecoderLayer {
             eps: config.rms_norm_eps,
             rotary,
             index,
-            lora_training: true,
+            lora_training: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -301,7 +304,7 @@ impl DecoderLayer {
             Ok(t.f_view([batch, seq, n, self.head_dim])?
                 .f_transpose(1, 2)?) // (B, n, T, D)
         };
-        let training = self.lora_training;
+        let training = self.lora_training.load(Ordering::Relaxed);
         let q = heads(self.q.apply(&self.params, training, x)?, self.num_heads)?;
         let k = heads(self.k.apply(&self.params, training, x)?, self.num_kv_heads)?;
         let v = heads(self.v.apply(&self.params, training, x)?, self.num_kv_heads)?;
@@ -475,12 +478,17 @@ impl DecoderLayer {
 
     /// Turns LoRA dropout on (training) or off (inference).
     pub fn set_lora_training(&mut self, training: bool) {
-        self.lora_training = training;
+        self.lora_training.store(training, Ordering::Relaxed);
+    }
+
+    /// Makes this layer read LoRA's training/inference state from `switch`.
+    pub fn use_lora_switch(&mut self, switch: Arc<AtomicBool>) {
+        self.lora_training = switch;
     }
 
     /// (B, T, H) -> (B, T, H): down(silu(gate(x)) * up(x)).
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let training = self.lora_training;
+        let training = self.lora_training.load(Ordering::Relaxed);
         let gated = self.gate.apply(&self.params, training, x)?.f_silu()?; // (B, T, I)
         let hidden = gated.f_mul(&self.up.apply(&self.params, training, x)?)?;
         self.down.apply(&self.params, training, &hidden)
