@@ -4,7 +4,15 @@
 //! `load_adapter`) and merging into the base weights (`merge_lora`, `merge_lora_cli`).
 //! The math is PEFT's `lora.Linear`: y = base(x) + B(A(dropout(x))) * alpha / r, with A
 //! kaiming-uniform(a = sqrt(5)) and B zeros at init, bias "none". Parity with Python
-//! `peft` is checked by `worker/tests/lora_parity.rs`.
+//! `peft` is checked by `worker/tests/lora_parity.rs`; training through the ZeRO engine
+//! by `lora_zero.rs`, memory/throughput against full training by `lora_memory.rs`.
+//!
+//! Adapters are ordinary `Param`s of their decoder layer (`...q_proj.lora_A.weight`,
+//! appended after the base params); `LoraInfo::frozen` names the base for
+//! `EngineModel::frozen`. Known gaps: the engine keeps frozen params whole on every rank
+//! (under stage 3 only the adapters are partitioned); with activation checkpointing and
+//! `lora_dropout > 0` the recomputed forward draws a fresh dropout mask (torch's
+//! checkpoint restores the RNG state instead).
 
 mod merge;
 

@@ -17,6 +17,10 @@
 //!   device, cos/sin derived from `ForwardCtx::position_ids`), not parameters.
 //! - `ForwardCtx::build` makes positions and the attention mask for a batch (padding,
 //!   packed segments); `causal_lm_loss` is HF's loss (shift inside, ignore -100, fp32).
+//! - LoRA (`crate::lora`): `DecoderLayer::attach_lora` appends `lora_A`/`lora_B` params
+//!   after a layer's base params; frozen base params have `requires_grad` false.
+//! - Decoding: `CausalLm::forward_cached` with a `KvCache` (one `LayerKv` per decoder
+//!   layer) runs a prompt chunk or single token, positions continuing the cache.
 
 mod config;
 mod ctx;
