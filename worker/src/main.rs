@@ -45,6 +45,8 @@ fn run_tool(argv: &[String]) -> Option<i32> {
     let result: Result<()> = match tool {
         "tokenizer" => rsdeep_worker::tokenizer::cli::run(rest).map_err(Into::into),
         "consolidate" => rsdeep_worker::checkpoint::consolidate_cli(rest),
+        "generate" => rsdeep_worker::generate::generate_cli(rest),
+        "merge-lora" => rsdeep_worker::lora::merge_lora_cli(rest),
         _ => return None,
     };
     Some(match result {

@@ -9,11 +9,12 @@ use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
 use crate::checkpoint::{self, PendingSave, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
+use crate::lora::{LoraConfig, LoraInfo, apply_lora, lora_state, save_adapter};
 use crate::model::{CausalLm, ForwardCtx, ModelConfig, causal_lm_loss};
 use crate::tokenizer::Tokenizer;
 use crate::zero::{EngineConfig, EngineModel, ZeroEngine};
 use crate::{Error, Result};
-use rsdeep::config::{IntervalStrategy, ResumeFrom, TrainConfig};
+use rsdeep::config::{IntervalStrategy, ResumeFrom, Task, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,8 +58,12 @@ pub fn train(
     let rank = world.rank;
     let tokenizer = load_tokenizer(&config)?;
     let kind = compute_kind(&config);
-    let model = build_model(&config, world.device, kind)?;
+    let mut model = build_model(&config, world.device, kind)?;
     check_vocab(&model.config, &tokenizer)?;
+    let lora = match args.task {
+        Task::Lora => Some(attach_lora(&mut model, &config, rank)?),
+        _ => None,
+    };
     let plan = DataPlan {
         config: &config,
         tokenizer: &tokenizer,
@@ -91,7 +96,10 @@ pub fn train(
     let engine_model = EngineModel {
         head_tied_to_embedding: model.tied_to_embedding(),
         blocks: model.blocks,
-        frozen: Default::default(),
+        frozen: lora
+            .as_ref()
+            .map(|l| l.info.frozen.clone())
+            .unwrap_or_default(),
     };
     let mut engine = ZeroEngine::new(engine_model, world.comm.clone(), engine_config)?;
     let output_dir = PathBuf::from(&args.output_dir);
@@ -148,6 +156,7 @@ pub fn train(
         tokenizer: &tokenizer,
         kind,
         output_dir: &output_dir,
+        lora: lora.as_ref(),
     };
     let (mut first_loss, mut last_loss, mut final_eval) = (None, None, None);
     let mut window = LogWindow::default();
@@ -214,6 +223,7 @@ pub fn train(
         let eval_now = args.eval_strategy == IntervalStrategy::Steps
             && step % args.eval_interval().max(1) == 0;
         if let (true, Some(eval)) = (eval_now || step == total_steps, eval_data.as_ref()) {
+            let _eval_mode = lora.as_ref().map(|l| EvalMode::enter(&l.info));
             let loss = evaluate(&mut engine, eval, &world, micro_batch)?;
             final_eval = Some(loss);
             state.log_history.push(
@@ -246,7 +256,12 @@ pub fn train(
         rep.finish_line();
     }
     let weights = engine.gather_full_weights()?;
-    if rank == 0 {
+    if let Some(lora) = lora.as_ref() {
+        lora.save(&output_dir, &weights, rank == 0)?;
+        if rank == 0 {
+            tokenizer.save(&output_dir)?;
+        }
+    } else if rank == 0 {
         outputs::write_final_model(
             &output_dir,
             &model_config,
@@ -255,6 +270,8 @@ pub fn train(
             kind,
             &args.max_shard_size,
         )?;
+    }
+    if rank == 0 {
         if let Some(rep) = reporter.as_ref() {
             outputs::write_loss_curve(&output_dir, rep.history(), &state.log_history)?;
         }
@@ -321,6 +338,7 @@ struct Saver<'a> {
     tokenizer: &'a Tokenizer,
     kind: Kind,
     output_dir: &'a Path,
+    lora: Option<&'a LoraRun>,
 }
 
 impl Saver<'_> {
@@ -346,18 +364,85 @@ impl Saver<'_> {
             per_rank_extra,
             save_total_limit: args.save_total_limit.map(|n| n as usize),
             max_shard_bytes: outputs::parse_size(&args.max_shard_size)?,
-            write_model_weights: zero.stage < 3 || zero.gather_16bit_weights_on_model_save(),
+            // LoRA checkpoints hold the adapter (PEFT's layout), not the frozen base.
+            write_model_weights: self.lora.is_none()
+                && (zero.stage < 3 || zero.gather_16bit_weights_on_model_save()),
             weights_dtype: self.kind,
         };
-        if args.async_save {
+        if args.async_save && self.lora.is_none() {
             return Ok(Some(checkpoint::save_checkpoint_async(request)?));
         }
-        checkpoint::save_checkpoint(request)?;
+        let dir = checkpoint::save_checkpoint(request)?;
+        if let Some(lora) = self.lora {
+            // Collective gather on every rank; rank 0 writes the adapter files.
+            lora.save(&dir, &engine.gather_full_weights()?, comm.rank() == 0)?;
+        }
         Ok(None)
     }
 
     fn finish(&self, pending: PendingSave, comm: &dyn Communicator) -> Result<()> {
         pending.finish(comm).map(|_| ())
+    }
+}
+
+/// A LoRA run's adapter settings and what `apply_lora` injected.
+struct LoraRun {
+    config: LoraConfig,
+    info: LoraInfo,
+    base_model: String,
+}
+
+impl LoraRun {
+    /// Writes `adapter_config.json` + `adapter_model.safetensors` (PEFT's key names) into
+    /// `dir` from gathered weights (rank 0 only writes).
+    fn save(&self, dir: &Path, weights: &[(String, Tensor)], writer: bool) -> Result<()> {
+        if writer {
+            save_adapter(dir, &self.config, &self.base_model, &lora_state(weights))?;
+        }
+        Ok(())
+    }
+}
+
+/// Injects adapters for `task: "lora"` and prints PEFT's trainable-parameters line.
+fn attach_lora(model: &mut CausalLm, config: &TrainConfig, rank: usize) -> Result<LoraRun> {
+    let args = &config.args;
+    let lora_config = LoraConfig {
+        r: args.lora_r,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        target_modules: args.lora_target_modules.clone(),
+        use_rslora: false,
+    };
+    let info = apply_lora(model, &lora_config, args.seed)?;
+    if rank == 0 {
+        eprintln!("{}", info.summary);
+    }
+    let base_model = args
+        .model_name_or_path
+        .clone()
+        .or(args.config_name.clone())
+        .unwrap_or_default();
+    Ok(LoraRun {
+        config: lora_config,
+        info,
+        base_model,
+    })
+}
+
+/// LoRA dropout off while it lives (PEFT's `model.eval()`), back on when dropped.
+struct EvalMode(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl EvalMode {
+    fn enter(info: &LoraInfo) -> EvalMode {
+        info.dropout_switch
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        EvalMode(info.dropout_switch.clone())
+    }
+}
+
+impl Drop for EvalMode {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
