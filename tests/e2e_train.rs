@@ -1,7 +1,7 @@
 //! End-to-end training through the real binaries on loopback, with fixtures the test makes
 //! itself (a synthetic corpus and chat set, a tokenizer trained by `rsdeep tokenizer
-//! train`, a tiny Qwen2 config): pretrain → SFT lowers the loss and writes outputs that
-//! Python transformers loads; a run resumed from a checkpoint is bit-identical to the
+//! train`, a tiny Qwen2 config): pretrain → SFT → LoRA each lower the loss and write
+//! outputs that Python transformers/peft load, and `rsdeep generate` chats with the result; a run resumed from a checkpoint is bit-identical to the
 //! uninterrupted run; a resume at another world size continues the same losses.
 
 use rsdeep_e2e::{Launcher, binary};
@@ -98,7 +98,7 @@ fn mean(values: &[(u64, f64)]) -> f64 {
 }
 
 #[test]
-fn pretrain_then_sft_lower_the_loss_and_write_files_transformers_loads() {
+fn pretrain_sft_lora_pipeline_lowers_each_loss_and_writes_files_hf_loads() {
     let fx = Fixture::new();
     let pretrain = fx.train_json("pretrain.json", 2);
     let out = fx.path("pre");
@@ -129,6 +129,37 @@ fn pretrain_then_sft_lower_the_loss_and_write_files_transformers_loads() {
     let sft = losses(&sft_out);
     assert!(mean(&sft[9..]) < mean(&sft[..3]), "SFT did not lower the loss: {sft:?}");
 
+    let lora_out = fx.path("lora");
+    train(
+        2,
+        &pretrain,
+        &[
+            "--task", "lora",
+            "--model_name_or_path", out.to_str().unwrap(),
+            "--train_files", fx.path("chat.jsonl").to_str().unwrap(),
+            "--max_seq_length", "64",
+            "--output_dir", lora_out.to_str().unwrap(),
+            "--max_steps", "16",
+            "--learning_rate", "1e-2",
+            "--lora_target_modules", "all-linear",
+        ],
+    );
+    let lora = losses(&lora_out);
+    assert!(mean(&lora[12..]) < mean(&lora[..4]) - 0.1, "LoRA did not lower the loss: {lora:?}");
+    for file in ["adapter_config.json", "adapter_model.safetensors", "checkpoint-16/adapter_model.safetensors"] {
+        assert!(lora_out.join(file).exists(), "{file} missing in {}", lora_out.display());
+    }
+    let chat = Command::new(binary("rsdeep"))
+        .args(["generate", "--model"])
+        .arg(&out)
+        .arg("--adapter")
+        .arg(&lora_out)
+        .args(["--chat", "--prompt", "what does the fox do?", "--max_new_tokens", "8"])
+        .output()
+        .expect("rsdeep generate");
+    assert!(chat.status.success(), "generate failed: {}", String::from_utf8_lossy(&chat.stderr));
+    assert!(String::from_utf8_lossy(&chat.stderr).contains("new tokens"), "no generation summary");
+
     let python = std::env::var("RSDEEP_PYTHON").expect(
         "RSDEEP_PYTHON is not set: run the tests through `make test` (scripts/env.sh), which points it at the venv with transformers",
     );
@@ -136,8 +167,12 @@ fn pretrain_then_sft_lower_the_loss_and_write_files_transformers_loads() {
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 for path in sys.argv[1:]:
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
+    base, _, adapter = path.partition("+")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    tok = AutoTokenizer.from_pretrained(base)
     ids = tok("the quick brown fox", return_tensors="pt").input_ids
     logits = model(ids).logits
     assert torch.isfinite(logits).all(), path
@@ -147,6 +182,7 @@ for path in sys.argv[1:]:
         .args(["-c", script])
         .arg(&out)
         .arg(&sft_out)
+        .arg(format!("{}+{}", out.display(), lora_out.display()))
         .output()
         .expect("run python");
     assert!(
