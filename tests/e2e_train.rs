@@ -66,7 +66,8 @@ impl Fixture {
             }
         });
         let path = self.path(name);
-        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json")).expect("write train.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json"))
+            .expect("write train.json");
         path
     }
 }
@@ -75,7 +76,15 @@ impl Fixture {
 fn train(ranks: usize, train_json: &Path, overrides: &[&str]) -> String {
     let procs = ranks.to_string();
     let json = train_json.to_string_lossy().to_string();
-    let mut args = vec!["--device", "cpu", "--num_procs", &procs, "--master_port", "0", &json];
+    let mut args = vec![
+        "--device",
+        "cpu",
+        "--num_procs",
+        &procs,
+        "--master_port",
+        "0",
+        &json,
+    ];
     args.extend_from_slice(overrides);
     let mut launcher = Launcher::start(&args, &[("OMP_NUM_THREADS", "1".to_string())]);
     let status = launcher.wait(RUN_LIMIT);
@@ -89,7 +98,12 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
         .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss")))
+        .map(|v| {
+            (
+                v["step"].as_u64().expect("step"),
+                v["loss"].as_f64().expect("loss"),
+            )
+        })
         .collect()
 }
 
@@ -102,12 +116,38 @@ fn pretrain_sft_lora_pipeline_lowers_each_loss_and_writes_files_hf_loads() {
     let fx = Fixture::new();
     let pretrain = fx.train_json("pretrain.json", 2);
     let out = fx.path("pre");
-    train(2, &pretrain, &["--output_dir", out.to_str().unwrap(), "--max_steps", "16", "--report_to", "tensorboard"]);
+    train(
+        2,
+        &pretrain,
+        &[
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--max_steps",
+            "16",
+            "--report_to",
+            "tensorboard",
+        ],
+    );
     let pre = losses(&out);
     assert_eq!(pre.len(), 16, "one log line per step");
-    assert!(mean(&pre[12..]) < mean(&pre[..4]) - 0.3, "pretraining did not lower the loss: {pre:?}");
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "loss.png", "checkpoint-16/manifest.json", "latest"] {
-        assert!(out.join(file).exists(), "{file} missing in {}", out.display());
+    assert!(
+        mean(&pre[12..]) < mean(&pre[..4]) - 0.3,
+        "pretraining did not lower the loss: {pre:?}"
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "trainer_state.json",
+        "loss.png",
+        "checkpoint-16/manifest.json",
+        "latest",
+    ] {
+        assert!(
+            out.join(file).exists(),
+            "{file} missing in {}",
+            out.display()
+        );
     }
     let events = std::fs::read_dir(out.join("runs")).expect("runs/").count();
     assert!(events >= 1, "no TensorBoard event file");
@@ -117,48 +157,90 @@ fn pretrain_sft_lora_pipeline_lowers_each_loss_and_writes_files_hf_loads() {
         2,
         &pretrain,
         &[
-            "--task", "sft",
-            "--model_name_or_path", out.to_str().unwrap(),
-            "--train_files", fx.path("chat.jsonl").to_str().unwrap(),
-            "--max_seq_length", "64",
-            "--output_dir", sft_out.to_str().unwrap(),
-            "--max_steps", "12",
-            "--deepspeed.zero_optimization.stage", "3",
+            "--task",
+            "sft",
+            "--model_name_or_path",
+            out.to_str().unwrap(),
+            "--train_files",
+            fx.path("chat.jsonl").to_str().unwrap(),
+            "--max_seq_length",
+            "64",
+            "--output_dir",
+            sft_out.to_str().unwrap(),
+            "--max_steps",
+            "12",
+            "--deepspeed.zero_optimization.stage",
+            "3",
         ],
     );
     let sft = losses(&sft_out);
-    assert!(mean(&sft[9..]) < mean(&sft[..3]), "SFT did not lower the loss: {sft:?}");
+    assert!(
+        mean(&sft[9..]) < mean(&sft[..3]),
+        "SFT did not lower the loss: {sft:?}"
+    );
 
     let lora_out = fx.path("lora");
     train(
         2,
         &pretrain,
         &[
-            "--task", "lora",
-            "--model_name_or_path", out.to_str().unwrap(),
-            "--train_files", fx.path("chat.jsonl").to_str().unwrap(),
-            "--max_seq_length", "64",
-            "--output_dir", lora_out.to_str().unwrap(),
-            "--max_steps", "16",
-            "--learning_rate", "1e-2",
-            "--lora_target_modules", "all-linear",
+            "--task",
+            "lora",
+            "--model_name_or_path",
+            out.to_str().unwrap(),
+            "--train_files",
+            fx.path("chat.jsonl").to_str().unwrap(),
+            "--max_seq_length",
+            "64",
+            "--output_dir",
+            lora_out.to_str().unwrap(),
+            "--max_steps",
+            "16",
+            "--learning_rate",
+            "1e-2",
+            "--lora_target_modules",
+            "all-linear",
         ],
     );
     let lora = losses(&lora_out);
-    assert!(mean(&lora[12..]) < mean(&lora[..4]) - 0.1, "LoRA did not lower the loss: {lora:?}");
-    for file in ["adapter_config.json", "adapter_model.safetensors", "checkpoint-16/adapter_model.safetensors"] {
-        assert!(lora_out.join(file).exists(), "{file} missing in {}", lora_out.display());
+    assert!(
+        mean(&lora[12..]) < mean(&lora[..4]) - 0.1,
+        "LoRA did not lower the loss: {lora:?}"
+    );
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint-16/adapter_model.safetensors",
+    ] {
+        assert!(
+            lora_out.join(file).exists(),
+            "{file} missing in {}",
+            lora_out.display()
+        );
     }
     let chat = Command::new(binary("rsdeep"))
         .args(["generate", "--model"])
         .arg(&out)
         .arg("--adapter")
         .arg(&lora_out)
-        .args(["--chat", "--prompt", "what does the fox do?", "--max_new_tokens", "8"])
+        .args([
+            "--chat",
+            "--prompt",
+            "what does the fox do?",
+            "--max_new_tokens",
+            "8",
+        ])
         .output()
         .expect("rsdeep generate");
-    assert!(chat.status.success(), "generate failed: {}", String::from_utf8_lossy(&chat.stderr));
-    assert!(String::from_utf8_lossy(&chat.stderr).contains("new tokens"), "no generation summary");
+    assert!(
+        chat.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&chat.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&chat.stderr).contains("new tokens"),
+        "no generation summary"
+    );
 
     let python = std::env::var("RSDEEP_PYTHON").expect(
         "RSDEEP_PYTHON is not set: run the tests through `make test` (scripts/env.sh), which points it at the venv with transformers",
@@ -201,14 +283,39 @@ fn resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run() {
     train(2, &json, &["--output_dir", straight.to_str().unwrap()]);
 
     let resumed = fx.path("resumed");
-    train(2, &json, &["--output_dir", resumed.to_str().unwrap(), "--max_steps", "4"]);
+    train(
+        2,
+        &json,
+        &[
+            "--output_dir",
+            resumed.to_str().unwrap(),
+            "--max_steps",
+            "4",
+        ],
+    );
     assert!(resumed.join("checkpoint-4/manifest.json").exists());
-    train(2, &json, &["--output_dir", resumed.to_str().unwrap(), "--resume_from_checkpoint", "true"]);
+    train(
+        2,
+        &json,
+        &[
+            "--output_dir",
+            resumed.to_str().unwrap(),
+            "--resume_from_checkpoint",
+            "true",
+        ],
+    );
 
-    assert_eq!(losses(&straight), losses(&resumed), "logged losses differ after resume");
+    assert_eq!(
+        losses(&straight),
+        losses(&resumed),
+        "logged losses differ after resume"
+    );
     let a = std::fs::read(straight.join("model.safetensors")).expect("straight weights");
     let b = std::fs::read(resumed.join("model.safetensors")).expect("resumed weights");
-    assert!(a == b, "final weights differ between the straight and the resumed run");
+    assert!(
+        a == b,
+        "final weights differ between the straight and the resumed run"
+    );
 }
 
 #[test]
@@ -220,21 +327,32 @@ fn resume_at_another_world_size_and_stage_continues_the_same_losses() {
 
     // Same global batch (2 ranks x 2 = 1 rank x 4), ZeRO-2 -> ZeRO-3.
     let moved = fx.path("moved");
-    train(2, &json, &["--output_dir", moved.to_str().unwrap(), "--max_steps", "4"]);
+    train(
+        2,
+        &json,
+        &["--output_dir", moved.to_str().unwrap(), "--max_steps", "4"],
+    );
     train(
         1,
         &json,
         &[
-            "--output_dir", moved.to_str().unwrap(),
-            "--resume_from_checkpoint", "true",
-            "--per_device_train_batch_size", "4",
-            "--deepspeed.zero_optimization.stage", "3",
+            "--output_dir",
+            moved.to_str().unwrap(),
+            "--resume_from_checkpoint",
+            "true",
+            "--per_device_train_batch_size",
+            "4",
+            "--deepspeed.zero_optimization.stage",
+            "3",
         ],
     );
     let (want, got) = (losses(&reference), losses(&moved));
     assert_eq!(want.len(), got.len());
     for ((step, a), (_, b)) in want.iter().zip(&got) {
-        assert!(((a - b) / a).abs() < 1e-5, "step {step}: loss {b} after resharding, {a} without");
+        assert!(
+            ((a - b) / a).abs() < 1e-5,
+            "step {step}: loss {b} after resharding, {a} without"
+        );
     }
 }
 
@@ -258,9 +376,27 @@ const MODEL_CONFIG: &str = r#"{
 
 /// 300 short documents of repetitive, learnable English.
 fn corpus() -> String {
-    let subjects = ["the quick brown fox", "a lazy dog", "the old captain", "my small cat", "the river"];
-    let verbs = ["jumps over", "sleeps near", "sails across", "watches", "runs past"];
-    let objects = ["the fence", "the harbour", "a sunny garden", "the mountain", "an open door"];
+    let subjects = [
+        "the quick brown fox",
+        "a lazy dog",
+        "the old captain",
+        "my small cat",
+        "the river",
+    ];
+    let verbs = [
+        "jumps over",
+        "sleeps near",
+        "sails across",
+        "watches",
+        "runs past",
+    ];
+    let objects = [
+        "the fence",
+        "the harbour",
+        "a sunny garden",
+        "the mountain",
+        "an open door",
+    ];
     (0..300)
         .map(|i| {
             let text = format!(
@@ -313,9 +449,21 @@ const LEADER_POINTS: [&str; 8] = [
 fn train_until_killed(train_json: &Path, out: &Path, kill_at: &str) {
     let json = train_json.to_string_lossy().to_string();
     let args = [
-        "--device", "cpu", "--num_procs", "2", "--master_port", "0", &json,
-        "--output_dir", out.to_str().unwrap(), "--max_steps", "6", "--save_steps", "2",
-        "--save_total_limit", "1",
+        "--device",
+        "cpu",
+        "--num_procs",
+        "2",
+        "--master_port",
+        "0",
+        &json,
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "1",
     ];
     let envs = [
         ("OMP_NUM_THREADS", "1".to_string()),
@@ -323,8 +471,16 @@ fn train_until_killed(train_json: &Path, out: &Path, kill_at: &str) {
     ];
     let mut launcher = Launcher::start(&args, &envs);
     let status = launcher.wait(RUN_LIMIT);
-    assert!(!status.success(), "the kill at {kill_at} did not stop the job:\n{}", launcher.output());
-    assert!(launcher.stderr().contains("killing this process at"), "no kill happened at {kill_at}:\n{}", launcher.output());
+    assert!(
+        !status.success(),
+        "the kill at {kill_at} did not stop the job:\n{}",
+        launcher.output()
+    );
+    assert!(
+        launcher.stderr().contains("killing this process at"),
+        "no kill happened at {kill_at}:\n{}",
+        launcher.output()
+    );
 }
 
 #[test]
@@ -332,21 +488,55 @@ fn a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_resumes_exactly() {
     let fx = Fixture::new();
     let json = fx.train_json("train.json", 2);
     let straight = fx.path("straight");
-    train(2, &json, &["--output_dir", straight.to_str().unwrap(), "--max_steps", "6", "--save_steps", "2"]);
+    train(
+        2,
+        &json,
+        &[
+            "--output_dir",
+            straight.to_str().unwrap(),
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "2",
+        ],
+    );
     let want = std::fs::read(straight.join("model.safetensors")).expect("straight weights");
     let one_worker = PER_RANK_POINTS
         .iter()
         .map(|p| format!("{p}:4:1"))
         .chain(LEADER_POINTS.iter().map(|p| format!("{p}:4:0")));
-    let all_workers = ["partition_partly_written", "manifest_part_written", "renamed_into_place"]
-        .iter()
-        .map(|p| format!("{p}:4"));
+    let all_workers = [
+        "partition_partly_written",
+        "manifest_part_written",
+        "renamed_into_place",
+    ]
+    .iter()
+    .map(|p| format!("{p}:4"));
     for (case, kill_at) in one_worker.chain(all_workers).enumerate() {
         let out = fx.path(&format!("killed-{case}"));
         train_until_killed(&json, &out, &kill_at);
-        train(2, &json, &["--output_dir", out.to_str().unwrap(), "--max_steps", "6", "--save_steps", "2", "--resume_from_checkpoint", "true"]);
+        train(
+            2,
+            &json,
+            &[
+                "--output_dir",
+                out.to_str().unwrap(),
+                "--max_steps",
+                "6",
+                "--save_steps",
+                "2",
+                "--resume_from_checkpoint",
+                "true",
+            ],
+        );
         let got = std::fs::read(out.join("model.safetensors")).expect("resumed weights");
-        assert!(got == want, "after a kill at {kill_at} the resumed run's weights differ");
-        assert!(out.join("checkpoint-6/manifest.json").exists(), "no complete checkpoint-6 after {kill_at}");
+        assert!(
+            got == want,
+            "after a kill at {kill_at} the resumed run's weights differ"
+        );
+        assert!(
+            out.join("checkpoint-6/manifest.json").exists(),
+            "no complete checkpoint-6 after {kill_at}"
+        );
     }
 }

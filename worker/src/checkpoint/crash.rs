@@ -51,7 +51,10 @@ mod tests {
     fn targets_every_rank_or_only_the_named_one() {
         let any = parse_target("manifest_written:4", Some("1".into()));
         assert_eq!(any, Some(("manifest_written".to_string(), 4)));
-        assert_eq!(parse_target("manifest_written:4:1", Some("1".into())).map(|t| t.1), Some(4));
+        assert_eq!(
+            parse_target("manifest_written:4:1", Some("1".into())).map(|t| t.1),
+            Some(4)
+        );
         assert_eq!(parse_target("manifest_written:4:1", Some("0".into())), None);
         assert_eq!(parse_target("manifest_written:x", None), None);
     }
