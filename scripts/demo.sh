@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+export RSDEEP_LOG="${RSDEEP_LOG:-warn}"  # progress lines only; RSDEEP_LOG=info shows every rank's log
 
 DEMO="${RSDEEP_DEMO_DIR:-$PWD/output/demo}"
 PRETRAIN_STEPS="${RSDEEP_DEMO_PRETRAIN_STEPS:-120}"

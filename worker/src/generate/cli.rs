@@ -88,6 +88,15 @@ pub fn generate_cli(args: &[String]) -> anyhow::Result<()> {
     let prompt_ids = encode_prompt(&tokenizer, &args)?;
     let mut eos_ids = model_eos_ids(&args.model, &model.config)?;
     eos_ids.extend(tokenizer.eos_id());
+    if args.chat {
+        // A chat turn ends with the template's end-of-turn token (Qwen's generation
+        // config lists <|im_end|> as an eos id for the same reason).
+        eos_ids.extend(
+            ["<|im_end|>", "<|eot_id|>"]
+                .iter()
+                .filter_map(|t| tokenizer.token_to_id(t)),
+        );
+    }
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
