@@ -100,6 +100,7 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
             .ok()
             .and_then(|v| v.parse().ok()),
         total_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        omp_threads_from_user: std::env::var_os("OMP_NUM_THREADS").is_some(),
     })
 }
 

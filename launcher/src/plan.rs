@@ -36,6 +36,9 @@ pub struct PlanInputs {
     pub slurm_node_id: Option<usize>,
     /// Online CPU cores of this machine (for `--bind_cores_to_rank`).
     pub total_cores: usize,
+    /// True when the launcher's own environment sets OMP_NUM_THREADS (then it is left
+    /// to the user, as torchrun does).
+    pub omp_threads_from_user: bool,
 }
 
 /// One rank of the job.
@@ -283,6 +286,11 @@ impl LaunchPlan {
         env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
         if let Some(cores) = &rank.cpu_cores {
             env.insert(ev::OMP_NUM_THREADS.into(), cores.len().to_string());
+        } else if !inputs.omp_threads_from_user && !env.contains_key(ev::OMP_NUM_THREADS) {
+            // Each rank's intra-op threads share the node's cores instead of every rank
+            // spawning one per core (oversubscription costs more than it gains).
+            let threads = (inputs.total_cores / local_size.max(1)).max(1);
+            env.insert(ev::OMP_NUM_THREADS.into(), threads.to_string());
         }
         env
     }
@@ -441,6 +449,7 @@ mod tests {
             job_id: "job1".into(),
             token: "secret".into(),
             total_cores: 8,
+            omp_threads_from_user: false,
             ..Default::default()
         }
     }
@@ -614,6 +623,17 @@ mod tests {
         ));
         let plan = LaunchPlan::build(&args(&no_ssh), &machine).unwrap();
         assert_eq!(plan.master_addr, "a");
+    }
+
+    #[test]
+    fn omp_threads_split_the_cores_unless_the_user_set_them() {
+        let cpu = ["--device", "cpu", "--num_procs", "4", "t.json"];
+        let mut machine = inputs();
+        let plan = LaunchPlan::build(&args(&cpu), &machine).unwrap();
+        assert_eq!(plan.ranks[3].env["OMP_NUM_THREADS"], "2");
+        machine.omp_threads_from_user = true;
+        let plan = LaunchPlan::build(&args(&cpu), &machine).unwrap();
+        assert!(!plan.ranks[3].env.contains_key("OMP_NUM_THREADS"));
     }
 
     #[test]
