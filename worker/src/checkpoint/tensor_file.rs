@@ -9,7 +9,7 @@
 use super::manifest::{FileEntry, HashingWriter};
 use crate::{Error, Result};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, SafeTensors};
+use safetensors::tensor::SafeTensors;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,21 +40,6 @@ pub fn dtype_name(kind: Kind) -> Result<&'static str> {
         other => {
             return Err(Error::Checkpoint(format!(
                 "cannot store {other:?} in a checkpoint"
-            )));
-        }
-    })
-}
-
-fn kind_of(dtype: Dtype) -> Result<Kind> {
-    Ok(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F16 => Kind::Half,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        other => {
-            return Err(Error::Checkpoint(format!(
-                "unsupported dtype {other:?} in a checkpoint"
             )));
         }
     })
@@ -180,7 +165,7 @@ impl MappedTensors {
             tensors.insert(
                 name,
                 TensorLocation {
-                    kind: kind_of(info.dtype)?,
+                    kind: crate::model::io::kind_of(info.dtype)?,
                     shape,
                     start,
                     end,

@@ -19,7 +19,7 @@
 //!   `<key>.failed` note.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::checkpoint::manifest::hash_file;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -233,27 +234,10 @@ fn hash_inputs(files: &[PathBuf]) -> Result<Vec<InputFile>> {
         .map(|path| {
             Ok(InputFile {
                 path: path.to_string_lossy().into_owned(),
-                sha256: sha256_file(path)?,
+                sha256: hash_file(path)?,
             })
         })
         .collect()
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buffer)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The cache key: inputs by content (not by path), tokenizer, block size, field.

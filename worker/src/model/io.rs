@@ -37,7 +37,8 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
     })
 }
 
-fn kind_of(dtype: Dtype) -> Result<Kind> {
+/// The tch kind of a safetensors dtype.
+pub(crate) fn kind_of(dtype: Dtype) -> Result<Kind> {
     Ok(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,

@@ -24,7 +24,7 @@
 
 mod config;
 mod ctx;
-mod io;
+pub(crate) mod io;
 mod layers;
 mod rope;
 
