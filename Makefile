@@ -24,3 +24,6 @@ fmt:
 
 clippy: setup
 	@$(ENV) cargo clippy --workspace --all-targets
+
+gpu-check:
+	@scripts/gpu-check.sh $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(DRY),--cpu-dry-run)
