@@ -20,7 +20,10 @@ else
   export LD_LIBRARY_PATH="$B/nccl:$TORCH_LIB:${NCCL_DIR:-}:${LD_LIBRARY_PATH:-}"
 fi
 export RSDEEP_WORKER_BIN="$BIN/rsdeep-worker"
-WORK=$(mktemp -d /tmp/gpu-check.XXXX); cd "$WORK"; ln -s "$DATA" data; ln -s "$CFG" configs
+WORK=$(mktemp -d /tmp/gpu-check.XXXX); cd "$WORK"; ln -s "$CFG" configs; mkdir data; ln -s "$DATA/tokenizer-qwen" data/tokenizer-qwen
+if [ -f "$DATA/pretrain-slice.jsonl" ]; then ln -s "$DATA/pretrain-slice.jsonl" data/; else head -n 400 "$DATA/pretrain.jsonl" > data/pretrain-slice.jsonl; fi
+# Tiny model with the Qwen vocabulary (the bundled tokenizer is Qwen's 151k one).
+"$PY" -c 'import json,sys;c=json.load(open(sys.argv[1]));c.update(vocab_size=151936,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,num_hidden_layers=2,max_window_layers=2);json.dump(c,open("tiny-qwen.json","w"))' "$CFG/models/qwen2-tiny.json"
 FAIL=0; fail() { echo "FAIL: $*"; FAIL=1; }
 section() { echo; echo "=== $* ==="; }
 
@@ -40,7 +43,7 @@ r=[x for x in rows if "loss" in x]; print(r[-1].get(sys.argv[2],"nan") if r else
 mkzero() { echo "{\"zero_optimization\":{\"stage\":$1},\"train_micro_batch_size_per_gpu\":\"auto\",\"gradient_accumulation_steps\":\"auto\",\"bf16\":{\"enabled\":\"auto\"}}" > ds_zero$1.json; }
 one_step() { # device-args... -- stage out
   local out=$2 stage=$1; shift 2
-  "$BIN/rsdeep" "$@" configs/gpu-bench.json --config_name configs/models/qwen2-tiny.json --block_size 128 \
+  "$BIN/rsdeep" "$@" configs/gpu-bench.json --config_name tiny-qwen.json --block_size 128 \
     --per_device_train_batch_size 2 --max_steps 1 --deepspeed "ds_zero$stage.json" --output_dir "$out" \
     --bf16 true > "$out.log" 2>&1 || { tail -5 "$out.log"; return 1; }
 }
@@ -50,13 +53,13 @@ for s in 0 1 2 3; do
   one_step $s "step-dev-z$s" "${DEVICE_ARGS[@]}" || { fail "zero$s device run"; continue; }
   one_step $s "step-cpu-z$s" --device cpu --num_procs 1 || { fail "zero$s cpu run"; continue; }
   a=$(last_metric "step-dev-z$s/metrics.jsonl" loss); b=$(last_metric "step-cpu-z$s/metrics.jsonl" loss)
-  "$PY" -c 'import sys,math;a,b=map(float,sys.argv[1:]);ok=math.isfinite(a) and abs(a-b)<=2e-2*abs(b)+1e-3;print(f"zero{sys.argv[3]} device {a:.5f} cpu {b:.5f}", "OK" if ok else "MISMATCH");sys.exit(0 if ok else 1)' "$a" "$b" $s || fail "zero$s loss"
+  "$PY" -c 'import sys,math;a,b=map(float,sys.argv[1:3]);ok=math.isfinite(a) and abs(a-b)<=2e-2*abs(b)+1e-3;print(f"zero{sys.argv[3]} device {a:.5f} cpu {b:.5f}", "OK" if ok else "MISMATCH");sys.exit(0 if ok else 1)' "$a" "$b" $s || fail "zero$s loss"
 done
 
 section "benchmark: Qwen2.5-0.5B shape, seq 2048, bf16 (tiny model, seq 128 in dry run)"
-BENCH_ARGS=(); [ $DRY = 1 ] && BENCH_ARGS=(--config_name configs/models/qwen2-tiny.json --block_size 128 --per_device_train_batch_size 2 --max_steps 4)
+BENCH_ARGS=(); [ $DRY = 1 ] && BENCH_ARGS=(--config_name tiny-qwen.json --block_size 128 --per_device_train_batch_size 2 --max_steps 4)
 MODEL=$(grep -o '"config_name": *"[^"]*"' "$CFG/gpu-bench.json" | cut -d'"' -f4); BS=4; SEQ=2048; STEPS=15
-[ $DRY = 1 ] && { MODEL=configs/models/qwen2-tiny.json; BS=2; SEQ=128; STEPS=4; }
+[ $DRY = 1 ] && { MODEL=tiny-qwen.json; BS=2; SEQ=128; STEPS=4; }
 peak_sampler() { while sleep 0.5; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1; done > "$1"; }
 declare -A TPS
 for gc in false true; do
