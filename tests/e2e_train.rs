@@ -540,3 +540,30 @@ fn a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_resumes_exactly() {
         );
     }
 }
+
+#[test]
+fn a_worker_error_reaches_the_launcher_report_with_the_file_name() {
+    let fx = Fixture::new();
+    let json = fx.train_json("train.json", 2);
+    let json = json.to_string_lossy().to_string();
+    let args = [
+        "--device",
+        "cpu",
+        "--num_procs",
+        "2",
+        "--master_port",
+        "0",
+        &json,
+        "--train_files",
+        "/nonexistent/corpus.jsonl",
+    ];
+    let mut launcher = Launcher::start(&args, &[]);
+    let status = launcher.wait(RUN_LIMIT);
+    assert!(!status.success(), "a missing data file must fail the job");
+    let stderr = launcher.stderr();
+    assert!(
+        stderr.contains("reported:") && stderr.contains("/nonexistent/corpus.jsonl"),
+        "the worker's own error was not in the failure report:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "a worker panicked:\n{stderr}");
+}

@@ -365,7 +365,10 @@ impl Rendezvous {
             time_ms,
         };
         let mut client = self.client.clone();
-        let call = tokio::time::timeout(Duration::from_secs(2), client.report_error(request));
+        // The timer must be created inside the runtime (a Sleep needs its time driver).
+        let call = async move {
+            tokio::time::timeout(Duration::from_secs(2), client.report_error(request)).await
+        };
         match self.runtime.block_on(call) {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(status)) => Err(status_error("report_error", status)),
