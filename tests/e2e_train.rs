@@ -74,6 +74,19 @@ impl Fixture {
 
 /// Runs `rsdeep --device cpu --num_procs N <train.json> <overrides>` to success.
 fn train(ranks: usize, train_json: &Path, overrides: &[&str]) -> String {
+    let (launcher, status) = run(ranks, train_json, overrides, None);
+    assert!(status.success(), "training failed:\n{}", launcher.output());
+    launcher.output()
+}
+
+/// Runs `rsdeep --device cpu --num_procs N <train.json> <overrides>` (one intra-op thread
+/// per rank, optionally a kill point) to its end; the finished launcher and its status.
+fn run(
+    ranks: usize,
+    train_json: &Path,
+    overrides: &[&str],
+    kill_at: Option<&str>,
+) -> (Launcher, std::process::ExitStatus) {
     let procs = ranks.to_string();
     let json = train_json.to_string_lossy().to_string();
     let mut args = vec![
@@ -86,10 +99,11 @@ fn train(ranks: usize, train_json: &Path, overrides: &[&str]) -> String {
         &json,
     ];
     args.extend_from_slice(overrides);
-    let mut launcher = Launcher::start(&args, &[("OMP_NUM_THREADS", "1".to_string())]);
+    let mut envs = vec![("OMP_NUM_THREADS", "1".to_string())];
+    envs.extend(kill_at.map(|k| ("RSDEEP_CHECKPOINT_KILL_AT", k.to_string())));
+    let mut launcher = Launcher::start(&args, &envs);
     let status = launcher.wait(RUN_LIMIT);
-    assert!(status.success(), "training failed:\n{}", launcher.output());
-    launcher.output()
+    (launcher, status)
 }
 
 /// (step, loss) of every logged training step in `out/metrics.jsonl`.
@@ -447,15 +461,7 @@ const LEADER_POINTS: [&str; 8] = [
 
 /// Runs with a SIGKILL injected at `kill_at` (`POINT:STEP[:RANK]`) and expects failure.
 fn train_until_killed(train_json: &Path, out: &Path, kill_at: &str) {
-    let json = train_json.to_string_lossy().to_string();
-    let args = [
-        "--device",
-        "cpu",
-        "--num_procs",
-        "2",
-        "--master_port",
-        "0",
-        &json,
+    let overrides = [
         "--output_dir",
         out.to_str().unwrap(),
         "--max_steps",
@@ -465,12 +471,7 @@ fn train_until_killed(train_json: &Path, out: &Path, kill_at: &str) {
         "--save_total_limit",
         "1",
     ];
-    let envs = [
-        ("OMP_NUM_THREADS", "1".to_string()),
-        ("RSDEEP_CHECKPOINT_KILL_AT", kill_at.to_string()),
-    ];
-    let mut launcher = Launcher::start(&args, &envs);
-    let status = launcher.wait(RUN_LIMIT);
+    let (launcher, status) = run(2, train_json, &overrides, Some(kill_at));
     assert!(
         !status.success(),
         "the kill at {kill_at} did not stop the job:\n{}",
@@ -545,20 +546,8 @@ fn a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_resumes_exactly() {
 fn a_worker_error_reaches_the_launcher_report_with_the_file_name() {
     let fx = Fixture::new();
     let json = fx.train_json("train.json", 2);
-    let json = json.to_string_lossy().to_string();
-    let args = [
-        "--device",
-        "cpu",
-        "--num_procs",
-        "2",
-        "--master_port",
-        "0",
-        &json,
-        "--train_files",
-        "/nonexistent/corpus.jsonl",
-    ];
-    let mut launcher = Launcher::start(&args, &[]);
-    let status = launcher.wait(RUN_LIMIT);
+    let overrides = ["--train_files", "/nonexistent/corpus.jsonl"];
+    let (launcher, status) = run(2, &json, &overrides, None);
     assert!(!status.success(), "a missing data file must fail the job");
     let stderr = launcher.stderr();
     assert!(
