@@ -107,6 +107,19 @@ pub struct LaunchArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping workers.
     #[arg(long = "grace_period", default_value_t = 30.0)]
     pub grace_period: f64,
+    /// Let the rendezvous listen on every interface (default: the master address only).
+    #[arg(long = "rendezvous_bind_all")]
+    pub rendezvous_bind_all: bool,
+    /// PEM certificate (chain) of the rendezvous: serve it over TLS (with `--rendezvous_tls_key`).
+    #[arg(long = "rendezvous_tls_cert", env = "RSDEEP_TLS_CERT")]
+    pub rendezvous_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--rendezvous_tls_cert`.
+    #[arg(long = "rendezvous_tls_key", env = "RSDEEP_TLS_KEY")]
+    pub rendezvous_tls_key: Option<PathBuf>,
+    /// PEM CA the workers trust for the rendezvous (default: the certificate itself);
+    /// passed to them as RSDEEP_TLS_CA.
+    #[arg(long = "rendezvous_tls_ca", env = "RSDEEP_TLS_CA")]
+    pub rendezvous_tls_ca: Option<PathBuf>,
     /// Run the rendezvous selftest in every worker instead of training.
     #[arg(long = "selftest")]
     pub selftest: bool,

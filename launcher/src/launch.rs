@@ -13,9 +13,10 @@ use anyhow::{Context, Result};
 use rsdeep::cli::{DeviceKind, LaunchArgs};
 use rsdeep::env_contract as ev;
 use rsdeep::plan::{LaunchPlan, PlanInputs};
-use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec};
+use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec, tls};
 use rsdeep::supervisor::{self, Outcome, SuperviseOptions};
 use rsdeep::{config, envfile, hostfile, resources};
+use tonic::transport::ServerTlsConfig;
 
 /// Marks an error as the user's (bad flag, plan or config): exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     }
     let job_dir = std::env::temp_dir().join(format!("rsdeep-{}", plan.job_id));
     resolve_config(&mut plan, &job_dir)?;
+    let tls = rendezvous_tls(&args, &mut plan)?;
     if args.dry_run {
         print!("{}", plan.render());
         return Ok(0);
@@ -44,7 +46,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let rendezvous = host_rendezvous(&runtime, &mut plan)?;
+    let rendezvous = host_rendezvous(&runtime, &mut plan, args.rendezvous_bind_all, tls)?;
     supervisor::install_stop_handlers().context("cannot install signal handlers")?;
     let code = supervise_attempts(
         &runtime,
@@ -122,10 +124,37 @@ fn resolve_config(plan: &mut LaunchPlan, job_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Loads the rendezvous TLS identity (if asked for) and tells every local worker which CA
+/// to trust (`RSDEEP_TLS_CA`: `--rendezvous_tls_ca`, else the certificate itself).
+fn rendezvous_tls(args: &LaunchArgs, plan: &mut LaunchPlan) -> Result<Option<ServerTlsConfig>> {
+    let server = if plan.hosts_rendezvous() {
+        tls::server_config(
+            args.rendezvous_tls_cert.as_deref(),
+            args.rendezvous_tls_key.as_deref(),
+        )
+        .map_err(usage)?
+    } else {
+        None
+    };
+    let trusted = args
+        .rendezvous_tls_ca
+        .as_ref()
+        .or(args.rendezvous_tls_cert.as_ref());
+    if let Some(ca) = trusted {
+        let ca = std::path::absolute(ca)
+            .with_context(|| format!("cannot resolve the path {}", ca.display()))?;
+        tls::client_config(&ca, "check").map_err(usage)?;
+        plan.set_env_all(tls::TLS_CA_ENV, &ca.to_string_lossy());
+    }
+    Ok(server)
+}
+
 /// On node 0: binds the rendezvous (port 0 picks one) and records the real port.
 fn host_rendezvous(
     runtime: &tokio::runtime::Runtime,
     plan: &mut LaunchPlan,
+    bind_all: bool,
+    tls: Option<ServerTlsConfig>,
 ) -> Result<Option<(Arc<RendezvousState>, ServerHandle)>> {
     if !plan.hosts_rendezvous() {
         return Ok(None);
@@ -141,11 +170,12 @@ fn host_rendezvous(
     };
     let state = Arc::new(RendezvousState::new(spec));
     let mut last_error = None;
-    for addr in bind_candidates(&plan.master_addr, plan.master_port, plan.nodes.len() > 1) {
-        match runtime.block_on(rendezvous::start_server(
+    for addr in bind_candidates(&plan.master_addr, plan.master_port, bind_all) {
+        match runtime.block_on(rendezvous::start_server_tls(
             state.clone(),
             plan.token.clone(),
             addr,
+            tls.clone(),
         )) {
             Ok(server) => {
                 plan.set_master_port(server.addr.port());
@@ -162,16 +192,17 @@ fn host_rendezvous(
     )
 }
 
-/// The master address itself, and every interface for multi-node jobs.
-fn bind_candidates(master_addr: &str, port: u16, multi_node: bool) -> Vec<SocketAddr> {
-    let mut addrs: Vec<SocketAddr> = (master_addr, port)
+/// Where the rendezvous may listen, tried in order: the master address's resolutions
+/// only, or every interface with `--rendezvous_bind_all`. Empty when the master address
+/// does not resolve (the caller reports it).
+fn bind_candidates(master_addr: &str, port: u16, bind_all: bool) -> Vec<SocketAddr> {
+    if bind_all {
+        return vec![SocketAddr::from(([0, 0, 0, 0], port))];
+    }
+    (master_addr, port)
         .to_socket_addrs()
         .map(|a| a.collect())
-        .unwrap_or_default();
-    if multi_node || addrs.is_empty() {
-        addrs.push(SocketAddr::from(([0, 0, 0, 0], port)));
-    }
-    addrs
+        .unwrap_or_default()
 }
 
 /// Spawns and supervises the local workers, restarting after failures if allowed.
@@ -281,4 +312,19 @@ pub fn worker_program() -> Result<PathBuf> {
         sibling.display()
     );
     Ok(sibling)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rendezvous_binds_the_master_address_only_unless_told() {
+        let only = bind_candidates("127.0.0.1", 29500, false);
+        assert_eq!(only, [SocketAddr::from(([127, 0, 0, 1], 29500))]);
+        assert!(only.iter().all(|a| !a.ip().is_unspecified()));
+        let all = bind_candidates("127.0.0.1", 29500, true);
+        assert_eq!(all, [SocketAddr::from(([0, 0, 0, 0], 29500))]);
+        assert!(bind_candidates("no-such-host.invalid", 1, false).is_empty());
+    }
 }

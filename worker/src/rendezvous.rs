@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rsdeep::env_contract as ev;
+use rsdeep::rendezvous::tls;
 use rsdeep_proto::v1::{self as pb, heartbeat_command::Kind, rendezvous_client::RendezvousClient};
 use rsdeep_proto::{RSDEEP_VERSION, TOKEN_METADATA_KEY};
 use tokio::sync::mpsc;
@@ -59,6 +60,11 @@ pub struct WorkerEnv {
     pub selftest: bool,
     pub restart_count: u32,
     pub heartbeat_interval: Duration,
+    /// PEM CA to trust when the rendezvous speaks TLS (`RSDEEP_TLS_CA`); plaintext if absent.
+    pub tls_ca: Option<PathBuf>,
+    /// Name checked against the rendezvous certificate (`RSDEEP_TLS_DOMAIN`, default
+    /// `master_addr`).
+    pub tls_domain: Option<String>,
 }
 
 impl WorkerEnv {
@@ -110,6 +116,8 @@ impl WorkerEnv {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(2000),
             ),
+            tls_ca: optional(tls::TLS_CA_ENV).map(PathBuf::from),
+            tls_domain: optional(tls::TLS_DOMAIN_ENV),
         })
     }
 }
@@ -230,12 +238,7 @@ impl Rendezvous {
             .enable_all()
             .build()
             .map_err(|e| Error::io("starting the rendezvous runtime", e))?;
-        let url = format!("http://{}:{}", env.master_addr, env.master_port);
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| Error::Rendezvous(format!("bad rendezvous address {url}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .initial_connection_window_size(Some(8 << 20))
-            .initial_stream_window_size(Some(4 << 20));
+        let (endpoint, url) = rendezvous_endpoint(env)?;
         let channel = runtime.block_on(connect_with_retry(&endpoint, &url, timeout))?;
         let token = env
             .token
@@ -377,6 +380,31 @@ impl Rendezvous {
     }
 }
 
+/// The rendezvous endpoint: `http://MASTER_ADDR:MASTER_PORT`, or `https://` checked
+/// against `RSDEEP_TLS_CA` when the launcher serves TLS.
+fn rendezvous_endpoint(env: &WorkerEnv) -> Result<(Endpoint, String)> {
+    let scheme = if env.tls_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{}:{}", env.master_addr, env.master_port);
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| Error::Rendezvous(format!("bad rendezvous address {url}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .initial_connection_window_size(Some(8 << 20))
+        .initial_stream_window_size(Some(4 << 20));
+    if let Some(ca) = &env.tls_ca {
+        let domain = env.tls_domain.as_deref().unwrap_or(&env.master_addr);
+        let config =
+            tls::client_config(ca, domain).map_err(|e| Error::Rendezvous(e.to_string()))?;
+        endpoint = endpoint.tls_config(config).map_err(|e| {
+            Error::Rendezvous(format!("TLS setup for {url} with CA {}: {e}", ca.display()))
+        })?;
+    }
+    Ok((endpoint, url))
+}
+
 async fn connect_with_retry(endpoint: &Endpoint, url: &str, timeout: Duration) -> Result<Channel> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -489,6 +517,20 @@ mod tests {
         assert_eq!(env.config, Some(PathBuf::from("/tmp/c.json")));
         assert_eq!(env.comm_host, "127.0.0.1");
         assert_eq!(env.heartbeat_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn tls_ca_switches_the_rendezvous_to_https_and_names_a_bad_file() {
+        let vars = contract();
+        let env = WorkerEnv::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        assert_eq!(env.tls_ca, None);
+        let (_, url) = rendezvous_endpoint(&env).unwrap();
+        assert_eq!(url, "http://10.0.0.1:29500");
+        let mut vars = contract();
+        vars.insert("RSDEEP_TLS_CA", "/nonexistent/ca.pem".into());
+        let env = WorkerEnv::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        let err = rendezvous_endpoint(&env).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
 
     #[test]

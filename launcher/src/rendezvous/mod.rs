@@ -5,8 +5,9 @@
 
 pub mod service;
 pub mod state;
+pub mod tls;
 
-pub use service::{ServerHandle, start_server};
+pub use service::{ServerHandle, start_server, start_server_tls};
 pub use state::{
     Command, CompleteWorld, ErrorRecord, Member, RendezvousError, RendezvousState, WorldSpec,
 };

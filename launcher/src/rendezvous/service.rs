@@ -14,6 +14,7 @@ use rsdeep_proto::{RSDEEP_VERSION, TOKEN_METADATA_KEY};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -273,12 +274,32 @@ impl ServerHandle {
 }
 
 /// Binds `bind` (port 0 picks a free one) and serves `state` guarded by `token` on the
-/// current tokio runtime.
+/// current tokio runtime, in plaintext.
 pub async fn start_server(
     state: Arc<RendezvousState>,
     token: String,
     bind: SocketAddr,
 ) -> std::io::Result<ServerHandle> {
+    start_server_tls(state, token, bind, None).await
+}
+
+/// Like `start_server`, over TLS when `tls` is given (see `super::tls::server_config`);
+/// an unusable certificate/key pair fails here, before anything listens.
+pub async fn start_server_tls(
+    state: Arc<RendezvousState>,
+    token: String,
+    bind: SocketAddr,
+    tls: Option<ServerTlsConfig>,
+) -> std::io::Result<ServerHandle> {
+    let mut builder = tonic::transport::Server::builder();
+    let secure = tls.is_some();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| {
+            std::io::Error::other(format!(
+                "the TLS certificate and key do not form a usable identity: {e:?}"
+            ))
+        })?;
+    }
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let service = RendezvousServer::with_interceptor(
@@ -290,7 +311,7 @@ pub async fn start_server(
     );
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
+        let served = builder
             .max_concurrent_streams(Some(16_384))
             .tcp_nodelay(true)
             // Join answers carry every peer (about 40 bytes each): large windows keep
@@ -306,7 +327,7 @@ pub async fn start_server(
             warn!("rendezvous server stopped: {e}");
         }
     });
-    info!(%addr, "rendezvous listening");
+    info!(%addr, tls = secure, "rendezvous listening");
     Ok(ServerHandle {
         addr,
         shutdown: Some(tx),
