@@ -2,18 +2,19 @@
 //! safetensors (fp32, bf16 or fp16; sharded with `model.safetensors.index.json` above
 //! the shard size) plus `config.json` and the tokenizer files, built from the ZeRO
 //! partitions of a checkpoint. Streaming: one parameter is assembled at a time from the
-//! memory-mapped partitions and written straight into its shard, so peak memory is a
-//! small multiple of the largest tensor, not of the model. Contract:
+//! partitions (positioned reads, nothing mapped) and written straight into its shard, so
+//! peak memory is a small multiple of the largest tensor, not of the model. Contract:
 //! `docs/checkpoints.md`.
 
 use super::FROZEN_FILE;
+use super::manifest::{FileEntry, Manifest, write_synced};
 use super::resume::PartitionReader;
-use super::tensor_file::{MappedTensors, TensorSpec, tensor_bytes, write_streaming};
+use super::tensor_file::{TensorBytes, TensorFile, TensorSpec, write_streaming};
 use crate::model::{INDEX_FILE, SINGLE_FILE};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 /// Tokenizer files copied next to the weights when the checkpoint has them.
 const TOKENIZER_FILES: [&str; 3] = [
@@ -47,13 +48,83 @@ pub fn consolidate(
             "consolidate writes fp32, bf16 or fp16, not {dtype:?}"
         )));
     }
-    let reader = PartitionReader::open(checkpoint_dir)?;
+    let manifest = Manifest::read(checkpoint_dir)?;
+    let reader = PartitionReader::open(checkpoint_dir, &manifest)?;
     let frozen = if reader.meta().frozen.is_empty() {
         None
     } else {
-        reader.manifest.verify_file(checkpoint_dir, FROZEN_FILE)?;
-        Some(MappedTensors::open(&checkpoint_dir.join(FROZEN_FILE))?)
+        manifest.verify_file(checkpoint_dir, FROZEN_FILE)?;
+        Some(TensorFile::open(&checkpoint_dir.join(FROZEN_FILE))?)
     };
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| Error::io(format!("creating {}", out_dir.display()), e))?;
+    write_weights(&reader, frozen.as_ref(), out_dir, dtype, max_shard_bytes)?;
+    copy_config(checkpoint_dir, out_dir, dtype)?;
+    for name in TOKENIZER_FILES {
+        let source = checkpoint_dir.join(name);
+        if source.is_file() {
+            std::fs::copy(&source, out_dir.join(name))
+                .map_err(|e| Error::io(format!("copying {}", source.display()), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the HF weights held by `reader`'s partitions (masters, in saved order) and
+/// `frozen` (parameters outside the optimizer) into `out_dir` as `dtype`:
+/// `model.safetensors`, or shards of at most `max_shard_bytes` plus the index. One
+/// parameter at a time is in memory. Returns every written file (name in `out_dir`) with
+/// its size and sha256; each is fsynced.
+pub(super) fn write_weights(
+    reader: &PartitionReader,
+    frozen: Option<&TensorFile>,
+    out_dir: &Path,
+    dtype: Kind,
+    max_shard_bytes: u64,
+) -> Result<Vec<(String, FileEntry)>> {
+    if !matches!(dtype, Kind::Float | Kind::BFloat16 | Kind::Half) {
+        return Err(Error::Checkpoint(format!(
+            "weights are written as fp32, bf16 or fp16, not {dtype:?}"
+        )));
+    }
+    let tensors = output_tensors(reader, frozen, dtype)?;
+    let shards = plan_shards(&tensors, max_shard_bytes.max(1));
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut written = Vec::with_capacity(count + 1);
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if count == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        };
+        let specs: Vec<TensorSpec> = shard.iter().map(|t| t.spec.clone()).collect();
+        let entry = write_streaming(&out_dir.join(&file), &specs, |j| {
+            source_bytes(reader, frozen, shard[j], dtype)
+        })?;
+        for t in shard {
+            weight_map.insert(t.spec.name.clone(), file.clone());
+        }
+        written.push((file, entry));
+    }
+    if count > 1 {
+        let total_size: u64 = tensors.iter().map(|t| t.spec.byte_len()).sum();
+        let index =
+            serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+        let text = serde_json::to_string_pretty(&index)
+            .map_err(|e| Error::Checkpoint(format!("{INDEX_FILE}: {e}")))?;
+        let entry = write_synced(&out_dir.join(INDEX_FILE), (text + "\n").as_bytes())?;
+        written.push((INDEX_FILE.to_string(), entry));
+    }
+    Ok(written)
+}
+
+/// Every output tensor: the partitions' parameters in saved order, then the frozen ones.
+fn output_tensors(
+    reader: &PartitionReader,
+    frozen: Option<&TensorFile>,
+    dtype: Kind,
+) -> Result<Vec<OutputTensor>> {
     let mut tensors: Vec<OutputTensor> = reader
         .params()
         .map(|(name, shape)| OutputTensor {
@@ -65,61 +136,43 @@ pub fn consolidate(
             source: Source::Partition,
         })
         .collect();
-    if let Some(mapped) = &frozen {
+    if let Some(file) = frozen {
         for name in &reader.meta().frozen {
-            let shape = mapped.location(name)?.shape.clone();
             tensors.push(OutputTensor {
                 spec: TensorSpec {
                     name: name.clone(),
                     kind: dtype,
-                    shape,
+                    shape: file.location(name)?.shape.clone(),
                 },
                 source: Source::Frozen,
             });
         }
     }
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| Error::io(format!("creating {}", out_dir.display()), e))?;
-    let shards = plan_shards(&tensors, max_shard_bytes.max(1));
-    let count = shards.len();
-    let mut weight_map = BTreeMap::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let file = if count == 1 {
-            SINGLE_FILE.to_string()
-        } else {
-            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
-        };
-        let specs: Vec<TensorSpec> = shard.iter().map(|t| t.spec.clone()).collect();
-        write_streaming(&out_dir.join(&file), &specs, |j| {
-            let t = shard[j];
-            let fp32 = match t.source {
-                Source::Partition => reader.read_param(&t.spec.name, "master")?,
-                Source::Frozen => frozen
-                    .as_ref()
-                    .ok_or_else(|| Error::Checkpoint("frozen parameters file missing".into()))?
-                    .tensor(&t.spec.name)?,
-            };
-            tensor_bytes(&fp32.f_to_kind(dtype)?)
-        })?;
-        for t in shard {
-            weight_map.insert(t.spec.name.clone(), file.clone());
+    Ok(tensors)
+}
+
+/// One output tensor's bytes in `dtype`: the fp32 master bytes as read when no cast is
+/// needed (one copy of the tensor in memory), else read, cast and handed over.
+fn source_bytes<'a>(
+    reader: &PartitionReader,
+    frozen: Option<&TensorFile>,
+    tensor: &OutputTensor,
+    dtype: Kind,
+) -> Result<TensorBytes<'a>> {
+    let name = &tensor.spec.name;
+    let stored = match tensor.source {
+        Source::Partition => {
+            let (bytes, shape) = reader.read_param_bytes(name, "master")?;
+            if dtype == Kind::Float {
+                return Ok(TensorBytes::Owned(bytes));
+            }
+            Tensor::f_from_data_size(&bytes, &shape, Kind::Float)?
         }
-    }
-    if count > 1 {
-        let total_size: u64 = tensors.iter().map(|t| t.spec.byte_len()).sum();
-        let index =
-            serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
-        write_json(&out_dir.join(INDEX_FILE), &index)?;
-    }
-    copy_config(checkpoint_dir, out_dir, dtype)?;
-    for name in TOKENIZER_FILES {
-        let source = checkpoint_dir.join(name);
-        if source.is_file() {
-            std::fs::copy(&source, out_dir.join(name))
-                .map_err(|e| Error::io(format!("copying {}", source.display()), e))?;
-        }
-    }
-    Ok(())
+        Source::Frozen => frozen
+            .ok_or_else(|| Error::Checkpoint("frozen parameters file missing".into()))?
+            .tensor(name)?,
+    };
+    TensorBytes::of(&stored.f_to_kind(dtype)?)
 }
 
 /// Groups tensors in order into shards of at most `max_bytes` (a larger tensor gets its

@@ -4,7 +4,7 @@
 //!
 //! Layout: `trainer_state.rs` (HF `trainer_state.json`), `manifest.rs` (every file's size
 //! and sha256, the engine's layout; verification), `tensor_file.rs` (streaming
-//! safetensors writer, memory-mapped partition reader), `save.rs` (the collective,
+//! safetensors writer, positioned-read partition reader), `save.rs` (the collective,
 //! crash-safe save protocol, rotation, asynchronous saves), `resume.rs` (choosing a
 //! checkpoint, loading and resharding optimizer state), `consolidate.rs` (DeepSpeed's
 //! `zero_to_fp32`: HF safetensors from the partitions with bounded memory), `crash.rs`
@@ -24,7 +24,9 @@ pub use resume::{
     FullOptimizerState, ResumeState, load_checkpoint, read_full_optimizer_state,
     resolve_resume_path,
 };
-pub use save::{PendingSave, SaveRequest, save_checkpoint, save_checkpoint_async};
+pub use save::{
+    PendingSave, SaveRequest, release_snapshot_buffers, save_checkpoint, save_checkpoint_async,
+};
 pub use trainer_state::TrainerState;
 
 /// Name of the folder of step `step`.

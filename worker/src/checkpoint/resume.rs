@@ -3,11 +3,12 @@
 //! against the manifest and restores the engine, resharding the optimizer state when the
 //! world size or ZeRO stage differs: each owned slice of the new engine is filled, slot
 //! by slot and by parameter name, from the byte ranges of the saved partitions that hold
-//! it (memory-mapped, so only the needed bytes are read). Contract: `docs/checkpoints.md`.
+//! it (positioned reads, so only the needed bytes are read and nothing stays resident).
+//! Contract: `docs/checkpoints.md`.
 
 use super::manifest::{EngineMeta, Manifest, SavedBlock};
 use super::save::{OPTIMIZER_TENSORS, partition_tensor_name};
-use super::tensor_file::MappedTensors;
+use super::tensor_file::TensorFile;
 use super::trainer_state::TrainerState;
 use super::{MANIFEST_FILE, TRAINER_STATE_FILE, partition_file, rank_state_file};
 use crate::zero::ZeroEngine;
@@ -85,40 +86,46 @@ pub fn resolve_resume_path(output_dir: &Path, spec: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The saved optimizer partitions of a checkpoint, verified and memory-mapped, with an
-/// index from parameter name to its saved place.
+/// The saved optimizer partitions of a checkpoint, opened for reading, with an index from
+/// parameter name to its saved place.
 pub struct PartitionReader {
-    pub manifest: Manifest,
-    partitions: Vec<MappedTensors>,
+    meta: EngineMeta,
+    partitions: Vec<TensorFile>,
     /// name -> (index into manifest.engine.blocks, slot index)
     by_name: HashMap<String, (usize, usize)>,
 }
 
 impl PartitionReader {
-    /// Opens `dir`'s partitions after checking their size and sha256.
-    pub fn open(dir: &Path) -> Result<Self> {
-        let manifest = Manifest::read(dir)?;
-        let mut partitions = Vec::with_capacity(manifest.engine.partition_world);
+    /// Opens `dir`'s partitions after checking their size and sha256 against `manifest`
+    /// (read from `dir`).
+    pub fn open(dir: &Path, manifest: &Manifest) -> Result<Self> {
         for p in 0..manifest.engine.partition_world {
-            let relative = partition_file(p);
-            manifest.verify_file(dir, &relative)?;
-            partitions.push(MappedTensors::open(&dir.join(relative))?);
+            manifest.verify_file(dir, &partition_file(p))?;
         }
+        Self::open_unverified(dir, manifest.engine.clone())
+    }
+
+    /// Opens the partitions of a checkpoint being written (`dir` is its tmp folder and
+    /// `meta` the writer's own), which have no manifest yet.
+    pub fn open_unverified(dir: &Path, meta: EngineMeta) -> Result<Self> {
+        let partitions = (0..meta.partition_world)
+            .map(|p| TensorFile::open(&dir.join(partition_file(p))))
+            .collect::<Result<Vec<_>>>()?;
         let mut by_name = HashMap::new();
-        for (b, block) in manifest.engine.blocks.iter().enumerate() {
+        for (b, block) in meta.blocks.iter().enumerate() {
             for (s, slot) in block.slots.iter().enumerate() {
                 by_name.insert(slot.name.clone(), (b, s));
             }
         }
         Ok(PartitionReader {
-            manifest,
+            meta,
             partitions,
             by_name,
         })
     }
 
     pub fn meta(&self) -> &EngineMeta {
-        &self.manifest.engine
+        &self.meta
     }
 
     /// Parameter names in saved order with their shapes.
@@ -153,14 +160,7 @@ impl PartitionReader {
                     block.block
                 ))
             })?;
-            let bytes = file.bytes(&name)?;
-            let range = within * 4..(within + take) * 4;
-            out.extend_from_slice(bytes.get(range).ok_or_else(|| {
-                Error::Checkpoint(format!(
-                    "{}: tensor {name} is shorter than its layout",
-                    file.path().display()
-                ))
-            })?);
+            file.read_range(&name, within * 4..(within + take) * 4, out)?;
             pos += take;
         }
         Ok(())
@@ -186,13 +186,19 @@ impl PartitionReader {
 
     /// The whole parameter `name` (`which` = master, exp_avg or exp_avg_sq), fp32, CPU.
     pub fn read_param(&self, name: &str, which: &str) -> Result<Tensor> {
+        let (bytes, shape) = self.read_param_bytes(name, which)?;
+        Ok(Tensor::f_from_data_size(&bytes, &shape, Kind::Float)?)
+    }
+
+    /// The fp32 bytes of parameter `name`'s `which` tensor and its shape.
+    pub fn read_param_bytes(&self, name: &str, which: &str) -> Result<(Vec<u8>, Vec<i64>)> {
         let &(b, s) = self.by_name.get(name).ok_or_else(|| {
             Error::Checkpoint(format!("parameter {name} is not in the checkpoint"))
         })?;
         let slot = &self.meta().blocks[b].slots[s];
         let mut bytes = Vec::with_capacity(slot.numel * 4);
         self.read_param_range(name, which, 0, slot.numel, &mut bytes)?;
-        Ok(Tensor::f_from_data_size(&bytes, &slot.shape, Kind::Float)?)
+        Ok((bytes, slot.shape.clone()))
     }
 
     /// The (P,) fp32 slice [start, start + len) of a flat buffer laid out by `layout`
@@ -253,7 +259,7 @@ pub struct FullOptimizerState {
 
 /// Reads every parameter's master weight and moments from `dir` (verified).
 pub fn read_full_optimizer_state(dir: &Path) -> Result<FullOptimizerState> {
-    let reader = PartitionReader::open(dir)?;
+    let reader = PartitionReader::open(dir, &Manifest::read(dir)?)?;
     let names: Vec<String> = reader.params().map(|(n, _)| n.to_string()).collect();
     let params = names
         .into_iter()
@@ -283,8 +289,8 @@ pub fn load_checkpoint(
     world_size: usize,
 ) -> Result<ResumeState> {
     let _span = tracing::info_span!("checkpoint_load", rank, dir = %dir.display()).entered();
-    let reader = PartitionReader::open(dir)?;
-    let manifest = &reader.manifest;
+    let manifest = &Manifest::read(dir)?;
+    let reader = PartitionReader::open(dir, manifest)?;
     manifest.verify_file(dir, TRAINER_STATE_FILE)?;
     let trainer_state = TrainerState::from_file(&dir.join(TRAINER_STATE_FILE))?;
     let same_world = manifest.engine.world_size == world_size;

@@ -1,24 +1,33 @@
 //! The collective, crash-safe save. Every rank calls `save_checkpoint` (or
 //! `save_checkpoint_async` + `PendingSave::finish`); the protocol is:
 //! 1. rank 0 removes stale `checkpoint-*.tmp` folders of crashed saves and creates
-//!    `output_dir/checkpoint-N.tmp/`; all ranks agree it exists;
-//! 2. every rank snapshots its state (owned optimizer partition, counters; the full
-//!    weights are gathered collectively when requested) and writes + fsyncs its files
-//!    and a manifest part (sizes and sha256 of what it wrote);
-//! 3. all ranks agree that every rank succeeded; rank 0 merges the parts into
-//!    `manifest.json` (hashing the files others' code wrote, e.g. tokenizer, weights),
-//!    fsyncs, renames the folder to `checkpoint-N`, fsyncs `output_dir`, replaces
-//!    `latest` atomically and rotates by `save_total_limit`; all ranks agree again.
+//!    `output_dir/checkpoint-N.tmp/`; every rank snapshots its owned optimizer partition
+//!    (a synchronous save writes the engine's tensors as they are; an asynchronous one
+//!    copies them into reusable host buffers, one memcpy per tensor); all ranks agree
+//!    (one all-reduce) that both worked;
+//! 2. every rank writes + fsyncs its files, hashing while writing, and then its manifest
+//!    part (renamed into place, so a part that exists is complete);
+//! 3. once every rank's part is there, rank 0 merges them, writes the HF weights from the
+//!    partitions just written (no gather collective; one parameter at a time), hashes
+//!    the tokenizer files, writes `manifest.json`, fsyncs, renames the folder to
+//!    `checkpoint-N`, fsyncs `output_dir`, replaces `latest` atomically and rotates by
+//!    `save_total_limit`. A synchronous save learns "every rank wrote" from an
+//!    all-reduce and ends with another (every rank learns whether rank 0 published);
+//!    an asynchronous save runs 2-3 on a background thread per rank, rank 0's waiting
+//!    for the other parts to appear on the shared filesystem (or a rank's failure
+//!    marker), so training only pays for step 1 and, at `finish`, one all-reduce.
 //!
 //! A crash at any moment leaves either no `checkpoint-N` or a complete one, so the
 //! previous complete checkpoint stays the newest. Contract: `docs/checkpoints.md`.
 
+use super::consolidate::write_weights;
 use super::crash::crash_point;
 use super::manifest::{
     EngineMeta, FORMAT_VERSION, FileTable, Manifest, SavedBlock, sync_and_hash, sync_dir,
     write_synced,
 };
-use super::tensor_file::{TensorSpec, tensor_bytes, write_streaming};
+use super::resume::PartitionReader;
+use super::tensor_file::{TensorBytes, TensorFile, TensorSpec, write_streaming};
 use super::trainer_state::TrainerState;
 use super::{
     FROZEN_FILE, LATEST_FILE, MANIFEST_FILE, ZERO_DIR, checkpoint_dir_name, partition_file,
@@ -30,6 +39,9 @@ use crate::zero::{OwnedState, ZeroEngine};
 use crate::{Error, Result};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// Everything one save needs; every rank passes its own.
@@ -57,12 +69,18 @@ pub struct SaveRequest<'a> {
     pub weights_dtype: Kind,
 }
 
-/// A rank's state copied out of the engine: nothing here aliases training tensors.
+/// How long rank 0's background writer waits for the other ranks' files.
+const PARTS_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A rank's state for one save.
 struct RankSnapshot {
     rank: usize,
+    world_size: usize,
     step: u64,
     tmp_dir: PathBuf,
+    /// The engine's tensors themselves (synchronous save) or pooled copies (asynchronous).
     owned: OwnedState,
+    pooled: bool,
     /// Whether this rank writes an optimizer partition (stage 0: only rank 0).
     writes_partition: bool,
     per_rank_extra: serde_json::Value,
@@ -70,70 +88,133 @@ struct RankSnapshot {
     leader: Option<LeaderSnapshot>,
 }
 
+/// Rank 0's extra state: its files and what publishing needs.
 struct LeaderSnapshot {
     model_config_json: String,
     trainer_state_json: String,
+    /// The engine's meta, frozen parameter names included.
     meta: EngineMeta,
-    /// Full weights in the requested dtype, on the CPU.
-    weights: Option<Vec<(String, Tensor)>>,
     frozen: Vec<(String, Tensor)>,
-    max_shard_bytes: u64,
-}
-
-/// What the commit phase needs after the files are written.
-struct CommitPlan {
-    rank: usize,
+    /// dtype and shard size of `model.safetensors`, when written.
+    weights: Option<(Kind, u64)>,
+    step: u64,
     output_dir: PathBuf,
     tmp_dir: PathBuf,
     final_dir: PathBuf,
-    step: u64,
-    meta: EngineMeta,
     save_total_limit: Option<usize>,
     best_model_checkpoint: Option<String>,
-    device: Device,
 }
 
-/// An asynchronous save whose files are being written by a background thread.
+/// An asynchronous save whose files are being written (and, on rank 0, published) by a
+/// background thread.
 pub struct PendingSave {
-    writer: std::thread::JoinHandle<Result<FileTable>>,
-    plan: CommitPlan,
+    writer: Option<std::thread::JoinHandle<Result<()>>>,
+    cancel: Arc<AtomicBool>,
+    final_dir: PathBuf,
+    device: Device,
+    rank: usize,
+    step: u64,
 }
 
 impl PendingSave {
-    /// True once the background writer is done (the commit still has to run).
+    /// True once this rank's background work is done (rank 0: the checkpoint is
+    /// published or failed); `finish` then returns at once.
     pub fn is_written(&self) -> bool {
-        self.writer.is_finished()
+        self.writer.as_ref().is_none_or(|w| w.is_finished())
     }
 
-    /// Waits for this rank's files, then runs the collective commit (every rank calls it,
-    /// before the next save and at the end of training). Returns the checkpoint folder.
-    pub fn finish(self, comm: &dyn Communicator) -> Result<PathBuf> {
-        let written = self.writer.join().unwrap_or_else(|_| {
-            Err(Error::Checkpoint(
-                "the checkpoint writer thread panicked".into(),
-            ))
-        });
-        commit(comm, &self.plan, written)
+    /// Waits for this rank's background work, then all ranks agree it succeeded (one
+    /// all-reduce; every rank calls it, before the next save and at the end of
+    /// training). Returns the checkpoint folder.
+    pub fn finish(mut self, comm: &dyn Communicator) -> Result<PathBuf> {
+        let _span =
+            tracing::info_span!("checkpoint_finish", rank = self.rank, step = self.step).entered();
+        let done = match self.writer.take() {
+            Some(writer) => writer.join().unwrap_or_else(|_| {
+                Err(Error::Checkpoint(
+                    "the checkpoint writer thread panicked".into(),
+                ))
+            }),
+            None => Err(Error::Checkpoint(
+                "the checkpoint save was already finished".into(),
+            )),
+        };
+        agreed(
+            comm,
+            self.device,
+            "writing or publishing the checkpoint",
+            done,
+        )?;
+        Ok(self.final_dir.clone())
+    }
+}
+
+impl Drop for PendingSave {
+    /// A save dropped without `finish` (training failed) stops waiting for other ranks.
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
     }
 }
 
 /// Saves a checkpoint (a collective: every rank calls it with the same step).
 pub fn save_checkpoint(req: SaveRequest<'_>) -> Result<PathBuf> {
-    let comm = req.comm;
-    let (snapshot, plan) = prepare(req)?;
+    let (comm, device) = (req.comm, req.engine.config().device);
+    let (snapshot, final_dir) = prepare(req, false)?;
+    let world_size = snapshot.world_size;
     let written = write_rank_files(snapshot);
-    commit(comm, &plan, written)
+    let leader = agreed(comm, device, "writing checkpoint files", written)?;
+    let published = match leader {
+        Some(leader) => publish(&leader, world_size),
+        None => Ok(()),
+    };
+    agreed(comm, device, "publishing the checkpoint", published)?;
+    Ok(final_dir)
 }
 
-/// Like `save_checkpoint`, but the files are written by a background thread while
-/// training continues; call `PendingSave::finish` on every rank to make it visible.
+/// Like `save_checkpoint`, but training continues right after the snapshot: the files
+/// are written and published by a background thread; call `PendingSave::finish` on
+/// every rank before the next save and at the end.
 pub fn save_checkpoint_async(req: SaveRequest<'_>) -> Result<PendingSave> {
-    let (snapshot, plan) = prepare(req)?;
+    let (device, step) = (req.engine.config().device, req.step);
+    let (snapshot, final_dir) = prepare(req, true)?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (rank, world_size) = (snapshot.rank, snapshot.world_size);
+    let stop = cancel.clone();
     let writer = std::thread::Builder::new()
-        .name(format!("ckpt-writer-{}", plan.rank))
-        .spawn(move || write_rank_files(snapshot))
+        .name(format!("ckpt-writer-{rank}"))
+        .spawn(move || write_in_background(snapshot, world_size, step, &stop))
         .map_err(|e| Error::io("starting the checkpoint writer thread", e))?;
-    Ok(PendingSave { writer, plan })
+    Ok(PendingSave {
+        writer: Some(writer),
+        cancel,
+        final_dir,
+        device,
+        rank,
+        step,
+    })
+}
+
+/// An asynchronous save's background work on one rank: its files, then (rank 0) the
+/// wait for every other rank's part and the publication. A failure leaves a marker the
+/// leader sees instead of waiting.
+fn write_in_background(
+    snapshot: RankSnapshot,
+    world_size: usize,
+    step: u64,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let (rank, tmp_dir) = (snapshot.rank, snapshot.tmp_dir.clone());
+    let _span = tracing::info_span!("checkpoint_background", rank, step).entered();
+    let leader = match write_rank_files(snapshot) {
+        Ok(leader) => leader,
+        Err(e) => {
+            mark_failed(&tmp_dir, rank, &e);
+            return Err(e);
+        }
+    };
+    let Some(leader) = leader else { return Ok(()) };
+    wait_for_parts(&tmp_dir, world_size, cancel)?;
+    publish(&leader, world_size)
 }
 
 /// All ranks learn whether any rank failed; `Ok(true)` means someone did.
@@ -155,99 +236,129 @@ fn agreed<T>(comm: &dyn Communicator, device: Device, what: &str, local: Result<
     }
 }
 
-/// Phase 1 and the snapshot: the tmp folder exists on every rank's view, the state is
-/// copied to the CPU (weights gathered when requested).
-fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, CommitPlan)> {
+/// Phase 1: the tmp folder (rank 0) and every rank's snapshot, agreed by one
+/// all-reduce. `copy` makes the snapshot independent of the engine (asynchronous
+/// saves); otherwise it aliases the engine's tensors, which the borrowed engine cannot
+/// change before the synchronous save returns.
+fn prepare(req: SaveRequest<'_>, copy: bool) -> Result<(RankSnapshot, PathBuf)> {
     let rank = req.comm.rank();
-    let _span = tracing::info_span!("checkpoint_save", rank, step = req.step).entered();
+    let _span = tracing::info_span!("checkpoint_snapshot", rank, step = req.step).entered();
     let device = req.engine.config().device;
     let final_dir = req.output_dir.join(checkpoint_dir_name(req.step));
     let tmp_dir = req
         .output_dir
         .join(format!("{}.tmp", checkpoint_dir_name(req.step)));
     let created = if rank == 0 {
-        create_tmp_dir(req.output_dir, &tmp_dir, req.step)
+        create_tmp_dir(req.output_dir, &tmp_dir, req.step).and_then(|()| match req.tokenizer {
+            Some(tokenizer) => tokenizer.save(&tmp_dir),
+            None => Ok(()),
+        })
     } else {
         Ok(())
     };
-    agreed(req.comm, device, "creating the checkpoint folder", created)?;
-
-    let owned = req.engine.owned_state()?;
-    let owned = owned_to_cpu(owned)?;
-    let weights = if req.write_model_weights {
-        Some(req.engine.gather_full_weights()?)
-    } else {
-        None
-    };
-    let meta = engine_meta(&owned, req.comm.world_size());
-    let leader = if rank == 0 {
-        leader_snapshot(&req, &tmp_dir, &meta, weights).map(Some)
-    } else {
-        Ok(None)
-    };
-    // Every rank learns whether rank 0's snapshot failed, so none waits in the commit.
-    let leader = agreed(req.comm, device, "snapshotting the checkpoint", leader)?;
-    let writes_partition = owned.stage > 0 || rank == 0;
-    let snapshot = RankSnapshot {
-        rank,
-        step: req.step,
-        tmp_dir: tmp_dir.clone(),
-        owned,
-        writes_partition,
-        per_rank_extra: req.per_rank_extra,
-        leader,
-    };
-    let plan = CommitPlan {
-        rank,
-        output_dir: req.output_dir.to_path_buf(),
-        tmp_dir,
-        final_dir,
-        step: req.step,
-        meta,
-        save_total_limit: req.save_total_limit,
-        best_model_checkpoint: req.trainer_state.best_model_checkpoint.clone(),
+    let snapshot = created.and_then(|()| snapshot(&req, copy, &tmp_dir, &final_dir));
+    let snapshot = agreed(
+        req.comm,
         device,
-    };
-    Ok((snapshot, plan))
+        "creating the checkpoint folder or snapshotting",
+        snapshot,
+    )?;
+    Ok((snapshot, final_dir))
 }
 
-/// Rank 0's extra state: tokenizer files (written now), config, trainer state, weights.
-fn leader_snapshot(
+fn snapshot(
     req: &SaveRequest<'_>,
+    copy: bool,
     tmp_dir: &Path,
-    meta: &EngineMeta,
-    weights: Option<Vec<(String, Tensor)>>,
-) -> Result<LeaderSnapshot> {
-    if let Some(tokenizer) = req.tokenizer {
-        tokenizer.save(tmp_dir)?;
-    }
-    let weights = match weights {
-        Some(w) => Some(
-            w.into_iter()
-                .map(|(n, t)| Ok((n, t.f_to_kind(req.weights_dtype)?.f_to_device(Device::Cpu)?)))
-                .collect::<Result<Vec<_>>>()?,
-        ),
-        None => None,
-    };
-    Ok(LeaderSnapshot {
-        model_config_json: req.model_config_json.to_string(),
-        trainer_state_json: req.trainer_state.to_json_string()?,
-        frozen: frozen_params(req.engine, meta)?,
-        meta: meta.clone(),
-        weights,
-        max_shard_bytes: req.max_shard_bytes,
-    })
-}
-
-fn owned_to_cpu(mut owned: OwnedState) -> Result<OwnedState> {
-    for block in &mut owned.blocks {
-        for t in [&mut block.master, &mut block.exp_avg, &mut block.exp_avg_sq] {
-            if t.device() != Device::Cpu {
-                *t = t.f_to_device(Device::Cpu)?;
+    final_dir: &Path,
+) -> Result<RankSnapshot> {
+    let rank = req.comm.rank();
+    let mut owned = req.engine.owned_state_view()?;
+    if copy {
+        for block in &mut owned.blocks {
+            for t in [&mut block.master, &mut block.exp_avg, &mut block.exp_avg_sq] {
+                *t = pooled_copy(t)?;
             }
         }
     }
-    Ok(owned)
+    let mut meta = engine_meta(&owned, req.comm.world_size());
+    let leader = if rank == 0 {
+        let frozen = frozen_params(req.engine, &meta)?;
+        meta.frozen = frozen.iter().map(|(n, _)| n.clone()).collect();
+        Some(LeaderSnapshot {
+            model_config_json: req.model_config_json.to_string(),
+            trainer_state_json: req.trainer_state.to_json_string()?,
+            meta: meta.clone(),
+            frozen,
+            weights: req
+                .write_model_weights
+                .then_some((req.weights_dtype, req.max_shard_bytes)),
+            step: req.step,
+            output_dir: req.output_dir.to_path_buf(),
+            tmp_dir: tmp_dir.to_path_buf(),
+            final_dir: final_dir.to_path_buf(),
+            save_total_limit: req.save_total_limit,
+            best_model_checkpoint: req.trainer_state.best_model_checkpoint.clone(),
+        })
+    } else {
+        None
+    };
+    Ok(RankSnapshot {
+        rank,
+        world_size: req.comm.world_size(),
+        step: req.step,
+        tmp_dir: tmp_dir.to_path_buf(),
+        writes_partition: owned.stage > 0 || rank == 0,
+        owned,
+        pooled: copy,
+        per_rank_extra: req.per_rank_extra.clone(),
+        leader,
+    })
+}
+
+/// Host buffers of earlier asynchronous snapshots, reused so a snapshot is one memcpy
+/// per tensor into memory that is already mapped (pinned when the source is on a GPU).
+/// They hold one copy of the rank's optimizer partition between asynchronous saves.
+static SNAPSHOT_POOL: Mutex<Vec<Tensor>> = Mutex::new(Vec::new());
+
+/// A host copy of `source` in a pooled buffer of the same size and dtype.
+fn pooled_copy(source: &Tensor) -> Result<Tensor> {
+    let (numel, kind) = (source.numel(), source.f_kind()?);
+    let reused = {
+        let mut pool = SNAPSHOT_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.iter()
+            .position(|t| t.numel() == numel && t.kind() == kind)
+            .map(|i| pool.swap_remove(i))
+    };
+    let mut buffer = match reused {
+        Some(buffer) => buffer,
+        None => {
+            let fresh = Tensor::f_empty([numel as i64], (kind, Device::Cpu))?;
+            if source.device().is_cuda() {
+                fresh.f_pin_memory(source.device())?
+            } else {
+                fresh
+            }
+        }
+    };
+    buffer.f_copy_(&source.f_detach()?.f_view([numel as i64])?)?;
+    Ok(buffer)
+}
+
+/// Gives a snapshot's buffers back for the next asynchronous save.
+fn return_to_pool(owned: OwnedState) {
+    let mut pool = SNAPSHOT_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    for block in owned.blocks {
+        pool.extend([block.master, block.exp_avg, block.exp_avg_sq]);
+    }
+}
+
+/// Frees the host buffers kept for asynchronous snapshots (e.g. after the last save).
+pub fn release_snapshot_buffers() {
+    SNAPSHOT_POOL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
 }
 
 fn engine_meta(owned: &OwnedState, world_size: usize) -> EngineMeta {
@@ -340,10 +451,15 @@ fn manifest_part_file(rank: usize) -> String {
     format!("{ZERO_DIR}/.manifest_part_{rank}.json")
 }
 
-/// Phase 2 on one rank: writes and fsyncs its files, then its manifest part.
-fn write_rank_files(snapshot: RankSnapshot) -> Result<FileTable> {
+fn failure_marker_file(rank: usize) -> String {
+    format!("{ZERO_DIR}/.failed_rank_{rank}")
+}
+
+/// Phase 2 on one rank: writes and fsyncs its files, then its manifest part (written
+/// aside and renamed, so a visible part is complete). Returns rank 0's publishing state.
+fn write_rank_files(snapshot: RankSnapshot) -> Result<Option<LeaderSnapshot>> {
     let _span = tracing::info_span!("checkpoint_write", rank = snapshot.rank).entered();
-    let dir = &snapshot.tmp_dir;
+    let (dir, step) = (&snapshot.tmp_dir, snapshot.step);
     let mut table = FileTable::new();
     if snapshot.writes_partition {
         let partition_rank = if snapshot.owned.stage == 0 {
@@ -354,9 +470,12 @@ fn write_rank_files(snapshot: RankSnapshot) -> Result<FileTable> {
         let relative = partition_file(partition_rank);
         table.insert(
             relative.clone(),
-            write_partition(&dir.join(&relative), &snapshot.owned, snapshot.step)?,
+            write_partition(&dir.join(&relative), &snapshot.owned, step)?,
         );
-        crash_point("partition_written", snapshot.step);
+        crash_point("partition_written", step);
+    }
+    if snapshot.pooled {
+        return_to_pool(snapshot.owned);
     }
     let extra = serde_json::to_vec_pretty(&snapshot.per_rank_extra)
         .map_err(|e| Error::Checkpoint(format!("serialising rank state: {e}")))?;
@@ -365,14 +484,57 @@ fn write_rank_files(snapshot: RankSnapshot) -> Result<FileTable> {
         relative.clone(),
         write_synced(&dir.join(&relative), &extra)?,
     );
-    if let Some(leader) = snapshot.leader {
-        write_leader_files(dir, leader, &mut table, snapshot.step)?;
+    if let Some(leader) = &snapshot.leader {
+        write_leader_files(dir, leader, &mut table)?;
     }
     let part =
         serde_json::to_vec(&table).map_err(|e| Error::Checkpoint(format!("manifest part: {e}")))?;
-    write_synced(&dir.join(manifest_part_file(snapshot.rank)), &part)?;
-    crash_point("manifest_part_written", snapshot.step);
-    Ok(table)
+    let final_part = dir.join(manifest_part_file(snapshot.rank));
+    let partial = final_part.with_extension("partial");
+    write_synced(&partial, &part)?;
+    std::fs::rename(&partial, &final_part)
+        .map_err(|e| Error::io(format!("renaming {}", partial.display()), e))?;
+    crash_point("manifest_part_written", step);
+    Ok(snapshot.leader)
+}
+
+/// Leaves `zero/.failed_rank_{rank}` with the error, so rank 0 stops waiting for this
+/// rank's part (best effort: if even this fails, rank 0 waits until the training
+/// thread's `finish` fails on the all-reduce and the job ends).
+fn mark_failed(tmp_dir: &Path, rank: usize, error: &Error) {
+    let _ = std::fs::write(tmp_dir.join(failure_marker_file(rank)), error.to_string());
+}
+
+/// Rank 0 (asynchronous save): waits until every rank's manifest part exists, failing as
+/// soon as a rank left a failure marker, when `cancel` is set, or after `PARTS_TIMEOUT`.
+fn wait_for_parts(tmp_dir: &Path, world_size: usize, cancel: &AtomicBool) -> Result<()> {
+    let started = Instant::now();
+    let mut missing: Vec<usize> = (0..world_size).collect();
+    loop {
+        for &rank in &missing {
+            if let Ok(why) = std::fs::read_to_string(tmp_dir.join(failure_marker_file(rank))) {
+                return Err(Error::Checkpoint(format!(
+                    "rank {rank} failed writing its checkpoint files: {why}"
+                )));
+            }
+        }
+        missing.retain(|&rank| !tmp_dir.join(manifest_part_file(rank)).is_file());
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Checkpoint(
+                "the checkpoint save was abandoned (training stopped)".into(),
+            ));
+        }
+        if started.elapsed() > PARTS_TIMEOUT {
+            return Err(Error::Checkpoint(format!(
+                "ranks {missing:?} did not write their checkpoint files within {} s",
+                PARTS_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Tensor names of block `b`'s partition in an optimizer file.
@@ -408,16 +570,12 @@ fn write_partition(
         if i == specs.len() / 2 {
             crash_point("partition_partly_written", step);
         }
-        tensor_bytes(sources[i])
+        TensorBytes::of(sources[i])
     })
 }
 
-fn write_leader_files(
-    dir: &Path,
-    mut leader: LeaderSnapshot,
-    table: &mut FileTable,
-    step: u64,
-) -> Result<()> {
+/// Rank 0's small files: config, trainer state, engine state, frozen parameters.
+fn write_leader_files(dir: &Path, leader: &LeaderSnapshot, table: &mut FileTable) -> Result<()> {
     table.insert(
         "config.json".into(),
         write_synced(
@@ -432,7 +590,6 @@ fn write_leader_files(
             leader.trainer_state_json.as_bytes(),
         )?,
     );
-    leader.meta.frozen = leader.frozen.iter().map(|(n, _)| n.clone()).collect();
     if !leader.frozen.is_empty() {
         let specs: Vec<TensorSpec> = leader
             .frozen
@@ -444,7 +601,7 @@ fn write_leader_files(
             })
             .collect();
         let entry = write_streaming(&dir.join(FROZEN_FILE), &specs, |i| {
-            tensor_bytes(&leader.frozen[i].1)
+            TensorBytes::of(&leader.frozen[i].1)
         })?;
         table.insert(FROZEN_FILE.into(), entry);
     }
@@ -454,52 +611,42 @@ fn write_leader_files(
         "engine_state.json".into(),
         write_synced(&dir.join("engine_state.json"), &state)?,
     );
-    crash_point("leader_files_written", step);
-    if let Some(weights) = leader.weights {
-        let written =
-            crate::model::save_safetensors_sharded(&weights, dir, leader.max_shard_bytes)?;
-        drop(weights);
-        // Hashed here (the writer thread of an async save), not in the commit.
-        for path in written {
-            let relative = path
-                .strip_prefix(dir)
-                .unwrap_or(&path)
-                .to_string_lossy()
-                .into_owned();
-            table.insert(relative, sync_and_hash(&path)?);
-        }
-        crash_point("weights_written", step);
-    }
+    crash_point("leader_files_written", leader.step);
     Ok(())
 }
 
-/// Phase 3: agreement, manifest, rename, `latest`, rotation.
-fn commit(
-    comm: &dyn Communicator,
-    plan: &CommitPlan,
-    written: Result<FileTable>,
-) -> Result<PathBuf> {
-    let _span =
-        tracing::info_span!("checkpoint_commit", rank = plan.rank, step = plan.step).entered();
-    agreed(
-        comm,
-        plan.device,
-        "writing checkpoint files",
-        written.map(|_| ()),
-    )?;
-    let published = if plan.rank == 0 {
-        publish(comm.world_size(), plan)
-    } else {
-        Ok(())
+/// HF weights from the partitions every rank just wrote (rank 0, after all parts are
+/// in), added to `files`.
+fn write_model_weights(leader: &LeaderSnapshot, files: &mut FileTable) -> Result<()> {
+    let Some((dtype, max_shard_bytes)) = leader.weights else {
+        return Ok(());
     };
-    agreed(comm, plan.device, "publishing the checkpoint", published)?;
-    Ok(plan.final_dir.clone())
+    let reader = PartitionReader::open_unverified(&leader.tmp_dir, leader.meta.clone())?;
+    let frozen = if leader.meta.frozen.is_empty() {
+        None
+    } else {
+        Some(TensorFile::open(&leader.tmp_dir.join(FROZEN_FILE))?)
+    };
+    let written = write_weights(
+        &reader,
+        frozen.as_ref(),
+        &leader.tmp_dir,
+        dtype,
+        max_shard_bytes,
+    )?;
+    files.extend(written);
+    crash_point("weights_written", leader.step);
+    Ok(())
 }
 
-fn publish(world_size: usize, plan: &CommitPlan) -> Result<()> {
+/// Phase 3 on rank 0 (every part is there): weights, manifest, rename, `latest`,
+/// rotation.
+fn publish(leader: &LeaderSnapshot, world_size: usize) -> Result<()> {
+    let _span = tracing::info_span!("checkpoint_publish", rank = 0, step = leader.step).entered();
+    let (tmp_dir, step) = (&leader.tmp_dir, leader.step);
     let mut files = FileTable::new();
     for rank in 0..world_size {
-        let path = plan.tmp_dir.join(manifest_part_file(rank));
+        let path = tmp_dir.join(manifest_part_file(rank));
         let text = std::fs::read(&path)
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         let part: FileTable = serde_json::from_slice(&text)
@@ -508,36 +655,31 @@ fn publish(world_size: usize, plan: &CommitPlan) -> Result<()> {
         std::fs::remove_file(&path)
             .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
     }
-    crash_point("manifest_parts_merged", plan.step);
-    hash_unlisted_files(&plan.tmp_dir, "", &mut files)?;
-    let mut meta = plan.meta.clone();
-    let engine_state = plan.tmp_dir.join("engine_state.json");
-    if let Ok(text) = std::fs::read(&engine_state) {
-        meta = serde_json::from_slice(&text)
-            .map_err(|e| Error::Checkpoint(format!("engine state: {e}")))?;
-    }
+    crash_point("manifest_parts_merged", step);
+    write_model_weights(leader, &mut files)?;
+    hash_unlisted_files(tmp_dir, "", &mut files)?;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         rsdeep_version: env!("CARGO_PKG_VERSION").to_string(),
-        global_step: plan.step,
-        engine: meta,
+        global_step: step,
+        engine: leader.meta.clone(),
         files,
     };
     let text = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Checkpoint(format!("manifest: {e}")))?;
-    write_synced(&plan.tmp_dir.join(MANIFEST_FILE), &text)?;
-    sync_dir(&plan.tmp_dir.join(ZERO_DIR))?;
-    sync_dir(&plan.tmp_dir)?;
-    crash_point("manifest_written", plan.step);
-    move_into_place(plan)?;
-    crash_point("renamed_into_place", plan.step);
-    write_latest(&plan.output_dir, plan.step)?;
-    crash_point("latest_updated", plan.step);
+    write_synced(&tmp_dir.join(MANIFEST_FILE), &text)?;
+    sync_dir(&tmp_dir.join(ZERO_DIR))?;
+    sync_dir(tmp_dir)?;
+    crash_point("manifest_written", step);
+    move_into_place(leader)?;
+    crash_point("renamed_into_place", step);
+    write_latest(&leader.output_dir, step)?;
+    crash_point("latest_updated", step);
     rotate(
-        &plan.output_dir,
-        plan.save_total_limit,
-        plan.step,
-        plan.best_model_checkpoint.as_deref(),
+        &leader.output_dir,
+        leader.save_total_limit,
+        step,
+        leader.best_model_checkpoint.as_deref(),
     )
 }
 
@@ -565,7 +707,7 @@ fn hash_unlisted_files(root: &Path, prefix: &str, files: &mut FileTable) -> Resu
 
 /// Renames the finished folder to `checkpoint-N` (an older one of the same step is
 /// moved aside first and removed after).
-fn move_into_place(plan: &CommitPlan) -> Result<()> {
+fn move_into_place(plan: &LeaderSnapshot) -> Result<()> {
     let replaced = plan
         .output_dir
         .join(format!("{}.replaced.tmp", checkpoint_dir_name(plan.step)));

@@ -97,6 +97,17 @@ impl ZeroEngine {
 
     /// Copies of this rank's owned optimizer partitions with their layout.
     pub fn owned_state(&self) -> Result<OwnedState> {
+        self.owned_state_with(|t| Ok(t.f_detach_copy()?))
+    }
+
+    /// Like `owned_state`, but the tensors share the engine's storage (no copy): the next
+    /// `step()` or load changes them, so copy what must outlive that (the checkpoint
+    /// snapshot does, `checkpoint::save`).
+    pub fn owned_state_view(&self) -> Result<OwnedState> {
+        self.owned_state_with(|t| Ok(t.f_detach()?))
+    }
+
+    fn owned_state_with(&self, take: impl Fn(&Tensor) -> Result<Tensor>) -> Result<OwnedState> {
         let mut blocks = Vec::new();
         for (b, shard) in self.shards.iter().enumerate() {
             let Some(optim) = &shard.optim else { continue };
@@ -104,9 +115,9 @@ impl ZeroEngine {
                 block: b,
                 layout: shard.layout.clone(),
                 partition_rank: self.shard_rank,
-                master: optim.master.f_detach_copy()?,
-                exp_avg: optim.exp_avg.f_detach_copy()?,
-                exp_avg_sq: optim.exp_avg_sq.f_detach_copy()?,
+                master: take(&optim.master)?,
+                exp_avg: take(&optim.exp_avg)?,
+                exp_avg_sq: take(&optim.exp_avg_sq)?,
             });
         }
         Ok(OwnedState {
