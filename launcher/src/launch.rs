@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use rsdeep::cli::{DeviceKind, LaunchArgs};
+use rsdeep::cli::{DeviceKind, LaunchArgs, LauncherKind};
 use rsdeep::env_contract as ev;
 use rsdeep::plan::{LaunchPlan, PlanInputs};
 use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec, tls};
+use rsdeep::slurm::SlurmJob;
 use rsdeep::supervisor::{self, Outcome, SuperviseOptions};
 use rsdeep::{config, envfile, hostfile, resources};
 use tonic::transport::ServerTlsConfig;
@@ -63,8 +64,15 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
 
 /// Reads the hostfile, CUDA state, env files and job identity.
 fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
-    let hostfile = hostfile::read_hostfile(&args.hostfile).map_err(usage)?;
-    if hostfile.is_none() && args.hostfile != Path::new("/job/hostfile") {
+    let slurm = match args.launcher {
+        LauncherKind::Slurm => Some(SlurmJob::from_env().map_err(usage)?),
+        _ => None,
+    };
+    let hostfile = match slurm {
+        Some(_) => None, // SLURM's node list replaces the hostfile
+        None => hostfile::read_hostfile(&args.hostfile).map_err(usage)?,
+    };
+    if slurm.is_none() && hostfile.is_none() && args.hostfile != Path::new("/job/hostfile") {
         eprintln!(
             "rsdeep: warning: hostfile {} not found, running on this machine only",
             args.hostfile.display()
@@ -83,6 +91,7 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
         std::env::var(ev::TOKEN).ok(),
     );
     let (job_id, token, job_from_env) = match shared {
+        _ if slurm.is_some() => slurm_identity(slurm.as_ref())?,
         (Some(id), Some(token)) if !id.is_empty() && !token.is_empty() => (id, token, true),
         _ => (
             hex::encode(rand::random::<[u8; 6]>()),
@@ -98,12 +107,29 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
         job_id,
         token,
         job_from_env,
-        slurm_node_id: std::env::var("SLURM_NODEID")
-            .ok()
-            .and_then(|v| v.parse().ok()),
+        slurm,
         total_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         omp_threads_from_user: std::env::var_os("OMP_NUM_THREADS").is_some(),
     })
+}
+
+/// Under `--launcher slurm`: `RSDEEP_JOB_ID` or `slurm-<job>[.<step>]`, and
+/// `RSDEEP_TOKEN` (required with several nodes) or a fresh token on one node.
+fn slurm_identity(slurm: Option<&SlurmJob>) -> Result<(String, String, bool)> {
+    let Some(job) = slurm else {
+        anyhow::bail!("internal: no SLURM job");
+    };
+    eprintln!("rsdeep: {}", job.describe());
+    let job_id = std::env::var(ev::JOB_ID)
+        .ok()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| job.rsdeep_job_id());
+    let token = job
+        .token(std::env::var(ev::TOKEN).ok(), || {
+            hex::encode(rand::random::<[u8; 16]>())
+        })
+        .map_err(usage)?;
+    Ok((job_id, token, true))
 }
 
 /// Resolves train.json for the world size (fail fast) and ships it as `RSDEEP_CONFIG`.

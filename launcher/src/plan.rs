@@ -12,6 +12,7 @@ use crate::cli::{DeviceKind, LaunchArgs, LauncherKind};
 use crate::env_contract as ev;
 use crate::hostfile::HostEntry;
 use crate::resources::{self, ResourceError, ResourcePool};
+use crate::slurm::{SlurmError, SlurmJob};
 
 /// Name of the local machine when no hostfile is used (DeepSpeed's name).
 pub const LOCALHOST: &str = "localhost";
@@ -32,8 +33,8 @@ pub struct PlanInputs {
     pub token: String,
     /// True when the job id/token came from the environment (required for multi-node).
     pub job_from_env: bool,
-    /// `SLURM_NODEID` when running under `--launcher slurm`.
-    pub slurm_node_id: Option<usize>,
+    /// SLURM's view of the job under `--launcher slurm` (nodes, this node's index, GPUs).
+    pub slurm: Option<SlurmJob>,
     /// Online CPU cores of this machine (for `--bind_cores_to_rank`).
     pub total_cores: usize,
     /// True when the launcher's own environment sets OMP_NUM_THREADS (then it is left
@@ -94,6 +95,8 @@ pub struct LaunchPlan {
 pub enum PlanError {
     #[error(transparent)]
     Resources(#[from] ResourceError),
+    #[error(transparent)]
+    Slurm(#[from] SlurmError),
     #[error(
         "no CUDA GPU found (the CUDA driver could not be loaded or reports no device). \
          To run on CPU, pass `--device cpu --num_procs N` (N CPU ranks on this machine)"
@@ -354,6 +357,9 @@ fn select_resources(
     if !cpu && args.num_procs.is_some() {
         return Err(PlanError::NumProcsOnCuda);
     }
+    if args.launcher == LauncherKind::Slurm {
+        return slurm_pool(args, inputs);
+    }
     let per_node = if cpu { args.num_procs } else { args.num_gpus };
     let filtered = !args.include.is_empty() || !args.exclude.is_empty();
     let mut include = args.include.clone();
@@ -402,13 +408,48 @@ fn local_cuda_pool(
     Ok(vec![(LOCALHOST.into(), devices)])
 }
 
+/// `--launcher slurm`: every node of SLURM's list with this node's slots (nodes are
+/// assumed alike): `--num_procs` CPU ranks, or the GPUs `SlurmJob::cuda_slots` finds.
+fn slurm_pool(args: &LaunchArgs, inputs: &PlanInputs) -> Result<ResourcePool, PlanError> {
+    let job = slurm_job(inputs)?;
+    let flags = [
+        ("--include", !args.include.is_empty()),
+        ("--exclude", !args.exclude.is_empty()),
+        ("--num_nodes", args.num_nodes.is_some()),
+        ("--node_rank", args.node_rank.is_some()),
+    ];
+    if let Some((flag, _)) = flags.into_iter().find(|(_, given)| *given) {
+        return Err(SlurmError::UnsupportedFlag(flag).into());
+    }
+    let slots: Vec<usize> = match args.device {
+        DeviceKind::Cpu => (0..args.num_procs.unwrap_or(1)).collect(),
+        DeviceKind::Cuda => {
+            job.cuda_slots(args.num_gpus, inputs.cuda_visible_devices.as_deref())?
+        }
+    };
+    Ok(job
+        .nodes
+        .iter()
+        .map(|host| (host.clone(), slots.clone()))
+        .collect())
+}
+
+fn slurm_job(inputs: &PlanInputs) -> Result<&SlurmJob, PlanError> {
+    inputs
+        .slurm
+        .as_ref()
+        .ok_or(PlanError::Slurm(SlurmError::Missing {
+            var: crate::slurm::JOB_NODELIST,
+        }))
+}
+
 fn choose_node_rank(
     args: &LaunchArgs,
     inputs: &PlanInputs,
     num_nodes: usize,
 ) -> Result<usize, PlanError> {
     let node_rank = match args.launcher {
-        LauncherKind::Slurm => inputs.slurm_node_id.or(args.node_rank),
+        LauncherKind::Slurm => Some(slurm_job(inputs)?.node_id),
         _ => args.node_rank,
     };
     if num_nodes > 1 {
@@ -623,6 +664,86 @@ mod tests {
         ));
         let plan = LaunchPlan::build(&args(&no_ssh), &machine).unwrap();
         assert_eq!(plan.master_addr, "a");
+    }
+
+    fn slurm_machine(node_id: usize, gpus: Option<usize>) -> PlanInputs {
+        let mut machine = inputs();
+        machine.job_from_env = true;
+        machine.slurm = Some(SlurmJob {
+            job_id: "77".into(),
+            step_id: Some("0".into()),
+            nodes: vec!["node01".into(), "node02".into()],
+            node_id,
+            gpus_on_node: gpus,
+            restart_count: 0,
+        });
+        machine
+    }
+
+    #[test]
+    fn slurm_nodes_node_id_and_master_come_from_slurm() {
+        let cpu = [
+            "--launcher",
+            "slurm",
+            "--device",
+            "cpu",
+            "--num_procs",
+            "2",
+            "t.json",
+        ];
+        let plan = LaunchPlan::build(&args(&cpu), &slurm_machine(1, None)).unwrap();
+        let layout: Vec<_> = plan
+            .ranks
+            .iter()
+            .map(|r| (r.rank, r.host.as_str(), r.local_rank))
+            .collect();
+        assert_eq!(
+            layout,
+            [
+                (0, "node01", 0),
+                (1, "node01", 1),
+                (2, "node02", 0),
+                (3, "node02", 1)
+            ]
+        );
+        assert_eq!((plan.node_rank, plan.master_addr.as_str()), (1, "node01"));
+        assert_eq!(
+            plan.local_ranks().map(|r| r.rank).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert!(!plan.hosts_rendezvous());
+        let gpus = ["--launcher", "slurm", "--master_addr", "10.0.0.1", "t.json"];
+        let plan = LaunchPlan::build(&args(&gpus), &slurm_machine(0, Some(4))).unwrap();
+        assert_eq!(plan.world_size(), 8);
+        assert_eq!(plan.ranks[7].device_index, Some(3));
+        assert_eq!(plan.master_addr, "10.0.0.1");
+    }
+
+    #[test]
+    fn slurm_refuses_host_selection_flags_and_missing_slurm_state() {
+        for flag in [
+            ["--include", "node01"],
+            ["--node_rank", "0"],
+            ["--num_nodes", "1"],
+        ] {
+            let list = [
+                &["--launcher", "slurm", "--device", "cpu"][..],
+                &flag[..],
+                &["t.json"],
+            ]
+            .concat();
+            let err = LaunchPlan::build(&args(&list), &slurm_machine(0, None)).unwrap_err();
+            assert!(err.to_string().contains(flag[0]), "{err}");
+        }
+        let cpu = ["--launcher", "slurm", "--device", "cpu", "t.json"];
+        let err = LaunchPlan::build(&args(&cpu), &inputs()).unwrap_err();
+        assert!(err.to_string().contains("SLURM_JOB_NODELIST"), "{err}");
+        let err = LaunchPlan::build(
+            &args(&["--launcher", "slurm", "t.json"]),
+            &slurm_machine(0, None),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("SLURM_GPUS_ON_NODE"), "{err}");
     }
 
     #[test]

@@ -56,7 +56,8 @@ pub enum CommBackend {
 }
 
 /// `resume_from_checkpoint`: `true` = the newest `output_dir/checkpoint-N`; a string = a
-/// checkpoint folder.
+/// checkpoint folder, `"latest"` (= `true`), or `"auto"` (rsdeep: the newest if one
+/// exists, else start fresh, for requeued SLURM jobs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ResumeFrom {

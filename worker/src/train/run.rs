@@ -302,7 +302,9 @@ fn resume_from(
         ResumeFrom::Latest(true) => "latest".to_string(),
         ResumeFrom::Path(path) => path.clone(),
     };
-    let dir = checkpoint::resolve_resume_path(output_dir, &spec)?;
+    let Some(dir) = resume_dir(output_dir, &spec, world.rank)? else {
+        return Ok(());
+    };
     let resumed = checkpoint::load_checkpoint(&dir, engine, world.rank, world.world_size)?;
     // The saved sampler position is this rank's only when the world size is unchanged;
     // otherwise every rank recomputes it from the global step.
@@ -329,6 +331,25 @@ fn resume_from(
         );
     }
     Ok(())
+}
+
+/// The checkpoint `spec` names. `"auto"` (for requeued SLURM jobs) is the newest complete
+/// checkpoint in `output_dir` if there is one, else `None`: the first run starts fresh.
+fn resume_dir(output_dir: &Path, spec: &str, rank: usize) -> Result<Option<PathBuf>> {
+    if !spec.trim().eq_ignore_ascii_case("auto") {
+        return checkpoint::resolve_resume_path(output_dir, spec).map(Some);
+    }
+    let newest = match output_dir.is_dir() {
+        true => checkpoint::resume::complete_checkpoints(output_dir)?.pop(),
+        false => None,
+    };
+    if newest.is_none() && rank == 0 {
+        eprintln!(
+            "[rank 0] resume_from_checkpoint \"auto\": no complete checkpoint in {} yet, starting fresh",
+            output_dir.display()
+        );
+    }
+    Ok(newest.map(|(_, dir)| dir))
 }
 
 /// The parts of a checkpoint save that stay the same for the whole run.
@@ -641,6 +662,16 @@ mod tests {
         assert_ne!(step_seed(7, 3, 1), step_seed(7, 4, 1));
         assert_ne!(step_seed(7, 3, 1), step_seed(7, 3, 0));
         assert!(step_seed(7, 3, 1) >= 0);
+    }
+
+    #[test]
+    fn auto_resume_starts_fresh_without_a_complete_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("not-yet");
+        assert_eq!(resume_dir(&missing, "auto", 1).unwrap(), None);
+        std::fs::create_dir_all(dir.path().join("checkpoint-4")).unwrap(); // no manifest
+        assert_eq!(resume_dir(dir.path(), " AUTO ", 1).unwrap(), None);
+        assert!(resume_dir(dir.path(), "latest", 1).is_err());
     }
 
     #[test]
