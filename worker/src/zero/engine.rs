@@ -10,6 +10,7 @@ use super::config::{EngineConfig, Precision};
 use super::gather::PendingGather;
 use super::loss_scaler::LossScaler;
 use super::partition::FlatLayout;
+use super::profile::{Phase, StepProfile};
 use super::reduce::PendingReduce;
 use super::scheduler::LrSchedule;
 use crate::comm::Communicator;
@@ -112,6 +113,8 @@ pub struct ZeroEngine {
     pub(super) live_numel: usize,
     pub(super) stage3_stats: Stage3Stats,
     pub(super) inject_overflow: bool,
+    /// Per-phase timers (`RSDEEP_ZERO_PROFILE`).
+    pub(super) profile: StepProfile,
 }
 
 impl ZeroEngine {
@@ -182,6 +185,7 @@ impl ZeroEngine {
             live_numel: 0,
             stage3_stats: Stage3Stats::default(),
             inject_overflow: false,
+            profile: StepProfile::from_env(),
         })
     }
 
@@ -234,8 +238,10 @@ impl ZeroEngine {
             .output
             .take()
             .ok_or_else(|| Error::Engine("head output missing".into()))?;
+        let mark = self.profile.mark();
         let loss = loss_fn(&output)?.f_to_kind(Kind::Float)?;
         let loss_value = loss.f_double_value(&[])?;
+        self.profile.add(Phase::Loss, mark);
         let factor = self.scaler.scale() / self.config.gradient_accumulation_steps as f64;
         activations[last].output = Some(output);
         self.backward_all(activations, ctx, loss.f_mul_scalar(factor)?, last_micro)?;
@@ -270,7 +276,10 @@ impl ZeroEngine {
         let mut activations = Vec::with_capacity(count);
         let mut x = input.shallow_clone();
         for b in 0..count {
+            let mark = self.profile.mark();
             self.acquire(b, b + 1 < count, b + 1)?;
+            self.profile.add(Phase::Gather, mark);
+            let mark = self.profile.mark();
             let leaf = if training {
                 block_input_leaf(&x)?
             } else {
@@ -282,7 +291,10 @@ impl ZeroEngine {
             } else {
                 tch::no_grad(|| self.blocks[b].forward(&leaf, ctx))?
             };
+            self.profile.add(Phase::Forward, mark);
+            let mark = self.profile.mark();
             self.release(b)?;
+            self.profile.add(Phase::Gather, mark);
             x = output.f_detach()?;
             let saved_output = if keep_graph || b + 1 == count {
                 Some(output)
@@ -310,12 +322,17 @@ impl ZeroEngine {
         for b in (0..count).rev() {
             let _span =
                 tracing::trace_span!("block_backward", rank = self.rank, block = b).entered();
+            let mark = self.profile.mark();
             self.acquire(b, b > 0, b.wrapping_sub(1))?;
+            self.profile.add(Phase::Gather, mark);
+            let mark = self.profile.mark();
             let act = &mut activations[b];
             let output = match act.output.take() {
                 Some(output) => output,
                 None => self.blocks[b].forward(&act.input, ctx)?,
             };
+            self.profile.add(Phase::Forward, mark);
+            let mark = self.profile.mark();
             let root = match &cotangent {
                 None => scaled_loss.shallow_clone(),
                 Some(cot) => output.f_mul(cot)?.f_sum(Kind::Float)?,
@@ -341,7 +358,11 @@ impl ZeroEngine {
                 input: Tensor::new(),
                 output: None,
             };
+            self.profile.add(Phase::Backward, mark);
+            let mark = self.profile.mark();
             self.release(b)?;
+            self.profile.add(Phase::Gather, mark);
+            let mark = self.profile.mark();
             cotangent = if input_has_grad {
                 Some(grads.remove(0))
             } else {
@@ -354,15 +375,22 @@ impl ZeroEngine {
                 self.shards[0].tied_grad = Some(flat);
             }
             if self.shards[b].is_empty() {
+                self.profile.add(Phase::Flatten, mark);
                 continue;
             }
             let mut flat = flatten_grads(&self.shards[b], &grads, self.config.precision.kind())?;
             if let Some(tied) = self.shards[b].tied_grad.take() {
                 flat = flat.f_add(&tied)?;
             }
+            self.profile.add(Phase::Flatten, mark);
+            let mark = self.profile.mark();
             self.reduce_block_gradients(b, flat, last_micro)?;
+            self.profile.add(Phase::ReduceIssue, mark);
         }
-        self.finish_reductions()
+        let mark = self.profile.mark();
+        self.finish_reductions()?;
+        self.profile.add(Phase::ReduceWait, mark);
+        Ok(())
     }
 
     /// Stage 3: makes block `b` (and block 0 for a tied head) usable, and prefetches

@@ -20,6 +20,7 @@ mod gather;
 pub mod local_comm;
 pub mod loss_scaler;
 pub mod partition;
+mod profile;
 mod reduce;
 pub mod scheduler;
 pub mod state;

@@ -7,6 +7,7 @@
 
 use super::config::Precision;
 use super::engine::ZeroEngine;
+use super::profile::Phase;
 use crate::comm::ReduceOp;
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
@@ -45,9 +46,11 @@ impl ZeroEngine {
         if std::mem::take(&mut self.inject_overflow) {
             self.poison_gradients()?;
         }
+        let mark = self.profile.mark();
         let loss = self.mean_loss()?;
         let overflow = self.detect_overflow()?;
         let scaled_norm = self.global_grad_norm()?;
+        self.profile.add(Phase::StepNorm, mark);
         let fp16 = matches!(self.config.precision, Precision::Fp16(_));
         let overflow = overflow || (fp16 && !scaled_norm.is_finite());
         self.micro_step = 0;
@@ -58,15 +61,22 @@ impl ZeroEngine {
         }
         let lr = self.schedule.lr_for_step(self.optimizer_steps);
         let combined = self.combined_scale(scaled_norm, scale);
+        let mark = self.profile.mark();
         self.apply_updates(lr, combined)?;
+        self.profile.add(Phase::StepAdam, mark);
         self.optimizer_steps += 1;
         self.scaler.update(false);
+        let mark = self.profile.mark();
         self.zero_gradients()?;
+        self.profile.add(Phase::StepZero, mark);
+        let mark = self.profile.mark();
         if self.config.stage == 3 {
             self.invalidate_resident();
         } else {
             self.all_gather_updated_params()?;
         }
+        self.profile.add(Phase::StepAllGather, mark);
+        self.profile.report(self.rank, self.global_steps);
         let report = StepReport {
             applied: true,
             loss,
