@@ -36,6 +36,7 @@ pub enum LauncherKind {
 ///
 /// One node, 8 GPUs:            rsdeep --num_gpus 8 train.json
 /// No GPU, 4 CPU ranks:         rsdeep --device cpu --num_procs 4 train.json
+/// Many nodes over ssh:         rsdeep -H hosts --num_gpus 8 train.json
 /// Node k of a manual cluster:  rsdeep --no_ssh --node_rank K --master_addr HOST0 -H hosts train.json
 /// Rendezvous check only:       rsdeep --device cpu --num_procs 4 --selftest
 ///
@@ -68,7 +69,8 @@ pub struct LaunchArgs {
     /// Device of the workers.
     #[arg(long = "device", value_enum, default_value = "cuda")]
     pub device: DeviceKind,
-    /// Address of the node-0 launcher (default 127.0.0.1 on one node).
+    /// Address of the node-0 launcher (default 127.0.0.1 on one node; with the ssh runner
+    /// the address of the first host, or the one this machine routes to the others).
     #[arg(long = "master_addr", default_value = "")]
     pub master_addr: String,
     /// Rendezvous port; 0 picks a free port (single node only).
@@ -123,6 +125,14 @@ pub struct LaunchArgs {
     /// Run the rendezvous selftest in every worker instead of training.
     #[arg(long = "selftest")]
     pub selftest: bool,
+    /// Internal (ssh runner): read `RSDEEP_TOKEN` from the first stdin line and stop the
+    /// job when stdin closes.
+    #[arg(long = "token_stdin", hide = true)]
+    pub token_stdin: bool,
+    /// Internal (ssh runner): node 0's hostfile as `host=slots,...`, used instead of
+    /// reading `--hostfile` on this node.
+    #[arg(long = "world_hosts", hide = true)]
+    pub world_hosts: Option<String>,
     /// `train.json` followed by `--key value` overrides of its keys.
     #[arg(
         trailing_var_arg = true,

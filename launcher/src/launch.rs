@@ -12,9 +12,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use rsdeep::cli::{DeviceKind, LaunchArgs, LauncherKind};
 use rsdeep::env_contract as ev;
-use rsdeep::plan::{LaunchPlan, PlanInputs};
+use rsdeep::plan::{LaunchPlan, PlanError, PlanInputs};
 use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec, tls};
 use rsdeep::slurm::SlurmJob;
+use rsdeep::ssh::{self, RemoteNodes, SshLaunch};
 use rsdeep::supervisor::{self, Outcome, SuperviseOptions};
 use rsdeep::{config, envfile, hostfile, resources};
 use tonic::transport::ServerTlsConfig;
@@ -31,16 +32,26 @@ fn usage(err: impl std::fmt::Display) -> anyhow::Error {
 /// Runs the whole launch; returns the process exit code.
 pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     let inputs = gather_inputs(&args)?;
-    let mut plan = LaunchPlan::build(&args, &inputs).map_err(usage)?;
+    let (mut plan, ssh_launch) = plan_job(&args, &inputs)?;
     for warning in &plan.warnings {
         eprintln!("rsdeep: warning: {warning}");
     }
-    let job_dir = std::env::temp_dir().join(format!("rsdeep-{}", plan.job_id));
+    let job_dir = job_dir_of(&plan);
     resolve_config(&mut plan, &job_dir)?;
     let tls = rendezvous_tls(&args, &mut plan)?;
     if args.dry_run {
         print!("{}", plan.render());
+        print!(
+            "{}",
+            ssh_launch
+                .as_ref()
+                .map(SshLaunch::render)
+                .unwrap_or_default()
+        );
         return Ok(0);
+    }
+    if let Some(launch) = &ssh_launch {
+        launch.preflight()?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -49,17 +60,81 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         .context("cannot start the async runtime")?;
     let rendezvous = host_rendezvous(&runtime, &mut plan, args.rendezvous_bind_all, tls)?;
     supervisor::install_stop_handlers().context("cannot install signal handlers")?;
+    if args.token_stdin {
+        ssh::stop_on_stdin_eof();
+    }
+    let remote = match &ssh_launch {
+        Some(launch) => Some(RemoteNodes::start(launch, &plan.token)?),
+        None => None,
+    };
     let code = supervise_attempts(
         &runtime,
         &plan,
         rendezvous.as_ref().map(|(s, _)| s.clone()),
         started,
     );
+    let code = match (remote, code) {
+        (Some(remote), Ok(local)) => Ok(remote.finish(local, plan.grace_period)),
+        (_, code) => code,
+    };
     if let Some((_, mut server)) = rendezvous {
         server.shutdown();
     }
     let _ = std::fs::remove_dir_all(&job_dir);
     code
+}
+
+/// This node's plan; on node 0 of a multi-host hostfile without `--no_ssh` (the ssh
+/// runner) also the ssh launch of the other nodes. Node 0 is then planned like node 0 of
+/// a `--no_ssh` job whose fresh job id and token it shares over ssh, with the master
+/// address auto-detected unless `--master_addr` is given.
+fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, Option<SshLaunch>)> {
+    match LaunchPlan::build(args, inputs) {
+        Err(PlanError::MultiNodeNeedsNoSsh(_)) => {}
+        other => return Ok((other.map_err(usage)?, None)),
+    }
+    if args.max_restarts > 0 {
+        return Err(usage(
+            "--max_restarts is not supported by the ssh multi-node runner yet: leave it out (restart the whole job instead)",
+        ));
+    }
+    let mut node0 = args.clone();
+    node0.no_ssh = true;
+    node0.node_rank = Some(0);
+    let shared = PlanInputs {
+        job_from_env: true,
+        ..inputs.clone()
+    };
+    let mut plan = LaunchPlan::build(&node0, &shared).map_err(usage)?;
+    if args.master_addr.is_empty() {
+        let others: Vec<&str> = plan.nodes[1..].iter().map(|n| n.host.as_str()).collect();
+        let (addr, how) = ssh::detect_master_addr(&plan.nodes[0].host, &others).map_err(usage)?;
+        eprintln!("rsdeep: master address {addr} ({how}); --master_addr overrides it");
+        node0.master_addr = addr;
+        plan = LaunchPlan::build(&node0, &shared).map_err(usage)?;
+    }
+    if !ssh::is_this_machine(&plan.nodes[0].host) {
+        eprintln!(
+            "rsdeep: warning: the first hostfile host {} is not an address of this machine; node 0 runs here anyway (run rsdeep on the first host)",
+            plan.nodes[0].host
+        );
+    }
+    let program = std::env::current_exe().context("cannot locate the rsdeep executable")?;
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let env = ssh::exported_env(std::env::vars(), &inputs.env_file_vars);
+    let hosts = inputs.hostfile.as_deref().unwrap_or_default();
+    let launch = SshLaunch::prepare(args, &plan, hosts, &env, &program, &cwd);
+    Ok((plan, Some(launch)))
+}
+
+/// Where this node writes the resolved config: one folder per job and node (nodes may
+/// share a machine or a /tmp).
+fn job_dir_of(plan: &LaunchPlan) -> PathBuf {
+    let name = match plan.node_rank {
+        0 => format!("rsdeep-{}", plan.job_id),
+        k => format!("rsdeep-{}-node{k}", plan.job_id),
+    };
+    std::env::temp_dir().join(name)
 }
 
 /// Reads the hostfile, CUDA state, env files and job identity.
@@ -70,7 +145,10 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
     };
     let hostfile = match slurm {
         Some(_) => None, // SLURM's node list replaces the hostfile
-        None => hostfile::read_hostfile(&args.hostfile).map_err(usage)?,
+        None => match &args.world_hosts {
+            Some(hosts) => Some(ssh::decode_world_hosts(hosts).map_err(usage)?),
+            None => hostfile::read_hostfile(&args.hostfile).map_err(usage)?,
+        },
     };
     if slurm.is_none() && hostfile.is_none() && args.hostfile != Path::new("/job/hostfile") {
         eprintln!(
@@ -88,7 +166,10 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
     let env_file_vars = envfile::load_env_files(home.as_deref(), &cwd).map_err(usage)?;
     let shared = (
         std::env::var(ev::JOB_ID).ok(),
-        std::env::var(ev::TOKEN).ok(),
+        match args.token_stdin {
+            true => Some(ssh::read_token_line(std::io::stdin().lock())?),
+            false => std::env::var(ev::TOKEN).ok(),
+        },
     );
     let (job_id, token, job_from_env) = match shared {
         _ if slurm.is_some() => slurm_identity(slurm.as_ref())?,
@@ -262,6 +343,7 @@ fn supervise_attempts(
             plan.master_port
         );
         let outcome = supervisor::watch(&mut workers, state.as_deref(), &options);
+        let outcome = ssh::blame_remote_node(outcome);
         report_outcome(&outcome, workers.len(), plan);
         let killed = supervisor::stop_workers(&mut workers, plan.grace_period);
         if killed > 0 {

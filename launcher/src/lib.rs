@@ -14,4 +14,5 @@ pub mod plan;
 pub mod rendezvous;
 pub mod resources;
 pub mod slurm;
+pub mod ssh;
 pub mod supervisor;

@@ -1,0 +1,384 @@
+//! End-to-end tests of the ssh multi-node runner (issue 8) through the real binaries: a
+//! real sshd on 127.0.0.1 and 127.0.0.2 (`hosts/sshd.rs`) plays two hosts of this
+//! machine; node 0 starts node 1's launcher over ssh. Checked: a short training across
+//! both "hosts" forms one world of four ranks and finishes; an unreachable host fails
+//! fast naming it; the dry run shows the ssh command without the token; killing the
+//! node-0 launcher, or one remote worker, leaves no process of the job on any node.
+//! Tests run one at a time (each starts four libtorch workers on a 2-core machine).
+
+#[path = "hosts/sshd.rs"]
+mod sshd;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rsdeep_e2e::{Launcher, alive, binary, kill_all};
+use sshd::Sshd;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Corpus, tokenizer, tiny Qwen2 config and a two-host hostfile in one folder.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(hosts: &[&str]) -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        let corpus: String = (0..200)
+            .map(|i| {
+                let text = format!("the fox {} jumps over fence {} again.", i % 7, i % 5);
+                serde_json::json!({ "text": text }).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(root.join("corpus.jsonl"), corpus).expect("corpus");
+        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        let hostfile: String = hosts.iter().map(|h| format!("{h} slots=2\n")).collect();
+        std::fs::write(root.join("hostfile"), hostfile).expect("hostfile");
+        let status = Command::new(binary("rsdeep"))
+            .args(["tokenizer", "train", "--files"])
+            .arg(root.join("corpus.jsonl"))
+            .args(["--vocab_size", "300", "--out"])
+            .arg(root.join("tok"))
+            .status()
+            .expect("rsdeep tokenizer train");
+        assert!(status.success(), "tokenizer training failed");
+        Fixture { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A ZeRO-2 pretrain train.json of `max_steps` steps writing to `out/`.
+    fn train_json(&self, max_steps: u32) -> PathBuf {
+        let config = serde_json::json!({
+            "task": "pretrain",
+            "config_name": self.path("model.json"),
+            "tokenizer_name": self.path("tok"),
+            "train_files": [self.path("corpus.jsonl")],
+            "block_size": 16,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 3e-3,
+            "max_steps": max_steps,
+            "logging_steps": 1,
+            "save_steps": 1_000_000,
+            "seed": 3,
+            "output_dir": self.path("out"),
+            "deepspeed": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "train_batch_size": "auto",
+                "zero_optimization": {"stage": 2}
+            }
+        });
+        let path = self.path("train.json");
+        std::fs::write(&path, config.to_string()).expect("write train.json");
+        path
+    }
+}
+
+const MODEL_CONFIG: &str = r#"{
+  "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+  "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 320,
+  "tie_word_embeddings": false, "initializer_range": 0.02, "hidden_act": "silu",
+  "torch_dtype": "float32"
+}"#;
+
+/// A port nobody listens on right now (for the rendezvous).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Starts `rsdeep -H hostfile --device cpu ... train.json` as node 0 of the ssh runner.
+fn launch(fx: &Fixture, sshd: &Sshd, train_json: &Path, extra: &[&str]) -> Launcher {
+    let hostfile = fx.path("hostfile").display().to_string();
+    let json = train_json.display().to_string();
+    let (ssh_port, master_port) = (sshd.port.to_string(), free_port().to_string());
+    let mut args = vec![
+        "-H",
+        &hostfile,
+        "--device",
+        "cpu",
+        "--ssh_port",
+        &ssh_port,
+        "--master_port",
+        &master_port,
+        "--grace_period",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    args.push(&json);
+    let envs = [
+        ("RSDEEP_SSH_ARGS", sshd.client_args()),
+        ("OMP_NUM_THREADS", "1".to_string()),
+        ("RSDEEP_LOG", "info".to_string()),
+    ];
+    Launcher::start(&args, &envs)
+}
+
+/// The job id from node 0's `rsdeep: job <id> started ...` line.
+fn job_id(stderr: &str) -> Option<String> {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("rsdeep: job "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(String::from)
+}
+
+/// Live processes of the job (its id in their environment or command line).
+fn job_processes(job: &str) -> Vec<(i32, String)> {
+    let needle = format!("RSDEEP_JOB_ID={job}");
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let read = |name: &str| {
+            std::fs::read(entry.path().join(name))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default()
+        };
+        let (environ, cmdline) = (read("environ"), read("cmdline"));
+        if (environ.contains(&needle) || cmdline.contains(job)) && alive(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// Waits until no process of the job is left; returns the survivors after `limit`.
+fn job_survivors(job: &str, limit: Duration) -> Vec<(i32, String)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = job_processes(job);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until all four ranks logged that they joined; returns the job id.
+fn wait_for_four_ranks(launcher: &Launcher) -> String {
+    launcher.wait_for_stderr(Duration::from_secs(120), |s| {
+        s.matches("joined the rendezvous").count() >= 4
+    });
+    job_id(&launcher.stderr()).expect("job id line")
+}
+
+#[test]
+fn two_hosts_over_ssh_train_to_completion_as_one_world() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let train_json = fx.train_json(4);
+    let mut launcher = launch(&fx, &sshd, &train_json, &[]);
+    let status = launcher.wait(Duration::from_secs(300));
+    let stderr = launcher.stderr();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}\n--- sshd\n{}",
+        launcher.output(),
+        sshd.log()
+    );
+    for prefix in ["[rank 0]", "[rank 1]", "[node 1 rank 2]", "[node 1 rank 3]"] {
+        let joined = stderr
+            .lines()
+            .find(|l| l.starts_with(prefix) && l.contains("joined the rendezvous"))
+            .unwrap_or_else(|| panic!("no join line from {prefix}\n{stderr}"));
+        assert!(
+            joined.contains("generation=1") && joined.contains("world_size=4"),
+            "{prefix} joined another world: {joined}"
+        );
+    }
+    assert!(
+        stderr.contains("rendezvous complete: 4 rank(s) joined generation 1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("master address 127.0.0.1 (the first hostfile host"),
+        "{stderr}"
+    );
+    let job = job_id(&stderr).expect("node 0 job line");
+    assert!(
+        stderr.contains(&format!(
+            "[node 1] rsdeep: job {job} started 2 worker(s) on node 1"
+        )),
+        "node 1 runs the same job {job}: {stderr}"
+    );
+    assert!(stderr.contains("rsdeep: every node finished"), "{stderr}");
+    let weights = fx.path("out").join("model.safetensors");
+    assert!(weights.exists(), "no final model at {}", weights.display());
+    assert!(job_survivors(&job, Duration::from_secs(5)).is_empty());
+}
+
+#[test]
+fn an_unreachable_host_fails_fast_with_its_name() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    // 127.0.0.3 reaches this machine too, but no sshd listens there.
+    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+    let train_json = fx.train_json(4);
+    let started = Instant::now();
+    let mut launcher = launch(&fx, &sshd, &train_json, &[]);
+    let status = launcher.wait(Duration::from_secs(60));
+    let took = started.elapsed();
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    assert!(
+        stderr.contains("127.0.0.3 is not reachable over ssh"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Connection refused"),
+        "ssh's own words: {stderr}"
+    );
+    assert!(!stderr.contains("127.0.0.2 is not reachable"), "{stderr}");
+    assert!(!stderr.contains("started"), "nothing may start: {stderr}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+#[test]
+fn dry_run_prints_the_ssh_commands_without_the_token() {
+    let _guard = serial();
+    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let train_json = fx.train_json(4);
+    let args = [
+        "-H",
+        &fx.path("hostfile").display().to_string(),
+        "--device",
+        "cpu",
+        "--ssh_port",
+        "2299",
+        "--dry_run",
+        &train_json.display().to_string(),
+        "--learning_rate",
+        "1e-3",
+    ]
+    .map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let envs = [
+        ("RSDEEP_JOB_ID", "dryjob42".to_string()),
+        ("RSDEEP_TOKEN", "sekrit-token-7".to_string()),
+        ("NCCL_DEBUG", "INFO".to_string()),
+        ("RSDEEP_SSH_ARGS", "-i /keys/id".to_string()),
+    ];
+    let mut launcher = Launcher::start(&args, &envs);
+    assert_eq!(
+        launcher.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        launcher.output()
+    );
+    let stdout = launcher.stdout();
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("ssh node 1 (127.0.0.2): ssh -i /keys/id -p 2299 "))
+        .unwrap_or_else(|| panic!("no ssh command for node 1:\n{stdout}"));
+    for part in [
+        "--no_ssh --token_stdin",
+        "--node_rank 1 --master_addr 127.0.0.1 --master_port 29500",
+        "RSDEEP_JOB_ID=dryjob42",
+        "NCCL_DEBUG=INFO",
+        "--learning_rate 1e-3",
+        "--world_hosts 127.0.0.1=2,127.0.0.2=2",
+    ] {
+        assert!(line.contains(part), "missing {part:?} in {line}");
+    }
+    assert!(
+        !launcher.output().contains("sekrit-token-7"),
+        "{}",
+        launcher.output()
+    );
+    assert!(
+        stdout.contains("rank 3 host 127.0.0.2 node 1 local_rank 1 device cpu"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn killing_the_node0_launcher_leaves_no_process_of_the_job_on_any_node() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let train_json = fx.train_json(100_000);
+    let launcher = launch(&fx, &sshd, &train_json, &[]);
+    let job = wait_for_four_ranks(&launcher);
+    let before = job_processes(&job);
+    let remote_launcher = before
+        .iter()
+        .any(|(_, cmd)| cmd.contains("--token_stdin") && !cmd.starts_with("ssh"));
+    assert!(
+        remote_launcher,
+        "node 1's launcher should run under sshd: {before:?}"
+    );
+    assert!(
+        before.len() >= 6,
+        "4 workers, node 1's launcher, ssh: {before:?}"
+    );
+    // SAFETY: kill(2) on the launcher this test started.
+    unsafe { libc::kill(launcher.pid(), libc::SIGKILL) };
+    let left = job_survivors(&job, Duration::from_secs(15));
+    kill_all(&left.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    assert!(
+        left.is_empty(),
+        "survivors of job {job}: {left:?}\n{}",
+        launcher.output()
+    );
+}
+
+#[test]
+fn a_killed_remote_worker_stops_the_job_on_every_node() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let train_json = fx.train_json(100_000);
+    let mut launcher = launch(&fx, &sshd, &train_json, &[]);
+    let job = wait_for_four_ranks(&launcher);
+    let worker = binary("rsdeep-worker").display().to_string();
+    let rank3 = job_processes(&job)
+        .into_iter()
+        .find(|(pid, cmd)| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            cmd.starts_with(&worker)
+                && String::from_utf8_lossy(&environ)
+                    .split('\0')
+                    .any(|v| v == "RANK=3")
+        })
+        .unwrap_or_else(|| panic!("no rank 3 worker found\n{}", launcher.output()));
+    // SAFETY: kill(2) on a worker of the job this test started.
+    unsafe { libc::kill(rank3.0, libc::SIGKILL) };
+    let status = launcher.wait(Duration::from_secs(60));
+    let stderr = launcher.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("[node 1] rsdeep: rank 3 failed first (host 127.0.0.2"),
+        "node 1 reports its worker: {stderr}"
+    );
+    let left = job_survivors(&job, Duration::from_secs(15));
+    kill_all(&left.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    assert!(
+        left.is_empty(),
+        "survivors of job {job}: {left:?}\n{stderr}"
+    );
+}

@@ -1,0 +1,188 @@
+//! A real OpenSSH server on loopback for the ssh-runner tests, following the tested
+//! recipe in `/work/shared/reference/test-hosts.md`: installs openssh if missing (as
+//! root, through apt-get), makes a host key and a client key in its own temp folder,
+//! listens on 127.0.0.1 and 127.0.0.2 (two "hosts" of this machine) on a free port, and
+//! is stopped by its pid when dropped. Nothing listens on any other address.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// A running sshd and the client options that log into it without a password.
+pub struct Sshd {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Sshd {
+    /// Starts sshd on `127.0.0.1` and `127.0.0.2`; panics saying why it cannot.
+    pub fn start() -> Sshd {
+        ensure_openssh();
+        std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd (privilege separation)");
+        let dir = tempfile::tempdir().expect("sshd temp dir");
+        let run = dir.path();
+        keygen(&run.join("host_key"));
+        keygen(&run.join("client_key"));
+        let port = free_port_on_both();
+        let config = run.join("sshd_config");
+        std::fs::write(&config, sshd_config(run, port)).expect("write sshd_config");
+        let check = Command::new(SSHD)
+            .args(["-t", "-f"])
+            .arg(&config)
+            .output()
+            .expect("run sshd -t");
+        assert!(
+            check.status.success(),
+            "sshd rejects its config: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let log = std::fs::File::create(run.join("sshd.out")).expect("sshd output file");
+        let child = Command::new(SSHD)
+            .args(["-D", "-f"])
+            .arg(&config)
+            .arg("-E")
+            .arg(run.join("sshd.log"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("start sshd");
+        let sshd = Sshd { port, dir, child };
+        sshd.wait_listening();
+        sshd
+    }
+
+    /// `RSDEEP_SSH_ARGS` for this server: its client key, no user config, a throwaway
+    /// known_hosts file.
+    pub fn client_args(&self) -> String {
+        let run = self.dir.path();
+        format!(
+            "-F none -i {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=no -o LogLevel=ERROR",
+            run.join("client_key").display(),
+            run.join("known_hosts").display()
+        )
+    }
+
+    /// sshd's own log (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for addr in ["127.0.0.1", "127.0.0.2"] {
+            while TcpStream::connect((addr, self.port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "sshd did not listen on {addr}:{} within 10 s: {}",
+                    self.port,
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) on the sshd this helper started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sshd_config(run: &Path, port: u16) -> String {
+    format!(
+        "Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {}\n\
+         AuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+         PermitRootLogin prohibit-password\nUsePAM no\nPidFile {}\nStrictModes no\n",
+        run.join("host_key").display(),
+        run.join("client_key.pub").display(),
+        run.join("sshd.pid").display()
+    )
+}
+
+/// A port free on both loopback addresses right now.
+fn free_port_on_both() -> u16 {
+    for _ in 0..50 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind a free port")
+            .port();
+        if TcpListener::bind(("127.0.0.2", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
+}
+
+fn keygen(path: &PathBuf) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .output()
+        .expect("run ssh-keygen");
+    assert!(
+        out.status.success(),
+        "ssh-keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn have_openssh() -> bool {
+    let on_path = |name: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {name}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    Path::new(SSHD).exists() && on_path("ssh") && on_path("ssh-keygen")
+}
+
+/// Installs openssh-server and openssh-client when missing (idempotent); panics with the
+/// reason when that is impossible (not root, no package source).
+fn ensure_openssh() {
+    if have_openssh() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "{SSHD} or ssh is missing and this test is not root: install openssh-server and \
+         openssh-client (the ssh runner test needs a real sshd)"
+    );
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(["openssh-server", "openssh-client"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+    };
+    let mut out = install().expect("run apt-get (is this Debian?)");
+    if !out.status.success() {
+        let _ = Command::new("apt-get").arg("update").output();
+        out = install().expect("run apt-get");
+    }
+    assert!(
+        out.status.success() && have_openssh(),
+        "cannot install openssh-server/openssh-client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
