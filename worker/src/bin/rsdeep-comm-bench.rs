@@ -43,6 +43,10 @@ struct Args {
     /// SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning.
     #[arg(long, default_value_t = TcpOptions::default().socket_buffer_bytes.unwrap_or(0))]
     socket_buffer: usize,
+    /// Shared-memory slot bytes per rank when all ranks are on this host; 0 keeps every
+    /// collective on the TCP ring.
+    #[arg(long, default_value_t = TcpOptions::default().shared_memory_slot_bytes.unwrap_or(0))]
+    shm_slot_bytes: usize,
     /// Verify each operation's result once per size (untimed).
     #[arg(long)]
     check: bool,
@@ -140,6 +144,7 @@ fn main() -> Result<()> {
     let options = TcpOptions {
         chunk_bytes: args.chunk_bytes,
         socket_buffer_bytes: (args.socket_buffer > 0).then_some(args.socket_buffer),
+        shared_memory_slot_bytes: (args.shm_slot_bytes > 0).then_some(args.shm_slot_bytes),
         connect_timeout: Duration::from_secs(60),
         ..TcpOptions::default()
     };
@@ -152,6 +157,12 @@ fn main() -> Result<()> {
         options,
     )
     .context("forming the ring")?;
+    let transport = if comm.uses_shared_memory() {
+        "shared memory"
+    } else {
+        "TCP ring"
+    };
+    eprintln!("rank {}: transport {transport}", args.rank);
     let mut bytes = args.min_bytes;
     while bytes <= args.max_bytes {
         for op in &args.ops {

@@ -188,6 +188,17 @@ fn reduce_in_place_typed<T: Element>(op: ReduceOp, acc: &mut [u8], incoming: &[u
     true
 }
 
+fn reduce_local_first_typed<T: Element>(op: ReduceOp, acc: &mut [u8], local: &[u8]) -> bool {
+    let (Some(acc), Some(local)) = (typed_mut::<T>(acc), typed::<T>(local)) else {
+        return false;
+    };
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => zip_in_place(acc, local, |a, l| T::add(l, a)),
+        ReduceOp::Max => zip_in_place(acc, local, |a, l| T::max(l, a)),
+    }
+    true
+}
+
 fn reduce_into_typed<T: Element>(
     op: ReduceOp,
     dst: &mut [u8],
@@ -233,6 +244,12 @@ macro_rules! dispatch {
 /// `kind` or the lengths differ.
 pub fn reduce_in_place(kind: ElemKind, op: ReduceOp, acc: &mut [u8], incoming: &[u8]) -> bool {
     acc.len() == incoming.len() && dispatch!(kind, reduce_in_place_typed(op, acc, incoming))
+}
+
+/// `acc[i] = op(local[i], acc[i])`: the ring's operand order (`local` first) when the
+/// accumulated value is the destination. Returns false on misalignment or length mismatch.
+pub fn reduce_local_first(kind: ElemKind, op: ReduceOp, acc: &mut [u8], local: &[u8]) -> bool {
+    acc.len() == local.len() && dispatch!(kind, reduce_local_first_typed(op, acc, local))
 }
 
 /// `dst[i] = op(local[i], incoming[i])`. Returns false on misalignment or length mismatch.

@@ -12,6 +12,9 @@
 mod handshake;
 mod ring;
 mod schedule;
+mod shm;
+#[cfg(test)]
+mod shm_tests;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
@@ -23,6 +26,7 @@ use super::{Communicator, ReduceOp, Work};
 use crate::{Error, Result};
 use handshake::PeerName;
 use ring::{Header, Plan, Region, Ring};
+use shm::{SharedPlan, SharedReduce};
 use std::net::TcpListener;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -40,6 +44,10 @@ pub struct TcpOptions {
     pub chunk_bytes: usize,
     /// SO_SNDBUF / SO_RCVBUF for the ring sockets; `None` keeps the kernel's autotuning.
     pub socket_buffer_bytes: Option<usize>,
+    /// When every rank runs on this host: collectives go through a shared-memory area
+    /// (`shm.rs`) with slots of this many bytes per rank (two per rank); `None` keeps
+    /// every collective on the TCP ring.
+    pub shared_memory_slot_bytes: Option<usize>,
 }
 
 impl Default for TcpOptions {
@@ -50,6 +58,7 @@ impl Default for TcpOptions {
             // Tuned with benches/comm on loopback (docs/comm-bench.md).
             chunk_bytes: 256 << 10,
             socket_buffer_bytes: Some(4 << 20),
+            shared_memory_slot_bytes: Some(1 << 20),
         }
     }
 }
@@ -108,6 +117,7 @@ struct Job {
 pub struct TcpComm {
     rank: usize,
     world: usize,
+    shared_memory: bool,
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
     trace: TraceRecorder,
@@ -142,8 +152,8 @@ impl TcpComm {
                 addrs.len()
             )));
         }
-        let ring = if world_size == 1 {
-            None
+        let (ring, shared) = if world_size == 1 {
+            (None, None)
         } else {
             let peer = |r: usize| PeerName {
                 rank: r,
@@ -153,9 +163,13 @@ impl TcpComm {
                 peer((rank + 1) % world_size),
                 peer((rank + world_size - 1) % world_size),
             );
-            let links =
+            let mut links =
                 handshake::connect_ring(rank, world_size, &next, &prev, &listener, token, &options)
                     .map_err(fail)?;
+            let peers = (0..world_size).map(peer).collect();
+            let slot_bytes = options.shared_memory_slot_bytes;
+            let shared = shm::negotiate(&mut links, rank, peers, slot_bytes, options.op_timeout)
+                .map_err(fail)?;
             let ring = Ring::new(
                 world_size,
                 next,
@@ -164,14 +178,17 @@ impl TcpComm {
                 options.chunk_bytes,
                 options.op_timeout,
             );
-            Some(ring.map_err(|e| fail(format!("starting the sender thread: {e}")))?)
+            let ring = ring.map_err(|e| fail(format!("starting the sender thread: {e}")))?;
+            (Some(ring), shared)
         };
         drop(listener); // late or stray connections are refused from now on
-        tracing::info!("ring formed");
+        let shared_memory = shared.is_some();
+        tracing::info!(shared_memory, "ring formed");
         let executor = Executor {
             rank,
             world: world_size,
             ring,
+            shared,
             scratch: Vec::new(),
             broken: None,
         };
@@ -183,10 +200,17 @@ impl TcpComm {
         Ok(TcpComm {
             rank,
             world: world_size,
+            shared_memory,
             jobs: Some(jobs),
             thread: Some(thread),
             trace: TraceRecorder::default(),
         })
+    }
+
+    /// Whether collectives go through the shared-memory transport (every rank on this
+    /// host) rather than the TCP ring's data path.
+    pub fn uses_shared_memory(&self) -> bool {
+        self.shared_memory
     }
 
     fn check_tensor(&self, op: &'static str, tensor: &Tensor) -> Result<ElemKind> {
@@ -393,11 +417,37 @@ fn reduce_code(op: ReduceOp) -> u8 {
     }
 }
 
+/// Every segment but this rank's, tagged with its owner (the parts a rank collects).
+fn others(segments: &[Region], rank: usize) -> Vec<(usize, Region)> {
+    segments
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(owner, _)| *owner != rank)
+        .collect()
+}
+
+/// A collective's identity for the shared-memory step check: the op name's first 8
+/// bytes, the element count, and the dtype, reduction and root codes.
+fn shared_desc(header: &Header) -> [u64; 3] {
+    let mut name = [0u8; 8];
+    let len = header.op_name.len().min(8);
+    name[..len].copy_from_slice(&header.op_name.as_bytes()[..len]);
+    [
+        u64::from_le_bytes(name),
+        header.numel,
+        u64::from(header.elem) | u64::from(header.reduce) << 8 | header.root << 16,
+    ]
+}
+
 /// The communication thread's state.
 struct Executor {
     rank: usize,
     world: usize,
     ring: Option<Ring>,
+    /// The shared-memory transport, when every rank is on this host (used instead of
+    /// the ring's TCP data path; the ring's links still tell when a neighbour dies).
+    shared: Option<shm::SharedArea>,
     /// Partial sums of reduce-scatter, reused across collectives.
     scratch: Vec<u64>,
     /// Why the communicator stopped working, once it has.
@@ -492,6 +542,27 @@ impl Executor {
         let kind = Self::elem(host)?;
         // SAFETY: `host` is contiguous CPU memory held by this job until `run` returns.
         let region = unsafe { tensor_region(host) };
+        let header = Self::header(name, host, Some(op), 0);
+        if let Some(shared) = self.shared.as_mut() {
+            let segments =
+                schedule::balanced_segments(region, host.numel(), self.world, kind.size());
+            let reduce = SharedReduce {
+                into: segments[self.rank],
+                kind,
+                op,
+                average: op == ReduceOp::Avg,
+                republish: true,
+            };
+            let plan = SharedPlan {
+                desc: shared_desc(&header),
+                parts_per_slot: self.world,
+                publish: segments.iter().copied().enumerate().collect(),
+                reduce: Some(reduce),
+                collect: others(&segments, self.rank),
+            };
+            let ring: &Ring = ring;
+            return shared.run(&plan, &|| ring.check_links());
+        }
         let steps = schedule::all_reduce(
             self.rank,
             self.world,
@@ -500,10 +571,7 @@ impl Executor {
             kind.size(),
             op == ReduceOp::Avg,
         );
-        ring.run(
-            Self::header(name, host, Some(op), 0),
-            &Plan { steps, kind, op },
-        )
+        ring.run(header, &Plan { steps, kind, op })
     }
 
     fn reduce_scatter(
@@ -517,6 +585,29 @@ impl Executor {
             return output.f_copy_(input).map_err(|e| e.to_string());
         };
         let kind = Self::elem(input)?;
+        let header = Self::header("reduce_scatter", input, Some(op), 0);
+        if let Some(shared) = self.shared.as_mut() {
+            // SAFETY: input/output are contiguous CPU tensors held by this job until
+            // `run` returns.
+            let (input_region, into) = unsafe { (tensor_region(input), tensor_region(output)) };
+            let segments = schedule::equal_segments(input_region, self.world, into.len());
+            let reduce = SharedReduce {
+                into,
+                kind,
+                op,
+                average: op == ReduceOp::Avg,
+                republish: false,
+            };
+            let plan = SharedPlan {
+                desc: shared_desc(&header),
+                parts_per_slot: self.world,
+                publish: segments.into_iter().enumerate().collect(),
+                reduce: Some(reduce),
+                collect: Vec::new(),
+            };
+            let ring: &Ring = ring;
+            return shared.run(&plan, &|| ring.check_links());
+        }
         let input_bytes = input.numel() * kind.size();
         if self.scratch.len() * 8 < input_bytes {
             self.scratch = vec![0u64; input_bytes.div_ceil(8)];
@@ -538,10 +629,7 @@ impl Executor {
             scratch,
             op == ReduceOp::Avg,
         );
-        ring.run(
-            Self::header("reduce_scatter", input, Some(op), 0),
-            &Plan { steps, kind, op },
-        )
+        ring.run(header, &Plan { steps, kind, op })
     }
 
     fn all_gather(&mut self, input: &Tensor, output: &Tensor) -> std::result::Result<(), String> {
@@ -556,10 +644,24 @@ impl Executor {
         let kind = Self::elem(output)?;
         // SAFETY: `output` is a contiguous CPU tensor held by this job until `run` returns.
         let region = unsafe { tensor_region(output) };
+        let header = Self::header("all_gather", output, None, 0);
+        if let Some(shared) = self.shared.as_mut() {
+            let segments =
+                schedule::equal_segments(region, self.world, input.numel() * kind.size());
+            let plan = SharedPlan {
+                desc: shared_desc(&header),
+                parts_per_slot: 1,
+                publish: vec![(self.rank, segments[self.rank])],
+                reduce: None,
+                collect: others(&segments, self.rank),
+            };
+            let ring: &Ring = ring;
+            return shared.run(&plan, &|| ring.check_links());
+        }
         let steps =
             schedule::all_gather(self.rank, self.world, region, input.numel() * kind.size());
         ring.run(
-            Self::header("all_gather", output, None, 0),
+            header,
             &Plan {
                 steps,
                 kind,
@@ -575,9 +677,26 @@ impl Executor {
         let kind = Self::elem(host)?;
         // SAFETY: `host` is contiguous CPU memory held by this job until `run` returns.
         let region = unsafe { tensor_region(host) };
+        let header = Self::header("broadcast", host, None, root);
+        if let Some(shared) = self.shared.as_mut() {
+            let (publish, collect) = if self.rank == root {
+                (vec![(root, region)], Vec::new())
+            } else {
+                (Vec::new(), vec![(root, region)])
+            };
+            let plan = SharedPlan {
+                desc: shared_desc(&header),
+                parts_per_slot: 1,
+                publish,
+                reduce: None,
+                collect,
+            };
+            let ring: &Ring = ring;
+            return shared.run(&plan, &|| ring.check_links());
+        }
         let steps = schedule::broadcast(self.rank, self.world, root, region);
         ring.run(
-            Self::header("broadcast", host, None, root),
+            header,
             &Plan {
                 steps,
                 kind,

@@ -12,6 +12,7 @@ use crate::comm::ReduceOp;
 use crate::comm::elementwise::{self, ElemKind};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -52,13 +53,13 @@ impl Region {
         }
     }
 
-    fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: `Region::new`'s contract: valid for `len` bytes, not aliased mutably.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
     #[allow(clippy::mut_from_ref)]
-    fn bytes_mut(&self) -> &mut [u8] {
+    pub fn bytes_mut(&self) -> &mut [u8] {
         // SAFETY: `Region::new`'s contract; the ring writes each region from one thread
         // only, and the schedules never send a chunk while it is being written.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
@@ -251,6 +252,36 @@ impl Ring {
     pub fn shut_down(&self) {
         let _ = self.to_next.shutdown(Shutdown::Both);
         let _ = self.from_prev.shutdown(Shutdown::Both);
+    }
+
+    /// Whether both neighbours still hold their end of the links. Shared-memory
+    /// collectives send nothing over TCP, so a closed socket is how a dead neighbour shows.
+    pub fn check_links(&self) -> Result<(), String> {
+        for (stream, peer) in [(&self.from_prev, &self.prev), (&self.to_next, &self.next)] {
+            let mut byte = 0u8;
+            // SAFETY: peeks at most one byte into a live local; the fd is owned by `stream`.
+            let got = unsafe {
+                libc::recv(
+                    stream.as_raw_fd(),
+                    (&mut byte as *mut u8).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if got == 0 {
+                return Err(format!("{peer} closed the connection"));
+            }
+            let error = io::Error::last_os_error();
+            let alive = got > 0
+                || matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                );
+            if !alive {
+                return Err(format!("link to {peer}: {error}"));
+            }
+        }
+        Ok(())
     }
 
     fn queue(&self, command: SendCmd) -> Result<(), String> {

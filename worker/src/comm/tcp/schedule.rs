@@ -23,7 +23,12 @@ fn wrap(value: isize, world: usize) -> usize {
 }
 
 /// Segments of `region` (of `numel` elements of `elem_size` bytes), balanced.
-fn balanced_segments(region: Region, numel: usize, world: usize, elem_size: usize) -> Vec<Region> {
+pub(crate) fn balanced_segments(
+    region: Region,
+    numel: usize,
+    world: usize,
+    elem_size: usize,
+) -> Vec<Region> {
     (0..world)
         .map(|k| {
             let (offset, len) = balanced_segment(numel, world, k);
@@ -33,7 +38,7 @@ fn balanced_segments(region: Region, numel: usize, world: usize, elem_size: usiz
 }
 
 /// Equal segments of `region`, each `seg_bytes` long.
-fn equal_segments(region: Region, world: usize, seg_bytes: usize) -> Vec<Region> {
+pub(crate) fn equal_segments(region: Region, world: usize, seg_bytes: usize) -> Vec<Region> {
     (0..world)
         .map(|k| region.sub(k * seg_bytes, seg_bytes))
         .collect()

@@ -13,6 +13,7 @@ pub(crate) fn test_options(chunk_bytes: usize) -> TcpOptions {
         op_timeout: Duration::from_secs(2),
         chunk_bytes,
         socket_buffer_bytes: None,
+        shared_memory_slot_bytes: None,
     }
 }
 

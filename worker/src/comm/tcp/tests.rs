@@ -156,8 +156,18 @@ fn all_cases(world: usize) -> Vec<Case> {
 /// Every case x dtype x count on one world; asserts reference equality on every rank
 /// and bit-identical results across ranks.
 fn check_world(world: usize, counts: &[usize], kinds: &[Kind], chunk_bytes: usize) -> Result<()> {
+    check_world_with(world, counts, kinds, test_options(chunk_bytes))
+}
+
+/// `check_world` with any options (the shared-memory tests use it too).
+pub(super) fn check_world_with(
+    world: usize,
+    counts: &[usize],
+    kinds: &[Kind],
+    options: super::TcpOptions,
+) -> Result<()> {
     let (counts, kinds) = (counts.to_vec(), kinds.to_vec());
-    let results = run_world(world, test_options(chunk_bytes), move |_rank, comm| {
+    let results = run_world(world, options, move |_rank, comm| {
         let mut outputs = Vec::new();
         let mut seed = 0u64;
         for &kind in &kinds {
@@ -193,7 +203,7 @@ fn check_world(world: usize, counts: &[usize], kinds: &[Kind], chunk_bytes: usiz
     Ok(())
 }
 
-const KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
+pub(super) const KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
 
 #[test]
 fn matches_reference_for_world_sizes_1_to_8() -> Result<()> {
@@ -314,6 +324,11 @@ fn forged_hello(rank: u32, world: u32, token: &str) -> Vec<u8> {
 
 #[test]
 fn intruders_are_dropped_and_never_reduced() -> Result<()> {
+    intruders_are_dropped_with(test_options(256))
+}
+
+/// Intruders queue on a listener before the real neighbour; only real ranks are summed.
+pub(super) fn intruders_are_dropped_with(options: super::TcpOptions) -> Result<()> {
     let (listeners, addrs) = bind_listeners(3)?;
     // Three intruders queue on rank 1's listener before its real neighbour (rank 0):
     // garbage, a forged hello with the wrong token, and the right token claiming rank 2.
@@ -332,7 +347,7 @@ fn intruders_are_dropped_and_never_reduced() -> Result<()> {
         let _ = stream.write_all(&vec![0x7fu8; 1 << 16]);
         intruders.push(stream);
     }
-    let results = run_world_on(listeners, addrs, test_options(256), |rank, comm| {
+    let results = run_world_on(listeners, addrs, options, |rank, comm| {
         let t = Tensor::f_full([4096], (rank + 1) as f64, (Kind::Float, tch::Device::Cpu))?;
         comm.all_reduce(&t, ReduceOp::Sum)?.wait()?;
         Ok(Vec::<f32>::try_from(&t)?)
@@ -375,8 +390,11 @@ fn wrong_token_cannot_form_a_ring() -> Result<()> {
 
 /// Runs a 4-rank world where rank 2 leaves after one good collective (after `linger`),
 /// while the others start a large all-reduce; returns each survivor's error and delay.
-fn survivors_of_rank_2_leaving(linger: Duration) -> Result<Vec<(usize, String, Duration)>> {
-    let results = run_world(4, test_options(64 * 1024), move |rank, comm| {
+pub(super) fn survivors_of_rank_2_leaving(
+    linger: Duration,
+    options: super::TcpOptions,
+) -> Result<Vec<(usize, String, Duration)>> {
+    let results = run_world(4, options, move |rank, comm| {
         let warmup = Tensor::f_ones([100], (Kind::Float, tch::Device::Cpu))?;
         comm.all_reduce(&warmup, ReduceOp::Sum)?.wait()?;
         if rank == 2 {
@@ -404,7 +422,7 @@ fn survivors_of_rank_2_leaving(linger: Duration) -> Result<Vec<(usize, String, D
         .collect())
 }
 
-fn assert_failed_in_time(survivors: &[(usize, String, Duration)], bound: Duration) {
+pub(super) fn assert_failed_in_time(survivors: &[(usize, String, Duration)], bound: Duration) {
     assert_eq!(survivors.len(), 3);
     for (rank, error, elapsed) in survivors {
         assert!(
@@ -433,7 +451,7 @@ fn assert_failed_in_time(survivors: &[(usize, String, Duration)], bound: Duratio
 
 #[test]
 fn dead_peer_fails_every_rank_quickly() -> Result<()> {
-    let survivors = survivors_of_rank_2_leaving(Duration::from_millis(50))?;
+    let survivors = survivors_of_rank_2_leaving(Duration::from_millis(50), test_options(64 << 10))?;
     // The dead peer's sockets close at once: far quicker than the 2 s op timeout.
     assert_failed_in_time(&survivors, Duration::from_millis(1500));
     Ok(())
@@ -441,7 +459,7 @@ fn dead_peer_fails_every_rank_quickly() -> Result<()> {
 
 #[test]
 fn hung_peer_fails_every_rank_within_the_timeout() -> Result<()> {
-    let survivors = survivors_of_rank_2_leaving(Duration::from_secs(6))?;
+    let survivors = survivors_of_rank_2_leaving(Duration::from_secs(6), test_options(64 << 10))?;
     // Rank 3 times out after 2 s and closes its links; the others learn it from there.
     assert_failed_in_time(&survivors, Duration::from_secs(5));
     let timed_out = survivors
@@ -454,11 +472,17 @@ fn hung_peer_fails_every_rank_within_the_timeout() -> Result<()> {
     Ok(())
 }
 
-/// Environment of a child rank: `rank;world;addr0,addr1,...`.
+/// Environment of a child rank: `rank;world;addr0,addr1,...;shared_memory`.
 const CHILD_ENV: &str = "RSDEEP_COMM_TEST_CHILD";
 
 #[test]
 fn separate_processes_match_reference() -> Result<()> {
+    separate_processes_match_reference_with(false)
+}
+
+/// Three child processes run every case; `shared_memory` picks their transport (each
+/// child asserts it got the one asked for).
+pub(super) fn separate_processes_match_reference_with(shared_memory: bool) -> Result<()> {
     let world = 3;
     let (listeners, addrs) = bind_listeners(world)?;
     drop(listeners); // each child process binds its own address again
@@ -472,7 +496,10 @@ fn separate_processes_match_reference() -> Result<()> {
                 "--ignored",
                 "--test-threads=1",
             ])
-            .env(CHILD_ENV, format!("{rank};{world};{}", addrs.join(",")))
+            .env(
+                CHILD_ENV,
+                format!("{rank};{world};{};{shared_memory}", addrs.join(",")),
+            )
             .stdout(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| Error::io("spawning a child rank", e))?;
@@ -532,14 +559,17 @@ fn child_rank() -> Result<()> {
         .unwrap_or_default();
     let listener = std::net::TcpListener::bind(addrs.get(rank).map(String::as_str).unwrap_or(""))
         .map_err(|e| Error::io("binding the child's address", e))?;
-    let comm = super::TcpComm::connect(
-        rank,
-        world,
-        &addrs,
-        listener,
-        "test-token",
-        test_options(128),
-    )?;
+    let shared_memory = fields.get(3) == Some(&"true");
+    let mut options = test_options(128);
+    if shared_memory {
+        options.shared_memory_slot_bytes = Some(96);
+    }
+    let comm = super::TcpComm::connect(rank, world, &addrs, listener, "test-token", options)?;
+    assert_eq!(
+        comm.uses_shared_memory(),
+        shared_memory,
+        "rank {rank} runs on the transport asked for"
+    );
     let mut seed = 10_000u64;
     for kind in KINDS {
         for count in [0usize, 1, 5, 1031] {
