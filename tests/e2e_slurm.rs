@@ -1,0 +1,727 @@
+//! End-to-end SLURM tests (issue 8): a real one-node SLURM (munged, slurmctld, slurmd from
+//! Debian's `slurm-wlm` and `munge`, installed with apt-get when missing) runs in a folder
+//! the test owns, on free loopback ports, following the tested recipe in
+//! `/work/shared/reference/test-hosts.md`. `deploy/slurm/train-1node.sbatch` is submitted
+//! with `sbatch --wait` for a tiny 2-rank CPU training: the job must train and leave a
+//! complete checkpoint; a second job is sent SIGUSR1 (what `--signal=B:USR1@120` sends
+//! before the time limit) and must requeue and resume from its newest checkpoint. Also:
+//! `expand_hostlist` against `scontrol show hostnames`, and `--launcher slurm` errors
+//! naming the missing variable. A machine that cannot run SLURM fails the test with the
+//! reason; nothing is skipped.
+
+use rsdeep::hostlist::expand_hostlist;
+use rsdeep_e2e::binary;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The SLURM tests train on the same 2 cores: one at a time.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const DAEMONS: [&str; 6] = [
+    "/usr/sbin/munged",
+    "/usr/sbin/slurmctld",
+    "/usr/sbin/slurmd",
+    "/usr/bin/sbatch",
+    "/usr/bin/scontrol",
+    "/usr/bin/sinfo",
+];
+
+/// Installs `slurm-wlm munge` when a binary is missing (idempotent); panics with the reason
+/// when that is impossible.
+fn ensure_slurm_installed() {
+    if DAEMONS.iter().all(|p| Path::new(p).exists()) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "SLURM is not installed ({} missing) and this test is not root, so it cannot \
+         `apt-get install slurm-wlm munge`; install them or run the tests as root",
+        DAEMONS.iter().find(|p| !Path::new(p).exists()).unwrap()
+    );
+    for args in [
+        &["update"][..],
+        &[
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "slurm-wlm",
+            "munge",
+        ][..],
+    ] {
+        let out = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .expect("apt-get cannot be started: this machine cannot install SLURM");
+        assert!(
+            out.status.success(),
+            "apt-get {args:?} failed, so SLURM cannot be installed here:\n{}",
+            tail(&out)
+        );
+    }
+    assert!(
+        DAEMONS.iter().all(|p| Path::new(p).exists()),
+        "apt-get installed slurm-wlm and munge but a daemon is still missing"
+    );
+}
+
+fn tail(out: &Output) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// A free TCP port on loopback (released at once; SLURM binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+fn short_hostname() -> String {
+    let out = Command::new("hostname")
+        .arg("-s")
+        .output()
+        .expect("hostname -s");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// munged + slurmctld + slurmd with every file in `dir`; stopped by PID on drop.
+struct SlurmCluster {
+    dir: tempfile::TempDir,
+    daemons: Vec<(&'static str, Child)>,
+}
+
+impl SlurmCluster {
+    fn start() -> SlurmCluster {
+        ensure_slurm_installed();
+        let dir = tempfile::tempdir().expect("temp dir");
+        set_mode(dir.path(), 0o755); // munged (user munge) must reach its socket
+        let mut cluster = SlurmCluster {
+            dir,
+            daemons: Vec::new(),
+        };
+        cluster.start_munge();
+        cluster.write_config();
+        cluster.spawn("slurmctld", Command::new("slurmctld").args(["-D", "-i"]));
+        cluster.spawn("slurmd", Command::new("slurmd").arg("-D"));
+        cluster.wait_until_idle(Duration::from_secs(60));
+        cluster
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.path("slurm.conf")
+    }
+
+    /// Starts `command` with its output in `<dir>/<name>.log` and `SLURM_CONF` set.
+    fn spawn(&mut self, name: &'static str, command: &mut Command) {
+        let log = File::create(self.path(&format!("{name}.log"))).expect("daemon log");
+        let child = command
+            .env("SLURM_CONF", self.conf())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        self.daemons.push((name, child));
+    }
+
+    /// munged as user munge with its own key and socket (as root it refuses to run).
+    fn start_munge(&mut self) {
+        let munge_dir = self.path("munge");
+        std::fs::create_dir(&munge_dir).expect("munge dir");
+        let key: Vec<u8> = (0..1024).map(|_| rand_byte()).collect();
+        std::fs::write(munge_dir.join("munge.key"), key).expect("munge key");
+        let status = Command::new("chown")
+            .args(["-R", "munge:munge"])
+            .arg(&munge_dir)
+            .status()
+            .expect("chown");
+        assert!(
+            status.success(),
+            "cannot chown the munge folder to user munge"
+        );
+        set_mode(&munge_dir.join("munge.key"), 0o400);
+        set_mode(&munge_dir, 0o755);
+        let socket = munge_dir.join("munge.sock");
+        let file = |name: &str| format!("--{name}={}", munge_dir.join(name).display());
+        self.spawn(
+            "munged",
+            Command::new("setpriv")
+                .args(["--reuid=munge", "--regid=munge", "--init-groups"])
+                .args(["/usr/sbin/munged", "-F"])
+                .arg(format!("--socket={}", socket.display()))
+                .arg(format!(
+                    "--key-file={}",
+                    munge_dir.join("munge.key").display()
+                ))
+                .args([file("log-file"), file("pid-file"), file("seed-file")]),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "munged did not create its socket within 20 s:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// slurm.conf for one node named like this machine, with the layout `slurmd -C` reports.
+    fn write_config(&self) {
+        let host = short_hostname();
+        let layout = Command::new("slurmd")
+            .arg("-C")
+            .output()
+            .expect("slurmd -C");
+        let layout = String::from_utf8_lossy(&layout.stdout);
+        let node_line = layout
+            .lines()
+            .find(|l| l.starts_with("NodeName="))
+            .unwrap_or_else(|| panic!("`slurmd -C` printed no NodeName line: {layout}"));
+        let resources: Vec<&str> = node_line
+            .split_whitespace()
+            .skip(1)
+            .filter(|kv| !kv.starts_with("Boards="))
+            .collect();
+        let run = self.dir.path().display();
+        let text = format!(
+            "ClusterName=rsdeeptest\n\
+             SlurmctldHost={host}(127.0.0.1)\n\
+             SlurmctldPort={ctld}\nSlurmdPort={slurmd}\n\
+             SlurmUser=root\nSlurmdUser=root\n\
+             AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={run}/munge/munge.sock\n\
+             MpiDefault=none\nMailProg=/bin/true\n\
+             ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n\
+             SelectType=select/cons_tres\nSelectTypeParameters=CR_Core\n\
+             AccountingStorageType=accounting_storage/none\nJobAcctGatherType=jobacct_gather/none\n\
+             ReturnToService=2\nMinJobAge=5\n\
+             StateSaveLocation={run}/state\nSlurmdSpoolDir={run}/spool\n\
+             SlurmctldPidFile={run}/slurmctld.pid\nSlurmdPidFile={run}/slurmd.pid\n\
+             SlurmctldLogFile={run}/slurmctld.file.log\nSlurmdLogFile={run}/slurmd.file.log\n\
+             NodeName={host} NodeAddr=127.0.0.1 {resources} State=UNKNOWN\n\
+             PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
+            ctld = free_port(),
+            slurmd = free_port(),
+            resources = resources.join(" "),
+        );
+        for sub in ["state", "spool"] {
+            std::fs::create_dir(self.path(sub)).expect("slurm state dir");
+        }
+        std::fs::write(self.conf(), text).expect("slurm.conf");
+    }
+
+    fn wait_until_idle(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let state = self.command("sinfo").args(["-h", "-o", "%T"]).output();
+            if let Ok(out) = &state
+                && String::from_utf8_lossy(&out.stdout).trim() == "idle"
+            {
+                return;
+            }
+            let exited = self
+                .daemons
+                .iter_mut()
+                .find_map(|(name, child)| Some((*name, child.try_wait().ok()??)));
+            if let Some((name, status)) = exited {
+                panic!(
+                    "{name} exited ({status}) before the node became idle:\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the SLURM node did not become idle within {limit:?}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A SLURM client command (`sbatch`, `scontrol`...) aimed at this cluster.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.env("SLURM_CONF", self.conf());
+        command
+    }
+
+    fn logs(&self) -> String {
+        logs_in(self.dir.path())
+    }
+}
+
+fn logs_in(dir: &Path) -> String {
+    let mut text = String::new();
+    for name in [
+        "munged.log",
+        "slurmctld.log",
+        "slurmd.log",
+        "slurmctld.file.log",
+        "slurmd.file.log",
+    ] {
+        let body = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let lines: Vec<&str> = body.lines().collect();
+        let last = lines[lines.len().saturating_sub(15)..].join("\n");
+        text.push_str(&format!("--- {name}\n{last}\n"));
+    }
+    text
+}
+
+impl Drop for SlurmCluster {
+    fn drop(&mut self) {
+        // Jobs first (their slurmstepd is not our child), then the daemons in order.
+        let _ = self
+            .command("scancel")
+            .args(["--full", "-u", "root"])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let out = self.command("squeue").args(["-h", "-o", "%i"]).output();
+            if out.map_or(true, |o| o.stdout.is_empty()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for (_, child) in self.daemons.iter_mut().rev() {
+            stop(child);
+        }
+    }
+}
+
+/// SIGTERM, up to 10 s, then SIGKILL; always reaped.
+fn stop(child: &mut Child) {
+    // SAFETY: kill(2) on a child this test started and has not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn rand_byte() -> u8 {
+    use std::io::Read;
+    let mut byte = [0u8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut byte))
+        .expect("/dev/urandom");
+    byte[0]
+}
+
+/// Corpus, tokenizer, tiny Qwen2 config and a pretrain train.json (2 CPU ranks, ZeRO-2).
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
+        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        let status = Command::new(binary("rsdeep"))
+            .args(["tokenizer", "train", "--files"])
+            .arg(root.join("corpus.jsonl"))
+            .args(["--vocab_size", "400", "--out"])
+            .arg(root.join("tok"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("rsdeep tokenizer train");
+        assert!(status.success(), "tokenizer training failed");
+        let path = |name: &str| root.join(name);
+        let config = serde_json::json!({
+            "task": "pretrain",
+            "config_name": path("model.json"),
+            "tokenizer_name": path("tok"),
+            "train_files": [path("corpus.jsonl")],
+            "block_size": 32,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 3e-3,
+            "max_steps": 6,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "seed": 7,
+            "output_dir": path("out"),
+            "deepspeed": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "zero_optimization": {"stage": 2}
+            }
+        });
+        std::fs::write(
+            path("train.json"),
+            serde_json::to_string_pretty(&config).expect("json"),
+        )
+        .expect("train.json");
+        Fixture { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+const MODEL_CONFIG: &str = r#"{
+  "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+  "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 512,
+  "tie_word_embeddings": false, "initializer_range": 0.02, "hidden_act": "silu",
+  "torch_dtype": "float32"
+}"#;
+
+/// 300 short documents of repetitive, learnable English.
+fn corpus() -> String {
+    let subjects = [
+        "the quick brown fox",
+        "a lazy dog",
+        "the old captain",
+        "my cat",
+    ];
+    let verbs = ["jumps over", "sleeps near", "sails across", "watches"];
+    let objects = ["the fence", "the harbour", "a sunny garden", "the mountain"];
+    (0..300)
+        .map(|i| {
+            let text = format!(
+                "{} {} {}. {} {} {}.",
+                subjects[i % 4],
+                verbs[(i / 4) % 4],
+                objects[(i / 16) % 4],
+                subjects[(i + 2) % 4],
+                verbs[(i + 3) % 4],
+                objects[(i + 1) % 4]
+            );
+            serde_json::json!({ "text": text }).to_string() + "\n"
+        })
+        .collect()
+}
+
+/// The sbatch script of `deploy/slurm/`.
+fn deploy_script(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/slurm")
+        .join(name);
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
+/// A submitted `sbatch --wait` of the one-node script for 2 CPU ranks.
+struct Submission {
+    child: Child,
+    stdout: PathBuf,
+}
+
+fn submit(cluster: &SlurmCluster, fixture: &Fixture, overrides: &[&str]) -> Submission {
+    let stdout = fixture.path("sbatch.stdout");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    let mut command = cluster.command("sbatch");
+    command
+        .arg("--wait")
+        .arg("--gpus-per-node=0")
+        .arg(format!("--cpus-per-task={cpus}"))
+        .arg(deploy_script("train-1node.sbatch"))
+        .arg(fixture.path("train.json"))
+        .args(overrides)
+        .current_dir(fixture.dir.path())
+        .env("RSDEEP", binary("rsdeep"))
+        .env("RSDEEP_LAUNCH_ARGS", "--device cpu --num_procs 2")
+        .env("OMP_NUM_THREADS", "1")
+        .env("RSDEEP_LOG", "warn")
+        .env_remove("RSDEEP_JOB_ID")
+        .env_remove("RSDEEP_TOKEN")
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout).expect("sbatch stdout"))
+        .stderr(File::create(fixture.path("sbatch.stderr")).expect("sbatch stderr"));
+    let child = command.spawn().expect("start sbatch");
+    Submission { child, stdout }
+}
+
+impl Submission {
+    /// The job id from "Submitted batch job N".
+    fn job_id(&self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let text = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+            if let Some(id) = text.trim().strip_prefix("Submitted batch job ") {
+                return id.trim().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sbatch printed no job id: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for `sbatch --wait` (the job's exit code); panics with `context` after `limit`.
+    fn wait(&mut self, limit: Duration, context: impl Fn() -> String) -> i32 {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait sbatch") {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "sbatch --wait did not return within {limit:?}\n{}",
+                    context()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The job's output file (`%x-%j.out` in the submit folder).
+fn job_output(fixture: &Fixture, job_id: &str) -> String {
+    std::fs::read_to_string(fixture.path(&format!("rsdeep-{job_id}.out"))).unwrap_or_default()
+}
+
+fn logged_steps(output: &str) -> Vec<u64> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("[rank 0] step "))
+        .filter_map(|rest| rest.split('/').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn sbatch_one_node_script_trains_and_writes_a_complete_checkpoint() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start();
+    let fixture = Fixture::new();
+    let started = Instant::now();
+    let mut job = submit(&cluster, &fixture, &[]);
+    let id = job.job_id(Duration::from_secs(30));
+    let code = job.wait(Duration::from_secs(300), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(&fixture, &id);
+    assert_eq!(code, 0, "the job failed:\n{output}\n{}", cluster.logs());
+    eprintln!(
+        "sbatch --wait of a 6-step 2-rank job: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        output.contains(&format!("rsdeep: SLURM job {id} node 0 of 1")),
+        "{output}"
+    );
+    assert!(output.contains("world size 2"), "{output}");
+    assert!(
+        output.contains("no complete checkpoint") && output.contains("starting fresh"),
+        "the first run of a requeueable job must start fresh:\n{output}"
+    );
+    assert_eq!(logged_steps(&output), [1, 2, 3, 4, 5, 6], "{output}");
+    let out = fixture.path("out");
+    for step in [3, 6] {
+        let manifest = out.join(format!("checkpoint-{step}/manifest.json"));
+        assert!(manifest.is_file(), "{} is missing", manifest.display());
+    }
+    assert!(out.join("model.safetensors").is_file());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics.jsonl");
+    assert!(metrics.lines().count() >= 6, "{metrics}");
+}
+
+#[test]
+fn sigusr1_before_the_time_limit_requeues_and_resumes_from_the_newest_checkpoint() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start();
+    let fixture = Fixture::new();
+    let mut job = submit(
+        &cluster,
+        &fixture,
+        &["--max_steps", "40", "--save_steps", "4"],
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    let first = fixture.path("out/checkpoint-4/manifest.json");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !first.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint-4 within 240 s:\n{}",
+            job_output(&fixture, &id)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What `#SBATCH --signal=B:USR1@120` does 120 s before the time limit.
+    let status = cluster
+        .command("scancel")
+        .args(["--batch", "--signal=USR1", &id])
+        .status()
+        .expect("scancel");
+    assert!(status.success(), "scancel --signal=USR1 failed");
+    // SLURM holds a requeued job back ~2 minutes (BeginTime); release it at once.
+    let released = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < released {
+        let state = cluster
+            .command("squeue")
+            .args(["-h", "-j", &id, "-o", "%T %r"])
+            .output()
+            .expect("squeue");
+        if String::from_utf8_lossy(&state.stdout).contains("BeginTime") {
+            let _ = cluster
+                .command("scontrol")
+                .args(["update", &format!("jobid={id}"), "starttime=now"])
+                .status();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let code = job.wait(Duration::from_secs(300), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(&fixture, &id);
+    assert_eq!(code, 0, "the requeued job failed:\n{output}");
+    assert!(
+        output.contains("SIGUSR1 (time limit near)"),
+        "the trap did not run:\n{output}"
+    );
+    assert!(
+        output.contains("received signal 15, stopping every worker"),
+        "rsdeep was not stopped with SIGTERM:\n{output}"
+    );
+    assert!(
+        output.contains("restart count 1"),
+        "not requeued:\n{output}"
+    );
+    let resumed = output
+        .lines()
+        .find_map(|l| l.split("resumed from ").nth(1))
+        .and_then(|rest| rest.split(" at step ").nth(1))
+        .and_then(|step| step.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("the requeued run did not resume:\n{output}"));
+    assert!(
+        resumed >= 4 && resumed % 4 == 0,
+        "resumed at step {resumed}"
+    );
+    let steps = logged_steps(&output);
+    assert_eq!(steps.last(), Some(&40), "{output}");
+    let after_requeue: Vec<u64> = steps.iter().copied().filter(|&s| s > resumed).collect();
+    assert_eq!(after_requeue.first(), Some(&(resumed + 1)), "{output}");
+    assert!(fixture.path("out/checkpoint-40/manifest.json").is_file());
+}
+
+/// Patterns compared with `scontrol show hostnames` (valid in Slurm 22.05).
+const PATTERNS: [&str; 12] = [
+    "node[01-04,07]",
+    "n[01-10]",
+    "a,b",
+    "rack[1-2]-n[1-3]",
+    "node[1-3,7]",
+    "n[8-10],gpu7",
+    "n[001-5] x[1-010]",
+    "n1[0-2],m[09-11]",
+    "a-[1-2],b[3]",
+    "n[1-2][3-4]",
+    "gpu[2,1,2]",
+    "host.example.com,n[0-3]-[5-6]",
+];
+
+#[test]
+fn hostlist_expansion_matches_scontrol_show_hostnames() {
+    ensure_slurm_installed();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf = dir.path().join("slurm.conf");
+    std::fs::write(
+        &conf,
+        "ClusterName=hostlist\nSlurmctldHost=localhost(127.0.0.1)\n\
+         NodeName=localhost CPUs=1 State=UNKNOWN\nPartitionName=p Nodes=ALL Default=YES\n",
+    )
+    .expect("slurm.conf");
+    for pattern in PATTERNS {
+        let out = Command::new("scontrol")
+            .args(["show", "hostnames", pattern])
+            .env("SLURM_CONF", &conf)
+            .output()
+            .expect("scontrol");
+        assert!(out.status.success(), "scontrol failed on {pattern}");
+        let theirs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert!(!theirs.is_empty(), "scontrol expanded {pattern} to nothing");
+        let ours = expand_hostlist(pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
+        assert_eq!(ours, theirs, "{pattern}");
+    }
+}
+
+/// `rsdeep --launcher slurm` with only the given SLURM_* variables (none inherited).
+fn launcher_slurm(vars: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut command = Command::new(binary("rsdeep"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SLURM_") || key.starts_with("RSDEEP_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .args(["--launcher", "slurm", "--device", "cpu", "--selftest"])
+        .current_dir(dir.path())
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rsdeep")
+}
+
+#[test]
+fn launcher_slurm_names_the_missing_or_inconsistent_variable() {
+    let base = [
+        ("SLURM_JOB_ID", "9"),
+        ("SLURM_NNODES", "2"),
+        ("SLURM_NODEID", "1"),
+    ];
+    let out = launcher_slurm(&base);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("SLURM_JOB_NODELIST is not set"), "{stderr}");
+    assert!(!stderr.contains("localhost"), "{stderr}");
+    let mut vars = base.to_vec();
+    vars.push(("SLURM_JOB_NODELIST", "node[1-3]"));
+    let out = launcher_slurm(&vars);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SLURM_JOB_NODELIST lists 3 node(s)") && stderr.contains("SLURM_NNODES=2"),
+        "{stderr}"
+    );
+    vars[3] = ("SLURM_JOB_NODELIST", "node[1-2]");
+    let out = launcher_slurm(&vars);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("RSDEEP_TOKEN is not set"),
+        "several nodes without a shared token must fail: {stderr}"
+    );
+}
