@@ -95,14 +95,17 @@ worker_pids() {
 # Checks every checkpoint-N of output dir $1: manifest, sizes and sha256 of listed files.
 verify_checkpoints() {
   python3 - "$1" <<'EOF'
-import hashlib, json, os, sys
+import hashlib, json, os, re, sys
 out = sys.argv[1]
 if not os.path.isdir(out):
     sys.exit(0)
 bad = []
 for name in sorted(os.listdir(out)):
     path = os.path.join(out, name)
-    if not name.startswith("checkpoint-") or not os.path.isdir(path):
+    if re.fullmatch(r"checkpoint-\d+\.tmp", name):
+        print(f"note: {path}: an interrupted save's temporary folder (never read)", file=sys.stderr)
+        continue
+    if not re.fullmatch(r"checkpoint-\d+", name) or not os.path.isdir(path):
         continue
     try:
         manifest = json.load(open(os.path.join(path, "manifest.json")))
@@ -180,11 +183,11 @@ for i in $(seq 1 "$LAUNCHES"); do
     fail "$i" "orphans of job $job: $(echo $left)"
     kill -KILL $left 2>/dev/null
   fi
-  port="$(grep -o 'rendezvous 127.0.0.1:[0-9]*' "$run/launch-$i.log" | head -1 | cut -d: -f2)"
+  port="$(grep -so 'rendezvous 127.0.0.1:[0-9]*' "$run/launch-$i.log" | head -1 | cut -d: -f2)"
   if [ -n "$port" ] && ss -ltnH "sport = :$port" | grep -q .; then
     fail "$i" "rendezvous port $port still listening: $(ss -ltnpH "sport = :$port")"
   fi
-  if ! problems="$(verify_checkpoints "$run/out")"; then fail "$i" "$problems"; fi
+  if ! problems="$(verify_checkpoints "$run/out" 2>>"$WORK/notes")"; then fail "$i" "$problems"; fi
   if [ "$action" = none ] && [ "$code" -ne 0 ]; then
     fail "$i" "an undisturbed launch exited $code ($run/launch-$i.log)"
   fi
@@ -213,5 +216,6 @@ for key in $(printf '%s\n' "${!OUTCOMES[@]}" | sort); do
   printf 'soak:   %-26s %d\n' "$key" "${OUTCOMES[$key]}"
 done
 echo "soak:   output dirs with a latest checkpoint loaded by consolidate: $loaded"
+echo "soak:   interrupted-save temporary folders left (checkpoint-N.tmp): $(sort -u "$WORK/notes" 2>/dev/null | grep -c 'temporary folder')"
 echo "soak:   failed checks: $FAILURES"
 [ "$FAILURES" -eq 0 ]

@@ -410,14 +410,37 @@ async fn connect_with_retry(endpoint: &Endpoint, url: &str, timeout: Duration) -
     loop {
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(Error::Rendezvous(format!(
-                    "cannot reach the rendezvous at {url} within {timeout:?}: {e}"
-                )));
+            Err(e) => {
+                let cause = error_chain(&e);
+                // A certificate the worker does not trust will not change by waiting.
+                if cause.contains("certificate") {
+                    return Err(Error::Rendezvous(format!(
+                        "TLS to the rendezvous at {url} failed: {cause} (check RSDEEP_TLS_CA / \
+                         --rendezvous_tls_ca and that the certificate names {})",
+                        endpoint.uri().host().unwrap_or("the master address")
+                    )));
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Rendezvous(format!(
+                        "cannot reach the rendezvous at {url} within {timeout:?}: {cause}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// `err` and its sources, joined by ": ".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn world_from(answer: pb::JoinResponse, env: &WorkerEnv) -> World {
