@@ -1,10 +1,12 @@
 //! The collective, crash-safe save. Every rank calls `save_checkpoint` (or
 //! `save_checkpoint_async` + `PendingSave::finish`); the protocol is:
 //! 1. rank 0 removes stale `checkpoint-*.tmp` folders of crashed saves and creates
-//!    `output_dir/checkpoint-N.tmp/`; every rank snapshots its owned optimizer partition
-//!    (a synchronous save writes the engine's tensors as they are; an asynchronous one
-//!    copies them into reusable host buffers, one memcpy per tensor); all ranks agree
-//!    (one all-reduce) that both worked;
+//!    `output_dir/checkpoint-N.tmp/`; every rank takes views of its owned optimizer
+//!    partition (no copy); all ranks agree (one all-reduce) that both worked. A
+//!    synchronous save writes the engine's tensors as they are; an asynchronous one
+//!    copies them on its background thread into reusable host buffers (one memcpy per
+//!    tensor) while the next forward/backward runs, and the next step waits for that
+//!    copy only if it is not done yet (`PendingSave::wait_for_snapshot`);
 //! 2. every rank writes + fsyncs its files, hashing while writing, and then its manifest
 //!    part (renamed into place, so a part that exists is complete);
 //! 3. once every rank's part is there, rank 0 merges them, writes the HF weights from the
@@ -40,7 +42,7 @@ use crate::{Error, Result};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -109,6 +111,7 @@ struct LeaderSnapshot {
 /// background thread.
 pub struct PendingSave {
     writer: Option<std::thread::JoinHandle<Result<()>>>,
+    snapshot: Arc<SnapshotGate>,
     cancel: Arc<AtomicBool>,
     final_dir: PathBuf,
     device: Device,
@@ -117,13 +120,28 @@ pub struct PendingSave {
 }
 
 impl PendingSave {
+    /// Blocks until the background thread has copied the engine state this save
+    /// writes. Call it before anything changes the engine's optimizer state (the next
+    /// `step()`, a load): the copy runs while the next forward/backward does, so training
+    /// usually does not wait here at all. A step taken without it makes the save fail
+    /// (the tensors' version counters are checked after the copy).
+    pub fn wait_for_snapshot(&self) -> Result<()> {
+        let _span = tracing::info_span!(
+            "checkpoint_wait_snapshot",
+            rank = self.rank,
+            step = self.step
+        )
+        .entered();
+        self.snapshot.wait()
+    }
+
     /// True once this rank's background work is done (rank 0: the checkpoint is
     /// published or failed); `finish` then returns at once.
     pub fn is_written(&self) -> bool {
         self.writer.as_ref().is_none_or(|w| w.is_finished())
     }
 
-    /// Waits for this rank's background work, then all ranks agree it succeeded (one
+    /// Waits for this rank's background work (the snapshot included), then all ranks agree it succeeded (one
     /// all-reduce; every rank calls it, before the next save and at the end of
     /// training). Returns the checkpoint folder.
     pub fn finish(mut self, comm: &dyn Communicator) -> Result<PathBuf> {
@@ -159,7 +177,7 @@ impl Drop for PendingSave {
 /// Saves a checkpoint (a collective: every rank calls it with the same step).
 pub fn save_checkpoint(req: SaveRequest<'_>) -> Result<PathBuf> {
     let (comm, device) = (req.comm, req.engine.config().device);
-    let (snapshot, final_dir) = prepare(req, false)?;
+    let (snapshot, final_dir) = prepare(req)?;
     let world_size = snapshot.world_size;
     let written = write_rank_files(snapshot);
     let leader = agreed(comm, device, "writing checkpoint files", written)?;
@@ -176,16 +194,19 @@ pub fn save_checkpoint(req: SaveRequest<'_>) -> Result<PathBuf> {
 /// every rank before the next save and at the end.
 pub fn save_checkpoint_async(req: SaveRequest<'_>) -> Result<PendingSave> {
     let (device, step) = (req.engine.config().device, req.step);
-    let (snapshot, final_dir) = prepare(req, true)?;
+    let (snapshot, final_dir) = prepare(req)?;
+    let versions = tensor_versions(&snapshot.owned)?;
     let cancel = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(SnapshotGate::default());
     let (rank, world_size) = (snapshot.rank, snapshot.world_size);
-    let stop = cancel.clone();
+    let (stop, opener) = (cancel.clone(), GateOpener(gate.clone()));
     let writer = std::thread::Builder::new()
         .name(format!("ckpt-writer-{rank}"))
-        .spawn(move || write_in_background(snapshot, world_size, step, &stop))
+        .spawn(move || write_in_background(snapshot, versions, opener, world_size, step, &stop))
         .map_err(|e| Error::io("starting the checkpoint writer thread", e))?;
     Ok(PendingSave {
         writer: Some(writer),
+        snapshot: gate,
         cancel,
         final_dir,
         device,
@@ -194,18 +215,100 @@ pub fn save_checkpoint_async(req: SaveRequest<'_>) -> Result<PendingSave> {
     })
 }
 
-/// An asynchronous save's background work on one rank: its files, then (rank 0) the
-/// wait for every other rank's part and the publication. A failure leaves a marker the
-/// leader sees instead of waiting.
+/// Opens once the background copy of the engine state is taken (or failed).
+#[derive(Default)]
+struct SnapshotGate {
+    taken: Mutex<Option<std::result::Result<(), String>>>,
+    opened: Condvar,
+}
+
+impl SnapshotGate {
+    fn open(&self, result: std::result::Result<(), String>) {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        if taken.is_none() {
+            *taken = Some(result);
+        }
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        while taken.is_none() {
+            taken = self.opened.wait(taken).unwrap_or_else(|e| e.into_inner());
+        }
+        match taken.as_ref() {
+            Some(Err(why)) => Err(Error::Checkpoint(why.clone())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The writer's handle on the gate: dropping it (the thread ended or panicked before
+/// the copy) opens the gate with an error, so `wait_for_snapshot` never hangs.
+struct GateOpener(Arc<SnapshotGate>);
+
+impl Drop for GateOpener {
+    fn drop(&mut self) {
+        self.0.open(Err(
+            "the checkpoint writer stopped before taking its snapshot".into(),
+        ));
+    }
+}
+
+/// The version counters of the snapshot's tensors (shared with the engine's).
+fn tensor_versions(owned: &OwnedState) -> Result<Vec<i64>> {
+    let mut versions = Vec::new();
+    for block in &owned.blocks {
+        for t in [&block.master, &block.exp_avg, &block.exp_avg_sq] {
+            versions.push(t.f_internal_version()?);
+        }
+    }
+    Ok(versions)
+}
+
+/// Replaces the snapshot's views of the engine's tensors by pooled host copies, and
+/// fails if the engine changed any of them before it was copied (a step taken without
+/// `wait_for_snapshot`).
+fn copy_views(owned: &mut OwnedState, versions: &[i64]) -> Result<()> {
+    let mut expected = versions.iter();
+    for block in &mut owned.blocks {
+        for t in [&mut block.master, &mut block.exp_avg, &mut block.exp_avg_sq] {
+            let copy = pooled_copy(t)?;
+            if Some(&t.f_internal_version()?) != expected.next() {
+                return Err(Error::Checkpoint(
+                    "the engine's state changed before the asynchronous checkpoint copied it: \
+                     call PendingSave::wait_for_snapshot before the next step"
+                        .into(),
+                ));
+            }
+            *t = copy;
+        }
+    }
+    Ok(())
+}
+
+/// An asynchronous save's background work on one rank: the copy of its state (then the
+/// training thread may step again), its files, then (rank 0) the wait for every other
+/// rank's part and the publication. A failure leaves a marker the leader sees instead
+/// of waiting.
 fn write_in_background(
-    snapshot: RankSnapshot,
+    mut snapshot: RankSnapshot,
+    versions: Vec<i64>,
+    opener: GateOpener,
     world_size: usize,
     step: u64,
     cancel: &AtomicBool,
 ) -> Result<()> {
     let (rank, tmp_dir) = (snapshot.rank, snapshot.tmp_dir.clone());
     let _span = tracing::info_span!("checkpoint_background", rank, step).entered();
-    let leader = match write_rank_files(snapshot) {
+    let copied = copy_views(&mut snapshot.owned, &versions);
+    opener
+        .0
+        .open(copied.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+    drop(opener);
+    snapshot.pooled = copied.is_ok();
+    let written = copied.and_then(|()| write_rank_files(snapshot));
+    let leader = match written {
         Ok(leader) => leader,
         Err(e) => {
             mark_failed(&tmp_dir, rank, &e);
@@ -237,10 +340,9 @@ fn agreed<T>(comm: &dyn Communicator, device: Device, what: &str, local: Result<
 }
 
 /// Phase 1: the tmp folder (rank 0) and every rank's snapshot, agreed by one
-/// all-reduce. `copy` makes the snapshot independent of the engine (asynchronous
-/// saves); otherwise it aliases the engine's tensors, which the borrowed engine cannot
-/// change before the synchronous save returns.
-fn prepare(req: SaveRequest<'_>, copy: bool) -> Result<(RankSnapshot, PathBuf)> {
+/// all-reduce. The snapshot aliases the engine's tensors: a synchronous save writes them
+/// while the engine is borrowed; an asynchronous one copies them first (background).
+fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, PathBuf)> {
     let rank = req.comm.rank();
     let _span = tracing::info_span!("checkpoint_snapshot", rank, step = req.step).entered();
     let device = req.engine.config().device;
@@ -256,7 +358,7 @@ fn prepare(req: SaveRequest<'_>, copy: bool) -> Result<(RankSnapshot, PathBuf)> 
     } else {
         Ok(())
     };
-    let snapshot = created.and_then(|()| snapshot(&req, copy, &tmp_dir, &final_dir));
+    let snapshot = created.and_then(|()| snapshot(&req, &tmp_dir, &final_dir));
     let snapshot = agreed(
         req.comm,
         device,
@@ -266,21 +368,10 @@ fn prepare(req: SaveRequest<'_>, copy: bool) -> Result<(RankSnapshot, PathBuf)> 
     Ok((snapshot, final_dir))
 }
 
-fn snapshot(
-    req: &SaveRequest<'_>,
-    copy: bool,
-    tmp_dir: &Path,
-    final_dir: &Path,
-) -> Result<RankSnapshot> {
+/// Views of the engine's owned state (no copy) and rank 0's small state.
+fn snapshot(req: &SaveRequest<'_>, tmp_dir: &Path, final_dir: &Path) -> Result<RankSnapshot> {
     let rank = req.comm.rank();
-    let mut owned = req.engine.owned_state_view()?;
-    if copy {
-        for block in &mut owned.blocks {
-            for t in [&mut block.master, &mut block.exp_avg, &mut block.exp_avg_sq] {
-                *t = pooled_copy(t)?;
-            }
-        }
-    }
+    let owned = req.engine.owned_state_view()?;
     let mut meta = engine_meta(&owned, req.comm.world_size());
     let leader = if rank == 0 {
         let frozen = frozen_params(req.engine, &meta)?;
@@ -310,7 +401,7 @@ fn snapshot(
         tmp_dir: tmp_dir.to_path_buf(),
         writes_partition: owned.stage > 0 || rank == 0,
         owned,
-        pooled: copy,
+        pooled: false,
         per_rank_extra: req.per_rank_extra.clone(),
         leader,
     })
@@ -416,7 +507,9 @@ fn create_tmp_dir(output_dir: &Path, tmp_dir: &Path, step: u64) -> Result<()> {
     remove_stale_tmp_dirs(output_dir)?;
     std::fs::create_dir_all(tmp_dir.join(ZERO_DIR))
         .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
-    sync_dir(output_dir)?;
+    // No fsync here: the folder only has to be durable once renamed, and the rename is
+    // followed by an fsync of `output_dir` (this keeps a disk flush off the training
+    // thread of an asynchronous save).
     crash_point("tmp_dir_created", step);
     Ok(())
 }

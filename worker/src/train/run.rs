@@ -160,7 +160,7 @@ pub fn train(
     };
     let (mut first_loss, mut last_loss, mut final_eval) = (None, None, None);
     let mut window = LogWindow::default();
-    let mut pending_save = None;
+    let mut pending_save: Option<PendingSave> = None;
     let mut step = start_step;
     while step < total_steps {
         tch::manual_seed(step_seed(args.seed, step, rank));
@@ -179,6 +179,10 @@ pub fn train(
             engine.forward_backward(&batch.input_ids, &ctx, &mut |logits| {
                 causal_lm_loss(logits, &labels)
             })?;
+        }
+        if let Some(pending) = &pending_save {
+            // An asynchronous save copies the state this step changes in the background.
+            pending.wait_for_snapshot()?;
         }
         let report = engine.step()?;
         step += 1;

@@ -196,6 +196,9 @@ fn train_rank(run: &Run, model: CausalLm, table: &Tensor, comm: Arc<LocalCommuni
         engine
             .forward_backward(&ids, &ctx, &mut |logits| causal_lm_loss(logits, &ids))
             .unwrap();
+        if let Some(p) = &pending {
+            p.wait_for_snapshot().unwrap();
+        }
         let report = engine.step().unwrap();
         step += 1;
         outcome.losses.push((step, report.loss));
