@@ -1,7 +1,10 @@
 """Runs one training command and measures it for the ZeRO benchmark (docs/benchmarks.md):
 the launch time (just before the launcher process starts), the wall time at which a
-steps file first holds a finished step, and the peak RSS (VmHWM) of every worker
-process, keyed by the RANK in its environment. Writes one JSON object to --out.
+steps file first holds a finished step, the peak RSS (VmHWM) of every worker process,
+keyed by the RANK in its environment, and, each time the steps file gains a step, the
+CPU seconds (user + system, all threads) the workers have used so far: the difference
+between two such samples is the CPU a span of steps cost, which the host's other load
+does not inflate the way it inflates wall time. Writes one JSON object to --out.
 
 Usage: monitor.py --out R.json --steps_file F --worker_pattern S -- command args...
 """
@@ -67,9 +70,21 @@ def vm_hwm_kib(pid):
     return 0
 
 
-def first_step_seen(path):
-    text = read_text(path)
-    return any('"step"' in line for line in text.splitlines())
+def steps_seen(path):
+    """Lines of the steps file that record a finished step."""
+    return sum('"step"' in line for line in read_text(path).splitlines())
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), 0 once it is gone."""
+    stat = read_text(f"/proc/{pid}/stat")
+    if not stat:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def main():
@@ -84,6 +99,7 @@ def main():
     launch_t = time.time()
     proc = subprocess.Popen(command)
     peak_kib, workers, first_step_t, polls = {}, {}, None, 0
+    cpu_samples, seen = [], 0
     while proc.poll() is None:
         if polls % TREE_EVERY == 0:
             for pid in descendants(proc.pid):
@@ -93,8 +109,13 @@ def main():
         for pid, rank in workers.items():
             peak_kib[rank] = max(peak_kib.get(rank, 0), vm_hwm_kib(pid))
         polls += 1
-        if first_step_t is None and first_step_seen(cli.steps_file):
-            first_step_t = time.time()
+        now_seen = steps_seen(cli.steps_file)
+        if now_seen > seen:
+            seen = now_seen
+            if first_step_t is None:
+                first_step_t = time.time()
+            cpu = sum(cpu_seconds(pid) for pid in workers)
+            cpu_samples.append({"steps_seen": seen, "t": time.time(), "cpu_s": cpu})
         time.sleep(POLL_S)
     result = {
         "command": command,
@@ -103,6 +124,7 @@ def main():
         "end_t": time.time(),
         "first_step_seen_t": first_step_t,
         "peak_rss_kib_by_rank": {str(r): v for r, v in sorted(peak_kib.items())},
+        "worker_cpu_by_steps_seen": cpu_samples,
     }
     with open(cli.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -1,6 +1,8 @@
 //! The ZeRO engine on the real tiny Qwen2 (`model::CausalLm`, tied embeddings, GQA
 //! attention): stages 1-3 on 2 in-process ranks give the losses and final weights of world
-//! size 1 stage 0 within 1e-5 on the same global batch. Contract: `docs/zero-engine.md`.
+//! size 1 stage 0 within 1e-5 on the same global batch; with an untied head, the fused
+//! head + loss path (`forward_backward_causal_lm`) gives those of the generic path at
+//! every stage. Contract: `docs/zero-engine.md`.
 
 use rsdeep_worker::comm::Communicator;
 
@@ -15,9 +17,9 @@ const GLOBAL_BATCH: usize = 4;
 const SEQ: i64 = 8;
 const VOCAB: usize = 64;
 
-fn tiny_qwen2() -> CausalLm {
+fn tiny_qwen2(tied: bool) -> CausalLm {
     let mut config = ModelConfig::new(ModelType::Qwen2, VOCAB, 32, 48, 2, 4, 2);
-    config.tie_word_embeddings = true;
+    config.tie_word_embeddings = tied;
     config.initializer_range = 0.05;
     CausalLm::from_config(config, Device::Cpu, Kind::Float, 3).expect("tiny qwen2")
 }
@@ -58,9 +60,22 @@ struct Outcome {
     weights: Vec<(String, Tensor)>,
 }
 
+/// How the training loop calls the engine.
+#[derive(Clone, Copy, PartialEq)]
+enum LossPath {
+    /// `forward_backward` with `causal_lm_loss` on the logits.
+    Generic,
+    /// `forward_backward_causal_lm`, asserting it takes the fused head path.
+    Fused,
+}
+
 fn train(world: usize, config: EngineConfig) -> Vec<Outcome> {
+    train_with(world, config, true, LossPath::Generic)
+}
+
+fn train_with(world: usize, config: EngineConfig, tied: bool, path: LossPath) -> Vec<Outcome> {
     // Models are built here, one per rank, because from_config seeds torch's global RNG.
-    let models: Vec<CausalLm> = (0..world).map(|_| tiny_qwen2()).collect();
+    let models: Vec<CausalLm> = (0..world).map(|_| tiny_qwen2(tied)).collect();
     let tokens = tokens();
     let handles: Vec<_> = LocalCommunicator::world(world)
         .into_iter()
@@ -85,6 +100,13 @@ fn train(world: usize, config: EngineConfig) -> Vec<Outcome> {
                             (step * GLOBAL_BATCH + (micro * world + rank) * mbs as usize) as i64;
                         let ids = tokens.narrow(0, row, mbs);
                         let ctx = ForwardCtx::causal(&ids).expect("ctx");
+                        if path == LossPath::Fused {
+                            assert!(engine.fused_head_applies(&ids).expect("applies"));
+                            engine
+                                .forward_backward_causal_lm(&ids, &ctx, &ids)
+                                .expect("forward_backward_causal_lm");
+                            continue;
+                        }
                         engine
                             .forward_backward(&ids, &ctx, &mut |logits| {
                                 causal_lm_loss(logits, &ids)
@@ -128,6 +150,51 @@ fn qwen2_stages_match_world_one_stage_zero() {
         for (rank, outcome) in train(2, config).iter().enumerate() {
             let label = format!(
                 "stage {stage} gas {gas} overlap {overlap} ckpt {checkpointing} rank {rank}"
+            );
+            for (step, (got, want)) in outcome.losses.iter().zip(&reference.losses).enumerate() {
+                assert!(
+                    ((got - want) / want).abs() <= 1e-5,
+                    "{label}: step {step} loss {got} vs {want}"
+                );
+            }
+            assert_eq!(outcome.weights.len(), reference.weights.len());
+            for ((name, got), (ref_name, want)) in outcome.weights.iter().zip(&reference.weights) {
+                assert_eq!(name, ref_name);
+                let worst = (got - want).abs().max().double_value(&[]);
+                assert!(worst <= 1e-5, "{label}: {name} differs by {worst}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_head_path_matches_the_generic_path_at_every_stage() {
+    tch::set_num_threads(1);
+    let reference = train_with(1, config(0, 1, 1), false, LossPath::Generic).remove(0);
+    assert!(
+        reference.losses[STEPS - 1] < reference.losses[0],
+        "learns: {:?}",
+        reference.losses
+    );
+    // (stage, world, gas, overlap, checkpointing)
+    let variants = [
+        (0u8, 1usize, 1usize, false, false),
+        (1, 2, 2, false, false),
+        (2, 2, 1, true, false),
+        (2, 2, 2, false, true),
+        (3, 2, 2, true, false),
+        (3, 2, 1, false, true),
+    ];
+    for (stage, world, gas, overlap, checkpointing) in variants {
+        let mut config = config(stage, world, gas);
+        config.overlap_comm = overlap;
+        config.activation_checkpointing = checkpointing;
+        for (rank, outcome) in train_with(world, config, false, LossPath::Fused)
+            .iter()
+            .enumerate()
+        {
+            let label = format!(
+                "fused stage {stage} world {world} gas {gas} overlap {overlap} ckpt {checkpointing} rank {rank}"
             );
             for (step, (got, want)) in outcome.losses.iter().zip(&reference.losses).enumerate() {
                 assert!(

@@ -151,13 +151,21 @@ fn flat_logits_and_shifted_labels(logits: &Tensor, labels: &Tensor) -> Result<(T
     }
     let vocab = size[2];
     let logits = logits.f_to_kind(Kind::Float)?.f_reshape([-1, vocab])?; // (B*T, V)
-    let labels = labels
-        .f_to_device(logits.device())?
-        .f_to_kind(Kind::Int64)?;
-    // labels[:, 1:] followed by one IGNORE_INDEX column: (B, T)
+    let shifted = shifted_labels(&labels.f_to_device(logits.device())?)?;
+    Ok((logits, shifted))
+}
+
+/// The targets of every position, flattened: labels[:, 1:] followed by one IGNORE_INDEX
+/// column, (B, T) -> (B*T,) int64.
+pub(super) fn shifted_labels(labels: &Tensor) -> Result<Tensor> {
+    let size = labels.size();
+    if size.len() != 2 {
+        return Err(Error::Model(format!("labels must be (B, T), got {size:?}")));
+    }
+    let labels = labels.f_to_kind(Kind::Int64)?;
     let tail = Tensor::f_full([size[0], 1], IGNORE_INDEX, (Kind::Int64, labels.device()))?;
-    let shifted = Tensor::f_cat(&[labels.f_narrow(1, 1, size[1] - 1)?, tail], 1)?;
-    Ok((logits, shifted.f_reshape([-1])?))
+    let shifted = Tensor::f_cat(&[labels.f_narrow(1, 1, size[1] - 1)?, tail], 1)?; // (B, T)
+    Ok(shifted.f_reshape([-1])?)
 }
 
 #[cfg(test)]

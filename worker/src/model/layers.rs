@@ -570,7 +570,7 @@ pub struct Head {
     params: Vec<Param>,
     /// The embedding's tensor handle when tied.
     tied_weight: Option<Tensor>,
-    eps: f64,
+    pub(super) eps: f64,
 }
 
 impl Head {
@@ -617,6 +617,10 @@ impl Head {
 impl Block for Head {
     fn params(&self) -> &[Param] {
         &self.params
+    }
+
+    fn as_head(&self) -> Option<&Head> {
+        Some(self)
     }
 
     fn forward(&self, x: &Tensor, _ctx: &ForwardCtx) -> Result<Tensor> {

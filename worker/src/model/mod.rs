@@ -24,12 +24,14 @@
 
 mod config;
 mod ctx;
+mod fused_head;
 pub(crate) mod io;
 mod layers;
 mod rope;
 
 pub use config::{ModelConfig, ModelType, RopeScaling, RopeSpec, kind_from_name, kind_name};
 pub use ctx::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_over, count_loss_tokens};
+pub use fused_head::FusedHeadOutput;
 pub use io::{INDEX_FILE, SINGLE_FILE, SafetensorsFolder, save_safetensors_sharded};
 pub use layers::{
     DECODER_LINEARS, DecoderLayer, Embedding, Head, InitKind, LayerKv, ParamSource, rms_norm,
@@ -72,6 +74,10 @@ pub trait Block: Send {
     }
     /// Mutable form of `as_decoder_layer`.
     fn as_decoder_layer_mut(&mut self) -> Option<&mut DecoderLayer> {
+        None
+    }
+    /// This block as the head (the fused loss path of `fused_head.rs`); None otherwise.
+    fn as_head(&self) -> Option<&Head> {
         None
     }
 }

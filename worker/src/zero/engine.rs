@@ -14,7 +14,7 @@ use super::profile::{Phase, StepProfile};
 use super::reduce::PendingReduce;
 use super::scheduler::LrSchedule;
 use crate::comm::Communicator;
-use crate::model::{Block, ForwardCtx};
+use crate::model::{Block, ForwardCtx, causal_lm_loss};
 use crate::{Error, Result};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -222,17 +222,12 @@ impl ZeroEngine {
         ctx: &ForwardCtx,
         loss_fn: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<f64> {
-        if self.micro_step >= self.config.gradient_accumulation_steps {
-            return Err(Error::Engine(format!(
-                "forward_backward called {} times without step() (gradient_accumulation_steps = {})",
-                self.micro_step + 1,
-                self.config.gradient_accumulation_steps
-            )));
-        }
+        self.check_micro_step()?;
         let _span =
             tracing::debug_span!("micro_step", rank = self.rank, micro = self.micro_step).entered();
         let last_micro = self.micro_step + 1 == self.config.gradient_accumulation_steps;
-        let mut activations = self.forward_all(input, ctx, true)?;
+        let count = self.blocks.len();
+        let (mut activations, _) = self.forward_all(input, ctx, true, count)?;
         let last = activations.len() - 1;
         let output = activations[last]
             .output
@@ -244,40 +239,127 @@ impl ZeroEngine {
         self.profile.add(Phase::Loss, mark);
         let factor = self.scaler.scale() / self.config.gradient_accumulation_steps as f64;
         activations[last].output = Some(output);
-        self.backward_all(activations, ctx, loss.f_mul_scalar(factor)?, last_micro)?;
+        let root = BackwardRoot::Loss(loss.f_mul_scalar(factor)?);
+        self.backward_all(activations, ctx, root, last_micro)?;
         self.micro_step += 1;
         self.micro_losses.push(loss_value);
         Ok(loss_value)
     }
 
+    /// `forward_backward` with HF's causal-LM loss on `labels` (B, T): the same result,
+    /// but when the last block is an fp32 untied `Head` the head, loss and their
+    /// gradients run fused over row chunks (`model/fused_head.rs`) instead of
+    /// materialising the (B*T, V) logits and backpropagating a log-softmax. Other models
+    /// take the generic path. Returns the unscaled mean loss.
+    pub fn forward_backward_causal_lm(
+        &mut self,
+        input: &Tensor,
+        ctx: &ForwardCtx,
+        labels: &Tensor,
+    ) -> Result<f64> {
+        if !self.fused_head_applies(labels)? {
+            return self.forward_backward(input, ctx, &mut |logits| causal_lm_loss(logits, labels));
+        }
+        self.check_micro_step()?;
+        let _span =
+            tracing::debug_span!("micro_step", rank = self.rank, micro = self.micro_step).entered();
+        let last_micro = self.micro_step + 1 == self.config.gradient_accumulation_steps;
+        let head = self.blocks.len() - 1;
+        let (activations, hidden) = self.forward_all(input, ctx, true, head)?; // (B, T, H)
+        let factor = self.scaler.scale() / self.config.gradient_accumulation_steps as f64;
+        let mark = self.profile.mark();
+        self.acquire(head, head > 0, head.wrapping_sub(1))?;
+        self.profile.add(Phase::Gather, mark);
+        let mark = self.profile.mark();
+        let leaf = block_input_leaf(&hidden)?;
+        let fused = self.blocks[head]
+            .as_head()
+            .ok_or_else(|| Error::Engine("last block is not the head".into()))?
+            .fused_loss_backward(&leaf, labels, factor)?;
+        self.profile.add(Phase::Loss, mark);
+        let mark = self.profile.mark();
+        self.release(head)?;
+        self.profile.add(Phase::Gather, mark);
+        let mark = self.profile.mark();
+        let flat = flatten_grads(
+            &self.shards[head],
+            &fused.param_grads,
+            self.config.precision.kind(),
+        )?;
+        self.profile.add(Phase::Flatten, mark);
+        let mark = self.profile.mark();
+        self.reduce_block_gradients(head, flat, last_micro)?;
+        self.profile.add(Phase::ReduceIssue, mark);
+        let root = BackwardRoot::Cotangent(fused.grad_input);
+        self.backward_all(activations, ctx, root, last_micro)?;
+        self.micro_step += 1;
+        self.micro_losses.push(fused.loss);
+        Ok(fused.loss)
+    }
+
+    /// Whether `forward_backward_causal_lm` takes the fused head path for `labels`: fp32
+    /// training of an untied head whose parameters are all trainable (no LoRA-frozen
+    /// head), with at least one counted label.
+    pub fn fused_head_applies(&self, labels: &Tensor) -> Result<bool> {
+        let Some(head) = self.blocks.last().and_then(|b| b.as_head()) else {
+            return Ok(false);
+        };
+        let shard = &self.shards[self.blocks.len() - 1];
+        if self.tied
+            || self.config.precision.kind() != Kind::Float
+            || shard.is_empty()
+            || shard.params.len() != head.params().len()
+        {
+            return Ok(false);
+        }
+        head.fused_loss_applies(labels)
+    }
+
+    fn check_micro_step(&self) -> Result<()> {
+        if self.micro_step >= self.config.gradient_accumulation_steps {
+            return Err(Error::Engine(format!(
+                "forward_backward called {} times without step() (gradient_accumulation_steps = {})",
+                self.micro_step + 1,
+                self.config.gradient_accumulation_steps
+            )));
+        }
+        Ok(())
+    }
+
     /// Inference forward (no graph): the last block's output. Gathers under stage 3.
     pub fn forward_eval(&mut self, input: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let mut activations = self.forward_all(input, ctx, false)?;
+        let count = self.blocks.len();
+        let (mut activations, _) = self.forward_all(input, ctx, false, count)?;
         activations
             .pop()
             .and_then(|a| a.output)
             .ok_or_else(|| Error::Engine("model has no blocks".into()))
     }
 
-    /// Forward through every block. With `training` false nothing is kept but the last
-    /// output; with activation checkpointing only block inputs are kept (the last block
-    /// always keeps its graph, the loss needs it).
+    /// Forward through the first `count` blocks; also returns the last one's detached
+    /// output. With `training` false nothing is kept but the last output; with activation
+    /// checkpointing only block inputs are kept (the last block run always keeps its
+    /// graph, the loss needs it). Stage-3 prefetching looks past `count` the same way
+    /// whatever `count` is, so every rank issues the same gathers.
     fn forward_all(
         &mut self,
         input: &Tensor,
         ctx: &ForwardCtx,
         training: bool,
-    ) -> Result<Vec<Activation>> {
-        let count = self.blocks.len();
-        if count == 0 {
-            return Err(Error::Engine("model has no blocks".into()));
+        count: usize,
+    ) -> Result<(Vec<Activation>, Tensor)> {
+        let total = self.blocks.len();
+        if count == 0 || count > total {
+            return Err(Error::Engine(format!(
+                "forward through {count} of {total} blocks"
+            )));
         }
         let mut activations = Vec::with_capacity(count);
         let mut x = input.shallow_clone();
         for b in 0..count {
             let mark = self.profile.mark();
-            self.acquire(b, b + 1 < count, b + 1)?;
+            self.acquire(b, b + 1 < total, b + 1)?;
             self.profile.add(Phase::Gather, mark);
             let mark = self.profile.mark();
             let leaf = if training {
@@ -306,19 +388,25 @@ impl ZeroEngine {
                 output: saved_output,
             });
         }
-        Ok(activations)
+        Ok((activations, x))
     }
 
-    /// Backward in reverse block order, starting from `scaled_loss` on the last block.
+    /// Backward in reverse block order over `activations` (the first blocks of the
+    /// model), starting from the scaled loss on the last of them or from the cotangent of
+    /// its output (when the head's backward already ran fused).
     fn backward_all(
         &mut self,
         mut activations: Vec<Activation>,
         ctx: &ForwardCtx,
-        scaled_loss: Tensor,
+        root: BackwardRoot,
         last_micro: bool,
     ) -> Result<()> {
         let count = activations.len();
-        let mut cotangent: Option<Tensor> = None;
+        let total = self.blocks.len();
+        let (scaled_loss, mut cotangent) = match root {
+            BackwardRoot::Loss(loss) => (loss, None),
+            BackwardRoot::Cotangent(cot) => (Tensor::new(), Some(cot)),
+        };
         for b in (0..count).rev() {
             let _span =
                 tracing::trace_span!("block_backward", rank = self.rank, block = b).entered();
@@ -344,7 +432,7 @@ impl ZeroEngine {
             }
             let own_count = self.shards[b].params.len();
             wrt.extend(self.shards[b].params.iter().map(|p| p.shallow_clone()));
-            let tied_here = self.tied && b + 1 == count && b > 0;
+            let tied_here = self.tied && b + 1 == total && b > 0;
             if tied_here {
                 wrt.extend(self.shards[0].params.iter().map(|p| p.shallow_clone()));
             }
@@ -420,6 +508,13 @@ impl ZeroEngine {
         }
         Ok(())
     }
+}
+
+/// Where the backward pass starts: the scaled loss of the last block's output, or the
+/// cotangent of the output of the last block in `activations`.
+enum BackwardRoot {
+    Loss(Tensor),
+    Cotangent(Tensor),
 }
 
 /// The detached input of a block; floating-point inputs become grad-requiring leaves so
