@@ -4,7 +4,9 @@
 //! `/work/shared/reference/test-hosts.md`. `deploy/slurm/train-1node.sbatch` is submitted
 //! with `sbatch --wait` for a tiny 2-rank CPU training: the job must train and leave a
 //! complete checkpoint; a second job is sent SIGUSR1 (what `--signal=B:USR1@120` sends
-//! before the time limit) and must requeue and resume from its newest checkpoint. Also:
+//! before the time limit) and must requeue and resume from its newest checkpoint; and
+//! `deploy/slurm/train-multinode.sbatch` runs on two SLURM nodes, each a slurmd in its own
+//! network namespace and host name, whose launchers form one world. Also:
 //! `expand_hostlist` against `scontrol show hostnames`, and `--launcher slurm` errors
 //! naming the missing variable. A machine that cannot run SLURM fails the test with the
 //! reason; nothing is skipped.
@@ -20,16 +22,18 @@ use std::time::{Duration, Instant};
 /// The SLURM tests train on the same 2 cores: one at a time.
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-const DAEMONS: [&str; 6] = [
+/// Programs the tests run (their Debian package is installed when one is missing).
+const DAEMONS: [&str; 7] = [
     "/usr/sbin/munged",
     "/usr/sbin/slurmctld",
     "/usr/sbin/slurmd",
     "/usr/bin/sbatch",
     "/usr/bin/scontrol",
     "/usr/bin/sinfo",
+    "/sbin/ip",
 ];
 
-/// Installs `slurm-wlm munge` when a binary is missing (idempotent); panics with the reason
+/// Installs `slurm-wlm munge iproute2` when a binary is missing (idempotent); panics with the reason
 /// when that is impossible.
 fn ensure_slurm_installed() {
     if DAEMONS.iter().all(|p| Path::new(p).exists()) {
@@ -51,6 +55,7 @@ fn ensure_slurm_installed() {
             "--no-install-recommends",
             "slurm-wlm",
             "munge",
+            "iproute2",
         ][..],
     ] {
         let out = Command::new("apt-get")
@@ -97,25 +102,69 @@ fn short_hostname() -> String {
 }
 
 /// munged + slurmctld + slurmd with every file in `dir`; stopped by PID on drop.
+/// Fields drop after `Drop::drop` stopped the daemons: the network goes last.
 struct SlurmCluster {
-    dir: tempfile::TempDir,
     daemons: Vec<(&'static str, Child)>,
+    network: Option<TwoHostNetwork>,
+    dir: tempfile::TempDir,
 }
 
 impl SlurmCluster {
-    fn start() -> SlurmCluster {
+    fn new() -> SlurmCluster {
         ensure_slurm_installed();
         let dir = tempfile::tempdir().expect("temp dir");
         set_mode(dir.path(), 0o755); // munged (user munge) must reach its socket
         let mut cluster = SlurmCluster {
-            dir,
             daemons: Vec::new(),
+            network: None,
+            dir,
         };
         cluster.start_munge();
-        cluster.write_config();
+        cluster
+    }
+
+    /// One node named like this machine on 127.0.0.1.
+    fn start() -> SlurmCluster {
+        let mut cluster = SlurmCluster::new();
+        let host = short_hostname();
+        cluster.write_config("127.0.0.1", &[(host, "127.0.0.1".to_string())]);
         cluster.spawn("slurmctld", Command::new("slurmctld").args(["-D", "-i"]));
         cluster.spawn("slurmd", Command::new("slurmd").arg("-D"));
-        cluster.wait_until_idle(Duration::from_secs(60));
+        cluster.wait_until_idle(1, Duration::from_secs(60));
+        cluster
+    }
+
+    /// Two nodes, each a slurmd in its own network namespace with its own host name and
+    /// an /etc/hosts (bind-mounted in a private mount namespace) naming both; slurmctld
+    /// in this namespace on the bridge address (test-hosts.md "Two SLURM nodes").
+    fn start_two_nodes() -> SlurmCluster {
+        let mut cluster = SlurmCluster::new();
+        let network = TwoHostNetwork::create();
+        let nodes: Vec<(String, String)> = (0..2)
+            .map(|i| (network.host_name(i), network.address(i)))
+            .collect();
+        cluster.write_config(&network.bridge_address(), &nodes);
+        let hosts = cluster.path("hosts");
+        let mut lines = String::from("127.0.0.1 localhost\n");
+        for (name, addr) in &nodes {
+            lines.push_str(&format!("{addr} {name}\n"));
+        }
+        std::fs::write(&hosts, lines).expect("hosts file");
+        cluster.spawn("slurmctld", Command::new("slurmctld").args(["-D", "-i"]));
+        for (i, (name, _)) in nodes.iter().enumerate() {
+            let script = format!(
+                "mount --bind {} /etc/hosts && hostname {name} && exec slurmd -D -N {name}",
+                hosts.display()
+            );
+            cluster.spawn(
+                ["slurmd-0", "slurmd-1"][i],
+                Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{}", network.namespace(i)))
+                    .args(["unshare", "--uts", "--mount", "sh", "-c", &script]),
+            );
+        }
+        cluster.network = Some(network);
+        cluster.wait_until_idle(2, Duration::from_secs(60));
         cluster
     }
 
@@ -183,7 +232,9 @@ impl SlurmCluster {
     }
 
     /// slurm.conf for one node named like this machine, with the layout `slurmd -C` reports.
-    fn write_config(&self) {
+    /// slurm.conf: slurmctld at `ctld_addr`, `nodes` as (name, address) with the layout
+    /// `slurmd -C` reports; every path in the cluster's folder.
+    fn write_config(&self, ctld_addr: &str, nodes: &[(String, String)]) {
         let host = short_hostname();
         let layout = Command::new("slurmd")
             .arg("-C")
@@ -202,7 +253,7 @@ impl SlurmCluster {
         let run = self.dir.path().display();
         let text = format!(
             "ClusterName=rsdeeptest\n\
-             SlurmctldHost={host}(127.0.0.1)\n\
+             SlurmctldHost={host}({ctld_addr})\n\
              SlurmctldPort={ctld}\nSlurmdPort={slurmd}\n\
              SlurmUser=root\nSlurmdUser=root\n\
              AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={run}/munge/munge.sock\n\
@@ -211,14 +262,22 @@ impl SlurmCluster {
              SelectType=select/cons_tres\nSelectTypeParameters=CR_Core\n\
              AccountingStorageType=accounting_storage/none\nJobAcctGatherType=jobacct_gather/none\n\
              ReturnToService=2\nMinJobAge=5\n\
-             StateSaveLocation={run}/state\nSlurmdSpoolDir={run}/spool\n\
-             SlurmctldPidFile={run}/slurmctld.pid\nSlurmdPidFile={run}/slurmd.pid\n\
+             StateSaveLocation={run}/state\nSlurmdSpoolDir={run}/spool/%n\n\
+             SlurmctldPidFile={run}/slurmctld.pid\nSlurmdPidFile={run}/slurmd-%n.pid\n\
              SlurmctldLogFile={run}/slurmctld.file.log\nSlurmdLogFile={run}/slurmd.file.log\n\
-             NodeName={host} NodeAddr=127.0.0.1 {resources} State=UNKNOWN\n\
+             {node_lines}\
              PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
             ctld = free_port(),
             slurmd = free_port(),
-            resources = resources.join(" "),
+            node_lines = nodes
+                .iter()
+                .map(|(name, addr)| {
+                    format!(
+                        "NodeName={name} NodeAddr={addr} {} State=UNKNOWN\n",
+                        resources.join(" ")
+                    )
+                })
+                .collect::<String>(),
         );
         for sub in ["state", "spool"] {
             std::fs::create_dir(self.path(sub)).expect("slurm state dir");
@@ -226,12 +285,13 @@ impl SlurmCluster {
         std::fs::write(self.conf(), text).expect("slurm.conf");
     }
 
-    fn wait_until_idle(&mut self, limit: Duration) {
+    fn wait_until_idle(&mut self, nodes: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
+        let want = format!("idle {nodes}");
         loop {
-            let state = self.command("sinfo").args(["-h", "-o", "%T"]).output();
+            let state = self.command("sinfo").args(["-h", "-o", "%T %D"]).output();
             if let Ok(out) = &state
-                && String::from_utf8_lossy(&out.stdout).trim() == "idle"
+                && String::from_utf8_lossy(&out.stdout).trim() == want
             {
                 return;
             }
@@ -247,7 +307,7 @@ impl SlurmCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "the SLURM node did not become idle within {limit:?}:\n{}",
+                "the SLURM node(s) did not become idle within {limit:?}:\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -272,6 +332,8 @@ fn logs_in(dir: &Path) -> String {
         "munged.log",
         "slurmctld.log",
         "slurmd.log",
+        "slurmd-0.log",
+        "slurmd-1.log",
         "slurmctld.file.log",
         "slurmd.file.log",
     ] {
@@ -317,6 +379,112 @@ fn stop(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A bridge in this namespace (`.254`) and two network namespaces (`.1`, `.2`) on a
+/// private /24 of 10.213.0.0/16, with a blackhole route so nothing for that subnet can
+/// leave the machine; removed on drop. Names carry a per-process number.
+struct TwoHostNetwork {
+    id: u32,
+}
+
+impl TwoHostNetwork {
+    fn create() -> TwoHostNetwork {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the two-node SLURM test needs root to create network namespaces"
+        );
+        let network = TwoHostNetwork {
+            id: 20 + std::process::id() % 200,
+        };
+        network.remove(); // leftovers of a killed run with the same number
+        let bridge = network.bridge();
+        let subnet = format!("{}.0/24", network.prefix());
+        network.ip(&["link", "add", &bridge, "type", "bridge"]);
+        network.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", network.bridge_address()),
+            "dev",
+            &bridge,
+        ]);
+        network.ip(&["link", "set", &bridge, "up"]);
+        network.ip(&["route", "add", "blackhole", &subnet, "metric", "4000"]);
+        for i in 0..2 {
+            let (ns, outer, inner) = (
+                network.namespace(i),
+                network.veth(i, 'v'),
+                network.veth(i, 'p'),
+            );
+            network.ip(&["netns", "add", &ns]);
+            network.ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ]);
+            network.ip(&["link", "set", &inner, "netns", &ns]);
+            network.ip(&["link", "set", &outer, "master", &bridge, "up"]);
+            let addr = format!("{}/24", network.address(i));
+            network.ip(&["-n", &ns, "addr", "add", &addr, "dev", &inner]);
+            network.ip(&["-n", &ns, "link", "set", &inner, "up"]);
+            network.ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        network
+    }
+
+    fn prefix(&self) -> String {
+        format!("10.213.{}", self.id)
+    }
+    fn bridge(&self) -> String {
+        format!("rsbr{}", self.id)
+    }
+    fn bridge_address(&self) -> String {
+        format!("{}.254", self.prefix())
+    }
+    fn namespace(&self, i: usize) -> String {
+        format!("rsns{}-{i}", self.id)
+    }
+    fn veth(&self, i: usize, side: char) -> String {
+        format!("rs{side}{}-{i}", self.id)
+    }
+    fn address(&self, i: usize) -> String {
+        format!("{}.{}", self.prefix(), i + 1)
+    }
+    fn host_name(&self, i: usize) -> String {
+        format!("rsn{}{}", self.id, ['a', 'b'][i])
+    }
+
+    /// Runs `ip args`; panics with its message on failure.
+    fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
+            panic!("cannot run `ip` (package iproute2) for the two-node network: {e}")
+        });
+        assert!(
+            out.status.success(),
+            "ip {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Best-effort removal (errors ignored: parts may not exist).
+    fn remove(&self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        };
+        for i in 0..2 {
+            quiet(&["link", "del", &self.veth(i, 'v')]);
+            quiet(&["netns", "del", &self.namespace(i)]);
+        }
+        quiet(&["link", "del", &self.bridge()]);
+        let subnet = format!("{}.0/24", self.prefix());
+        quiet(&["route", "del", "blackhole", &subnet, "metric", "4000"]);
+    }
+}
+
+impl Drop for TwoHostNetwork {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -431,13 +599,21 @@ fn deploy_script(name: &str) -> PathBuf {
     path
 }
 
-/// A submitted `sbatch --wait` of the one-node script for 2 CPU ranks.
+/// A running `sbatch --wait`.
 struct Submission {
     child: Child,
     stdout: PathBuf,
 }
 
-fn submit(cluster: &SlurmCluster, fixture: &Fixture, overrides: &[&str]) -> Submission {
+/// `sbatch --wait deploy/slurm/<script> train.json <overrides>` with no GPUs and the
+/// launcher flags `launch_args` (RSDEEP_LAUNCH_ARGS).
+fn submit(
+    cluster: &SlurmCluster,
+    fixture: &Fixture,
+    script: &str,
+    launch_args: &str,
+    overrides: &[&str],
+) -> Submission {
     let stdout = fixture.path("sbatch.stdout");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let mut command = cluster.command("sbatch");
@@ -445,12 +621,12 @@ fn submit(cluster: &SlurmCluster, fixture: &Fixture, overrides: &[&str]) -> Subm
         .arg("--wait")
         .arg("--gpus-per-node=0")
         .arg(format!("--cpus-per-task={cpus}"))
-        .arg(deploy_script("train-1node.sbatch"))
+        .arg(deploy_script(script))
         .arg(fixture.path("train.json"))
         .args(overrides)
         .current_dir(fixture.dir.path())
         .env("RSDEEP", binary("rsdeep"))
-        .env("RSDEEP_LAUNCH_ARGS", "--device cpu --num_procs 2")
+        .env("RSDEEP_LAUNCH_ARGS", launch_args)
         .env("OMP_NUM_THREADS", "1")
         .env("RSDEEP_LOG", "warn")
         .env_remove("RSDEEP_JOB_ID")
@@ -521,7 +697,13 @@ fn sbatch_one_node_script_trains_and_writes_a_complete_checkpoint() {
     let cluster = SlurmCluster::start();
     let fixture = Fixture::new();
     let started = Instant::now();
-    let mut job = submit(&cluster, &fixture, &[]);
+    let mut job = submit(
+        &cluster,
+        &fixture,
+        "train-1node.sbatch",
+        "--device cpu --num_procs 2",
+        &[],
+    );
     let id = job.job_id(Duration::from_secs(30));
     let code = job.wait(Duration::from_secs(300), || {
         job_output(&fixture, &id) + &cluster.logs()
@@ -562,6 +744,8 @@ fn sigusr1_before_the_time_limit_requeues_and_resumes_from_the_newest_checkpoint
     let mut job = submit(
         &cluster,
         &fixture,
+        "train-1node.sbatch",
+        "--device cpu --num_procs 2",
         &["--max_steps", "40", "--save_steps", "4"],
     );
     let id = job.job_id(Duration::from_secs(30));
@@ -724,4 +908,46 @@ fn launcher_slurm_names_the_missing_or_inconsistent_variable() {
         stderr.contains("RSDEEP_TOKEN is not set"),
         "several nodes without a shared token must fail: {stderr}"
     );
+}
+
+#[test]
+fn sbatch_many_node_script_forms_one_world_across_two_network_namespaces() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start_two_nodes();
+    let fixture = Fixture::new();
+    let started = Instant::now();
+    let mut job = submit(
+        &cluster,
+        &fixture,
+        "train-multinode.sbatch",
+        "--device cpu --num_procs 1",
+        &[],
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    let code = job.wait(Duration::from_secs(300), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(&fixture, &id);
+    assert_eq!(code, 0, "the job failed:\n{output}\n{}", cluster.logs());
+    eprintln!(
+        "sbatch --wait of a 6-step job on 2 SLURM nodes: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let network = cluster.network.as_ref().expect("two-node network");
+    let (first, second) = (network.host_name(0), network.host_name(1));
+    for line in [
+        format!("SLURM job {id} node 0 of 2 ({first}), restart count 0, rendezvous host {first}"),
+        format!("SLURM job {id} node 1 of 2 ({second}), restart count 0, rendezvous host {first}"),
+        "rendezvous complete: 2 rank(s)".to_string(),
+        "started 1 worker(s) on node 1 (world size 2".to_string(),
+    ] {
+        assert!(output.contains(&line), "missing {line:?}:\n{output}");
+    }
+    assert_eq!(logged_steps(&output), [1, 2, 3, 4, 5, 6], "{output}");
+    for step in [3, 6] {
+        let manifest = fixture.path(&format!("out/checkpoint-{step}/manifest.json"));
+        assert!(manifest.is_file(), "{} is missing", manifest.display());
+    }
 }
