@@ -382,3 +382,34 @@ fn a_killed_remote_worker_stops_the_job_on_every_node() {
         "survivors of job {job}: {left:?}\n{stderr}"
     );
 }
+
+#[test]
+fn a_killed_remote_launcher_stops_the_job_on_every_node() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let train_json = fx.train_json(100_000);
+    let mut launcher = launch(&fx, &sshd, &train_json, &[]);
+    let job = wait_for_four_ranks(&launcher);
+    let (remote_launcher, _) = job_processes(&job)
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("--token_stdin") && !cmd.starts_with("ssh"))
+        .unwrap_or_else(|| panic!("no node-1 launcher found\n{}", launcher.output()));
+    // SAFETY: kill(2) on node 1's launcher of the job this test started.
+    unsafe { libc::kill(remote_launcher, libc::SIGKILL) };
+    let status = launcher.wait(Duration::from_secs(60));
+    let stderr = launcher.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "node 1 (127.0.0.2, ranks 2-3) failed: its launcher's ssh ended with exit code 255"
+        ),
+        "node 0 names the node: {stderr}"
+    );
+    let left = job_survivors(&job, Duration::from_secs(15));
+    kill_all(&left.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    assert!(
+        left.is_empty(),
+        "survivors of job {job}: {left:?}\n{stderr}"
+    );
+}

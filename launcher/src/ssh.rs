@@ -506,6 +506,8 @@ pub struct RemoteFailure {
 /// The first remote node that failed in this launcher process (node 0 only). A process
 /// runs one job, like `STOP_SIGNAL`, so this is process-wide too.
 static FIRST_REMOTE_FAILURE: Mutex<Option<RemoteFailure>> = Mutex::new(None);
+/// Set once the remote failure was printed as the job's failure.
+static REMOTE_FAILURE_REPORTED: AtomicBool = AtomicBool::new(false);
 
 /// The first remote node that failed, if any.
 pub fn first_remote_failure() -> Option<RemoteFailure> {
@@ -517,6 +519,7 @@ pub fn first_remote_failure() -> Option<RemoteFailure> {
 pub fn blame_remote_node(outcome: Outcome) -> Outcome {
     match (&outcome, first_remote_failure()) {
         (Outcome::Interrupted { signal }, Some(failure)) if *signal == libc::SIGTERM => {
+            REMOTE_FAILURE_REPORTED.store(true, Ordering::SeqCst);
             Outcome::WorkerFailed {
                 rank: *failure.ranks.start(),
                 exit_code: failure.exit_code,
@@ -536,7 +539,7 @@ impl std::fmt::Display for RemoteFailure {
         };
         write!(
             f,
-            "node {} ({}, ranks {}-{}) failed first: its launcher's ssh ended with {}{hint}",
+            "node {} ({}, ranks {}-{}) failed: its launcher's ssh ended with {}{hint}",
             self.node_rank,
             self.host,
             self.ranks.start(),
@@ -704,6 +707,11 @@ impl RemoteNodes {
     pub fn finish(mut self, local_code: i32, grace: Duration) -> i32 {
         if local_code != 0 {
             self.stop(grace);
+            if let Some(failure) = first_remote_failure() {
+                if !REMOTE_FAILURE_REPORTED.load(Ordering::SeqCst) {
+                    eprintln!("rsdeep: also: {failure}");
+                }
+            }
             return local_code;
         }
         eprintln!("rsdeep: node 0 is done; waiting for the other node(s)");
@@ -827,6 +835,11 @@ pub fn stop_on_stdin_eof() {
         while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
         if output_is_closed() {
             silence_output();
+        } else {
+            let _ = writeln!(
+                std::io::stderr(),
+                "rsdeep: node 0 closed this node's ssh stdin: stopping the job here"
+            );
         }
         STOP_SIGNAL.store(libc::SIGHUP, Ordering::SeqCst);
     });
