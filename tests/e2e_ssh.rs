@@ -413,3 +413,56 @@ fn a_killed_remote_launcher_stops_the_job_on_every_node() {
         "survivors of job {job}: {left:?}\n{stderr}"
     );
 }
+
+#[test]
+fn a_node_that_never_joins_is_named_with_its_rank_range() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    // RSDEEP_WORKER_BIN reaches node 1 through the exported RSDEEP_* environment.
+    let script = fx.path("worker.sh");
+    let body = format!(
+        "#!/bin/sh\nif [ \"$RSDEEP_NODE_RANK\" = 1 ]; then exec sleep 600; fi\nexec {}\n",
+        binary("rsdeep-worker").display()
+    );
+    std::fs::write(&script, body).expect("worker script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod worker script");
+    let hostfile = fx.path("hostfile").display().to_string();
+    let (ssh_port, master_port) = (sshd.port.to_string(), free_port().to_string());
+    let args = [
+        "-H",
+        &hostfile,
+        "--device",
+        "cpu",
+        "--ssh_port",
+        &ssh_port,
+        "--master_port",
+        &master_port,
+        "--join_timeout",
+        "8",
+        "--grace_period",
+        "3",
+        "--selftest",
+    ];
+    let envs = [
+        ("RSDEEP_SSH_ARGS", sshd.client_args()),
+        ("RSDEEP_WORKER_BIN", script.display().to_string()),
+        ("OMP_NUM_THREADS", "1".to_string()),
+    ];
+    let mut launcher = Launcher::start(&args, &envs);
+    let status = launcher.wait(Duration::from_secs(90));
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    assert!(
+        stderr.contains("node 1 (127.0.0.2) never joined: ranks 2-3"),
+        "the timeout names the node and its ranks: {stderr}"
+    );
+    let job = job_id(&stderr).expect("job id line");
+    let left = job_survivors(&job, Duration::from_secs(15));
+    kill_all(&left.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    assert!(
+        left.is_empty(),
+        "survivors of job {job}: {left:?}\n{stderr}"
+    );
+}
