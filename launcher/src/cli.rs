@@ -103,6 +103,10 @@ pub struct LaunchArgs {
     /// Seconds without a heartbeat after which a rank counts as hung (0 = never).
     #[arg(long = "heartbeat_timeout", default_value_t = 300.0)]
     pub heartbeat_timeout: f64,
+    /// Seconds between worker heartbeats (default: 2, or a quarter of a shorter
+    /// --heartbeat_timeout); must be shorter than --heartbeat_timeout.
+    #[arg(long = "heartbeat_interval")]
+    pub heartbeat_interval: Option<f64>,
     /// Seconds the rendezvous waits for every rank to join.
     #[arg(long = "join_timeout", default_value_t = 300.0)]
     pub join_timeout: f64,

@@ -7,7 +7,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rsdeep::cli::{DeviceKind, LaunchArgs, LauncherKind};
@@ -312,7 +312,19 @@ fn bind_candidates(master_addr: &str, port: u16, bind_all: bool) -> Vec<SocketAd
         .unwrap_or_default()
 }
 
+/// Longest time from a rank's first heartbeat to its first finished step (model
+/// loading, data preparation, resume) before it counts as hung; never shorter than
+/// `--heartbeat_timeout`.
+const STARTUP_ALLOWANCE: Duration = Duration::from_secs(900);
+
 /// Spawns and supervises the local workers, restarting after failures if allowed.
+///
+/// A restart stops every local worker, opens a new rendezvous generation and starts the
+/// workers again with `RSDEEP_RESTART_COUNT = k`; the workers then resume from the newest
+/// complete checkpoint in `output_dir` (`train::entry`). With several nodes only node 0
+/// hosts the rendezvous and restarts here; the other nodes' launchers see their workers
+/// fail (the collectives break) and follow their own `--max_restarts` count, joining
+/// the new generation (cross-node restart coordination is not built yet).
 fn supervise_attempts(
     runtime: &tokio::runtime::Runtime,
     plan: &LaunchPlan,
@@ -323,10 +335,13 @@ fn supervise_attempts(
     let options = SuperviseOptions {
         grace_period: plan.grace_period,
         heartbeat_timeout: plan.heartbeat_timeout,
+        heartbeat_interval: plan.heartbeat_interval,
+        startup_timeout: STARTUP_ALLOWANCE,
         rank_log_dir: plan.rank_log_dir.clone(),
     };
     let local: Vec<_> = plan.local_ranks().collect();
     for attempt in 0..=plan.max_restarts {
+        let _span = tracing::info_span!("attempt", attempt, node = plan.node_rank).entered();
         if let Some(state) = &state {
             announce_world(runtime, state.clone(), started);
         }
@@ -353,19 +368,66 @@ fn supervise_attempts(
             outcome,
             Outcome::WorkerFailed { .. } | Outcome::Hung { .. } | Outcome::JoinTimeout { .. }
         );
-        if !retry || attempt == plan.max_restarts {
+        if !retry {
             return Ok(outcome.exit_code());
         }
-        eprintln!(
-            "rsdeep: restarting the job ({}/{})",
-            attempt + 1,
-            plan.max_restarts
-        );
-        if let Some(state) = &state {
-            state.next_generation();
+        if attempt == plan.max_restarts {
+            if plan.max_restarts > 0 {
+                eprintln!(
+                    "rsdeep: giving up: all {} restart(s) used; the last failure is reported above",
+                    plan.max_restarts
+                );
+            }
+            return Ok(outcome.exit_code());
         }
+        let generation = state.as_ref().map(|s| s.next_generation());
+        eprintln!(
+            "rsdeep: restart {}/{}{}: {}",
+            attempt + 1,
+            plan.max_restarts,
+            generation.map_or(String::new(), |g| format!(" (rendezvous generation {g})")),
+            resume_point(plan)
+        );
     }
     Ok(1)
+}
+
+/// Where the restarted workers will resume, as far as the launcher can tell: the newest
+/// `checkpoint-N` with a manifest in the resolved config's `output_dir`.
+fn resume_point(plan: &LaunchPlan) -> String {
+    let output_dir = plan
+        .local_ranks()
+        .next()
+        .and_then(|r| r.env.get(ev::CONFIG))
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| config::TrainConfig::from_json(&text).ok())
+        .map(|c| PathBuf::from(c.args.output_dir));
+    let Some(output_dir) = output_dir else {
+        return "starting the workers again".into();
+    };
+    match newest_complete_checkpoint(&output_dir) {
+        Some(step) => format!(
+            "resuming from checkpoint-{step} (newest complete checkpoint in {})",
+            output_dir.display()
+        ),
+        None => format!(
+            "no complete checkpoint in {} yet: starting over",
+            output_dir.display()
+        ),
+    }
+}
+
+/// The step of the newest `checkpoint-N` folder of `dir` that has a `manifest.json`.
+fn newest_complete_checkpoint(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().join("manifest.json").is_file())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("checkpoint-")?.parse().ok()
+        })
+        .max()
 }
 
 /// Prints, once, how long after the launcher started the whole world had joined.
@@ -400,10 +462,12 @@ fn report_outcome(outcome: &Outcome, local_workers: usize, plan: &LaunchPlan) {
             )
         }
         Outcome::JoinTimeout { message } => eprintln!("rsdeep: {message}"),
-        Outcome::Hung { ranks } => eprintln!(
-            "rsdeep: rank(s) {ranks:?} sent no heartbeat for {:?}: treating them as hung",
-            plan.heartbeat_timeout.unwrap_or_default()
-        ),
+        Outcome::Hung { report, .. } => {
+            eprint!("{report}");
+            eprintln!(
+                "rsdeep: stopping every worker as hung (SIGTERM and SIGCONT, SIGKILL after {grace}s)"
+            );
+        }
     }
 }
 

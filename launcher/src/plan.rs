@@ -83,6 +83,8 @@ pub struct LaunchPlan {
     pub overrides: Vec<String>,
     pub join_timeout: Duration,
     pub heartbeat_timeout: Option<Duration>,
+    /// How often workers send a heartbeat (`RSDEEP_HEARTBEAT_INTERVAL_MS`).
+    pub heartbeat_interval: Duration,
     pub grace_period: Duration,
     pub max_restarts: u32,
     pub rank_log_dir: Option<PathBuf>,
@@ -130,6 +132,10 @@ pub enum PlanError {
     TooFewCores { ranks: usize, cores: usize },
     #[error("a train.json path is required (or pass --selftest to only test the rendezvous)")]
     MissingConfig,
+    #[error(
+        "--heartbeat_interval {interval} must be a positive number of seconds shorter than --heartbeat_timeout {timeout}"
+    )]
+    HeartbeatInterval { interval: f64, timeout: f64 },
 }
 
 impl LaunchPlan {
@@ -170,6 +176,7 @@ impl LaunchPlan {
             overrides: args.overrides().to_vec(),
             join_timeout: secs(args.join_timeout),
             heartbeat_timeout: (args.heartbeat_timeout > 0.0).then(|| secs(args.heartbeat_timeout)),
+            heartbeat_interval: heartbeat_interval(args)?,
             grace_period: secs(args.grace_period),
             max_restarts: args.max_restarts,
             rank_log_dir: args.enable_each_rank_log.clone(),
@@ -284,7 +291,10 @@ impl LaunchPlan {
                 if self.selftest { "1" } else { "0" }.to_string(),
             ),
             (ev::RESTART_COUNT, "0".to_string()),
-            (ev::HEARTBEAT_INTERVAL_MS, "2000".to_string()),
+            (
+                ev::HEARTBEAT_INTERVAL_MS,
+                self.heartbeat_interval.as_millis().max(1).to_string(),
+            ),
         ];
         env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
         if let Some(cores) = &rank.cpu_cores {
@@ -333,6 +343,20 @@ impl LaunchPlan {
         }
         out
     }
+}
+
+/// `--heartbeat_interval`, else 2 s or a quarter of a shorter `--heartbeat_timeout`.
+fn heartbeat_interval(args: &LaunchArgs) -> Result<Duration, PlanError> {
+    let timeout = args.heartbeat_timeout;
+    let Some(interval) = args.heartbeat_interval else {
+        let quarter = if timeout > 0.0 { timeout / 4.0 } else { 2.0 };
+        return Ok(secs(quarter.clamp(0.05, 2.0)));
+    };
+    let shorter = timeout <= 0.0 || interval < timeout;
+    if !(interval.is_finite() && interval > 0.0 && shorter) {
+        return Err(PlanError::HeartbeatInterval { interval, timeout });
+    }
+    Ok(secs(interval))
 }
 
 fn secs(value: f64) -> Duration {
@@ -755,6 +779,29 @@ mod tests {
         machine.omp_threads_from_user = true;
         let plan = LaunchPlan::build(&args(&cpu), &machine).unwrap();
         assert!(!plan.ranks[3].env.contains_key("OMP_NUM_THREADS"));
+    }
+
+    #[test]
+    fn heartbeat_interval_reaches_workers_and_must_be_shorter_than_the_timeout() {
+        let cpu = ["--device", "cpu", "--num_procs", "2"];
+        let interval = |extra: &[&str]| {
+            let list = [&cpu[..], extra, &["t.json"]].concat();
+            let plan = LaunchPlan::build(&args(&list), &inputs());
+            plan.map(|p| p.ranks[1].env["RSDEEP_HEARTBEAT_INTERVAL_MS"].clone())
+        };
+        assert_eq!(interval(&[]).unwrap(), "2000");
+        assert_eq!(interval(&["--heartbeat_timeout", "3"]).unwrap(), "750");
+        assert_eq!(
+            interval(&["--heartbeat_timeout", "3", "--heartbeat_interval", "0.5"]).unwrap(),
+            "500"
+        );
+        let err = interval(&["--heartbeat_timeout", "3", "--heartbeat_interval", "3"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("shorter than --heartbeat_timeout 3"),
+            "{err}"
+        );
+        assert!(interval(&["--heartbeat_interval", "0"]).is_err());
     }
 
     #[test]

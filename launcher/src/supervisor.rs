@@ -1,9 +1,19 @@
 //! Starts the local workers and watches them: each worker runs in its own process group
 //! with `PR_SET_PDEATHSIG=SIGKILL` (none survives a killed launcher), its stdout/stderr
 //! lines reach the launcher prefixed `[rank N]` (and `--enable_each_rank_log` files), and
-//! the first failure is reported with rank, host, pid, exit code or signal and the last
-//! lines of output before the others get SIGTERM, then SIGKILL after the grace period.
-//! Contract: issue 2 "Supervision"; DeepSpeed's behaviour (and pitfalls) in
+//! the first failure *by time* is reported with rank, host, pid, exit code or signal, the
+//! worker's own error report and its last lines; failures that followed within a short
+//! settling window are listed as consequences. Then the others get SIGTERM (and SIGCONT,
+//! so that a stopped worker can act on it), then SIGKILL after the grace period.
+//!
+//! Hang detection (issue 9) reads the rendezvous heartbeat bookkeeping: workers send a
+//! heartbeat every `--heartbeat_interval` carrying their last finished step. A rank is
+//! hung when its heartbeats stop for `--heartbeat_timeout` (SIGSTOP, a frozen process, a
+//! cut network), when heartbeats arrive but its step has not advanced for the same time
+//! once it finished a first step (a stuck collective: the heartbeat thread lives on), or
+//! when no first step finished within the startup allowance (model loading). The report
+//! names the ranks that missed heartbeats as the cause and the others as consequences.
+//! Contract: issue 2 "Supervision" and issue 9; DeepSpeed's behaviour (and pitfalls) in
 //! `/work/shared/reference/deepspeed.md` §1 "Failure handling".
 
 use std::collections::VecDeque;
@@ -22,12 +32,18 @@ use nix::unistd::Pid;
 
 use crate::plan::RankPlan;
 use crate::rendezvous::RendezvousState;
+use crate::rendezvous::state::{ErrorRecord, HangKind, HangLimits, RankLiveness};
 
 /// Output lines kept per rank for the failure report.
 pub const TAIL_LINES: usize = 20;
-const POLL: Duration = Duration::from_millis(25);
+/// Poll period of the watch loop: the resolution of the exit times that order failures.
+const POLL: Duration = Duration::from_millis(10);
 /// Longest wait for a dead worker's last output lines.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// After the first failure, how long the other workers may take to fail on their own
+/// (a collective error on the survivors) before they are stopped: their failures are
+/// then reported as consequences rather than hidden behind our SIGTERM.
+pub const SETTLE: Duration = Duration::from_millis(1500);
 
 /// A started worker process.
 #[derive(Debug)]
@@ -39,6 +55,8 @@ pub struct Worker {
     tail: Arc<Mutex<VecDeque<String>>>,
     readers: Vec<JoinHandle<()>>,
     status: Option<ExitStatus>,
+    /// Unix ms of the last poll that found the worker running: it exited after that.
+    alive_ms: u64,
 }
 
 impl Worker {
@@ -49,7 +67,11 @@ impl Worker {
 
     fn poll(&mut self) -> std::io::Result<Option<ExitStatus>> {
         if self.status.is_none() {
+            let now = unix_ms();
             self.status = self.child.try_wait()?;
+            if self.status.is_none() {
+                self.alive_ms = now;
+            }
         }
         Ok(self.status)
     }
@@ -88,8 +110,8 @@ pub enum Outcome {
     Interrupted { signal: i32 },
     /// The rendezvous deadline passed; the message names who never arrived.
     JoinTimeout { message: String },
-    /// Ranks stopped sending heartbeats.
-    Hung { ranks: Vec<usize> },
+    /// Ranks stopped sending heartbeats or making steps; the report is ready to print.
+    Hung { ranks: Vec<usize>, report: String },
 }
 
 impl Outcome {
@@ -130,7 +152,13 @@ pub fn install_stop_handlers() -> nix::Result<()> {
 #[derive(Debug, Clone)]
 pub struct SuperviseOptions {
     pub grace_period: Duration,
+    /// `--heartbeat_timeout`; `None` turns hang detection off.
     pub heartbeat_timeout: Option<Duration>,
+    /// The workers' heartbeat period: a rank whose last beat is older than three of
+    /// these is named as the cause of a hang.
+    pub heartbeat_interval: Duration,
+    /// Longest time from a rank's first heartbeat to its first finished step.
+    pub startup_timeout: Duration,
     /// Where `[rank N]` log files go (`--enable_each_rank_log`).
     pub rank_log_dir: Option<PathBuf>,
 }
@@ -233,6 +261,7 @@ fn spawn_one(
         tail,
         readers,
         status: None,
+        alive_ms: unix_ms(),
     })
 }
 
@@ -275,12 +304,14 @@ fn forward_lines(
 }
 
 /// Watches `workers` until all succeed, one fails, the launcher is signalled, the
-/// rendezvous times out or a rank stops sending heartbeats. Does not stop anyone.
+/// rendezvous times out or a rank hangs. After a failure it waits up to `SETTLE` for the
+/// consequences, then reports the first failure by time. Does not stop anyone.
 pub fn watch(
     workers: &mut [Worker],
     rendezvous: Option<&RendezvousState>,
     options: &SuperviseOptions,
 ) -> Outcome {
+    let attempt_started_ms = unix_ms();
     loop {
         let signal = STOP_SIGNAL.load(Ordering::SeqCst);
         if signal != 0 {
@@ -292,18 +323,12 @@ pub fn watch(
                     message: state.join_timeout_error().to_string(),
                 };
             }
-            if let Some(timeout) = options.heartbeat_timeout {
-                let ranks = state.silent_ranks(timeout);
-                if !ranks.is_empty() {
-                    return Outcome::Hung { ranks };
-                }
-            }
         }
         let mut running = 0;
         for worker in workers.iter_mut() {
             match worker.poll() {
                 Ok(Some(status)) if status.success() => {}
-                Ok(Some(status)) => return failure(worker, status, rendezvous),
+                Ok(Some(_)) => return settle_and_report(workers, rendezvous, attempt_started_ms),
                 Ok(None) => running += 1,
                 Err(e) => {
                     return Outcome::WorkerFailed {
@@ -323,33 +348,133 @@ pub fn watch(
             }
             return Outcome::Success;
         }
+        if let (Some(state), Some(timeout)) = (rendezvous, options.heartbeat_timeout) {
+            let limits = HangLimits {
+                timeout,
+                startup: options.startup_timeout.max(timeout),
+            };
+            let liveness = state.liveness(limits);
+            if liveness.iter().any(|r| r.hung.is_some()) {
+                return hang_outcome(&liveness, workers, options, timeout);
+            }
+        }
         std::thread::sleep(POLL);
     }
 }
 
-fn failure(
-    worker: &mut Worker,
-    status: ExitStatus,
-    rendezvous: Option<&RendezvousState>,
-) -> Outcome {
-    // Let the reader threads drain what the worker printed before dying.
-    worker.finish_output();
-    let reported = rendezvous
-        .map(|s| s.errors_of(worker.rank))
-        .unwrap_or_default();
-    let report = failure_report(
-        worker.rank,
-        &worker.host,
-        worker.pid,
-        status,
-        &worker.tail(),
-        reported.iter().map(|e| e.message.as_str()),
-    );
-    Outcome::WorkerFailed {
-        rank: worker.rank,
-        exit_code: exit_code_of(status),
-        report,
+/// One failed rank of an attempt, as the supervisor saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub rank: usize,
+    pub host: String,
+    pub pid: u32,
+    /// `None` for a rank of another node that only reported an error.
+    pub status: Option<ExitStatus>,
+    /// Unix ms of the failure: the earliest of its error report and the last poll that
+    /// still saw it running.
+    pub at_ms: u64,
+    /// The worker's own error reports of this attempt, oldest first.
+    pub reported: Vec<String>,
+    pub tail: Vec<String>,
+}
+
+impl Failure {
+    /// Died of a signal without explaining itself (SIGKILL, SIGSEGV...): when two
+    /// failures fall in the same poll period, such a death is the cause, since a worker
+    /// that reports an error first noticed something (often this very death).
+    fn abrupt(&self) -> bool {
+        self.reported.is_empty() && self.status.is_some_and(|s| s.signal().is_some())
     }
+}
+
+/// Keeps polling (up to `SETTLE`) so that failures caused by the first one show up, then
+/// builds the report naming the earliest failure.
+fn settle_and_report(
+    workers: &mut [Worker],
+    rendezvous: Option<&RendezvousState>,
+    attempt_started_ms: u64,
+) -> Outcome {
+    let deadline = Instant::now() + SETTLE;
+    while Instant::now() < deadline && STOP_SIGNAL.load(Ordering::SeqCst) == 0 {
+        let mut running = 0;
+        for worker in workers.iter_mut() {
+            running += usize::from(matches!(worker.poll(), Ok(None)));
+        }
+        if running == 0 {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    let errors: Vec<ErrorRecord> = rendezvous
+        .map(|s| s.errors_since(attempt_started_ms))
+        .unwrap_or_default();
+    let mut failures = Vec::new();
+    for worker in workers.iter_mut() {
+        let Some(status) = worker.status.filter(|s| !s.success()) else {
+            continue;
+        };
+        worker.finish_output();
+        let reports: Vec<&ErrorRecord> = errors.iter().filter(|e| e.rank == worker.rank).collect();
+        let at_ms = reports
+            .iter()
+            .map(|e| e.time_ms)
+            .fold(worker.alive_ms, u64::min);
+        failures.push(Failure {
+            rank: worker.rank,
+            host: worker.host.clone(),
+            pid: worker.pid,
+            status: Some(status),
+            at_ms,
+            reported: reports.iter().map(|e| e.message.clone()).collect(),
+            tail: worker.tail(),
+        });
+    }
+    failures.extend(remote_failures(workers, rendezvous, &errors));
+    order_by_time(&mut failures);
+    let first = &failures[0];
+    Outcome::WorkerFailed {
+        rank: first.rank,
+        exit_code: first.status.map_or(1, exit_code_of),
+        report: failure_report(&failures),
+    }
+}
+
+/// Ranks of other nodes that reported an error during this attempt (node 0 hosts the
+/// rendezvous and sees every report).
+fn remote_failures(
+    workers: &[Worker],
+    rendezvous: Option<&RendezvousState>,
+    errors: &[ErrorRecord],
+) -> Vec<Failure> {
+    let mut failures: Vec<Failure> = Vec::new();
+    for error in errors {
+        if workers.iter().any(|w| w.rank == error.rank) {
+            continue;
+        }
+        if let Some(known) = failures.iter_mut().find(|f| f.rank == error.rank) {
+            known.reported.push(error.message.clone());
+            known.at_ms = known.at_ms.min(error.time_ms);
+            continue;
+        }
+        let host = rendezvous
+            .and_then(|s| s.spec().locate(error.rank).map(|(h, _, _)| h.to_string()))
+            .unwrap_or_default();
+        failures.push(Failure {
+            rank: error.rank,
+            host,
+            pid: 0,
+            status: None,
+            at_ms: error.time_ms,
+            reported: vec![error.message.clone()],
+            tail: Vec::new(),
+        });
+    }
+    failures
+}
+
+/// Earliest failure first; within the same millisecond an abrupt death goes first.
+pub fn order_by_time(failures: &mut [Failure]) {
+    failures.sort_by_key(|f| (f.at_ms, !f.abrupt(), f.rank));
 }
 
 /// Exit code the launcher uses for a worker status: its code, or 128 + signal.
@@ -384,40 +509,177 @@ pub fn describe_status(status: ExitStatus) -> String {
     format!("signal {signal} ({name}){hint}")
 }
 
-/// The multi-line failure report printed by the launcher.
-pub fn failure_report<'a>(
-    rank: usize,
-    host: &str,
-    pid: u32,
-    status: ExitStatus,
-    tail: &[String],
-    reported: impl Iterator<Item = &'a str>,
-) -> String {
+/// The multi-line failure report printed by the launcher: the first of `failures` (in
+/// time order) in full, the others as consequences.
+pub fn failure_report(failures: &[Failure]) -> String {
+    let Some(first) = failures.first() else {
+        return "rsdeep: no failure to report\n".into();
+    };
+    let rank = first.rank;
+    let how = first
+        .status
+        .map_or("reported an error".to_string(), describe_status);
+    let pid = match first.pid {
+        0 => String::new(),
+        pid => format!(", pid {pid}"),
+    };
     let mut out = format!(
-        "rsdeep: rank {rank} failed first (host {host}, pid {pid}): {}\n",
-        describe_status(status)
+        "rsdeep: rank {rank} failed first (host {}{pid}): {how}\n",
+        first.host
     );
-    for message in reported {
+    for message in &first.reported {
         out.push_str(&format!("rsdeep: rank {rank} reported: {message}\n"));
     }
-    if tail.is_empty() {
+    if first.tail.is_empty() {
         out.push_str(&format!("rsdeep: rank {rank} printed nothing\n"));
     } else {
         out.push_str(&format!(
             "rsdeep: last {} line(s) of rank {rank}:\n",
-            tail.len()
+            first.tail.len()
         ));
-        for line in tail {
+        for line in &first.tail {
             out.push_str(&format!("    {line}\n"));
         }
     }
+    for then in &failures[1..] {
+        out.push_str(&consequence_line(then, first));
+    }
     out
+}
+
+/// `rsdeep: then: rank 0 (pid 7) exited with exit code 1, 0.012 s later (consequence): ...`
+fn consequence_line(then: &Failure, first: &Failure) -> String {
+    let how = then.status.map_or("reported an error".to_string(), |s| {
+        format!("exited with {}", describe_status(s))
+    });
+    let later = then.at_ms.saturating_sub(first.at_ms) as f64 / 1000.0;
+    let why = then
+        .reported
+        .first()
+        .map(|m| format!(": {}", m.lines().next().unwrap_or_default()))
+        .unwrap_or_default();
+    format!(
+        "rsdeep: then: rank {} (host {}, pid {}) {how}, {later:.3} s later (consequence of rank {}){why}\n",
+        then.rank, then.host, then.pid, first.rank
+    )
+}
+
+/// The hung outcome: ranks that missed heartbeats are the cause, ranks whose step stalls
+/// while their heartbeats arrive are (most likely) waiting for them.
+fn hang_outcome(
+    liveness: &[RankLiveness],
+    workers: &[Worker],
+    options: &SuperviseOptions,
+    timeout: Duration,
+) -> Outcome {
+    let missed = (options.heartbeat_interval * 3)
+        .max(Duration::from_secs(1))
+        .min(timeout);
+    let mut causes: Vec<&RankLiveness> = liveness
+        .iter()
+        .filter(|r| r.since_heartbeat > missed)
+        .collect();
+    if causes.is_empty() {
+        causes = liveness.iter().filter(|r| r.hung.is_some()).collect();
+    }
+    let mut report = String::new();
+    for cause in &causes {
+        report.push_str(&hang_line(cause, workers, options, timeout));
+        if let Some(worker) = workers.iter().find(|w| w.rank == cause.rank) {
+            let tail = worker.tail();
+            let shown = &tail[tail.len().saturating_sub(5)..];
+            if !shown.is_empty() {
+                report.push_str(&format!(
+                    "rsdeep: last {} line(s) of rank {}:\n",
+                    shown.len(),
+                    cause.rank
+                ));
+            }
+            for line in shown {
+                report.push_str(&format!("    {line}\n"));
+            }
+        }
+    }
+    let cause_ranks: Vec<usize> = causes.iter().map(|c| c.rank).collect();
+    for other in liveness.iter().filter(|r| !cause_ranks.contains(&r.rank)) {
+        if other.stepped && other.since_step > missed {
+            report.push_str(&format!(
+                "rsdeep: then: rank {} (host {}, pid {}): step {} has not advanced for {:.1} s (consequence: waiting for rank(s) {cause_ranks:?})\n",
+                other.rank,
+                other.host,
+                pid_of(other, workers),
+                other.last_step,
+                other.since_step.as_secs_f64()
+            ));
+        }
+    }
+    Outcome::Hung {
+        ranks: cause_ranks,
+        report,
+    }
+}
+
+/// `rsdeep: rank 1 is hung (host h, pid 7): no heartbeat for 3.2 s; last step 5, 3.9 s ago`
+fn hang_line(
+    rank: &RankLiveness,
+    workers: &[Worker],
+    options: &SuperviseOptions,
+    timeout: Duration,
+) -> String {
+    let step = if rank.stepped {
+        format!(
+            "last step {}, finished {:.1} s ago",
+            rank.last_step,
+            rank.since_step.as_secs_f64()
+        )
+    } else {
+        format!(
+            "no step finished yet (last step {}), started {:.1} s ago",
+            rank.last_step,
+            rank.since_step.as_secs_f64()
+        )
+    };
+    let why = match rank.hung {
+        Some(HangKind::StepStalled) => format!(
+            "heartbeats arrive but the step has not advanced for {:.1} s (--heartbeat_timeout {:.1} s): a stuck collective or a step slower than the timeout",
+            rank.since_step.as_secs_f64(),
+            timeout.as_secs_f64()
+        ),
+        Some(HangKind::NoFirstStep) => format!(
+            "heartbeats arrive but no step finished within the startup allowance of {:.0} s",
+            options.startup_timeout.max(timeout).as_secs_f64()
+        ),
+        _ => format!(
+            "no heartbeat for {:.1} s (--heartbeat_timeout {:.1} s): stopped (SIGSTOP), frozen or cut off",
+            rank.since_heartbeat.as_secs_f64(),
+            timeout.as_secs_f64()
+        ),
+    };
+    format!(
+        "rsdeep: rank {} is hung (host {}, pid {}): {why}; {step}\n",
+        rank.rank,
+        rank.host,
+        pid_of(rank, workers)
+    )
+}
+
+/// The pid the rank joined with, else the local process the launcher started.
+fn pid_of(rank: &RankLiveness, workers: &[Worker]) -> u32 {
+    match rank.pid {
+        0 => workers
+            .iter()
+            .find(|w| w.rank == rank.rank)
+            .map_or(0, |w| w.pid),
+        pid => pid,
+    }
 }
 
 /// SIGTERMs every still-running worker's process group, waits up to `grace`, then
 /// SIGKILLs what is left. Returns how many needed SIGKILL.
 pub fn stop_workers(workers: &mut [Worker], grace: Duration) -> usize {
     signal_groups(workers, Signal::SIGTERM);
+    // A stopped (SIGSTOP, hung) worker acts on SIGTERM only once continued.
+    signal_groups(workers, Signal::SIGCONT);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline && workers.iter_mut().any(|w| matches!(w.poll(), Ok(None))) {
         std::thread::sleep(POLL);
@@ -442,6 +704,13 @@ fn signal_groups(workers: &mut [Worker], signal: Signal) {
     for worker in workers.iter_mut() {
         let _ = killpg(Pid::from_raw(worker.pid as i32), signal);
     }
+}
+
+/// Milliseconds since the Unix epoch (the clock of the workers' error reports).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `YYYYmmddHHMMSS` in UTC (DeepSpeed's per-rank log file prefix).
@@ -496,6 +765,8 @@ mod tests {
         SuperviseOptions {
             grace_period: Duration::from_secs(2),
             heartbeat_timeout: None,
+            heartbeat_interval: Duration::from_millis(100),
+            startup_timeout: Duration::from_secs(600),
             rank_log_dir: None,
         }
     }
@@ -558,6 +829,61 @@ mod tests {
         assert_eq!(
             workers[0].status.and_then(|s| s.signal()),
             Some(libc::SIGTERM)
+        );
+    }
+
+    #[test]
+    fn a_later_failure_is_listed_as_a_consequence_of_the_first() {
+        let mut workers = spawn_sh(&["sleep 0.3; echo peer gone; exit 1", "kill -9 $$"], None);
+        let outcome = watch(&mut workers, None, &options());
+        let Outcome::WorkerFailed { rank, report, .. } = outcome else {
+            panic!("expected a failure, got {outcome:?}");
+        };
+        assert_eq!(rank, 1, "{report}");
+        assert!(report.contains("rank 1 failed first"), "{report}");
+        assert!(
+            report.contains("rsdeep: then: rank 0 (host localhost, pid")
+                && report.contains("exited with exit code 1")
+                && report.contains("(consequence of rank 1)"),
+            "{report}"
+        );
+        stop_workers(&mut workers, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn failures_are_ordered_by_time_and_an_abrupt_death_wins_a_tie() {
+        let failure = |rank: usize, at_ms: u64, status: i32, reported: &[&str]| Failure {
+            rank,
+            host: "h".into(),
+            pid: 10 + rank as u32,
+            status: Some(ExitStatus::from_raw(status)),
+            at_ms,
+            reported: reported.iter().map(|m| m.to_string()).collect(),
+            tail: Vec::new(),
+        };
+        // Rank 0 reported a collective error in the same millisecond rank 2 was SIGKILLed.
+        let mut failures = vec![
+            failure(
+                0,
+                1000,
+                1 << 8,
+                &["all_reduce: rank 2 closed the connection"],
+            ),
+            failure(2, 1000, libc::SIGKILL, &[]),
+            failure(1, 999, 3 << 8, &["out of data"]),
+        ];
+        order_by_time(&mut failures);
+        let order: Vec<usize> = failures.iter().map(|f| f.rank).collect();
+        assert_eq!(order, [1, 2, 0]);
+        let report = failure_report(&failures[1..]);
+        assert!(
+            report.starts_with("rsdeep: rank 2 failed first (host h, pid 12): signal 9 (SIGKILL)"),
+            "{report}"
+        );
+        assert!(report.contains("OOM killer"), "{report}");
+        assert!(
+            report.contains("then: rank 0 (host h, pid 10) exited with exit code 1, 0.000 s later (consequence of rank 2): all_reduce: rank 2 closed"),
+            "{report}"
         );
     }
 

@@ -169,22 +169,28 @@ impl Rendezvous for RendezvousService {
         let (sender, receiver) = mpsc::channel::<Command>(8);
         let state = self.state.clone();
         tokio::spawn(async move {
-            let mut attached = false;
+            // (generation, rank) of this stream, once its first beat was accepted.
+            let mut attached = None;
             while let Some(Ok(beat)) = inbound.next().await {
                 if state.check_job(&beat.job_id).is_err() {
                     warn!(rank = beat.rank, "heartbeat for another job ignored");
                     break;
                 }
-                if !attached {
-                    state.attach_commands(beat.rank as usize, sender.clone());
-                    attached = true;
-                }
-                state.record_progress(
-                    beat.rank as usize,
+                let rank = beat.rank as usize;
+                let recorded = state.record_heartbeat(
+                    beat.generation,
+                    rank,
                     beat.step,
                     beat.loss,
                     beat.tokens_per_second,
                 );
+                if recorded && attached.is_none() {
+                    state.attach_commands(rank, sender.clone());
+                    attached = Some((beat.generation, rank));
+                }
+            }
+            if let Some((generation, rank)) = attached {
+                state.heartbeat_closed(generation, rank);
             }
         });
         let commands = ReceiverStream::new(receiver).map(|command| {
@@ -532,5 +538,9 @@ mod tests {
         c0.report_error(with_token(report, TOKEN)).await.unwrap();
         assert_eq!(state.errors_of(1)[0].message, "CUDA OOM");
         drop(beat_tx);
+        // The ended stream takes rank 1 out of the hang check.
+        while state.progress().get(&1).is_some_and(|p| !p.closed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -66,13 +66,60 @@ pub struct CompleteWorld {
     pub members: Vec<Member>,
 }
 
-/// The last progress report of a rank.
+/// The heartbeat bookkeeping of one rank in the current generation.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
+    /// The last finished optimizer step the rank reported (0 before its first step).
     pub step: u64,
     pub loss: f64,
     pub tokens_per_second: f64,
+    /// When the last heartbeat arrived.
     pub at: Instant,
+    /// When `step` last changed, or the first heartbeat arrived.
+    pub step_since: Instant,
+    /// Whether `step` changed since the first heartbeat (the rank finished a step).
+    pub stepped: bool,
+    /// The heartbeat stream ended: the worker exited or its connection broke (its exit
+    /// is judged by its own node's launcher, not by silence).
+    pub closed: bool,
+}
+
+/// When a rank counts as hung (`hung_ranks`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HangLimits {
+    /// Longest silence of the heartbeat stream, and longest time one step may take once
+    /// the rank has finished its first step (`--heartbeat_timeout`).
+    pub timeout: Duration,
+    /// Longest time from the first heartbeat to the first finished step (model loading,
+    /// data preparation, resume).
+    pub startup: Duration,
+}
+
+/// Why a rank counts as hung.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HangKind {
+    /// No heartbeat for longer than the timeout (stopped, frozen or cut off).
+    Silent,
+    /// Heartbeats arrive but the step has not advanced for longer than the timeout.
+    StepStalled,
+    /// Heartbeats arrive but the first step did not finish within the startup allowance.
+    NoFirstStep,
+}
+
+/// One rank's heartbeat state as the hang check saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankLiveness {
+    pub rank: usize,
+    /// Host and pid the rank joined with (empty / 0 if unknown).
+    pub host: String,
+    pub pid: u32,
+    pub last_step: u64,
+    /// Whether the rank finished at least one step since it started.
+    pub stepped: bool,
+    pub since_heartbeat: Duration,
+    pub since_step: Duration,
+    /// `Some` when this rank is over a limit.
+    pub hung: Option<HangKind>,
 }
 
 /// A command the launcher sends down a worker's heartbeat stream.
@@ -402,15 +449,59 @@ impl RendezvousState {
         }
     }
 
-    /// Records a heartbeat from `rank`.
+    /// Records a heartbeat from `rank` (periodic beats repeat the last step).
     pub fn record_progress(&self, rank: usize, step: u64, loss: f64, tokens_per_second: f64) {
-        let progress = Progress {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let progress = inner.progress.entry(rank).or_insert(Progress {
             step,
             loss,
             tokens_per_second,
-            at: Instant::now(),
+            at: now,
+            step_since: now,
+            stepped: false,
+            closed: false,
+        });
+        if progress.step != step {
+            progress.step_since = now;
+            progress.stepped = true;
+        }
+        *progress = Progress {
+            step,
+            loss,
+            tokens_per_second,
+            at: now,
+            closed: false,
+            ..*progress
         };
-        self.lock().progress.insert(rank, progress);
+    }
+
+    /// Records a heartbeat of `generation` from `rank`; beats of an older generation
+    /// (a worker of a stopped attempt) are ignored. Returns whether it was recorded.
+    pub fn record_heartbeat(
+        &self,
+        generation: u64,
+        rank: usize,
+        step: u64,
+        loss: f64,
+        tokens_per_second: f64,
+    ) -> bool {
+        if generation != self.generation() || rank >= self.spec.world_size() {
+            return false;
+        }
+        self.record_progress(rank, step, loss, tokens_per_second);
+        true
+    }
+
+    /// Marks the heartbeat stream of `rank` (of `generation`) as ended.
+    pub fn heartbeat_closed(&self, generation: u64, rank: usize) {
+        let mut inner = self.lock();
+        if inner.generation != generation {
+            return;
+        }
+        if let Some(progress) = inner.progress.get_mut(&rank) {
+            progress.closed = true;
+        }
     }
 
     /// The last heartbeat of every rank that sent one.
@@ -418,18 +509,56 @@ impl RendezvousState {
         self.lock().progress.clone()
     }
 
+    /// The heartbeat state of every rank with an open heartbeat stream, in rank order,
+    /// each judged against `limits`. Ranks that never sent a heartbeat are not judged
+    /// (the join timeout covers them); ranks whose stream ended are not judged either.
+    pub fn liveness(&self, limits: HangLimits) -> Vec<RankLiveness> {
+        let inner = self.lock();
+        let mut ranks: Vec<RankLiveness> = inner
+            .progress
+            .iter()
+            .filter(|(_, p)| !p.closed)
+            .map(|(&rank, p)| {
+                let member = inner.members.get(rank).and_then(Option::as_ref);
+                let since_heartbeat = p.at.elapsed();
+                let since_step = p.step_since.elapsed();
+                let hung = if since_heartbeat > limits.timeout {
+                    Some(HangKind::Silent)
+                } else if p.stepped && since_step > limits.timeout {
+                    Some(HangKind::StepStalled)
+                } else if !p.stepped && since_step > limits.startup {
+                    Some(HangKind::NoFirstStep)
+                } else {
+                    None
+                };
+                RankLiveness {
+                    rank,
+                    host: member.map(|m| m.host.clone()).unwrap_or_default(),
+                    pid: member.map_or(0, |m| m.pid),
+                    last_step: p.step,
+                    stepped: p.stepped,
+                    since_heartbeat,
+                    since_step,
+                    hung,
+                }
+            })
+            .collect();
+        ranks.sort_by_key(|r| r.rank);
+        ranks
+    }
+
     /// Ranks whose last heartbeat is older than `timeout` (ranks that never sent one are
     /// not judged: they may still be loading).
     pub fn silent_ranks(&self, timeout: Duration) -> Vec<usize> {
-        let mut ranks: Vec<usize> = self
-            .lock()
-            .progress
-            .iter()
-            .filter(|(_, p)| p.at.elapsed() > timeout)
-            .map(|(r, _)| *r)
-            .collect();
-        ranks.sort_unstable();
-        ranks
+        let limits = HangLimits {
+            timeout,
+            startup: Duration::MAX,
+        };
+        self.liveness(limits)
+            .into_iter()
+            .filter(|r| r.hung == Some(HangKind::Silent))
+            .map(|r| r.rank)
+            .collect()
     }
 
     /// Keeps a worker's error report (shown in the launcher's failure report).
@@ -444,6 +573,18 @@ impl RendezvousState {
             .error_reports
             .iter()
             .filter(|e| e.rank == rank)
+            .cloned()
+            .collect()
+    }
+
+    /// Error reports made at or after `since_ms` (Unix ms on the workers' clocks), in
+    /// the order they arrived: the reports of the current attempt.
+    pub fn errors_since(&self, since_ms: u64) -> Vec<ErrorRecord> {
+        let inner = self.lock();
+        inner
+            .error_reports
+            .iter()
+            .filter(|e| e.time_ms >= since_ms)
             .cloned()
             .collect()
     }
@@ -622,6 +763,54 @@ mod tests {
         assert!(state.progress().is_empty());
         state.register(member(0, 0)).unwrap();
         assert_eq!(state.complete_world().unwrap().generation, 2);
+    }
+
+    fn limits(timeout_ms: u64, startup_ms: u64) -> HangLimits {
+        HangLimits {
+            timeout: Duration::from_millis(timeout_ms),
+            startup: Duration::from_millis(startup_ms),
+        }
+    }
+
+    #[test]
+    fn a_rank_whose_step_stops_advancing_is_stalled_even_with_fresh_heartbeats() {
+        let state = RendezvousState::new(spec(&[("a", 2)], 1000));
+        state.register(member(0, 0)).unwrap();
+        state.record_progress(0, 0, 0.0, 0.0);
+        state.record_progress(1, 0, 0.0, 0.0);
+        state.record_progress(0, 1, 2.5, 10.0);
+        std::thread::sleep(Duration::from_millis(30));
+        // Periodic beats repeat the step: they keep the stream alive, not the step.
+        state.record_progress(0, 1, 2.5, 10.0);
+        state.record_progress(1, 0, 0.0, 0.0);
+        let seen = state.liveness(limits(20, 10_000));
+        assert_eq!(seen[0].hung, Some(HangKind::StepStalled), "{seen:?}");
+        assert_eq!((seen[0].last_step, seen[0].pid), (1, 100));
+        assert_eq!(seen[0].host, "h0");
+        assert!(seen[0].since_step >= Duration::from_millis(30));
+        assert!(seen[0].since_heartbeat < Duration::from_millis(20));
+        // Rank 1 has not finished a step yet: only the startup allowance applies.
+        assert_eq!(seen[1].hung, None, "{seen:?}");
+        assert_eq!(
+            state.liveness(limits(20, 10))[1].hung,
+            Some(HangKind::NoFirstStep)
+        );
+    }
+
+    #[test]
+    fn closed_streams_and_old_generations_are_not_judged() {
+        let state = RendezvousState::new(spec(&[("a", 2)], 1000));
+        assert!(state.record_heartbeat(1, 0, 3, 1.0, 1.0));
+        assert!(!state.record_heartbeat(0, 1, 3, 1.0, 1.0));
+        assert!(!state.record_heartbeat(1, 7, 3, 1.0, 1.0));
+        state.heartbeat_closed(2, 0);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(state.silent_ranks(Duration::from_millis(1)), vec![0]);
+        state.heartbeat_closed(1, 0);
+        assert!(state.liveness(limits(1, 1)).is_empty());
+        // A beat after a reconnect reopens the rank.
+        assert!(state.record_heartbeat(1, 0, 3, 1.0, 1.0));
+        assert_eq!(state.liveness(limits(1000, 1000)).len(), 1);
     }
 
     #[test]

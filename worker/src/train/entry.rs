@@ -2,15 +2,27 @@
 //! resolved config the launcher wrote (`RSDEEP_CONFIG`), picks its device, ships the NCCL
 //! unique id through the rendezvous store when the backend is NCCL, builds the
 //! communicator from the rendezvous answer, wires heartbeats, and runs `train`.
+//!
+//! Heartbeats (issue 9): from right after the join, a `Pulse` thread sends one every
+//! `RSDEEP_HEARTBEAT_INTERVAL_MS` carrying the last finished step, and every finished
+//! step sends one at once. The launcher tells a stopped or frozen process (no beats) from
+//! a stuck one (beats, but the step does not advance). On a restart
+//! (`RSDEEP_RESTART_COUNT > 0`) the run resumes from the newest complete checkpoint in
+//! `output_dir`, whatever `resume_from_checkpoint` says (`resume_after_restart`).
 
 use super::run::{StepProgress, TrainSummary, TrainWorld, train};
+use crate::checkpoint;
 use crate::comm::backend::{Backend, CommSetup, build_communicator};
 use crate::comm::nccl;
 use crate::comm::tcp::TcpOptions;
-use crate::rendezvous::{Rendezvous, WorkerEnv, World};
+use crate::rendezvous::{HeartbeatSender, Rendezvous, WorkerEnv, World};
 use crate::{Error, Result};
-use rsdeep::config::{CommBackend, TrainConfig};
+use rsdeep::config::{CommBackend, ResumeFrom, TrainConfig};
 use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 use tch::Device;
 
@@ -24,12 +36,14 @@ pub fn train_from_launcher(
     world: World,
     listener: TcpListener,
 ) -> Result<TrainSummary> {
+    let pulse = Pulse::start(rendezvous.start_heartbeat()?, env.heartbeat_interval);
     let path = env.config.as_ref().ok_or_else(|| {
         Error::Config("RSDEEP_CONFIG is not set: start workers through the rsdeep launcher".into())
     })?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading the resolved config {}", path.display()), e))?;
-    let config = TrainConfig::from_json(&text).map_err(|e| Error::Config(e.to_string()))?;
+    let mut config = TrainConfig::from_json(&text).map_err(|e| Error::Config(e.to_string()))?;
+    resume_after_restart(&mut config, env.restart_count, world.rank)?;
     let device = device_for(&env.device)?;
     let backend = match config.args.comm_backend {
         CommBackend::Auto => Backend::Auto,
@@ -58,7 +72,6 @@ pub fn train_from_launcher(
         nccl_timeout: timeout,
     };
     let comm = build_communicator(backend, setup)?;
-    let heartbeat = rendezvous.start_heartbeat()?;
     let train_world = TrainWorld {
         comm,
         rank: world.rank,
@@ -66,8 +79,108 @@ pub fn train_from_launcher(
         local_rank: world.local_rank,
         device,
     };
-    let mut on_step = |p: StepProgress| heartbeat.beat(p.step, p.loss, p.tokens_per_second);
+    let mut on_step = |p: StepProgress| pulse.step_finished(p);
     train(config, train_world, &mut on_step)
+}
+
+/// On a restart of the job, resumes from the newest complete checkpoint in `output_dir`
+/// (overriding `resume_from_checkpoint`); with none there the configured start stays.
+fn resume_after_restart(config: &mut TrainConfig, restart_count: u32, rank: usize) -> Result<()> {
+    if restart_count == 0 {
+        return Ok(());
+    }
+    let output_dir = Path::new(&config.args.output_dir);
+    let newest = match output_dir.is_dir() {
+        true => checkpoint::resume::complete_checkpoints(output_dir)?.pop(),
+        false => None,
+    };
+    let configured = &config.args.resume_from_checkpoint;
+    match newest {
+        Some((step, dir)) => {
+            if rank == 0 {
+                eprintln!(
+                    "[rank 0] restart {restart_count}: resuming from {} (step {step}, the newest complete checkpoint; resume_from_checkpoint {configured:?} is ignored)",
+                    dir.display()
+                );
+            }
+            config.args.resume_from_checkpoint =
+                Some(ResumeFrom::Path(dir.to_string_lossy().into_owned()));
+        }
+        None if rank == 0 => eprintln!(
+            "[rank 0] restart {restart_count}: no complete checkpoint in {}: starting as configured (resume_from_checkpoint {configured:?})",
+            output_dir.display()
+        ),
+        None => {}
+    }
+    Ok(())
+}
+
+/// Sends a heartbeat every interval with the last finished step (zero before the
+/// first), from its own thread, until dropped.
+struct Pulse {
+    sender: HeartbeatSender,
+    latest: Arc<Mutex<StepProgress>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pulse {
+    fn start(sender: HeartbeatSender, interval: Duration) -> Pulse {
+        let latest = Arc::new(Mutex::new(StepProgress {
+            step: 0,
+            loss: 0.0,
+            tokens_per_second: 0.0,
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (sender, latest, stop) = (sender.clone(), latest.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("rsdeep-heartbeat".into())
+                .spawn(move || beat_until_stopped(&sender, &latest, &stop, interval))
+                .ok()
+        };
+        Pulse {
+            sender,
+            latest,
+            stop,
+            thread,
+        }
+    }
+
+    /// Records a finished step and reports it at once.
+    fn step_finished(&self, progress: StepProgress) {
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = progress;
+        self.sender
+            .beat(progress.step, progress.loss, progress.tokens_per_second);
+    }
+}
+
+impl Drop for Pulse {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn beat_until_stopped(
+    sender: &HeartbeatSender,
+    latest: &Mutex<StepProgress>,
+    stop: &AtomicBool,
+    interval: Duration,
+) {
+    const SLICE: Duration = Duration::from_millis(20);
+    let mut waited = interval;
+    while !stop.load(Ordering::SeqCst) {
+        if waited >= interval {
+            let p = *latest.lock().unwrap_or_else(|p| p.into_inner());
+            sender.beat(p.step, p.loss, p.tokens_per_second);
+            waited = Duration::ZERO;
+        }
+        std::thread::sleep(SLICE.min(interval));
+        waited += SLICE.min(interval);
+    }
 }
 
 /// `cpu`, or `cuda` (the launcher narrows CUDA_VISIBLE_DEVICES to this rank's GPU, so

@@ -1,0 +1,401 @@
+//! End-to-end fault handling of issue 9 through the real binaries on loopback: a
+//! SIGKILLed worker of a CPU training with periodic checkpoints and `--max_restarts 1` is
+//! reported first (SIGKILL, OOM hint; the survivor's collective error as a consequence),
+//! the job restarts from the newest complete checkpoint and ends with weights
+//! bit-identical to an uninterrupted run; a SIGSTOPped worker is reported hung (rank,
+//! pid, last step) within the heartbeat timeout; used-up restarts fail with the report.
+//! The random rank and step of the kill come from a seeded RNG whose seed is printed
+//! (`RSDEEP_FAULT_SEED=<seed>` replays it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rsdeep_e2e::{Launcher, binary, kill_all, recorded_pids, survivors, worker_script};
+
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+const MAX_STEPS: u64 = 16;
+const SAVE_STEPS: u64 = 4;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A folder with a corpus, a tokenizer trained by `rsdeep tokenizer train`, a tiny Qwen2
+/// config and a ZeRO-2 train.json over them.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
+        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        let status = Command::new(binary("rsdeep"))
+            .args(["tokenizer", "train", "--files"])
+            .arg(root.join("corpus.jsonl"))
+            .args(["--vocab_size", "300", "--out"])
+            .arg(root.join("tok"))
+            .status()
+            .expect("rsdeep tokenizer train");
+        assert!(status.success(), "tokenizer training failed");
+        let fixture = Fixture { dir };
+        fixture.write_train_json();
+        fixture
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write_train_json(&self) {
+        let config = serde_json::json!({
+            "task": "pretrain",
+            "config_name": self.path("model.json"),
+            "tokenizer_name": self.path("tok"),
+            "train_files": [self.path("corpus.jsonl")],
+            "block_size": 32,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 3e-3,
+            "warmup_steps": 2,
+            "max_steps": MAX_STEPS,
+            "logging_steps": 1,
+            "save_steps": SAVE_STEPS,
+            "seed": 11,
+            "output_dir": self.path("out"),
+            "deepspeed": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "gradient_clipping": "auto",
+                "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+                "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+                "zero_optimization": {"stage": 2, "reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
+            }
+        });
+        std::fs::write(
+            self.path("train.json"),
+            serde_json::to_string_pretty(&config).expect("json"),
+        )
+        .expect("write train.json");
+    }
+
+    /// Starts a 2-rank CPU training into `out` (launcher `flags`, train.json `overrides`)
+    /// whose workers record their pids in `pid_dir` (the wrapper script `exec`s the real
+    /// worker, so the pid is the worker's).
+    fn launch(&self, out: &Path, pid_dir: &Path, flags: &[&str], overrides: &[&str]) -> Launcher {
+        std::fs::create_dir_all(pid_dir).expect("pid dir");
+        let script = worker_script(pid_dir, "exec \"$REAL_WORKER\"");
+        let json = self.path("train.json").display().to_string();
+        let out = out.display().to_string();
+        let mut args = vec![
+            "--device",
+            "cpu",
+            "--num_procs",
+            "2",
+            "--master_port",
+            "0",
+            "--grace_period",
+            "3",
+        ];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[&json, "--output_dir", &out]);
+        args.extend_from_slice(overrides);
+        Launcher::start(&args, &wrapped(&script, pid_dir))
+    }
+}
+
+/// Environment that makes the launcher run `script` as the worker.
+fn wrapped(script: &Path, pid_dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("RSDEEP_WORKER_BIN", script.display().to_string()),
+        ("REAL_WORKER", binary("rsdeep-worker").display().to_string()),
+        ("PID_DIR", pid_dir.display().to_string()),
+        ("OMP_NUM_THREADS", "1".to_string()),
+    ]
+}
+
+/// Kills (SIGCONT first, then SIGKILL) every recorded worker when dropped.
+struct Cleanup(Vec<i32>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: plain kill(2) on pids this test's launcher started.
+            unsafe {
+                libc::kill(pid, libc::SIGCONT);
+            }
+        }
+        kill_all(&self.0);
+    }
+}
+
+/// The highest step in `out/metrics.jsonl` (rank 0 logs every step), 0 before any.
+fn logged_step(out: &Path) -> u64 {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("step").and_then(|s| s.as_u64()))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until the run logged step `step` or later; panics (with the output) otherwise.
+fn wait_for_step(launcher: &Launcher, out: &Path, step: u64) -> u64 {
+    let deadline = Instant::now() + RUN_LIMIT;
+    loop {
+        let seen = logged_step(out);
+        if seen >= step {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "step {step} never logged:\n{}",
+            launcher.output()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// splitmix64: a small seeded generator (the seed is printed for replay).
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn fault_seed() -> u64 {
+    std::env::var("RSDEEP_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+fn signal(pid: i32, signal: libc::c_int) {
+    // SAFETY: plain kill(2) on a pid this test's launcher started.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+#[test]
+fn a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical() {
+    let _one = serial();
+    let fx = Fixture::new();
+    let reference = fx.path("reference");
+    let mut straight = fx.launch(&reference, &fx.path("pids-reference"), &[], &[]);
+    let status = straight.wait(RUN_LIMIT);
+    assert!(
+        status.success(),
+        "reference run failed:\n{}",
+        straight.output()
+    );
+    let want = std::fs::read(reference.join("model.safetensors")).expect("reference weights");
+
+    let seed = fault_seed();
+    let mut rng = seed;
+    let victim = (splitmix(&mut rng) % 2) as usize;
+    // After the first checkpoint, early enough that the run is still going.
+    let kill_step = SAVE_STEPS + 1 + splitmix(&mut rng) % (MAX_STEPS / 2 - SAVE_STEPS);
+    println!("fault seed {seed} (RSDEEP_FAULT_SEED): SIGKILL rank {victim} at step {kill_step}");
+
+    let out = fx.path("faulty");
+    let pid_dir = fx.path("pids-faulty");
+    let mut launcher = fx.launch(&out, &pid_dir, &["--max_restarts", "1"], &[]);
+    let pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
+    let _cleanup = Cleanup(pids.clone());
+    let seen = wait_for_step(&launcher, &out, kill_step);
+    signal(pids[victim], libc::SIGKILL);
+    println!(
+        "killed rank {victim} (pid {}) with step {seen} logged",
+        pids[victim]
+    );
+    let status = launcher.wait(RUN_LIMIT);
+    let stderr = launcher.stderr();
+    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(
+        status.success(),
+        "the restarted job failed:\n{}",
+        launcher.output()
+    );
+    assert_eq!(
+        stderr.matches("rsdeep: restart ").count(),
+        1,
+        "expected exactly one restart:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("rsdeep: restart 1/1 (rendezvous generation 2): resuming from checkpoint-"),
+        "{stderr}"
+    );
+    let first = format!(
+        "rsdeep: rank {victim} failed first (host localhost, pid {}): signal 9 (SIGKILL)",
+        pids[victim]
+    );
+    assert!(
+        stderr.contains(&first),
+        "the report does not name the killed rank first:\n{stderr}"
+    );
+    assert!(stderr.contains("OOM killer"), "{stderr}");
+    let survivor = 1 - victim;
+    assert!(
+        stderr.contains(&format!(
+            "rsdeep: then: rank {survivor} (host localhost, pid {})",
+            pids[survivor]
+        )) && stderr.contains(&format!("(consequence of rank {victim})")),
+        "the survivor's collective failure is not listed as a consequence:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("[rank 0] restart 1: resuming from"),
+        "{stderr}"
+    );
+    let got = std::fs::read(out.join("model.safetensors")).expect("restarted run weights");
+    assert!(
+        got == want,
+        "seed {seed}: final weights after the restart differ from the uninterrupted run"
+    );
+    assert!(
+        survivors(
+            &recorded_pids(&pid_dir, 2, RUN_LIMIT),
+            Duration::from_secs(5)
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn a_stopped_worker_is_reported_hung_with_rank_pid_and_last_step() {
+    let _one = serial();
+    let fx = Fixture::new();
+    let out = fx.path("hung");
+    let pid_dir = fx.path("pids-hung");
+    let mut launcher = fx.launch(
+        &out,
+        &pid_dir,
+        &["--heartbeat_timeout", "3", "--heartbeat_interval", "0.5"],
+        &["--max_steps", "100000", "--save_steps", "100000"],
+    );
+    let pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
+    let _cleanup = Cleanup(pids.clone());
+    wait_for_step(&launcher, &out, 2);
+    signal(pids[1], libc::SIGSTOP);
+    let stopped = Instant::now();
+    let status = launcher.wait(Duration::from_secs(60));
+    let took = stopped.elapsed();
+    let stderr = launcher.stderr();
+    println!("launcher exited {took:?} after the SIGSTOP; its report:");
+    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(!status.success(), "a hung job must fail:\n{stderr}");
+    let hung = format!(
+        "rsdeep: rank 1 is hung (host localhost, pid {}): no heartbeat for",
+        pids[1]
+    );
+    assert!(
+        stderr.contains(&hung),
+        "rank 1 not reported hung:\n{stderr}"
+    );
+    assert!(stderr.contains("; last step "), "{stderr}");
+    assert!(
+        !stderr.contains("rank 0 is hung"),
+        "rank 0 blamed:\n{stderr}"
+    );
+    // Detection within the timeout plus a little; stopping adds at most the grace period.
+    assert!(
+        took < Duration::from_secs(3 + 4 + 3),
+        "hang handled after {took:?}:\n{stderr}"
+    );
+    assert!(
+        survivors(&pids, Duration::from_secs(5)).is_empty(),
+        "a worker survived the hung job"
+    );
+}
+
+#[test]
+fn used_up_restarts_fail_with_the_full_report() {
+    let _one = serial();
+    let pid_dir = tempfile::tempdir().expect("pid dir");
+    let script = worker_script(
+        pid_dir.path(),
+        "if [ \"$LOCAL_RANK\" = 1 ]; then echo rank one dies; kill -9 $$; fi\nexec \"$REAL_WORKER\"",
+    );
+    let args = [
+        "--device",
+        "cpu",
+        "--num_procs",
+        "2",
+        "--selftest",
+        "--master_port",
+        "0",
+        "--max_restarts",
+        "1",
+        "--grace_period",
+        "3",
+    ];
+    let mut launcher = Launcher::start(&args, &wrapped(&script, pid_dir.path()));
+    let status = launcher.wait(Duration::from_secs(120));
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(137), "{stderr}");
+    assert_eq!(stderr.matches("rsdeep: restart 1/1").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("rank 1 failed first").count(), 2, "{stderr}");
+    assert!(
+        stderr.contains("signal 9 (SIGKILL)") && stderr.contains("    rank one dies"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rsdeep: giving up: all 1 restart(s) used"),
+        "{stderr}"
+    );
+}
+
+const MODEL_CONFIG: &str = r#"{
+  "architectures": ["Qwen2ForCausalLM"],
+  "model_type": "qwen2",
+  "hidden_size": 64,
+  "intermediate_size": 128,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "max_position_embeddings": 128,
+  "rms_norm_eps": 1e-6,
+  "rope_theta": 10000.0,
+  "vocab_size": 384,
+  "tie_word_embeddings": false,
+  "initializer_range": 0.02,
+  "hidden_act": "silu",
+  "torch_dtype": "float32"
+}"#;
+
+/// 200 short documents of repetitive English.
+fn corpus() -> String {
+    let subjects = ["the fox", "a dog", "the captain", "my cat", "the river"];
+    let verbs = ["jumps over", "sleeps near", "sails across", "watches"];
+    let objects = ["the fence", "the harbour", "a garden", "the hill", "a door"];
+    (0..200)
+        .map(|i| {
+            let text = format!(
+                "{} {} {}. {} {} {}.",
+                subjects[i % 5],
+                verbs[(i / 5) % 4],
+                objects[(i / 20) % 5],
+                subjects[(i + 2) % 5],
+                verbs[(i + 3) % 4],
+                objects[(i + 1) % 5]
+            );
+            serde_json::json!({ "text": text }).to_string() + "\n"
+        })
+        .collect()
+}
