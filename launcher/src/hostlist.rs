@@ -291,11 +291,14 @@ mod tests {
         ));
     }
 
-    /// One entry of a generated list: prefix, then brackets of (start, count, width).
+    /// A generated range: (start, count, zero-padded width).
+    type Range = (u64, u64, usize);
+
+    /// One entry of a generated list: prefix, then (text before the bracket, its ranges).
     #[derive(Debug, Clone)]
     struct Entry {
         prefix: String,
-        brackets: Vec<(String, Vec<(u64, u64, usize)>)>,
+        brackets: Vec<(String, Vec<Range>)>,
     }
 
     impl Entry {
