@@ -171,6 +171,19 @@ fn zip_in_place<T: Copy>(acc: &mut [T], incoming: &[T], f: impl Fn(T, T) -> T) {
 }
 
 #[inline(always)]
+fn zip_in_place_and_copy<T: Copy>(
+    acc: &mut [T],
+    incoming: &[T],
+    copy: &mut [T],
+    f: impl Fn(T, T) -> T,
+) {
+    for ((a, &b), c) in acc.iter_mut().zip(incoming).zip(copy.iter_mut()) {
+        *a = f(*a, b);
+        *c = *a;
+    }
+}
+
+#[inline(always)]
 fn zip_into<T: Copy>(dst: &mut [T], local: &[T], incoming: &[T], f: impl Fn(T, T) -> T) {
     for (d, (&a, &b)) in dst.iter_mut().zip(local.iter().zip(incoming)) {
         *d = f(a, b);
@@ -195,6 +208,26 @@ fn reduce_local_first_typed<T: Element>(op: ReduceOp, acc: &mut [u8], local: &[u
     match op {
         ReduceOp::Sum | ReduceOp::Avg => zip_in_place(acc, local, |a, l| T::add(l, a)),
         ReduceOp::Max => zip_in_place(acc, local, |a, l| T::max(l, a)),
+    }
+    true
+}
+
+fn reduce_in_place_and_copy_typed<T: Element>(
+    op: ReduceOp,
+    acc: &mut [u8],
+    incoming: &[u8],
+    copy: &mut [u8],
+) -> bool {
+    let (Some(acc), Some(incoming), Some(copy)) = (
+        typed_mut::<T>(acc),
+        typed::<T>(incoming),
+        typed_mut::<T>(copy),
+    ) else {
+        return false;
+    };
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => zip_in_place_and_copy(acc, incoming, copy, T::add),
+        ReduceOp::Max => zip_in_place_and_copy(acc, incoming, copy, T::max),
     }
     true
 }
@@ -244,6 +277,24 @@ macro_rules! dispatch {
 /// `kind` or the lengths differ.
 pub fn reduce_in_place(kind: ElemKind, op: ReduceOp, acc: &mut [u8], incoming: &[u8]) -> bool {
     acc.len() == incoming.len() && dispatch!(kind, reduce_in_place_typed(op, acc, incoming))
+}
+
+/// `acc[i] = op(acc[i], incoming[i])` and `copy[i] = acc[i]` in one pass (the
+/// shared-memory all-reduce keeps the result and publishes it). Returns false on
+/// misalignment or length mismatch.
+pub fn reduce_in_place_and_copy(
+    kind: ElemKind,
+    op: ReduceOp,
+    acc: &mut [u8],
+    incoming: &[u8],
+    copy: &mut [u8],
+) -> bool {
+    acc.len() == incoming.len()
+        && acc.len() == copy.len()
+        && dispatch!(
+            kind,
+            reduce_in_place_and_copy_typed(op, acc, incoming, copy)
+        )
 }
 
 /// `acc[i] = op(local[i], acc[i])`: the ring's operand order (`local` first) when the

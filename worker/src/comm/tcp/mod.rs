@@ -548,6 +548,7 @@ impl Executor {
                 schedule::balanced_segments(region, host.numel(), self.world, kind.size());
             let reduce = SharedReduce {
                 into: segments[self.rank],
+                local: segments[self.rank],
                 kind,
                 op,
                 average: op == ReduceOp::Avg,
@@ -556,7 +557,7 @@ impl Executor {
             let plan = SharedPlan {
                 desc: shared_desc(&header),
                 parts_per_slot: self.world,
-                publish: segments.iter().copied().enumerate().collect(),
+                publish: others(&segments, self.rank),
                 reduce: Some(reduce),
                 collect: others(&segments, self.rank),
             };
@@ -593,6 +594,7 @@ impl Executor {
             let segments = schedule::equal_segments(input_region, self.world, into.len());
             let reduce = SharedReduce {
                 into,
+                local: segments[self.rank],
                 kind,
                 op,
                 average: op == ReduceOp::Avg,
@@ -601,7 +603,7 @@ impl Executor {
             let plan = SharedPlan {
                 desc: shared_desc(&header),
                 parts_per_slot: self.world,
-                publish: segments.into_iter().enumerate().collect(),
+                publish: others(&segments, self.rank),
                 reduce: Some(reduce),
                 collect: Vec::new(),
             };

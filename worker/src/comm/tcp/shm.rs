@@ -50,7 +50,6 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(20);
 enum Counter {
     Ready = 0,
     Reduced = 1,
-    Done = 2,
 }
 
 /// One collective as the shared-memory engine runs it; built by the executor.
@@ -69,9 +68,11 @@ pub(crate) struct SharedPlan {
     pub collect: Vec<(usize, Region)>,
 }
 
-/// Reduction of part `part` (= this rank) over all ranks' slots, into `into`.
+/// Reduction of this rank's part over `local` (this rank's own data for it, never
+/// copied to the slot) and the other ranks' slots, into `into` (may be `local`).
 pub(crate) struct SharedReduce {
     pub into: Region,
+    pub local: Region,
     pub kind: ElemKind,
     pub op: ReduceOp,
     pub average: bool,
@@ -318,9 +319,8 @@ impl SharedArea {
         for chunk in 0..self.rounds(plan) {
             self.round += 1;
             let (round, parity) = (self.round, (self.round % 2) as usize);
-            if round > 2 {
-                self.wait_all(Counter::Done, round - 2, links_alive)?;
-            }
+            // Slot `parity` was last used in round `round - 2`; every rank published
+            // `ready = round - 1` (seen in the previous round) only after finishing it.
             let offset = chunk * part;
             for (w, value) in plan.desc.iter().enumerate() {
                 self.desc(self.rank, parity, w)
@@ -337,12 +337,12 @@ impl SharedArea {
             self.wait_all(Counter::Ready, round, links_alive)?;
             self.check_descs(parity, &plan.desc)?;
             if let Some(reduce) = &plan.reduce {
-                let into = reduce.into.sub(offset, part);
-                self.reduce_part(reduce, into, parity, place(self.rank))?;
+                let (into, local) = (
+                    reduce.into.sub(offset, part),
+                    reduce.local.sub(offset, part),
+                );
+                self.reduce_part(reduce, into, local, parity, place(self.rank))?;
                 if reduce.republish {
-                    mine.sub(place(self.rank), into.len())
-                        .bytes_mut()
-                        .copy_from_slice(into.bytes());
                     self.publish(Counter::Reduced, round);
                     self.wait_all(Counter::Reduced, round, links_alive)?;
                 }
@@ -352,17 +352,20 @@ impl SharedArea {
                 let theirs = self.slot(*j, parity).sub(place(*j), dest.len());
                 dest.bytes_mut().copy_from_slice(theirs.bytes());
             }
-            self.publish(Counter::Done, round);
         }
         Ok(())
     }
 
-    /// `into = x[r+n] op (... op (x[r+2] op x[r+1]))` over the slots, in ring order, so
-    /// the result is the TCP ring's bit for bit; then the `Avg` division.
+    /// `into = x[r] op (x[r-1] op (... op (x[r+2] op x[r+1])))`, in ring order, so the
+    /// result is the TCP ring's bit for bit (`x[r]` is `local`, the others come from
+    /// their slots, the part at byte `at` of each); then the `Avg` division; then, for
+    /// all-reduce, the result is put in this rank's own slot part (`own_part`, which
+    /// carried no data for this part).
     fn reduce_part(
         &self,
         reduce: &SharedReduce,
         into: Region,
+        local: Region,
         parity: usize,
         at: usize,
     ) -> Result<(), String> {
@@ -370,30 +373,66 @@ impl SharedArea {
             self.slot((self.rank + step) % self.world, parity)
                 .sub(at, into.len())
         };
-        let (kind, op) = (reduce.kind, reduce.op);
-        let mut ok = elementwise::reduce_into(
-            kind,
-            op,
-            into.bytes_mut(),
-            source(2).bytes(),
-            source(1).bytes(),
-        );
-        for step in 3..=self.world {
-            ok = ok
-                && elementwise::reduce_local_first(
-                    kind,
-                    op,
-                    into.bytes_mut(),
-                    source(step).bytes(),
-                );
+        let own_part = source(0);
+        let (kind, op, world) = (reduce.kind, reduce.op, self.world);
+        let in_place = into.same_memory(&local);
+        // The partial reduction of every rank but this one, in ring order.
+        let partial = if world == 2 {
+            source(1)
+        } else {
+            let acc = if in_place { own_part } else { into };
+            let mut ok = elementwise::reduce_into(
+                kind,
+                op,
+                acc.bytes_mut(),
+                source(2).bytes(),
+                source(1).bytes(),
+            );
+            for step in 3..world {
+                ok = ok
+                    && elementwise::reduce_local_first(
+                        kind,
+                        op,
+                        acc.bytes_mut(),
+                        source(step).bytes(),
+                    );
+            }
+            if !ok {
+                return Err(MISALIGNED.into());
+            }
+            acc
+        };
+        let fused = in_place && reduce.republish && !reduce.average && world == 2;
+        let ok = match (in_place, fused) {
+            (true, true) => elementwise::reduce_in_place_and_copy(
+                kind,
+                op,
+                into.bytes_mut(),
+                partial.bytes(),
+                own_part.bytes_mut(),
+            ),
+            (true, false) => {
+                elementwise::reduce_in_place(kind, op, into.bytes_mut(), partial.bytes())
+            }
+            (false, _) if world == 2 => {
+                elementwise::reduce_into(kind, op, into.bytes_mut(), local.bytes(), partial.bytes())
+            }
+            (false, _) => {
+                elementwise::reduce_local_first(kind, op, into.bytes_mut(), local.bytes())
+            }
+        };
+        let ok = ok && (!reduce.average || elementwise::divide(kind, into.bytes_mut(), world));
+        if !ok {
+            return Err(MISALIGNED.into());
         }
-        if reduce.average {
-            ok = ok && elementwise::divide(kind, into.bytes_mut(), self.world);
+        if reduce.republish && !fused {
+            own_part.bytes_mut().copy_from_slice(into.bytes());
         }
-        ok.then_some(())
-            .ok_or_else(|| "internal: misaligned shared-memory reduction buffers".to_string())
+        Ok(())
     }
 }
+
+const MISALIGNED: &str = "internal: misaligned shared-memory reduction buffers";
 
 /// A /dev/shm file created by rank 0, unlinked when dropped.
 struct CreatedFile {
