@@ -707,10 +707,10 @@ impl RemoteNodes {
     pub fn finish(mut self, local_code: i32, grace: Duration) -> i32 {
         if local_code != 0 {
             self.stop(grace);
-            if let Some(failure) = first_remote_failure() {
-                if !REMOTE_FAILURE_REPORTED.load(Ordering::SeqCst) {
-                    eprintln!("rsdeep: also: {failure}");
-                }
+            if let Some(failure) = first_remote_failure()
+                && !REMOTE_FAILURE_REPORTED.load(Ordering::SeqCst)
+            {
+                eprintln!("rsdeep: also: {failure}");
             }
             return local_code;
         }
