@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build release test demo bench fmt clippy gpu-check
+.PHONY: setup build release test demo bench fmt clippy gpu-check fuzz
 
 setup:
 	@scripts/setup.sh
@@ -27,3 +27,7 @@ clippy: setup
 
 gpu-check:
 	@scripts/gpu-check.sh $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(DRY),--cpu-dry-run)
+
+# Fuzz targets at scale (docs/security.md): 100k cases each unless CASES is given.
+fuzz: setup
+	@$(ENV) PROPTEST_CASES=$(or $(CASES),100000) cargo test -p rsdeep --release --test fuzz_parsers --test fuzz_rendezvous
