@@ -466,3 +466,76 @@ fn a_node_that_never_joins_is_named_with_its_rank_range() {
         "survivors of job {job}: {left:?}\n{stderr}"
     );
 }
+
+#[test]
+fn a_host_in_another_network_namespace_joins_through_the_detected_master_address() {
+    let _guard = serial();
+    let other = sshd::OtherHost::create();
+    let sshd = Sshd::start_in(&other);
+    let fx = Fixture::new(&[&other.local_address, &other.address]);
+    let hostfile = fx.path("hostfile").display().to_string();
+    let (ssh_port, master_port) = (sshd.port.to_string(), free_port().to_string());
+    let args = [
+        "-H",
+        &hostfile,
+        "--device",
+        "cpu",
+        "--ssh_port",
+        &ssh_port,
+        "--master_port",
+        &master_port,
+        "--selftest",
+    ];
+    let envs = [
+        ("RSDEEP_SSH_ARGS", sshd.client_args()),
+        ("OMP_NUM_THREADS", "1".to_string()),
+    ];
+    let mut launcher = Launcher::start(&args, &envs);
+    let status = launcher.wait(Duration::from_secs(120));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}\n--- sshd\n{}",
+        launcher.output(),
+        sshd.log()
+    );
+    let detected = format!(
+        "master address {} (the first hostfile host {} is this machine)",
+        other.local_address, other.local_address
+    );
+    assert!(
+        launcher.stderr().contains(&detected),
+        "{}",
+        launcher.output()
+    );
+    // Every rank prints the same peer table: node 0's ranks on this side of the link,
+    // node 1's in the namespace.
+    let stdout = launcher.stdout();
+    let summaries: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("] rank ").map(|(_, rest)| rest))
+        .collect();
+    assert_eq!(summaries.len(), 4, "{stdout}");
+    let tables: Vec<&str> = summaries
+        .iter()
+        .map(|s| s.split_once(" peers=").expect("peers").1)
+        .collect();
+    assert!(tables.iter().all(|t| t == &tables[0]), "{stdout}");
+    let peers: Vec<&str> = tables[0]
+        .trim_start_matches('[')
+        .split(']')
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .collect();
+    let hosts: Vec<&str> = peers
+        .iter()
+        .map(|p| p.rsplit_once(':').expect("addr").0)
+        .collect();
+    let (a, b) = (other.local_address.as_str(), other.address.as_str());
+    assert_eq!(hosts, [a, a, b, b], "{stdout}");
+    assert!(
+        stdout.contains("[node 1 rank 3] rank 3/4 local 1 node 1"),
+        "{stdout}"
+    );
+}

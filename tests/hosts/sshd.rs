@@ -2,7 +2,8 @@
 //! recipe in `/work/shared/reference/test-hosts.md`: installs openssh if missing (as
 //! root, through apt-get), makes a host key and a client key in its own temp folder,
 //! listens on 127.0.0.1 and 127.0.0.2 (two "hosts" of this machine) on a free port, and
-//! is stopped by its pid when dropped. Nothing listens on any other address.
+//! is stopped by its pid when dropped. `OtherHost` is a network namespace with its own
+//! address joined to this one by a veth pair, for an sshd that is "another machine".
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ const SSHD: &str = "/usr/sbin/sshd";
 /// A running sshd and the client options that log into it without a password.
 pub struct Sshd {
     pub port: u16,
+    listen: Vec<String>,
     dir: tempfile::TempDir,
     child: Child,
 }
@@ -21,15 +23,28 @@ pub struct Sshd {
 impl Sshd {
     /// Starts sshd on `127.0.0.1` and `127.0.0.2`; panics saying why it cannot.
     pub fn start() -> Sshd {
+        let listen = ["127.0.0.1", "127.0.0.2"].map(String::from).to_vec();
+        Sshd::start_on(listen, free_port_on_both(), None)
+    }
+
+    /// Starts sshd inside `host`'s namespace, listening on its address only.
+    pub fn start_in(host: &OtherHost) -> Sshd {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind a free port")
+            .port();
+        Sshd::start_on(vec![host.address.clone()], port, Some(&host.namespace))
+    }
+
+    fn start_on(listen: Vec<String>, port: u16, namespace: Option<&str>) -> Sshd {
         ensure_openssh();
         std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd (privilege separation)");
         let dir = tempfile::tempdir().expect("sshd temp dir");
         let run = dir.path();
         keygen(&run.join("host_key"));
         keygen(&run.join("client_key"));
-        let port = free_port_on_both();
         let config = run.join("sshd_config");
-        std::fs::write(&config, sshd_config(run, port)).expect("write sshd_config");
+        std::fs::write(&config, sshd_config(run, port, &listen)).expect("write sshd_config");
         let check = Command::new(SSHD)
             .args(["-t", "-f"])
             .arg(&config)
@@ -41,7 +56,15 @@ impl Sshd {
             String::from_utf8_lossy(&check.stderr)
         );
         let log = std::fs::File::create(run.join("sshd.out")).expect("sshd output file");
-        let child = Command::new(SSHD)
+        let mut command = match namespace {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, SSHD]);
+                c
+            }
+            None => Command::new(SSHD),
+        };
+        let child = command
             .args(["-D", "-f"])
             .arg(&config)
             .arg("-E")
@@ -51,7 +74,12 @@ impl Sshd {
             .stderr(log)
             .spawn()
             .expect("start sshd");
-        let sshd = Sshd { port, dir, child };
+        let sshd = Sshd {
+            port,
+            listen,
+            dir,
+            child,
+        };
         sshd.wait_listening();
         sshd
     }
@@ -74,8 +102,8 @@ impl Sshd {
 
     fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        for addr in ["127.0.0.1", "127.0.0.2"] {
-            while TcpStream::connect((addr, self.port)).is_err() {
+        for addr in &self.listen {
+            while TcpStream::connect((addr.as_str(), self.port)).is_err() {
                 assert!(
                     Instant::now() < deadline,
                     "sshd did not listen on {addr}:{} within 10 s: {}",
@@ -105,9 +133,13 @@ impl Drop for Sshd {
     }
 }
 
-fn sshd_config(run: &Path, port: u16) -> String {
+fn sshd_config(run: &Path, port: u16, listen: &[String]) -> String {
+    let listen: String = listen
+        .iter()
+        .map(|a| format!("ListenAddress {a}\n"))
+        .collect();
     format!(
-        "Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {}\n\
+        "Port {port}\n{listen}HostKey {}\n\
          AuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
          PermitRootLogin prohibit-password\nUsePAM no\nPidFile {}\nStrictModes no\n",
         run.join("host_key").display(),
@@ -183,6 +215,97 @@ fn ensure_openssh() {
     assert!(
         out.status.success() && have_openssh(),
         "cannot install openssh-server/openssh-client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with its own address (`10.214.N.2`) reached from this namespace
+/// (`10.214.N.1`) through a veth pair: a second "machine" on one kernel. A blackhole
+/// route keeps the subnet on this machine; everything is removed on drop.
+pub struct OtherHost {
+    pub namespace: String,
+    /// The address of this namespace's end (node 0's side).
+    pub local_address: String,
+    /// The namespace's address.
+    pub address: String,
+    veth: String,
+    subnet: String,
+}
+
+impl OtherHost {
+    /// Creates the namespace and the link; panics saying why it cannot (root needed).
+    pub fn create() -> OtherHost {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the network-namespace ssh test needs root to create a namespace"
+        );
+        let id = 20 + std::process::id() % 200;
+        let host = OtherHost {
+            namespace: format!("rssshns{id}"),
+            local_address: format!("10.214.{id}.1"),
+            address: format!("10.214.{id}.2"),
+            veth: format!("rssh{id}"),
+            subnet: format!("10.214.{id}.0/24"),
+        };
+        host.remove(); // leftovers of a killed run with the same number
+        let inner = format!("{}p", host.veth);
+        ip(&["route", "add", "blackhole", &host.subnet, "metric", "4000"]);
+        ip(&["netns", "add", &host.namespace]);
+        ip(&[
+            "link", "add", &host.veth, "type", "veth", "peer", "name", &inner,
+        ]);
+        ip(&["link", "set", &inner, "netns", &host.namespace]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", host.local_address),
+            "dev",
+            &host.veth,
+        ]);
+        ip(&["link", "set", &host.veth, "up"]);
+        let ns = host.namespace.as_str();
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", host.address),
+            "dev",
+            &inner,
+        ]);
+        ip(&["-n", ns, "link", "set", &inner, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        host
+    }
+
+    /// Best-effort removal (parts may not exist).
+    fn remove(&self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        };
+        quiet(&["link", "del", &self.veth]);
+        quiet(&["netns", "del", &self.namespace]);
+        quiet(&["route", "del", "blackhole", &self.subnet, "metric", "4000"]);
+    }
+}
+
+impl Drop for OtherHost {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Runs `ip args`; panics with its message on failure.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `ip` (package iproute2): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
