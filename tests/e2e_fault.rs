@@ -232,12 +232,14 @@ fn a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical() 
         launcher.output()
     );
     assert_eq!(
-        stderr.matches("rsdeep: restart ").count(),
+        stderr.matches("rsdeep: restarting the job (").count(),
         1,
         "expected exactly one restart:\n{stderr}"
     );
     assert!(
-        stderr.contains("rsdeep: restart 1/1 (rendezvous generation 2): resuming from checkpoint-"),
+        stderr.contains(
+            "rsdeep: restarting the job (1/1), rendezvous generation 2: resuming from checkpoint-"
+        ),
         "{stderr}"
     );
     let first = format!(
@@ -349,7 +351,11 @@ fn used_up_restarts_fail_with_the_full_report() {
     let status = launcher.wait(Duration::from_secs(120));
     let stderr = launcher.stderr();
     assert_eq!(status.code(), Some(137), "{stderr}");
-    assert_eq!(stderr.matches("rsdeep: restart 1/1").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("rsdeep: restarting the job (1/1)").count(),
+        1,
+        "{stderr}"
+    );
     assert_eq!(stderr.matches("rank 1 failed first").count(), 2, "{stderr}");
     assert!(
         stderr.contains("signal 9 (SIGKILL)") && stderr.contains("    rank one dies"),

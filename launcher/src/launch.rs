@@ -210,6 +210,12 @@ fn slurm_identity(slurm: Option<&SlurmJob>) -> Result<(String, String, bool)> {
             hex::encode(rand::random::<[u8; 16]>())
         })
         .map_err(usage)?;
+    let own_name = job.nodes[job.node_id].as_str();
+    let resolved: Vec<_> = (own_name, 0)
+        .to_socket_addrs()
+        .map(|addrs| addrs.map(|a| a.ip()).collect())
+        .unwrap_or_default();
+    job.check_own_address(&resolved).map_err(usage)?;
     Ok((job_id, token, true))
 }
 
@@ -382,10 +388,10 @@ fn supervise_attempts(
         }
         let generation = state.as_ref().map(|s| s.next_generation());
         eprintln!(
-            "rsdeep: restart {}/{}{}: {}",
+            "rsdeep: restarting the job ({}/{}){}: {}",
             attempt + 1,
             plan.max_restarts,
-            generation.map_or(String::new(), |g| format!(" (rendezvous generation {g})")),
+            generation.map_or(String::new(), |g| format!(", rendezvous generation {g}")),
             resume_point(plan)
         );
     }
