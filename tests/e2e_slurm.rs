@@ -908,6 +908,15 @@ fn launcher_slurm_names_the_missing_or_inconsistent_variable() {
         stderr.contains("RSDEEP_TOKEN is not set"),
         "several nodes without a shared token must fail: {stderr}"
     );
+    vars[3] = ("SLURM_JOB_NODELIST", "rsdeep-unresolvable-node[1-2]");
+    vars.push(("RSDEEP_TOKEN", "shared"));
+    let out = launcher_slurm(&vars);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("rsdeep-unresolvable-node2 does not resolve on this node"),
+        "{stderr}"
+    );
 }
 
 #[test]

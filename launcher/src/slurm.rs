@@ -86,6 +86,12 @@ pub enum SlurmError {
     )]
     NoGpuCount,
     #[error(
+        "--launcher slurm: this node's name {name} {found}, so the other nodes cannot reach \
+         its ranks; map the name to the node's network address in DNS or /etc/hosts (a \
+         Debian `127.0.1.1 {name}` line causes this)"
+    )]
+    UnreachableNodeName { name: String, found: String },
+    #[error(
         "--launcher slurm takes the nodes and this node's index from SLURM (SLURM_JOB_NODELIST, \
          SLURM_NODEID); {0} is not supported with it (choose nodes with sbatch --nodes, \
          --nodelist or --exclude)"
@@ -193,6 +199,29 @@ impl SlurmJob {
             )),
             None => Ok((0..count).collect()),
         }
+    }
+
+    /// With several nodes, the other nodes reach this node's ranks by its name from the
+    /// node list: `resolved` (that name's addresses here) must hold a non-loopback one.
+    pub fn check_own_address(&self, resolved: &[std::net::IpAddr]) -> Result<(), SlurmError> {
+        if self.nodes.len() < 2 || resolved.iter().any(|a| !a.is_loopback()) {
+            return Ok(());
+        }
+        let found = match resolved {
+            [] => "does not resolve on this node".to_string(),
+            addrs => format!(
+                "resolves here only to loopback ({})",
+                addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        Err(SlurmError::UnreachableNodeName {
+            name: self.nodes[self.node_id].clone(),
+            found,
+        })
     }
 
     /// One line for the launcher's log.
@@ -385,6 +414,22 @@ mod tests {
         .unwrap();
         assert_eq!(one.token(None, || "fresh".into()).unwrap(), "fresh");
         assert_eq!(one.rsdeep_job_id(), "slurm-5");
+    }
+
+    #[test]
+    fn several_nodes_need_a_reachable_own_name() {
+        let two = job(&TWO_NODES).unwrap();
+        let lan: std::net::IpAddr = "10.0.0.8".parse().unwrap();
+        let debian: std::net::IpAddr = "127.0.1.1".parse().unwrap();
+        assert_eq!(two.check_own_address(&[debian, lan]), Ok(()));
+        let err = two.check_own_address(&[debian]).unwrap_err().to_string();
+        assert!(err.contains("gpu08") && err.contains("127.0.1.1"), "{err}");
+        let err = two.check_own_address(&[]).unwrap_err().to_string();
+        assert!(err.contains("does not resolve"), "{err}");
+        let mut one = two.clone();
+        one.nodes.truncate(1);
+        one.node_id = 0;
+        assert_eq!(one.check_own_address(&[debian]), Ok(()));
     }
 
     #[test]
