@@ -2,7 +2,8 @@
 //! real sshd on 127.0.0.1 and 127.0.0.2 (`hosts/sshd.rs`) plays two hosts of this
 //! machine; node 0 starts node 1's launcher over ssh. Checked: a short training across
 //! both "hosts" forms one world of four ranks and finishes; an unreachable host fails
-//! fast naming it; the dry run shows the ssh command without the token; killing the
+//! fast naming it; the dry run shows the ssh command without the token; a host in its
+//! own network namespace joins through the detected master address; killing the
 //! node-0 launcher, or one remote worker, leaves no process of the job on any node.
 //! Tests run one at a time (each starts four libtorch workers on a 2-core machine).
 
