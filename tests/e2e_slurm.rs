@@ -861,8 +861,9 @@ fn hostlist_expansion_matches_scontrol_show_hostnames() {
     }
 }
 
-/// `rsdeep --launcher slurm` with only the given SLURM_* variables (none inherited).
-fn launcher_slurm(vars: &[(&str, &str)]) -> Output {
+/// `rsdeep --launcher slurm --device cpu --selftest <extra>` with only the given SLURM_*
+/// and RSDEEP_* variables (none inherited).
+fn launcher_slurm_with(extra: &[&str], vars: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut command = Command::new(binary("rsdeep"));
     for (key, _) in std::env::vars() {
@@ -872,11 +873,41 @@ fn launcher_slurm(vars: &[(&str, &str)]) -> Output {
     }
     command
         .args(["--launcher", "slurm", "--device", "cpu", "--selftest"])
+        .args(extra)
         .current_dir(dir.path())
         .envs(vars.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("run rsdeep")
+}
+
+fn launcher_slurm(vars: &[(&str, &str)]) -> Output {
+    launcher_slurm_with(&[], vars)
+}
+
+#[test]
+fn launcher_slurm_plans_from_slurm_variables() {
+    let vars = [
+        ("SLURM_JOB_ID", "9"),
+        ("SLURM_STEP_ID", "3"),
+        ("SLURM_NNODES", "1"),
+        ("SLURM_NODEID", "0"),
+        ("SLURM_JOB_NODELIST", "localhost"),
+        ("SLURM_RESTART_COUNT", "2"),
+    ];
+    let out = launcher_slurm_with(&["--num_procs", "2", "--dry_run"], &vars);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("job slurm-9.3 | 2 rank(s) on 1 node(s) | device cpu"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("RSDEEP_JOB_ID=slurm-9.3"), "{stdout}");
+    assert!(
+        stderr.contains("SLURM job 9 node 0 of 1 (localhost), restart count 2"),
+        "{stderr}"
+    );
 }
 
 #[test]
