@@ -88,6 +88,12 @@ pub enum SshError {
         "cannot detect the master address: {0}; pass --master_addr <address of this machine that the other nodes reach>"
     )]
     MasterAddr(String),
+    #[error(
+        "the first hostfile host {0} is a loopback name but other hosts are not: node 0's \
+         workers would listen where the other nodes cannot reach them; name this machine in \
+         the hostfile by an address or name the other hosts reach"
+    )]
+    LoopbackNode0(String),
     #[error("bad --world_hosts entry {0:?}: expected host=slots[,host=slots...]")]
     WorldHosts(String),
     #[error("--token_stdin: {0} (this flag is for launchers started by node 0's ssh runner)")]
@@ -261,6 +267,9 @@ pub struct RemoteNodeSpec {
 pub struct SshLaunch {
     pub options: Vec<String>,
     pub nodes: Vec<RemoteNodeSpec>,
+    /// Node 0's host when it is a loopback name while other hosts are not: node 0's
+    /// workers would listen where no other node can reach them.
+    pub unreachable_node0: Option<String>,
 }
 
 impl SshLaunch {
@@ -307,9 +316,12 @@ impl SshLaunch {
                 }
             })
             .collect();
+        let node0 = plan.nodes.first().map_or("", |n| n.host.as_str());
+        let others: Vec<&str> = plan.nodes.iter().skip(1).map(|n| n.host.as_str()).collect();
         SshLaunch {
             options: ssh_options(args.ssh_port, &user_args),
             nodes,
+            unreachable_node0: loopback_among_remote(node0, &others).then(|| node0.to_string()),
         }
     }
 
@@ -335,6 +347,9 @@ impl SshLaunch {
     /// Runs `ssh host true` for every remote host in parallel; the first unreachable host
     /// (in hostfile order) is the error.
     pub fn preflight(&self) -> Result<(), SshError> {
+        if let Some(host) = &self.unreachable_node0 {
+            return Err(SshError::LoopbackNode0(host.clone()));
+        }
         let probes: Vec<_> = self
             .nodes
             .iter()
@@ -469,6 +484,23 @@ pub fn is_this_machine(host: &str) -> bool {
         .to_socket_addrs()
         .map(|mut addrs| addrs.any(|a| UdpSocket::bind((a.ip(), 0)).is_ok()))
         .unwrap_or(false)
+}
+
+/// The addresses `host` resolves to (empty when it does not resolve).
+fn resolve(host: &str) -> Vec<IpAddr> {
+    (host, 0)
+        .to_socket_addrs()
+        .map(|a| a.map(|s| s.ip()).collect())
+        .unwrap_or_default()
+}
+
+/// True when `node0` resolves only to loopback addresses while some other host does not.
+pub fn loopback_among_remote(node0: &str, others: &[&str]) -> bool {
+    let loopback_only = |host: &str| {
+        let ips = resolve(host);
+        !ips.is_empty() && ips.iter().all(IpAddr::is_loopback)
+    };
+    loopback_only(node0) && others.iter().any(|h| !loopback_only(h))
 }
 
 /// The local address the kernel would use to reach `target` (a connected UDP socket
@@ -1058,6 +1090,27 @@ mod tests {
     }
 
     #[test]
+    fn a_loopback_node_0_among_remote_hosts_is_refused() {
+        assert!(loopback_among_remote("127.0.0.1", &["192.0.2.7"]));
+        assert!(loopback_among_remote(
+            "localhost",
+            &["127.0.0.2", "192.0.2.7"]
+        ));
+        assert!(!loopback_among_remote("127.0.0.1", &["127.0.0.2"]));
+        assert!(!loopback_among_remote("192.0.2.1", &["192.0.2.7"]));
+        let launch = SshLaunch {
+            options: Vec::new(),
+            nodes: Vec::new(),
+            unreachable_node0: Some("localhost".into()),
+        };
+        let err = launch.preflight().unwrap_err().to_string();
+        assert!(
+            err.contains("first hostfile host localhost is a loopback name"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unreachable_host_is_named_quickly() {
         // Nothing listens on port 1 of 127.0.0.3: ssh fails at once (or ssh is missing).
         let launch = SshLaunch {
@@ -1068,6 +1121,7 @@ mod tests {
                 ranks: 2..=3,
                 command: "true".into(),
             }],
+            unreachable_node0: None,
         };
         let started = Instant::now();
         let err = launch.preflight().unwrap_err().to_string();
