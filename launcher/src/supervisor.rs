@@ -317,12 +317,12 @@ pub fn watch(
         if signal != 0 {
             return Outcome::Interrupted { signal };
         }
-        if let Some(state) = rendezvous {
-            if state.join_timed_out() {
-                return Outcome::JoinTimeout {
-                    message: state.join_timeout_error().to_string(),
-                };
-            }
+        if let Some(state) = rendezvous
+            && state.join_timed_out()
+        {
+            return Outcome::JoinTimeout {
+                message: state.join_timeout_error().to_string(),
+            };
         }
         let mut running = 0;
         for worker in workers.iter_mut() {
