@@ -5,7 +5,9 @@
 # binaries), then with the peer (`deepspeed` launcher, gloo, hf_trainer_peer.py), each
 # under monitor.py (launch time, first finished step, per-rank peak RSS), and prints the
 # table with ratios (report.py).
-# Usage: benches/peers/run.sh      (env: STEPS=30 STAGES="1 2 3" SKIP_BUILD=1 THREADS=1)
+# Usage: benches/peers/run.sh      (env: STEPS=30 STAGES="1 2 3" SKIP_BUILD=1 THREADS=1
+#        BIN_DIR=<folder with rsdeep and rsdeep-worker>, default the release target dir;
+#        point it at a private copy when others rebuild the shared target meanwhile)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
@@ -20,7 +22,8 @@ export OMP_NUM_THREADS="${THREADS:-1}"
 export DS_ACCELERATOR=cpu DS_BUILD_OPS=0
 
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p rsdeep -p rsdeep-worker
-export RSDEEP_WORKER_BIN="$CARGO_TARGET_DIR/release/rsdeep-worker"
+BIN_DIR="${BIN_DIR:-$CARGO_TARGET_DIR/release}"
+export RSDEEP_WORKER_BIN="$BIN_DIR/rsdeep-worker"
 benches/peers/setup.sh
 mkdir -p "$RUN_DIR"
 echo "results in $RUN_DIR"
@@ -45,7 +48,7 @@ for stage in $STAGES; do
   echo "== rsdeep ZeRO-$stage"
   python benches/peers/monitor.py --out "$out.json" --steps_file "$out/metrics.jsonl" \
     --worker_pattern rsdeep-worker -- \
-    "$CARGO_TARGET_DIR/release/rsdeep" --device cpu --num_procs 2 --master_port 0 \
+    "$BIN_DIR/rsdeep" --device cpu --num_procs 2 --master_port 0 \
     configs/pretrain.json --deepspeed "configs/ds_config_zero$stage.json" \
     --tokenizer_name "$TOKENIZER" --train_files "$DATA" --output_dir "$out" \
     --max_steps "$STEPS" --logging_steps 1 --save_strategy no --report_to none \
