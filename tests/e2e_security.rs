@@ -5,7 +5,7 @@
 //! port are refused or dropped, and the run ends with exactly the weights of a run without
 //! intruders.
 
-use rsdeep_e2e::{Launcher, binary, worker_script};
+use rsdeep_e2e::{Launcher, alive, binary, worker_script};
 use rsdeep_proto::TOKEN_METADATA_KEY;
 use rsdeep_proto::v1::{self as pb, rendezvous_client::RendezvousClient};
 use std::io::{Read, Write};
@@ -297,30 +297,22 @@ fn listening_ports(pid: i32) -> Vec<u16> {
     ports
 }
 
-/// Attacks every collective listener of `launcher`'s workers as soon as it appears (the
-/// ring closes them once formed): each gets random bytes from its own thread. Returns, per
-/// port, what the worker sent back.
-fn attack_worker_ports(launcher: &Launcher, workers: usize) -> Vec<(u16, Vec<u8>)> {
+/// Attacks every collective listener of the workers of launcher `pid` as soon as it
+/// appears (the ring closes them once formed), until `workers` were attacked or the
+/// launcher is gone: each gets random bytes from its own thread. Returns, per port, what
+/// the worker sent back.
+fn attack_worker_ports(pid: i32, workers: usize) -> Vec<(u16, Vec<u8>)> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut attacks = Vec::new();
     let mut seen = Vec::new();
-    while seen.len() < workers {
-        for port in children(launcher.pid())
-            .into_iter()
-            .flat_map(listening_ports)
-        {
+    while seen.len() < workers && alive(pid) && Instant::now() < deadline {
+        for port in children(pid).into_iter().flat_map(listening_ports) {
             if !seen.contains(&port) {
                 seen.push(port);
                 attacks.push((port, std::thread::spawn(move || inject(port).0)));
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "found {} of {workers} worker listeners:\n{}",
-            seen.len(),
-            launcher.output()
-        );
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
     attacks
         .into_iter()
@@ -423,13 +415,9 @@ fn intruders_are_refused_and_the_run_ends_with_the_same_weights() {
 
     let job = job_id("attacked");
     let mut attacked = fx.start("attacked", &job);
-    for (port, answer) in attack_worker_ports(&attacked, 2) {
-        assert!(
-            answer.is_empty(),
-            "collective port {port} answered an intruder with {} bytes",
-            answer.len()
-        );
-    }
+    let pid = attacked.pid();
+    let collective = std::thread::spawn(move || attack_worker_ports(pid, 2));
+    // The workers need seconds to load libtorch: the rendezvous is attacked meanwhile.
     let port = rendezvous_port(&attacked);
     for _ in 0..3 {
         let (_, closed) = inject(port);
@@ -439,11 +427,29 @@ fn intruders_are_refused_and_the_run_ends_with_the_same_weights() {
         );
     }
     wrong_token_calls(port, &job);
+    let attacks = collective.join().expect("collective attack");
+    assert!(
+        !attacks.is_empty(),
+        "no worker collective listener was seen to attack:\n{}",
+        attacked.output()
+    );
+    eprintln!("collective listeners attacked: {}", attacks.len());
+    for (port, answer) in attacks {
+        assert!(
+            answer.is_empty(),
+            "collective port {port} answered an intruder with {} bytes",
+            answer.len()
+        );
+    }
     let status = attacked.wait(RUN_LIMIT);
     assert!(
         status.success(),
         "the attacked run failed:\n{}",
         attacked.output()
+    );
+    eprintln!(
+        "ring connections dropped by the workers: {}",
+        attacked.stderr().matches("dropped ring connection").count()
     );
     let weights = |dir: &str| -> Vec<u8> {
         let path: &Path = &fx.path(dir).join("model.safetensors");
