@@ -1,7 +1,8 @@
 //! The rendezvous hosted by the node-0 launcher: a tonic gRPC server (`service`) over a
 //! plain state machine (`state`). Wire contract: `proto/proto/rendezvous.proto`. Every
 //! call must carry the job token (`x-rsdeep-token` metadata, checked by an interceptor)
-//! and the job id; Join also checks the rsdeep version.
+//! and the job id; Join also checks the rsdeep version. The server listens on the master
+//! address only unless told otherwise, optionally over TLS (`tls`, `docs/security.md`).
 
 pub mod service;
 pub mod state;
