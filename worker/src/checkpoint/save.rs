@@ -863,6 +863,75 @@ fn rotate(output_dir: &Path, limit: Option<usize>, newest: u64, best: Option<&st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zero::loss_scaler::LossScalerState;
+    use crate::zero::partition::FlatLayout;
+    use crate::zero::state::BlockOwnedState;
+
+    /// One block whose three tensors are views of `engine` (master, exp_avg, exp_avg_sq).
+    fn views_of(engine: &[Tensor; 3]) -> OwnedState {
+        OwnedState {
+            stage: 1,
+            world_size: 1,
+            rank: 0,
+            optimizer_steps: 0,
+            global_steps: 0,
+            skipped_steps: 0,
+            loss_scaler: LossScalerState {
+                cur_scale: 1.0,
+                cur_iter: 0,
+                last_overflow_iter: -1,
+                cur_hysteresis: 2,
+            },
+            blocks: vec![BlockOwnedState {
+                block: 0,
+                layout: FlatLayout {
+                    slots: vec![],
+                    numel: 4,
+                    padded_numel: 4,
+                    world_size: 1,
+                },
+                partition_rank: 0,
+                master: engine[0].detach(),
+                exp_avg: engine[1].detach(),
+                exp_avg_sq: engine[2].detach(),
+            }],
+        }
+    }
+
+    #[test]
+    fn the_background_copy_is_independent_and_a_step_before_it_fails_the_save() {
+        let mut engine =
+            [0.5f64, 1.5, 2.5].map(|v| Tensor::full([4], v, (Kind::Float, Device::Cpu)));
+        let mut owned = views_of(&engine);
+        let versions = tensor_versions(&owned).unwrap();
+        copy_views(&mut owned, &versions).unwrap();
+        let _ = engine[0].f_add_scalar_(1.0).unwrap(); // the next step, after the copy
+        assert_eq!(
+            owned.blocks[0].master.double_value(&[0]),
+            0.5,
+            "the copy aliases"
+        );
+        return_to_pool(owned);
+
+        let mut owned = views_of(&engine);
+        let versions = tensor_versions(&owned).unwrap();
+        let _ = engine[2].f_add_scalar_(1.0).unwrap(); // a step without wait_for_snapshot
+        let err = copy_views(&mut owned, &versions).unwrap_err().to_string();
+        assert!(err.contains("wait_for_snapshot"), "{err}");
+    }
+
+    #[test]
+    fn the_snapshot_gate_reports_a_writer_that_stopped_instead_of_hanging() {
+        let gate = Arc::new(SnapshotGate::default());
+        drop(GateOpener(gate.clone()));
+        let err = gate.wait().unwrap_err().to_string();
+        assert!(err.contains("stopped before taking its snapshot"), "{err}");
+        let gate = Arc::new(SnapshotGate::default());
+        let opener = GateOpener(gate.clone());
+        opener.0.open(Ok(()));
+        drop(opener);
+        gate.wait().unwrap();
+    }
 
     #[test]
     fn stale_cleanup_removes_tmp_folders_and_restores_a_moved_aside_checkpoint() {
