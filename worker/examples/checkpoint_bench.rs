@@ -1,8 +1,10 @@
 //! The checkpoint benchmark (run through `benches/checkpoint/run.sh`; figures recorded in
 //! `docs/checkpoints.md`): synchronous save and verified load throughput of a single-rank
 //! checkpoint (GB/s of optimizer partition + weights), consolidation throughput, and the
-//! training stall of an asynchronous save (snapshot + commit) against the synchronous
-//! save time. Prints one `key<TAB>value` line per figure and leaves the checkpoint in
+//! training stall of an asynchronous save against the synchronous save time: the save
+//! call + the wait for the background copy before the next optimizer step (after a real
+//! forward/backward) + `finish`, and the same with the step right after the save call
+//! (no overlap: the worst case). Prints one `key<TAB>value` line per figure and leaves the checkpoint in
 //! OUT_DIR so the Python side can `torch.save`/`torch.load` the very same tensors.
 //! `--make-only` just saves one checkpoint of `--model-config` on `--world` in-process
 //! ranks at `--stage` (no weights under stage 3) for the consolidate memory bench
