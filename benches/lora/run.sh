@@ -4,13 +4,15 @@
 # the same chat data and batches, 2 CPU ranks, ZeRO-2 (and ZeRO-3 by default). Each run
 # trains STEPS steps; benches/peers/monitor.py samples each worker's VmHWM and CPU time;
 # report.py prints per-rank peak RSS, tokens/s from metrics.jsonl and the ratios LoRA/full.
-# Usage: benches/lora/run.sh   (env: STEPS=12 STAGES="2 3" WORLD=2 SKIP_BUILD=1 THREADS=1)
+# Usage: benches/lora/run.sh   (env: STEPS=12 STAGES="2 3" TASKS="sft lora" WORLD=2
+# SKIP_BUILD=1 THREADS=1)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
 STEPS="${STEPS:-12}"
 STAGES="${STAGES:-2 3}"
 WORLD="${WORLD:-2}"
+TASKS="${TASKS:-sft lora}"
 BENCH_DIR="${BENCH_DIR:-$HOME/.cache/rsdeep/bench}"
 RUN_DIR="$BENCH_DIR/lora-$(date -u +%Y%m%dT%H%M%S)"
 DATA="$HOME/.cache/rsdeep/data"
@@ -36,7 +38,7 @@ for task in sft lora; do
 done
 
 for stage in $STAGES; do
-  for task in sft lora; do
+  for task in $TASKS; do
     out="$RUN_DIR/zero$stage-$task"
     echo "== ZeRO-$stage $task ($STEPS steps, world $WORLD)"
     python benches/peers/monitor.py --out "$out.json" --steps_file "$out/metrics.jsonl" \
