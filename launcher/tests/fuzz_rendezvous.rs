@@ -128,7 +128,6 @@ fn call(job: String) -> impl Strategy<Value = Call> {
                     host,
                     comm_addr,
                     pid,
-                    ..Default::default()
                 })
             },
         );
@@ -138,7 +137,6 @@ fn call(job: String) -> impl Strategy<Value = Call> {
             job_id: j.clone(),
             key,
             value,
-            ..Default::default()
         })
     });
     let j = job.clone();
@@ -147,7 +145,6 @@ fn call(job: String) -> impl Strategy<Value = Call> {
             job_id: j.clone(),
             key,
             timeout_ms,
-            ..Default::default()
         })
     });
     let j = job.clone();
@@ -157,7 +154,6 @@ fn call(job: String) -> impl Strategy<Value = Call> {
             name,
             rank,
             timeout_ms,
-            ..Default::default()
         })
     });
     let j = job.clone();
@@ -176,7 +172,6 @@ fn call(job: String) -> impl Strategy<Value = Call> {
                 loss,
                 tokens_per_second,
                 generation,
-                ..Default::default()
             }
         });
     let heartbeat = prop::collection::vec(beat, 0..4).prop_map(Call::Heartbeat);
@@ -187,7 +182,6 @@ fn call(job: String) -> impl Strategy<Value = Call> {
                 rank,
                 message,
                 time_ms,
-                ..Default::default()
             })
         });
     prop_oneof![join, set, get, barrier, heartbeat, report]
