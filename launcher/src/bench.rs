@@ -12,22 +12,24 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use rsdeep::rendezvous::{RendezvousState, WorldSpec, start_server};
-use rsdeep_proto::v1::JoinRequest;
 use rsdeep_proto::v1::rendezvous_client::RendezvousClient;
-use rsdeep_proto::{RSDEEP_VERSION, TOKEN_METADATA_KEY};
-use tonic::transport::Endpoint;
+use rsdeep_proto::v1::{JoinRequest, JoinResponse};
+use rsdeep_proto::{PeerTableReader, RSDEEP_VERSION, TOKEN_METADATA_KEY};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Parser)]
 #[command(name = "rsdeep bench-rendezvous")]
 struct BenchArgs {
-    /// Local selftest workers for figure 1.
+    /// Local selftest workers for figure 1 (0 skips figure 1).
     #[arg(long, default_value_t = 8)]
     workers: usize,
     /// In-process clients for figure 2.
     #[arg(long, default_value_t = 1024)]
     clients: usize,
-    /// HTTP/2 connections the in-process clients share.
-    #[arg(long, default_value_t = 16)]
+    /// HTTP/2 connections the in-process clients share; 0 (the default, the honest
+    /// setting) gives every client its own connection, as real workers have.
+    #[arg(long, default_value_t = 0)]
     connections: usize,
 }
 
@@ -35,21 +37,26 @@ struct BenchArgs {
 pub fn run(args: &[String]) -> Result<i32> {
     let argv = std::iter::once("rsdeep bench-rendezvous".to_string()).chain(args.iter().cloned());
     let args = BenchArgs::parse_from(argv);
-    let (launcher_ms, outside_ms) = local_workers_join(args.workers)?;
-    println!(
-        "figure 1: {} local CPU workers joined {launcher_ms:.1} ms after rsdeep start \
-         (launcher clock; {outside_ms:.1} ms from spawning rsdeep)",
-        args.workers
-    );
+    if args.workers > 0 {
+        let (launcher_ms, outside_ms) = local_workers_join(args.workers)?;
+        println!(
+            "figure 1: {} local CPU workers joined {launcher_ms:.1} ms after rsdeep start \
+             (launcher clock; {outside_ms:.1} ms from spawning rsdeep)",
+            args.workers
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let elapsed = runtime.block_on(in_process_join(args.clients, args.connections))?;
+    let connections = match args.connections {
+        0 => format!("{} connections, one per client", args.clients),
+        shared => format!("{shared} shared connection(s)"),
+    };
     println!(
-        "figure 2: {} in-process clients joined one rendezvous in {:.1} ms over {} connection(s)",
+        "figure 2: {} in-process clients joined one rendezvous in {:.1} ms over {connections}",
         args.clients,
         elapsed.as_secs_f64() * 1e3,
-        args.connections
     );
     Ok(0)
 }
@@ -94,8 +101,10 @@ fn parse_join_ms(line: &str) -> Option<f64> {
     head.rsplit(' ').next()?.parse().ok()
 }
 
-/// Joins `clients` tasks to one rendezvous over `connections` channels; returns the time
-/// from the first connect to the last Join answer, after checking every answer.
+/// Joins `clients` tasks to one rendezvous and returns the time from the first connect to
+/// the last checked Join answer. `connections == 0` gives every client its own HTTP/2
+/// connection, opened by the client itself (what real workers do: the honest setting);
+/// otherwise the clients share that many connections, opened up front.
 async fn in_process_join(clients: usize, connections: usize) -> Result<Duration> {
     let spec = WorldSpec {
         job_id: "bench".into(),
@@ -103,52 +112,101 @@ async fn in_process_join(clients: usize, connections: usize) -> Result<Duration>
         join_timeout: Duration::from_secs(60),
     };
     let state = Arc::new(RendezvousState::new(spec));
-    let token = "bench-token".to_string();
-    let server = start_server(state.clone(), token.clone(), ([127, 0, 0, 1], 0).into()).await?;
-    let endpoint = Endpoint::from_shared(format!("http://{}", server.addr))?
-        .initial_connection_window_size(Some(32 << 20))
-        .initial_stream_window_size(Some(4 << 20));
+    let token: AsciiMetadataValue = "bench-token".parse()?;
+    let server = start_server(
+        state.clone(),
+        "bench-token".into(),
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await?;
+    let endpoint = Endpoint::from_shared(format!("http://{}", server.addr))?;
     let started = Instant::now();
-    let mut channels = Vec::new();
-    for _ in 0..connections.max(1) {
-        channels.push(endpoint.connect().await?);
+    let mut shared = Vec::new();
+    for _ in 0..connections {
+        shared.push(endpoint.connect().await?);
     }
-    let mut tasks = Vec::with_capacity(clients);
+    let mut tasks = tokio::task::JoinSet::new();
     for local_rank in 0..clients {
-        let channel = channels[local_rank % channels.len()].clone();
-        let token = token.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut client = RendezvousClient::new(channel);
-            let mut request = tonic::Request::new(JoinRequest {
-                job_id: "bench".into(),
-                version: RSDEEP_VERSION.into(),
-                node_rank: 0,
-                local_rank: local_rank as u32,
-                host: "localhost".into(),
-                comm_addr: format!("127.0.0.1:{}", 20_000 + local_rank),
-                pid: 0,
-            });
-            request.metadata_mut().insert(
-                TOKEN_METADATA_KEY,
-                token.parse().map_err(anyhow::Error::from)?,
-            );
-            let answer = client.join(request).await?.into_inner();
-            anyhow::ensure!(answer.rank as usize == local_rank && answer.peers.len() == clients);
-            Ok::<_, anyhow::Error>(())
-        }));
+        let channel = (!shared.is_empty()).then(|| shared[local_rank % shared.len()].clone());
+        let (endpoint, token) = (endpoint.clone(), token.clone());
+        tasks.spawn(async move {
+            let channel = match channel {
+                Some(channel) => channel,
+                None => endpoint
+                    .connect()
+                    .await
+                    .with_context(|| format!("client {local_rank} cannot connect"))?,
+            };
+            let answer = join_one(channel, token, local_rank)
+                .await
+                .with_context(|| format!("client {local_rank}'s Join failed"))?;
+            check_answer(&answer, local_rank, clients)
+        });
     }
     let watcher =
         tokio::spawn(async move { state.wait_for_world().await.map(|_| started.elapsed()) });
-    for task in tasks {
-        task.await??;
+    // In completion order: the first failing client ends the benchmark.
+    while let Some(done) = tasks.join_next().await {
+        done??;
     }
+    let elapsed = started.elapsed();
     let server_side = watcher.await??;
     println!(
         "  (server saw the last Join after {:.1} ms; answers done after {:.1} ms)",
         server_side.as_secs_f64() * 1e3,
-        started.elapsed().as_secs_f64() * 1e3
+        elapsed.as_secs_f64() * 1e3
     );
-    Ok(started.elapsed())
+    Ok(elapsed)
+}
+
+/// One worker's Join call for local rank `local_rank` of node 0.
+async fn join_one(
+    channel: Channel,
+    token: AsciiMetadataValue,
+    local_rank: usize,
+) -> Result<JoinResponse> {
+    let mut client = RendezvousClient::new(channel);
+    let mut request = tonic::Request::new(JoinRequest {
+        job_id: "bench".into(),
+        version: RSDEEP_VERSION.into(),
+        node_rank: 0,
+        local_rank: local_rank as u32,
+        host: "localhost".into(),
+        comm_addr: format!("127.0.0.1:{}", 20_000 + local_rank),
+        pid: 0,
+    });
+    request.metadata_mut().insert(TOKEN_METADATA_KEY, token);
+    Ok(client.join(request).await?.into_inner())
+}
+
+/// Checks an answer: its rank and world size, then walks the whole peer table with the
+/// lazy reader (every entry in rank order, this client's own comm address in its slot)
+/// without building owned peers: 1024 clients sharing 2 cores would otherwise spend most
+/// of the figure allocating a million strings that real workers build on their own
+/// machines (`rsdeep_worker::rendezvous` decodes the full table).
+fn check_answer(answer: &JoinResponse, local_rank: usize, clients: usize) -> Result<()> {
+    anyhow::ensure!(
+        answer.rank as usize == local_rank && answer.world_size as usize == clients,
+        "client {local_rank} got rank {} of {}",
+        answer.rank,
+        answer.world_size
+    );
+    let mut entries = 0;
+    for (rank, peer) in PeerTableReader::new(&answer.peer_table).enumerate() {
+        let peer = peer?;
+        anyhow::ensure!(
+            peer.rank as usize == rank,
+            "entry {rank} holds rank {}",
+            peer.rank
+        );
+        if rank == local_rank {
+            let mine = format!("127.0.0.1:{}", 20_000 + local_rank);
+            anyhow::ensure!(peer.comm_addr == mine, "client {local_rank} found {peer:?}");
+        }
+        entries += 1;
+    }
+    anyhow::ensure!(entries == clients, "peer table of {entries} ranks");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,3 +11,10 @@ pub const RSDEEP_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// gRPC metadata key that carries the per-job token on every call.
 pub const TOKEN_METADATA_KEY: &str = "x-rsdeep-token";
+
+mod peer_table;
+
+pub use peer_table::{
+    PeerRef, PeerTableError, PeerTableReader, decode_peer_table, encode_peer_table,
+};
+pub use prost::bytes::Bytes;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rsdeep::env_contract as ev;
 use rsdeep::rendezvous::tls;
 use rsdeep_proto::v1::{self as pb, heartbeat_command::Kind, rendezvous_client::RendezvousClient};
-use rsdeep_proto::{RSDEEP_VERSION, TOKEN_METADATA_KEY};
+use rsdeep_proto::{RSDEEP_VERSION, TOKEN_METADATA_KEY, decode_peer_table};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -276,7 +276,7 @@ impl Rendezvous {
         self.rank = answer.rank as usize;
         self.generation = answer.generation;
         debug!(rank = answer.rank, generation = answer.generation, "joined");
-        Ok(world_from(answer, env))
+        world_from(answer, env)
     }
 
     /// Stores `value` under `key` for every rank of the job.
@@ -443,28 +443,42 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-fn world_from(answer: pb::JoinResponse, env: &WorkerEnv) -> World {
-    World {
+/// The agreed world from a Join answer: decodes the peer table (encoded once per
+/// generation by the launcher) and checks it is complete and in rank order.
+fn world_from(answer: pb::JoinResponse, env: &WorkerEnv) -> Result<World> {
+    let peers = decode_peer_table(&answer.peer_table).map_err(|e| {
+        Error::Rendezvous(format!("the rendezvous sent an unreadable peer table: {e}"))
+    })?;
+    let world_size = answer.world_size as usize;
+    let in_rank_order = peers.iter().enumerate().all(|(r, p)| p.rank as usize == r);
+    if peers.len() != world_size || !in_rank_order {
+        return Err(Error::Rendezvous(format!(
+            "the rendezvous sent a peer table of {} entries (in rank order: {in_rank_order}) \
+             for a world of {world_size}",
+            peers.len()
+        )));
+    }
+    Ok(World {
         rank: answer.rank as usize,
-        world_size: answer.world_size as usize,
+        world_size,
         local_rank: answer.local_rank as usize,
         local_world_size: answer.local_world_size as usize,
         node_rank: answer.node_rank as usize,
         num_nodes: answer.num_nodes as usize,
         generation: answer.generation,
-        peers: answer
-            .peers
-            .into_iter()
-            .map(|p| PeerInfo {
-                rank: p.rank as usize,
-                host: p.host,
-                comm_addr: p.comm_addr,
-                node_rank: p.node_rank as usize,
-                local_rank: p.local_rank as usize,
-            })
-            .collect(),
+        peers: peers.into_iter().map(peer_info).collect(),
         token: env.token.clone(),
         job_id: env.job_id.clone(),
+    })
+}
+
+fn peer_info(p: pb::Peer) -> PeerInfo {
+    PeerInfo {
+        rank: p.rank as usize,
+        host: p.host,
+        comm_addr: p.comm_addr,
+        node_rank: p.node_rank as usize,
+        local_rank: p.local_rank as usize,
     }
 }
 
@@ -554,6 +568,55 @@ mod tests {
         let env = WorkerEnv::from_lookup(|k| vars.get(k).cloned()).unwrap();
         let err = rendezvous_endpoint(&env).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    fn answer_with(peer_ranks: &[u32], world_size: u32) -> pb::JoinResponse {
+        let peers = peer_ranks
+            .iter()
+            .map(|&rank| pb::Peer {
+                rank,
+                host: format!("n{}", rank / 2),
+                comm_addr: format!("10.0.0.{}:{}", rank / 2, 7000 + rank),
+                node_rank: rank / 2,
+                local_rank: rank % 2,
+            })
+            .collect();
+        pb::JoinResponse {
+            rank: 3,
+            world_size,
+            local_rank: 1,
+            local_world_size: 2,
+            node_rank: 1,
+            num_nodes: 2,
+            generation: 4,
+            peer_table: rsdeep_proto::encode_peer_table(peers),
+        }
+    }
+
+    #[test]
+    fn the_world_comes_from_the_encoded_peer_table() {
+        let vars = contract();
+        let env = WorkerEnv::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        let world = world_from(answer_with(&[0, 1, 2, 3], 4), &env).unwrap();
+        assert_eq!((world.rank, world.world_size, world.generation), (3, 4, 4));
+        assert_eq!((world.node_rank, world.local_world_size), (1, 2));
+        assert_eq!(world.peer_addrs()[2], "10.0.0.1:7002");
+        assert_eq!(world.peers[3].host, "n1");
+        assert_eq!(world.token, "tok");
+        let short = world_from(answer_with(&[0, 1, 2], 4), &env).unwrap_err();
+        assert!(
+            short.to_string().contains("peer table of 3 entries"),
+            "{short}"
+        );
+        let shuffled = world_from(answer_with(&[0, 2, 1, 3], 4), &env).unwrap_err();
+        assert!(
+            shuffled.to_string().contains("in rank order: false"),
+            "{shuffled}"
+        );
+        let mut garbage = answer_with(&[0], 1);
+        garbage.peer_table = rsdeep_proto::Bytes::from_static(&[0x0a, 0x7f]);
+        let err = world_from(garbage, &env).unwrap_err();
+        assert!(err.to_string().contains("unreadable peer table"), "{err}");
     }
 
     #[test]

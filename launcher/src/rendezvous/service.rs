@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rsdeep_proto::v1::rendezvous_server::{Rendezvous, RendezvousServer};
 use rsdeep_proto::v1::{self as pb, heartbeat_command::Kind};
-use rsdeep_proto::{RSDEEP_VERSION, TOKEN_METADATA_KEY};
+use rsdeep_proto::{Bytes, RSDEEP_VERSION, TOKEN_METADATA_KEY, encode_peer_table};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::{Stream, StreamExt};
@@ -44,22 +44,31 @@ impl From<RendezvousError> for Status {
 #[derive(Debug, Clone)]
 pub struct RendezvousService {
     state: Arc<RendezvousState>,
-    /// The wire form of the last completed world's peers, built once per generation.
-    peers: Arc<std::sync::Mutex<Option<WirePeers>>>,
+    /// The encoded peer table of the last completed world, built once per generation.
+    peer_table: Arc<std::sync::Mutex<Option<EncodedPeers>>>,
 }
 
-/// A generation number and the wire form of its peers.
-type WirePeers = (u64, Arc<Vec<pb::Peer>>);
+/// A generation number and its encoded `PeerTable` (shared by every Join answer).
+type EncodedPeers = (u64, Bytes);
 
 impl RendezvousService {
-    fn wire_peers(&self, world: &CompleteWorld) -> Arc<Vec<pb::Peer>> {
-        let mut cache = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+    fn new(state: Arc<RendezvousState>) -> Self {
+        RendezvousService {
+            state,
+            peer_table: Default::default(),
+        }
+    }
+
+    /// The encoded peer table of `world`: encoded by the first answer of a generation,
+    /// then handed out as refcounted clones (O(world) encoding per generation).
+    fn peer_table(&self, world: &CompleteWorld) -> Bytes {
+        let mut cache = self.peer_table.lock().unwrap_or_else(|p| p.into_inner());
         match cache.as_ref() {
-            Some((generation, peers)) if *generation == world.generation => peers.clone(),
+            Some((generation, table)) if *generation == world.generation => table.clone(),
             _ => {
-                let peers = Arc::new(world.members.iter().map(wire_peer).collect::<Vec<_>>());
-                *cache = Some((world.generation, peers.clone()));
-                peers
+                let table = encode_peer_table(world.members.iter().map(wire_peer).collect());
+                *cache = Some((world.generation, table.clone()));
+                table
             }
         }
     }
@@ -113,12 +122,12 @@ impl Rendezvous for RendezvousService {
                 pid: req.pid,
             })?;
             let world = self.state.wait_for_world().await?;
-            let peers = self.wire_peers(&world);
+            let peer_table = self.peer_table(&world);
             Ok(Response::new(join_response(
                 &self.state,
                 rank,
                 &world,
-                &peers,
+                peer_table,
             )))
         }
         .instrument(span)
@@ -222,7 +231,7 @@ fn join_response(
     state: &RendezvousState,
     rank: usize,
     world: &CompleteWorld,
-    peers: &[pb::Peer],
+    peer_table: Bytes,
 ) -> pb::JoinResponse {
     let me = &world.members[rank];
     let spec = state.spec();
@@ -234,7 +243,7 @@ fn join_response(
         node_rank: me.node_rank as u32,
         num_nodes: spec.nodes.len() as u32,
         generation: world.generation,
-        peers: peers.to_vec(),
+        peer_table,
     }
 }
 
@@ -279,6 +288,22 @@ impl ServerHandle {
     }
 }
 
+/// Pending connections the listener queues: a thousand workers dialing at the same moment
+/// must not overflow the accept queue (a dropped handshake costs a 1 s SYN retransmit).
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds the rendezvous listener with a backlog of `ACCEPT_BACKLOG` (the kernel caps it
+/// at `net.core.somaxconn`).
+fn bind_listener(bind: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match bind {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(bind)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Binds `bind` (port 0 picks a free one) and serves `state` guarded by `token` on the
 /// current tokio runtime, in plaintext.
 pub async fn start_server(
@@ -306,15 +331,10 @@ pub async fn start_server_tls(
             ))
         })?;
     }
-    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let listener = bind_listener(bind)?;
     let addr = listener.local_addr()?;
-    let service = RendezvousServer::with_interceptor(
-        RendezvousService {
-            state,
-            peers: Default::default(),
-        },
-        token_checker(token),
-    );
+    let service =
+        RendezvousServer::with_interceptor(RendezvousService::new(state), token_checker(token));
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let served = builder
@@ -417,11 +437,11 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(version.code(), tonic::Code::FailedPrecondition);
-        assert!(
-            version.message().contains("0.0.0-old"),
-            "{}",
-            version.message()
+        // The refusal names both versions, the worker's and the launcher's.
+        let both = format!(
+            "rsdeep version mismatch: worker runs 0.0.0-old, launcher runs {RSDEEP_VERSION}"
         );
+        assert!(version.message().contains(&both), "{}", version.message());
         let beyond = c
             .join(with_token(join(2, "job", RSDEEP_VERSION), TOKEN))
             .await
@@ -470,7 +490,8 @@ mod tests {
                 (answer.rank as usize, answer.world_size, answer.generation),
                 (r, 2, 1)
             );
-            let addrs: Vec<_> = answer.peers.iter().map(|p| p.comm_addr.as_str()).collect();
+            let peers = rsdeep_proto::decode_peer_table(&answer.peer_table).unwrap();
+            let addrs: Vec<_> = peers.iter().map(|p| p.comm_addr.as_str()).collect();
             assert_eq!(addrs, ["127.0.0.1:7000", "127.0.0.1:7001"]);
         }
         let mut c1 = c.clone();

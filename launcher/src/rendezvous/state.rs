@@ -157,12 +157,14 @@ pub enum RendezvousError {
         host: String,
     },
     #[error(
-        "rendezvous timed out after {waited:.1?}: {joined}/{world_size} ranks joined; never arrived: {missing}"
+        "rendezvous timed out after {waited:.1?}: {joined}/{world_size} ranks joined; {missing}"
     )]
     JoinTimeout {
         waited: Duration,
         joined: usize,
         world_size: usize,
+        /// Whole nodes that never joined (`node 1 (10.0.0.2) never joined: ranks 4-7`),
+        /// then single ranks of partly joined nodes (`never arrived: rank 3 (host ...)`).
         missing: String,
     },
     #[error("key '{key}' was not set within {waited:?}")]
@@ -352,23 +354,16 @@ impl RendezvousState {
         self.complete_world().is_none() && Instant::now() >= self.join_deadline()
     }
 
-    /// The timeout error naming every rank (host, node, local rank) that never arrived.
+    /// The timeout error naming every node that never joined (host, node rank, rank
+    /// range) and every missing rank of the nodes that partly joined.
     pub fn join_timeout_error(&self) -> RendezvousError {
         let inner = self.lock();
-        let missing: Vec<String> = (0..self.spec.world_size())
-            .filter(|&r| inner.members[r].is_none())
-            .filter_map(|r| {
-                let (host, node, local) = self.spec.locate(r)?;
-                Some(format!(
-                    "rank {r} (host {host}, node {node}, local rank {local})"
-                ))
-            })
-            .collect();
+        let missing = describe_missing(&self.spec, |rank| inner.members[rank].is_none());
         RendezvousError::JoinTimeout {
             waited: inner.started.map(|s| s.elapsed()).unwrap_or_default(),
             joined: inner.joined,
             world_size: self.spec.world_size(),
-            missing: missing.join(", "),
+            missing,
         }
     }
 
@@ -604,6 +599,46 @@ impl RendezvousState {
     }
 }
 
+/// Most single missing ranks a join timeout lists before summing up the rest.
+const MISSING_RANKS_LISTED: usize = 16;
+
+/// `node 1 (10.0.0.2) never joined: ranks 4-7; never arrived: rank 2 (host a, node 0,
+/// local rank 2)`: whole nodes by rank range first, then single ranks of partly joined
+/// nodes (the first `MISSING_RANKS_LISTED`, then a count).
+fn describe_missing(spec: &WorldSpec, is_missing: impl Fn(usize) -> bool) -> String {
+    let mut whole_nodes = Vec::new();
+    let mut single_ranks = Vec::new();
+    let mut first = 0;
+    for (node, (host, size)) in spec.nodes.iter().enumerate() {
+        let ranks = first..first + size;
+        first += size;
+        let missing: Vec<usize> = ranks.clone().filter(|&r| is_missing(r)).collect();
+        if *size > 0 && missing.len() == *size {
+            let range = match (ranks.start, ranks.end - 1) {
+                (only, last) if only == last => format!("rank {only}"),
+                (start, last) => format!("ranks {start}-{last}"),
+            };
+            whole_nodes.push(format!("node {node} ({host}) never joined: {range}"));
+            continue;
+        }
+        single_ranks.extend(missing.into_iter().map(|r| {
+            let local = r - ranks.start;
+            format!("rank {r} (host {host}, node {node}, local rank {local})")
+        }));
+    }
+    let mut parts = whole_nodes;
+    if !single_ranks.is_empty() {
+        let unlisted = single_ranks.len().saturating_sub(MISSING_RANKS_LISTED);
+        single_ranks.truncate(MISSING_RANKS_LISTED);
+        let mut listed = single_ranks.join(", ");
+        if unlisted > 0 {
+            listed.push_str(&format!(" and {unlisted} more rank(s)"));
+        }
+        parts.push(format!("never arrived: {listed}"));
+    }
+    parts.join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,6 +740,44 @@ mod tests {
             "{text}"
         );
         assert!(state.join_timed_out());
+    }
+
+    #[test]
+    fn join_timeout_names_each_missing_node_with_its_rank_range() {
+        let s = spec(
+            &[("10.0.0.1", 4), ("10.0.0.2", 4), ("10.0.0.3", 1), ("d", 3)],
+            100,
+        );
+        let state = RendezvousState::new(s);
+        for local in 0..3 {
+            state.register(member(0, local)).unwrap();
+        }
+        state.register(member(3, 0)).unwrap();
+        state.register(member(3, 2)).unwrap();
+        let text = state.join_timeout_error().to_string();
+        assert!(text.contains("5/12 ranks joined; "), "{text}");
+        assert!(
+            text.contains(
+                "node 1 (10.0.0.2) never joined: ranks 4-7; \
+                 node 2 (10.0.0.3) never joined: rank 8; \
+                 never arrived: rank 3 (host 10.0.0.1, node 0, local rank 3), \
+                 rank 10 (host d, node 3, local rank 1)"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn join_timeout_lists_at_most_sixteen_single_ranks() {
+        let state = RendezvousState::new(spec(&[("a", 40)], 100));
+        state.register(member(0, 0)).unwrap();
+        let text = state.join_timeout_error().to_string();
+        assert!(text.contains("local rank 15), rank 16 (host a"), "{text}");
+        assert!(
+            text.ends_with("local rank 16) and 23 more rank(s)"),
+            "{text}"
+        );
+        assert!(!text.contains("never joined"), "{text}");
     }
 
     #[tokio::test]
