@@ -13,14 +13,18 @@
 //! Layout: a control page (magic, world, slot size, abort word, futex word, per-rank
 //! counters and collective descriptors on their own cache lines), then two slots per
 //! rank (double buffering by round parity). A collective is cut into rounds; in round
-//! `k` every rank copies its contribution into its slot `k % 2` and publishes
-//! `ready = k`; the owner of each part reduces it from all slots in ring order
-//! (`x[r+1], x[r+2], ..., x[r]`) and, for all-reduce, republishes it (`reduced = k`);
-//! ranks then copy the parts they need out and publish `done = k`. A slot is rewritten
-//! only after every rank's `done` covers its previous use. Waiting spins briefly, then
-//! sleeps on a shared futex; it fails on the op timeout (naming the ranks that made no
-//! progress), when a neighbour's TCP link closes (a dead process), or when another rank
-//! aborted (after its own failure).
+//! `k` every rank copies into its slot `k % 2` the parts other ranks reduce (its own
+//! part stays in the tensor) and publishes `ready = k`; the owner of each part reduces
+//! it in ring order (`x[r] op (... op (x[r+2] op x[r+1]))`, so bit for bit the ring's
+//! result) and, for all-reduce, writes it into its own slot part and publishes
+//! `reduced = k`; ranks then copy out the parts they need. Slot `k % 2` is rewritten in
+//! round `k + 2` only: a rank publishes `ready = k + 1` after finishing round `k`, and
+//! every rank waits for all `ready = k + 1` before round `k + 2`. Waiting spins
+//! briefly, then sleeps on a shared futex; it fails on the op timeout (naming the ranks
+//! that made no progress), when a neighbour's TCP link closes (a dead process), or when
+//! another rank aborted the area (after its own failure); a failed rank aborts it, and
+//! the communicator then closes its TCP links as on the TCP path. If rank 0 dies
+//! between creating and unlinking the file, the name stays in /dev/shm (a known leak).
 
 use super::handshake::{PeerName, RingLinks};
 use super::ring::Region;
