@@ -175,10 +175,8 @@ pub fn train(
                 batch.attention_mask.as_ref(),
                 batch.segment_ids.as_ref(),
             )?;
-            let labels = batch.labels.shallow_clone();
-            engine.forward_backward(&batch.input_ids, &ctx, &mut |logits| {
-                causal_lm_loss(logits, &labels)
-            })?;
+            // Fused head + loss when the head allows it (no (B*T, V) logits), else generic.
+            engine.forward_backward_causal_lm(&batch.input_ids, &ctx, &batch.labels)?;
         }
         if let Some(pending) = &pending_save {
             // An asynchronous save copies the state this step changes in the background.
