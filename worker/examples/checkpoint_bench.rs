@@ -173,7 +173,7 @@ fn main() -> Result<()> {
         save_checkpoint(request(
             &args.out,
             &mut engine,
-            &*comm,
+            &comm,
             &config_json,
             &state,
             round,
@@ -187,7 +187,7 @@ fn main() -> Result<()> {
         let pending = save_checkpoint_async(request(
             &args.out,
             &mut engine,
-            &*comm,
+            &comm,
             &config_json,
             &state,
             round,
@@ -213,7 +213,7 @@ fn main() -> Result<()> {
         let pending = save_checkpoint_async(request(
             &args.out,
             &mut engine,
-            &*comm,
+            &comm,
             &config_json,
             &state,
             round,
@@ -302,7 +302,7 @@ fn make_checkpoint(args: &Args) -> Result<()> {
                     ..Default::default()
                 };
                 let mut engine = ZeroEngine::new(engine_model, comm.clone(), engine_config)?;
-                let mut req = request(&out, &mut engine, &*comm, &config_json, &state, 0);
+                let mut req = request(&out, &mut engine, &comm, &config_json, &state, 0);
                 req.write_model_weights = stage < 3;
                 save_checkpoint(req)?;
                 Ok(())

@@ -81,10 +81,10 @@ fn run(env: &WorkerEnv) -> Result<()> {
     } else {
         run_training(env, &rendezvous, world, listener)
     };
-    if let Err(e) = &result {
-        if let Err(report) = rendezvous.report_error(&format!("{e:#}")) {
-            warn!("could not report the error to the launcher: {report}");
-        }
+    if let Err(e) = &result
+        && let Err(report) = rendezvous.report_error(&format!("{e:#}"))
+    {
+        warn!("could not report the error to the launcher: {report}");
     }
     result
 }

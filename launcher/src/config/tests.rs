@@ -241,8 +241,10 @@ fn defaults_are_deepspeeds() {
     );
     assert_eq!(ds.fp16, Fp16Config::default());
     assert_eq!(ds.bf16, Bf16Config::default());
-    let mut stage3 = ZeroConfig::default();
-    stage3.stage = 3;
+    let stage3 = ZeroConfig {
+        stage: 3,
+        ..Default::default()
+    };
     assert!(stage3.overlap_comm_resolved() && !zero.overlap_comm_resolved());
 }
 

@@ -43,6 +43,20 @@ fn parse_target(value: &str, rank: Option<String>) -> Option<(String, u64)> {
     }
 }
 
+/// Kills this process with SIGKILL if `point` of step `step`'s save is the target.
+pub(crate) fn crash_point(point: &str, step: u64) {
+    if let Some((name, at)) = target()
+        && name == point
+        && *at == step
+    {
+        eprintln!("rsdeep: {KILL_ENV}: killing this process at {point} of step {step}");
+        // SAFETY: kill(2) on our own pid; no memory is touched.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_target;
@@ -57,19 +71,5 @@ mod tests {
         );
         assert_eq!(parse_target("manifest_written:4:1", Some("0".into())), None);
         assert_eq!(parse_target("manifest_written:x", None), None);
-    }
-}
-
-/// Kills this process with SIGKILL if `point` of step `step`'s save is the target.
-pub(crate) fn crash_point(point: &str, step: u64) {
-    if let Some((name, at)) = target()
-        && name == point
-        && *at == step
-    {
-        eprintln!("rsdeep: {KILL_ENV}: killing this process at {point} of step {step}");
-        // SAFETY: kill(2) on our own pid; no memory is touched.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
     }
 }

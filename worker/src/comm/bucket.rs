@@ -115,11 +115,11 @@ pub fn all_reduce_bucketed(
     let (mut works, mut unpacks) = (Vec::new(), Vec::new());
     for bucket in &plan.buckets {
         let members: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
-        if let [single] = members.as_slice() {
-            if single.is_contiguous() {
-                works.push(comm.all_reduce(single, op)?);
-                continue;
-            }
+        if let [single] = members.as_slice()
+            && single.is_contiguous()
+        {
+            works.push(comm.all_reduce(single, op)?);
+            continue;
         }
         let flat = Tensor::f_cat(&flat_views(&members)?, 0)?; // (sum of numels,)
         works.push(comm.all_reduce(&flat, op)?);

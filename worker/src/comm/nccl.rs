@@ -285,11 +285,11 @@ struct Watchdog {
 
 impl Watchdog {
     fn fail(&self, detail: String) -> Error {
-        if !self.aborted.swap(true, Ordering::SeqCst) {
-            if let Ok(comm) = self.comm.lock() {
-                // SAFETY: a handle from ncclCommInitRank, aborted at most once (flag above).
-                let _ = unsafe { nccl::comm_abort(comm.0) };
-            }
+        if !self.aborted.swap(true, Ordering::SeqCst)
+            && let Ok(comm) = self.comm.lock()
+        {
+            // SAFETY: a handle from ncclCommInitRank, aborted at most once (flag above).
+            let _ = unsafe { nccl::comm_abort(comm.0) };
         }
         Error::Comm {
             op: self.op,

@@ -116,7 +116,7 @@ fn chunked_cross_entropy(
         let _ = logits.f_scatter_add_(1, &target, &row_weight.f_neg()?)?;
         let _ = logits.f_mul_(&row_weight.f_mul_scalar(grad_scale)?)?;
         let mut dh = grad_hidden.f_narrow(0, start, len)?;
-        let _ = dh.f_copy_(&logits.f_mm(weight)?)?; // (c, H)
+        dh.f_copy_(&logits.f_mm(weight)?)?; // (c, H)
         let _ = grad_weight.f_addmm_(&logits.f_transpose(0, 1)?, &h)?; // (V, H)
         start += len;
     }

@@ -198,7 +198,7 @@ pub fn train(
             tokens_per_second,
         });
         let log_now = args.logging_strategy == IntervalStrategy::Steps
-            && (step % args.logging_steps.max(1) == 0
+            && (step.is_multiple_of(args.logging_steps.max(1))
                 || step == total_steps
                 || (step == 1 && args.logging_first_step));
         if log_now {
@@ -223,7 +223,7 @@ pub fn train(
             }
         }
         let eval_now = args.eval_strategy == IntervalStrategy::Steps
-            && step % args.eval_interval().max(1) == 0;
+            && step.is_multiple_of(args.eval_interval().max(1));
         if let (true, Some(eval)) = (eval_now || step == total_steps, eval_data.as_ref()) {
             let _eval_mode = lora.as_ref().map(|l| EvalMode::enter(&l.info));
             let loss = evaluate(&mut engine, eval, &world, micro_batch)?;
@@ -236,7 +236,7 @@ pub fn train(
             }
         }
         let save_now = args.save_strategy == IntervalStrategy::Steps
-            && (step % args.save_steps.max(1) == 0 || step == total_steps);
+            && (step.is_multiple_of(args.save_steps.max(1)) || step == total_steps);
         if save_now {
             if let Some(previous) = pending_save.take() {
                 saver.finish(previous, world.comm.as_ref())?;

@@ -142,7 +142,7 @@ fn futex(word: &AtomicU32, op: libc::c_int, value: u32, timeout: Option<Duration
 
 impl SharedArea {
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset + 8 <= self.data_offset);
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= self.data_offset);
         // SAFETY: the offset is 8-aligned inside the control page of a live, page-aligned
         // mapping; all access to control words goes through atomics.
         unsafe { &*self.base.add(offset).cast::<AtomicU64>() }
