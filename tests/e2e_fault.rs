@@ -8,11 +8,12 @@
 //! (`RSDEEP_FAULT_SEED=<seed>` replays it).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rsdeep_e2e::{Launcher, binary, kill_all, recorded_pids, survivors, worker_script};
+use rsdeep_e2e::{
+    Launcher, binary, kill_all, recorded_pids, survivors, train_tokenizer, worker_script,
+};
 
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 const MAX_STEPS: u64 = 16;
@@ -36,14 +37,7 @@ impl Fixture {
         let root = dir.path();
         std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
         std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
-        let status = Command::new(binary("rsdeep"))
-            .args(["tokenizer", "train", "--files"])
-            .arg(root.join("corpus.jsonl"))
-            .args(["--vocab_size", "300", "--out"])
-            .arg(root.join("tok"))
-            .status()
-            .expect("rsdeep tokenizer train");
-        assert!(status.success(), "tokenizer training failed");
+        train_tokenizer(root, 300);
         let fixture = Fixture { dir };
         fixture.write_train_json();
         fixture

@@ -5,13 +5,12 @@
 //! port are refused or dropped, and the run ends with exactly the weights of a run without
 //! intruders.
 
-use rsdeep_e2e::{Launcher, alive, binary, worker_script};
+use rsdeep_e2e::{Launcher, alive, binary, train_tokenizer, worker_script};
 use rsdeep_proto::TOKEN_METADATA_KEY;
 use rsdeep_proto::v1::{self as pb, rendezvous_client::RendezvousClient};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
@@ -181,14 +180,7 @@ impl Fixture {
             .collect();
         std::fs::write(root.join("corpus.jsonl"), corpus).expect("corpus");
         std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
-        let status = Command::new(binary("rsdeep"))
-            .args(["tokenizer", "train", "--files"])
-            .arg(root.join("corpus.jsonl"))
-            .args(["--vocab_size", "300", "--out"])
-            .arg(root.join("tok"))
-            .status()
-            .expect("rsdeep tokenizer train");
-        assert!(status.success(), "tokenizer training failed");
+        train_tokenizer(root, 300);
         Fixture { dir }
     }
 

@@ -12,7 +12,7 @@
 //! reason; nothing is skipped.
 
 use rsdeep::hostlist::expand_hostlist;
-use rsdeep_e2e::binary;
+use rsdeep_e2e::{binary, train_tokenizer};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -512,15 +512,7 @@ impl Fixture {
         let root = dir.path();
         std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
         std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
-        let status = Command::new(binary("rsdeep"))
-            .args(["tokenizer", "train", "--files"])
-            .arg(root.join("corpus.jsonl"))
-            .args(["--vocab_size", "400", "--out"])
-            .arg(root.join("tok"))
-            .stdout(Stdio::null())
-            .status()
-            .expect("rsdeep tokenizer train");
-        assert!(status.success(), "tokenizer training failed");
+        train_tokenizer(root, 400);
         let path = |name: &str| root.join(name);
         let config = serde_json::json!({
             "task": "pretrain",

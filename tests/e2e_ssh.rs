@@ -11,11 +11,10 @@
 mod sshd;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rsdeep_e2e::{Launcher, alive, binary, kill_all};
+use rsdeep_e2e::{Launcher, alive, binary, kill_all, train_tokenizer};
 use sshd::Sshd;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -43,14 +42,7 @@ impl Fixture {
         std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
         let hostfile: String = hosts.iter().map(|h| format!("{h} slots=2\n")).collect();
         std::fs::write(root.join("hostfile"), hostfile).expect("hostfile");
-        let status = Command::new(binary("rsdeep"))
-            .args(["tokenizer", "train", "--files"])
-            .arg(root.join("corpus.jsonl"))
-            .args(["--vocab_size", "300", "--out"])
-            .arg(root.join("tok"))
-            .status()
-            .expect("rsdeep tokenizer train");
-        assert!(status.success(), "tokenizer training failed");
+        train_tokenizer(root, 300);
         Fixture { dir }
     }
 

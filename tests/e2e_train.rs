@@ -4,7 +4,7 @@
 //! outputs that Python transformers/peft load, and `rsdeep generate` chats with the result; a run resumed from a checkpoint is bit-identical to the
 //! uninterrupted run; a resume at another world size continues the same losses.
 
-use rsdeep_e2e::{Launcher, binary};
+use rsdeep_e2e::{Launcher, binary, train_tokenizer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -23,14 +23,7 @@ impl Fixture {
         std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
         std::fs::write(root.join("chat.jsonl"), chat()).expect("chat");
         std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
-        let status = Command::new(binary("rsdeep"))
-            .args(["tokenizer", "train", "--files"])
-            .arg(root.join("corpus.jsonl"))
-            .args(["--vocab_size", "400", "--out"])
-            .arg(root.join("tok"))
-            .status()
-            .expect("rsdeep tokenizer train");
-        assert!(status.success(), "tokenizer training failed");
+        train_tokenizer(root, 400);
         Fixture { dir }
     }
 

@@ -26,6 +26,20 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Trains a byte-level BPE of `vocab_size` tokens on `root/corpus.jsonl` into `root/tok`
+/// with the real `rsdeep tokenizer train`.
+pub fn train_tokenizer(root: &Path, vocab_size: usize) {
+    let status = Command::new(binary("rsdeep"))
+        .args(["tokenizer", "train", "--files"])
+        .arg(root.join("corpus.jsonl"))
+        .args(["--vocab_size", &vocab_size.to_string(), "--out"])
+        .arg(root.join("tok"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("rsdeep tokenizer train");
+    assert!(status.success(), "tokenizer training failed");
+}
+
 /// A running `rsdeep` launcher whose stdout/stderr go to files in its own temp folder.
 /// Dropping it kills the launcher's process group if it is still running.
 pub struct Launcher {
