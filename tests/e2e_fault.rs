@@ -12,7 +12,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rsdeep_e2e::{
-    Launcher, binary, kill_all, recorded_pids, survivors, train_tokenizer, worker_script,
+    Launcher, binary, kill_all, recorded_pids, sentence_corpus, survivors, train_tokenizer,
+    worker_script,
 };
 
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -384,18 +385,5 @@ fn corpus() -> String {
     let subjects = ["the fox", "a dog", "the captain", "my cat", "the river"];
     let verbs = ["jumps over", "sleeps near", "sails across", "watches"];
     let objects = ["the fence", "the harbour", "a garden", "the hill", "a door"];
-    (0..200)
-        .map(|i| {
-            let text = format!(
-                "{} {} {}. {} {} {}.",
-                subjects[i % 5],
-                verbs[(i / 5) % 4],
-                objects[(i / 20) % 5],
-                subjects[(i + 2) % 5],
-                verbs[(i + 3) % 4],
-                objects[(i + 1) % 5]
-            );
-            serde_json::json!({ "text": text }).to_string() + "\n"
-        })
-        .collect()
+    sentence_corpus(200, &subjects, &verbs, &objects)
 }

@@ -12,7 +12,7 @@
 //! reason; nothing is skipped.
 
 use rsdeep::hostlist::expand_hostlist;
-use rsdeep_e2e::{binary, train_tokenizer};
+use rsdeep_e2e::{binary, sentence_corpus, train_tokenizer};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -566,20 +566,7 @@ fn corpus() -> String {
     ];
     let verbs = ["jumps over", "sleeps near", "sails across", "watches"];
     let objects = ["the fence", "the harbour", "a sunny garden", "the mountain"];
-    (0..300)
-        .map(|i| {
-            let text = format!(
-                "{} {} {}. {} {} {}.",
-                subjects[i % 4],
-                verbs[(i / 4) % 4],
-                objects[(i / 16) % 4],
-                subjects[(i + 2) % 4],
-                verbs[(i + 3) % 4],
-                objects[(i + 1) % 4]
-            );
-            serde_json::json!({ "text": text }).to_string() + "\n"
-        })
-        .collect()
+    sentence_corpus(300, &subjects, &verbs, &objects)
 }
 
 /// The sbatch script of `deploy/slurm/`.

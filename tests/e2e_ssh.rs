@@ -158,6 +158,16 @@ fn job_processes(job: &str) -> Vec<(i32, String)> {
     found
 }
 
+/// Waits up to 15 s for every process of `job` to be gone; kills and fails on survivors.
+fn assert_no_process_of_job_left(job: &str, stderr: &str) {
+    let left = job_survivors(job, Duration::from_secs(15));
+    kill_all(&left.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    assert!(
+        left.is_empty(),
+        "survivors of job {job}: {left:?}\n{stderr}"
+    );
+}
+
 /// Waits until no process of the job is left; returns the survivors after `limit`.
 fn job_survivors(job: &str, limit: Duration) -> Vec<(i32, String)> {
     let deadline = Instant::now() + limit;
@@ -368,12 +378,7 @@ fn a_killed_remote_worker_stops_the_job_on_every_node() {
         stderr.contains("[node 1] rsdeep: rank 3 failed first (host 127.0.0.2"),
         "node 1 reports its worker: {stderr}"
     );
-    let left = job_survivors(&job, Duration::from_secs(15));
-    kill_all(&left.iter().map(|(p, _)| *p).collect::<Vec<_>>());
-    assert!(
-        left.is_empty(),
-        "survivors of job {job}: {left:?}\n{stderr}"
-    );
+    assert_no_process_of_job_left(&job, &stderr);
 }
 
 #[test]
@@ -399,12 +404,7 @@ fn a_killed_remote_launcher_stops_the_job_on_every_node() {
         ),
         "node 0 names the node: {stderr}"
     );
-    let left = job_survivors(&job, Duration::from_secs(15));
-    kill_all(&left.iter().map(|(p, _)| *p).collect::<Vec<_>>());
-    assert!(
-        left.is_empty(),
-        "survivors of job {job}: {left:?}\n{stderr}"
-    );
+    assert_no_process_of_job_left(&job, &stderr);
 }
 
 #[test]
@@ -452,12 +452,7 @@ fn a_node_that_never_joins_is_named_with_its_rank_range() {
         "the timeout names the node and its ranks: {stderr}"
     );
     let job = job_id(&stderr).expect("job id line");
-    let left = job_survivors(&job, Duration::from_secs(15));
-    kill_all(&left.iter().map(|(p, _)| *p).collect::<Vec<_>>());
-    assert!(
-        left.is_empty(),
-        "survivors of job {job}: {left:?}\n{stderr}"
-    );
+    assert_no_process_of_job_left(&job, &stderr);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! outputs that Python transformers/peft load, and `rsdeep generate` chats with the result; a run resumed from a checkpoint is bit-identical to the
 //! uninterrupted run; a resume at another world size continues the same losses.
 
-use rsdeep_e2e::{Launcher, binary, train_tokenizer};
+use rsdeep_e2e::{Launcher, binary, sentence_corpus, train_tokenizer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -404,20 +404,7 @@ fn corpus() -> String {
         "the mountain",
         "an open door",
     ];
-    (0..300)
-        .map(|i| {
-            let text = format!(
-                "{} {} {}. {} {} {}.",
-                subjects[i % 5],
-                verbs[(i / 5) % 5],
-                objects[(i / 25) % 5],
-                subjects[(i + 2) % 5],
-                verbs[(i + 3) % 5],
-                objects[(i + 1) % 5]
-            );
-            serde_json::json!({ "text": text }).to_string() + "\n"
-        })
-        .collect()
+    sentence_corpus(300, &subjects, &verbs, &objects)
 }
 
 /// 120 short conversations in the `messages` shape.

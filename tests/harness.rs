@@ -26,6 +26,32 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// `lines` JSONL lines `{"text": "..."}` of two sentences each, built by walking the
+/// word lists as an odometer (subject fastest), so the corpus is deterministic and
+/// repetitive enough for a tiny model to learn within a few steps.
+pub fn sentence_corpus(
+    lines: usize,
+    subjects: &[&str],
+    verbs: &[&str],
+    objects: &[&str],
+) -> String {
+    let (ns, nv, no) = (subjects.len(), verbs.len(), objects.len());
+    (0..lines)
+        .map(|i| {
+            let text = format!(
+                "{} {} {}. {} {} {}.",
+                subjects[i % ns],
+                verbs[(i / ns) % nv],
+                objects[(i / (ns * nv)) % no],
+                subjects[(i + 2) % ns],
+                verbs[(i + 3) % nv],
+                objects[(i + 1) % no]
+            );
+            serde_json::json!({ "text": text }).to_string() + "\n"
+        })
+        .collect()
+}
+
 /// Trains a byte-level BPE of `vocab_size` tokens on `root/corpus.jsonl` into `root/tok`
 /// with the real `rsdeep tokenizer train`.
 pub fn train_tokenizer(root: &Path, vocab_size: usize) {
