@@ -691,16 +691,7 @@ impl RemoteNodes {
         // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
         unsafe {
             command.pre_exec(move || {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                if libc::getppid() != launcher_pid {
-                    libc::_exit(111);
-                }
+                crate::supervisor::die_with_launcher(launcher_pid);
                 Ok(())
             });
         }

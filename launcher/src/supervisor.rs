@@ -217,16 +217,7 @@ fn spawn_one(
     // sched_setaffinity, _exit); `cores` was allocated before the fork.
     unsafe {
         command.pre_exec(move || {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            if libc::getppid() != launcher_pid {
-                libc::_exit(111);
-            }
+            die_with_launcher(launcher_pid);
             if let Some(cores) = &cores {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
                 for &core in cores {
@@ -263,6 +254,25 @@ fn spawn_one(
         status: None,
         alive_ms: unix_ms(),
     })
+}
+
+/// In a child between fork and exec: asks the kernel to SIGKILL this process when the
+/// launcher dies, and exits at once if the launcher already died before that took effect.
+/// Only async-signal-safe calls (prctl, getppid, _exit), so it may run in `pre_exec`.
+pub(crate) fn die_with_launcher(launcher_pid: libc::pid_t) {
+    // SAFETY: plain syscalls on this process, no memory shared with the parent touched.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        if libc::getppid() != launcher_pid {
+            libc::_exit(111);
+        }
+    }
 }
 
 /// Copies a worker stream line by line to the launcher's stdout/stderr with `[rank N]`.
