@@ -1,13 +1,22 @@
 //! LoRA through the ZeRO engine: `apply_lora`'s frozen set goes into
 //! `EngineModel::frozen`; only adapters train (base weights bit-identical afterwards),
-//! the loss falls, stage 3 on 2 ranks matches stage 0 on 1 rank, and `lora_state` picks
-//! PEFT-named adapters out of `gather_full_weights`. Contracts: `lora/mod.rs`,
-//! `docs/zero-engine.md`.
+//! the loss falls, stage 3 on 2 ranks matches stage 0 on 1 rank (tied head, and untied
+//! with activation checkpointing and prefetching), `lora_state` picks PEFT-named adapters
+//! out of `gather_full_weights`. Under stage 3 the frozen base is partitioned: its bytes
+//! per rank halve from world 1 to world 2 (stage 2 keeps it whole), the model's frozen
+//! tensors are empty outside use, and a stage-3 checkpoint still holds the whole base
+//! and resumes at world size 1. Contracts: `lora/mod.rs`, `docs/zero-engine.md`.
 
+use rsdeep_worker::checkpoint::{
+    FROZEN_FILE, SaveRequest, TrainerState, load_checkpoint, save_checkpoint,
+};
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora, lora_state};
 use rsdeep_worker::model::{CausalLm, ForwardCtx, ModelConfig, ModelType, causal_lm_loss};
-use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
+use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, MemoryReport, ZeroEngine};
+use std::collections::HashSet;
+use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -16,13 +25,18 @@ const GLOBAL_BATCH: usize = 4;
 const SEQ: i64 = 8;
 const VOCAB: usize = 64;
 
-fn lora_model() -> (
-    CausalLm,
-    Vec<(String, Tensor)>,
-    std::collections::HashSet<String>,
-) {
+/// A tiny Qwen2 with fresh adapters, the base weights before injection, the frozen names
+/// and the model's config.json.
+struct LoraModel {
+    model: CausalLm,
+    base: Vec<(String, Tensor)>,
+    frozen: HashSet<String>,
+    config_json: String,
+}
+
+fn lora_model(tied: bool) -> LoraModel {
     let mut config = ModelConfig::new(ModelType::Qwen2, VOCAB, 32, 48, 2, 4, 2);
-    config.tie_word_embeddings = true;
+    config.tie_word_embeddings = tied;
     config.initializer_range = 0.05;
     let mut model = CausalLm::from_config(config, Device::Cpu, Kind::Float, 3).unwrap();
     let base: Vec<(String, Tensor)> = model
@@ -37,7 +51,13 @@ fn lora_model() -> (
         use_rslora: false,
     };
     let info = apply_lora(&mut model, &cfg, 9).unwrap();
-    (model, base, info.frozen)
+    let config_json = model.config.to_json_string().unwrap();
+    LoraModel {
+        model,
+        base,
+        frozen: info.frozen,
+        config_json,
+    }
 }
 
 fn tokens() -> Tensor {
@@ -64,47 +84,127 @@ fn engine_config(stage: u8, world: usize) -> EngineConfig {
     config
 }
 
+/// What one rank does: which steps it trains, and whether it resumes from or saves a
+/// checkpoint (after its last step).
+#[derive(Clone)]
+struct Plan {
+    tied: bool,
+    steps: Range<usize>,
+    resume_from: Option<PathBuf>,
+    save_to: Option<PathBuf>,
+}
+
+impl Plan {
+    fn all_steps(tied: bool) -> Self {
+        Plan {
+            tied,
+            steps: 0..STEPS,
+            resume_from: None,
+            save_to: None,
+        }
+    }
+}
+
 struct Outcome {
     losses: Vec<f64>,
     weights: Vec<(String, Tensor)>,
     base: Vec<(String, Tensor)>,
+    /// Right after `ZeroEngine::new`, and after the last step.
+    memory_at_start: MemoryReport,
+    memory_at_end: MemoryReport,
+    /// Elements the model's frozen tensors hold after the last step (persistent ones
+    /// excluded: their count is `persistent_frozen_numel`).
+    frozen_numel_held: usize,
+    persistent_frozen_numel: usize,
+    saved: Option<PathBuf>,
 }
 
-fn train(world: usize, config: EngineConfig) -> Vec<Outcome> {
-    let models: Vec<_> = (0..world).map(|_| lora_model()).collect();
+fn run_rank(comm: LocalCommunicator, config: EngineConfig, plan: Plan) -> Outcome {
+    let rank = comm.rank();
+    let world = comm.world_size();
+    let comm: Arc<dyn Communicator> = Arc::new(comm);
+    let LoraModel {
+        model,
+        base,
+        frozen,
+        config_json,
+    } = lora_model(plan.tied);
+    let tied = model.tied_to_embedding();
+    let engine_model = EngineModel {
+        blocks: model.blocks,
+        head_tied_to_embedding: tied,
+        frozen: frozen.clone(),
+    };
+    let mut engine = ZeroEngine::new(engine_model, comm.clone(), config.clone()).expect("engine");
+    let memory_at_start = engine.memory_report();
+    if let Some(dir) = &plan.resume_from {
+        let resumed = load_checkpoint(dir, &mut engine, rank, world).expect("resume");
+        assert_eq!(resumed.global_step, plan.steps.start as u64);
+    }
     let tokens = tokens();
+    let mbs = config.train_micro_batch_size_per_gpu as i64;
+    let mut losses = Vec::new();
+    for step in plan.steps.clone() {
+        let row = (step * GLOBAL_BATCH) as i64 + rank as i64 * mbs;
+        let ids = tokens.narrow(0, row, mbs);
+        let ctx = ForwardCtx::causal(&ids).expect("ctx");
+        engine
+            .forward_backward(&ids, &ctx, &mut |logits| causal_lm_loss(logits, &ids))
+            .expect("forward_backward");
+        losses.push(engine.step().expect("step").loss);
+    }
+    let memory_at_end = engine.memory_report();
+    let threshold = config.stage3_param_persistence_threshold;
+    let (mut frozen_numel_held, mut persistent_frozen_numel) = (0, 0);
+    for param in engine.blocks().iter().flat_map(|b| b.params()) {
+        if !frozen.contains(&param.name) {
+            continue;
+        }
+        match config.stage == 3 && param.tensor.numel() <= threshold {
+            true => persistent_frozen_numel += param.tensor.numel(),
+            false => frozen_numel_held += param.tensor.numel(),
+        }
+    }
+    let saved = plan.save_to.as_ref().map(|dir| {
+        let state = TrainerState {
+            global_step: plan.steps.end as u64,
+            max_steps: STEPS as u64,
+            ..TrainerState::default()
+        };
+        save_checkpoint(SaveRequest {
+            output_dir: dir,
+            step: plan.steps.end as u64,
+            engine: &mut engine,
+            comm: comm.as_ref(),
+            model_config_json: &config_json,
+            tokenizer: None,
+            trainer_state: &state,
+            per_rank_extra: serde_json::json!({ "rank": rank }),
+            save_total_limit: None,
+            max_shard_bytes: 1 << 30,
+            write_model_weights: false,
+            weights_dtype: Kind::Float,
+        })
+        .expect("save")
+    });
+    Outcome {
+        losses,
+        weights: engine.gather_full_weights().expect("weights"),
+        base,
+        memory_at_start,
+        memory_at_end,
+        frozen_numel_held,
+        persistent_frozen_numel,
+        saved,
+    }
+}
+
+fn train(world: usize, config: EngineConfig, plan: Plan) -> Vec<Outcome> {
     let handles: Vec<_> = LocalCommunicator::world(world)
         .into_iter()
-        .zip(models)
-        .map(|(comm, (model, base, frozen))| {
-            let (config, tokens) = (config.clone(), tokens.copy());
-            std::thread::spawn(move || {
-                let rank = comm.rank();
-                let tied = model.tied_to_embedding();
-                let engine_model = EngineModel {
-                    blocks: model.blocks,
-                    head_tied_to_embedding: tied,
-                    frozen,
-                };
-                let mut engine =
-                    ZeroEngine::new(engine_model, Arc::new(comm), config.clone()).expect("engine");
-                let mbs = config.train_micro_batch_size_per_gpu as i64;
-                let mut losses = Vec::new();
-                for step in 0..STEPS {
-                    let row = (step * GLOBAL_BATCH) as i64 + rank as i64 * mbs;
-                    let ids = tokens.narrow(0, row, mbs);
-                    let ctx = ForwardCtx::causal(&ids).expect("ctx");
-                    engine
-                        .forward_backward(&ids, &ctx, &mut |logits| causal_lm_loss(logits, &ids))
-                        .expect("forward_backward");
-                    losses.push(engine.step().expect("step").loss);
-                }
-                Outcome {
-                    losses,
-                    weights: engine.gather_full_weights().expect("weights"),
-                    base,
-                }
-            })
+        .map(|comm| {
+            let (config, plan) = (config.clone(), plan.clone());
+            std::thread::spawn(move || run_rank(comm, config, plan))
         })
         .collect();
     handles
@@ -113,21 +213,37 @@ fn train(world: usize, config: EngineConfig) -> Vec<Outcome> {
         .collect()
 }
 
+fn find(weights: &[(String, Tensor)], name: &str) -> Option<Tensor> {
+    weights
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t.shallow_clone())
+}
+
+fn assert_same_training(got: &Outcome, want: &Outcome, what: &str) {
+    assert_eq!(got.losses.len(), want.losses.len(), "{what}: step count");
+    for (got, want) in got.losses.iter().zip(&want.losses) {
+        assert!(
+            ((got - want) / want).abs() <= 1e-5,
+            "{what}: loss {got} vs {want}"
+        );
+    }
+    for (name, want) in &want.weights {
+        let got = find(&got.weights, name).unwrap_or_else(|| panic!("{what}: {name} missing"));
+        let err = (got - want).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "{what}: {name} differs by {err}");
+    }
+}
+
 #[test]
 fn lora_trains_only_adapters_under_zero() {
     tch::set_num_threads(1);
-    let reference = train(1, engine_config(0, 1)).remove(0);
+    let reference = train(1, engine_config(0, 1), Plan::all_steps(true)).remove(0);
     assert!(
         reference.losses[STEPS - 1] < reference.losses[0],
         "learns: {:?}",
         reference.losses
     );
-    let find = |weights: &[(String, Tensor)], name: &str| {
-        weights
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.shallow_clone())
-    };
     for (name, before) in &reference.base {
         let after = find(&reference.weights, name).unwrap_or_else(|| panic!("{name} missing"));
         assert!(after.equal(before), "frozen base weight {name} changed");
@@ -143,18 +259,132 @@ fn lora_trains_only_adapters_under_zero() {
         b.abs().max().double_value(&[]) > 0.0,
         "lora_B trained away from zero"
     );
+    for outcome in train(2, engine_config(3, 2), Plan::all_steps(true)) {
+        assert_same_training(&outcome, &reference, "stage 3 world 2, tied");
+    }
+}
 
-    for outcome in train(2, engine_config(3, 2)) {
-        for (got, want) in outcome.losses.iter().zip(&reference.losses) {
-            assert!(
-                ((got - want) / want).abs() <= 1e-5,
-                "stage 3 loss {got} vs {want}"
-            );
-        }
-        for (name, want) in &reference.weights {
-            let got = find(&outcome.weights, name).unwrap_or_else(|| panic!("{name} missing"));
-            let err = (got - want).abs().max().double_value(&[]);
-            assert!(err < 1e-5, "stage 3 {name} differs by {err}");
-        }
+#[test]
+fn lora_stage3_untied_with_checkpointing_and_prefetch_equals_stage0() {
+    tch::set_num_threads(1);
+    let reference = train(1, engine_config(0, 1), Plan::all_steps(false)).remove(0);
+    let mut config = engine_config(3, 2);
+    config.activation_checkpointing = true;
+    config.stage3_param_persistence_threshold = 0;
+    config.stage3_prefetch_bucket_size = 1 << 20;
+    for outcome in train(2, config, Plan::all_steps(false)) {
+        assert_same_training(&outcome, &reference, "stage 3 world 2, untied");
+        assert_eq!(
+            outcome.frozen_numel_held, 0,
+            "frozen base still held outside a gather"
+        );
+    }
+}
+
+/// Frozen bytes per rank (stage, world) right after construction and after training.
+fn frozen_bytes(stage: u8, world: usize) -> (usize, usize) {
+    let outcomes = train(world, engine_config(stage, world), Plan::all_steps(true));
+    let first = &outcomes[0];
+    for other in &outcomes[1..] {
+        assert_eq!(
+            other.memory_at_end.frozen_bytes, first.memory_at_end.frozen_bytes,
+            "ranks hold different frozen bytes"
+        );
+    }
+    if stage == 3 {
+        assert_eq!(first.frozen_numel_held, 0, "frozen base held after a step");
+        assert!(first.persistent_frozen_numel > 0, "norms stay resident");
+    }
+    (
+        first.memory_at_start.frozen_bytes,
+        first.memory_at_end.frozen_bytes,
+    )
+}
+
+#[test]
+fn stage3_partitions_the_frozen_base_and_stage2_keeps_it_whole() {
+    tch::set_num_threads(1);
+    let model = lora_model(true);
+    let base_bytes: usize = model
+        .model
+        .params()
+        .filter(|p| model.frozen.contains(&p.name))
+        .map(|p| p.tensor.numel() * 4)
+        .sum();
+    let (s2w1, s2w1_end) = frozen_bytes(2, 1);
+    let (s2w2, s2w2_end) = frozen_bytes(2, 2);
+    assert_eq!(
+        (s2w1, s2w1_end),
+        (base_bytes, base_bytes),
+        "stage 2 world 1"
+    );
+    assert_eq!(
+        (s2w2, s2w2_end),
+        (base_bytes, base_bytes),
+        "stage 2 world 2"
+    );
+    let (s3w1, s3w1_end) = frozen_bytes(3, 1);
+    let (s3w2, s3w2_end) = frozen_bytes(3, 2);
+    println!(
+        "frozen bytes per rank: base {base_bytes}; stage 2 w1 {s2w1}, w2 {s2w2}; stage 3 w1 \
+         {s3w1} (after training {s3w1_end}), w2 {s3w2} (after training {s3w2_end})"
+    );
+    let within = |got: usize, want: f64| (got as f64 / want - 1.0).abs() <= 0.05;
+    assert!(within(s3w1, base_bytes as f64), "stage 3 world 1: {s3w1}");
+    assert!(
+        within(s3w2, s3w1 as f64 / 2.0),
+        "stage 3 w2 {s3w2} vs w1 {s3w1}"
+    );
+    assert!(
+        within(s3w2_end, s3w1_end as f64 / 2.0),
+        "after training: stage 3 w2 {s3w2_end} vs w1 {s3w1_end}"
+    );
+}
+
+#[test]
+fn stage3_lora_checkpoint_holds_the_whole_base_and_resumes_at_world_1() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = train(1, engine_config(3, 1), Plan::all_steps(true)).remove(0);
+    let half = STEPS / 2;
+    let first = Plan {
+        tied: true,
+        steps: 0..half,
+        resume_from: None,
+        save_to: Some(tmp.path().to_path_buf()),
+    };
+    let saved = train(2, engine_config(3, 2), first).remove(0);
+    let checkpoint = saved.saved.expect("checkpoint folder");
+    let frozen = Tensor::read_safetensors(checkpoint.join(FROZEN_FILE)).expect("frozen file");
+    assert_eq!(
+        frozen.len(),
+        saved.base.len(),
+        "frozen file holds {} tensors",
+        frozen.len()
+    );
+    for (name, tensor) in &frozen {
+        let before = find(&saved.base, name).unwrap_or_else(|| panic!("{name} not in the base"));
+        assert!(
+            tensor.equal(&before),
+            "saved frozen {name} differs from the base"
+        );
+    }
+    let second = Plan {
+        tied: true,
+        steps: half..STEPS,
+        resume_from: Some(checkpoint),
+        save_to: None,
+    };
+    let resumed = train(1, engine_config(3, 1), second).remove(0);
+    for (got, want) in resumed.losses.iter().zip(&straight.losses[half..]) {
+        assert!(
+            ((got - want) / want).abs() <= 1e-5,
+            "resumed loss {got} vs straight {want}"
+        );
+    }
+    for (name, want) in &straight.weights {
+        let got = find(&resumed.weights, name).unwrap_or_else(|| panic!("{name} missing"));
+        let err = (got - want).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "resumed {name} differs by {err}");
     }
 }

@@ -39,7 +39,6 @@ use crate::comm::{Communicator, ReduceOp};
 use crate::tokenizer::Tokenizer;
 use crate::zero::{OwnedState, ZeroEngine};
 use crate::{Error, Result};
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -350,6 +349,7 @@ fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, PathBuf)> {
     let tmp_dir = req
         .output_dir
         .join(format!("{}.tmp", checkpoint_dir_name(req.step)));
+    let frozen = frozen_params(req.engine, rank);
     let created = if rank == 0 {
         create_tmp_dir(req.output_dir, &tmp_dir, req.step).and_then(|()| match req.tokenizer {
             Some(tokenizer) => tokenizer.save(&tmp_dir),
@@ -358,7 +358,9 @@ fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, PathBuf)> {
     } else {
         Ok(())
     };
-    let snapshot = created.and_then(|()| snapshot(&req, &tmp_dir, &final_dir));
+    let snapshot = created
+        .and_then(|()| frozen)
+        .and_then(|frozen| snapshot(&req, frozen, &tmp_dir, &final_dir));
     let snapshot = agreed(
         req.comm,
         device,
@@ -369,12 +371,16 @@ fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, PathBuf)> {
 }
 
 /// Views of the engine's owned state (no copy) and rank 0's small state.
-fn snapshot(req: &SaveRequest<'_>, tmp_dir: &Path, final_dir: &Path) -> Result<RankSnapshot> {
+fn snapshot(
+    req: &SaveRequest<'_>,
+    frozen: Vec<(String, Tensor)>,
+    tmp_dir: &Path,
+    final_dir: &Path,
+) -> Result<RankSnapshot> {
     let rank = req.comm.rank();
     let owned = req.engine.owned_state_view()?;
     let mut meta = engine_meta(&owned, req.comm.world_size());
     let leader = if rank == 0 {
-        let frozen = frozen_params(req.engine, &meta)?;
         meta.frozen = frozen.iter().map(|(n, _)| n.clone()).collect();
         Some(LeaderSnapshot {
             model_config_json: req.model_config_json.to_string(),
@@ -475,28 +481,13 @@ fn engine_meta(owned: &OwnedState, world_size: usize) -> EngineMeta {
     }
 }
 
-/// Parameters the blocks list that no flat buffer holds (never updated, e.g. LoRA
-/// bases), as CPU copies; their names are recorded in the leader's meta later.
-fn frozen_params(engine: &ZeroEngine, meta: &EngineMeta) -> Result<Vec<(String, Tensor)>> {
-    let trained: HashSet<&str> = meta
-        .blocks
-        .iter()
-        .flat_map(|b| b.slots.iter().map(|s| s.name.as_str()))
-        .collect();
-    let mut frozen = Vec::new();
-    for block in engine.blocks() {
-        for param in block.params() {
-            if !trained.contains(param.name.as_str()) && param.tensor.numel() > 0 {
-                frozen.push((
-                    param.name.clone(),
-                    param
-                        .tensor
-                        .f_detach()?
-                        .f_to_device(Device::Cpu)?
-                        .f_detach_copy()?,
-                ));
-            }
-        }
+/// Frozen parameters (never updated, e.g. LoRA bases) as CPU copies on rank 0; every
+/// rank calls it (a collective under stage 3, where they are partitioned).
+fn frozen_params(engine: &ZeroEngine, rank: usize) -> Result<Vec<(String, Tensor)>> {
+    let held = engine.frozen_weights(rank == 0)?;
+    let mut frozen = Vec::with_capacity(held.len());
+    for (name, tensor) in held {
+        frozen.push((name, tensor.f_to_device(Device::Cpu)?));
     }
     Ok(frozen)
 }

@@ -62,6 +62,24 @@ pub(super) struct BlockShard {
     /// (padded,) gradient the tied head produced for this block, added at its backward.
     pub(super) tied_grad: Option<Tensor>,
     pub(super) optim: Option<AdamSlice>,
+    /// Stage 3: the block's frozen parameters, partitioned and gathered with the
+    /// trainable ones (below stage 3 they stay whole in `ZeroEngine::frozen_params`).
+    pub(super) frozen: Option<FrozenPart>,
+}
+
+/// Stage 3: a block's frozen parameters (e.g. a LoRA base). Like the trainable ones each
+/// rank keeps a (P,) slice of their padded flat buffer and gathers the whole just before
+/// use, but they get no gradient, no reduction and no optimizer state, and never change.
+pub(super) struct FrozenPart {
+    pub(super) layout: FlatLayout,
+    /// Handles sharing the model's frozen parameter tensors (re-pointed by `set_data`).
+    pub(super) params: Vec<Tensor>,
+    /// Parameters at or below `stage3_param_persistence_threshold`.
+    pub(super) persistent: Vec<bool>,
+    /// The owned (P,) slice in compute precision.
+    pub(super) owned: Tensor,
+    /// The full (padded,) buffer while the block is gathered.
+    pub(super) gathered: Option<Tensor>,
 }
 
 impl BlockShard {
@@ -72,6 +90,16 @@ impl BlockShard {
     /// Offset of this rank's slice in the flat buffer.
     pub(super) fn owned_start(&self, shard_rank: usize) -> usize {
         self.layout.partition_start(shard_rank)
+    }
+
+    /// Stage 3: elements a gather of this block brings in (trainable and frozen).
+    pub(super) fn gather_numel(&self) -> usize {
+        self.layout.padded_numel + self.frozen.as_ref().map_or(0, |f| f.layout.padded_numel)
+    }
+
+    /// Stage 3: whether a gathered (non-resident) buffer of this block is live.
+    pub(super) fn is_gathered(&self) -> bool {
+        self.gathered.is_some() || self.frozen.as_ref().is_some_and(|f| f.gathered.is_some())
     }
 }
 
@@ -410,8 +438,18 @@ impl ZeroEngine {
         for b in (0..count).rev() {
             let _span =
                 tracing::trace_span!("block_backward", rank = self.rank, block = b).entered();
+            if !needs_backward(&activations[b], &self.shards[b]) {
+                // E.g. a LoRA-frozen embedding: no gradient to compute, nothing to gather.
+                activations[b] = Activation {
+                    input: Tensor::new(),
+                    output: None,
+                };
+                continue;
+            }
+            let prefetch_previous =
+                b > 0 && needs_backward(&activations[b - 1], &self.shards[b - 1]);
             let mark = self.profile.mark();
-            self.acquire(b, b > 0, b.wrapping_sub(1))?;
+            self.acquire(b, prefetch_previous, b.wrapping_sub(1))?;
             self.profile.add(Phase::Gather, mark);
             let mark = self.profile.mark();
             let act = &mut activations[b];
@@ -517,6 +555,13 @@ enum BackwardRoot {
     Cotangent(Tensor),
 }
 
+/// Whether a block's backward produces anything: a cotangent for the previous block (its
+/// input requires grad) or gradients of its own trainable parameters. Only an all-frozen
+/// block fed integer ids (the embedding of a LoRA run) does not.
+fn needs_backward(activation: &Activation, shard: &BlockShard) -> bool {
+    activation.input.requires_grad() || !shard.is_empty()
+}
+
 /// The detached input of a block; floating-point inputs become grad-requiring leaves so
 /// the block's backward yields the previous block's cotangent.
 fn block_input_leaf(x: &Tensor) -> Result<Tensor> {
@@ -564,21 +609,24 @@ fn build_shard(
 ) -> Result<BlockShard> {
     let mut named = Vec::new();
     let mut params = Vec::new();
+    let mut frozen_here = Vec::new();
     for p in block.params() {
         if frozen.contains(&p.name) {
-            frozen_params.push((p.name.clone(), p.tensor.shallow_clone()));
+            frozen_here.push((p.name.clone(), p.tensor.shallow_clone()));
         } else {
             named.push((p.name.clone(), p.tensor.size()));
             params.push(p.tensor.shallow_clone());
         }
     }
+    let frozen_part = if config.stage == 3 {
+        build_frozen_part(frozen_here, config, shard_world, shard_rank)?
+    } else {
+        frozen_params.extend(frozen_here);
+        None
+    };
     let layout = FlatLayout::new(&named, shard_world);
     let kind = config.precision.kind();
-    let persistent: Vec<bool> = layout
-        .slots
-        .iter()
-        .map(|s| config.stage == 3 && s.numel <= config.stage3_param_persistence_threshold)
-        .collect();
+    let persistent = persistence(&layout, config);
     let mut shard = BlockShard {
         params,
         persistent,
@@ -589,12 +637,13 @@ fn build_shard(
         grad_owned: None,
         tied_grad: None,
         optim: None,
+        frozen: frozen_part,
         layout,
     };
     if shard.is_empty() {
         return Ok(shard);
     }
-    let flat32 = flat_fp32(&shard, config.device)?;
+    let flat32 = flat_buffer(&shard.params, &shard.layout, Kind::Float, config.device)?;
     if comm.world_size() > 1 {
         comm.broadcast(&flat32, 0)?.wait()?;
     }
@@ -616,10 +665,7 @@ fn build_shard(
     } else {
         shard.compute = owned32.f_to_kind(kind)?.f_contiguous()?.f_detach_copy()?;
         shard.grad_owned = Some(Tensor::f_zeros([part], (kind, config.device))?);
-        let empty = Tensor::f_empty([0], (kind, config.device))?;
-        for p in shard.params.iter_mut() {
-            p.f_set_data(&empty)?;
-        }
+        empty_params(&mut shard.params, kind, config.device)?;
     }
     for p in shard.params.iter_mut() {
         *p = p.f_set_requires_grad(true)?;
@@ -627,23 +673,79 @@ fn build_shard(
     Ok(shard)
 }
 
-/// The block's trainable parameters as one (padded,) fp32 buffer on `device`.
-fn flat_fp32(shard: &BlockShard, device: Device) -> Result<Tensor> {
+/// Stage 3: partitions a block's frozen parameters. Every rank loaded the same frozen
+/// values (the base model), so no broadcast: each keeps its (P,) slice and the model's
+/// tensors are emptied until a gather re-points them.
+fn build_frozen_part(
+    named: Vec<(String, Tensor)>,
+    config: &EngineConfig,
+    shard_world: usize,
+    shard_rank: usize,
+) -> Result<Option<FrozenPart>> {
+    if named.is_empty() {
+        return Ok(None);
+    }
+    let shapes: Vec<(String, Vec<i64>)> =
+        named.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    let layout = FlatLayout::new(&shapes, shard_world);
+    let mut params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+    let kind = config.precision.kind();
+    let flat = flat_buffer(&params, &layout, kind, config.device)?; // (padded,)
+    let owned = flat
+        .f_narrow(
+            0,
+            layout.partition_start(shard_rank) as i64,
+            layout.partition_numel() as i64,
+        )?
+        .f_detach_copy()?; // (P,)
+    drop(flat);
+    empty_params(&mut params, kind, config.device)?;
+    Ok(Some(FrozenPart {
+        persistent: persistence(&layout, config),
+        layout,
+        params,
+        owned,
+        gathered: None,
+    }))
+}
+
+/// Stage 3: which of a layout's parameters stay resident once gathered.
+fn persistence(layout: &FlatLayout, config: &EngineConfig) -> Vec<bool> {
+    layout
+        .slots
+        .iter()
+        .map(|s| config.stage == 3 && s.numel <= config.stage3_param_persistence_threshold)
+        .collect()
+}
+
+/// Points every parameter at an empty tensor (stage 3 outside a gather).
+fn empty_params(params: &mut [Tensor], kind: Kind, device: Device) -> Result<()> {
+    let empty = Tensor::f_empty([0], (kind, device))?;
+    for p in params.iter_mut() {
+        p.f_set_data(&empty)?;
+    }
+    Ok(())
+}
+
+/// `params` (laid out by `layout`) as one (padded,) buffer of `kind` on `device`.
+fn flat_buffer(
+    params: &[Tensor],
+    layout: &FlatLayout,
+    kind: Kind,
+    device: Device,
+) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
-    let mut pieces: Vec<Tensor> = Vec::with_capacity(shard.params.len() + 1);
-    for p in &shard.params {
+    let mut pieces: Vec<Tensor> = Vec::with_capacity(params.len() + 1);
+    for p in params {
         pieces.push(
             p.f_detach()?
                 .f_reshape([-1])?
-                .f_to_kind(Kind::Float)?
+                .f_to_kind(kind)?
                 .f_to_device(device)?,
         );
     }
-    if shard.layout.padding() > 0 {
-        pieces.push(Tensor::f_zeros(
-            [shard.layout.padding() as i64],
-            (Kind::Float, device),
-        )?);
+    if layout.padding() > 0 {
+        pieces.push(Tensor::f_zeros([layout.padding() as i64], (kind, device))?);
     }
     Ok(Tensor::f_cat(&pieces, 0)?)
 }

@@ -4,10 +4,12 @@
 //! `stage3_prefetch_bucket_size` and `stage3_max_live_parameters`, and gathered
 //! parameters are freed after use except those at or below
 //! `stage3_param_persistence_threshold` (a block whose parameters are all persistent is
-//! gathered once per optimizer step). Also the stage 1/2 post-step all-gather.
+//! gathered once per optimizer step). Frozen parameters (a LoRA base) are partitioned
+//! under stage 3 too and gathered with their block's trainable ones, under the same
+//! prefetch, persistence and free rules. Also the stage 1/2 post-step all-gather.
 //! Contract: `docs/zero-engine.md`.
 
-use super::engine::{ZeroEngine, point_params_at};
+use super::engine::{FrozenPart, ZeroEngine, point_params_at};
 use super::partition::bucket_pieces;
 use crate::comm::Work;
 use crate::{Error, Result};
@@ -22,11 +24,19 @@ struct GatherPiece {
     len: usize,
 }
 
-/// A block's gather in flight (a prefetch, or a synchronous gather not yet waited).
-pub(super) struct PendingGather {
-    block: usize,
+/// One flat buffer's gather in flight: its (padded,) destination and the pieces.
+struct GatherPart {
     full: Tensor,
     pieces: Vec<GatherPiece>,
+    partition: usize,
+}
+
+/// A block's gather in flight (a prefetch, or a synchronous gather not yet waited):
+/// its trainable buffer and its frozen one, each when the block has any.
+pub(super) struct PendingGather {
+    block: usize,
+    trainable: Option<GatherPart>,
+    frozen: Option<GatherPart>,
 }
 
 impl ZeroEngine {
@@ -95,7 +105,58 @@ impl ZeroEngine {
 
     fn block_needs_gather(&self, b: usize) -> bool {
         let shard = &self.shards[b];
-        !shard.is_empty() && shard.gathered.is_none() && !shard.resident
+        (!shard.is_empty() || shard.frozen.is_some()) && !shard.is_gathered() && !shard.resident
+    }
+
+    /// Starts gathering one (P,) slice (nothing to exchange at world size 1).
+    fn start_part(&self, owned: &Tensor, partition: usize) -> Result<GatherPart> {
+        if self.world_size == 1 {
+            return Ok(GatherPart {
+                full: owned.shallow_clone(),
+                pieces: Vec::new(),
+                partition,
+            });
+        }
+        let (full, pieces) = self.start_gather(owned, partition, owned.kind())?;
+        Ok(GatherPart {
+            full,
+            pieces,
+            partition,
+        })
+    }
+
+    /// Starts block `b`'s gathers: the trainable buffer, then the frozen one.
+    fn start_block_gather(&self, b: usize) -> Result<PendingGather> {
+        let shard = &self.shards[b];
+        let trainable = if shard.is_empty() {
+            None
+        } else {
+            Some(self.start_part(&shard.compute, shard.layout.partition_numel())?)
+        };
+        let frozen = match &shard.frozen {
+            Some(f) => Some(self.start_part(&f.owned, f.layout.partition_numel())?),
+            None => None,
+        };
+        Ok(PendingGather {
+            block: b,
+            trainable,
+            frozen,
+        })
+    }
+
+    /// Waits for a block's gathers; returns the full (trainable, frozen) buffers.
+    fn finish_block_gather(
+        &self,
+        pending: PendingGather,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let finish = |part: Option<GatherPart>| -> Result<Option<Tensor>> {
+            let Some(part) = part else { return Ok(None) };
+            self.finish_gather(&part.full, part.pieces, part.partition)?;
+            Ok(Some(part.full))
+        };
+        let trainable = finish(pending.trainable)?;
+        let frozen = finish(pending.frozen)?;
+        Ok((trainable, frozen))
     }
 
     /// Starts gathering block `b` in the background when the stage-3 limits allow it.
@@ -103,7 +164,7 @@ impl ZeroEngine {
         if b >= self.shards.len() || self.prefetch.is_some() || !self.block_needs_gather(b) {
             return Ok(());
         }
-        let numel = self.shards[b].layout.padded_numel;
+        let numel = self.shards[b].gather_numel();
         if numel > self.config.stage3_prefetch_bucket_size
             || self.live_numel + numel > self.config.stage3_max_live_parameters
             || self.world_size == 1
@@ -111,68 +172,66 @@ impl ZeroEngine {
             return Ok(());
         }
         let _span = tracing::debug_span!("prefetch_params", rank = self.rank, block = b).entered();
-        let shard = &self.shards[b];
-        let (full, pieces) = self.start_gather(
-            &shard.compute,
-            shard.layout.partition_numel(),
-            shard.compute.kind(),
-        )?;
+        let pending = self.start_block_gather(b)?;
         self.live_numel += numel;
         self.stage3_stats.prefetches += 1;
         self.note_live();
-        self.prefetch = Some(PendingGather {
-            block: b,
-            full,
-            pieces,
-        });
+        self.prefetch = Some(pending);
         Ok(())
     }
 
     /// Makes block `b`'s full parameters available (waiting for its prefetch, or
-    /// gathering now), pointing its parameters at the gathered buffer.
+    /// gathering now), pointing its parameters at the gathered buffers.
     pub(super) fn ensure_gathered(&mut self, b: usize) -> Result<()> {
         if let Some(pending) = self.prefetch.take() {
             // Collectives complete in issue order: finish the prefetch before anything else.
-            let partition = self.shards[pending.block].layout.partition_numel();
-            self.finish_gather(&pending.full, pending.pieces, partition)?;
-            self.install(pending.block, pending.full)?;
+            let block = pending.block;
+            let (trainable, frozen) = self.finish_block_gather(pending)?;
+            self.install(block, trainable, frozen)?;
         }
         if !self.block_needs_gather(b) {
             return Ok(());
         }
         let _span = tracing::debug_span!("gather_params", rank = self.rank, block = b).entered();
-        let shard = &self.shards[b];
-        let partition = shard.layout.partition_numel();
-        let full = if self.world_size == 1 {
-            shard.compute.shallow_clone()
-        } else {
-            let (full, pieces) =
-                self.start_gather(&shard.compute, partition, shard.compute.kind())?;
-            self.finish_gather(&full, pieces, partition)?;
-            full
-        };
-        self.live_numel += self.shards[b].layout.padded_numel;
+        let pending = self.start_block_gather(b)?;
+        let (trainable, frozen) = self.finish_block_gather(pending)?;
+        self.live_numel += self.shards[b].gather_numel();
         self.stage3_stats.gathers += 1;
         self.note_live();
-        self.install(b, full)
+        self.install(b, trainable, frozen)
     }
 
-    /// Points block `b`'s parameters at `full` (persistent ones get their own copy).
-    fn install(&mut self, b: usize, full: Tensor) -> Result<()> {
+    /// Points block `b`'s parameters at the gathered buffers (persistent ones get their
+    /// own copy); a block whose parameters are all persistent becomes resident.
+    fn install(
+        &mut self,
+        b: usize,
+        trainable: Option<Tensor>,
+        frozen: Option<Tensor>,
+    ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let shard = &mut self.shards[b];
-        point_params_at(&mut shard.params, &shard.layout, &full)?;
-        for (p, persistent) in shard.params.iter_mut().zip(&shard.persistent) {
-            if *persistent {
-                let own = p.f_detach()?.f_detach_copy()?;
-                p.f_set_data(&own)?;
-            }
+        if let Some(full) = &trainable {
+            point_params_at(&mut shard.params, &shard.layout, full)?;
+            keep_persistent_copies(&mut shard.params, &shard.persistent)?;
         }
-        if shard.persistent.iter().all(|p| *p) {
+        if let (Some(part), Some(full)) = (shard.frozen.as_mut(), &frozen) {
+            point_params_at(&mut part.params, &part.layout, full)?;
+            keep_persistent_copies(&mut part.params, &part.persistent)?;
+        }
+        let all_persistent = shard.persistent.iter().all(|p| *p)
+            && shard
+                .frozen
+                .as_ref()
+                .is_none_or(|f| f.persistent.iter().all(|p| *p));
+        if all_persistent {
             shard.resident = true;
-            self.live_numel -= shard.layout.padded_numel;
+            self.live_numel -= shard.gather_numel();
         } else {
-            shard.gathered = Some(full);
+            shard.gathered = trainable;
+            if let Some(part) = shard.frozen.as_mut() {
+                part.gathered = frozen;
+            }
         }
         Ok(())
     }
@@ -180,23 +239,26 @@ impl ZeroEngine {
     /// Frees block `b`'s gathered, non-persistent parameters.
     pub(super) fn release_block(&mut self, b: usize) -> Result<()> {
         let shard = &mut self.shards[b];
-        if shard.gathered.take().is_none() {
+        if !shard.is_gathered() {
             return Ok(());
         }
-        let empty = Tensor::f_empty([0], (shard.compute.kind(), shard.compute.device()))?;
-        for (p, persistent) in shard.params.iter_mut().zip(&shard.persistent) {
-            if !*persistent {
-                p.f_set_data(&empty)?;
-            }
+        let numel = shard.gather_numel();
+        if shard.gathered.take().is_some() {
+            let (kind, device) = (shard.compute.kind(), shard.compute.device());
+            free_non_persistent(&mut shard.params, &shard.persistent, kind, device)?;
         }
-        self.live_numel -= shard.layout.padded_numel;
+        if let Some(part) = shard.frozen.as_mut() {
+            release_frozen(part)?;
+        }
+        self.live_numel -= numel;
         Ok(())
     }
 
-    /// Stage 3 after a step: resident copies are stale, gather them again next time.
+    /// Stage 3 after a step: resident copies of trainable parameters are stale, gather
+    /// them again next time (all-frozen resident blocks never change and stay).
     pub(super) fn invalidate_resident(&mut self) {
         for shard in &mut self.shards {
-            shard.resident = false;
+            shard.resident = shard.resident && shard.is_empty();
         }
     }
 
@@ -233,9 +295,9 @@ impl ZeroEngine {
     /// Drops any prefetch and gathered buffer (before a step changes the slices).
     pub(super) fn settle_gathers(&mut self) -> Result<()> {
         if let Some(pending) = self.prefetch.take() {
-            let partition = self.shards[pending.block].layout.partition_numel();
-            self.finish_gather(&pending.full, pending.pieces, partition)?;
-            self.live_numel -= self.shards[pending.block].layout.padded_numel;
+            let block = pending.block;
+            self.finish_block_gather(pending)?;
+            self.live_numel -= self.shards[block].gather_numel();
         }
         for b in 0..self.shards.len() {
             self.release_block(b)?;
@@ -248,4 +310,40 @@ impl ZeroEngine {
         }
         Ok(())
     }
+}
+
+/// Gives each persistent parameter its own copy of its gathered values.
+fn keep_persistent_copies(params: &mut [Tensor], persistent: &[bool]) -> Result<()> {
+    for (p, persistent) in params.iter_mut().zip(persistent) {
+        if *persistent {
+            let own = p.f_detach()?.f_detach_copy()?;
+            p.f_set_data(&own)?;
+        }
+    }
+    Ok(())
+}
+
+/// Points the non-persistent parameters at an empty tensor.
+fn free_non_persistent(
+    params: &mut [Tensor],
+    persistent: &[bool],
+    kind: Kind,
+    device: tch::Device,
+) -> Result<()> {
+    let empty = Tensor::f_empty([0], (kind, device))?;
+    for (p, persistent) in params.iter_mut().zip(persistent) {
+        if !*persistent {
+            p.f_set_data(&empty)?;
+        }
+    }
+    Ok(())
+}
+
+/// Frees a frozen part's gathered buffer and its non-persistent parameters.
+fn release_frozen(part: &mut FrozenPart) -> Result<()> {
+    if part.gathered.take().is_some() {
+        let (kind, device) = (part.owned.kind(), part.owned.device());
+        free_non_persistent(&mut part.params, &part.persistent, kind, device)?;
+    }
+    Ok(())
 }

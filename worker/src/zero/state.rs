@@ -21,6 +21,9 @@ pub struct MemoryReport {
     pub grad_bytes: usize,
     /// fp32 master weights plus Adam's two moments.
     pub optimizer_bytes: usize,
+    /// The part of `param_bytes` that is frozen parameters (e.g. a LoRA base): whole
+    /// below stage 3, the owned slice (+ gathered/persistent copies) under stage 3.
+    pub frozen_bytes: usize,
 }
 
 impl MemoryReport {
@@ -69,6 +72,7 @@ impl ZeroEngine {
             param_bytes: 0,
             grad_bytes: 0,
             optimizer_bytes: 0,
+            frozen_bytes: 0,
         };
         for shard in &self.shards {
             report.param_bytes += bytes(&shard.compute);
@@ -80,6 +84,17 @@ impl ZeroEngine {
                     report.param_bytes += bytes(p);
                 }
             }
+            if let Some(part) = &shard.frozen {
+                report.frozen_bytes += bytes(&part.owned);
+                if let Some(full) = &part.gathered {
+                    report.frozen_bytes += bytes(full);
+                }
+                for (p, persistent) in part.params.iter().zip(&part.persistent) {
+                    if *persistent {
+                        report.frozen_bytes += bytes(p);
+                    }
+                }
+            }
             for grad in [&shard.grad_full, &shard.grad_owned].into_iter().flatten() {
                 report.grad_bytes += bytes(grad);
             }
@@ -87,11 +102,12 @@ impl ZeroEngine {
                 report.optimizer_bytes += optim.bytes();
             }
         }
-        report.param_bytes += self
+        report.frozen_bytes += self
             .frozen_params
             .iter()
             .map(|(_, t)| bytes(t))
             .sum::<usize>();
+        report.param_bytes += report.frozen_bytes;
         report
     }
 
@@ -211,11 +227,45 @@ impl ZeroEngine {
                 weights.push((slot.name.clone(), weight));
             }
         }
-        for (name, tensor) in &self.frozen_params {
-            weights.push((
-                name.clone(),
-                tensor.f_detach()?.f_to_kind(Kind::Float)?.f_detach_copy()?,
-            ));
+        for (name, tensor) in self.frozen_weights(true)? {
+            weights.push((name, tensor.f_to_kind(Kind::Float)?));
+        }
+        Ok(weights)
+    }
+
+    /// Frozen parameters (never updated, e.g. a LoRA base) by name in block order, as
+    /// copies in the precision the engine holds them. A collective under stage 3 (they
+    /// are partitioned: one all-gather per block at a time), so every rank must call it;
+    /// ranks passing `keep` false take part and get nothing back.
+    pub fn frozen_weights(&self, keep: bool) -> Result<Vec<(String, Tensor)>> {
+        let _guard = tch::no_grad_guard();
+        let mut weights = Vec::new();
+        for part in self.shards.iter().filter_map(|s| s.frozen.as_ref()) {
+            let full = if self.world_size == 1 {
+                part.owned.shallow_clone()
+            } else {
+                let full = Tensor::f_empty(
+                    [part.layout.padded_numel as i64],
+                    (part.owned.kind(), part.owned.device()),
+                )?;
+                self.comm.all_gather(&part.owned, &full)?.wait()?;
+                full
+            };
+            if !keep {
+                continue;
+            }
+            for slot in &part.layout.slots {
+                let weight = full
+                    .f_narrow(0, slot.offset as i64, slot.numel as i64)?
+                    .f_view(slot.shape.as_slice())?
+                    .f_detach_copy()?;
+                weights.push((slot.name.clone(), weight));
+            }
+        }
+        if keep {
+            for (name, tensor) in &self.frozen_params {
+                weights.push((name.clone(), tensor.f_detach()?.f_detach_copy()?));
+            }
         }
         Ok(weights)
     }
