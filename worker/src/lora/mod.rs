@@ -9,10 +9,10 @@
 //!
 //! Adapters are ordinary `Param`s of their decoder layer (`...q_proj.lora_A.weight`,
 //! appended after the base params); `LoraInfo::frozen` names the base for
-//! `EngineModel::frozen`. Known gaps: the engine keeps frozen params whole on every rank
-//! (under stage 3 only the adapters are partitioned); with activation checkpointing and
-//! `lora_dropout > 0` the recomputed forward draws a fresh dropout mask (torch's
-//! checkpoint restores the RNG state instead).
+//! `EngineModel::frozen`: below stage 3 the engine keeps them whole on every rank, under
+//! stage 3 it partitions them like the adapters (gather only: no gradient, no optimizer
+//! state). Known gap: with activation checkpointing and `lora_dropout > 0` the recomputed
+//! forward draws a fresh dropout mask (torch's checkpoint restores the RNG state instead).
 
 mod merge;
 
