@@ -63,20 +63,18 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     if args.token_stdin {
         ssh::stop_on_stdin_eof();
     }
-    let remote = match &ssh_launch {
-        Some(launch) => Some(RemoteNodes::start(launch, &plan.token)?),
-        None => None,
+    let restart_base = match args.token_stdin {
+        true => inherited_restart_count(),
+        false => 0,
     };
     let code = supervise_attempts(
         &runtime,
         &plan,
         rendezvous.as_ref().map(|(s, _)| s.clone()),
+        ssh_launch.as_ref(),
+        restart_base,
         started,
     );
-    let code = match (remote, code) {
-        (Some(remote), Ok(local)) => Ok(remote.finish(local, plan.grace_period)),
-        (_, code) => code,
-    };
     if let Some((_, mut server)) = rendezvous {
         server.shutdown();
     }
@@ -92,11 +90,6 @@ fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, Optio
     match LaunchPlan::build(args, inputs) {
         Err(PlanError::MultiNodeNeedsNoSsh(_)) => {}
         other => return Ok((other.map_err(usage)?, None)),
-    }
-    if args.max_restarts > 0 {
-        return Err(usage(
-            "--max_restarts is not supported by the ssh multi-node runner yet: leave it out (restart the whole job instead)",
-        ));
     }
     let mut node0 = args.clone();
     node0.no_ssh = true;
@@ -323,18 +316,33 @@ fn bind_candidates(master_addr: &str, port: u16, bind_all: bool) -> Vec<SocketAd
 /// `--heartbeat_timeout`.
 const STARTUP_ALLOWANCE: Duration = Duration::from_secs(900);
 
-/// Spawns and supervises the local workers, restarting after failures if allowed.
+/// On a remote node started by node 0's ssh runner: the attempt node 0 is on
+/// (`RSDEEP_RESTART_COUNT` in the remote command), 0 when absent or unreadable.
+fn inherited_restart_count() -> u32 {
+    std::env::var(ev::RESTART_COUNT)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Spawns and supervises the local workers (and, under the ssh runner, the remote
+/// launchers), restarting after failures if allowed.
 ///
-/// A restart stops every local worker, opens a new rendezvous generation and starts the
-/// workers again with `RSDEEP_RESTART_COUNT = k`; the workers then resume from the newest
-/// complete checkpoint in `output_dir` (`train::entry`). With several nodes only node 0
-/// hosts the rendezvous and restarts here; the other nodes' launchers see their workers
-/// fail (the collectives break) and follow their own `--max_restarts` count, joining
-/// the new generation (cross-node restart coordination is not built yet).
+/// Node 0 is the one decision maker. A restart first stops every worker: the local ones
+/// and, under the ssh runner, every remote launcher (stdin closed, then its ssh waited
+/// for, SIGKILL after the grace period); then it opens a new rendezvous generation and
+/// starts everything again with `RSDEEP_RESTART_COUNT = k` (the remote launchers get it
+/// in their command and run no restart loop of their own: `--max_restarts` is not
+/// forwarded); the workers resume from the newest complete checkpoint in `output_dir`
+/// (`train::entry`). `restart_base` is the attempt a remote launcher was started for.
+/// Under `--launcher slurm` every node's launcher still follows its own count (no
+/// cross-node coordination there yet).
 fn supervise_attempts(
     runtime: &tokio::runtime::Runtime,
     plan: &LaunchPlan,
     state: Option<Arc<RendezvousState>>,
+    ssh_launch: Option<&SshLaunch>,
+    restart_base: u32,
     started: Instant,
 ) -> Result<i32> {
     let program = worker_program()?;
@@ -347,11 +355,17 @@ fn supervise_attempts(
     };
     let local: Vec<_> = plan.local_ranks().collect();
     for attempt in 0..=plan.max_restarts {
-        let _span = tracing::info_span!("attempt", attempt, node = plan.node_rank).entered();
+        let restart_count = restart_base + attempt;
+        let _span = tracing::info_span!("attempt", attempt = restart_count, node = plan.node_rank)
+            .entered();
         if let Some(state) = &state {
             announce_world(runtime, state.clone(), started);
         }
-        let extra = vec![(ev::RESTART_COUNT.to_string(), attempt.to_string())];
+        let remote = match ssh_launch {
+            Some(launch) => Some(RemoteNodes::start(launch, &plan.token, restart_count)?),
+            None => None,
+        };
+        let extra = vec![(ev::RESTART_COUNT.to_string(), restart_count.to_string())];
         let mut workers =
             supervisor::spawn_workers(&program, &local, &extra, plan.rank_log_dir.as_deref())?;
         eprintln!(
@@ -365,10 +379,20 @@ fn supervise_attempts(
         );
         let outcome = supervisor::watch(&mut workers, state.as_deref(), &options);
         let outcome = ssh::blame_remote_node(outcome);
+        let outcome = match (&outcome, &remote) {
+            (Outcome::Success, Some(remote)) => remote.wait_for_remote_nodes(),
+            _ => outcome,
+        };
         report_outcome(&outcome, workers.len(), plan);
         let killed = supervisor::stop_workers(&mut workers, plan.grace_period);
         if killed > 0 {
             eprintln!("rsdeep: {killed} worker(s) ignored SIGTERM and were killed");
+        }
+        if let Some(remote) = remote {
+            remote.stop_all(plan.grace_period);
+            if outcome == Outcome::Success {
+                eprintln!("rsdeep: every node finished");
+            }
         }
         let retry = matches!(
             outcome,
@@ -386,6 +410,7 @@ fn supervise_attempts(
             }
             return Ok(outcome.exit_code());
         }
+        ssh::forget_remote_failure();
         let generation = state.as_ref().map(|s| s.next_generation());
         eprintln!(
             "rsdeep: restarting the job ({}/{}){}: {}",

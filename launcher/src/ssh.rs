@@ -55,6 +55,7 @@ pub const EXPORT_PREFIXES: &[&str] = &[
 const NEVER_EXPORTED: &[&str] = &[
     ev::TOKEN,
     ev::JOB_ID,
+    ev::RESTART_COUNT,
     ev::CUDA_VISIBLE_DEVICES,
     SSH_ARGS_ENV,
 ];
@@ -184,7 +185,8 @@ pub fn decode_world_hosts(text: &str) -> Result<Vec<HostEntry>, SshError> {
 
 /// The launcher flags of node `node_rank`: the user's resource and supervision flags,
 /// node 0's world (hosts, master address and port), `--token_stdin`, then train.json
-/// and its overrides. `--max_restarts` is not forwarded (multi-node restarts are refused).
+/// and its overrides. `--max_restarts` is not forwarded: node 0 alone decides restarts
+/// and starts every remote launcher again with `RSDEEP_RESTART_COUNT` in its command.
 pub fn remote_launcher_args(
     args: &LaunchArgs,
     node_rank: usize,
@@ -252,6 +254,27 @@ pub fn remote_command(
     )
 }
 
+/// What a remote launcher is started with, kept apart so that node 0 can start it
+/// again after a restart with `RSDEEP_RESTART_COUNT=k` added.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteCommand {
+    pub cwd: std::path::PathBuf,
+    pub env: Vec<(String, String)>,
+    pub program: std::path::PathBuf,
+    pub args: Vec<String>,
+}
+
+impl RemoteCommand {
+    /// The shell command of attempt `restart_count` (0: the first start, no variable).
+    pub fn render(&self, restart_count: u32) -> String {
+        let mut env = self.env.clone();
+        if restart_count > 0 {
+            env.push((ev::RESTART_COUNT.to_string(), restart_count.to_string()));
+        }
+        remote_command(&self.cwd, &env, &self.program, &self.args)
+    }
+}
+
 /// One remote node: where it runs, its global ranks and the command its launcher is
 /// started with.
 #[derive(Debug, Clone, PartialEq)]
@@ -259,7 +282,9 @@ pub struct RemoteNodeSpec {
     pub node_rank: usize,
     pub host: String,
     pub ranks: std::ops::RangeInclusive<usize>,
+    /// The command of the first attempt (`remote.render(0)`).
     pub command: String,
+    pub remote: RemoteCommand,
 }
 
 /// Everything node 0 needs to start the other nodes.
@@ -308,11 +333,18 @@ impl SshLaunch {
                     plan.master_port,
                     hosts,
                 );
+                let remote = RemoteCommand {
+                    cwd: cwd.to_path_buf(),
+                    env: env.clone(),
+                    program: program.to_path_buf(),
+                    args: launcher_args,
+                };
                 RemoteNodeSpec {
                     node_rank,
                     host: node.host.clone(),
                     ranks: ranks.first().copied().unwrap_or(0)..=ranks.last().copied().unwrap_or(0),
-                    command: remote_command(cwd, &env, program, &launcher_args),
+                    command: remote.render(0),
+                    remote,
                 }
             })
             .collect();
@@ -540,10 +572,22 @@ pub struct RemoteFailure {
 static FIRST_REMOTE_FAILURE: Mutex<Option<RemoteFailure>> = Mutex::new(None);
 /// Set once the remote failure was printed as the job's failure.
 static REMOTE_FAILURE_REPORTED: AtomicBool = AtomicBool::new(false);
+/// Set when the ssh monitor (not a signal) put `SIGTERM` into `STOP_SIGNAL`.
+static STOPPED_BY_REMOTE: AtomicBool = AtomicBool::new(false);
 
 /// The first remote node that failed, if any.
 pub fn first_remote_failure() -> Option<RemoteFailure> {
     lock(&FIRST_REMOTE_FAILURE).clone()
+}
+
+/// Before node 0 starts the job again: forgets the remote failure of the attempt that
+/// ended and the stop it caused (a signal from the user is kept).
+pub fn forget_remote_failure() {
+    *lock(&FIRST_REMOTE_FAILURE) = None;
+    REMOTE_FAILURE_REPORTED.store(false, Ordering::SeqCst);
+    if STOPPED_BY_REMOTE.swap(false, Ordering::SeqCst) {
+        let _ = STOP_SIGNAL.compare_exchange(libc::SIGTERM, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
 }
 
 /// Node 0's supervisor stops with `Interrupted` when the ssh monitor saw a remote node
@@ -622,7 +666,13 @@ impl Shared {
                     exit_code: supervisor::exit_code_of(status),
                     description: supervisor::describe_status(status),
                 });
-                STOP_SIGNAL.store(libc::SIGTERM, Ordering::SeqCst);
+                let stopped = STOP_SIGNAL.compare_exchange(
+                    0,
+                    libc::SIGTERM,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                STOPPED_BY_REMOTE.store(stopped.is_ok(), Ordering::SeqCst);
             }
         }
         processes.iter().all(|p| p.status.is_some())
@@ -643,10 +693,15 @@ pub struct RemoteNodes {
 }
 
 impl RemoteNodes {
-    /// Starts one ssh per remote node and sends each the token line. Call from the main
-    /// thread: every ssh gets SIGKILL when the thread that spawned it dies, so a killed
-    /// node-0 launcher closes every connection and every remote launcher stops.
-    pub fn start(launch: &SshLaunch, token: &str) -> Result<RemoteNodes, SshError> {
+    /// Starts one ssh per remote node (attempt `restart_count` of the job: its remote
+    /// launchers pass it to their workers) and sends each the token line. Call from the
+    /// main thread: every ssh gets SIGKILL when the thread that spawned it dies, so a
+    /// killed node-0 launcher closes every connection and every remote launcher stops.
+    pub fn start(
+        launch: &SshLaunch,
+        token: &str,
+        restart_count: u32,
+    ) -> Result<RemoteNodes, SshError> {
         let mut nodes = RemoteNodes {
             shared: Arc::new(Shared::default()),
             stdins: Vec::new(),
@@ -654,7 +709,8 @@ impl RemoteNodes {
             monitor: None,
         };
         for spec in &launch.nodes {
-            if let Err(reason) = nodes.spawn_one(&launch.options, spec, token) {
+            let command = spec.remote.render(restart_count);
+            if let Err(reason) = nodes.spawn_one(&launch.options, spec, &command, token) {
                 nodes.stop(Duration::ZERO);
                 return Err(SshError::Spawn {
                     node_rank: spec.node_rank,
@@ -676,13 +732,14 @@ impl RemoteNodes {
         &mut self,
         options: &[String],
         spec: &RemoteNodeSpec,
+        command_line: &str,
         token: &str,
     ) -> std::io::Result<()> {
         let mut command = Command::new("ssh");
         command
             .args(options)
             .arg(&spec.host)
-            .arg(&spec.command)
+            .arg(command_line)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -723,39 +780,37 @@ impl RemoteNodes {
         Ok(())
     }
 
-    /// Ends the job on the remote nodes once node 0's own workers are done
-    /// (`local_code` is node 0's exit code): after a local success waits for every
-    /// remote launcher to finish (or fail, or a signal to arrive), otherwise stops them
-    /// at once. Returns the job's exit code.
-    pub fn finish(mut self, local_code: i32, grace: Duration) -> i32 {
-        if local_code != 0 {
-            self.stop(grace);
-            if let Some(failure) = first_remote_failure()
-                && !REMOTE_FAILURE_REPORTED.load(Ordering::SeqCst)
-            {
-                eprintln!("rsdeep: also: {failure}");
-            }
-            return local_code;
-        }
+    /// After node 0's own workers all exited 0: waits until every remote launcher has
+    /// ended, a remote node failed or a signal arrived, and says how the attempt ended.
+    pub fn wait_for_remote_nodes(&self) -> Outcome {
         eprintln!("rsdeep: node 0 is done; waiting for the other node(s)");
         while !self.all_exited() && STOP_SIGNAL.load(Ordering::SeqCst) == 0 {
             std::thread::sleep(POLL);
         }
-        let signal = STOP_SIGNAL.load(Ordering::SeqCst);
-        self.stop(grace);
         match first_remote_failure() {
             Some(failure) => {
-                eprintln!("rsdeep: {failure}");
-                failure.exit_code
+                REMOTE_FAILURE_REPORTED.store(true, Ordering::SeqCst);
+                Outcome::WorkerFailed {
+                    rank: *failure.ranks.start(),
+                    exit_code: failure.exit_code,
+                    report: format!("rsdeep: {failure}\n"),
+                }
             }
-            None if signal != 0 => {
-                eprintln!("rsdeep: received signal {signal}, stopped every node");
-                128 + signal
-            }
-            None => {
-                eprintln!("rsdeep: every node finished");
-                0
-            }
+            None => match STOP_SIGNAL.load(Ordering::SeqCst) {
+                0 => Outcome::Success,
+                signal => Outcome::Interrupted { signal },
+            },
+        }
+    }
+
+    /// Ends the attempt on every remote node (see `stop`) and mentions a remote failure
+    /// that the attempt's report did not name.
+    pub fn stop_all(mut self, grace: Duration) {
+        self.stop(grace);
+        if let Some(failure) = first_remote_failure()
+            && !REMOTE_FAILURE_REPORTED.load(Ordering::SeqCst)
+        {
+            eprintln!("rsdeep: also: {failure}");
         }
     }
 
@@ -1111,6 +1166,12 @@ mod tests {
                 host: "127.0.0.3".into(),
                 ranks: 2..=3,
                 command: "true".into(),
+                remote: RemoteCommand {
+                    cwd: "/".into(),
+                    env: Vec::new(),
+                    program: "true".into(),
+                    args: Vec::new(),
+                },
             }],
             unreachable_node0: None,
         };
