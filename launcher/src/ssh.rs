@@ -1041,6 +1041,28 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_remote_launcher_gets_the_restart_count_and_nothing_else_changes() {
+        let remote = RemoteCommand {
+            cwd: "/job dir".into(),
+            env: pairs(&[("OMP_NUM_THREADS", "1")]),
+            program: "/bin/rsdeep".into(),
+            args: vec!["--node_rank".into(), "1".into()],
+        };
+        let first = remote.render(0);
+        assert!(!first.contains(ev::RESTART_COUNT), "{first}");
+        let second = remote.render(2);
+        assert_eq!(
+            second,
+            "cd '/job dir' && exec env OMP_NUM_THREADS=1 RSDEEP_RESTART_COUNT=2 /bin/rsdeep --node_rank 1"
+        );
+        let exported = exported_env(pairs(&[(ev::RESTART_COUNT, "5")]), &[]);
+        assert!(
+            exported.iter().all(|(k, _)| k != ev::RESTART_COUNT),
+            "node 0 sets the restart count itself: {exported:?}"
+        );
+    }
+
+    #[test]
     fn world_hosts_round_trip_and_bad_entries_are_refused() {
         let hosts = vec![
             HostEntry {
@@ -1075,7 +1097,7 @@ mod tests {
             "--master_port",
             "4000",
             "--max_restarts",
-            "0",
+            "3",
             "t.json",
             "--lr",
             "1e-4",
@@ -1097,6 +1119,7 @@ mod tests {
         assert_eq!(reparsed.world_hosts.as_deref(), Some("a=2"));
         assert_eq!(reparsed.exclude, "b:1");
         assert_eq!(reparsed.num_procs, Some(2));
+        assert_eq!(reparsed.max_restarts, 0, "node 0 alone decides restarts");
         assert_eq!(reparsed.config_and_overrides, ["t.json", "--lr", "1e-4"]);
         assert!(!remote.iter().any(|a| a.contains("secret")));
     }
