@@ -315,18 +315,25 @@ impl DecoderLayer {
             Some(cache) => cache.append(k, v)?, // (B, KV, P+T, D)
             None => (k, v, 0),
         };
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k, n_rep)?;
-        let v = repeat_kv(&v, n_rep)?; // (B, N, P+T, D)
         let offset_mask = match past > 0 && seq > 1 {
             true => Some(offset_causal_mask(seq, past, x.device())?), // (T, P+T)
             false => None,
         };
         let mask = offset_mask.as_ref().or(ctx.attention_mask.as_ref());
+        // Without a mask SDPA shares each kv head across its query group itself (as HF's
+        // sdpa path does): no repeated (B, N, T, D) copies and no summing them back in
+        // the backward. With a mask the kv heads are repeated explicitly.
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let native_gqa = mask.is_none() && n_rep > 1;
+        let (k, v) = match native_gqa {
+            true => (k, v),                                          // (B, KV, P+T, D)
+            false => (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?), // (B, N, P+T, D)
+        };
         let scale = (self.head_dim as f64).powf(-0.5);
         let is_causal = mask.is_none() && seq > 1 && past == 0;
-        let out =
-            Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, scale, false)?; // (B, N, T, D)
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q, &k, &v, mask, 0.0, is_causal, scale, native_gqa,
+        )?; // (B, N, T, D)
         let out = out
             .f_transpose(1, 2)?
             .f_reshape([batch, seq, self.num_heads * self.head_dim])?; // (B, T, N*D)
