@@ -4,7 +4,10 @@
 //! both "hosts" forms one world of four ranks and finishes; an unreachable host fails
 //! fast naming it; the dry run shows the ssh command without the token; a host in its
 //! own network namespace joins through the detected master address; killing the
-//! node-0 launcher, or one remote worker, leaves no process of the job on any node.
+//! node-0 launcher, or one remote worker, leaves no process of the job on any node;
+//! with `--max_restarts` node 0 restarts every node into generation 2 after a remote
+//! worker is killed and the final weights match an uninterrupted run, and used-up
+//! restarts fail with node 1's report naming the killed rank first.
 //! Tests run one at a time (each starts four libtorch workers on a 2-core machine).
 
 #[path = "hosts/sshd.rs"]
@@ -30,6 +33,10 @@ struct Fixture {
 
 impl Fixture {
     fn new(hosts: &[&str]) -> Fixture {
+        Fixture::with_slots(hosts, 2)
+    }
+
+    fn with_slots(hosts: &[&str], slots: usize) -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         let corpus: String = (0..200)
@@ -40,7 +47,10 @@ impl Fixture {
             .collect();
         std::fs::write(root.join("corpus.jsonl"), corpus).expect("corpus");
         std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
-        let hostfile: String = hosts.iter().map(|h| format!("{h} slots=2\n")).collect();
+        let hostfile: String = hosts
+            .iter()
+            .map(|h| format!("{h} slots={slots}\n"))
+            .collect();
         std::fs::write(root.join("hostfile"), hostfile).expect("hostfile");
         train_tokenizer(root, 300);
         Fixture { dir }
@@ -75,7 +85,38 @@ impl Fixture {
         std::fs::write(&path, config.to_string()).expect("write train.json");
         path
     }
+
+    /// A ZeRO-2 train.json of `RESTART_STEPS` steps with a checkpoint every
+    /// `RESTART_SAVE_STEPS`, writing to `<name>/`; returns (train.json, output dir).
+    fn checkpointed_train_json(&self, name: &str) -> (PathBuf, PathBuf) {
+        let out = self.path(name);
+        let config = serde_json::json!({
+            "task": "pretrain",
+            "config_name": self.path("model.json"),
+            "tokenizer_name": self.path("tok"),
+            "train_files": [self.path("corpus.jsonl")],
+            "block_size": 16,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 3e-3,
+            "max_steps": RESTART_STEPS,
+            "logging_steps": 1,
+            "save_steps": RESTART_SAVE_STEPS,
+            "seed": 5,
+            "output_dir": out,
+            "deepspeed": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "train_batch_size": "auto",
+                "zero_optimization": {"stage": 2, "reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
+            }
+        });
+        let path = self.path(&format!("{name}.json"));
+        std::fs::write(&path, config.to_string()).expect("write train.json");
+        (path, out)
+    }
 }
+
+const RESTART_STEPS: u64 = 16;
+const RESTART_SAVE_STEPS: u64 = 4;
 
 const MODEL_CONFIG: &str = r#"{
   "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
@@ -526,4 +567,164 @@ fn a_host_in_another_network_namespace_joins_through_the_detected_master_address
         stdout.contains("[node 1 rank 3] rank 3/4 local 1 node 1"),
         "{stdout}"
     );
+}
+
+/// The pid of the live worker of `job` with `RANK=rank` other than `not`, waiting up to
+/// 120 s for one to appear.
+fn worker_of_rank(job: &str, rank: usize, not: Option<i32>, launcher: &Launcher) -> i32 {
+    let worker = binary("rsdeep-worker").display().to_string();
+    let wanted = format!("RANK={rank}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let found = job_processes(job).into_iter().find(|(pid, cmd)| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            cmd.starts_with(&worker)
+                && Some(*pid) != not
+                && String::from_utf8_lossy(&environ)
+                    .split('\0')
+                    .any(|v| v == wanted)
+        });
+        if let Some((pid, _)) = found {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rank {rank} worker of job {job}\n{}",
+            launcher.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The highest step in `out/metrics.jsonl` (rank 0 logs every step), 0 before any.
+fn logged_step(out: &Path) -> u64 {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("step").and_then(|s| s.as_u64()))
+        .max()
+        .unwrap_or(0)
+}
+
+fn sigkill(pid: i32) {
+    // SAFETY: kill(2) on a worker of the job this test started.
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill({pid}) failed");
+}
+
+#[test]
+fn a_killed_remote_worker_restarts_every_node_from_the_checkpoint_bit_identical() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    let fx = Fixture::with_slots(&["127.0.0.1", "127.0.0.2"], 1);
+    let (reference_json, reference_out) = fx.checkpointed_train_json("reference");
+    let mut straight = launch(&fx, &sshd, &reference_json, &[]);
+    let status = straight.wait(Duration::from_secs(300));
+    assert!(
+        status.success(),
+        "reference run failed:\n{}",
+        straight.output()
+    );
+    let want = std::fs::read(reference_out.join("model.safetensors")).expect("reference weights");
+
+    let (json, out) = fx.checkpointed_train_json("faulty");
+    let mut launcher = launch(&fx, &sshd, &json, &["--max_restarts", "1"]);
+    launcher.wait_for_stderr(Duration::from_secs(120), |s| {
+        s.matches("joined the rendezvous").count() >= 2
+    });
+    let job = job_id(&launcher.stderr()).expect("job id line");
+    let victim = worker_of_rank(&job, 1, None, &launcher);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while logged_step(&out) <= RESTART_SAVE_STEPS {
+        assert!(
+            Instant::now() < deadline,
+            "no step after the first checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sigkill(victim);
+    println!(
+        "killed rank 1 (pid {victim}) at logged step {}",
+        logged_step(&out)
+    );
+    let status = launcher.wait(Duration::from_secs(300));
+    let stderr = launcher.stderr();
+    for line in stderr.lines().filter(|l| l.contains("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(status.success(), "the restarted job failed:\n{stderr}");
+    assert_eq!(
+        stderr.matches("rsdeep: restarting the job (").count(),
+        1,
+        "one restart, logged once by node 0 only:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "\nrsdeep: restarting the job (1/1), rendezvous generation 2: resuming from checkpoint-"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "[node 1] rsdeep: rank 1 failed first (host 127.0.0.2, pid {victim}): signal 9 (SIGKILL)"
+        )),
+        "node 1 reports the killed rank: {stderr}"
+    );
+    let node1_starts = format!("[node 1] rsdeep: job {job} started 1 worker(s) on node 1");
+    assert_eq!(stderr.matches(&node1_starts).count(), 2, "{stderr}");
+    let rejoined = stderr.lines().any(|l| {
+        l.starts_with("[node 1 rank 1]")
+            && l.contains("joined the rendezvous")
+            && l.contains("generation=2")
+    });
+    assert!(rejoined, "node 1 did not join generation 2: {stderr}");
+    assert!(stderr.contains("rsdeep: every node finished"), "{stderr}");
+    let got = std::fs::read(out.join("model.safetensors")).expect("final weights");
+    assert!(
+        got == want,
+        "the restarted run's weights differ from the uninterrupted run's"
+    );
+    assert!(job_survivors(&job, Duration::from_secs(5)).is_empty());
+}
+
+#[test]
+fn used_up_restarts_fail_with_node_1_naming_its_killed_rank_first() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    let fx = Fixture::with_slots(&["127.0.0.1", "127.0.0.2"], 1);
+    let train_json = fx.train_json(100_000);
+    let mut launcher = launch(&fx, &sshd, &train_json, &["--max_restarts", "1"]);
+    launcher.wait_for_stderr(Duration::from_secs(120), |s| {
+        s.matches("joined the rendezvous").count() >= 2
+    });
+    let job = job_id(&launcher.stderr()).expect("job id line");
+    let first = worker_of_rank(&job, 1, None, &launcher);
+    sigkill(first);
+    launcher.wait_for_stderr(Duration::from_secs(120), |s| {
+        s.contains("rsdeep: restarting the job (1/1), rendezvous generation 2")
+            && s.matches("joined the rendezvous").count() >= 4
+    });
+    let second = worker_of_rank(&job, 1, Some(first), &launcher);
+    sigkill(second);
+    let status = launcher.wait(Duration::from_secs(120));
+    let stderr = launcher.stderr();
+    for line in stderr.lines().filter(|l| l.contains("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rsdeep: giving up: all 1 restart(s) used"),
+        "{stderr}"
+    );
+    let after_restart = stderr
+        .split_once("rsdeep: restarting the job (1/1)")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    assert!(
+        after_restart.contains(&format!(
+            "[node 1] rsdeep: rank 1 failed first (host 127.0.0.2, pid {second}): signal 9 (SIGKILL)"
+        )),
+        "the last report does not name the killed rank first: {stderr}"
+    );
+    assert_no_process_of_job_left(&job, &stderr);
 }
