@@ -394,21 +394,16 @@ fn supervise_attempts(
                 eprintln!("rsdeep: every node finished");
             }
         }
-        let retry = matches!(
-            outcome,
-            Outcome::WorkerFailed { .. } | Outcome::Hung { .. } | Outcome::JoinTimeout { .. }
-        );
-        if !retry {
-            return Ok(outcome.exit_code());
-        }
-        if attempt == plan.max_restarts {
-            if plan.max_restarts > 0 {
+        match after_attempt(&outcome, attempt, plan.max_restarts) {
+            AfterAttempt::Exit(code) => return Ok(code),
+            AfterAttempt::GiveUp(code) => {
                 eprintln!(
                     "rsdeep: giving up: all {} restart(s) used; the last failure is reported above",
                     plan.max_restarts
                 );
+                return Ok(code);
             }
-            return Ok(outcome.exit_code());
+            AfterAttempt::Restart => {}
         }
         ssh::forget_remote_failure();
         let generation = state.as_ref().map(|s| s.next_generation());
@@ -421,6 +416,30 @@ fn supervise_attempts(
         );
     }
     Ok(1)
+}
+
+/// What the deciding launcher does once attempt `attempt` (0-based) has ended and every
+/// worker of it is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterAttempt {
+    /// Success, a signal, or a failure with restarts off: exit with this code.
+    Exit(i32),
+    /// A failure after all `--max_restarts` restarts: exit with the failure's code.
+    GiveUp(i32),
+    /// A failure with restarts left: new generation, start everything again.
+    Restart,
+}
+
+fn after_attempt(outcome: &Outcome, attempt: u32, max_restarts: u32) -> AfterAttempt {
+    let failed = matches!(
+        outcome,
+        Outcome::WorkerFailed { .. } | Outcome::Hung { .. } | Outcome::JoinTimeout { .. }
+    );
+    match (failed, max_restarts) {
+        (false, _) | (true, 0) => AfterAttempt::Exit(outcome.exit_code()),
+        _ if attempt >= max_restarts => AfterAttempt::GiveUp(outcome.exit_code()),
+        _ => AfterAttempt::Restart,
+    }
 }
 
 /// Where the restarted workers will resume, as far as the launcher can tell: the newest
@@ -520,6 +539,36 @@ pub fn worker_program() -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_restart_until_the_count_is_used_and_signals_never_do() {
+        let failed = Outcome::WorkerFailed {
+            rank: 3,
+            exit_code: 137,
+            report: String::new(),
+        };
+        assert_eq!(after_attempt(&failed, 0, 2), AfterAttempt::Restart);
+        assert_eq!(after_attempt(&failed, 1, 2), AfterAttempt::Restart);
+        assert_eq!(after_attempt(&failed, 2, 2), AfterAttempt::GiveUp(137));
+        assert_eq!(after_attempt(&failed, 0, 0), AfterAttempt::Exit(137));
+        let hung = Outcome::Hung {
+            ranks: vec![1],
+            report: String::new(),
+        };
+        assert_eq!(after_attempt(&hung, 0, 1), AfterAttempt::Restart);
+        let join = Outcome::JoinTimeout {
+            message: String::new(),
+        };
+        assert_eq!(after_attempt(&join, 1, 1), AfterAttempt::GiveUp(1));
+        let signal = Outcome::Interrupted {
+            signal: libc::SIGTERM,
+        };
+        assert_eq!(after_attempt(&signal, 0, 3), AfterAttempt::Exit(143));
+        assert_eq!(
+            after_attempt(&Outcome::Success, 0, 3),
+            AfterAttempt::Exit(0)
+        );
+    }
 
     #[test]
     fn the_rendezvous_binds_the_master_address_only_unless_told() {
