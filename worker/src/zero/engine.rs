@@ -139,6 +139,9 @@ pub struct ZeroEngine {
     pub(super) prefetch: Option<PendingGather>,
     /// Stage 3: elements of currently gathered, non-resident blocks.
     pub(super) live_numel: usize,
+    /// Stage 3 (CPU, world > 1): per block, its (trainable, frozen) gather buffers, kept
+    /// and reused across gathers (`gather.rs`, `keeps_gather_buffers`).
+    pub(super) kept_buffers: Vec<(Option<Tensor>, Option<Tensor>)>,
     pub(super) stage3_stats: Stage3Stats,
     pub(super) inject_overflow: bool,
     /// Per-phase timers (`RSDEEP_ZERO_PROFILE`).
@@ -171,7 +174,8 @@ impl ZeroEngine {
             config.device
         };
         let mut frozen_params = Vec::new();
-        let mut shards = Vec::with_capacity(model.blocks.len());
+        let block_count = model.blocks.len();
+        let mut shards = Vec::with_capacity(block_count);
         for block in &model.blocks {
             let shard = build_shard(
                 block.as_ref(),
@@ -211,6 +215,7 @@ impl ZeroEngine {
             pending_reduce: Vec::new(),
             prefetch: None,
             live_numel: 0,
+            kept_buffers: (0..block_count).map(|_| (None, None)).collect(),
             stage3_stats: Stage3Stats::default(),
             inject_overflow: false,
             profile: StepProfile::from_env(),

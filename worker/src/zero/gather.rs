@@ -47,9 +47,13 @@ impl ZeroEngine {
         owned: &Tensor,
         partition: usize,
         kind: Kind,
+        into: Option<Tensor>,
     ) -> Result<(Tensor, Vec<GatherPiece>)> {
         let world = self.world_size;
-        let full = Tensor::f_empty([(partition * world) as i64], (kind, owned.device()))?;
+        let full = match into {
+            Some(buffer) => buffer,
+            None => Tensor::f_empty([(partition * world) as i64], (kind, owned.device()))?,
+        };
         let pieces = bucket_pieces(partition, world, self.config.allgather_bucket_size);
         let mut started = Vec::with_capacity(pieces.len());
         for (start, len) in pieces {
@@ -108,8 +112,14 @@ impl ZeroEngine {
         (!shard.is_empty() || shard.frozen.is_some()) && !shard.is_gathered() && !shard.resident
     }
 
-    /// Starts gathering one (P,) slice (nothing to exchange at world size 1).
-    fn start_part(&self, owned: &Tensor, partition: usize) -> Result<GatherPart> {
+    /// Starts gathering one (P,) slice (nothing to exchange at world size 1) into `into`
+    /// (the block's kept buffer) or a new buffer.
+    fn start_part(
+        &self,
+        owned: &Tensor,
+        partition: usize,
+        into: Option<Tensor>,
+    ) -> Result<GatherPart> {
         if self.world_size == 1 {
             return Ok(GatherPart {
                 full: owned.shallow_clone(),
@@ -117,7 +127,7 @@ impl ZeroEngine {
                 partition,
             });
         }
-        let (full, pieces) = self.start_gather(owned, partition, owned.kind())?;
+        let (full, pieces) = self.start_gather(owned, partition, owned.kind(), into)?;
         Ok(GatherPart {
             full,
             pieces,
@@ -131,10 +141,14 @@ impl ZeroEngine {
         let trainable = if shard.is_empty() {
             None
         } else {
-            Some(self.start_part(&shard.compute, shard.layout.partition_numel())?)
+            let kept = self.kept_buffers[b].0.as_ref().map(|t| t.shallow_clone());
+            Some(self.start_part(&shard.compute, shard.layout.partition_numel(), kept)?)
         };
         let frozen = match &shard.frozen {
-            Some(f) => Some(self.start_part(&f.owned, f.layout.partition_numel())?),
+            Some(f) => {
+                let kept = self.kept_buffers[b].1.as_ref().map(|t| t.shallow_clone());
+                Some(self.start_part(&f.owned, f.layout.partition_numel(), kept)?)
+            }
             None => None,
         };
         Ok(PendingGather {
@@ -210,6 +224,11 @@ impl ZeroEngine {
         frozen: Option<Tensor>,
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
+        let keep = self.keeps_gather_buffers();
+        if keep {
+            let clone = |t: &Option<Tensor>| t.as_ref().map(|t| t.shallow_clone());
+            self.kept_buffers[b] = (clone(&trainable), clone(&frozen));
+        }
         let shard = &mut self.shards[b];
         if let Some(full) = &trainable {
             point_params_at(&mut shard.params, &shard.layout, full)?;
@@ -227,6 +246,12 @@ impl ZeroEngine {
         if all_persistent {
             shard.resident = true;
             self.live_numel -= shard.gather_numel();
+            if keep {
+                [&trainable, &frozen]
+                    .into_iter()
+                    .flatten()
+                    .for_each(discard_pages);
+            }
         } else {
             shard.gathered = trainable;
             if let Some(part) = shard.frozen.as_mut() {
@@ -238,11 +263,19 @@ impl ZeroEngine {
 
     /// Frees block `b`'s gathered, non-persistent parameters.
     pub(super) fn release_block(&mut self, b: usize) -> Result<()> {
+        let keep = self.keeps_gather_buffers();
         let shard = &mut self.shards[b];
         if !shard.is_gathered() {
             return Ok(());
         }
         let numel = shard.gather_numel();
+        if keep {
+            let frozen = shard.frozen.as_ref().and_then(|f| f.gathered.as_ref());
+            [shard.gathered.as_ref(), frozen]
+                .into_iter()
+                .flatten()
+                .for_each(discard_pages);
+        }
         if shard.gathered.take().is_some() {
             let (kind, device) = (shard.compute.kind(), shard.compute.device());
             free_non_persistent(&mut shard.params, &shard.persistent, kind, device)?;
@@ -252,6 +285,16 @@ impl ZeroEngine {
         }
         self.live_numel -= numel;
         Ok(())
+    }
+
+    /// Stage 3 on the CPU with several ranks: each block keeps its gathered buffers for
+    /// the engine's lifetime and hands their pages back to the OS when released
+    /// (`discard_pages`), instead of dropping them. Autograd's saved views of a gathered
+    /// buffer (a block's graph between its forward and backward) then stop pinning its
+    /// memory; the re-gather before the backward writes the same values into the same
+    /// buffer. Elsewhere the buffers are dropped on release.
+    pub(super) fn keeps_gather_buffers(&self) -> bool {
+        self.world_size > 1 && self.config.device == tch::Device::Cpu
     }
 
     /// Stage 3 after a step: resident copies of trainable parameters are stale, gather
@@ -284,7 +327,7 @@ impl ZeroEngine {
                     partition as i64,
                 )?
                 .f_detach_copy()?;
-            let (full, pieces) = self.start_gather(&owned, partition, owned.kind())?;
+            let (full, pieces) = self.start_gather(&owned, partition, owned.kind(), None)?;
             self.finish_gather(&full, pieces, partition)?;
             let mut compute = self.shards[b].compute.shallow_clone();
             tch::no_grad(|| compute.f_copy_(&full))?;
@@ -296,7 +339,13 @@ impl ZeroEngine {
     pub(super) fn settle_gathers(&mut self) -> Result<()> {
         if let Some(pending) = self.prefetch.take() {
             let block = pending.block;
-            self.finish_block_gather(pending)?;
+            let (trainable, frozen) = self.finish_block_gather(pending)?;
+            if self.keeps_gather_buffers() {
+                [&trainable, &frozen]
+                    .into_iter()
+                    .flatten()
+                    .for_each(discard_pages);
+            }
             self.live_numel -= self.shards[block].gather_numel();
         }
         for b in 0..self.shards.len() {
@@ -346,4 +395,30 @@ fn release_frozen(part: &mut FrozenPart) -> Result<()> {
         free_non_persistent(&mut part.params, &part.persistent, kind, device)?;
     }
     Ok(())
+}
+
+/// Hands the whole pages inside a CPU buffer back to the OS (`madvise(MADV_DONTNEED)`).
+/// The tensor stays valid: those pages read as zeros until written again, and nothing
+/// reads a released buffer before the next gather rewrites it.
+fn discard_pages(buffer: &Tensor) {
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    };
+    let start = buffer.data_ptr() as usize;
+    let bytes = buffer.numel() * buffer.kind().elt_size_in_bytes();
+    let (first, end) = (start.div_ceil(page) * page, (start + bytes) / page * page);
+    if end <= first {
+        return;
+    }
+    // SAFETY: [first, end) is whole pages inside the buffer's own allocation, which stays
+    // allocated (the engine keeps the tensor); MADV_DONTNEED on the CPU allocator's
+    // private anonymous memory only makes those pages zero-filled on the next access.
+    let rc = unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        tracing::debug!(
+            "madvise(MADV_DONTNEED) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
