@@ -172,6 +172,7 @@ fn call(job: String) -> impl Strategy<Value = Call> {
                 loss,
                 tokens_per_second,
                 generation,
+                ..Default::default()
             }
         });
     let heartbeat = prop::collection::vec(beat, 0..4).prop_map(Call::Heartbeat);

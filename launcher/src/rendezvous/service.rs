@@ -18,7 +18,9 @@ use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
-use super::state::{Command, CompleteWorld, ErrorRecord, Member, RendezvousError, RendezvousState};
+use super::state::{
+    Command, CompleteWorld, ErrorRecord, Member, RankPhase, RendezvousError, RendezvousState,
+};
 
 /// Longest a blocking Get/Barrier may wait when the client asks for no limit.
 const DEFAULT_WAIT: Duration = Duration::from_secs(1800);
@@ -193,6 +195,16 @@ impl Rendezvous for RendezvousService {
                     beat.loss,
                     beat.tokens_per_second,
                 );
+                if recorded {
+                    let phase = RankPhase::from_beat(
+                        &beat.phase,
+                        beat.phase_step,
+                        &beat.collective,
+                        beat.collective_seq,
+                        beat.phase_secs,
+                    );
+                    state.record_phase(beat.generation, rank, phase);
+                }
                 if recorded && attached.is_none() {
                     state.attach_commands(rank, sender.clone());
                     attached = Some((beat.generation, rank));
@@ -537,6 +549,7 @@ mod tests {
             loss: 2.5,
             tokens_per_second: 100.0,
             generation: 1,
+            ..Default::default()
         };
         beat_tx.send(beat).await.unwrap();
         let mut commands = c0
