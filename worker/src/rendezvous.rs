@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::train::phase::PhaseSnapshot;
 use rsdeep::env_contract as ev;
 use rsdeep::rendezvous::tls;
 use rsdeep_proto::v1::{self as pb, heartbeat_command::Kind, rendezvous_client::RendezvousClient};
@@ -176,8 +177,9 @@ pub struct HeartbeatSender {
 }
 
 impl HeartbeatSender {
-    /// Reports one training step; dropped silently if the stream is congested.
-    pub fn beat(&self, step: u64, loss: f64, tokens_per_second: f64) {
+    /// Reports the last finished step and what the worker is doing now (`phase`);
+    /// dropped silently if the stream is congested.
+    pub fn beat(&self, step: u64, loss: f64, tokens_per_second: f64, phase: &PhaseSnapshot) {
         let _ = self.outbound.try_send(pb::HeartbeatRequest {
             job_id: self.job_id.clone(),
             rank: self.rank as u32,
@@ -185,6 +187,11 @@ impl HeartbeatSender {
             loss,
             tokens_per_second,
             generation: self.generation,
+            phase: phase.kind.name().to_string(),
+            phase_step: phase.step,
+            collective: phase.collective.name().to_string(),
+            collective_seq: phase.collective_seq,
+            phase_secs: phase.for_secs,
         });
     }
 

@@ -84,6 +84,68 @@ pub struct Progress {
     pub closed: bool,
 }
 
+/// What a rank said it was doing in its last heartbeat (worker `train/phase.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankPhase {
+    /// `startup`, `step`, `collective`, `eval`, `save`, `load`, `final_write`, or empty
+    /// when the worker does not say.
+    pub phase: String,
+    /// The step in progress.
+    pub step: u64,
+    /// In `collective`: the operation and the rank's collective sequence number.
+    pub collective: String,
+    pub collective_seq: u64,
+    /// When the rank entered the phase (launcher clock: beat arrival minus its age).
+    pub since: Instant,
+}
+
+impl RankPhase {
+    /// From the heartbeat fields; `phase_secs` is how long the worker had been in it.
+    pub fn from_beat(
+        phase: &str,
+        step: u64,
+        collective: &str,
+        collective_seq: u64,
+        phase_secs: f64,
+    ) -> Self {
+        let age = Duration::try_from_secs_f64(phase_secs).unwrap_or_default();
+        let now = Instant::now();
+        RankPhase {
+            phase: phase.to_string(),
+            step,
+            collective: collective.to_string(),
+            collective_seq,
+            since: now.checked_sub(age).unwrap_or(now),
+        }
+    }
+
+    /// In a collective.
+    pub fn in_collective(&self) -> bool {
+        self.phase == "collective"
+    }
+
+    /// In a phase with its own, longer allowance (`HangLimits::long_phase`).
+    pub fn is_long_phase(&self) -> bool {
+        matches!(
+            self.phase.as_str(),
+            "eval" | "save" | "load" | "final_write"
+        )
+    }
+
+    /// `step 3 (not in a collective)`, `all_reduce #812 (step 3)`, `save (step 4)`.
+    pub fn describe(&self) -> String {
+        match self.phase.as_str() {
+            "collective" => format!(
+                "{} #{} (step {})",
+                self.collective, self.collective_seq, self.step
+            ),
+            "step" => format!("step {} (not in a collective)", self.step),
+            "" => "an unknown phase".to_string(),
+            other => format!("{other} (step {})", self.step),
+        }
+    }
+}
+
 /// When a rank counts as hung (`hung_ranks`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HangLimits {
@@ -91,7 +153,9 @@ pub struct HangLimits {
     /// the rank has finished its first step (`--heartbeat_timeout`).
     pub timeout: Duration,
     /// Longest time from the first heartbeat to the first finished step (model loading,
-    /// data preparation, resume).
+    /// data preparation, resume), and longest time a rank may stay in `eval`, `save`,
+    /// `load` or `final_write` (those phases do not count as a stalled step; ranks
+    /// waiting in a collective meanwhile are not judged either).
     pub startup: Duration,
 }
 
@@ -104,6 +168,8 @@ pub enum HangKind {
     StepStalled,
     /// Heartbeats arrive but the first step did not finish within the startup allowance.
     NoFirstStep,
+    /// In `eval`/`save`/`load`/`final_write` for longer than the startup allowance.
+    LongPhase,
 }
 
 /// One rank's heartbeat state as the hang check saw it.
@@ -118,8 +184,27 @@ pub struct RankLiveness {
     pub stepped: bool,
     pub since_heartbeat: Duration,
     pub since_step: Duration,
+    /// What the rank's last heartbeat said it was doing, when it said.
+    pub phase: Option<RankPhase>,
     /// `Some` when this rank is over a limit.
     pub hung: Option<HangKind>,
+}
+
+/// Ranks waiting in a collective while another rank is (within its allowance) in
+/// `eval`/`save`/`load`/`final_write` wait for that rank: not a stalled step.
+fn excuse_waiters_of_long_phases(ranks: &mut [RankLiveness]) {
+    let someone_in_long_phase = ranks
+        .iter()
+        .any(|r| r.hung.is_none() && r.phase.as_ref().is_some_and(RankPhase::is_long_phase));
+    if !someone_in_long_phase {
+        return;
+    }
+    for rank in ranks.iter_mut() {
+        let waiting = rank.phase.as_ref().is_some_and(RankPhase::in_collective);
+        if waiting && rank.hung == Some(HangKind::StepStalled) {
+            rank.hung = None;
+        }
+    }
 }
 
 /// A command the launcher sends down a worker's heartbeat stream.
@@ -189,6 +274,7 @@ struct Inner {
     kv: HashMap<String, Vec<u8>>,
     barriers: HashMap<String, BTreeSet<usize>>,
     progress: HashMap<usize, Progress>,
+    phases: HashMap<usize, RankPhase>,
     command_senders: HashMap<usize, mpsc::Sender<Command>>,
     error_reports: Vec<ErrorRecord>,
 }
@@ -252,6 +338,7 @@ impl RendezvousState {
         inner.kv.clear();
         inner.barriers.clear();
         inner.progress.clear();
+        inner.phases.clear();
         inner.command_senders.clear();
         inner.generation
     }
@@ -488,6 +575,15 @@ impl RendezvousState {
         true
     }
 
+    /// Records the phase a heartbeat of `generation` from `rank` carried (workers that
+    /// send no phase leave it empty).
+    pub fn record_phase(&self, generation: u64, rank: usize, phase: RankPhase) {
+        let mut inner = self.lock();
+        if inner.generation == generation && rank < self.spec.world_size() {
+            inner.phases.insert(rank, phase);
+        }
+    }
+
     /// Marks the heartbeat stream of `rank` (of `generation`) as ended.
     pub fn heartbeat_closed(&self, generation: u64, rank: usize) {
         let mut inner = self.lock();
@@ -517,8 +613,13 @@ impl RendezvousState {
                 let member = inner.members.get(rank).and_then(Option::as_ref);
                 let since_heartbeat = p.at.elapsed();
                 let since_step = p.step_since.elapsed();
+                let phase = inner.phases.get(&rank).filter(|f| !f.phase.is_empty());
+                let in_long_phase = phase.is_some_and(RankPhase::is_long_phase);
                 let hung = if since_heartbeat > limits.timeout {
                     Some(HangKind::Silent)
+                } else if in_long_phase {
+                    let lasted = phase.map_or(Duration::ZERO, |f| f.since.elapsed());
+                    (lasted > limits.startup).then_some(HangKind::LongPhase)
                 } else if p.stepped && since_step > limits.timeout {
                     Some(HangKind::StepStalled)
                 } else if !p.stepped && since_step > limits.startup {
@@ -534,11 +635,13 @@ impl RendezvousState {
                     stepped: p.stepped,
                     since_heartbeat,
                     since_step,
+                    phase: phase.cloned(),
                     hung,
                 }
             })
             .collect();
         ranks.sort_by_key(|r| r.rank);
+        excuse_waiters_of_long_phases(&mut ranks);
         ranks
     }
 

@@ -4,14 +4,20 @@
 //! communicator from the rendezvous answer, wires heartbeats, and runs `train`.
 //!
 //! Heartbeats (issue 9): from right after the join, a `Pulse` thread sends one every
-//! `RSDEEP_HEARTBEAT_INTERVAL_MS` carrying the last finished step, and every finished
-//! step sends one at once. The launcher tells a stopped or frozen process (no beats) from
-//! a stuck one (beats, but the step does not advance). On a restart
+//! `RSDEEP_HEARTBEAT_INTERVAL_MS` carrying the last finished step and the current phase
+//! (`phase.rs`: startup/step/collective/eval/save/load/final_write, since when), and every
+//! finished step sends one at once. The launcher tells a stopped or frozen process (no
+//! beats) from a stuck one (beats, but the step does not advance), and a rank stuck
+//! outside a collective from the ranks waiting for it inside one. The communicator is
+//! wrapped in `PhasedCommunicator`, which also carries the test-only fault hook
+//! `RSDEEP_FAULT_INJECT` (refused at startup when malformed). On a restart
 //! (`RSDEEP_RESTART_COUNT > 0`) the run resumes from the newest complete checkpoint in
 //! `output_dir`, whatever `resume_from_checkpoint` says (`resume_after_restart`).
 
+use super::phase::{self, FaultInjection, PhasedCommunicator};
 use super::run::{StepProgress, TrainSummary, TrainWorld, train};
 use crate::checkpoint;
+use crate::comm::Communicator;
 use crate::comm::backend::{Backend, CommSetup, build_communicator};
 use crate::comm::nccl;
 use crate::comm::tcp::TcpOptions;
@@ -71,7 +77,11 @@ pub fn train_from_launcher(
         nccl_id,
         nccl_timeout: timeout,
     };
-    let comm = build_communicator(backend, setup)?;
+    let fault = FaultInjection::from_env(world.rank, env.restart_count)?;
+    let comm: Arc<dyn Communicator> = Arc::new(PhasedCommunicator::new(
+        build_communicator(backend, setup)?,
+        fault,
+    ));
     let train_world = TrainWorld {
         comm,
         rank: world.rank,
@@ -150,8 +160,13 @@ impl Pulse {
     /// Records a finished step and reports it at once.
     fn step_finished(&self, progress: StepProgress) {
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = progress;
-        self.sender
-            .beat(progress.step, progress.loss, progress.tokens_per_second);
+        let phase = phase::snapshot();
+        self.sender.beat(
+            progress.step,
+            progress.loss,
+            progress.tokens_per_second,
+            &phase,
+        );
     }
 }
 
@@ -175,7 +190,7 @@ fn beat_until_stopped(
     while !stop.load(Ordering::SeqCst) {
         if waited >= interval {
             let p = *latest.lock().unwrap_or_else(|p| p.into_inner());
-            sender.beat(p.step, p.loss, p.tokens_per_second);
+            sender.beat(p.step, p.loss, p.tokens_per_second, &phase::snapshot());
             waited = Duration::ZERO;
         }
         std::thread::sleep(SLICE.min(interval));

@@ -6,6 +6,7 @@
 pub mod data_source;
 pub mod entry;
 pub mod outputs;
+pub mod phase;
 pub mod plot;
 pub mod progress;
 pub mod run;

@@ -115,6 +115,7 @@ pub fn train(
         ..TrainerState::default()
     };
     if let Some(resume) = &args.resume_from_checkpoint {
+        let _phase = super::phase::enter(super::phase::PhaseKind::Load);
         resume_from(
             resume,
             &output_dir,
@@ -163,6 +164,7 @@ pub fn train(
     let mut pending_save: Option<PendingSave> = None;
     let mut step = start_step;
     while step < total_steps {
+        super::phase::begin_step(step + 1);
         tch::manual_seed(step_seed(args.seed, step, rank));
         let started = Instant::now();
         let mut tokens = 0i64;
@@ -226,6 +228,7 @@ pub fn train(
             && step.is_multiple_of(args.eval_interval().max(1));
         if let (true, Some(eval)) = (eval_now || step == total_steps, eval_data.as_ref()) {
             let _eval_mode = lora.as_ref().map(|l| EvalMode::enter(&l.info));
+            let _phase = super::phase::enter(super::phase::PhaseKind::Eval);
             let loss = evaluate(&mut engine, eval, &world, micro_batch)?;
             final_eval = Some(loss);
             state.log_history.push(
@@ -238,6 +241,7 @@ pub fn train(
         let save_now = args.save_strategy == IntervalStrategy::Steps
             && (step.is_multiple_of(args.save_steps.max(1)) || step == total_steps);
         if save_now {
+            let _phase = super::phase::enter(super::phase::PhaseKind::Save);
             if let Some(previous) = pending_save.take() {
                 saver.finish(previous, world.comm.as_ref())?;
             }
@@ -251,6 +255,7 @@ pub fn train(
             pending_save = saver.save(&mut engine, world.comm.as_ref(), &state, extra)?;
         }
     }
+    let _phase = super::phase::enter(super::phase::PhaseKind::FinalWrite);
     if let Some(previous) = pending_save.take() {
         saver.finish(previous, world.comm.as_ref())?;
     }
