@@ -11,8 +11,13 @@
 //! hung when its heartbeats stop for `--heartbeat_timeout` (SIGSTOP, a frozen process, a
 //! cut network), when heartbeats arrive but its step has not advanced for the same time
 //! once it finished a first step (a stuck collective: the heartbeat thread lives on), or
-//! when no first step finished within the startup allowance (model loading). The report
-//! names the ranks that missed heartbeats as the cause and the others as consequences.
+//! when no first step finished within the startup allowance (model loading). Each beat
+//! also says what the rank is doing (`step`, `collective op #seq`, `eval`, `save`,
+//! `load`, `final_write`, `startup`, since when): `eval`/`save`/`load`/`final_write`
+//! get the startup allowance instead of `--heartbeat_timeout` (and ranks waiting in a
+//! collective meanwhile are not judged). The report (`classify_hang`) names the ranks
+//! that missed heartbeats as the cause; when every rank beats, the ranks *not* in the
+//! collective the others wait in are the cause and the waiters are consequences.
 //! Contract: issue 2 "Supervision" and issue 9; DeepSpeed's behaviour (and pitfalls) in
 //! `/work/shared/reference/deepspeed.md` §1 "Failure handling".
 
@@ -574,8 +579,74 @@ fn consequence_line(then: &Failure, first: &Failure) -> String {
     )
 }
 
-/// The hung outcome: ranks that missed heartbeats are the cause, ranks whose step stalls
-/// while their heartbeats arrive are (most likely) waiting for them.
+/// Which ranks of a hang are its cause and which wait for them (`classify_hang`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HangClasses {
+    /// The hung ranks, in rank order.
+    pub causes: Vec<usize>,
+    /// Ranks waiting in the collective the causes never entered (or that simply stall
+    /// behind them), in rank order.
+    pub consequences: Vec<usize>,
+}
+
+/// Cause vs consequence of a hang. Ranks that missed heartbeats (`missed`) are the
+/// cause. Otherwise, when every rank still beats: if some ranks wait in one collective
+/// (the newest `op #seq` any rank is in), the ranks *not* in that collective (still in
+/// their step, in an earlier collective, elsewhere) are the cause and the waiters the
+/// consequence; with no such split every hung rank is a cause.
+pub fn classify_hang(liveness: &[RankLiveness], missed: Duration) -> HangClasses {
+    let silent: Vec<usize> = liveness
+        .iter()
+        .filter(|r| r.since_heartbeat > missed)
+        .map(|r| r.rank)
+        .collect();
+    let split = |causes: Vec<usize>, waiting: &dyn Fn(&RankLiveness) -> bool| HangClasses {
+        consequences: liveness
+            .iter()
+            .filter(|r| !causes.contains(&r.rank) && waiting(r))
+            .map(|r| r.rank)
+            .collect(),
+        causes,
+    };
+    if !silent.is_empty() {
+        return split(silent, &|r| {
+            r.stepped && r.since_step > missed || in_collective(r)
+        });
+    }
+    let awaited = liveness
+        .iter()
+        .filter_map(|r| r.phase.as_ref().filter(|p| p.in_collective()))
+        .map(|p| (p.collective_seq, p.collective.clone()))
+        .max();
+    if let Some((seq, op)) = awaited {
+        let in_awaited = |r: &RankLiveness| {
+            r.phase
+                .as_ref()
+                .is_some_and(|p| p.in_collective() && p.collective_seq == seq && p.collective == op)
+        };
+        let outside: Vec<usize> = liveness
+            .iter()
+            .filter(|r| !in_awaited(r))
+            .map(|r| r.rank)
+            .collect();
+        if !outside.is_empty() {
+            return split(outside, &in_awaited);
+        }
+    }
+    let hung: Vec<usize> = liveness
+        .iter()
+        .filter(|r| r.hung.is_some())
+        .map(|r| r.rank)
+        .collect();
+    split(hung, &|_| false)
+}
+
+fn in_collective(rank: &RankLiveness) -> bool {
+    rank.phase.as_ref().is_some_and(|p| p.in_collective())
+}
+
+/// The hung outcome: the causes (`classify_hang`) with their phase and last lines, then
+/// the ranks waiting for them as consequences.
 fn hang_outcome(
     liveness: &[RankLiveness],
     workers: &[Worker],
@@ -585,15 +656,10 @@ fn hang_outcome(
     let missed = (options.heartbeat_interval * 3)
         .max(Duration::from_secs(1))
         .min(timeout);
-    let mut causes: Vec<&RankLiveness> = liveness
-        .iter()
-        .filter(|r| r.since_heartbeat > missed)
-        .collect();
-    if causes.is_empty() {
-        causes = liveness.iter().filter(|r| r.hung.is_some()).collect();
-    }
+    let classes = classify_hang(liveness, missed);
+    let of = |rank: usize| liveness.iter().find(|r| r.rank == rank);
     let mut report = String::new();
-    for cause in &causes {
+    for cause in classes.causes.iter().filter_map(|&rank| of(rank)) {
         report.push_str(&hang_line(cause, workers, options, timeout));
         if let Some(worker) = workers.iter().find(|w| w.rank == cause.rank) {
             let tail = worker.tail();
@@ -610,23 +676,36 @@ fn hang_outcome(
             }
         }
     }
-    let cause_ranks: Vec<usize> = causes.iter().map(|c| c.rank).collect();
-    for other in liveness.iter().filter(|r| !cause_ranks.contains(&r.rank)) {
-        if other.stepped && other.since_step > missed {
-            report.push_str(&format!(
-                "rsdeep: then: rank {} (host {}, pid {}): step {} has not advanced for {:.1} s (consequence: waiting for rank(s) {cause_ranks:?})\n",
-                other.rank,
-                other.host,
-                pid_of(other, workers),
-                other.last_step,
-                other.since_step.as_secs_f64()
-            ));
-        }
+    for other in classes.consequences.iter().filter_map(|&rank| of(rank)) {
+        report.push_str(&waiting_line(other, workers, &classes.causes));
     }
     Outcome::Hung {
-        ranks: cause_ranks,
+        ranks: classes.causes,
         report,
     }
+}
+
+/// `rsdeep: then: rank 0 (host h, pid 7): waiting in all_reduce #812 (step 3) since
+/// 30.1 s (consequence of rank(s) [1])`
+fn waiting_line(rank: &RankLiveness, workers: &[Worker], causes: &[usize]) -> String {
+    let what = match &rank.phase {
+        Some(phase) if phase.in_collective() => format!(
+            "waiting in {} since {:.1} s",
+            phase.describe(),
+            phase.since.elapsed().as_secs_f64()
+        ),
+        _ => format!(
+            "step {} has not advanced for {:.1} s",
+            rank.last_step,
+            rank.since_step.as_secs_f64()
+        ),
+    };
+    format!(
+        "rsdeep: then: rank {} (host {}, pid {}): {what} (consequence: waiting for rank(s) {causes:?})\n",
+        rank.rank,
+        rank.host,
+        pid_of(rank, workers),
+    )
 }
 
 /// `rsdeep: rank 1 is hung (host h, pid 7): no heartbeat for 3.2 s; last step 5, 3.9 s ago`
@@ -655,6 +734,10 @@ fn hang_line(
             rank.since_step.as_secs_f64(),
             timeout.as_secs_f64()
         ),
+        Some(HangKind::LongPhase) => format!(
+            "in eval/save/load/final_write for longer than its allowance of {:.0} s (the startup allowance)",
+            options.startup_timeout.max(timeout).as_secs_f64()
+        ),
         Some(HangKind::NoFirstStep) => format!(
             "heartbeats arrive but no step finished within the startup allowance of {:.0} s",
             options.startup_timeout.max(timeout).as_secs_f64()
@@ -665,8 +748,16 @@ fn hang_line(
             timeout.as_secs_f64()
         ),
     };
+    let phase = match &rank.phase {
+        Some(phase) => format!(
+            "; in {} for {:.1} s",
+            phase.describe(),
+            phase.since.elapsed().as_secs_f64()
+        ),
+        None => String::new(),
+    };
     format!(
-        "rsdeep: rank {} is hung (host {}, pid {}): {why}; {step}\n",
+        "rsdeep: rank {} is hung (host {}, pid {}): {why}{phase}; {step}\n",
         rank.rank,
         rank.host,
         pid_of(rank, workers)
@@ -943,6 +1034,89 @@ mod tests {
         assert!(started.elapsed() < OUTPUT_DRAIN + Duration::from_secs(2));
         stop_workers(&mut workers, Duration::from_secs(2));
         assert_eq!(workers[0].tail(), vec!["bye".to_string()]);
+    }
+
+    /// A rank that beats every 0.1 s, in `phase` (`"collective"` phases name `op #seq`),
+    /// whose step has not advanced for `stalled_s`.
+    fn beating(rank: usize, phase: &str, op: &str, seq: u64, stalled_s: f64) -> RankLiveness {
+        let stalled = Duration::from_secs_f64(stalled_s);
+        RankLiveness {
+            rank,
+            host: "h".into(),
+            pid: 100 + rank as u32,
+            last_step: 2,
+            stepped: true,
+            since_heartbeat: Duration::from_millis(100),
+            since_step: stalled,
+            phase: Some(crate::rendezvous::state::RankPhase::from_beat(
+                phase, 3, op, seq, stalled_s,
+            )),
+            hung: (stalled_s > 3.0).then_some(HangKind::StepStalled),
+        }
+    }
+
+    #[test]
+    fn the_rank_outside_the_awaited_collective_is_the_cause() {
+        let missed = Duration::from_millis(300);
+        // Rank 1 never left step 3; ranks 0 and 2 wait in all_reduce #812.
+        let ranks = [
+            beating(0, "collective", "all_reduce", 812, 30.1),
+            beating(1, "step", "", 811, 30.2),
+            beating(2, "collective", "all_reduce", 812, 30.0),
+        ];
+        let classes = classify_hang(&ranks, missed);
+        assert_eq!(classes.causes, vec![1]);
+        assert_eq!(classes.consequences, vec![0, 2]);
+        // A rank still in an earlier collective (#811) is the cause too.
+        let ranks = [
+            beating(0, "collective", "all_reduce", 812, 30.1),
+            beating(1, "collective", "reduce_scatter", 811, 30.2),
+        ];
+        let classes = classify_hang(&ranks, missed);
+        assert_eq!((classes.causes, classes.consequences), (vec![1], vec![0]));
+    }
+
+    #[test]
+    fn silent_ranks_win_and_a_shared_collective_names_every_hung_rank() {
+        let missed = Duration::from_millis(300);
+        let mut silent = beating(1, "step", "", 5, 10.0);
+        silent.since_heartbeat = Duration::from_secs(4);
+        let ranks = [beating(0, "collective", "all_gather", 6, 10.0), silent];
+        let classes = classify_hang(&ranks, missed);
+        assert_eq!((classes.causes, classes.consequences), (vec![1], vec![0]));
+        // Everyone in the same collective: no split, every hung rank is named.
+        let ranks = [
+            beating(0, "collective", "barrier", 9, 5.0),
+            beating(1, "collective", "barrier", 9, 5.0),
+        ];
+        let classes = classify_hang(&ranks, missed);
+        assert_eq!((classes.causes, classes.consequences), (vec![0, 1], vec![]));
+    }
+
+    #[test]
+    fn the_hang_report_names_cause_phase_and_waiting_collective() {
+        let ranks = [
+            beating(0, "collective", "all_reduce", 812, 30.1),
+            beating(1, "step", "", 811, 30.2),
+        ];
+        let Outcome::Hung { ranks, report } =
+            hang_outcome(&ranks, &[], &options(), Duration::from_secs(3))
+        else {
+            panic!("not a hang outcome");
+        };
+        assert_eq!(ranks, vec![1]);
+        assert!(
+            report.contains("rank 1 is hung (host h, pid 101)")
+                && report.contains("in step 3 (not in a collective) for 30.")
+                && report.contains("last step 2"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "rank 0 (host h, pid 100): waiting in all_reduce #812 (step 3) since 30."
+            ) && report.contains("consequence"),
+            "{report}"
+        );
     }
 
     #[test]

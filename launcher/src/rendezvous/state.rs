@@ -883,6 +883,45 @@ mod tests {
         assert!(!text.contains("never joined"), "{text}");
     }
 
+    #[test]
+    fn a_long_phase_has_its_own_allowance_and_excuses_collective_waiters() {
+        let state = RendezvousState::new(spec(&[("a", 2)], 1000));
+        for rank in 0..2 {
+            state.record_heartbeat(1, rank, 0, 0.0, 0.0);
+            state.record_heartbeat(1, rank, 4, 1.0, 1.0);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        state.record_phase(
+            1,
+            0,
+            RankPhase::from_beat("collective", 5, "barrier", 40, 0.06),
+        );
+        state.record_phase(1, 1, RankPhase::from_beat("save", 5, "", 39, 0.06));
+        for rank in 0..2 {
+            state.record_heartbeat(1, rank, 4, 1.0, 1.0);
+        }
+        let short = Duration::from_millis(20);
+        let limits = HangLimits {
+            timeout: short,
+            startup: Duration::from_secs(60),
+        };
+        let hung: Vec<_> = state.liveness(limits).iter().map(|r| r.hung).collect();
+        assert_eq!(
+            hung,
+            vec![None, None],
+            "save within its allowance, rank 0 waits for it"
+        );
+        let limits = HangLimits {
+            timeout: short,
+            startup: short,
+        };
+        let hung: Vec<_> = state.liveness(limits).iter().map(|r| r.hung).collect();
+        assert_eq!(
+            hung,
+            vec![Some(HangKind::StepStalled), Some(HangKind::LongPhase)]
+        );
+    }
+
     #[tokio::test]
     async fn blocking_get_sees_a_later_set() {
         let state = Arc::new(RendezvousState::new(spec(&[("a", 2)], 1000)));
