@@ -100,11 +100,15 @@ pub struct LaunchArgs {
     /// Restart the whole job this many times after a worker failure.
     #[arg(long = "max_restarts", default_value_t = 0)]
     pub max_restarts: u32,
-    /// Seconds without a heartbeat after which a rank counts as hung (0 = never).
-    #[arg(long = "heartbeat_timeout", default_value_t = 300.0)]
-    pub heartbeat_timeout: f64,
-    /// Seconds between worker heartbeats (default: 2, or a quarter of a shorter
-    /// --heartbeat_timeout); must be shorter than --heartbeat_timeout.
+    /// Seconds without a heartbeat, or without step progress while in a step or a
+    /// collective, after which a rank counts as hung (0 = never). eval/save/load/
+    /// final_write phases get the startup allowance (900 s) instead. Default: train.json's
+    /// heartbeat_timeout_secs, else 300.
+    #[arg(long = "heartbeat_timeout")]
+    pub heartbeat_timeout: Option<f64>,
+    /// Seconds between worker heartbeats; must be shorter than the timeout. Default:
+    /// train.json's heartbeat_interval_secs when shorter than the timeout, else 2 or a
+    /// quarter of a shorter timeout.
     #[arg(long = "heartbeat_interval")]
     pub heartbeat_interval: Option<f64>,
     /// Seconds the rendezvous waits for every rank to join.

@@ -175,15 +175,46 @@ impl LaunchPlan {
             config_path: args.config_path(),
             overrides: args.overrides().to_vec(),
             join_timeout: secs(args.join_timeout),
-            heartbeat_timeout: (args.heartbeat_timeout > 0.0).then(|| secs(args.heartbeat_timeout)),
-            heartbeat_interval: heartbeat_interval(args)?,
+            heartbeat_timeout: None,
+            heartbeat_interval: Duration::ZERO,
             grace_period: secs(args.grace_period),
             max_restarts: args.max_restarts,
             rank_log_dir: args.enable_each_rank_log.clone(),
             warnings,
         };
+        (plan.heartbeat_timeout, plan.heartbeat_interval) =
+            heartbeat_settings(args.heartbeat_timeout, args.heartbeat_interval, None)?;
         plan.ranks = plan.layout_ranks(args.bind_cores_to_rank, inputs)?;
+        plan.adopt_config_heartbeat(args)?;
         Ok(plan)
+    }
+
+    /// train.json's `heartbeat_timeout_secs` / `heartbeat_interval_secs` where the
+    /// command line gave no `--heartbeat_timeout` / `--heartbeat_interval` (the CLI
+    /// wins, as for other keys). A train.json that does not load is left to the config
+    /// resolution that follows, which reports it.
+    fn adopt_config_heartbeat(&mut self, args: &LaunchArgs) -> Result<(), PlanError> {
+        let Some(path) = &self.config_path else {
+            return Ok(());
+        };
+        if args.heartbeat_timeout.is_some() && args.heartbeat_interval.is_some() {
+            return Ok(());
+        }
+        let Ok(config) = crate::config::load(path, &self.overrides, self.world_size()) else {
+            return Ok(());
+        };
+        let from_file = (
+            config.args.heartbeat_timeout_secs,
+            config.args.heartbeat_interval_secs,
+        );
+        (self.heartbeat_timeout, self.heartbeat_interval) = heartbeat_settings(
+            args.heartbeat_timeout,
+            args.heartbeat_interval,
+            Some(from_file),
+        )?;
+        let interval_ms = self.heartbeat_interval.as_millis().max(1).to_string();
+        self.set_env_all(ev::HEARTBEAT_INTERVAL_MS, &interval_ms);
+        Ok(())
     }
 
     /// Total number of ranks.
@@ -345,18 +376,34 @@ impl LaunchPlan {
     }
 }
 
-/// `--heartbeat_interval`, else 2 s or a quarter of a shorter `--heartbeat_timeout`.
-fn heartbeat_interval(args: &LaunchArgs) -> Result<Duration, PlanError> {
-    let timeout = args.heartbeat_timeout;
-    let Some(interval) = args.heartbeat_interval else {
-        let quarter = if timeout > 0.0 { timeout / 4.0 } else { 2.0 };
-        return Ok(secs(quarter.clamp(0.05, 2.0)));
+/// The hang timeout (`None`: off) and heartbeat period. Timeout: `--heartbeat_timeout`,
+/// else train.json's `heartbeat_timeout_secs` (`from_file` = (timeout, interval)), else
+/// 300 s. Interval: `--heartbeat_interval` (must be shorter than the timeout), else
+/// train.json's when shorter than the timeout, else 2 s or a quarter of a shorter timeout.
+fn heartbeat_settings(
+    cli_timeout: Option<f64>,
+    cli_interval: Option<f64>,
+    from_file: Option<(f64, f64)>,
+) -> Result<(Option<Duration>, Duration), PlanError> {
+    const DEFAULT_TIMEOUT_SECS: f64 = 300.0;
+    let timeout = cli_timeout
+        .or(from_file.map(|(timeout, _)| timeout))
+        .unwrap_or(DEFAULT_TIMEOUT_SECS);
+    let shorter = |interval: f64| timeout <= 0.0 || interval < timeout;
+    let interval = match (cli_interval, from_file) {
+        (Some(interval), _) => {
+            if !(interval.is_finite() && interval > 0.0 && shorter(interval)) {
+                return Err(PlanError::HeartbeatInterval { interval, timeout });
+            }
+            interval
+        }
+        (None, Some((_, interval))) if interval > 0.0 && shorter(interval) => interval,
+        (None, _) => {
+            let quarter = if timeout > 0.0 { timeout / 4.0 } else { 2.0 };
+            quarter.clamp(0.05, 2.0)
+        }
     };
-    let shorter = timeout <= 0.0 || interval < timeout;
-    if !(interval.is_finite() && interval > 0.0 && shorter) {
-        return Err(PlanError::HeartbeatInterval { interval, timeout });
-    }
-    Ok(secs(interval))
+    Ok(((timeout > 0.0).then(|| secs(timeout)), secs(interval)))
 }
 
 fn secs(value: f64) -> Duration {
@@ -802,6 +849,37 @@ mod tests {
             "{err}"
         );
         assert!(interval(&["--heartbeat_interval", "0"]).is_err());
+    }
+
+    #[test]
+    fn train_json_heartbeat_keys_apply_unless_the_command_line_gives_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("train.json");
+        let text = r#"{"config_name": "m", "tokenizer_name": "m", "train_files": "d.jsonl",
+            "output_dir": "out", "heartbeat_timeout_secs": 40, "heartbeat_interval_secs": 4}"#;
+        std::fs::write(&config, text).unwrap();
+        let config = config.to_string_lossy().into_owned();
+        // Launcher flags before train.json, train.json overrides after it.
+        let plan = |flags: &[&str], overrides: &[&str]| {
+            let cpu = ["--device", "cpu", "--num_procs", "2"];
+            let list = [&cpu[..], flags, &[&config], overrides].concat();
+            let plan = LaunchPlan::build(&args(&list), &inputs()).unwrap();
+            let interval = plan.ranks[1].env["RSDEEP_HEARTBEAT_INTERVAL_MS"].clone();
+            (plan.heartbeat_timeout.map(|t| t.as_secs_f64()), interval)
+        };
+        assert_eq!(plan(&[], &[]), (Some(40.0), "4000".to_string()));
+        // The CLI wins; a file interval not shorter than the CLI timeout gives way.
+        let cli_timeout = plan(&["--heartbeat_timeout", "3"], &[]);
+        assert_eq!(cli_timeout, (Some(3.0), "750".to_string()));
+        assert_eq!(
+            plan(&["--heartbeat_interval", "1"], &[]),
+            (Some(40.0), "1000".to_string())
+        );
+        // A train.json override of the key counts as train.json.
+        assert_eq!(
+            plan(&[], &["--heartbeat_timeout_secs", "20"]),
+            (Some(20.0), "4000".to_string())
+        );
     }
 
     #[test]

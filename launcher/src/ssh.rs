@@ -222,7 +222,9 @@ pub fn remote_launcher_args(
     if let Some(dir) = &args.enable_each_rank_log {
         flag("--enable_each_rank_log", dir.display().to_string());
     }
-    flag("--heartbeat_timeout", args.heartbeat_timeout.to_string());
+    if let Some(timeout) = args.heartbeat_timeout {
+        flag("--heartbeat_timeout", timeout.to_string());
+    }
     flag("--join_timeout", args.join_timeout.to_string());
     flag("--grace_period", args.grace_period.to_string());
     out.extend(["--no_ssh".to_string(), "--token_stdin".to_string()]);
