@@ -4,7 +4,9 @@ random token blocks, micro batch 4 x 256, gradient accumulation 2, torch.optim.A
 (foreach). Prints the wall and process-CPU seconds per optimizer step, and per phase
 (forward, backward, optimizer), medians over the timed steps.
 
-Usage: python benches/peers/floor.py [--steps 8] [--threads 1]
+Usage: python benches/peers/floor.py [--steps 8] [--threads 1] [--profile]
+(--profile: also prints torch.profiler's per-op table, by self CPU time, of one extra
+optimizer step after the timed ones)
 """
 
 import argparse
@@ -27,6 +29,7 @@ def main():
     parser.add_argument("--micro_batch", type=int, default=4)
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--grad_accum", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
     torch.manual_seed(0)
@@ -36,7 +39,11 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     shape = (cli.micro_batch, cli.block_size)
     phases = {"forward": [], "backward": [], "optimizer": [], "step": []}
-    for step in range(cli.steps + 2):
+    for step in range(cli.steps + 2 + (1 if cli.profile else 0)):
+        profiling = cli.profile and step == cli.steps + 2
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        if profiling:
+            profiler.__enter__()
         totals = {"forward": [0.0, 0.0], "backward": [0.0, 0.0], "optimizer": [0.0, 0.0]}
         step_start = clocks()
         for _ in range(cli.grad_accum):
@@ -55,6 +62,10 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         t4 = clocks()
         totals["optimizer"] = [t4[0] - t3[0], t4[1] - t3[1]]
+        if profiling:
+            profiler.__exit__(None, None, None)
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            continue
         if step >= 2:  # the first two steps warm the allocator up
             for name, value in totals.items():
                 phases[name].append(value)
