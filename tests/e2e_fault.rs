@@ -4,6 +4,11 @@
 //! the job restarts from the newest complete checkpoint and ends with weights
 //! bit-identical to an uninterrupted run; a SIGSTOPped worker is reported hung (rank,
 //! pid, last step) within the heartbeat timeout; used-up restarts fail with the report.
+//! A rank stuck before a collective (the worker's test-only hook
+//! `RSDEEP_FAULT_INJECT=stall_before_collective:rank=1:step=S`, its heartbeats go on) is
+//! named as the cause with its phase, the other rank as waiting in `op #seq`
+//! (consequence), the job stops within the timeout; with `--max_restarts 1` it resumes
+//! from a checkpoint and finishes (the hook fires in the first generation only).
 //! The random rank and step of the kill come from a seeded RNG whose seed is printed
 //! (`RSDEEP_FAULT_SEED=<seed>` replays it).
 
@@ -85,8 +90,25 @@ impl Fixture {
     /// whose workers record their pids in `pid_dir` (the wrapper script `exec`s the real
     /// worker, so the pid is the worker's).
     fn launch(&self, out: &Path, pid_dir: &Path, flags: &[&str], overrides: &[&str]) -> Launcher {
+        self.launch_with_fault(out, pid_dir, None, flags, overrides)
+    }
+
+    /// `launch` with the worker's test-only fault hook `RSDEEP_FAULT_INJECT` set to
+    /// `fault` (exported by the wrapper script, so only the workers see it).
+    fn launch_with_fault(
+        &self,
+        out: &Path,
+        pid_dir: &Path,
+        fault: Option<&str>,
+        flags: &[&str],
+        overrides: &[&str],
+    ) -> Launcher {
         std::fs::create_dir_all(pid_dir).expect("pid dir");
-        let script = worker_script(pid_dir, "exec \"$REAL_WORKER\"");
+        let body = match fault {
+            Some(fault) => format!("export RSDEEP_FAULT_INJECT='{fault}'\nexec \"$REAL_WORKER\""),
+            None => "exec \"$REAL_WORKER\"".to_string(),
+        };
+        let script = worker_script(pid_dir, &body);
         let json = self.path("train.json").display().to_string();
         let out = out.display().to_string();
         let mut args = vec![
@@ -319,6 +341,148 @@ fn a_stopped_worker_is_reported_hung_with_rank_pid_and_last_step() {
         survivors(&pids, Duration::from_secs(5)).is_empty(),
         "a worker survived the hung job"
     );
+}
+
+/// The launcher flags of the stuck-collective tests: a 3 s hang timeout.
+const STUCK_FLAGS: [&str; 4] = ["--heartbeat_timeout", "3", "--heartbeat_interval", "0.5"];
+const STALL_RANK_1_AT_STEP_3: &str = "stall_before_collective:rank=1:step=3";
+
+#[test]
+fn a_rank_stuck_before_a_collective_is_the_cause_and_the_waiting_rank_the_consequence() {
+    let _one = serial();
+    let fx = Fixture::new();
+    let endless = ["--max_steps", "100000", "--save_steps", "100000"];
+
+    // A malformed hook is refused before anything trains.
+    let bad_pids = fx.path("pids-bad");
+    let mut bad = fx.launch_with_fault(
+        &fx.path("bad"),
+        &bad_pids,
+        Some("stall_before_collective:rank=one"),
+        &STUCK_FLAGS,
+        &endless,
+    );
+    let _bad_cleanup = Cleanup(recorded_pids(&bad_pids, 2, RUN_LIMIT));
+    assert!(!bad.wait(RUN_LIMIT).success(), "{}", bad.output());
+    assert!(
+        bad.stderr()
+            .contains("RSDEEP_FAULT_INJECT=\"stall_before_collective:rank=one\" is malformed"),
+        "{}",
+        bad.output()
+    );
+
+    let out = fx.path("stuck");
+    let pid_dir = fx.path("pids-stuck");
+    let mut launcher = fx.launch_with_fault(
+        &out,
+        &pid_dir,
+        Some(STALL_RANK_1_AT_STEP_3),
+        &STUCK_FLAGS,
+        &endless,
+    );
+    let pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
+    let _cleanup = Cleanup(pids.clone());
+    wait_for_step(&launcher, &out, 2);
+    let step_two = Instant::now();
+    let status = launcher.wait(Duration::from_secs(60));
+    let took = step_two.elapsed();
+    let stderr = launcher.stderr();
+    println!("launcher exited {took:?} after step 2 was logged; its report:");
+    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(!status.success(), "a hung job must fail:\n{stderr}");
+    assert!(
+        stderr.contains("stalling before a collective of step 3 (test fault)"),
+        "the hook did not fire:\n{stderr}"
+    );
+    let cause = format!(
+        "rsdeep: rank 1 is hung (host localhost, pid {}): heartbeats arrive but the step has not advanced",
+        pids[1]
+    );
+    assert!(stderr.contains(&cause), "rank 1 not the cause:\n{stderr}");
+    assert!(
+        stderr.contains("; in step 3 (not in a collective) for "),
+        "no phase for the cause:\n{stderr}"
+    );
+    let waiting = format!(
+        "rsdeep: then: rank 0 (host localhost, pid {}): waiting in ",
+        pids[0]
+    );
+    let waiting_line = stderr
+        .lines()
+        .find(|l| l.starts_with(&waiting))
+        .unwrap_or_else(|| panic!("rank 0 not reported waiting in a collective:\n{stderr}"));
+    assert!(
+        waiting_line.contains(" (step 3) since ")
+            && waiting_line.contains("(consequence: waiting for rank(s) [1])"),
+        "{waiting_line}"
+    );
+    assert!(
+        !stderr.contains("rank 0 is hung"),
+        "rank 0 blamed:\n{stderr}"
+    );
+    // Detection within the timeout plus a little; stopping adds at most the grace period
+    // (the stuck rank ignores SIGTERM while it sleeps, so it is SIGKILLed).
+    assert!(
+        took < Duration::from_secs(3 + 4 + 3),
+        "hang handled after {took:?}:\n{stderr}"
+    );
+    assert!(
+        survivors(&pids, Duration::from_secs(5)).is_empty(),
+        "a worker survived the hung job"
+    );
+}
+
+#[test]
+fn a_rank_stuck_before_a_collective_is_restarted_from_a_checkpoint_and_the_job_finishes() {
+    let _one = serial();
+    let fx = Fixture::new();
+    let out = fx.path("stuck-restart");
+    let pid_dir = fx.path("pids-stuck-restart");
+    let fault = format!("stall_before_collective:rank=1:step={}", SAVE_STEPS + 2);
+    let flags = [&STUCK_FLAGS[..], &["--max_restarts", "1"]].concat();
+    let mut launcher = fx.launch_with_fault(&out, &pid_dir, Some(&fault), &flags, &[]);
+    let first_pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
+    let _cleanup = Cleanup(first_pids.clone());
+    let status = launcher.wait(RUN_LIMIT);
+    let stderr = launcher.stderr();
+    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(
+        status.success(),
+        "the restarted job failed:\n{}",
+        launcher.output()
+    );
+    assert_eq!(
+        stderr.matches("rsdeep: restarting the job (").count(),
+        1,
+        "expected exactly one restart:\n{stderr}"
+    );
+    // Streamed worker lines start with "[rank 1]" (the report quotes them indented).
+    let stalls = stderr
+        .lines()
+        .filter(|l| l.starts_with("[rank 1]") && l.contains("stalling before a collective"));
+    assert_eq!(
+        stalls.count(),
+        1,
+        "the hook must fire in the first generation only:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "rsdeep: rank 1 is hung (host localhost, pid {})",
+            first_pids[1]
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("resuming from checkpoint-"),
+        "the restart did not resume from a checkpoint:\n{stderr}"
+    );
+    assert_eq!(logged_step(&out), MAX_STEPS, "{stderr}");
+    assert!(out.join("model.safetensors").is_file(), "no final model");
+    assert!(survivors(&first_pids, Duration::from_secs(5)).is_empty());
 }
 
 #[test]
