@@ -359,7 +359,7 @@ fn prepare(req: SaveRequest<'_>) -> Result<(RankSnapshot, PathBuf)> {
         Ok(())
     };
     let snapshot = created
-        .and_then(|()| frozen)
+        .and(frozen)
         .and_then(|frozen| snapshot(&req, frozen, &tmp_dir, &final_dir));
     let snapshot = agreed(
         req.comm,
