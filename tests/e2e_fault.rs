@@ -163,6 +163,27 @@ fn logged_step(out: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits for the launcher, prints its own lines, and checks the job succeeded after
+/// exactly one restart; returns its stderr.
+fn wait_for_one_restart(launcher: &mut Launcher) -> String {
+    let status = launcher.wait(RUN_LIMIT);
+    let stderr = launcher.stderr();
+    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(
+        status.success(),
+        "the restarted job failed:\n{}",
+        launcher.output()
+    );
+    assert_eq!(
+        stderr.matches("rsdeep: restarting the job (").count(),
+        1,
+        "expected exactly one restart:\n{stderr}"
+    );
+    stderr
+}
+
 /// Waits until the run logged step `step` or later; panics (with the output) otherwise.
 fn wait_for_step(launcher: &Launcher, out: &Path, step: u64) -> u64 {
     let deadline = Instant::now() + RUN_LIMIT;
@@ -238,21 +259,7 @@ fn a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical() 
         "killed rank {victim} (pid {}) with step {seen} logged",
         pids[victim]
     );
-    let status = launcher.wait(RUN_LIMIT);
-    let stderr = launcher.stderr();
-    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
-        println!("{line}");
-    }
-    assert!(
-        status.success(),
-        "the restarted job failed:\n{}",
-        launcher.output()
-    );
-    assert_eq!(
-        stderr.matches("rsdeep: restarting the job (").count(),
-        1,
-        "expected exactly one restart:\n{stderr}"
-    );
+    let stderr = wait_for_one_restart(&mut launcher);
     assert!(
         stderr.contains(
             "rsdeep: restarting the job (1/1), rendezvous generation 2: resuming from checkpoint-"
@@ -445,21 +452,7 @@ fn a_rank_stuck_before_a_collective_is_restarted_from_a_checkpoint_and_the_job_f
     let mut launcher = fx.launch_with_fault(&out, &pid_dir, Some(&fault), &flags, &[]);
     let first_pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
     let _cleanup = Cleanup(first_pids.clone());
-    let status = launcher.wait(RUN_LIMIT);
-    let stderr = launcher.stderr();
-    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
-        println!("{line}");
-    }
-    assert!(
-        status.success(),
-        "the restarted job failed:\n{}",
-        launcher.output()
-    );
-    assert_eq!(
-        stderr.matches("rsdeep: restarting the job (").count(),
-        1,
-        "expected exactly one restart:\n{stderr}"
-    );
+    let stderr = wait_for_one_restart(&mut launcher);
     // Streamed worker lines start with "[rank 1]" (the report quotes them indented).
     let stalls = stderr
         .lines()
