@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rsdeep_e2e::{
-    Launcher, binary, kill_all, recorded_pids, sentence_corpus, survivors, train_tokenizer,
-    worker_script,
+    Launcher, binary, kill_all, logged_step, recorded_pids, sentence_corpus, survivors,
+    train_tokenizer, wait_for_step, worker_script,
 };
 
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -153,14 +153,38 @@ impl Drop for Cleanup {
     }
 }
 
-/// The highest step in `out/metrics.jsonl` (rank 0 logs every step), 0 before any.
-fn logged_step(out: &Path) -> u64 {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("step").and_then(|s| s.as_u64()))
-        .max()
-        .unwrap_or(0)
+/// Waits for a job with a hung rank to end (its 3 s heartbeat timeout), prints the
+/// launcher's own lines and checks it failed; returns its stderr and how long it took
+/// from the call (made right after `what`).
+fn wait_for_hung_job(launcher: &mut Launcher, what: &str) -> (String, Duration) {
+    let since = Instant::now();
+    let status = launcher.wait(Duration::from_secs(60));
+    let took = since.elapsed();
+    let stderr = launcher.stderr();
+    println!("launcher exited {took:?} after {what}; its report:");
+    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(!status.success(), "a hung job must fail:\n{stderr}");
+    (stderr, took)
+}
+
+/// What every hang test expects of the ending: rank 0 not blamed, the hang handled
+/// within the 3 s timeout plus a little and the stop's grace period (a rank sleeping in
+/// the fault hook ignores SIGTERM and is SIGKILLed), and no worker left.
+fn assert_hang_handled(stderr: &str, pids: &[i32], took: Duration) {
+    assert!(
+        !stderr.contains("rank 0 is hung"),
+        "rank 0 blamed:\n{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(3 + 4 + 3),
+        "hang handled after {took:?}:\n{stderr}"
+    );
+    assert!(
+        survivors(pids, Duration::from_secs(5)).is_empty(),
+        "a worker survived the hung job"
+    );
 }
 
 /// Waits for the launcher, prints its own lines, and checks the job succeeded after
@@ -182,23 +206,6 @@ fn wait_for_one_restart(launcher: &mut Launcher) -> String {
         "expected exactly one restart:\n{stderr}"
     );
     stderr
-}
-
-/// Waits until the run logged step `step` or later; panics (with the output) otherwise.
-fn wait_for_step(launcher: &Launcher, out: &Path, step: u64) -> u64 {
-    let deadline = Instant::now() + RUN_LIMIT;
-    loop {
-        let seen = logged_step(out);
-        if seen >= step {
-            return seen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "step {step} never logged:\n{}",
-            launcher.output()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// splitmix64: a small seeded generator (the seed is printed for replay).
@@ -253,7 +260,7 @@ fn a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical() 
     let mut launcher = fx.launch(&out, &pid_dir, &["--max_restarts", "1"], &[]);
     let pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
     let _cleanup = Cleanup(pids.clone());
-    let seen = wait_for_step(&launcher, &out, kill_step);
+    let seen = wait_for_step(&launcher, &out, kill_step, RUN_LIMIT);
     signal(pids[victim], libc::SIGKILL);
     println!(
         "killed rank {victim} (pid {}) with step {seen} logged",
@@ -315,17 +322,9 @@ fn a_stopped_worker_is_reported_hung_with_rank_pid_and_last_step() {
     );
     let pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
     let _cleanup = Cleanup(pids.clone());
-    wait_for_step(&launcher, &out, 2);
+    wait_for_step(&launcher, &out, 2, RUN_LIMIT);
     signal(pids[1], libc::SIGSTOP);
-    let stopped = Instant::now();
-    let status = launcher.wait(Duration::from_secs(60));
-    let took = stopped.elapsed();
-    let stderr = launcher.stderr();
-    println!("launcher exited {took:?} after the SIGSTOP; its report:");
-    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
-        println!("{line}");
-    }
-    assert!(!status.success(), "a hung job must fail:\n{stderr}");
+    let (stderr, took) = wait_for_hung_job(&mut launcher, "the SIGSTOP");
     let hung = format!(
         "rsdeep: rank 1 is hung (host localhost, pid {}): no heartbeat for",
         pids[1]
@@ -335,19 +334,7 @@ fn a_stopped_worker_is_reported_hung_with_rank_pid_and_last_step() {
         "rank 1 not reported hung:\n{stderr}"
     );
     assert!(stderr.contains("; last step "), "{stderr}");
-    assert!(
-        !stderr.contains("rank 0 is hung"),
-        "rank 0 blamed:\n{stderr}"
-    );
-    // Detection within the timeout plus a little; stopping adds at most the grace period.
-    assert!(
-        took < Duration::from_secs(3 + 4 + 3),
-        "hang handled after {took:?}:\n{stderr}"
-    );
-    assert!(
-        survivors(&pids, Duration::from_secs(5)).is_empty(),
-        "a worker survived the hung job"
-    );
+    assert_hang_handled(&stderr, &pids, took);
 }
 
 /// The launcher flags of the stuck-collective tests: a 3 s hang timeout.
@@ -389,16 +376,8 @@ fn a_rank_stuck_before_a_collective_is_the_cause_and_the_waiting_rank_the_conseq
     );
     let pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
     let _cleanup = Cleanup(pids.clone());
-    wait_for_step(&launcher, &out, 2);
-    let step_two = Instant::now();
-    let status = launcher.wait(Duration::from_secs(60));
-    let took = step_two.elapsed();
-    let stderr = launcher.stderr();
-    println!("launcher exited {took:?} after step 2 was logged; its report:");
-    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
-        println!("{line}");
-    }
-    assert!(!status.success(), "a hung job must fail:\n{stderr}");
+    wait_for_step(&launcher, &out, 2, RUN_LIMIT);
+    let (stderr, took) = wait_for_hung_job(&mut launcher, "step 2 was logged");
     assert!(
         stderr.contains("stalling before a collective of step 3 (test fault)"),
         "the hook did not fire:\n{stderr}"
@@ -425,20 +404,7 @@ fn a_rank_stuck_before_a_collective_is_the_cause_and_the_waiting_rank_the_conseq
             && waiting_line.contains("(consequence: waiting for rank(s) [1])"),
         "{waiting_line}"
     );
-    assert!(
-        !stderr.contains("rank 0 is hung"),
-        "rank 0 blamed:\n{stderr}"
-    );
-    // Detection within the timeout plus a little; stopping adds at most the grace period
-    // (the stuck rank ignores SIGTERM while it sleeps, so it is SIGKILLed).
-    assert!(
-        took < Duration::from_secs(3 + 4 + 3),
-        "hang handled after {took:?}:\n{stderr}"
-    );
-    assert!(
-        survivors(&pids, Duration::from_secs(5)).is_empty(),
-        "a worker survived the hung job"
-    );
+    assert_hang_handled(&stderr, &pids, took);
 }
 
 #[test]

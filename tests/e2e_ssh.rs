@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rsdeep_e2e::{Launcher, alive, binary, kill_all, train_tokenizer};
+use rsdeep_e2e::{Launcher, alive, binary, kill_all, logged_step, train_tokenizer, wait_for_step};
 use sshd::Sshd;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -596,16 +596,6 @@ fn worker_of_rank(job: &str, rank: usize, not: Option<i32>, launcher: &Launcher)
     }
 }
 
-/// The highest step in `out/metrics.jsonl` (rank 0 logs every step), 0 before any.
-fn logged_step(out: &Path) -> u64 {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("step").and_then(|s| s.as_u64()))
-        .max()
-        .unwrap_or(0)
-}
-
 fn sigkill(pid: i32) {
     // SAFETY: kill(2) on a worker of the job this test started.
     let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -634,14 +624,13 @@ fn a_killed_remote_worker_restarts_every_node_from_the_checkpoint_bit_identical(
     });
     let job = job_id(&launcher.stderr()).expect("job id line");
     let victim = worker_of_rank(&job, 1, None, &launcher);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while logged_step(&out) <= RESTART_SAVE_STEPS {
-        assert!(
-            Instant::now() < deadline,
-            "no step after the first checkpoint"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // A step after the first checkpoint.
+    wait_for_step(
+        &launcher,
+        &out,
+        RESTART_SAVE_STEPS + 1,
+        Duration::from_secs(300),
+    );
     sigkill(victim);
     println!(
         "killed rank 1 (pid {victim}) at logged step {}",

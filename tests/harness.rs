@@ -231,3 +231,31 @@ pub fn kill_all(pids: &[i32]) {
         }
     }
 }
+
+/// The highest step in `out/metrics.jsonl` (rank 0 logs every step), 0 before any.
+pub fn logged_step(out: &Path) -> u64 {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("step").and_then(|s| s.as_u64()))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until the run logged step `step` or later and returns the step seen; panics
+/// (with the launcher's output) after `limit`.
+pub fn wait_for_step(launcher: &Launcher, out: &Path, step: u64, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let seen = logged_step(out);
+        if seen >= step {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "step {step} never logged:\n{}",
+            launcher.output()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
