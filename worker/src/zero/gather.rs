@@ -247,10 +247,7 @@ impl ZeroEngine {
             shard.resident = true;
             self.live_numel -= shard.gather_numel();
             if keep {
-                [&trainable, &frozen]
-                    .into_iter()
-                    .flatten()
-                    .for_each(discard_pages);
+                discard_block_pages(trainable.as_ref(), frozen.as_ref());
             }
         } else {
             shard.gathered = trainable;
@@ -271,10 +268,7 @@ impl ZeroEngine {
         let numel = shard.gather_numel();
         if keep {
             let frozen = shard.frozen.as_ref().and_then(|f| f.gathered.as_ref());
-            [shard.gathered.as_ref(), frozen]
-                .into_iter()
-                .flatten()
-                .for_each(discard_pages);
+            discard_block_pages(shard.gathered.as_ref(), frozen);
         }
         if shard.gathered.take().is_some() {
             let (kind, device) = (shard.compute.kind(), shard.compute.device());
@@ -341,10 +335,7 @@ impl ZeroEngine {
             let block = pending.block;
             let (trainable, frozen) = self.finish_block_gather(pending)?;
             if self.keeps_gather_buffers() {
-                [&trainable, &frozen]
-                    .into_iter()
-                    .flatten()
-                    .for_each(discard_pages);
+                discard_block_pages(trainable.as_ref(), frozen.as_ref());
             }
             self.live_numel -= self.shards[block].gather_numel();
         }
@@ -395,6 +386,11 @@ fn release_frozen(part: &mut FrozenPart) -> Result<()> {
         free_non_persistent(&mut part.params, &part.persistent, kind, device)?;
     }
     Ok(())
+}
+
+/// `discard_pages` on a block's gathered (trainable, frozen) buffers, where present.
+fn discard_block_pages(trainable: Option<&Tensor>, frozen: Option<&Tensor>) {
+    trainable.into_iter().chain(frozen).for_each(discard_pages);
 }
 
 /// Hands the whole pages inside a CPU buffer back to the OS (`madvise(MADV_DONTNEED)`).
