@@ -213,7 +213,8 @@ impl Fixture {
         path
     }
 
-    fn start(&self, output_dir: &str, job: &str) -> Launcher {
+    /// Starts the 2-rank run; `extra` env entries are added to the launcher's.
+    fn start(&self, output_dir: &str, job: &str, extra: &[(&str, String)]) -> Launcher {
         let json = self.train_json(output_dir).to_string_lossy().to_string();
         let args = [
             "--device",
@@ -224,11 +225,12 @@ impl Fixture {
             "0",
             &json,
         ];
-        let envs = [
+        let mut envs = vec![
             ("OMP_NUM_THREADS", "1".to_string()),
             ("RSDEEP_JOB_ID", job.to_string()),
             ("RSDEEP_TOKEN", TOKEN.to_string()),
         ];
+        envs.extend_from_slice(extra);
         Launcher::start(&args, &envs)
     }
 }
@@ -293,13 +295,18 @@ fn listening_ports(pid: i32) -> Vec<u16> {
 /// appears (the ring closes them once formed), until `workers` were attacked or the
 /// launcher is gone: each gets random bytes from its own thread. Returns, per port, what
 /// the worker sent back.
+///
+/// A child caught between fork and exec still holds the launcher's own sockets (the
+/// rendezvous listener, which answers garbage with an HTTP/2 GOAWAY), so ports the
+/// launcher itself listens on are never counted as a worker's.
 fn attack_worker_ports(pid: i32, workers: usize) -> Vec<(u16, Vec<u8>)> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut attacks = Vec::new();
     let mut seen = Vec::new();
     while seen.len() < workers && alive(pid) && Instant::now() < deadline {
+        let launcher_ports = listening_ports(pid);
         for port in children(pid).into_iter().flat_map(listening_ports) {
-            if !seen.contains(&port) {
+            if !seen.contains(&port) && !launcher_ports.contains(&port) {
                 seen.push(port);
                 attacks.push((port, std::thread::spawn(move || inject(port).0)));
             }
@@ -398,15 +405,29 @@ fn wrong_token_calls(port: u16, job: &str) {
 fn intruders_are_refused_and_the_run_ends_with_the_same_weights() {
     let _serial = serial();
     let fx = Fixture::new();
-    let mut clean = fx.start("clean", &job_id("clean"));
+    let mut clean = fx.start("clean", &job_id("clean"), &[]);
     assert!(
         clean.wait(RUN_LIMIT).success(),
         "clean run failed:\n{}",
         clean.output()
     );
 
+    // Rank 1 starts 3 s late, so rank 0's collective listener is open (waiting for the
+    // world) long enough to be attacked; a ring forms in milliseconds once both are up.
+    let script = worker_script(
+        fx.dir.path(),
+        "[ \"$LOCAL_RANK\" = 1 ] && sleep 3\nexec \"$REAL_WORKER\"",
+    );
+    let late_rank_one = [
+        ("RSDEEP_WORKER_BIN", script.to_string_lossy().to_string()),
+        (
+            "REAL_WORKER",
+            binary("rsdeep-worker").to_string_lossy().to_string(),
+        ),
+        ("PID_DIR", fx.dir.path().to_string_lossy().to_string()),
+    ];
     let job = job_id("attacked");
-    let mut attacked = fx.start("attacked", &job);
+    let mut attacked = fx.start("attacked", &job, &late_rank_one);
     let pid = attacked.pid();
     let collective = std::thread::spawn(move || attack_worker_ports(pid, 2));
     // The workers need seconds to load libtorch: the rendezvous is attacked meanwhile.
@@ -439,9 +460,12 @@ fn intruders_are_refused_and_the_run_ends_with_the_same_weights() {
         "the attacked run failed:\n{}",
         attacked.output()
     );
-    eprintln!(
-        "ring connections dropped by the workers: {}",
-        attacked.stderr().matches("dropped ring connection").count()
+    let dropped = attacked.stderr().matches("dropped ring connection").count();
+    eprintln!("ring connections dropped by the workers: {dropped}");
+    assert!(
+        dropped >= 1,
+        "no worker logged dropping the intruder's ring connection:\n{}",
+        attacked.output()
     );
     let weights = |dir: &str| -> Vec<u8> {
         let path: &Path = &fx.path(dir).join("model.safetensors");
