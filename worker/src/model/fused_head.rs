@@ -84,6 +84,20 @@ impl Head {
     }
 }
 
+/// Columns of the vocabulary multiplied at once. One (256, 8192) product runs at ~40
+/// GFLOP/s on one core here, eight (256, 1024) tiles at ~55, so the head multiplies tile
+/// by tile and keeps each (rows, VOCAB_TILE) logits tile contiguous (docs/benchmarks.md
+/// §1d).
+const VOCAB_TILE: i64 = 1024;
+
+/// The vocabulary split into tiles of at most `VOCAB_TILE` rows of `weight`: (start, len).
+fn vocab_tiles(vocab: i64) -> Vec<(i64, i64)> {
+    (0..vocab)
+        .step_by(VOCAB_TILE as usize)
+        .map(|start| (start, VOCAB_TILE.min(vocab - start)))
+        .collect()
+}
+
 /// Over row chunks of `hidden` (N, H) and `weight` (V, H): the summed cross-entropy of
 /// the counted rows, d/d(hidden) (N, H) and d/d(weight) (V, H) of `grad_scale` times
 /// that sum (rows not counted get zero gradient).
@@ -95,32 +109,97 @@ fn chunked_cross_entropy(
     grad_scale: f64,
 ) -> Result<(f64, Tensor, Tensor)> {
     let rows = hidden.size()[0];
+    let vocab = weight.size()[0];
+    let tiles = vocab_tiles(vocab);
+    let weight_tiles = tiles
+        .iter()
+        .map(|&(start, len)| weight.f_narrow(0, start, len)) // (v, H)
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let grad_hidden = hidden.f_empty_like()?; // (N, H)
-    let mut grad_weight = weight.f_zeros_like()?; // (V, H)
-    let safe_targets = targets.f_clamp_min(0)?.f_unsqueeze(1)?; // (N, 1)
-    let weights = counted.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // (N, 1) 1 or 0
+    let grad_weight = weight.f_zeros_like()?; // (V, H)
+    let safe_targets = targets.f_clamp_min(0)?; // (N,)
+    let weights = counted.f_to_kind(Kind::Float)?; // (N,) 1 or 0
     let mut loss_sum = 0f64;
     let mut start = 0i64;
     while start < rows {
         let len = CHUNK_ROWS.min(rows - start);
         let h = hidden.f_narrow(0, start, len)?; // (c, H)
-        let target = safe_targets.f_narrow(0, start, len)?; // (c, 1)
-        let row_weight = weights.f_narrow(0, start, len)?; // (c, 1)
-        let mut logits = h.f_linear::<&Tensor>(weight, None)?; // (c, V)
-        let lse = logits.f_logsumexp(&[1i64][..], true)?; // (c, 1)
-        let picked = logits.f_gather(1, &target, false)?; // (c, 1)
-        let row_loss = lse.f_sub(&picked)?.f_mul(&row_weight)?; // (c, 1)
+        let target = safe_targets.f_narrow(0, start, len)?; // (c,)
+        let row_weight = weights.f_narrow(0, start, len)?; // (c,)
+        // The (c, V) logits as tiles (c, v) laid back to back in one buffer.
+        let logits = Tensor::f_empty([len * vocab], (Kind::Float, hidden.device()))?;
+        let logit_tiles = tiles
+            .iter()
+            .map(|&(first, cols)| {
+                logits
+                    .f_narrow(0, len * first, len * cols)?
+                    .f_view([len, cols])
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        for (tile, w) in logit_tiles.iter().zip(&weight_tiles) {
+            let _ = h.f_mm_out(tile, &w.f_transpose(0, 1)?)?; // (c, v)
+        }
+        let target_at = target_positions(&target, len, vocab)?; // (c,) into `logits`
+        let picked = logits.f_gather(0, &target_at, false)?; // (c,)
+        let mut row_max = logit_tiles[0].f_amax([1i64].as_slice(), false)?; // (c,)
+        for tile in &logit_tiles[1..] {
+            row_max = row_max.f_maximum(&tile.f_amax([1i64].as_slice(), false)?)?;
+        }
+        // exp(logits - max) in place, and its row sums.
+        let column_max = row_max.f_unsqueeze(1)?; // (c, 1)
+        let mut row_sum = Tensor::f_zeros([len], (Kind::Float, hidden.device()))?; // (c,)
+        for tile in &logit_tiles {
+            let _ = tile.shallow_clone().f_sub_(&column_max)?.f_exp_()?;
+            row_sum =
+                row_sum.f_add(&tile.f_sum_dim_intlist([1i64].as_slice(), false, Kind::Float)?)?;
+        }
+        let lse = row_max.f_add(&row_sum.f_log()?)?; // (c,)
+        let row_loss = lse.f_sub(&picked)?.f_mul(&row_weight)?; // (c,)
         loss_sum += row_loss.f_sum(Kind::Double)?.f_double_value(&[])?;
-        // p = softmax(logits) - onehot(target), on counted rows, times grad_scale
-        let _ = logits.f_sub_(&lse)?.f_exp_()?;
-        let _ = logits.f_scatter_add_(1, &target, &row_weight.f_neg()?)?;
-        let _ = logits.f_mul_(&row_weight.f_mul_scalar(grad_scale)?)?;
-        let mut dh = grad_hidden.f_narrow(0, start, len)?;
-        dh.f_copy_(&logits.f_mm(weight)?)?; // (c, H)
-        let _ = grad_weight.f_addmm_(&logits.f_transpose(0, 1)?, &h)?; // (V, H)
+        // p = (softmax(logits) - onehot(target)) * grad_scale, on counted rows only.
+        let row_scale = row_weight.f_mul_scalar(grad_scale)?; // (c,)
+        let softmax_scale = row_scale.f_div(&row_sum)?.f_unsqueeze(1)?; // (c, 1)
+        for tile in &logit_tiles {
+            let _ = tile.shallow_clone().f_mul_(&softmax_scale)?;
+        }
+        let _ = logits
+            .shallow_clone()
+            .f_scatter_add_(0, &target_at, &row_scale.f_neg()?)?;
+        // dh = p W over the tiles; dW[tile] += p[tile]^T h.
+        let dh = grad_hidden.f_narrow(0, start, len)?; // (c, H)
+        for (i, (tile, w)) in logit_tiles.iter().zip(&weight_tiles).enumerate() {
+            let _ = match i {
+                0 => tile.f_mm_out(&dh, w)?,
+                _ => dh.shallow_clone().f_addmm_(tile, w)?,
+            };
+        }
+        for (tile, &(first, cols)) in logit_tiles.iter().zip(&tiles) {
+            let _ = grad_weight
+                .f_narrow(0, first, cols)?
+                .f_addmm_(&tile.f_transpose(0, 1)?, &h)?; // (v, H)
+        }
         start += len;
     }
     Ok((loss_sum, grad_hidden, grad_weight))
+}
+
+/// Where each row's target logit sits in the tiled logits buffer of `rows` rows: tile
+/// `t / VOCAB_TILE` starts at `rows * tile_start`, and holds the row's logits at
+/// `row * tile_len + t % VOCAB_TILE`. `target` (rows,) int64 in [0, vocab).
+fn target_positions(target: &Tensor, rows: i64, vocab: i64) -> Result<Tensor> {
+    let tile_start = target
+        .f_floor_divide_scalar(VOCAB_TILE)?
+        .f_mul_scalar(VOCAB_TILE)?; // (c,)
+    let column = target.f_sub(&tile_start)?;
+    let tile_len = tile_start
+        .f_neg()?
+        .f_add_scalar(vocab)?
+        .f_clamp_max(VOCAB_TILE)?;
+    let row = Tensor::f_arange(rows, (Kind::Int64, target.device()))?;
+    Ok(tile_start
+        .f_mul_scalar(rows)?
+        .f_add(&row.f_mul(&tile_len)?)?
+        .f_add(&column)?)
 }
 
 #[cfg(test)]
@@ -179,6 +258,55 @@ mod tests {
                 diff <= 1e-5 * size.max(1e-3),
                 "grad {i}: max diff {diff} (max {size})"
             );
+        }
+    }
+
+    /// Several vocabulary tiles, the last one partial, and ignored rows: the tiled loss
+    /// and gradients equal log-softmax cross-entropy and autograd.
+    #[test]
+    fn tiled_cross_entropy_equals_autograd_over_several_tiles() {
+        tch::manual_seed(9);
+        let (rows, hidden_size, vocab) = (300, 16, 2 * VOCAB_TILE + 452);
+        let opts = (Kind::Float, Device::Cpu);
+        let hidden = Tensor::randn([rows, hidden_size], opts).set_requires_grad(true);
+        let weight = (Tensor::randn([vocab, hidden_size], opts) * 0.3).set_requires_grad(true);
+        let targets = Tensor::randint(vocab, [rows], (Kind::Int64, Device::Cpu));
+        let _ = targets.narrow(0, 5, 40).fill_(IGNORE_INDEX);
+        let _ = targets.narrow(0, 50, 3).fill_(vocab - 1); // the partial tile's last column
+        let counted = targets.ne(IGNORE_INDEX);
+        let scale = 0.25;
+        let (loss, grad_hidden, grad_weight) = tch::no_grad(|| {
+            chunked_cross_entropy(
+                &hidden.detach(),
+                &weight.detach(),
+                &targets,
+                &counted,
+                scale,
+            )
+        })
+        .unwrap();
+
+        let logits = hidden.mm(&weight.tr()); // (N, V)
+        let expected = logits.cross_entropy_loss::<Tensor>(
+            &targets,
+            None,
+            tch::Reduction::Sum,
+            IGNORE_INDEX,
+            0.0,
+        );
+        let grads = Tensor::run_backward(&[&expected * scale], &[&hidden, &weight], false, false);
+        let expected_loss = expected.double_value(&[]);
+        assert!(
+            (loss - expected_loss).abs() <= 1e-5 * expected_loss.abs(),
+            "loss {loss} vs {expected_loss}"
+        );
+        for (name, got, want) in [
+            ("d hidden", &grad_hidden, &grads[0]),
+            ("d weight", &grad_weight, &grads[1]),
+        ] {
+            let diff = (got - want).abs().max().double_value(&[]);
+            let size = want.abs().max().double_value(&[]);
+            assert!(diff <= 1e-5 * size, "{name}: max diff {diff} (max {size})");
         }
     }
 
