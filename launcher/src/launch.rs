@@ -67,14 +67,21 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         true => inherited_restart_count(),
         false => 0,
     };
-    let code = supervise_attempts(
-        &runtime,
-        &plan,
-        rendezvous.as_ref().map(|(s, _)| s.clone()),
-        ssh_launch.as_ref(),
-        restart_base,
-        started,
-    );
+    let coordinated = args.launcher == LauncherKind::Slurm && plan.nodes.len() > 1;
+    let code = match (coordinated, &rendezvous) {
+        (true, Some((state, _))) => {
+            crate::coordinated::lead_nodes(&runtime, &plan, state.clone(), started)
+        }
+        (true, None) => crate::coordinated::follow_node0(&runtime, &plan),
+        (false, _) => supervise_attempts(
+            &runtime,
+            &plan,
+            rendezvous.as_ref().map(|(s, _)| s.clone()),
+            ssh_launch.as_ref(),
+            restart_base,
+            started,
+        ),
+    };
     if let Some((_, mut server)) = rendezvous {
         server.shutdown();
     }
@@ -346,13 +353,7 @@ fn supervise_attempts(
     started: Instant,
 ) -> Result<i32> {
     let program = worker_program()?;
-    let options = SuperviseOptions {
-        grace_period: plan.grace_period,
-        heartbeat_timeout: plan.heartbeat_timeout,
-        heartbeat_interval: plan.heartbeat_interval,
-        startup_timeout: STARTUP_ALLOWANCE,
-        rank_log_dir: plan.rank_log_dir.clone(),
-    };
+    let options = supervise_options(plan);
     let local: Vec<_> = plan.local_ranks().collect();
     for attempt in 0..=plan.max_restarts {
         let restart_count = restart_base + attempt;
@@ -418,10 +419,22 @@ fn supervise_attempts(
     Ok(1)
 }
 
+/// The supervisor's settings from the plan (no stop source).
+pub(crate) fn supervise_options(plan: &LaunchPlan) -> SuperviseOptions {
+    SuperviseOptions {
+        grace_period: plan.grace_period,
+        heartbeat_timeout: plan.heartbeat_timeout,
+        heartbeat_interval: plan.heartbeat_interval,
+        startup_timeout: STARTUP_ALLOWANCE,
+        rank_log_dir: plan.rank_log_dir.clone(),
+        stop_source: None,
+    }
+}
+
 /// What the deciding launcher does once attempt `attempt` (0-based) has ended and every
 /// worker of it is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AfterAttempt {
+pub(crate) enum AfterAttempt {
     /// Success, a signal, or a failure with restarts off: exit with this code.
     Exit(i32),
     /// A failure after all `--max_restarts` restarts: exit with the failure's code.
@@ -430,7 +443,7 @@ enum AfterAttempt {
     Restart,
 }
 
-fn after_attempt(outcome: &Outcome, attempt: u32, max_restarts: u32) -> AfterAttempt {
+pub(crate) fn after_attempt(outcome: &Outcome, attempt: u32, max_restarts: u32) -> AfterAttempt {
     let failed = matches!(
         outcome,
         Outcome::WorkerFailed { .. } | Outcome::Hung { .. } | Outcome::JoinTimeout { .. }
@@ -444,7 +457,7 @@ fn after_attempt(outcome: &Outcome, attempt: u32, max_restarts: u32) -> AfterAtt
 
 /// Where the restarted workers will resume, as far as the launcher can tell: the newest
 /// `checkpoint-N` with a manifest in the resolved config's `output_dir`.
-fn resume_point(plan: &LaunchPlan) -> String {
+pub(crate) fn resume_point(plan: &LaunchPlan) -> String {
     let output_dir = plan
         .local_ranks()
         .next()
@@ -481,7 +494,7 @@ fn newest_complete_checkpoint(dir: &Path) -> Option<u64> {
 }
 
 /// Prints, once, how long after the launcher started the whole world had joined.
-fn announce_world(
+pub(crate) fn announce_world(
     runtime: &tokio::runtime::Runtime,
     state: Arc<RendezvousState>,
     started: Instant,
@@ -498,7 +511,7 @@ fn announce_world(
     });
 }
 
-fn report_outcome(outcome: &Outcome, local_workers: usize, plan: &LaunchPlan) {
+pub(crate) fn report_outcome(outcome: &Outcome, local_workers: usize, plan: &LaunchPlan) {
     let grace = plan.grace_period.as_secs_f64();
     match outcome {
         Outcome::Success => eprintln!("rsdeep: all {local_workers} worker(s) exited 0"),
@@ -518,6 +531,7 @@ fn report_outcome(outcome: &Outcome, local_workers: usize, plan: &LaunchPlan) {
                 "rsdeep: stopping every worker as hung (SIGTERM and SIGCONT, SIGKILL after {grace}s)"
             );
         }
+        Outcome::Stopped { reason, .. } => eprintln!("rsdeep: {reason}"),
     }
 }
 
@@ -546,6 +560,7 @@ mod tests {
             rank: 3,
             exit_code: 137,
             report: String::new(),
+            at_ms: 0,
         };
         assert_eq!(after_attempt(&failed, 0, 2), AfterAttempt::Restart);
         assert_eq!(after_attempt(&failed, 1, 2), AfterAttempt::Restart);
@@ -564,6 +579,11 @@ mod tests {
             signal: libc::SIGTERM,
         };
         assert_eq!(after_attempt(&signal, 0, 3), AfterAttempt::Exit(143));
+        let stopped = Outcome::Stopped {
+            reason: String::new(),
+            exit_code: 1,
+        };
+        assert_eq!(after_attempt(&stopped, 0, 3), AfterAttempt::Exit(1));
         assert_eq!(
             after_attempt(&Outcome::Success, 0, 3),
             AfterAttempt::Exit(0)

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod coordination;
 pub mod env_contract;
 pub mod envfile;
 pub mod hostfile;

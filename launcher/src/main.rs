@@ -6,6 +6,7 @@
 //! (128 + signal for a signal) or 128 + the signal that stopped the launcher.
 
 mod bench;
+mod coordinated;
 mod launch;
 
 use std::time::Instant;

@@ -602,6 +602,7 @@ pub fn blame_remote_node(outcome: Outcome) -> Outcome {
                 rank: *failure.ranks.start(),
                 exit_code: failure.exit_code,
                 report: format!("rsdeep: {failure}\n"),
+                at_ms: supervisor::unix_ms(),
             }
         }
         _ => outcome,
@@ -796,6 +797,7 @@ impl RemoteNodes {
                     rank: *failure.ranks.start(),
                     exit_code: failure.exit_code,
                     report: format!("rsdeep: {failure}\n"),
+                    at_ms: supervisor::unix_ms(),
                 }
             }
             None => match STOP_SIGNAL.load(Ordering::SeqCst) {

@@ -110,6 +110,8 @@ pub enum Outcome {
         rank: usize,
         exit_code: i32,
         report: String,
+        /// Unix ms of the failure (see `Failure::at_ms`): orders failures across nodes.
+        at_ms: u64,
     },
     /// The launcher got SIGINT/SIGTERM/SIGHUP.
     Interrupted { signal: i32 },
@@ -117,6 +119,9 @@ pub enum Outcome {
     JoinTimeout { message: String },
     /// Ranks stopped sending heartbeats or making steps; the report is ready to print.
     Hung { ranks: Vec<usize>, report: String },
+    /// Ended from outside this node's workers (`SuperviseOptions::stop_source`): node 0
+    /// stopped the attempt, or node 0 was lost. Never a reason to restart by itself.
+    Stopped { reason: String, exit_code: i32 },
 }
 
 impl Outcome {
@@ -127,6 +132,7 @@ impl Outcome {
             Outcome::WorkerFailed { exit_code, .. } => *exit_code,
             Outcome::Interrupted { signal } => 128 + signal,
             Outcome::JoinTimeout { .. } | Outcome::Hung { .. } => 1,
+            Outcome::Stopped { exit_code, .. } => *exit_code,
         }
     }
 }
@@ -166,6 +172,16 @@ pub struct SuperviseOptions {
     pub startup_timeout: Duration,
     /// Where `[rank N]` log files go (`--enable_each_rank_log`).
     pub rank_log_dir: Option<PathBuf>,
+    /// Asked every poll whether something outside this node's workers ends the attempt
+    /// (coordinated restarts across nodes); `None` outside of them.
+    pub stop_source: Option<Arc<dyn StopSource>>,
+}
+
+/// Something besides the local workers, a signal and the rendezvous that can end an
+/// attempt: another node's failure seen by node 0, or node 0's word seen by a node.
+pub trait StopSource: Send + Sync + std::fmt::Debug {
+    /// `Some` once the attempt must end, with how it ended.
+    fn stop_outcome(&self) -> Option<Outcome>;
 }
 
 /// Starts one worker per rank of `ranks` running `program`. Must be called from the
@@ -332,6 +348,9 @@ pub fn watch(
         if signal != 0 {
             return Outcome::Interrupted { signal };
         }
+        if let Some(outcome) = options.stop_source.as_ref().and_then(|s| s.stop_outcome()) {
+            return outcome;
+        }
         if let Some(state) = rendezvous
             && state.join_timed_out()
         {
@@ -353,6 +372,7 @@ pub fn watch(
                             "cannot wait for rank {} (pid {}): {e}",
                             worker.rank, worker.pid
                         ),
+                        at_ms: unix_ms(),
                     };
                 }
             }
@@ -451,6 +471,7 @@ fn settle_and_report(
         rank: first.rank,
         exit_code: first.status.map_or(1, exit_code_of),
         report: failure_report(&failures),
+        at_ms: first.at_ms,
     }
 }
 
@@ -869,7 +890,44 @@ mod tests {
             heartbeat_interval: Duration::from_millis(100),
             startup_timeout: Duration::from_secs(600),
             rank_log_dir: None,
+            stop_source: None,
         }
+    }
+
+    /// Ends the attempt once `after` has passed.
+    #[derive(Debug)]
+    struct StopAfter(Instant);
+
+    impl StopSource for StopAfter {
+        fn stop_outcome(&self) -> Option<Outcome> {
+            (Instant::now() >= self.0).then(|| Outcome::Stopped {
+                reason: "node 0 stopped the attempt".into(),
+                exit_code: 1,
+            })
+        }
+    }
+
+    #[test]
+    fn a_stop_source_ends_the_watch_with_its_outcome() {
+        let mut workers = spawn_sh(&["exec sleep 30"], None);
+        let delay = Duration::from_millis(200);
+        let options = SuperviseOptions {
+            stop_source: Some(Arc::new(StopAfter(Instant::now() + delay))),
+            ..options()
+        };
+        let started = Instant::now();
+        let outcome = watch(&mut workers, None, &options);
+        assert!(started.elapsed() >= delay);
+        assert_eq!(
+            outcome,
+            Outcome::Stopped {
+                reason: "node 0 stopped the attempt".into(),
+                exit_code: 1
+            }
+        );
+        assert_eq!(outcome.exit_code(), 1);
+        assert!(workers[0].status.is_none(), "the watch stops nobody");
+        stop_workers(&mut workers, Duration::from_secs(5));
     }
 
     static SCRIPTS: std::sync::LazyLock<tempfile::TempDir> =
@@ -912,6 +970,7 @@ mod tests {
             rank,
             exit_code,
             report,
+            ..
         } = outcome
         else {
             panic!("expected a failure, got {outcome:?}");

@@ -3,7 +3,10 @@
 //! call must carry the job token (`x-rsdeep-token` metadata, checked by an interceptor)
 //! and the job id; Join also checks the rsdeep version. The server listens on the master
 //! address only unless told otherwise, optionally over TLS (`tls`, `docs/security.md`).
+//! Under `--launcher slurm` with several nodes it also carries node 0's decisions to the
+//! other nodes' launchers (`control`: coordinated restarts).
 
+pub mod control;
 pub mod service;
 pub mod state;
 pub mod tls;

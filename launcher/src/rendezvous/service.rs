@@ -18,6 +18,7 @@ use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
+use super::control::{Directive, NodeReport, NodeState};
 use super::state::{
     Command, CompleteWorld, ErrorRecord, Member, RankPhase, RendezvousError, RendezvousState,
 };
@@ -237,6 +238,105 @@ impl Rendezvous for RendezvousService {
         });
         Ok(Response::new(pb::ErrorAck {}))
     }
+
+    async fn node_control(
+        &self,
+        request: Request<pb::NodeStatus>,
+    ) -> Result<Response<pb::NodeDirective>, Status> {
+        let req = request.into_inner();
+        self.state.check_job(&req.job_id)?;
+        let report = node_report(req);
+        let span = info_span!("rendezvous.node_control", node = report.node_rank);
+        let directive = span
+            .in_scope(|| self.state.control().poll(report))
+            .map_err(|e| Status::out_of_range(e.to_string()))?;
+        Ok(Response::new(wire_directive(directive)))
+    }
+}
+
+/// A `NodeStatus` as the control state machine reads it.
+pub fn node_report(status: pb::NodeStatus) -> NodeReport {
+    use pb::node_status::State;
+    let state = match State::try_from(status.state).unwrap_or(State::Running) {
+        State::Running => NodeState::Running,
+        State::Finished => NodeState::Finished,
+        State::Failed => NodeState::Failed,
+        State::Interrupted => NodeState::Interrupted,
+        State::Stopped => NodeState::Stopped,
+    };
+    NodeReport {
+        node_rank: status.node_rank as usize,
+        attempt: status.attempt,
+        state,
+        workers_stopped: status.workers_stopped,
+        exit_code: status.exit_code,
+        failed_at_ms: status.failed_at_ms,
+        failed_rank: status.failed_rank as usize,
+        report: status.report,
+    }
+}
+
+/// The wire form of a node's poll (the inverse of `node_report`).
+pub fn wire_status(job_id: &str, report: &NodeReport) -> pb::NodeStatus {
+    use pb::node_status::State;
+    let state = match report.state {
+        NodeState::Running => State::Running,
+        NodeState::Finished => State::Finished,
+        NodeState::Failed => State::Failed,
+        NodeState::Interrupted => State::Interrupted,
+        NodeState::Stopped => State::Stopped,
+    };
+    pb::NodeStatus {
+        job_id: job_id.to_string(),
+        node_rank: report.node_rank as u32,
+        attempt: report.attempt,
+        state: state as i32,
+        workers_stopped: report.workers_stopped,
+        exit_code: report.exit_code,
+        failed_at_ms: report.failed_at_ms,
+        failed_rank: report.failed_rank as u32,
+        report: report.report.clone(),
+    }
+}
+
+/// Node 0's answer as a node reads it (an unknown action reads as `Continue`).
+pub fn directive_of(wire: pb::NodeDirective) -> Directive {
+    use pb::node_directive::Action;
+    match Action::try_from(wire.action).unwrap_or(Action::Continue) {
+        Action::Continue => Directive::Continue,
+        Action::Stop => Directive::Stop,
+        Action::Restart => Directive::Restart {
+            attempt: wire.attempt,
+            generation: wire.generation,
+        },
+        Action::Exit => Directive::Exit {
+            code: wire.exit_code,
+            report: wire.report,
+        },
+    }
+}
+
+/// The wire form of node 0's answer.
+pub fn wire_directive(directive: Directive) -> pb::NodeDirective {
+    use pb::node_directive::Action;
+    let mut wire = pb::NodeDirective::default();
+    let action = match directive {
+        Directive::Continue => Action::Continue,
+        Directive::Stop => Action::Stop,
+        Directive::Restart {
+            attempt,
+            generation,
+        } => {
+            (wire.attempt, wire.generation) = (attempt, generation);
+            Action::Restart
+        }
+        Directive::Exit { code, report } => {
+            (wire.exit_code, wire.report) = (code, report);
+            Action::Exit
+        }
+    };
+    wire.action = action as i32;
+    wire
 }
 
 fn join_response(
@@ -418,6 +518,105 @@ mod tests {
             comm_addr: format!("127.0.0.1:{}", 7000 + local_rank),
             pid: 42 + local_rank,
         }
+    }
+
+    async fn serve_nodes(nodes: usize) -> (Arc<RendezvousState>, ServerHandle) {
+        let spec = WorldSpec {
+            job_id: "job".into(),
+            nodes: (0..nodes).map(|n| (format!("node{n}"), 1)).collect(),
+            join_timeout: Duration::from_secs(10),
+        };
+        let state = Arc::new(RendezvousState::new(spec));
+        let server = start_server(state.clone(), TOKEN.into(), ([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        (state, server)
+    }
+
+    fn node_status(job: &str, node_rank: usize, state: NodeState) -> pb::NodeStatus {
+        let report = NodeReport {
+            node_rank,
+            attempt: 0,
+            state,
+            workers_stopped: false,
+            exit_code: 137,
+            failed_at_ms: 1234,
+            failed_rank: 1,
+            report: "rank 1 failed first".into(),
+        };
+        wire_status(job, &report)
+    }
+
+    #[tokio::test]
+    async fn node_control_refuses_wrong_tokens_unknown_jobs_and_nodes_and_stores_nothing() {
+        let (state, server) = serve_nodes(2).await;
+        let mut c = client(&server).await;
+        let status = node_status("job", 1, NodeState::Failed);
+        let wrong = c
+            .node_control(with_token(status.clone(), "nope"))
+            .await
+            .unwrap_err();
+        assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+        let missing = c
+            .node_control(Request::new(status.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        let other = node_status("other", 1, NodeState::Failed);
+        let job = c.node_control(with_token(other, TOKEN)).await.unwrap_err();
+        assert_eq!(job.code(), tonic::Code::NotFound);
+        let beyond = node_status("job", 2, NodeState::Failed);
+        let node = c.node_control(with_token(beyond, TOKEN)).await.unwrap_err();
+        assert_eq!(node.code(), tonic::Code::OutOfRange);
+        assert_eq!(
+            state.control().remote_event(),
+            None,
+            "refused polls store nothing"
+        );
+        // The real poll is stored: node 1's failure, with its time and report, reaches node 0.
+        let answer = c.node_control(with_token(status, TOKEN)).await.unwrap();
+        assert_eq!(directive_of(answer.into_inner()), Directive::Continue);
+        let Some(super::super::control::RemoteEvent::Failed(report)) =
+            state.control().remote_event()
+        else {
+            panic!("node 1's failure was not recorded");
+        };
+        assert_eq!(
+            (report.failed_rank, report.failed_at_ms, report.exit_code),
+            (1, 1234, 137)
+        );
+        assert_eq!(report.report, "rank 1 failed first");
+        state.control().decide_exit(137, "the report".into());
+        let running = node_status("job", 1, NodeState::Running);
+        let answer = c.node_control(with_token(running, TOKEN)).await.unwrap();
+        assert_eq!(
+            directive_of(answer.into_inner()),
+            Directive::Exit {
+                code: 137,
+                report: "the report".into()
+            }
+        );
+    }
+
+    #[test]
+    fn directives_survive_the_wire() {
+        for directive in [
+            Directive::Continue,
+            Directive::Stop,
+            Directive::Restart {
+                attempt: 2,
+                generation: 3,
+            },
+            Directive::Exit {
+                code: 143,
+                report: "r".into(),
+            },
+        ] {
+            assert_eq!(directive_of(wire_directive(directive.clone())), directive);
+        }
+        let wire = node_status("job", 1, NodeState::Interrupted);
+        let back = wire_status("job", &node_report(wire.clone()));
+        assert_eq!(back, wire);
     }
 
     #[tokio::test]

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
 
+use super::control::JobControl;
+
 /// The world the rendezvous expects.
 #[derive(Debug, Clone)]
 pub struct WorldSpec {
@@ -296,13 +298,17 @@ pub struct RendezvousState {
     join_complete: Notify,
     kv_changed: Notify,
     barrier_changed: Notify,
+    /// Coordinated restarts across nodes (node 0 decides; survives generations).
+    control: JobControl,
 }
 
 impl RendezvousState {
     /// A fresh rendezvous at generation 1; the join clock starts now.
     pub fn new(spec: WorldSpec) -> Self {
         let members = vec![None; spec.world_size()];
+        let control = JobControl::new(spec.nodes.len());
         RendezvousState {
+            control,
             spec,
             inner: Mutex::new(Inner {
                 generation: 1,
@@ -318,6 +324,11 @@ impl RendezvousState {
 
     pub fn spec(&self) -> &WorldSpec {
         &self.spec
+    }
+
+    /// Node 0's coordination of the other nodes' launchers (`control.rs`).
+    pub fn control(&self) -> &JobControl {
+        &self.control
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
