@@ -12,7 +12,7 @@
 //! reason; nothing is skipped.
 
 use rsdeep::hostlist::expand_hostlist;
-use rsdeep_e2e::{binary, sentence_corpus, train_tokenizer};
+use rsdeep_e2e::{binary, logged_step, sentence_corpus, train_tokenizer};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -593,6 +593,18 @@ fn submit(
     launch_args: &str,
     overrides: &[&str],
 ) -> Submission {
+    submit_logging(cluster, fixture, script, launch_args, overrides, "warn")
+}
+
+/// `submit` with `RSDEEP_LOG=log_filter` for the launchers and workers.
+fn submit_logging(
+    cluster: &SlurmCluster,
+    fixture: &Fixture,
+    script: &str,
+    launch_args: &str,
+    overrides: &[&str],
+    log_filter: &str,
+) -> Submission {
     let stdout = fixture.path("sbatch.stdout");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let mut command = cluster.command("sbatch");
@@ -607,7 +619,7 @@ fn submit(
         .env("RSDEEP", binary("rsdeep"))
         .env("RSDEEP_LAUNCH_ARGS", launch_args)
         .env("OMP_NUM_THREADS", "1")
-        .env("RSDEEP_LOG", "warn")
+        .env("RSDEEP_LOG", log_filter)
         .env_remove("RSDEEP_JOB_ID")
         .env_remove("RSDEEP_TOKEN")
         .env_remove("CUDA_VISIBLE_DEVICES")
@@ -969,4 +981,164 @@ fn sbatch_many_node_script_forms_one_world_across_two_network_namespaces() {
         let manifest = fixture.path(&format!("out/checkpoint-{step}/manifest.json"));
         assert!(manifest.is_file(), "{} is missing", manifest.display());
     }
+}
+
+/// The pid of the live `rsdeep-worker` of SLURM job `job_id` with `RANK=rank`.
+fn worker_of_rank(job_id: &str, rank: usize) -> Option<i32> {
+    let worker = binary("rsdeep-worker").display().to_string();
+    let (wanted_rank, wanted_job) = (
+        format!("RANK={rank}"),
+        format!("RSDEEP_JOB_ID=slurm-{job_id}"),
+    );
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let environ = String::from_utf8_lossy(&environ);
+            let vars: Vec<&str> = environ.split('\0').collect();
+            let ours = String::from_utf8_lossy(&cmdline).starts_with(&worker)
+                && vars.contains(&wanted_rank.as_str())
+                && vars.iter().any(|v| v.starts_with(&wanted_job));
+            ours.then_some(pid)
+        })
+}
+
+/// Runs the two-node job with `overrides` (and `extra` launcher flags) to the end and
+/// returns its output; panics with it when the job fails.
+fn run_two_node_job(cluster: &SlurmCluster, fixture: &Fixture, overrides: &[&str]) -> String {
+    let mut job = submit(
+        cluster,
+        fixture,
+        "train-multinode.sbatch",
+        "--device cpu --num_procs 1",
+        overrides,
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    let code = job.wait(Duration::from_secs(300), || {
+        job_output(fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(fixture, &id);
+    assert_eq!(code, 0, "the job failed:\n{output}\n{}", cluster.logs());
+    output
+}
+
+#[test]
+fn a_rank_killed_on_node_1_restarts_both_nodes_from_the_checkpoint_bit_identical() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start_two_nodes();
+    let fixture = Fixture::new();
+    let started = Instant::now();
+    let (reference, faulty) = (fixture.path("reference"), fixture.path("faulty"));
+    let overrides = |out: &Path| {
+        let out = out.display().to_string();
+        [
+            "--max_steps",
+            "16",
+            "--save_steps",
+            "4",
+            "--output_dir",
+            &out,
+        ]
+        .map(String::from)
+    };
+    let reference_args = overrides(&reference);
+    let reference_args: Vec<&str> = reference_args.iter().map(String::as_str).collect();
+    run_two_node_job(&cluster, &fixture, &reference_args);
+    let want = std::fs::read(reference.join("model.safetensors")).expect("reference weights");
+    eprintln!(
+        "uninterrupted reference: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let faulty_args = overrides(&faulty);
+    let faulty_args: Vec<&str> = faulty_args.iter().map(String::as_str).collect();
+    let mut job = submit_logging(
+        &cluster,
+        &fixture,
+        "train-multinode.sbatch",
+        "--device cpu --num_procs 1 --max_restarts 1",
+        &faulty_args,
+        "warn,rsdeep_worker=info",
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while logged_step(&faulty) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "step 5 never logged:\n{}",
+            job_output(&fixture, &id)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let victim = worker_of_rank(&id, 1).unwrap_or_else(|| {
+        panic!(
+            "no rank 1 worker of job {id}:\n{}",
+            job_output(&fixture, &id)
+        )
+    });
+    // SAFETY: kill(2) on a worker of the job this test submitted.
+    assert_eq!(
+        unsafe { libc::kill(victim, libc::SIGKILL) },
+        0,
+        "kill {victim}"
+    );
+    eprintln!(
+        "killed rank 1 (pid {victim}) at logged step {}",
+        logged_step(&faulty)
+    );
+    let code = job.wait(Duration::from_secs(300), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(&fixture, &id);
+    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
+        eprintln!("{line}");
+    }
+    assert_eq!(code, 0, "the restarted job failed:\n{output}");
+    assert_eq!(
+        output.matches("rsdeep: restarting the job (").count(),
+        1,
+        "one restart, logged once by node 0 only:\n{output}"
+    );
+    assert!(
+        output.contains(
+            "rsdeep: restarting the job (1/1), rendezvous generation 2: resuming from checkpoint-"
+        ),
+        "{output}"
+    );
+    let second = cluster.network.as_ref().expect("network").host_name(1);
+    assert!(
+        output.contains(&format!(
+            "rank 1 failed first (host {second}, pid {victim}): signal 9 (SIGKILL)"
+        )),
+        "node 1 reports its killed rank:\n{output}"
+    );
+    assert_eq!(
+        output.matches("started 1 worker(s) on node 1").count(),
+        2,
+        "node 1 starts its workers twice:\n{output}"
+    );
+    let rejoined = output.lines().any(|l| {
+        l.starts_with("[rank 1]")
+            && l.contains("joined the rendezvous")
+            && l.contains("generation=2")
+    });
+    assert!(
+        rejoined,
+        "node 1's rank did not join generation 2:\n{output}"
+    );
+    assert!(output.contains("rsdeep: every node finished"), "{output}");
+    let got = std::fs::read(faulty.join("model.safetensors")).expect("final weights");
+    assert!(
+        got == want,
+        "the restarted run's weights differ from the uninterrupted run's"
+    );
+    eprintln!(
+        "reference + restarted two-node SLURM runs: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
