@@ -1142,3 +1142,186 @@ fn a_rank_killed_on_node_1_restarts_both_nodes_from_the_checkpoint_bit_identical
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Waits until the job's output satisfies `pred`; panics with it after `limit`.
+fn wait_for_output(fixture: &Fixture, id: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let output = job_output(fixture, id);
+        if pred(&output) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not seen within {limit:?}:\n{output}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pid of the `rsdeep` launcher of SLURM job `job_id` on node `node`.
+fn launcher_of_node(job_id: &str, node: usize) -> Option<i32> {
+    let launcher = binary("rsdeep").display().to_string();
+    let (wanted_node, wanted_job) = (
+        format!("SLURM_NODEID={node}"),
+        format!("SLURM_JOB_ID={job_id}"),
+    );
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let environ = String::from_utf8_lossy(&environ);
+            let vars: Vec<&str> = environ.split('\0').collect();
+            let program = String::from_utf8_lossy(&cmdline);
+            let ours = program.split('\0').next() == Some(launcher.as_str())
+                && vars.contains(&wanted_node.as_str())
+                && vars.contains(&wanted_job.as_str());
+            ours.then_some(pid)
+        })
+}
+
+fn signal(pid: i32, signal: libc::c_int) {
+    // SAFETY: kill(2) on a process of the job this test submitted.
+    assert_eq!(
+        unsafe { libc::kill(pid, signal) },
+        0,
+        "kill({pid}, {signal})"
+    );
+}
+
+#[test]
+fn used_up_restarts_end_both_nodes_naming_the_rank_killed_on_node_1() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start_two_nodes();
+    let fixture = Fixture::new();
+    let mut job = submit(
+        &cluster,
+        &fixture,
+        "train-multinode.sbatch",
+        "--device cpu --num_procs 1 --max_restarts 1",
+        &["--max_steps", "100000", "--save_steps", "100000"],
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    let worker = |not: Option<i32>| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match worker_of_rank(&id, 1) {
+                Some(pid) if Some(pid) != not => return pid,
+                _ => assert!(
+                    Instant::now() < deadline,
+                    "no new rank 1 worker:\n{}",
+                    job_output(&fixture, &id)
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
+        o.contains("rendezvous complete: 2 rank(s) joined generation 1")
+    });
+    let first = worker(None);
+    signal(first, libc::SIGKILL);
+    wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
+        o.contains("rendezvous complete: 2 rank(s) joined generation 2")
+    });
+    let second = worker(Some(first));
+    signal(second, libc::SIGKILL);
+    let code = job.wait(Duration::from_secs(120), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(&fixture, &id);
+    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
+        eprintln!("{line}");
+    }
+    assert_ne!(code, 0, "{output}");
+    assert_eq!(
+        output.matches("rsdeep: restarting the job (").count(),
+        1,
+        "{output}"
+    );
+    let after_restart = output
+        .split_once("rsdeep: restarting the job (1/1), rendezvous generation 2")
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("no restart:\n{output}"));
+    let host = cluster.network.as_ref().expect("network").host_name(1);
+    let named = format!("rank 1 failed first (host {host}, pid {second}): signal 9 (SIGKILL)");
+    assert!(
+        after_restart.contains("rsdeep: giving up: all 1 restart(s) used"),
+        "{output}"
+    );
+    assert!(
+        after_restart.contains(&format!(
+            "rsdeep: node 1 ({host}, ranks 1-1) failed:\nrsdeep: {named}"
+        )),
+        "node 0's last report must name node 1's killed rank:\n{output}"
+    );
+    assert!(
+        after_restart.contains("rsdeep: node 0 ends the job with exit code 137"),
+        "node 1 must exit on node 0's word:\n{output}"
+    );
+    assert!(output.contains("rsdeep exited with status 137"), "{output}");
+}
+
+#[test]
+fn a_node_that_loses_node_0_stops_its_workers_and_says_so() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start_two_nodes();
+    let fixture = Fixture::new();
+    let mut job = submit(
+        &cluster,
+        &fixture,
+        "train-multinode.sbatch",
+        "--device cpu --num_procs 1 --max_restarts 1 --heartbeat_timeout 3 --heartbeat_interval 0.5",
+        &["--max_steps", "100000", "--save_steps", "100000"],
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
+        o.contains("rendezvous complete: 2 rank(s) joined generation 1")
+    });
+    let node0 = launcher_of_node(&id, 0)
+        .unwrap_or_else(|| panic!("no node 0 launcher:\n{}", job_output(&fixture, &id)));
+    let node1_worker = worker_of_rank(&id, 1).expect("node 1's worker");
+    // A frozen node 0: its rendezvous stops answering, its workers keep training.
+    signal(node0, libc::SIGSTOP);
+    let stopped = Instant::now();
+    let first = cluster.network.as_ref().expect("network").host_name(0);
+    let lost = format!("rsdeep: node 0 is lost: its rendezvous at http://{first}:");
+    wait_for_output(&fixture, &id, Duration::from_secs(30), |o| {
+        o.contains(&lost)
+    });
+    let noticed = stopped.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{node1_worker}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "node 1's worker {node1_worker} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(node0, libc::SIGCONT);
+    let code = job.wait(Duration::from_secs(120), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(&fixture, &id);
+    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
+        eprintln!("{line}");
+    }
+    eprintln!(
+        "node 1 gave up on node 0 {:.1} s after the SIGSTOP",
+        noticed.as_secs_f64()
+    );
+    assert!(
+        noticed >= Duration::from_secs(3) && noticed < Duration::from_secs(10),
+        "heartbeat timeout 3 s: noticed after {noticed:?}"
+    );
+    assert!(output.contains("has been unreachable for"), "{output}");
+    assert_ne!(code, 0, "{output}");
+    assert!(!output.contains("rsdeep: restarting the job ("), "{output}");
+}

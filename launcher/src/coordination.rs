@@ -120,9 +120,10 @@ impl NodeLink {
                 url: target.url.clone(),
                 reason: e.to_string(),
             })?;
+        let call_timeout = call_timeout(&target);
         endpoint = endpoint
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(CALL_TIMEOUT);
+            .connect_timeout(call_timeout.min(Duration::from_secs(2)))
+            .timeout(call_timeout);
         if let Some(tls) = target.tls.clone() {
             endpoint = endpoint.tls_config(tls).map_err(|e| LinkError::Tls {
                 url: target.url.clone(),
@@ -308,7 +309,14 @@ async fn poll_node0<F>(
         let asked_for = status.attempt;
         let span = info_span!("node_control", node = target.node_rank, attempt = asked_for);
         let request = wire_status(&target.job_id, &status);
-        let answer = client.node_control(request).instrument(span).await;
+        let call = client.node_control(request).instrument(span);
+        let answer = match tokio::time::timeout(call_timeout(&target), call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {:.1} s",
+                call_timeout(&target).as_secs_f64()
+            ))),
+        };
         match answer {
             Ok(answer) => {
                 last_answer = Some(Instant::now());
@@ -349,6 +357,11 @@ async fn poll_node0<F>(
             _ = shared.wake.notified() => {}
         }
     }
+}
+
+/// A call never waits longer than the silence that makes node 0 lost.
+fn call_timeout(target: &LinkTarget) -> Duration {
+    CALL_TIMEOUT.min(target.lost_after).max(POLL_PERIOD)
 }
 
 /// Answers that waiting will not change: wrong token, another job, a node rank node 0
