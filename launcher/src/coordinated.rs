@@ -228,21 +228,23 @@ fn report_remote(outcome: &Outcome) {
         Outcome::Interrupted { signal } => {
             eprintln!("rsdeep: another node's launcher got signal {signal}: stopping every node")
         }
+        Outcome::Stopped { reason, .. } => eprintln!("rsdeep: {reason}"),
         _ => {}
     }
 }
 
 /// Waits (up to `limit`) for every other node to report its workers of this attempt
-/// stopped; names the nodes that did not.
+/// stopped (lost nodes and nodes that never polled are not waited for); names the nodes
+/// that did not.
 fn wait_until_nodes_stopped(state: &RendezvousState, limit: Duration) {
     let deadline = Instant::now() + limit;
-    while !state.control().all_ended() && Instant::now() < deadline {
+    while !state.control().still_stopping().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     let late = state.control().not_stopped();
     if !late.is_empty() {
         eprintln!(
-            "rsdeep: warning: node(s) {late:?} did not report their workers stopped within {:.1} s; going on without them",
+            "rsdeep: warning: node(s) {late:?} did not report their workers stopped (lost, or not within {:.1} s); going on without them",
             limit.as_secs_f64()
         );
     }

@@ -418,21 +418,180 @@ pub fn outcome_of_event(state: &RendezvousState, event: RemoteEvent) -> Outcome 
                 _ => libc::SIGTERM,
             },
         },
+        // Not restarted: a node that lost node 0 for as long stops itself, so a new
+        // generation could never complete.
         RemoteEvent::Lost {
             node_rank,
             silent_for,
-        } => {
-            let spec = state.spec();
-            let first = spec.rank_of(node_rank, 0).unwrap_or(0);
-            let size = spec.nodes.get(node_rank).map_or(0, |(_, n)| *n);
-            Outcome::Hung {
-                ranks: (first..first + size).collect(),
-                report: format!(
-                    "rsdeep: {} is lost: its launcher has not polled node 0 for {:.1} s (it died, hangs, or the network is cut)\n",
-                    describe_node(state, node_rank),
-                    silent_for.as_secs_f64()
-                ),
-            }
+        } => Outcome::Stopped {
+            reason: format!(
+                "{} is lost: its launcher has not polled node 0 for {:.1} s (it died, hangs, or the network is cut); ending the job without a restart",
+                describe_node(state, node_rank),
+                silent_for.as_secs_f64()
+            ),
+            exit_code: 1,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rendezvous::{ServerHandle, WorldSpec, start_server};
+
+    const TOKEN: &str = "t0ken";
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn serve(runtime: &tokio::runtime::Runtime) -> (Arc<RendezvousState>, ServerHandle) {
+        let spec = WorldSpec {
+            job_id: "job".into(),
+            nodes: vec![("node0".into(), 1), ("node1".into(), 1)],
+            join_timeout: Duration::from_secs(10),
+        };
+        let state = Arc::new(RendezvousState::new(spec));
+        let bind = ([127, 0, 0, 1], 0).into();
+        let server = runtime
+            .block_on(start_server(state.clone(), TOKEN.into(), bind))
+            .unwrap();
+        (state, server)
+    }
+
+    fn target(server: &ServerHandle, token: &str, lost_after: Duration) -> LinkTarget {
+        LinkTarget {
+            url: format!("http://{}", server.addr),
+            token: token.into(),
+            job_id: "job".into(),
+            node_rank: 1,
+            tls: None,
+            first_contact_within: lost_after,
+            lost_after,
         }
+    }
+
+    fn until(limit: Duration, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} within {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_node_reports_its_failure_stops_on_node_0s_word_and_restarts_when_told() {
+        let runtime = runtime();
+        let (state, _server) = serve(&runtime);
+        let link = NodeLink::start(
+            runtime.handle(),
+            target(&_server, TOKEN, Duration::from_secs(30)),
+        )
+        .unwrap();
+        let stop = link.stop_source();
+        assert!(link.flush(Duration::from_secs(5)), "node 0 answers");
+        assert_eq!(stop.stop_outcome(), None, "node 0 says continue");
+        let failed = Outcome::WorkerFailed {
+            rank: 1,
+            exit_code: 137,
+            report: "rank 1 failed first\n".into(),
+            at_ms: 42,
+        };
+        link.report_outcome(&failed);
+        assert!(link.flush(Duration::from_secs(5)));
+        let Some(Outcome::WorkerFailed {
+            rank,
+            at_ms,
+            report,
+            ..
+        }) = RemoteNodes(state.clone()).stop_outcome()
+        else {
+            panic!("node 0 did not hear node 1's failure");
+        };
+        assert_eq!((rank, at_ms), (1, 42));
+        assert!(
+            report.starts_with("rsdeep: node 1 (node1, ranks 1-1) failed:\nrank 1 failed first")
+        );
+        state.control().stop_all();
+        until(Duration::from_secs(5), "node 1 told to stop", || {
+            stop.stop_outcome().is_some()
+        });
+        link.mark_stopped();
+        until(Duration::from_secs(5), "node 1 reported stopped", || {
+            state.control().all_ended()
+        });
+        let generation = state.next_generation();
+        state.control().begin_attempt(1, generation);
+        assert_eq!(
+            link.wait_for_decision(0),
+            Decision::Restart {
+                attempt: 1,
+                generation: 2
+            }
+        );
+        link.begin_attempt(1);
+        assert!(link.flush(Duration::from_secs(5)));
+        assert_eq!(stop.stop_outcome(), None, "the new attempt runs");
+        state.control().decide_exit(137, "the job's failure".into());
+        link.report_outcome(&Outcome::Success);
+        link.mark_stopped();
+        assert_eq!(
+            link.wait_for_decision(1),
+            Decision::Exit {
+                code: 137,
+                report: "the job's failure".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_wrong_token_is_refused_at_once_and_a_vanished_node_0_is_lost() {
+        let runtime = runtime();
+        let (state, mut server) = serve(&runtime);
+        let started = Instant::now();
+        let intruder = NodeLink::start(
+            runtime.handle(),
+            target(&server, "nope", Duration::from_secs(30)),
+        )
+        .unwrap();
+        let Decision::Lost(why) = intruder.wait_for_decision(0) else {
+            panic!("a refused node must stop");
+        };
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "refusal is not retried"
+        );
+        assert!(
+            why.contains("refuses this node") && why.contains("wrong rendezvous token"),
+            "{why}"
+        );
+        assert_eq!(
+            state.control().reports()[1],
+            None,
+            "a refused poll stores nothing"
+        );
+
+        let silence = Duration::from_millis(500);
+        let link = NodeLink::start(runtime.handle(), target(&server, TOKEN, silence)).unwrap();
+        assert!(link.flush(Duration::from_secs(5)));
+        server.shutdown();
+        let stopped = Instant::now();
+        until(Duration::from_secs(10), "node 0 lost", || link.is_lost());
+        assert!(
+            stopped.elapsed() >= silence,
+            "lost only after the allowed silence"
+        );
+        let Some(Outcome::Stopped { reason, exit_code }) = link.stop_source().stop_outcome() else {
+            panic!("a lost node 0 ends the local attempt");
+        };
+        assert_eq!(exit_code, 1);
+        assert!(
+            reason.starts_with("node 0 is lost: its rendezvous at http://127.0.0.1:"),
+            "{reason}"
+        );
     }
 }

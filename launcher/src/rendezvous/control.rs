@@ -213,6 +213,24 @@ impl JobControl {
             .collect()
     }
 
+    /// The nodes of `not_stopped` that can still answer: they polled within the allowed
+    /// silence (a lost node, or one that never polled, is not waited for).
+    pub fn still_stopping(&self) -> Vec<usize> {
+        let limit = self.lost_after();
+        let reachable: Vec<bool> = {
+            let inner = self.lock();
+            inner
+                .last_poll
+                .iter()
+                .map(|t| t.is_some_and(|t| t.elapsed() <= limit))
+                .collect()
+        };
+        self.not_stopped()
+            .into_iter()
+            .filter(|&n| reachable[n])
+            .collect()
+    }
+
     /// Every other node's workers exited for good in the current attempt (finished,
     /// failed, interrupted or stopped).
     pub fn all_ended(&self) -> bool {
@@ -296,6 +314,7 @@ mod tests {
         control.stop_all();
         assert_eq!(control.poll(running), Ok(Directive::Stop));
         assert_eq!(control.not_stopped(), [1, 2]);
+        assert_eq!(control.still_stopping(), [1, 2]);
         let stopped = report(1, 0, NodeState::Stopped, true);
         assert_eq!(control.poll(stopped.clone()), Ok(Directive::Stop));
         control
@@ -387,6 +406,11 @@ mod tests {
             control.remote_event(),
             Some(RemoteEvent::Lost { node_rank: 1, silent_for }) if silent_for >= Duration::from_millis(20)
         ));
+        assert_eq!(control.not_stopped(), [1]);
+        assert!(
+            control.still_stopping().is_empty(),
+            "a lost node is not waited for"
+        );
         for node in [0, 2] {
             let err = control
                 .poll(report(node, 0, NodeState::Running, false))
