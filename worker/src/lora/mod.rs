@@ -1,5 +1,6 @@
 //! LoRA adapters in PEFT's format: injection into a `CausalLm`'s decoder layers
-//! (`apply_lora`), the adapter tensors under PEFT's key names (`lora_state`), the
+//! (`apply_lora`, or `LoraInjector` block by block while the model is built), the
+//! adapter tensors under PEFT's key names (`lora_state`), the
 //! `adapter_config.json` + `adapter_model.safetensors` pair (`save_adapter`,
 //! `load_adapter`) and merging into the base weights (`merge_lora`, `merge_lora_cli`).
 //! The math is PEFT's `lora.Linear`: y = base(x) + B(A(dropout(x))) * alpha / r, with A
@@ -18,7 +19,7 @@ mod merge;
 
 pub use merge::{merge_lora, merge_lora_cli};
 
-use crate::model::{CausalLm, DECODER_LINEARS};
+use crate::model::{Block, CausalLm, DECODER_LINEARS};
 use crate::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -28,7 +29,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// File names PEFT writes and reads.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -119,25 +120,118 @@ pub struct LoraInfo {
 /// Injects fresh adapters (A kaiming-uniform from `seed`, B zeros) into the target
 /// linear layers of every decoder layer and freezes the base (`requires_grad` false).
 pub fn apply_lora(model: &mut CausalLm, cfg: &LoraConfig, seed: u64) -> Result<LoraInfo> {
-    let modules = cfg.resolved_modules()?;
-    let (device, kind) = (model.device(), model.kind());
-    let mut rng = StdRng::seed_from_u64(seed);
-    let rank = cfg.r as i64;
-    let switch = Arc::new(AtomicBool::new(true));
-    for layer in model.decoder_layers_mut() {
-        layer.use_lora_switch(switch.clone());
-        for module in &modules {
-            let (out, inp) = layer.linear_shape(module)?;
-            let a = kaiming_uniform_a_sqrt5(&mut rng, rank, inp)?; // (r, in)
-            let b = Tensor::f_zeros([out, rank], (Kind::Float, device))?; // (out, r)
-            let (a, b) = (
-                adapter_leaf(a, device, kind)?,
-                adapter_leaf(b, device, kind)?,
-            );
-            layer.attach_lora(module, a, b, cfg.scaling(), cfg.dropout)?;
+    let mut injector = LoraInjector::new(cfg, seed, model.device(), model.kind())?;
+    for block in model.blocks.iter_mut() {
+        injector.prepare(block.as_mut())?;
+    }
+    Ok(injector.finish())
+}
+
+/// `apply_lora` one block at a time, in model order, so adapters can be attached while
+/// the model is being built (before a ZeRO engine partitions each block): the same
+/// draws and the same `LoraInfo` as `apply_lora` on the finished model.
+pub struct LoraInjector {
+    modules: Vec<&'static str>,
+    rng: StdRng,
+    rank: i64,
+    scaling: f64,
+    dropout: f64,
+    device: Device,
+    kind: Kind,
+    switch: Arc<AtomicBool>,
+    frozen: HashSet<String>,
+    adapter_names: Vec<String>,
+    trainable: i64,
+    total: i64,
+}
+
+impl LoraInjector {
+    /// An injector for adapters in `kind` on `device` (the model's).
+    pub fn new(cfg: &LoraConfig, seed: u64, device: Device, kind: Kind) -> Result<Self> {
+        Ok(LoraInjector {
+            modules: cfg.resolved_modules()?,
+            rng: StdRng::seed_from_u64(seed),
+            rank: cfg.r as i64,
+            scaling: cfg.scaling(),
+            dropout: cfg.dropout,
+            device,
+            kind,
+            switch: Arc::new(AtomicBool::new(true)),
+            frozen: HashSet::new(),
+            adapter_names: Vec::new(),
+            trainable: 0,
+            total: 0,
+        })
+    }
+
+    /// Injects nothing: only freezes base parameters and counts (adapters already
+    /// attached, e.g. loaded), with `switch` as the dropout switch.
+    fn counting(switch: Arc<AtomicBool>) -> Self {
+        LoraInjector {
+            modules: Vec::new(),
+            rng: StdRng::seed_from_u64(0),
+            rank: 0,
+            scaling: 0.0,
+            dropout: 0.0,
+            device: Device::Cpu,
+            kind: Kind::Float,
+            switch,
+            frozen: HashSet::new(),
+            adapter_names: Vec::new(),
+            trainable: 0,
+            total: 0,
         }
     }
-    freeze_base(model, switch)
+
+    /// Attaches adapters when `block` is a decoder layer, then freezes the block's base
+    /// parameters (`requires_grad` false, named in `frozen()`).
+    pub fn prepare(&mut self, block: &mut dyn Block) -> Result<()> {
+        if let Some(layer) = block
+            .as_decoder_layer_mut()
+            .filter(|_| !self.modules.is_empty())
+        {
+            layer.use_lora_switch(self.switch.clone());
+            for module in &self.modules {
+                let (out, inp) = layer.linear_shape(module)?;
+                let a = kaiming_uniform_a_sqrt5(&mut self.rng, self.rank, inp)?; // (r, in)
+                let b = Tensor::f_zeros([out, self.rank], (Kind::Float, self.device))?; // (out, r)
+                let (a, b) = (
+                    adapter_leaf(a, self.device, self.kind)?,
+                    adapter_leaf(b, self.device, self.kind)?,
+                );
+                layer.attach_lora(module, a, b, self.scaling, self.dropout)?;
+            }
+        }
+        for p in block.params() {
+            let numel = p.tensor.numel() as i64;
+            self.total += numel;
+            if is_adapter_name(&p.name) {
+                self.trainable += numel;
+                self.adapter_names.push(p.name.clone());
+            } else {
+                let _ = p.tensor.f_set_requires_grad(false)?;
+                self.frozen.insert(p.name.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Base parameter names frozen so far (for `EngineModel::frozen`).
+    pub fn frozen(&self) -> &HashSet<String> {
+        &self.frozen
+    }
+
+    /// What was injected, over every block prepared.
+    pub fn finish(self) -> LoraInfo {
+        LoraInfo {
+            summary: trainable_parameters_line(self.trainable, self.total),
+            frozen: self.frozen,
+            adapter_names: self.adapter_names,
+            trainable: self.trainable,
+            total: self.total,
+            dropout_switch: self.switch,
+        }
+    }
 }
 
 /// torch's `kaiming_uniform_(a=sqrt(5))` on an (rows, fan_in) weight: U(-1/sqrt(fan_in),
@@ -161,32 +255,6 @@ fn adapter_leaf(t: Tensor, device: tch::Device, kind: Kind) -> Result<Tensor> {
 
 fn is_adapter_name(name: &str) -> bool {
     name.contains(".lora_A.") || name.contains(".lora_B.")
-}
-
-/// Marks every non-adapter parameter frozen (`requires_grad` false) and counts.
-fn freeze_base(model: &mut CausalLm, dropout_switch: Arc<AtomicBool>) -> Result<LoraInfo> {
-    let mut frozen = HashSet::new();
-    let mut adapter_names = Vec::new();
-    let (mut trainable, mut total) = (0i64, 0i64);
-    for p in model.params() {
-        let numel = p.tensor.numel() as i64;
-        total += numel;
-        if is_adapter_name(&p.name) {
-            trainable += numel;
-            adapter_names.push(p.name.clone());
-        } else {
-            let _ = p.tensor.f_set_requires_grad(false)?;
-            frozen.insert(p.name.clone());
-        }
-    }
-    Ok(LoraInfo {
-        frozen,
-        adapter_names,
-        trainable,
-        total,
-        summary: trainable_parameters_line(trainable, total),
-        dropout_switch,
-    })
 }
 
 /// PEFT's `print_trainable_parameters` text:
@@ -401,7 +469,11 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraInfo> {
             path.display()
         )));
     }
-    freeze_base(model, switch)
+    let mut counter = LoraInjector::counting(switch);
+    for block in model.blocks.iter_mut() {
+        counter.prepare(block.as_mut())?;
+    }
+    Ok(counter.finish())
 }
 
 /// Groups PEFT keys `base_model.model.model.layers.{i}.{module}.lora_{A,B}.weight` into

@@ -5,7 +5,7 @@
 //! metadata `{"format": "pt"}` and are written atomically (temp file + rename).
 
 use crate::{Error, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -289,11 +289,19 @@ impl SafetensorsFolder {
             .tensor(name)
             .map_err(|e| Error::Checkpoint(format!("{}: {name}: {e}", path.display())))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        Ok(Tensor::f_from_data_size(
-            view.data(),
-            &shape,
-            kind_of(view.dtype())?,
-        )?)
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)?;
+        let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+        // The copy is made: drop the mapped pages from this process (they stay in the page
+        // cache), so loading a model tensor by tensor never keeps the whole file resident.
+        // SAFETY: a read-only shared file mapping; MADV_DONTNEED only makes the next read
+        // of those pages fault them in again from the file.
+        let dropped = unsafe {
+            map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, view.data().len())
+        };
+        if let Err(e) = dropped {
+            tracing::debug!("madvise(MADV_DONTNEED) on {}: {e}", path.display());
+        }
+        Ok(tensor)
     }
 }
 

@@ -201,6 +201,21 @@ impl CausalLm {
     /// in the process draws from libtorch's global generator meanwhile (concurrent
     /// `from_config` calls are serialised).
     pub fn from_config(config: ModelConfig, device: Device, kind: Kind, seed: u64) -> Result<Self> {
+        Self::from_config_streaming(config, device, kind, seed, &mut |_| Ok(()))
+    }
+
+    /// `from_config` handing each block to `on_block` as soon as it is made, before the
+    /// next one is drawn (the same weights as `from_config`). `on_block` may re-point or
+    /// empty the block's parameter storage (a ZeRO engine partitioning it), so the whole
+    /// model never exists at once. It runs under the process-wide init lock: it must not
+    /// wait for another thread that builds a model (no collectives with in-process ranks).
+    pub fn from_config_streaming(
+        config: ModelConfig,
+        device: Device,
+        kind: Kind,
+        seed: u64,
+        on_block: &mut dyn FnMut(&mut dyn Block) -> Result<()>,
+    ) -> Result<Self> {
         config.validate()?;
         check_kind(kind)?;
         static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -214,13 +229,25 @@ impl CausalLm {
             device,
             kind,
         };
-        Self::assemble(config, device, kind, &mut source)
+        Self::assemble(config, device, kind, &mut source, on_block)
     }
 
     /// Loads `dir/config.json` and `dir/model.safetensors` (or the sharded index) onto
     /// `device` as `kind`. Missing, mis-shaped and unexpected tensors are an error that
     /// lists them; a tied model may lack `lm_head.weight` (a present one is ignored).
     pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::from_pretrained_streaming(dir, device, kind, &mut |_| Ok(()))
+    }
+
+    /// `from_pretrained` handing each block to `on_block` as soon as it is loaded (see
+    /// `from_config_streaming`). Tensors are copied out of the memory-mapped files one at
+    /// a time, so with a partitioning `on_block` at most one block is held in full.
+    pub fn from_pretrained_streaming(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        on_block: &mut dyn FnMut(&mut dyn Block) -> Result<()>,
+    ) -> Result<Self> {
         check_kind(kind)?;
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let folder = SafetensorsFolder::open(dir)?;
@@ -231,7 +258,7 @@ impl CausalLm {
             used: BTreeSet::new(),
             problems: Vec::new(),
         };
-        let model = Self::assemble(config, device, kind, &mut source)?;
+        let model = Self::assemble(config, device, kind, &mut source, on_block)?;
         let tied = model.tied_to_embedding();
         let unexpected = folder.names().filter(|name| {
             let expected = source.used.contains(*name)
@@ -251,27 +278,30 @@ impl CausalLm {
         Ok(model)
     }
 
+    /// Builds the blocks in order, calling `on_block` on each before the next is made.
     fn assemble(
         config: ModelConfig,
         device: Device,
         kind: Kind,
         source: &mut dyn ParamSource,
+        on_block: &mut dyn FnMut(&mut dyn Block) -> Result<()>,
     ) -> Result<Self> {
         let rotary = Arc::new(Rotary::new(&config.rope_spec()?, config.head_dim())?);
-        let embedding = Embedding::new(&config, source)?;
+        let mut embedding = Embedding::new(&config, source)?;
+        on_block(&mut embedding)?;
+        // A handle on the embedding's tensor: it follows whatever storage `on_block` set.
         let tied_weight = config
             .tie_word_embeddings
             .then(|| embedding.weight_handle());
         let mut blocks: Vec<Box<dyn Block>> = vec![Box::new(embedding)];
         for index in 0..config.num_hidden_layers {
-            blocks.push(Box::new(DecoderLayer::new(
-                &config,
-                index,
-                rotary.clone(),
-                source,
-            )?));
+            let mut layer = DecoderLayer::new(&config, index, rotary.clone(), source)?;
+            on_block(&mut layer)?;
+            blocks.push(Box::new(layer));
         }
-        blocks.push(Box::new(Head::new(&config, tied_weight, source)?));
+        let mut head = Head::new(&config, tied_weight, source)?;
+        on_block(&mut head)?;
+        blocks.push(Box::new(head));
         Ok(CausalLm {
             config,
             blocks,

@@ -9,10 +9,10 @@ use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
 use crate::checkpoint::{self, PendingSave, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
-use crate::lora::{LoraConfig, LoraInfo, apply_lora, lora_state, save_adapter};
-use crate::model::{CausalLm, ForwardCtx, ModelConfig, causal_lm_loss};
+use crate::lora::{LoraConfig, LoraInfo, lora_state, save_adapter};
+use crate::model::{ForwardCtx, ModelConfig, causal_lm_loss};
 use crate::tokenizer::Tokenizer;
-use crate::zero::{EngineConfig, EngineModel, ZeroEngine};
+use crate::zero::{EngineConfig, LoraSpec, ModelSource, ZeroEngine, build_causal_lm_engine};
 use crate::{Error, Result};
 use rsdeep::config::{IntervalStrategy, ResumeFrom, Task, TrainConfig};
 use std::path::{Path, PathBuf};
@@ -58,16 +58,12 @@ pub fn train(
     let rank = world.rank;
     let tokenizer = load_tokenizer(&config)?;
     let kind = compute_kind(&config);
-    let mut model = build_model(&config, world.device, kind)?;
-    check_vocab(&model.config, &tokenizer)?;
-    let lora = match args.task {
-        Task::Lora => Some(attach_lora(&mut model, &config, rank)?),
-        _ => None,
-    };
+    let model_config = load_model_config(&config)?;
+    check_vocab(&model_config, &tokenizer)?;
     let plan = DataPlan {
         config: &config,
         tokenizer: &tokenizer,
-        max_position_embeddings: model.config.max_position_embeddings,
+        max_position_embeddings: model_config.max_position_embeddings,
         is_builder: world.local_rank == 0,
     };
     let train_data = plan.load(&args.train_files)?;
@@ -75,7 +71,6 @@ pub fn train(
         true => None,
         false => Some(plan.load(&args.eval_files)?),
     };
-    let flops_per_token = flops_per_token(&model, plan.block_size());
     let micro_batch = config.batch.train_micro_batch_size_per_gpu as usize;
     let grad_accum = config.batch.gradient_accumulation_steps as usize;
     let data_seed = args.data_seed.unwrap_or(args.seed);
@@ -88,20 +83,34 @@ pub fn train(
     )?;
     let updates_per_epoch = (stream.micro_batches_per_epoch() / grad_accum).max(1) as u64;
     let total_steps = args.total_training_steps(updates_per_epoch);
+    let block_size = plan.block_size();
     config
-        .fill_model_autos(model.config.hidden_size, total_steps)
+        .fill_model_autos(model_config.hidden_size, total_steps)
         .map_err(|e| Error::Config(e.to_string()))?;
     let engine_config = EngineConfig::from_train_config(&config, total_steps, world.device)?;
-    let model_config = model.config.clone();
-    let engine_model = EngineModel {
-        head_tied_to_embedding: model.tied_to_embedding(),
-        blocks: model.blocks,
-        frozen: lora
-            .as_ref()
-            .map(|l| l.info.frozen.clone())
-            .unwrap_or_default(),
+    // The model is built block by block straight into the engine (with its adapters for
+    // LoRA): under ZeRO-3 no rank ever holds the whole model.
+    let lora_config = match args.task {
+        Task::Lora => Some(lora_config_of(&config)),
+        _ => None,
     };
-    let mut engine = ZeroEngine::new(engine_model, world.comm.clone(), engine_config)?;
+    let built = build_causal_lm_engine(
+        model_source(&config, model_config.clone())?,
+        world.device,
+        kind,
+        lora_config.as_ref().map(|c| LoraSpec {
+            config: c,
+            seed: args.seed,
+        }),
+        world.comm.clone(),
+        engine_config,
+    )?;
+    let mut engine = built.engine;
+    let lora = match (lora_config, built.lora) {
+        (Some(adapters), Some(info)) => Some(lora_run(adapters, info, &args, rank)),
+        _ => None,
+    };
+    let flops_per_token = flops_per_token(built.num_parameters, &model_config, block_size);
     let output_dir = PathBuf::from(&args.output_dir);
     let mut state = TrainerState {
         max_steps: total_steps,
@@ -262,21 +271,25 @@ pub fn train(
     if let Some(rep) = reporter.as_ref() {
         rep.finish_line();
     }
-    let weights = engine.gather_full_weights()?;
     if let Some(lora) = lora.as_ref() {
+        // The adapters only: the frozen base is not part of a LoRA run's output.
+        let weights = engine.gather_trainable_weights()?;
         lora.save(&output_dir, &weights, rank == 0)?;
         if rank == 0 {
             tokenizer.save(&output_dir)?;
         }
-    } else if rank == 0 {
-        outputs::write_final_model(
-            &output_dir,
-            &model_config,
-            &tokenizer,
-            weights,
-            kind,
-            &args.max_shard_size,
-        )?;
+    } else {
+        let weights = engine.gather_full_weights()?;
+        if rank == 0 {
+            outputs::write_final_model(
+                &output_dir,
+                &model_config,
+                &tokenizer,
+                weights,
+                kind,
+                &args.max_shard_size,
+            )?;
+        }
     }
     if rank == 0 {
         if let Some(rep) = reporter.as_ref() {
@@ -403,7 +416,7 @@ impl Saver<'_> {
         let dir = checkpoint::save_checkpoint(request)?;
         if let Some(lora) = self.lora {
             // Collective gather on every rank; rank 0 writes the adapter files.
-            lora.save(&dir, &engine.gather_full_weights()?, comm.rank() == 0)?;
+            lora.save(&dir, &engine.gather_trainable_weights()?, comm.rank() == 0)?;
         }
         Ok(None)
     }
@@ -431,17 +444,25 @@ impl LoraRun {
     }
 }
 
-/// Injects adapters for `task: "lora"` and prints PEFT's trainable-parameters line.
-fn attach_lora(model: &mut CausalLm, config: &TrainConfig, rank: usize) -> Result<LoraRun> {
+/// train.json's LoRA settings (`task: "lora"`).
+fn lora_config_of(config: &TrainConfig) -> LoraConfig {
     let args = &config.args;
-    let lora_config = LoraConfig {
+    LoraConfig {
         r: args.lora_r,
         alpha: args.lora_alpha,
         dropout: args.lora_dropout,
         target_modules: args.lora_target_modules.clone(),
         use_rslora: false,
-    };
-    let info = apply_lora(model, &lora_config, args.seed)?;
+    }
+}
+
+/// The LoRA run's record of what was injected; prints PEFT's trainable-parameters line.
+fn lora_run(
+    config: LoraConfig,
+    info: LoraInfo,
+    args: &rsdeep::config::TrainingArgs,
+    rank: usize,
+) -> LoraRun {
     if rank == 0 {
         eprintln!("{}", info.summary);
     }
@@ -450,11 +471,11 @@ fn attach_lora(model: &mut CausalLm, config: &TrainConfig, rank: usize) -> Resul
         .clone()
         .or(args.config_name.clone())
         .unwrap_or_default();
-    Ok(LoraRun {
-        config: lora_config,
+    LoraRun {
+        config,
         info,
         base_model,
-    })
+    }
 }
 
 /// LoRA dropout off while it lives (PEFT's `model.eval()`), back on when dropped.
@@ -577,12 +598,12 @@ fn load_tokenizer(config: &TrainConfig) -> Result<Tokenizer> {
     Tokenizer::from_dir(path)
 }
 
-/// From a pretrained folder (`model_name_or_path`) or a config alone (`config_name`: a
-/// config.json file or a folder holding one), seeded.
-fn build_model(config: &TrainConfig, device: Device, kind: Kind) -> Result<CausalLm> {
+/// The model's config: `model_name_or_path/config.json`, or `config_name` (a
+/// config.json file or a folder holding one).
+fn load_model_config(config: &TrainConfig) -> Result<ModelConfig> {
     let args = &config.args;
     if let Some(dir) = &args.model_name_or_path {
-        return CausalLm::from_pretrained(Path::new(dir), device, kind);
+        return ModelConfig::from_file(&Path::new(dir).join("config.json"));
     }
     let name = args.config_name.as_ref().ok_or_else(|| {
         Error::Config("set model_name_or_path (a pretrained folder) or config_name (a config.json) in train.json".into())
@@ -593,8 +614,18 @@ fn build_model(config: &TrainConfig, device: Device, kind: Kind) -> Result<Causa
     } else {
         path.to_path_buf()
     };
-    let model_config = ModelConfig::from_file(&file)?;
-    CausalLm::from_config(model_config, device, kind, args.seed)
+    ModelConfig::from_file(&file)
+}
+
+/// Where the weights come from: the pretrained folder, else a seeded init of `model`.
+fn model_source(config: &TrainConfig, model: ModelConfig) -> Result<ModelSource<'_>> {
+    Ok(match &config.args.model_name_or_path {
+        Some(dir) => ModelSource::Pretrained(Path::new(dir)),
+        None => ModelSource::Init {
+            config: model,
+            seed: config.args.seed,
+        },
+    })
 }
 
 fn check_vocab(config: &ModelConfig, tokenizer: &Tokenizer) -> Result<()> {
@@ -609,11 +640,11 @@ fn check_vocab(config: &ModelConfig, tokenizer: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-/// 6·N plus attention (12·L·h·T) FLOPs per trained token (the PaLM/nanoGPT estimate).
-fn flops_per_token(model: &CausalLm, seq_len: usize) -> f64 {
-    let n = model.num_parameters() as f64;
-    let c = &model.config;
-    6.0 * n + 12.0 * c.num_hidden_layers as f64 * c.hidden_size as f64 * seq_len as f64
+/// 6·N plus attention (12·L·h·T) FLOPs per trained token (the PaLM/nanoGPT estimate),
+/// N the model's parameter count.
+fn flops_per_token(num_parameters: i64, c: &ModelConfig, seq_len: usize) -> f64 {
+    6.0 * num_parameters as f64
+        + 12.0 * c.num_hidden_layers as f64 * c.hidden_size as f64 * seq_len as f64
 }
 
 /// MFU in percent against the GPU's dense bf16 peak (`RSDEEP_PEAK_TFLOPS`, default 989 for

@@ -1,12 +1,13 @@
 //! The ZeRO engine's core: one flat buffer per block, the block-wise forward and backward
 //! (detach at block boundaries, backprop each block with its output cotangent), activation
 //! checkpointing by recomputation, and the hand-off of each block's gradient to the
-//! reducer as soon as its backward is done. Stage-3 gathering lives in `gather.rs`,
+//! reducer as soon as its backward is done. Construction (flattening and partitioning
+//! each block) lives in `build.rs`, stage-3 gathering in `gather.rs`,
 //! gradient reduction in `reduce.rs`, the optimizer step in `step.rs`, state and memory
 //! accounting in `state.rs`. Design and contract: `docs/zero-engine.md`.
 
 use super::adamw::AdamSlice;
-use super::config::{EngineConfig, Precision};
+use super::config::EngineConfig;
 use super::gather::PendingGather;
 use super::loss_scaler::LossScaler;
 use super::partition::FlatLayout;
@@ -149,79 +150,6 @@ pub struct ZeroEngine {
 }
 
 impl ZeroEngine {
-    /// Flattens every block's trainable parameters into its flat buffer (rank 0's initial
-    /// values are broadcast so all ranks start equal), creates the owned fp32 masters and
-    /// moments, and partitions according to `config.stage`.
-    pub fn new(
-        model: EngineModel,
-        comm: Arc<dyn Communicator>,
-        config: EngineConfig,
-    ) -> Result<Self> {
-        let (rank, world_size) = (comm.rank(), comm.world_size());
-        config.validate(world_size)?;
-        let _span = tracing::info_span!("zero_init", rank, stage = config.stage).entered();
-        if !config.contiguous_gradients {
-            tracing::info!(
-                rank,
-                "contiguous_gradients=false: rsdeep always keeps gradients in flat buffers"
-            );
-        }
-        let shard_world = if config.stage == 0 { 1 } else { world_size };
-        let shard_rank = if config.stage == 0 { 0 } else { rank };
-        let optimizer_device = if config.offload_optimizer_cpu {
-            Device::Cpu
-        } else {
-            config.device
-        };
-        let mut frozen_params = Vec::new();
-        let block_count = model.blocks.len();
-        let mut shards = Vec::with_capacity(block_count);
-        for block in &model.blocks {
-            let shard = build_shard(
-                block.as_ref(),
-                &model.frozen,
-                &mut frozen_params,
-                &*comm,
-                &config,
-                shard_world,
-                shard_rank,
-                optimizer_device,
-            )?;
-            shards.push(shard);
-        }
-        let scaler = match config.precision {
-            Precision::Fp16(scale) => LossScaler::new(scale),
-            _ => LossScaler::unit(),
-        };
-        Ok(ZeroEngine {
-            blocks: model.blocks,
-            shards,
-            frozen_params,
-            tied: model.head_tied_to_embedding,
-            comm,
-            schedule: LrSchedule::new(config.scheduler, config.optimizer.lr),
-            config,
-            rank,
-            world_size,
-            shard_world,
-            shard_rank,
-            optimizer_device,
-            scaler,
-            optimizer_steps: 0,
-            global_steps: 0,
-            skipped_steps: 0,
-            micro_step: 0,
-            micro_losses: Vec::new(),
-            pending_reduce: Vec::new(),
-            prefetch: None,
-            live_numel: 0,
-            kept_buffers: (0..block_count).map(|_| (None, None)).collect(),
-            stage3_stats: Stage3Stats::default(),
-            inject_overflow: false,
-            profile: StepProfile::from_env(),
-        })
-    }
-
     /// Stage-3 gather/prefetch counters (all zero below stage 3).
     pub fn stage3_stats(&self) -> Stage3Stats {
         self.stage3_stats
@@ -594,163 +522,6 @@ pub(super) fn flatten_grads(shard: &BlockShard, grads: &[Tensor], kind: Kind) ->
     let padding = shard.layout.padding();
     if padding > 0 {
         pieces.push(Tensor::f_zeros([padding as i64], (kind, device))?);
-    }
-    Ok(Tensor::f_cat(&pieces, 0)?)
-}
-
-/// Builds one block's shard: flat fp32 copy of its trainable parameters (broadcast from
-/// rank 0), the owned masters and moments, the compute buffer, and points the parameters
-/// at it (stages 0-2) or empties them (stage 3).
-#[allow(clippy::too_many_arguments)]
-fn build_shard(
-    block: &dyn Block,
-    frozen: &HashSet<String>,
-    frozen_params: &mut Vec<(String, Tensor)>,
-    comm: &dyn Communicator,
-    config: &EngineConfig,
-    shard_world: usize,
-    shard_rank: usize,
-    optimizer_device: Device,
-) -> Result<BlockShard> {
-    let mut named = Vec::new();
-    let mut params = Vec::new();
-    let mut frozen_here = Vec::new();
-    for p in block.params() {
-        if frozen.contains(&p.name) {
-            frozen_here.push((p.name.clone(), p.tensor.shallow_clone()));
-        } else {
-            named.push((p.name.clone(), p.tensor.size()));
-            params.push(p.tensor.shallow_clone());
-        }
-    }
-    let frozen_part = if config.stage == 3 {
-        build_frozen_part(frozen_here, config, shard_world, shard_rank)?
-    } else {
-        frozen_params.extend(frozen_here);
-        None
-    };
-    let layout = FlatLayout::new(&named, shard_world);
-    let kind = config.precision.kind();
-    let persistent = persistence(&layout, config);
-    let mut shard = BlockShard {
-        params,
-        persistent,
-        compute: Tensor::new(),
-        gathered: None,
-        resident: false,
-        grad_full: None,
-        grad_owned: None,
-        tied_grad: None,
-        optim: None,
-        frozen: frozen_part,
-        layout,
-    };
-    if shard.is_empty() {
-        return Ok(shard);
-    }
-    let flat32 = flat_buffer(&shard.params, &shard.layout, Kind::Float, config.device)?;
-    if comm.world_size() > 1 {
-        comm.broadcast(&flat32, 0)?.wait()?;
-    }
-    let (start, part) = (
-        shard.owned_start(shard_rank) as i64,
-        shard.layout.partition_numel() as i64,
-    );
-    let owned32 = flat32.f_narrow(0, start, part)?;
-    shard.optim = Some(AdamSlice::new(&owned32, optimizer_device)?);
-    let padded = shard.layout.padded_numel as i64;
-    if config.stage < 3 {
-        shard.compute = flat32.f_to_kind(kind)?.f_contiguous()?;
-        point_params_at(&mut shard.params, &shard.layout, &shard.compute)?;
-        if config.stage <= 1 {
-            shard.grad_full = Some(Tensor::f_zeros([padded], (kind, config.device))?);
-        } else {
-            shard.grad_owned = Some(Tensor::f_zeros([part], (kind, config.device))?);
-        }
-    } else {
-        shard.compute = owned32.f_to_kind(kind)?.f_contiguous()?.f_detach_copy()?;
-        shard.grad_owned = Some(Tensor::f_zeros([part], (kind, config.device))?);
-        empty_params(&mut shard.params, kind, config.device)?;
-    }
-    for p in shard.params.iter_mut() {
-        *p = p.f_set_requires_grad(true)?;
-    }
-    Ok(shard)
-}
-
-/// Stage 3: partitions a block's frozen parameters. Every rank loaded the same frozen
-/// values (the base model), so no broadcast: each keeps its (P,) slice and the model's
-/// tensors are emptied until a gather re-points them.
-fn build_frozen_part(
-    named: Vec<(String, Tensor)>,
-    config: &EngineConfig,
-    shard_world: usize,
-    shard_rank: usize,
-) -> Result<Option<FrozenPart>> {
-    if named.is_empty() {
-        return Ok(None);
-    }
-    let shapes: Vec<(String, Vec<i64>)> =
-        named.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-    let layout = FlatLayout::new(&shapes, shard_world);
-    let mut params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
-    let kind = config.precision.kind();
-    let flat = flat_buffer(&params, &layout, kind, config.device)?; // (padded,)
-    let owned = flat
-        .f_narrow(
-            0,
-            layout.partition_start(shard_rank) as i64,
-            layout.partition_numel() as i64,
-        )?
-        .f_detach_copy()?; // (P,)
-    drop(flat);
-    empty_params(&mut params, kind, config.device)?;
-    Ok(Some(FrozenPart {
-        persistent: persistence(&layout, config),
-        layout,
-        params,
-        owned,
-        gathered: None,
-    }))
-}
-
-/// Stage 3: which of a layout's parameters stay resident once gathered.
-fn persistence(layout: &FlatLayout, config: &EngineConfig) -> Vec<bool> {
-    layout
-        .slots
-        .iter()
-        .map(|s| config.stage == 3 && s.numel <= config.stage3_param_persistence_threshold)
-        .collect()
-}
-
-/// Points every parameter at an empty tensor (stage 3 outside a gather).
-fn empty_params(params: &mut [Tensor], kind: Kind, device: Device) -> Result<()> {
-    let empty = Tensor::f_empty([0], (kind, device))?;
-    for p in params.iter_mut() {
-        p.f_set_data(&empty)?;
-    }
-    Ok(())
-}
-
-/// `params` (laid out by `layout`) as one (padded,) buffer of `kind` on `device`.
-fn flat_buffer(
-    params: &[Tensor],
-    layout: &FlatLayout,
-    kind: Kind,
-    device: Device,
-) -> Result<Tensor> {
-    let _guard = tch::no_grad_guard();
-    let mut pieces: Vec<Tensor> = Vec::with_capacity(params.len() + 1);
-    for p in params {
-        pieces.push(
-            p.f_detach()?
-                .f_reshape([-1])?
-                .f_to_kind(kind)?
-                .f_to_device(device)?,
-        );
-    }
-    if layout.padding() > 0 {
-        pieces.push(Tensor::f_zeros([layout.padding() as i64], (kind, device))?);
     }
     Ok(Tensor::f_cat(&pieces, 0)?)
 }

@@ -204,6 +204,16 @@ impl ZeroEngine {
     /// to fp32). Every rank must call it (it all-gathers the masters when partitioned).
     pub fn gather_full_weights(&mut self) -> Result<Vec<(String, Tensor)>> {
         let _span = tracing::info_span!("gather_full_weights", rank = self.rank).entered();
+        let mut weights = self.gather_trainable_weights()?;
+        for (name, tensor) in self.frozen_weights(true)? {
+            weights.push((name, tensor.f_to_kind(Kind::Float)?));
+        }
+        Ok(weights)
+    }
+
+    /// Full fp32 weights of the trainable parameters only (e.g. LoRA adapters, without
+    /// the frozen base), by name in block order. A collective like `gather_full_weights`.
+    pub fn gather_trainable_weights(&mut self) -> Result<Vec<(String, Tensor)>> {
         let mut weights = Vec::new();
         for b in 0..self.shards.len() {
             let Some(optim) = &self.shards[b].optim else {
@@ -226,9 +236,6 @@ impl ZeroEngine {
                     .f_detach_copy()?;
                 weights.push((slot.name.clone(), weight));
             }
-        }
-        for (name, tensor) in self.frozen_weights(true)? {
-            weights.push((name, tensor.f_to_kind(Kind::Float)?));
         }
         Ok(weights)
     }
