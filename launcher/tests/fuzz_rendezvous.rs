@@ -1,9 +1,9 @@
 //! Fuzz target (proptest at scale) for the rendezvous request handlers: random Join, Set,
-//! Get, Barrier, Heartbeat and ErrorReport calls, with random or right tokens and job ids,
+//! Get, Barrier, Heartbeat, ErrorReport and NodeControl calls, with random or right tokens and job ids,
 //! against one live in-process server (`rsdeep::rendezvous::start_server`). Properties: no
 //! handler panics (a panic hook counts them), every refusal is a gRPC status with a
 //! readable message of the right code, and a refused call changes nothing (the store,
-//! error reports and progress are read back with the right token/state API). Scale:
+//! error reports, progress and node reports are read back with the state API). Scale:
 //! `PROPTEST_CASES` (default 256 in `make test`; `make fuzz` runs 100 000). Contract and
 //! command: `docs/security.md` "Fuzzing".
 
@@ -99,6 +99,7 @@ enum Call {
     Barrier(pb::BarrierRequest),
     Heartbeat(Vec<pb::HeartbeatRequest>),
     Report(pb::ErrorReport),
+    Control(pb::NodeStatus),
 }
 
 fn small_rank() -> impl Strategy<Value = u32> {
@@ -176,6 +177,26 @@ fn call(job: String) -> impl Strategy<Value = Call> {
             }
         });
     let heartbeat = prop::collection::vec(beat, 0..4).prop_map(Call::Heartbeat);
+    let j = job.clone();
+    let control = (
+        (small_rank(), 0u32..3, -1i32..6, any::<bool>()),
+        (any::<i32>(), any::<u64>(), small_rank(), "\\PC{0,40}"),
+    )
+        .prop_map(
+            move |((node_rank, attempt, state, workers_stopped), (exit_code, at, rank, report))| {
+                Call::Control(pb::NodeStatus {
+                    job_id: j.clone(),
+                    node_rank,
+                    attempt,
+                    state,
+                    workers_stopped,
+                    exit_code,
+                    failed_at_ms: at,
+                    failed_rank: rank,
+                    report,
+                })
+            },
+        );
     let report =
         (small_rank(), "\\PC{0,40}", any::<u64>()).prop_map(move |(rank, message, time_ms)| {
             Call::Report(pb::ErrorReport {
@@ -185,7 +206,7 @@ fn call(job: String) -> impl Strategy<Value = Call> {
                 time_ms,
             })
         });
-    prop_oneof![join, set, get, barrier, heartbeat, report]
+    prop_oneof![join, set, get, barrier, heartbeat, report, control]
 }
 
 fn request<T>(message: T, token: &Option<String>) -> tonic::Request<T> {
@@ -208,6 +229,7 @@ async fn send(
         Call::Get(m) => client.get(request(m, token)).await.map(drop),
         Call::Barrier(m) => client.barrier(request(m, token)).await.map(drop),
         Call::Report(m) => client.report_error(request(m, token)).await.map(drop),
+        Call::Control(m) => client.node_control(request(m, token)).await.map(drop),
         Call::Heartbeat(beats) => {
             let stream = tokio_stream::iter(beats);
             let answer = client.heartbeat(request(stream, token)).await?;
@@ -224,6 +246,8 @@ struct Snapshot {
     key: Option<Vec<u8>>,
     errors: usize,
     progress: Vec<(usize, u64)>,
+    /// Node reports the coordination state holds (`NodeControl`).
+    node_reports: usize,
 }
 
 fn snapshot(live: &Live, call: &Call) -> Snapshot {
@@ -251,6 +275,7 @@ fn snapshot(live: &Live, call: &Call) -> Snapshot {
         key: value,
         errors: live.state.errors_of(rank).len(),
         progress,
+        node_reports: live.state.control().reports().iter().flatten().count(),
     }
 }
 
@@ -305,6 +330,7 @@ fn job_of(call: &Call) -> &str {
         Call::Get(m) => &m.job_id,
         Call::Barrier(m) => &m.job_id,
         Call::Report(m) => &m.job_id,
+        Call::Control(m) => &m.job_id,
         Call::Heartbeat(beats) => beats.first().map_or(JOB, |b| b.job_id.as_str()),
     }
 }
@@ -318,6 +344,7 @@ fn retarget(call: Call, job: &str) -> Call {
         Call::Get(m) => Call::Get(pb::GetRequest { job_id: job, ..m }),
         Call::Barrier(m) => Call::Barrier(pb::BarrierRequest { job_id: job, ..m }),
         Call::Report(m) => Call::Report(pb::ErrorReport { job_id: job, ..m }),
+        Call::Control(m) => Call::Control(pb::NodeStatus { job_id: job, ..m }),
         Call::Heartbeat(beats) => Call::Heartbeat(
             beats
                 .into_iter()
