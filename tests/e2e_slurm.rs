@@ -6,7 +6,10 @@
 //! complete checkpoint; a second job is sent SIGUSR1 (what `--signal=B:USR1@120` sends
 //! before the time limit) and must requeue and resume from its newest checkpoint; and
 //! `deploy/slurm/train-multinode.sbatch` runs on two SLURM nodes, each a slurmd in its own
-//! network namespace and host name, whose launchers form one world. Also:
+//! network namespace and host name, whose launchers form one world; on those two nodes
+//! `--max_restarts` is coordinated by node 0 (a rank killed on node 1 restarts both nodes
+//! into generation 2 and ends byte-identical to an uninterrupted run; a second kill gives
+//! up on both nodes naming it; a frozen node 0 makes node 1 stop and say so). Also:
 //! `expand_hostlist` against `scontrol show hostnames`, and `--launcher slurm` errors
 //! naming the missing variable. A machine that cannot run SLURM fails the test with the
 //! reason; nothing is skipped.
