@@ -1328,3 +1328,53 @@ fn a_node_that_loses_node_0_stops_its_workers_and_says_so() {
     assert_ne!(code, 0, "{output}");
     assert!(!output.contains("rsdeep: restarting the job ("), "{output}");
 }
+
+#[test]
+fn scancel_sigterm_stops_both_nodes_without_a_restart() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start_two_nodes();
+    let fixture = Fixture::new();
+    let mut job = submit(
+        &cluster,
+        &fixture,
+        "train-multinode.sbatch",
+        "--device cpu --num_procs 1 --max_restarts 1",
+        &["--max_steps", "100000", "--save_steps", "100000"],
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
+        o.contains("rendezvous complete: 2 rank(s) joined generation 1")
+    });
+    // What the requeue trap of the sbatch scripts does on SIGUSR1.
+    let status = cluster
+        .command("scancel")
+        .args(["--signal=TERM", &id])
+        .status()
+        .expect("scancel");
+    assert!(status.success(), "scancel --signal=TERM failed");
+    let signalled = Instant::now();
+    let code = job.wait(Duration::from_secs(120), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let stopped_in = signalled.elapsed();
+    let output = job_output(&fixture, &id);
+    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
+        eprintln!("{line}");
+    }
+    eprintln!("job ended {:.1} s after scancel", stopped_in.as_secs_f64());
+    assert_eq!(code, 143, "{output}");
+    assert!(
+        !output.contains("rsdeep: restarting the job ("),
+        "a signal never restarts:\n{output}"
+    );
+    assert_eq!(
+        output
+            .matches("rsdeep: received signal 15, stopping every worker")
+            .count(),
+        2,
+        "both nodes stop on the signal:\n{output}"
+    );
+    assert!(output.contains("rsdeep exited with status 143"), "{output}");
+}
