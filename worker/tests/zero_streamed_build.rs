@@ -4,11 +4,17 @@
 //! weights, at stages 2 and 3 on 2 in-process ranks, for full training and LoRA, tied and
 //! untied heads, from a seeded init and from a pretrained folder. Ranks that built
 //! different initial weights are refused by the hash check in `EngineBuilder::finish`.
+//! The final export streamed block by block (`checkpoint::export`) equals gathering all
+//! weights and saving them (single file and shards, fp32/bf16/fp16, stages 0/2/3).
 //! Contract: `worker/src/zero/causal_lm.rs`, `worker/src/zero/build.rs`.
 
+use rsdeep_worker::checkpoint::export::write_final_weights;
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora};
-use rsdeep_worker::model::{CausalLm, ForwardCtx, ModelConfig, ModelType, causal_lm_loss};
+use rsdeep_worker::model::{
+    CausalLm, ForwardCtx, INDEX_FILE, ModelConfig, ModelType, SINGLE_FILE, SafetensorsFolder,
+    causal_lm_loss, save_safetensors_sharded,
+};
 use rsdeep_worker::zero::{
     EngineConfig, EngineModel, LocalCommunicator, LoraSpec, ModelSource, ZeroEngine,
     build_causal_lm_engine,
@@ -250,4 +256,70 @@ fn ranks_that_built_different_weights_are_refused() {
             && message.contains("block 0"),
         "{message}"
     );
+}
+
+/// The final export streamed block by block equals gathering everything and saving it:
+/// same names, values and dtype; a single file or shards + index as the size asks.
+#[test]
+fn streamed_final_export_equals_gather_then_save() {
+    tch::set_num_threads(1);
+    for (stage, world, max_shard_bytes, dtype) in [
+        (3u8, 2usize, 1u64 << 30, Kind::Float),
+        (3, 2, 30_000, Kind::BFloat16),
+        (2, 2, 30_000, Kind::Float),
+        (0, 1, 1 << 30, Kind::Half),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let (streamed_dir, reference_dir) = (root.path().join("s"), root.path().join("r"));
+        let handles: Vec<_> = LocalCommunicator::world(world)
+            .into_iter()
+            .map(|comm| {
+                let (streamed_dir, reference_dir) = (streamed_dir.clone(), reference_dir.clone());
+                std::thread::spawn(move || {
+                    let rank = comm.rank();
+                    let comm: Arc<dyn Communicator> = Arc::new(comm);
+                    let case = Case {
+                        stage,
+                        lora: false,
+                        tied: false,
+                        pretrained: None,
+                    };
+                    let mut engine = streamed(&case, comm);
+                    train(&mut engine, rank, world);
+                    let writer = rank == 0;
+                    write_final_weights(&mut engine, &streamed_dir, dtype, max_shard_bytes, writer)
+                        .unwrap();
+                    let weights = engine.gather_full_weights().unwrap();
+                    if writer {
+                        let named: Vec<(String, Tensor)> = weights
+                            .into_iter()
+                            .map(|(n, t)| (n, t.to_kind(dtype)))
+                            .collect();
+                        save_safetensors_sharded(&named, &reference_dir, max_shard_bytes).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        let label = format!("stage {stage} world {world} shard {max_shard_bytes} {dtype:?}");
+        let sharded = max_shard_bytes < 1 << 20;
+        assert_eq!(streamed_dir.join(INDEX_FILE).is_file(), sharded, "{label}");
+        assert_eq!(
+            streamed_dir.join(SINGLE_FILE).is_file(),
+            !sharded,
+            "{label}"
+        );
+        let got = SafetensorsFolder::open(&streamed_dir).unwrap();
+        let want = SafetensorsFolder::open(&reference_dir).unwrap();
+        let names: Vec<&str> = got.names().collect();
+        assert_eq!(names, want.names().collect::<Vec<_>>(), "{label}");
+        assert!(names.len() > 10, "{label}");
+        for name in names {
+            let (a, b) = (got.load(name).unwrap(), want.load(name).unwrap());
+            assert_eq!(a.kind(), dtype, "{label}: {name}");
+            assert!(a.equal(&b), "{label}: {name} differs");
+        }
+    }
 }

@@ -7,11 +7,13 @@
 //! safetensors writer, positioned-read partition reader), `save.rs` (the collective,
 //! crash-safe save protocol, rotation, asynchronous saves), `resume.rs` (choosing a
 //! checkpoint, loading and resharding optimizer state), `consolidate.rs` (DeepSpeed's
-//! `zero_to_fp32`: HF safetensors from the partitions with bounded memory), `crash.rs`
+//! `zero_to_fp32`: HF safetensors from the partitions with bounded memory), `export.rs`
+//! (a run's final HF weights streamed from the engine block by block), `crash.rs`
 //! (kill -9 injection points for the crash-safety tests).
 
 pub mod consolidate;
 pub mod crash;
+pub mod export;
 pub mod manifest;
 pub mod resume;
 pub mod save;

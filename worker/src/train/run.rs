@@ -279,16 +279,18 @@ pub fn train(
             tokenizer.save(&output_dir)?;
         }
     } else {
-        let weights = engine.gather_full_weights()?;
+        // Streamed block by block (rank 0 writes): no rank holds the whole model again.
+        let max_shard_bytes = outputs::parse_size(&args.max_shard_size)?;
+        checkpoint::export::write_final_weights(
+            &mut engine,
+            &output_dir,
+            kind,
+            max_shard_bytes,
+            rank == 0,
+        )?;
         if rank == 0 {
-            outputs::write_final_model(
-                &output_dir,
-                &model_config,
-                &tokenizer,
-                weights,
-                kind,
-                &args.max_shard_size,
-            )?;
+            write_model_config(&output_dir, &model_config, kind)?;
+            tokenizer.save(&output_dir)?;
         }
     }
     if rank == 0 {
@@ -626,6 +628,15 @@ fn model_source(config: &TrainConfig, model: ModelConfig) -> Result<ModelSource<
             seed: config.args.seed,
         },
     })
+}
+
+/// `dir/config.json` declaring the saved weights' dtype.
+fn write_model_config(dir: &Path, model_config: &ModelConfig, kind: Kind) -> Result<()> {
+    let mut config = model_config.clone();
+    config.set_declared_kind(kind)?;
+    let path = dir.join("config.json");
+    std::fs::write(&path, config.to_json_string()?)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 fn check_vocab(config: &ModelConfig, tokenizer: &Tokenizer) -> Result<()> {

@@ -216,26 +216,62 @@ impl ZeroEngine {
     pub fn gather_trainable_weights(&mut self) -> Result<Vec<(String, Tensor)>> {
         let mut weights = Vec::new();
         for b in 0..self.shards.len() {
-            let Some(optim) = &self.shards[b].optim else {
-                continue;
-            };
-            let master = optim.master.shallow_clone();
-            let layout = self.shards[b].layout.clone();
-            let full = if self.shard_world == 1 {
-                master
-            } else {
-                let full =
-                    Tensor::f_empty([layout.padded_numel as i64], (Kind::Float, master.device()))?;
-                self.comm.all_gather(&master, &full)?.wait()?;
-                full
-            };
-            for slot in &layout.slots {
-                let weight = full
-                    .f_narrow(0, slot.offset as i64, slot.numel as i64)?
-                    .f_view(slot.shape.as_slice())?
-                    .f_detach_copy()?;
-                weights.push((slot.name.clone(), weight));
-            }
+            weights.extend(self.gather_block_weights(b, true)?);
+        }
+        Ok(weights)
+    }
+
+    /// Number of blocks (for `gather_block_weights`).
+    pub fn block_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Names and shapes of block `b`'s trainable parameters, in `gather_block_weights`
+    /// order (empty for a block without trainable parameters or past the end).
+    pub fn block_weight_specs(&self, b: usize) -> Vec<(String, Vec<i64>)> {
+        match self.shards.get(b) {
+            Some(shard) if shard.optim.is_some() => shard
+                .layout
+                .slots
+                .iter()
+                .map(|slot| (slot.name.clone(), slot.shape.clone()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Full fp32 weights of block `b`'s trainable parameters by name. A collective when
+    /// the masters are partitioned (every rank calls it for the same `b`); ranks passing
+    /// `keep` false take part and get nothing back.
+    pub fn gather_block_weights(&mut self, b: usize, keep: bool) -> Result<Vec<(String, Tensor)>> {
+        let shard = self
+            .shards
+            .get(b)
+            .ok_or_else(|| Error::Engine(format!("no block {b}")))?;
+        let Some(optim) = &shard.optim else {
+            return Ok(Vec::new());
+        };
+        let master = optim.master.shallow_clone(); // (P,)
+        let full = if self.shard_world == 1 {
+            master
+        } else {
+            let full = Tensor::f_empty(
+                [shard.layout.padded_numel as i64],
+                (Kind::Float, master.device()),
+            )?; // (padded,)
+            self.comm.all_gather(&master, &full)?.wait()?;
+            full
+        };
+        if !keep {
+            return Ok(Vec::new());
+        }
+        let mut weights = Vec::with_capacity(shard.layout.slots.len());
+        for slot in &shard.layout.slots {
+            let weight = full
+                .f_narrow(0, slot.offset as i64, slot.numel as i64)?
+                .f_view(slot.shape.as_slice())?
+                .f_detach_copy()?;
+            weights.push((slot.name.clone(), weight));
         }
         Ok(weights)
     }
