@@ -2,8 +2,10 @@
 //! stages 0/1 accumulate full gradients locally and all-reduce (Avg) them at the
 //! accumulation boundary; stages 2/3 reduce-scatter every micro-step's block gradient into
 //! the owned slice (or all-reduce and keep the slice when `reduce_scatter` is false).
-//! With `overlap_comm` the collectives of a block are left in flight while earlier blocks
-//! run their backward, and are waited at the end of the backward pass.
+//! With `overlap_comm` the collectives of a block are left in flight while the block
+//! before it runs its backward; under stages 2/3 they are waited before the next block's
+//! reduction is issued (bounding the flattened gradients alive to about two blocks), and
+//! the last ones at the end of the backward pass.
 //! Contract: `docs/zero-engine.md`.
 
 use super::engine::ZeroEngine;
@@ -42,6 +44,11 @@ impl ZeroEngine {
             }
             return Ok(());
         }
+        // Stages 2/3 keep each block's flattened (padded,) gradient alive until its
+        // collectives complete: at most the previous block's stay in flight (they had this
+        // block's whole backward to finish), not every block's until the end of the pass
+        // (a full model of gradients at the peak).
+        self.finish_reductions()?;
         let grad_owned = self.shards[b]
             .grad_owned
             .as_ref()
