@@ -19,7 +19,8 @@ use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Kind};
 
-/// Where the model's weights come from.
+/// Where the model's weights come from (made once per run, so its size does not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum ModelSource<'a> {
     /// transformers' random init of `config`, seeded with `seed`.
     Init { config: ModelConfig, seed: u64 },
