@@ -749,8 +749,10 @@ fn hang_line(
             rank.since_step.as_secs_f64()
         )
     };
+    // `None`: named the cause because the others wait for it in a collective while it
+    // beats, just before its own step crossed the timeout: a stalled step as well.
     let why = match rank.hung {
-        Some(HangKind::StepStalled) => format!(
+        Some(HangKind::StepStalled) | None => format!(
             "heartbeats arrive but the step has not advanced for {:.1} s (--heartbeat_timeout {:.1} s): a stuck collective or a step slower than the timeout",
             rank.since_step.as_secs_f64(),
             timeout.as_secs_f64()
@@ -763,7 +765,7 @@ fn hang_line(
             "heartbeats arrive but no step finished within the startup allowance of {:.0} s",
             options.startup_timeout.max(timeout).as_secs_f64()
         ),
-        _ => format!(
+        Some(HangKind::Silent) => format!(
             "no heartbeat for {:.1} s (--heartbeat_timeout {:.1} s): stopped (SIGSTOP), frozen or cut off",
             rank.since_heartbeat.as_secs_f64(),
             timeout.as_secs_f64()
@@ -1176,6 +1178,31 @@ mod tests {
             ) && report.contains("consequence"),
             "{report}"
         );
+    }
+
+    /// The waiter's step crossed the timeout first (it finished step 2 a moment earlier):
+    /// the rank it waits for is named the cause while its own step is just under the
+    /// timeout, and is still described as stalled, never as silent.
+    #[test]
+    fn a_cause_just_under_the_timeout_is_reported_as_stalled_not_silent() {
+        let ranks = [
+            beating(0, "collective", "reduce_scatter", 162, 3.05),
+            beating(1, "step", "", 161, 2.99),
+        ];
+        assert_eq!(ranks[1].hung, None);
+        let Outcome::Hung { ranks, report } =
+            hang_outcome(&ranks, &[], &options(), Duration::from_secs(3))
+        else {
+            panic!("not a hang outcome");
+        };
+        assert_eq!(ranks, vec![1]);
+        assert!(
+            report.contains(
+                "rank 1 is hung (host h, pid 101): heartbeats arrive but the step has not advanced"
+            ),
+            "{report}"
+        );
+        assert!(!report.contains("no heartbeat"), "{report}");
     }
 
     #[test]
