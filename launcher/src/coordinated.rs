@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rsdeep::coordination::{Decision, LinkTarget, NodeLink, RemoteNodes, outcome_of_event};
-use rsdeep::env_contract as ev;
 use rsdeep::plan::LaunchPlan;
 use rsdeep::rendezvous::RendezvousState;
 use rsdeep::rendezvous::control::RemoteEvent;
@@ -21,8 +20,8 @@ use rsdeep::rendezvous::tls;
 use rsdeep::supervisor::{self, Outcome, STOP_SIGNAL, SuperviseOptions, Worker};
 
 use crate::launch::{
-    AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, supervise_options,
-    worker_program,
+    AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, spawn_local_workers,
+    supervise_options, worker_program,
 };
 
 /// Beyond the grace period: how long node 0 waits for the other nodes to report their
@@ -48,7 +47,7 @@ pub fn lead_nodes(
         let _span = tracing::info_span!("attempt", attempt, node = 0).entered();
         control.begin_attempt(attempt, state.generation());
         announce_world(runtime, state.clone(), started);
-        let mut workers = spawn(&program, &local, attempt, plan)?;
+        let mut workers = spawn_local_workers(&program, &local, attempt, plan)?;
         let local_outcome = supervisor::watch(&mut workers, Some(state.as_ref()), &options);
         report_outcome(&local_outcome, workers.len(), plan);
         let outcome = match local_outcome {
@@ -96,7 +95,7 @@ pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Res
     loop {
         let _span = tracing::info_span!("attempt", attempt, node = plan.node_rank).entered();
         link.begin_attempt(attempt);
-        let mut workers = spawn(&program, &local, attempt, plan)?;
+        let mut workers = spawn_local_workers(&program, &local, attempt, plan)?;
         let outcome = supervisor::watch(&mut workers, None, &options);
         report_outcome(&outcome, workers.len(), plan);
         link.report_outcome(&outcome);
@@ -136,26 +135,6 @@ pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Res
             }
         }
     }
-}
-
-fn spawn(
-    program: &std::path::Path,
-    local: &[&rsdeep::plan::RankPlan],
-    attempt: u32,
-    plan: &LaunchPlan,
-) -> Result<Vec<Worker>> {
-    let extra = vec![(ev::RESTART_COUNT.to_string(), attempt.to_string())];
-    let workers = supervisor::spawn_workers(program, local, &extra, plan.rank_log_dir.as_deref())?;
-    eprintln!(
-        "rsdeep: job {} started {} worker(s) on node {} (world size {}, rendezvous {}:{})",
-        plan.job_id,
-        workers.len(),
-        plan.node_rank,
-        plan.world_size(),
-        plan.master_addr,
-        plan.master_port
-    );
-    Ok(workers)
 }
 
 fn stop_local(workers: &mut [Worker], plan: &LaunchPlan) {

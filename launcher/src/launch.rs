@@ -366,18 +366,7 @@ fn supervise_attempts(
             Some(launch) => Some(RemoteNodes::start(launch, &plan.token, restart_count)?),
             None => None,
         };
-        let extra = vec![(ev::RESTART_COUNT.to_string(), restart_count.to_string())];
-        let mut workers =
-            supervisor::spawn_workers(&program, &local, &extra, plan.rank_log_dir.as_deref())?;
-        eprintln!(
-            "rsdeep: job {} started {} worker(s) on node {} (world size {}, rendezvous {}:{})",
-            plan.job_id,
-            workers.len(),
-            plan.node_rank,
-            plan.world_size(),
-            plan.master_addr,
-            plan.master_port
-        );
+        let mut workers = spawn_local_workers(&program, &local, restart_count, plan)?;
         let outcome = supervisor::watch(&mut workers, state.as_deref(), &options);
         let outcome = ssh::blame_remote_node(outcome);
         let outcome = match (&outcome, &remote) {
@@ -417,6 +406,27 @@ fn supervise_attempts(
         );
     }
     Ok(1)
+}
+
+/// Starts this node's workers for restart `attempt` (`RSDEEP_RESTART_COUNT`) and says so.
+pub(crate) fn spawn_local_workers(
+    program: &Path,
+    local: &[&rsdeep::plan::RankPlan],
+    attempt: u32,
+    plan: &LaunchPlan,
+) -> Result<Vec<supervisor::Worker>> {
+    let extra = vec![(ev::RESTART_COUNT.to_string(), attempt.to_string())];
+    let workers = supervisor::spawn_workers(program, local, &extra, plan.rank_log_dir.as_deref())?;
+    eprintln!(
+        "rsdeep: job {} started {} worker(s) on node {} (world size {}, rendezvous {}:{})",
+        plan.job_id,
+        workers.len(),
+        plan.node_rank,
+        plan.world_size(),
+        plan.master_addr,
+        plan.master_port
+    );
+    Ok(workers)
 }
 
 /// The supervisor's settings from the plan (no stop source).
