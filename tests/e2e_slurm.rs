@@ -1098,9 +1098,7 @@ fn a_rank_killed_on_node_1_restarts_both_nodes_from_the_checkpoint_bit_identical
         job_output(&fixture, &id) + &cluster.logs()
     });
     let output = job_output(&fixture, &id);
-    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
-        eprintln!("{line}");
-    }
+    print_launcher_lines(&output);
     assert_eq!(code, 0, "the restarted job failed:\n{output}");
     assert_eq!(
         output.matches("rsdeep: restarting the job (").count(),
@@ -1195,21 +1193,61 @@ fn signal(pid: i32, signal: libc::c_int) {
     );
 }
 
-#[test]
-fn used_up_restarts_end_both_nodes_naming_the_rank_killed_on_node_1() {
-    let _serial = ONE_CLUSTER_AT_A_TIME
+/// A 2-node SLURM job (1 CPU rank per node) that trains until it is stopped, past its
+/// first rendezvous. Fields drop in order: the job's cluster goes before the lock.
+struct EndlessTwoNodeJob {
+    job: Submission,
+    id: String,
+    fixture: Fixture,
+    cluster: SlurmCluster,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+/// Starts an `EndlessTwoNodeJob` with the launcher flags `launch_args` and waits until
+/// both ranks joined generation 1.
+fn start_endless_two_node_job(launch_args: &str) -> EndlessTwoNodeJob {
+    let serial = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = SlurmCluster::start_two_nodes();
     let fixture = Fixture::new();
-    let mut job = submit(
+    let job = submit(
         &cluster,
         &fixture,
         "train-multinode.sbatch",
-        "--device cpu --num_procs 1 --max_restarts 1",
+        launch_args,
         &["--max_steps", "100000", "--save_steps", "100000"],
     );
     let id = job.job_id(Duration::from_secs(30));
+    wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
+        o.contains("rendezvous complete: 2 rank(s) joined generation 1")
+    });
+    EndlessTwoNodeJob {
+        job,
+        id,
+        fixture,
+        cluster,
+        _serial: serial,
+    }
+}
+
+/// Prints the launchers' `rsdeep: ` lines of a job's output (they tell what happened).
+fn print_launcher_lines(output: &str) {
+    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
+        eprintln!("{line}");
+    }
+}
+
+#[test]
+fn used_up_restarts_end_both_nodes_naming_the_rank_killed_on_node_1() {
+    // Bindings drop in reverse: the job first, the lock last.
+    let EndlessTwoNodeJob {
+        _serial,
+        cluster,
+        fixture,
+        id,
+        mut job,
+    } = start_endless_two_node_job("--device cpu --num_procs 1 --max_restarts 1");
     let worker = |not: Option<i32>| {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -1224,9 +1262,6 @@ fn used_up_restarts_end_both_nodes_naming_the_rank_killed_on_node_1() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
-        o.contains("rendezvous complete: 2 rank(s) joined generation 1")
-    });
     let first = worker(None);
     signal(first, libc::SIGKILL);
     wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
@@ -1238,9 +1273,7 @@ fn used_up_restarts_end_both_nodes_naming_the_rank_killed_on_node_1() {
         job_output(&fixture, &id) + &cluster.logs()
     });
     let output = job_output(&fixture, &id);
-    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
-        eprintln!("{line}");
-    }
+    print_launcher_lines(&output);
     assert_ne!(code, 0, "{output}");
     assert_eq!(
         output.matches("rsdeep: restarting the job (").count(),
@@ -1272,22 +1305,16 @@ fn used_up_restarts_end_both_nodes_naming_the_rank_killed_on_node_1() {
 
 #[test]
 fn a_node_that_loses_node_0_stops_its_workers_and_says_so() {
-    let _serial = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let cluster = SlurmCluster::start_two_nodes();
-    let fixture = Fixture::new();
-    let mut job = submit(
-        &cluster,
-        &fixture,
-        "train-multinode.sbatch",
+    // Bindings drop in reverse: the job first, the lock last.
+    let EndlessTwoNodeJob {
+        _serial,
+        cluster,
+        fixture,
+        id,
+        mut job,
+    } = start_endless_two_node_job(
         "--device cpu --num_procs 1 --max_restarts 1 --heartbeat_timeout 3 --heartbeat_interval 0.5",
-        &["--max_steps", "100000", "--save_steps", "100000"],
     );
-    let id = job.job_id(Duration::from_secs(30));
-    wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
-        o.contains("rendezvous complete: 2 rank(s) joined generation 1")
-    });
     let node0 = launcher_of_node(&id, 0)
         .unwrap_or_else(|| panic!("no node 0 launcher:\n{}", job_output(&fixture, &id)));
     let node1_worker = worker_of_rank(&id, 1).expect("node 1's worker");
@@ -1313,9 +1340,7 @@ fn a_node_that_loses_node_0_stops_its_workers_and_says_so() {
         job_output(&fixture, &id) + &cluster.logs()
     });
     let output = job_output(&fixture, &id);
-    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
-        eprintln!("{line}");
-    }
+    print_launcher_lines(&output);
     eprintln!(
         "node 1 gave up on node 0 {:.1} s after the SIGSTOP",
         noticed.as_secs_f64()
@@ -1331,22 +1356,14 @@ fn a_node_that_loses_node_0_stops_its_workers_and_says_so() {
 
 #[test]
 fn scancel_sigterm_stops_both_nodes_without_a_restart() {
-    let _serial = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let cluster = SlurmCluster::start_two_nodes();
-    let fixture = Fixture::new();
-    let mut job = submit(
-        &cluster,
-        &fixture,
-        "train-multinode.sbatch",
-        "--device cpu --num_procs 1 --max_restarts 1",
-        &["--max_steps", "100000", "--save_steps", "100000"],
-    );
-    let id = job.job_id(Duration::from_secs(30));
-    wait_for_output(&fixture, &id, Duration::from_secs(120), |o| {
-        o.contains("rendezvous complete: 2 rank(s) joined generation 1")
-    });
+    // Bindings drop in reverse: the job first, the lock last.
+    let EndlessTwoNodeJob {
+        _serial,
+        cluster,
+        fixture,
+        id,
+        mut job,
+    } = start_endless_two_node_job("--device cpu --num_procs 1 --max_restarts 1");
     // What the requeue trap of the sbatch scripts does on SIGUSR1.
     let status = cluster
         .command("scancel")
@@ -1360,9 +1377,7 @@ fn scancel_sigterm_stops_both_nodes_without_a_restart() {
     });
     let stopped_in = signalled.elapsed();
     let output = job_output(&fixture, &id);
-    for line in output.lines().filter(|l| l.contains("rsdeep: ")) {
-        eprintln!("{line}");
-    }
+    print_launcher_lines(&output);
     eprintln!("job ended {:.1} s after scancel", stopped_in.as_secs_f64());
     assert_eq!(code, 143, "{output}");
     assert!(
