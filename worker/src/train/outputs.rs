@@ -1,38 +1,12 @@
-//! What a finished run leaves in output_dir besides checkpoints: the HF-loadable model
-//! (config.json, model.safetensors or shards + index, tokenizer files), `loss.png`, and
-//! `trainer_state.json`. Written by rank 0 after the collective weight gather.
+//! What a finished run leaves in output_dir besides checkpoints and the weights (those
+//! are streamed by `checkpoint/export.rs`): `loss.png`, `trainer_state.json`, and the
+//! `max_shard_size` rule. Written by rank 0.
 
 use super::plot::write_loss_curve as plot_loss_curve;
 use super::progress::StepMetrics;
 use crate::checkpoint::TrainerState;
-use crate::model::{ModelConfig, save_safetensors_sharded};
-use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use std::path::Path;
-use tch::{Kind, Tensor};
-
-/// Saves the gathered fp32 `weights` as `kind` with the model config and tokenizer.
-pub fn write_final_model(
-    dir: &Path,
-    config: &ModelConfig,
-    tokenizer: &Tokenizer,
-    weights: Vec<(String, Tensor)>,
-    kind: Kind,
-    max_shard_size: &str,
-) -> Result<()> {
-    let max_shard_bytes = parse_size(max_shard_size)?;
-    let named = weights
-        .into_iter()
-        .map(|(name, t)| Ok((name, t.f_to_kind(kind)?)))
-        .collect::<Result<Vec<_>>>()?;
-    save_safetensors_sharded(&named, dir, max_shard_bytes)?;
-    let mut config = config.clone();
-    config.set_declared_kind(kind)?;
-    let path = dir.join("config.json");
-    std::fs::write(&path, config.to_json_string()?)
-        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-    tokenizer.save(dir)
-}
 
 /// `loss.png` from the logged train losses and any eval points in the history.
 pub fn write_loss_curve(
