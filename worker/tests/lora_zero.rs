@@ -7,6 +7,8 @@
 //! tensors are empty outside use, and a stage-3 checkpoint still holds the whole base
 //! and resumes at world size 1. Contracts: `lora/mod.rs`, `docs/zero-engine.md`.
 
+mod zero_support;
+
 use rsdeep_worker::checkpoint::{
     FROZEN_FILE, SaveRequest, TrainerState, load_checkpoint, save_checkpoint,
 };
@@ -69,19 +71,7 @@ fn tokens() -> Tensor {
 }
 
 fn engine_config(stage: u8, world: usize) -> EngineConfig {
-    let mut config = EngineConfig {
-        stage,
-        gradient_accumulation_steps: 1,
-        train_micro_batch_size_per_gpu: GLOBAL_BATCH / world,
-        train_batch_size: GLOBAL_BATCH,
-        gradient_clipping: 1.0,
-        reduce_bucket_size: 1000,
-        allgather_bucket_size: 800,
-        stage3_param_persistence_threshold: 32,
-        ..EngineConfig::default()
-    };
-    config.optimizer.lr = 1e-2;
-    config
+    zero_support::small_bucket_engine_config(stage, world, GLOBAL_BATCH)
 }
 
 /// What one rank does: which steps it trains, and whether it resumes from or saves a

@@ -8,6 +8,8 @@
 //! weights and saving them (single file and shards, fp32/bf16/fp16, stages 0/2/3).
 //! Contract: `worker/src/zero/causal_lm.rs`, `worker/src/zero/build.rs`.
 
+mod zero_support;
+
 use rsdeep_worker::checkpoint::export::write_final_weights;
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora};
@@ -47,19 +49,7 @@ fn lora_config() -> LoraConfig {
 }
 
 fn engine_config(stage: u8, world: usize) -> EngineConfig {
-    let mut config = EngineConfig {
-        stage,
-        gradient_accumulation_steps: 1,
-        train_micro_batch_size_per_gpu: GLOBAL_BATCH / world,
-        train_batch_size: GLOBAL_BATCH,
-        gradient_clipping: 1.0,
-        reduce_bucket_size: 1000,
-        allgather_bucket_size: 800,
-        stage3_param_persistence_threshold: 32,
-        ..EngineConfig::default()
-    };
-    config.optimizer.lr = 1e-2;
-    config
+    zero_support::small_bucket_engine_config(stage, world, GLOBAL_BATCH)
 }
 
 /// What one case builds: stage, LoRA or full, tied head, and the weights' origin.

@@ -373,3 +373,22 @@ pub fn assert_close(got: &Tensor, want: &Tensor, tol: f64, label: &str) {
         diff.max().double_value(&[])
     );
 }
+
+/// The small-bucket engine config of the LoRA/streamed-build tests: `stage`, `world`
+/// ranks sharing a global batch of `global_batch` rows, clipping 1.0, buckets of 1000
+/// and 800 elements, stage-3 persistence 32, lr 1e-2.
+pub fn small_bucket_engine_config(stage: u8, world: usize, global_batch: usize) -> EngineConfig {
+    let mut config = EngineConfig {
+        stage,
+        gradient_accumulation_steps: 1,
+        train_micro_batch_size_per_gpu: global_batch / world,
+        train_batch_size: global_batch,
+        gradient_clipping: 1.0,
+        reduce_bucket_size: 1000,
+        allgather_bucket_size: 800,
+        stage3_param_persistence_threshold: 32,
+        ..EngineConfig::default()
+    };
+    config.optimizer.lr = 1e-2;
+    config
+}
