@@ -986,13 +986,10 @@ fn sbatch_many_node_script_forms_one_world_across_two_network_namespaces() {
     }
 }
 
-/// The pid of the live `rsdeep-worker` of SLURM job `job_id` with `RANK=rank`.
-fn worker_of_rank(job_id: &str, rank: usize) -> Option<i32> {
-    let worker = binary("rsdeep-worker").display().to_string();
-    let (wanted_rank, wanted_job) = (
-        format!("RANK={rank}"),
-        format!("RSDEEP_JOB_ID=slurm-{job_id}"),
-    );
+/// The pid of a live process started as `program` (its first argument) whose environment
+/// holds every entry of `exact` and an entry starting with each of `prefixes`.
+fn process_with(program: &Path, exact: &[String], prefixes: &[String]) -> Option<i32> {
+    let program = program.display().to_string();
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
@@ -1002,11 +999,23 @@ fn worker_of_rank(job_id: &str, rank: usize) -> Option<i32> {
             let environ = std::fs::read(entry.path().join("environ")).ok()?;
             let environ = String::from_utf8_lossy(&environ);
             let vars: Vec<&str> = environ.split('\0').collect();
-            let ours = String::from_utf8_lossy(&cmdline).starts_with(&worker)
-                && vars.contains(&wanted_rank.as_str())
-                && vars.iter().any(|v| v.starts_with(&wanted_job));
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let ours = cmdline.split('\0').next() == Some(program.as_str())
+                && exact.iter().all(|e| vars.contains(&e.as_str()))
+                && prefixes
+                    .iter()
+                    .all(|p| vars.iter().any(|v| v.starts_with(p.as_str())));
             ours.then_some(pid)
         })
+}
+
+/// The pid of the live `rsdeep-worker` of SLURM job `job_id` with `RANK=rank`.
+fn worker_of_rank(job_id: &str, rank: usize) -> Option<i32> {
+    process_with(
+        &binary("rsdeep-worker"),
+        &[format!("RANK={rank}")],
+        &[format!("RSDEEP_JOB_ID=slurm-{job_id}")],
+    )
 }
 
 /// Runs the two-node job with `overrides` (and `extra` launcher flags) to the end and
@@ -1162,26 +1171,11 @@ fn wait_for_output(fixture: &Fixture, id: &str, limit: Duration, pred: impl Fn(&
 
 /// The pid of the `rsdeep` launcher of SLURM job `job_id` on node `node`.
 fn launcher_of_node(job_id: &str, node: usize) -> Option<i32> {
-    let launcher = binary("rsdeep").display().to_string();
-    let (wanted_node, wanted_job) = (
+    let exact = [
         format!("SLURM_NODEID={node}"),
         format!("SLURM_JOB_ID={job_id}"),
-    );
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let environ = std::fs::read(entry.path().join("environ")).ok()?;
-            let environ = String::from_utf8_lossy(&environ);
-            let vars: Vec<&str> = environ.split('\0').collect();
-            let program = String::from_utf8_lossy(&cmdline);
-            let ours = program.split('\0').next() == Some(launcher.as_str())
-                && vars.contains(&wanted_node.as_str())
-                && vars.contains(&wanted_job.as_str());
-            ours.then_some(pid)
-        })
+    ];
+    process_with(&binary("rsdeep"), &exact, &[])
 }
 
 fn signal(pid: i32, signal: libc::c_int) {
