@@ -265,15 +265,7 @@ impl ZeroEngine {
         if !keep {
             return Ok(Vec::new());
         }
-        let mut weights = Vec::with_capacity(shard.layout.slots.len());
-        for slot in &shard.layout.slots {
-            let weight = full
-                .f_narrow(0, slot.offset as i64, slot.numel as i64)?
-                .f_view(slot.shape.as_slice())?
-                .f_detach_copy()?;
-            weights.push((slot.name.clone(), weight));
-        }
-        Ok(weights)
+        slot_copies(&shard.layout, &full)
     }
 
     /// Frozen parameters (never updated, e.g. a LoRA base) by name in block order, as
@@ -297,13 +289,7 @@ impl ZeroEngine {
             if !keep {
                 continue;
             }
-            for slot in &part.layout.slots {
-                let weight = full
-                    .f_narrow(0, slot.offset as i64, slot.numel as i64)?
-                    .f_view(slot.shape.as_slice())?
-                    .f_detach_copy()?;
-                weights.push((slot.name.clone(), weight));
-            }
+            weights.extend(slot_copies(&part.layout, &full)?);
         }
         if keep {
             for (name, tensor) in &self.frozen_params {
@@ -312,4 +298,19 @@ impl ZeroEngine {
         }
         Ok(weights)
     }
+}
+
+/// Each slot of `layout` as a named copy out of its gathered (padded,) buffer `full`.
+fn slot_copies(layout: &FlatLayout, full: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    layout
+        .slots
+        .iter()
+        .map(|slot| {
+            let weight = full
+                .f_narrow(0, slot.offset as i64, slot.numel as i64)?
+                .f_view(slot.shape.as_slice())?
+                .f_detach_copy()?;
+            Ok((slot.name.clone(), weight))
+        })
+        .collect()
 }
