@@ -6,12 +6,15 @@
 //! - `model`: Hugging Face-exact Qwen2/Llama as an ordered list of blocks.
 //! - `tokenizer`, `data`: tokenizer.json + chat templates; pretrain and SFT datasets.
 //! - `zero`: the ZeRO engine (stages 0-3) over the model's blocks.
+//! - `kernels`: fused fp32 CPU kernels of the training hot path (norm, rotary, SwiGLU,
+//!   AdamW).
 
 pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod rendezvous;

@@ -2,7 +2,8 @@
 //! attention): stages 1-3 on 2 in-process ranks give the losses and final weights of world
 //! size 1 stage 0 within 1e-5 on the same global batch; with an untied head, the fused
 //! head + loss path (`forward_backward_causal_lm`) gives those of the generic path at
-//! every stage. Contract: `docs/zero-engine.md`.
+//! every stage; the references train every layer through autograd, the variants through
+//! the manual decoder-layer path. Contract: `docs/zero-engine.md`.
 
 use rsdeep_worker::comm::Communicator;
 
@@ -53,6 +54,14 @@ fn config(stage: u8, world: usize, gas: usize) -> EngineConfig {
     config.optimizer.lr = 3e-3;
     config.optimizer.weight_decay = 0.01;
     config
+}
+
+/// `config` with every decoder layer trained through autograd.
+fn autograd_only(config: EngineConfig) -> EngineConfig {
+    EngineConfig {
+        manual_layers: false,
+        ..config
+    }
 }
 
 struct Outcome {
@@ -131,7 +140,9 @@ fn train_with(world: usize, config: EngineConfig, tied: bool, path: LossPath) ->
 #[test]
 fn qwen2_stages_match_world_one_stage_zero() {
     tch::set_num_threads(1);
-    let reference = train(1, config(0, 1, 1)).remove(0);
+    // The reference trains every layer through autograd; the variants take the manual
+    // decoder-layer path (`model/manual_layer.rs`), so this also proves the two agree.
+    let reference = train(1, autograd_only(config(0, 1, 1))).remove(0);
     assert!(
         reference.losses[STEPS - 1] < reference.losses[0],
         "learns: {:?}",
@@ -170,7 +181,8 @@ fn qwen2_stages_match_world_one_stage_zero() {
 #[test]
 fn fused_head_path_matches_the_generic_path_at_every_stage() {
     tch::set_num_threads(1);
-    let reference = train_with(1, config(0, 1, 1), false, LossPath::Generic).remove(0);
+    let reference =
+        train_with(1, autograd_only(config(0, 1, 1)), false, LossPath::Generic).remove(0);
     assert!(
         reference.losses[STEPS - 1] < reference.losses[0],
         "learns: {:?}",

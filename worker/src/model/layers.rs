@@ -24,16 +24,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Indices of a linear layer's weight and optional bias inside a block's `params`, plus
 /// an optional LoRA adapter on it.
 #[derive(Clone, Copy)]
-struct LinearSlot {
-    weight: usize,
-    bias: Option<usize>,
-    lora: Option<LoraSlot>,
+pub(super) struct LinearSlot {
+    pub(super) weight: usize,
+    pub(super) bias: Option<usize>,
+    pub(super) lora: Option<LoraSlot>,
 }
 
 /// A LoRA adapter on one linear layer (PEFT's math): indices of `lora_A.weight` (r, in)
 /// and `lora_B.weight` (out, r) in the block's `params`, `scaling` = alpha / r.
 #[derive(Clone, Copy)]
-struct LoraSlot {
+pub(super) struct LoraSlot {
     a: usize,
     b: usize,
     scaling: f64,
@@ -167,21 +167,21 @@ impl Block for Embedding {
 
 /// One transformer layer: pre-norm attention and pre-norm SwiGLU MLP, both residual.
 pub struct DecoderLayer {
-    params: Vec<Param>,
-    input_norm: usize,
-    q: LinearSlot,
-    k: LinearSlot,
-    v: LinearSlot,
-    o: LinearSlot,
-    post_attention_norm: usize,
-    gate: LinearSlot,
-    up: LinearSlot,
-    down: LinearSlot,
-    num_heads: i64,
-    num_kv_heads: i64,
-    head_dim: i64,
-    eps: f64,
-    rotary: Arc<Rotary>,
+    pub(super) params: Vec<Param>,
+    pub(super) input_norm: usize,
+    pub(super) q: LinearSlot,
+    pub(super) k: LinearSlot,
+    pub(super) v: LinearSlot,
+    pub(super) o: LinearSlot,
+    pub(super) post_attention_norm: usize,
+    pub(super) gate: LinearSlot,
+    pub(super) up: LinearSlot,
+    pub(super) down: LinearSlot,
+    pub(super) num_heads: i64,
+    pub(super) num_kv_heads: i64,
+    pub(super) head_dim: i64,
+    pub(super) eps: f64,
+    pub(super) rotary: Arc<Rotary>,
     /// Layer index in the model (`model.layers.{index}.`).
     index: usize,
     /// Whether LoRA dropout is active (training) or not (inference); shared by every

@@ -27,6 +27,7 @@ mod ctx;
 mod fused_head;
 pub(crate) mod io;
 mod layers;
+mod manual_layer;
 mod rope;
 
 pub use config::{ModelConfig, ModelType, RopeScaling, RopeSpec, kind_from_name, kind_name};
@@ -36,6 +37,7 @@ pub use io::{INDEX_FILE, SINGLE_FILE, SafetensorsFolder, save_safetensors_sharde
 pub use layers::{
     DECODER_LINEARS, DecoderLayer, Embedding, Head, InitKind, LayerKv, ParamSource, rms_norm,
 };
+pub use manual_layer::LayerSaved;
 pub use rope::{Rotary, apply_rotary, inverse_frequencies};
 
 use crate::{Error, Result};

@@ -152,6 +152,10 @@ pub struct EngineConfig {
     pub offload_optimizer_cpu: bool,
     /// Where the compute buffers live.
     pub device: Device,
+    /// Decoder layers that can train through the hand-written forward/backward
+    /// (`model/manual_layer.rs`) do so; false keeps autograd everywhere (the reference
+    /// the tests compare against; `RSDEEP_MANUAL_LAYERS=0` for A/B benchmarks).
+    pub manual_layers: bool,
 }
 
 impl Default for EngineConfig {
@@ -178,6 +182,7 @@ impl Default for EngineConfig {
             steps_per_print: 0,
             offload_optimizer_cpu: false,
             device: Device::Cpu,
+            manual_layers: true,
         }
     }
 }

@@ -15,7 +15,7 @@ use super::profile::{Phase, StepProfile};
 use super::reduce::PendingReduce;
 use super::scheduler::LrSchedule;
 use crate::comm::Communicator;
-use crate::model::{Block, ForwardCtx, causal_lm_loss};
+use crate::model::{Block, ForwardCtx, LayerSaved, causal_lm_loss};
 use crate::{Error, Result};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -108,8 +108,35 @@ impl BlockShard {
 struct Activation {
     /// The detached block input (a grad-requiring leaf when it is floating point).
     input: Tensor,
-    /// The output with its graph; None when the block is recomputed in backward.
+    /// The output with its graph; None when the block is recomputed in backward or ran
+    /// the manual path.
     output: Option<Tensor>,
+    /// What a decoder layer's manual backward needs (`model/manual_layer.rs`), when its
+    /// forward ran that way.
+    manual: Option<LayerSaved>,
+}
+
+impl Activation {
+    fn spent() -> Self {
+        Activation {
+            input: Tensor::new(),
+            output: None,
+            manual: None,
+        }
+    }
+}
+
+/// What a forward through the blocks is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Pass {
+    /// Evaluation: nothing kept but the last output.
+    Eval,
+    /// Training whose backward starts from a loss on the last block's output, which
+    /// therefore keeps its autograd graph.
+    TrainToLoss,
+    /// Training whose backward starts from a cotangent of the last block's output (the
+    /// fused head computed it), so every decoder layer may take the manual path.
+    TrainToCotangent,
 }
 
 /// The engine: owns the model's blocks, the partitioned states and the communicator.
@@ -188,7 +215,7 @@ impl ZeroEngine {
             tracing::debug_span!("micro_step", rank = self.rank, micro = self.micro_step).entered();
         let last_micro = self.micro_step + 1 == self.config.gradient_accumulation_steps;
         let count = self.blocks.len();
-        let (mut activations, _) = self.forward_all(input, ctx, true, count)?;
+        let (mut activations, _) = self.forward_all(input, ctx, Pass::TrainToLoss, count)?;
         let last = activations.len() - 1;
         let output = activations[last]
             .output
@@ -226,7 +253,7 @@ impl ZeroEngine {
             tracing::debug_span!("micro_step", rank = self.rank, micro = self.micro_step).entered();
         let last_micro = self.micro_step + 1 == self.config.gradient_accumulation_steps;
         let head = self.blocks.len() - 1;
-        let (activations, hidden) = self.forward_all(input, ctx, true, head)?; // (B, T, H)
+        let (activations, hidden) = self.forward_all(input, ctx, Pass::TrainToCotangent, head)?; // (B, T, H)
         let factor = self.scaler.scale() / self.config.gradient_accumulation_steps as f64;
         let mark = self.profile.mark();
         self.acquire(head, head > 0, head.wrapping_sub(1))?;
@@ -291,7 +318,7 @@ impl ZeroEngine {
     pub fn forward_eval(&mut self, input: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let count = self.blocks.len();
-        let (mut activations, _) = self.forward_all(input, ctx, false, count)?;
+        let (mut activations, _) = self.forward_all(input, ctx, Pass::Eval, count)?;
         activations
             .pop()
             .and_then(|a| a.output)
@@ -299,17 +326,20 @@ impl ZeroEngine {
     }
 
     /// Forward through the first `count` blocks; also returns the last one's detached
-    /// output. With `training` false nothing is kept but the last output; with activation
-    /// checkpointing only block inputs are kept (the last block run always keeps its
-    /// graph, the loss needs it). Stage-3 prefetching looks past `count` the same way
-    /// whatever `count` is, so every rank issues the same gathers.
+    /// output. For `Pass::Eval` nothing is kept but the last output; with activation
+    /// checkpointing only block inputs are kept (for `Pass::TrainToLoss` the last block run
+    /// keeps its graph, the loss needs it). Decoder layers that can (`manual_block`) run
+    /// the manual path and keep what its backward needs instead of a graph. Stage-3
+    /// prefetching looks past `count` the same way whatever `count` is, so every rank
+    /// issues the same gathers.
     fn forward_all(
         &mut self,
         input: &Tensor,
         ctx: &ForwardCtx,
-        training: bool,
+        pass: Pass,
         count: usize,
     ) -> Result<(Vec<Activation>, Tensor)> {
+        let training = pass != Pass::Eval;
         let total = self.blocks.len();
         if count == 0 || count > total {
             return Err(Error::Engine(format!(
@@ -328,8 +358,19 @@ impl ZeroEngine {
             } else {
                 x.shallow_clone()
             };
-            let keep_graph = training && (!self.config.activation_checkpointing || b + 1 == count);
-            let output = if keep_graph {
+            let last = b + 1 == count;
+            let loss_input = pass == Pass::TrainToLoss && last;
+            let keep_graph = training && (!self.config.activation_checkpointing || last);
+            let manual = keep_graph && !loss_input && self.manual_block(b, &leaf, ctx);
+            let mut saved = None;
+            let output = if manual {
+                let layer = self.blocks[b].as_decoder_layer();
+                let (out, kept) = layer
+                    .ok_or_else(|| Error::Engine(format!("block {b} is not a decoder layer")))?
+                    .forward_manual(&leaf, ctx)?;
+                saved = Some(kept);
+                out
+            } else if keep_graph {
                 self.blocks[b].forward(&leaf, ctx)?
             } else {
                 tch::no_grad(|| self.blocks[b].forward(&leaf, ctx))?
@@ -339,7 +380,7 @@ impl ZeroEngine {
             self.release(b)?;
             self.profile.add(Phase::Gather, mark);
             x = output.f_detach()?;
-            let saved_output = if keep_graph || b + 1 == count {
+            let saved_output = if (keep_graph && !manual) || last {
                 Some(output)
             } else {
                 None
@@ -347,6 +388,7 @@ impl ZeroEngine {
             activations.push(Activation {
                 input: if training { leaf } else { Tensor::new() },
                 output: saved_output,
+                manual: saved,
             });
         }
         Ok((activations, x))
@@ -373,10 +415,7 @@ impl ZeroEngine {
                 tracing::trace_span!("block_backward", rank = self.rank, block = b).entered();
             if !needs_backward(&activations[b], &self.shards[b]) {
                 // E.g. a LoRA-frozen embedding: no gradient to compute, nothing to gather.
-                activations[b] = Activation {
-                    input: Tensor::new(),
-                    output: None,
-                };
+                activations[b] = Activation::spent();
                 continue;
             }
             let prefetch_previous =
@@ -384,40 +423,20 @@ impl ZeroEngine {
             let mark = self.profile.mark();
             self.acquire(b, prefetch_previous, b.wrapping_sub(1))?;
             self.profile.add(Phase::Gather, mark);
-            let mark = self.profile.mark();
-            let act = &mut activations[b];
-            let output = match act.output.take() {
-                Some(output) => output,
-                None => self.blocks[b].forward(&act.input, ctx)?,
-            };
-            self.profile.add(Phase::Forward, mark);
-            let mark = self.profile.mark();
-            let root = match &cotangent {
-                None => scaled_loss.shallow_clone(),
-                Some(cot) => output.f_mul(cot)?.f_sum(Kind::Float)?,
-            };
+            let act = std::mem::replace(&mut activations[b], Activation::spent());
             let input_has_grad = act.input.requires_grad();
-            let mut wrt: Vec<Tensor> = Vec::new();
-            if input_has_grad {
-                wrt.push(act.input.shallow_clone());
-            }
             let own_count = self.shards[b].params.len();
-            wrt.extend(self.shards[b].params.iter().map(|p| p.shallow_clone()));
             let tied_here = self.tied && b + 1 == total && b > 0;
-            if tied_here {
-                wrt.extend(self.shards[0].params.iter().map(|p| p.shallow_clone()));
-            }
-            let mut grads = if wrt.is_empty() {
-                Vec::new()
-            } else {
-                Tensor::f_run_backward(&[root], &wrt, false, false)?
+            // Manual when its forward ran manually, or when a checkpointed layer can.
+            let manual = act.manual.is_some()
+                || (act.output.is_none() && self.manual_block(b, &act.input, ctx));
+            let mut grads = match (&cotangent, manual) {
+                (Some(cot), true) => self.manual_block_backward(b, act, ctx, cot)?,
+                _ => {
+                    let root = BackwardRoot::from_parts(&scaled_loss, cotangent.as_ref());
+                    self.autograd_block_backward(b, act, ctx, root, tied_here)?
+                }
             };
-            drop(output);
-            activations[b] = Activation {
-                input: Tensor::new(),
-                output: None,
-            };
-            self.profile.add(Phase::Backward, mark);
             let mark = self.profile.mark();
             self.release(b)?;
             self.profile.add(Phase::Gather, mark);
@@ -450,6 +469,85 @@ impl ZeroEngine {
         self.finish_reductions()?;
         self.profile.add(Phase::ReduceWait, mark);
         Ok(())
+    }
+
+    /// Whether block `b` trains through the manual decoder-layer path on `input`: enabled
+    /// (`EngineConfig::manual_layers`), a layer that `manual_applies`, every parameter
+    /// trainable, and a grad-requiring input.
+    fn manual_block(&self, b: usize, input: &Tensor, ctx: &ForwardCtx) -> bool {
+        self.config.manual_layers
+            && input.requires_grad()
+            && self.shards[b].params.len() == self.blocks[b].params().len()
+            && self.blocks[b]
+                .as_decoder_layer()
+                .is_some_and(|layer| layer.manual_applies(input, ctx))
+    }
+
+    /// Backward of decoder layer `b` by hand from what its forward saved (recomputing that
+    /// forward first under activation checkpointing): d input, then one gradient per
+    /// parameter.
+    fn manual_block_backward(
+        &mut self,
+        b: usize,
+        act: Activation,
+        ctx: &ForwardCtx,
+        cotangent: &Tensor,
+    ) -> Result<Vec<Tensor>> {
+        let layer = self.blocks[b]
+            .as_decoder_layer()
+            .ok_or_else(|| Error::Engine(format!("block {b} is not a decoder layer")))?;
+        let saved = match act.manual {
+            Some(saved) => saved,
+            None => {
+                let mark = self.profile.mark();
+                let (_, saved) = layer.forward_manual(&act.input, ctx)?;
+                self.profile.add(Phase::Forward, mark);
+                saved
+            }
+        };
+        let mark = self.profile.mark();
+        let (d_input, param_grads) = layer.backward_manual(saved, cotangent)?;
+        self.profile.add(Phase::Backward, mark);
+        Ok(std::iter::once(d_input).chain(param_grads).collect())
+    }
+
+    /// Backward of block `b` through autograd (recomputing its forward with a graph under
+    /// activation checkpointing): d input when the input requires grad, then the block's
+    /// trainable parameters' gradients, then the embedding's when a tied head is `b`.
+    fn autograd_block_backward(
+        &mut self,
+        b: usize,
+        act: Activation,
+        ctx: &ForwardCtx,
+        root: BackwardRoot,
+        tied_here: bool,
+    ) -> Result<Vec<Tensor>> {
+        let mark = self.profile.mark();
+        let output = match act.output {
+            Some(output) => output,
+            None => self.blocks[b].forward(&act.input, ctx)?,
+        };
+        self.profile.add(Phase::Forward, mark);
+        let mark = self.profile.mark();
+        let root = match root {
+            BackwardRoot::Loss(loss) => loss,
+            BackwardRoot::Cotangent(cot) => output.f_mul(&cot)?.f_sum(Kind::Float)?,
+        };
+        let mut wrt: Vec<Tensor> = Vec::new();
+        if act.input.requires_grad() {
+            wrt.push(act.input.shallow_clone());
+        }
+        wrt.extend(self.shards[b].params.iter().map(|p| p.shallow_clone()));
+        if tied_here {
+            wrt.extend(self.shards[0].params.iter().map(|p| p.shallow_clone()));
+        }
+        let grads = if wrt.is_empty() {
+            Vec::new()
+        } else {
+            Tensor::f_run_backward(&[root], &wrt, false, false)?
+        };
+        self.profile.add(Phase::Backward, mark);
+        Ok(grads)
     }
 
     /// Stage 3: makes block `b` (and block 0 for a tied head) usable, and prefetches
@@ -486,6 +584,17 @@ impl ZeroEngine {
 enum BackwardRoot {
     Loss(Tensor),
     Cotangent(Tensor),
+}
+
+impl BackwardRoot {
+    /// The root for the current block: the cotangent from the block after it when there
+    /// is one, else the scaled loss.
+    fn from_parts(scaled_loss: &Tensor, cotangent: Option<&Tensor>) -> Self {
+        match cotangent {
+            Some(cot) => BackwardRoot::Cotangent(cot.shallow_clone()),
+            None => BackwardRoot::Loss(scaled_loss.shallow_clone()),
+        }
+    }
 }
 
 /// Whether a block's backward produces anything: a cotangent for the previous block (its

@@ -90,6 +90,8 @@ impl EngineConfig {
             steps_per_print: ds.steps_per_print.unwrap_or(0),
             offload_optimizer_cpu,
             device,
+            // An A/B switch for benchmarks, not a training option: the two paths agree.
+            manual_layers: std::env::var("RSDEEP_MANUAL_LAYERS").map_or(true, |v| v != "0"),
         };
         engine.validate(config.batch.world_size as usize)?;
         Ok(engine)
