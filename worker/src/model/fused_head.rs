@@ -10,6 +10,7 @@
 
 use super::ctx::shifted_labels;
 use super::{Block, Head, IGNORE_INDEX, rms_norm};
+use crate::kernels;
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -57,7 +58,13 @@ impl Head {
             )));
         }
         let (norm_weight, lm_head) = (&self.params()[0].tensor, &self.params()[1].tensor);
-        let normed = rms_norm(x, norm_weight, self.eps)?; // (B, T, H), with graph
+        let rows = x.f_detach()?.f_reshape([-1, size[2]])?; // (N, H)
+        // The final norm by the fused CPU kernel when it can, else through autograd.
+        let by_kernel = kernels::applies(&rows) && kernels::applies(norm_weight);
+        let (normed, inv_rms) = match by_kernel {
+            true => kernels::rms_norm_forward(&rows, norm_weight, self.eps)?,
+            false => (rms_norm(x, norm_weight, self.eps)?, Tensor::new()), // with graph
+        };
         let hidden = normed.f_detach()?.f_reshape([-1, size[2]])?; // (N, H)
         let targets = shifted_labels(labels)?.f_to_device(x.device())?; // (N,)
         let counted = targets.f_ne(IGNORE_INDEX)?; // (N,) bool
@@ -70,12 +77,18 @@ impl Head {
             chunked_cross_entropy(&hidden, &weight, &targets, &counted, scale / count as f64)
         })?;
         // Backward through the norm: d/dx and d/d(norm weight) of <normed, grad_hidden>.
-        let root = normed
-            .f_mul(&grad_hidden.f_view(size.as_slice())?)?
-            .f_sum(Kind::Float)?;
-        let mut grads = Tensor::f_run_backward(&[root], &[x, norm_weight], false, false)?;
-        let grad_norm = grads.pop().unwrap_or_else(Tensor::new);
-        let grad_input = grads.pop().unwrap_or_else(Tensor::new);
+        let (grad_input, grad_norm) = if by_kernel {
+            let (dx, dw) =
+                kernels::rms_norm_backward(&grad_hidden, &rows, norm_weight, &inv_rms, None)?;
+            (dx.f_view(size.as_slice())?, dw)
+        } else {
+            let root = normed
+                .f_mul(&grad_hidden.f_view(size.as_slice())?)?
+                .f_sum(Kind::Float)?;
+            let mut grads = Tensor::f_run_backward(&[root], &[x, norm_weight], false, false)?;
+            let grad_norm = grads.pop().unwrap_or_else(Tensor::new);
+            (grads.pop().unwrap_or_else(Tensor::new), grad_norm)
+        };
         Ok(FusedHeadOutput {
             loss: loss_sum / count as f64,
             grad_input,
