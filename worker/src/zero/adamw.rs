@@ -51,7 +51,14 @@ impl AdamSlice {
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         if kernels::applies(grad) && kernels::applies(&self.master) {
-            return self.update_fused(grad, lr, step, config);
+            let coefficients = fused_coefficients(lr, step, config);
+            return kernels::adamw_in_place(
+                &mut self.master,
+                grad,
+                &mut self.exp_avg,
+                &mut self.exp_avg_sq,
+                coefficients,
+            );
         }
         let grad = if !config.decoupled_weight_decay && config.weight_decay != 0.0 {
             grad.f_add(&self.master.f_mul_scalar(config.weight_decay)?)?
@@ -83,42 +90,29 @@ impl AdamSlice {
         let _ = self.master.f_sub_(&update)?;
         Ok(())
     }
+}
 
-    /// `update` as one pass over the four CPU fp32 slices (`kernels::adamw_in_place`).
-    fn update_fused(
-        &mut self,
-        grad: &Tensor,
-        lr: f64,
-        step: u64,
-        config: &OptimizerConfig,
-    ) -> Result<()> {
-        let decoupled = config.decoupled_weight_decay;
-        let coefficients = kernels::AdamCoefficients {
-            beta1: config.beta1 as f32,
-            beta2: config.beta2 as f32,
-            one_minus_beta1: (1.0 - config.beta1) as f32,
-            one_minus_beta2: (1.0 - config.beta2) as f32,
-            decay_factor: if decoupled {
-                (1.0 - lr * config.weight_decay) as f32
-            } else {
-                1.0
-            },
-            l2: if decoupled {
-                0.0
-            } else {
-                config.weight_decay as f32
-            },
-            step_size: (lr / (1.0 - config.beta1.powi(step as i32))) as f32,
-            bias_correction2_sqrt: (1.0 - config.beta2.powi(step as i32)).sqrt() as f32,
-            eps: config.eps as f32,
-        };
-        kernels::adamw_in_place(
-            &mut self.master,
-            grad,
-            &mut self.exp_avg,
-            &mut self.exp_avg_sq,
-            coefficients,
-        )
+/// The scalars of `AdamSlice::update` for the fused pass (`kernels::adamw_in_place`).
+fn fused_coefficients(lr: f64, step: u64, config: &OptimizerConfig) -> kernels::AdamCoefficients {
+    let decoupled = config.decoupled_weight_decay;
+    kernels::AdamCoefficients {
+        beta1: config.beta1 as f32,
+        beta2: config.beta2 as f32,
+        one_minus_beta1: (1.0 - config.beta1) as f32,
+        one_minus_beta2: (1.0 - config.beta2) as f32,
+        decay_factor: if decoupled {
+            (1.0 - lr * config.weight_decay) as f32
+        } else {
+            1.0
+        },
+        l2: if decoupled {
+            0.0
+        } else {
+            config.weight_decay as f32
+        },
+        step_size: (lr / (1.0 - config.beta1.powi(step as i32))) as f32,
+        bias_correction2_sqrt: (1.0 - config.beta2.powi(step as i32)).sqrt() as f32,
+        eps: config.eps as f32,
     }
 }
 
