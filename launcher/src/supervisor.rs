@@ -1154,17 +1154,21 @@ mod tests {
         assert_eq!((classes.causes, classes.consequences), (vec![0, 1], vec![]));
     }
 
+    /// The hung ranks and report `hang_outcome` gives for `ranks` with a 3 s timeout.
+    fn hung_ranks_and_report(ranks: &[RankLiveness]) -> (Vec<usize>, String) {
+        match hang_outcome(ranks, &[], &options(), Duration::from_secs(3)) {
+            Outcome::Hung { ranks, report } => (ranks, report),
+            _ => panic!("not a hang outcome"),
+        }
+    }
+
     #[test]
     fn the_hang_report_names_cause_phase_and_waiting_collective() {
         let ranks = [
             beating(0, "collective", "all_reduce", 812, 30.1),
             beating(1, "step", "", 811, 30.2),
         ];
-        let Outcome::Hung { ranks, report } =
-            hang_outcome(&ranks, &[], &options(), Duration::from_secs(3))
-        else {
-            panic!("not a hang outcome");
-        };
+        let (ranks, report) = hung_ranks_and_report(&ranks);
         assert_eq!(ranks, vec![1]);
         assert!(
             report.contains("rank 1 is hung (host h, pid 101)")
@@ -1190,11 +1194,7 @@ mod tests {
             beating(1, "step", "", 161, 2.99),
         ];
         assert_eq!(ranks[1].hung, None);
-        let Outcome::Hung { ranks, report } =
-            hang_outcome(&ranks, &[], &options(), Duration::from_secs(3))
-        else {
-            panic!("not a hang outcome");
-        };
+        let (ranks, report) = hung_ranks_and_report(&ranks);
         assert_eq!(ranks, vec![1]);
         assert!(
             report.contains(

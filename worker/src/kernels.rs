@@ -261,26 +261,16 @@ pub fn rotary_in_place(
 /// sigmoid(gate), which the backward needs.
 pub fn swiglu_forward(gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
     let sigmoid = gate.f_sigmoid()?; // one vectorised aten pass (exp)
-    let n = gate.numel();
-    let cols = gate.size().last().copied().unwrap_or(1).max(1) as usize;
+    let (rows, cols) = rows_and_cols(gate);
+    let n = rows * cols;
     let (g, u, sg) = (
         view(gate, "swiglu gate", n)?,
         view(up, "swiglu up", n)?,
         view(&sigmoid, "swiglu sigmoid", n)?,
     );
-    let mut out = empty(n / cols, cols)?;
+    let mut out = empty(rows, cols)?;
     let os = view_mut(&mut out, "swiglu out", n)?;
-    par_rows(os, n / cols, cols, |range, o| {
-        let span = range.start * cols..range.end * cols;
-        for (((oj, &gj), &uj), &sj) in o
-            .iter_mut()
-            .zip(&g[span.clone()])
-            .zip(&u[span.clone()])
-            .zip(&sg[span])
-        {
-            *oj = gj * sj * uj;
-        }
-    });
+    fill_elementwise(os, rows, cols, |i| g[i] * sg[i] * u[i]);
     Ok((out, sigmoid))
 }
 
@@ -292,9 +282,8 @@ pub fn swiglu_backward(
     up: &Tensor,
     sigmoid: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let n = gate.numel();
-    let cols = gate.size().last().copied().unwrap_or(1).max(1) as usize;
-    let rows = n / cols;
+    let (rows, cols) = rows_and_cols(gate);
+    let n = rows * cols;
     let (d, g, u, sg) = (
         view(dout, "swiglu dout", n)?,
         view(gate, "swiglu gate", n)?,
@@ -304,31 +293,33 @@ pub fn swiglu_backward(
     let mut dgate = empty(rows, cols)?;
     let mut dup = empty(rows, cols)?;
     let dus = view_mut(&mut dup, "swiglu dup", n)?;
-    // First pass: d up; second: d gate (two outputs, one parallel split each).
-    par_rows(dus, rows, cols, |range, o| {
-        let span = range.start * cols..range.end * cols;
-        for (((oj, &dj), &gj), &sj) in o
-            .iter_mut()
-            .zip(&d[span.clone()])
-            .zip(&g[span.clone()])
-            .zip(&sg[span])
-        {
-            *oj = dj * gj * sj;
-        }
-    });
+    fill_elementwise(dus, rows, cols, |i| d[i] * g[i] * sg[i]);
     let dgs = view_mut(&mut dgate, "swiglu dgate", n)?;
-    par_rows(dgs, rows, cols, |range, o| {
-        let span = range.start * cols..range.end * cols;
-        let it = d[span.clone()]
-            .iter()
-            .zip(&g[span.clone()])
-            .zip(&u[span.clone()])
-            .zip(&sg[span]);
-        for (oj, (((&dj, &gj), &uj), &sj)) in o.iter_mut().zip(it) {
-            *oj = dj * uj * sj * (1.0 + gj * (1.0 - sj));
-        }
+    fill_elementwise(dgs, rows, cols, |i| {
+        d[i] * u[i] * sg[i] * (1.0 + g[i] * (1.0 - sg[i]))
     });
     Ok((dgate, dup))
+}
+
+/// (rows, cols) of `t` seen as a matrix over its last dimension.
+fn rows_and_cols(t: &Tensor) -> (usize, usize) {
+    let cols = t.size().last().copied().unwrap_or(1).max(1) as usize;
+    (t.numel() / cols, cols)
+}
+
+/// out[i] = value(i) for every element of the (rows, cols) `out`, split over threads by
+/// rows like every kernel here.
+fn fill_elementwise(
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+    value: impl Fn(usize) -> f32 + Sync,
+) {
+    par_rows(out, rows, cols, |range, chunk| {
+        for (offset, o) in chunk.iter_mut().enumerate() {
+            *o = value(range.start * cols + offset);
+        }
+    });
 }
 
 /// The scalars of one AdamW update (`zero/adamw.rs` computes them from the config).
@@ -417,22 +408,22 @@ mod tests {
     }
 
     #[test]
-    fn rotary_matches_hf_formula_and_its_transpose_inverts_it() {
+    fn rotary_matches_apply_rotary_and_its_transpose_inverts_it() {
         tch::manual_seed(4);
         let (rows, heads, dim) = (10, 3, 8);
         let angles = randn(&[rows, dim / 2]);
         let emb = Tensor::cat(&[&angles, &angles], -1); // (rows, D) as HF builds it
         let (cos, sin) = (emb.cos(), emb.sin());
         let x = randn(&[rows, heads * dim]);
-        let x4 = x.view([rows, heads, dim]);
-        let rotate_half = Tensor::cat(
-            &[-x4.narrow(-1, dim / 2, dim / 2), x4.narrow(-1, 0, dim / 2)],
-            -1,
-        );
-        let expected = &x4 * cos.unsqueeze(1) + rotate_half * sin.unsqueeze(1);
+        // The autograd path's rotary on (1, heads, rows, D) with (1, rows, D) tables.
+        let by_heads = x.view([1, rows, heads, dim]).transpose(1, 2);
+        let expected = crate::model::apply_rotary(&by_heads, &cos.unsqueeze(0), &sin.unsqueeze(0))
+            .unwrap()
+            .transpose(1, 2)
+            .reshape([rows, heads * dim]);
         let mut y = x.copy();
         rotary_in_place(&mut y, &cos, &sin, heads as usize, dim as usize, false).unwrap();
-        close(&y.view([rows, heads, dim]), &expected, 1e-6);
+        close(&y, &expected, 1e-6);
         // The map is a rotation: its transpose is its inverse.
         rotary_in_place(&mut y, &cos, &sin, heads as usize, dim as usize, true).unwrap();
         close(&y, &x, 1e-5);

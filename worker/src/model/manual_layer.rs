@@ -31,11 +31,10 @@ pub struct LayerSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// (B, N, T, D) attention output (a view of `attn_rows`) and its (B, N, T) log-sum-exp.
-    attn: Tensor,
-    lse: Tensor,
-    /// (M, N*D) attention output by rows, the input of `o_proj`.
+    /// (M, N*D) attention output by rows (the input of `o_proj`) and its (B, N, T)
+    /// log-sum-exp.
     attn_rows: Tensor,
+    lse: Tensor,
     /// (M, H) residual stream after attention, its inverse RMS and normalised form.
     mid: Tensor,
     inv_rms_mid: Tensor,
@@ -129,9 +128,8 @@ impl DecoderLayer {
             q,
             k,
             v,
-            attn,
-            lse,
             attn_rows,
+            lse,
             mid,
             inv_rms_mid,
             normed_mid,
@@ -179,7 +177,7 @@ impl DecoderLayer {
                 &by_heads(&s.q, s.shape, heads, dim)?,
                 &by_heads(&s.k, s.shape, kv_heads, dim)?,
                 &by_heads(&s.v, s.shape, kv_heads, dim)?,
-                &s.attn,
+                &by_heads(&s.attn_rows, s.shape, heads, dim)?,
                 &s.lse,
                 0.0,
                 true,
