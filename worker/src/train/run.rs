@@ -327,7 +327,9 @@ fn resume_from(
     let Some(dir) = resume_dir(output_dir, &spec, world.rank)? else {
         return Ok(());
     };
+    let started = Instant::now();
     let resumed = checkpoint::load_checkpoint(&dir, engine, world.rank, world.world_size)?;
+    let load_seconds = started.elapsed().as_secs_f64();
     // The saved sampler position is this rank's only when the world size is unchanged;
     // otherwise every rank recomputes it from the global step.
     let extra = &resumed.per_rank_extra;
@@ -347,7 +349,7 @@ fn resume_from(
     state.global_step = resumed.global_step;
     if world.rank == 0 {
         eprintln!(
-            "[rank 0] resumed from {} at step {}",
+            "[rank 0] resumed from {} at step {} (loaded in {load_seconds:.2} s)",
             dir.display(),
             resumed.global_step
         );
@@ -412,10 +414,20 @@ impl Saver<'_> {
                 && (zero.stage < 3 || zero.gather_16bit_weights_on_model_save()),
             weights_dtype: self.kind,
         };
+        let (step, rank) = (state.global_step, comm.rank());
+        let started = Instant::now();
         if args.async_save && self.lora.is_none() {
-            return Ok(Some(checkpoint::save_checkpoint_async(request)?));
+            let pending = checkpoint::save_checkpoint_async(request)?;
+            if rank == 0 {
+                let stall = started.elapsed().as_secs_f64();
+                eprintln!("checkpoint-{step}: async save started, training held {stall:.2} s");
+            }
+            return Ok(Some(pending));
         }
         let dir = checkpoint::save_checkpoint(request)?;
+        if rank == 0 {
+            report_save(&dir, started.elapsed().as_secs_f64());
+        }
         if let Some(lora) = self.lora {
             // Collective gather on every rank; rank 0 writes the adapter files.
             lora.save(&dir, &engine.gather_trainable_weights()?, comm.rank() == 0)?;
@@ -424,8 +436,43 @@ impl Saver<'_> {
     }
 
     fn finish(&self, pending: PendingSave, comm: &dyn Communicator) -> Result<()> {
-        pending.finish(comm).map(|_| ())
+        let started = Instant::now();
+        let dir = pending.finish(comm)?;
+        if comm.rank() == 0 {
+            let wait = started.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: async save finished, training waited {wait:.2} s for it",
+                dir.display()
+            );
+        }
+        Ok(())
     }
+}
+
+/// Rank 0's line after a synchronous save: the checkpoint's size, time and rate (all
+/// ranks' files, written in parallel).
+fn report_save(dir: &Path, seconds: f64) {
+    let gigabytes = folder_bytes(dir) as f64 / 1e9;
+    eprintln!(
+        "{}: saved {gigabytes:.3} GB in {seconds:.2} s ({:.2} GB/s)",
+        dir.display(),
+        gigabytes / seconds.max(1e-9)
+    );
+}
+
+/// Bytes of the files under `dir`, sub-folders included (unreadable entries count 0).
+fn folder_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => folder_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// A LoRA run's adapter settings and what `apply_lora` injected.
