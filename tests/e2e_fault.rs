@@ -10,7 +10,10 @@
 //! (consequence), the job stops within the timeout; with `--max_restarts 1` it resumes
 //! from a checkpoint and finishes (the hook fires in the first generation only).
 //! The random rank and step of the kill come from a seeded RNG whose seed is printed
-//! (`RSDEEP_FAULT_SEED=<seed>` replays it).
+//! (`RSDEEP_FAULT_SEED=<seed>` replays it). Run ownership: a restart in a folder holding
+//! an earlier run's newer checkpoints resumes its own; a fresh run refuses such a folder
+//! unless `--overwrite_output_dir`; a second job on a locked folder is refused naming the
+//! first.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -482,6 +485,167 @@ fn used_up_restarts_fail_with_the_full_report() {
     assert!(
         stderr.contains("rsdeep: giving up: all 1 restart(s) used"),
         "{stderr}"
+    );
+}
+
+/// The job id the launcher printed ("rsdeep: job <id> started ...").
+fn job_id_of(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("rsdeep: job ")?.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The run id recorded in a checkpoint's manifest.
+fn checkpoint_run_id(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest");
+    let manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest json");
+    manifest["run"]["run_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_restart_resumes_only_its_own_runs_checkpoints_never_an_earlier_runs() {
+    let _one = serial();
+    let fx = Fixture::new();
+    let out = fx.path("out");
+    // An earlier run leaves checkpoint-4/8/12/16 and a final model in `out`.
+    let mut earlier = fx.launch(&out, &fx.path("pids-earlier"), &[], &[]);
+    assert!(earlier.wait(RUN_LIMIT).success(), "{}", earlier.output());
+    // The new run continues the earlier run's checkpoint-4 with another learning rate:
+    // uninterrupted (elsewhere), it gives the reference weights.
+    let resume = out.join("checkpoint-4").display().to_string();
+    let new_run = [
+        "--resume_from_checkpoint",
+        resume.as_str(),
+        "--learning_rate",
+        "1e-3",
+    ];
+    let reference = fx.path("reference");
+    let mut straight = fx.launch(&reference, &fx.path("pids-reference"), &[], &new_run);
+    assert!(straight.wait(RUN_LIMIT).success(), "{}", straight.output());
+    let want = std::fs::read(reference.join("model.safetensors")).expect("reference weights");
+    assert!(
+        straight
+            .stderr()
+            .contains("with settings changed since its checkpoint (learning_rate: 0.003 -> 0.001)"),
+        "the changed setting is not named:\n{}",
+        straight.stderr()
+    );
+
+    // The same new run in the earlier run's folder, one rank killed after its own
+    // checkpoint-8: the restart must not pick the earlier run's checkpoint-16.
+    let pid_dir = fx.path("pids-new");
+    let mut launcher = fx.launch(&out, &pid_dir, &["--max_restarts", "1"], &new_run);
+    let pids = recorded_pids(&pid_dir, 2, RUN_LIMIT);
+    let _cleanup = Cleanup(pids.clone());
+    launcher.wait_for_stderr(RUN_LIMIT, |e| e.contains("step 9/16"));
+    signal(pids[1], libc::SIGKILL);
+    let stderr = wait_for_one_restart(&mut launcher);
+    assert!(
+        stderr.contains("(this run's newest complete checkpoint in")
+            && !stderr.contains("resuming from checkpoint-16"),
+        "{stderr}"
+    );
+    let got = std::fs::read(out.join("model.safetensors")).expect("new run's weights");
+    assert!(
+        got == want,
+        "the restarted run did not finish its own training (an earlier run's checkpoint was resumed?)\n{stderr}"
+    );
+    let new_id = job_id_of(&stderr);
+    assert_eq!(checkpoint_run_id(&out.join("checkpoint-16")), new_id);
+}
+
+#[test]
+fn a_fresh_run_refuses_another_runs_output_dir_unless_told_to_overwrite() {
+    let _one = serial();
+    let fx = Fixture::new();
+    let out = fx.path("out");
+    let short = ["--max_steps", "4", "--save_steps", "2"];
+    let mut earlier = fx.launch(&out, &fx.path("pids-earlier"), &[], &short);
+    assert!(earlier.wait(RUN_LIMIT).success(), "{}", earlier.output());
+    let earlier_id = job_id_of(&earlier.stderr());
+    let model = std::fs::read(out.join("model.safetensors")).expect("earlier model");
+
+    let mut again = fx.launch(&out, &fx.path("pids-again"), &[], &short);
+    let status = again.wait(RUN_LIMIT);
+    let stderr = again.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    for part in [
+        "already holds checkpoint-2, checkpoint-4 and model.safetensors",
+        &format!("(from run {earlier_id})"),
+        "--resume_from_checkpoint true",
+        "--overwrite_output_dir true",
+    ] {
+        assert!(stderr.contains(part), "{part:?} missing:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("started"),
+        "no worker may start:\n{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).ok(),
+        Some(model)
+    );
+
+    let overwrite = [
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--overwrite_output_dir",
+        "true",
+    ];
+    let mut replacing = fx.launch(&out, &fx.path("pids-replacing"), &[], &overwrite);
+    assert!(
+        replacing.wait(RUN_LIMIT).success(),
+        "{}",
+        replacing.output()
+    );
+    let stderr = replacing.stderr();
+    assert!(
+        stderr.contains("overwrite_output_dir: removed checkpoint-2, checkpoint-4, latest from"),
+        "{stderr}"
+    );
+    let new_id = job_id_of(&stderr);
+    assert_ne!(new_id, earlier_id);
+    for step in [2, 4] {
+        let dir = out.join(format!("checkpoint-{step}"));
+        assert_eq!(checkpoint_run_id(&dir), new_id, "{}", dir.display());
+    }
+}
+
+#[test]
+fn a_second_job_on_the_same_output_dir_is_refused_naming_the_first() {
+    let _one = serial();
+    let fx = Fixture::new();
+    let out = fx.path("out");
+    let mut first = fx.launch(&out, &fx.path("pids-first"), &[], &[]);
+    first.wait_for_stderr(RUN_LIMIT, |e| e.contains("step 2/16"));
+    let first_id = job_id_of(&first.stderr());
+    for extra in [&[][..], &["--resume_from_checkpoint", "true"][..]] {
+        let mut second = fx.launch(&out, &fx.path("pids-second"), &[], extra);
+        let status = second.wait(RUN_LIMIT);
+        let stderr = second.stderr();
+        assert_eq!(status.code(), Some(2), "{extra:?}:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("is in use by job {first_id} (pid {}", first.pid())),
+            "{extra:?}: the holder is not named:\n{stderr}"
+        );
+    }
+    assert!(first.wait(RUN_LIMIT).success(), "{}", first.output());
+    assert!(
+        !out.join(".rsdeep.lock").exists(),
+        "the lock is released at the end"
+    );
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    assert_eq!(
+        log.lines().count() as u64,
+        MAX_STEPS,
+        "only the first job logged"
     );
 }
 

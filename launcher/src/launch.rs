@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rsdeep::cli::{DeviceKind, LaunchArgs, LauncherKind};
 use rsdeep::env_contract as ev;
+use rsdeep::output_dir::{self, Acquired, OutputDirLock};
 use rsdeep::plan::{LaunchPlan, PlanError, PlanInputs};
 use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec, tls};
 use rsdeep::slurm::SlurmJob;
@@ -37,7 +38,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         eprintln!("rsdeep: warning: {warning}");
     }
     let job_dir = job_dir_of(&plan);
-    resolve_config(&mut plan, &job_dir)?;
+    let resolved = resolve_config(&mut plan, &job_dir)?;
     let tls = rendezvous_tls(&args, &mut plan)?;
     if args.dry_run {
         print!("{}", plan.render());
@@ -50,6 +51,11 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         );
         return Ok(0);
     }
+    // Held by the deciding launcher until the job ends, restarts included.
+    let _output_lock = match (&resolved, plan.hosts_rendezvous()) {
+        (Some(config), true) => Some(claim_output_dir(config, &plan.job_id)?),
+        _ => None,
+    };
     if let Some(launch) = &ssh_launch {
         launch.preflight()?;
     }
@@ -220,9 +226,9 @@ fn slurm_identity(slurm: Option<&SlurmJob>) -> Result<(String, String, bool)> {
 }
 
 /// Resolves train.json for the world size (fail fast) and ships it as `RSDEEP_CONFIG`.
-fn resolve_config(plan: &mut LaunchPlan, job_dir: &Path) -> Result<()> {
+fn resolve_config(plan: &mut LaunchPlan, job_dir: &Path) -> Result<Option<config::TrainConfig>> {
     let Some(path) = plan.config_path.clone() else {
-        return Ok(());
+        return Ok(None);
     };
     let resolved = config::load(&path, &plan.overrides, plan.world_size()).map_err(usage)?;
     for warning in &resolved.warnings {
@@ -234,7 +240,40 @@ fn resolve_config(plan: &mut LaunchPlan, job_dir: &Path) -> Result<()> {
     std::fs::write(&out, resolved.to_pretty_json())
         .with_context(|| format!("cannot write {}", out.display()))?;
     plan.set_env_all(ev::CONFIG, &out.to_string_lossy());
-    Ok(())
+    Ok(Some(resolved))
+}
+
+/// Locks the run's `output_dir` for this job and, for a fresh run (no resume asked for),
+/// refuses a folder holding another run's checkpoints or model unless
+/// `overwrite_output_dir` (which removes those checkpoints first). See `output_dir.rs`.
+fn claim_output_dir(config: &config::TrainConfig, job_id: &str) -> Result<OutputDirLock> {
+    let dir = Path::new(&config.args.output_dir);
+    let (lock, acquired) = OutputDirLock::acquire(dir, job_id).map_err(usage)?;
+    if let Acquired::TookOver(old) = acquired {
+        eprintln!(
+            "rsdeep: output_dir {}: taking over the stale lock of job {} (pid {} on {}, no longer running)",
+            dir.display(),
+            old.job_id,
+            old.pid,
+            old.host
+        );
+    }
+    let resume_asked = !matches!(
+        config.args.resume_from_checkpoint,
+        None | Some(config::ResumeFrom::Latest(false))
+    );
+    if !resume_asked {
+        let removed = output_dir::claim_for_fresh_run(dir, config.args.overwrite_output_dir)
+            .map_err(usage)?;
+        if !removed.is_empty() {
+            eprintln!(
+                "rsdeep: overwrite_output_dir: removed {} from {}",
+                removed.join(", "),
+                dir.display()
+            );
+        }
+    }
+    Ok(lock)
 }
 
 /// Loads the rendezvous TLS identity (if asked for) and tells every local worker which CA
@@ -466,7 +505,8 @@ pub(crate) fn after_attempt(outcome: &Outcome, attempt: u32, max_restarts: u32) 
 }
 
 /// Where the restarted workers will resume, as far as the launcher can tell: the newest
-/// `checkpoint-N` with a manifest in the resolved config's `output_dir`.
+/// checkpoint this job wrote in the resolved config's `output_dir` (the worker applies the
+/// same rule, `output_dir::newest_checkpoint_of_run`).
 pub(crate) fn resume_point(plan: &LaunchPlan) -> String {
     let output_dir = plan
         .local_ranks()
@@ -478,29 +518,16 @@ pub(crate) fn resume_point(plan: &LaunchPlan) -> String {
     let Some(output_dir) = output_dir else {
         return "starting the workers again".into();
     };
-    match newest_complete_checkpoint(&output_dir) {
-        Some(step) => format!(
-            "resuming from checkpoint-{step} (newest complete checkpoint in {})",
+    match output_dir::newest_checkpoint_of_run(&output_dir, &plan.job_id) {
+        Some((step, _)) => format!(
+            "resuming from checkpoint-{step} (this run's newest complete checkpoint in {})",
             output_dir.display()
         ),
         None => format!(
-            "no complete checkpoint in {} yet: starting over",
+            "no complete checkpoint of this run in {} yet: starting as configured",
             output_dir.display()
         ),
     }
-}
-
-/// The step of the newest `checkpoint-N` folder of `dir` that has a `manifest.json`.
-fn newest_complete_checkpoint(dir: &Path) -> Option<u64> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| e.path().join("manifest.json").is_file())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("checkpoint-")?.parse().ok()
-        })
-        .max()
 }
 
 /// Prints, once, how long after the launcher started the whole world had joined.

@@ -11,6 +11,7 @@ pub mod envfile;
 pub mod hostfile;
 pub mod hostlist;
 pub mod memory;
+pub mod output_dir;
 pub mod plan;
 pub mod rendezvous;
 pub mod resources;

@@ -117,6 +117,7 @@ fn request<'a>(
         max_shard_bytes: 5_000_000_000,
         write_model_weights: true,
         weights_dtype: Kind::Float,
+        run: None,
     }
 }
 

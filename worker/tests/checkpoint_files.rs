@@ -102,6 +102,7 @@ fn latest_picks_the_newest_complete_checkpoint_and_rotation_keeps_the_newest() {
     run.write_model_weights = false;
     // A crashed save and a stray folder without manifest, both newer.
     std::fs::create_dir_all(out.join("checkpoint-9.tmp/zero")).unwrap();
+    std::fs::write(out.join("checkpoint-9.tmp/.rsdeep-saving"), "").unwrap();
     std::fs::create_dir_all(out.join("checkpoint-12")).unwrap();
     std::fs::write(out.join("checkpoint-12/config.json"), "{}").unwrap();
     train(&run);
@@ -131,6 +132,26 @@ fn latest_picks_the_newest_complete_checkpoint_and_rotation_keeps_the_newest() {
     assert_eq!(
         resolve_resume_path(out, explicit.to_str().unwrap()).unwrap(),
         explicit
+    );
+    // `latest` is followed to its run's newest complete checkpoint: checkpoint-4 when both
+    // are one run's (a save killed before it updated `latest`) ...
+    std::fs::write(out.join("latest"), "checkpoint-3\n").unwrap();
+    assert_eq!(
+        resolve_resume_path(out, "true").unwrap(),
+        out.join("checkpoint-4")
+    );
+    // ... never the larger number of another run.
+    let manifest_path = out.join("checkpoint-4/manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest["run"] =
+        serde_json::json!({"run_id": "another", "lineage": ["another"], "config": {}});
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    assert_eq!(resolve_resume_path(out, "true").unwrap(), explicit);
+    std::fs::write(out.join("latest"), "checkpoint-12\n").unwrap(); // incomplete
+    assert_eq!(
+        resolve_resume_path(out, "latest").unwrap(),
+        out.join("checkpoint-4")
     );
     let err = resolve_resume_path(out, out.join("checkpoint-12").to_str().unwrap())
         .unwrap_err()

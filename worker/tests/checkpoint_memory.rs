@@ -52,6 +52,7 @@ fn save(config: &ModelConfig, world: usize, out: &Path) {
                     max_shard_bytes: 1 << 30,
                     write_model_weights: false,
                     weights_dtype: Kind::Float,
+                    run: None,
                 })
                 .unwrap();
             })

@@ -174,6 +174,7 @@ fn run_rank(comm: LocalCommunicator, config: EngineConfig, plan: Plan) -> Outcom
             max_shard_bytes: 1 << 30,
             write_model_weights: false,
             weights_dtype: Kind::Float,
+            run: None,
         })
         .expect("save")
     });

@@ -5,8 +5,9 @@
 //! `training_args.py`, run_clm.py, PEFT `LoraConfig`, TRL `SFTConfig` (peers.md §2).
 //!
 //! Accepted but meaningless for rsdeep (kept as known keys so the seed's flags load):
-//! `do_train`, `do_eval`, `logging_strategy`, `preprocessing_num_workers`,
-//! `overwrite_output_dir` (rsdeep never deletes an output directory), `run_name`.
+//! `do_train`, `do_eval`, `logging_strategy`, `preprocessing_num_workers`, `run_name`.
+//! `overwrite_output_dir` lets a fresh run start in a folder holding another run's
+//! checkpoints (they are removed first; `output_dir.rs`).
 
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};

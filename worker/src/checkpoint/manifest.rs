@@ -139,6 +139,54 @@ pub struct EngineMeta {
     pub frozen: Vec<String>,
 }
 
+/// Which run wrote a checkpoint: its id (the launcher's job id, kept across restarts),
+/// the runs it continues (oldest first, itself last), and the training settings an exact
+/// resume depends on (compared, key by key, when another run resumes it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub lineage: Vec<String>,
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RunRecord {
+    /// A run that starts fresh.
+    pub fn new(run_id: &str, config: serde_json::Map<String, serde_json::Value>) -> Self {
+        RunRecord {
+            run_id: run_id.to_string(),
+            lineage: vec![run_id.to_string()],
+            config,
+        }
+    }
+
+    /// This run continues `resumed`'s checkpoint: its lineage comes first.
+    pub fn continuing(mut self, resumed: &RunRecord) -> Self {
+        let mut lineage = resumed.lineage.clone();
+        if lineage.last() != Some(&self.run_id) {
+            lineage.push(self.run_id.clone());
+        }
+        self.lineage = lineage;
+        self
+    }
+
+    /// Settings that differ from `saved`'s, as `key: saved -> now`.
+    pub fn changed_settings(&self, saved: &RunRecord) -> Vec<String> {
+        let null = serde_json::Value::Null;
+        let mut keys: Vec<&String> = self.config.keys().chain(saved.config.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter_map(|key| {
+                let (was, now) = (
+                    saved.config.get(key).unwrap_or(&null),
+                    self.config.get(key).unwrap_or(&null),
+                );
+                (was != now).then(|| format!("{key}: {was} -> {now}"))
+            })
+            .collect()
+    }
+}
+
 /// `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -147,6 +195,9 @@ pub struct Manifest {
     pub global_step: u64,
     pub engine: EngineMeta,
     pub files: FileTable,
+    /// Absent in checkpoints written before runs were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunRecord>,
 }
 
 impl Manifest {
@@ -329,6 +380,7 @@ mod tests {
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
             rsdeep_version: "test".into(),
+            run: None,
             global_step: 1,
             engine: EngineMeta {
                 stage: 0,

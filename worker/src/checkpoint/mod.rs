@@ -21,7 +21,7 @@ pub mod tensor_file;
 pub mod trainer_state;
 
 pub use consolidate::{consolidate, consolidate_cli};
-pub use manifest::{EngineMeta, Manifest};
+pub use manifest::{EngineMeta, Manifest, RunRecord};
 pub use resume::{
     FullOptimizerState, ResumeState, load_checkpoint, read_full_optimizer_state,
     resolve_resume_path,
@@ -36,10 +36,13 @@ pub fn checkpoint_dir_name(step: u64) -> String {
     format!("checkpoint-{step}")
 }
 
-/// `manifest.json`: written last, its presence marks a complete checkpoint.
-pub const MANIFEST_FILE: &str = "manifest.json";
-/// `output_dir/latest`: the name of the newest complete checkpoint folder.
-pub const LATEST_FILE: &str = "latest";
+/// `manifest.json` (written last: its presence marks a complete checkpoint) and
+/// `output_dir/latest` (the newest complete checkpoint's name): the folder rules the
+/// launcher shares (`rsdeep::output_dir`).
+pub use rsdeep::output_dir::{LATEST_FILE, MANIFEST_FILE};
+/// Marks a `checkpoint-N.tmp` folder as one rsdeep is writing: only such folders (or
+/// complete checkpoints moved aside) are ever removed as leftovers of a crashed save.
+pub const SAVING_MARKER: &str = ".rsdeep-saving";
 /// Folder of the ZeRO partitions inside a checkpoint.
 pub const ZERO_DIR: &str = "zero";
 /// HF's trainer state file.

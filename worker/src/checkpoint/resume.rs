@@ -27,16 +27,11 @@ pub struct ResumeState {
     pub global_step: u64,
     /// The optimizer state was resharded (world size or stage changed).
     pub resharded: bool,
+    /// The run that wrote the checkpoint (absent in older checkpoints).
+    pub run: Option<super::RunRecord>,
 }
 
-/// The step of a folder named `checkpoint-N` (HF's `^checkpoint\-(\d+)$`).
-pub fn checkpoint_step(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix("checkpoint-")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
+pub use rsdeep::output_dir::checkpoint_step;
 
 /// Complete checkpoints in `output_dir` (named `checkpoint-N`, with a readable
 /// manifest), oldest first.
@@ -58,7 +53,9 @@ pub fn complete_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// `spec` is `true`/`latest` (the newest complete checkpoint in `output_dir`) or a path.
+/// `spec` is `true`/`latest` (the newest complete checkpoint of the run that wrote the one
+/// `output_dir/latest` names; without a usable `latest`, the newest complete checkpoint in
+/// `output_dir`) or a path.
 pub fn resolve_resume_path(output_dir: &Path, spec: &str) -> Result<PathBuf> {
     let spec = spec.trim();
     if spec.eq_ignore_ascii_case("true") || spec.eq_ignore_ascii_case("latest") {
@@ -67,6 +64,11 @@ pub fn resolve_resume_path(output_dir: &Path, spec: &str) -> Result<PathBuf> {
                 "No valid checkpoint found in output directory ({}): it does not exist",
                 output_dir.display()
             )));
+        }
+        let latest = rsdeep::output_dir::latest_checkpoint(output_dir)
+            .filter(|dir| Manifest::read(dir).is_ok());
+        if let Some(latest) = latest {
+            return newest_of_the_same_run(output_dir, latest);
         }
         return complete_checkpoints(output_dir)?.pop().map(|(_, p)| p).ok_or_else(|| {
             Error::Checkpoint(format!(
@@ -84,6 +86,18 @@ pub fn resolve_resume_path(output_dir: &Path, spec: &str) -> Result<PathBuf> {
     }
     Manifest::read(&path)?;
     Ok(path)
+}
+
+/// The newest complete checkpoint written by the run that wrote `latest` (usually
+/// `latest` itself; a newer one when a save was interrupted between putting its folder in
+/// place and updating `output_dir/latest`). Checkpoints of other runs are never picked.
+fn newest_of_the_same_run(output_dir: &Path, latest: PathBuf) -> Result<PathBuf> {
+    let run = rsdeep::output_dir::checkpoint_run_id(&latest);
+    let newest = complete_checkpoints(output_dir)?
+        .into_iter()
+        .rev()
+        .find(|(_, dir)| rsdeep::output_dir::checkpoint_run_id(dir) == run);
+    Ok(newest.map_or(latest, |(_, dir)| dir))
 }
 
 /// The saved optimizer partitions of a checkpoint, opened for reading, with an index from
@@ -337,6 +351,7 @@ pub fn load_checkpoint(
         per_rank_extra,
         global_step: manifest.global_step,
         resharded,
+        run: manifest.run.clone(),
     })
 }
 

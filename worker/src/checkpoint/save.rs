@@ -25,15 +25,15 @@
 use super::consolidate::write_weights;
 use super::crash::crash_point;
 use super::manifest::{
-    EngineMeta, FORMAT_VERSION, FileTable, Manifest, SavedBlock, sync_and_hash, sync_dir,
-    write_synced,
+    EngineMeta, FORMAT_VERSION, FileTable, Manifest, RunRecord, SavedBlock, sync_and_hash,
+    sync_dir, write_synced,
 };
 use super::resume::PartitionReader;
 use super::tensor_file::{TensorBytes, TensorFile, TensorSpec, write_streaming};
 use super::trainer_state::TrainerState;
 use super::{
-    FROZEN_FILE, LATEST_FILE, MANIFEST_FILE, ZERO_DIR, checkpoint_dir_name, partition_file,
-    rank_state_file,
+    FROZEN_FILE, LATEST_FILE, MANIFEST_FILE, SAVING_MARKER, ZERO_DIR, checkpoint_dir_name,
+    partition_file, rank_state_file,
 };
 use crate::comm::{Communicator, ReduceOp};
 use crate::tokenizer::Tokenizer;
@@ -68,6 +68,8 @@ pub struct SaveRequest<'a> {
     pub write_model_weights: bool,
     /// dtype of `model.safetensors`.
     pub weights_dtype: Kind,
+    /// The run writing it, recorded in the manifest.
+    pub run: Option<&'a RunRecord>,
 }
 
 /// How long rank 0's background writer waits for the other ranks' files.
@@ -104,6 +106,7 @@ struct LeaderSnapshot {
     final_dir: PathBuf,
     save_total_limit: Option<usize>,
     best_model_checkpoint: Option<String>,
+    run: Option<RunRecord>,
 }
 
 /// An asynchronous save whose files are being written (and, on rank 0, published) by a
@@ -396,6 +399,7 @@ fn snapshot(
             final_dir: final_dir.to_path_buf(),
             save_total_limit: req.save_total_limit,
             best_model_checkpoint: req.trainer_state.best_model_checkpoint.clone(),
+            run: req.run.cloned(),
         })
     } else {
         None
@@ -498,6 +502,8 @@ fn create_tmp_dir(output_dir: &Path, tmp_dir: &Path, step: u64) -> Result<()> {
     remove_stale_tmp_dirs(output_dir)?;
     std::fs::create_dir_all(tmp_dir.join(ZERO_DIR))
         .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
+    std::fs::write(tmp_dir.join(SAVING_MARKER), b"")
+        .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
     // No fsync here: the folder only has to be durable once renamed, and the rename is
     // followed by an fsync of `output_dir` (this keeps a disk flush off the training
     // thread of an asynchronous save).
@@ -505,7 +511,9 @@ fn create_tmp_dir(output_dir: &Path, tmp_dir: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// Removes `checkpoint-*.tmp` folders left by crashed saves (never resumable).
+/// Removes `checkpoint-*.tmp` folders left by crashed saves (never resumable): those
+/// rsdeep made (with `SAVING_MARKER`, or a complete checkpoint moved aside); any other
+/// folder of that name is the user's and stays.
 pub fn remove_stale_tmp_dirs(output_dir: &Path) -> Result<()> {
     let entries = std::fs::read_dir(output_dir)
         .map_err(|e| Error::io(format!("listing {}", output_dir.display()), e))?;
@@ -523,6 +531,11 @@ pub fn remove_stale_tmp_dirs(output_dir: &Path) -> Result<()> {
                     .map_err(|e| Error::io(format!("restoring {}", target.display()), e))?;
                 continue;
             }
+        }
+        let made_by_rsdeep = entry.path().join(SAVING_MARKER).is_file()
+            || entry.path().join(MANIFEST_FILE).is_file();
+        if !made_by_rsdeep {
+            continue;
         }
         tracing::info!(dir = %entry.path().display(), "removing an incomplete checkpoint of a crashed save");
         std::fs::remove_dir_all(entry.path())
@@ -748,6 +761,7 @@ fn publish(leader: &LeaderSnapshot, world_size: usize) -> Result<()> {
         global_step: step,
         engine: leader.meta.clone(),
         files,
+        run: leader.run.clone(),
     };
     let text = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Checkpoint(format!("manifest: {e}")))?;
@@ -756,6 +770,8 @@ fn publish(leader: &LeaderSnapshot, world_size: usize) -> Result<()> {
     sync_dir(tmp_dir)?;
     crash_point("manifest_written", step);
     move_into_place(leader)?;
+    // Best effort: a marker left in a complete checkpoint is harmless (never a .tmp).
+    let _ = std::fs::remove_file(leader.final_dir.join(SAVING_MARKER));
     crash_point("renamed_into_place", step);
     write_latest(&leader.output_dir, step)?;
     crash_point("latest_updated", step);
@@ -782,7 +798,10 @@ fn hash_unlisted_files(root: &Path, prefix: &str, files: &mut FileTable) -> Resu
         };
         if entry.path().is_dir() {
             hash_unlisted_files(root, &relative, files)?;
-        } else if !files.contains_key(&relative) && relative != MANIFEST_FILE {
+        } else if !files.contains_key(&relative)
+            && relative != MANIFEST_FILE
+            && relative != SAVING_MARKER
+        {
             files.insert(relative, sync_and_hash(&entry.path())?);
         }
     }
@@ -929,7 +948,13 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let dir = out.path();
         std::fs::create_dir_all(dir.join("checkpoint-5.tmp/zero")).unwrap();
+        std::fs::write(dir.join("checkpoint-5.tmp").join(SAVING_MARKER), "").unwrap();
         std::fs::create_dir_all(dir.join("checkpoint-2.deleting.tmp")).unwrap();
+        std::fs::write(
+            dir.join("checkpoint-2.deleting.tmp").join(MANIFEST_FILE),
+            "{}",
+        )
+        .unwrap();
         std::fs::create_dir_all(dir.join("checkpoint-3.replaced.tmp")).unwrap();
         std::fs::write(
             dir.join("checkpoint-3.replaced.tmp").join(MANIFEST_FILE),
@@ -945,5 +970,18 @@ mod tests {
         names.sort();
         assert_eq!(names, ["checkpoint-3", "checkpoint-4"]);
         assert!(dir.join("checkpoint-3").join(MANIFEST_FILE).is_file());
+    }
+
+    #[test]
+    fn stale_cleanup_leaves_a_users_folder_named_like_a_checkpoint_tmp() {
+        let out = tempfile::tempdir().unwrap();
+        let mine = out.path().join("checkpoint-mine.tmp");
+        std::fs::create_dir_all(mine.join("zero")).unwrap();
+        std::fs::write(mine.join("notes.txt"), "keep me").unwrap();
+        remove_stale_tmp_dirs(out.path()).unwrap();
+        assert!(
+            mine.join("notes.txt").is_file(),
+            "not made by rsdeep: never deleted"
+        );
     }
 }

@@ -11,12 +11,11 @@
 //! outside a collective from the ranks waiting for it inside one. The communicator is
 //! wrapped in `PhasedCommunicator`, which also carries the test-only fault hook
 //! `RSDEEP_FAULT_INJECT` (refused at startup when malformed). On a restart
-//! (`RSDEEP_RESTART_COUNT > 0`) the run resumes from the newest complete checkpoint in
-//! `output_dir`, whatever `resume_from_checkpoint` says (`resume_after_restart`).
+//! (`RSDEEP_RESTART_COUNT > 0`) the run resumes from the newest checkpoint it wrote itself
+//! in `output_dir`, whatever `resume_from_checkpoint` says (`resume_after_restart`).
 
 use super::phase::{self, FaultInjection, PhasedCommunicator};
 use super::run::{StepProgress, TrainSummary, TrainWorld, train};
-use crate::checkpoint;
 use crate::comm::Communicator;
 use crate::comm::backend::{Backend, CommSetup, build_communicator};
 use crate::comm::nccl;
@@ -49,7 +48,7 @@ pub fn train_from_launcher(
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading the resolved config {}", path.display()), e))?;
     let mut config = TrainConfig::from_json(&text).map_err(|e| Error::Config(e.to_string()))?;
-    resume_after_restart(&mut config, env.restart_count, world.rank)?;
+    resume_after_restart(&mut config, env.restart_count, &env.job_id, world.rank);
     let device = device_for(&env.device)?;
     let backend = match config.args.comm_backend {
         CommBackend::Auto => Backend::Auto,
@@ -88,28 +87,27 @@ pub fn train_from_launcher(
         world_size: world.world_size,
         local_rank: world.local_rank,
         device,
+        run_id: env.job_id.clone(),
     };
     let mut on_step = |p: StepProgress| pulse.step_finished(p);
     train(config, train_world, &mut on_step)
 }
 
-/// On a restart of the job, resumes from the newest complete checkpoint in `output_dir`
-/// (overriding `resume_from_checkpoint`); with none there the configured start stays.
-fn resume_after_restart(config: &mut TrainConfig, restart_count: u32, rank: usize) -> Result<()> {
+/// On a restart of the job, resumes from the newest checkpoint this run (`run_id`) wrote
+/// in `output_dir`, overriding `resume_from_checkpoint`; with none there the configured
+/// start stays (which resumes the run this one continued, if any). Checkpoints of other
+/// runs in the same folder are never picked.
+fn resume_after_restart(config: &mut TrainConfig, restart_count: u32, run_id: &str, rank: usize) {
     if restart_count == 0 {
-        return Ok(());
+        return;
     }
     let output_dir = Path::new(&config.args.output_dir);
-    let newest = match output_dir.is_dir() {
-        true => checkpoint::resume::complete_checkpoints(output_dir)?.pop(),
-        false => None,
-    };
     let configured = &config.args.resume_from_checkpoint;
-    match newest {
+    match rsdeep::output_dir::newest_checkpoint_of_run(output_dir, run_id) {
         Some((step, dir)) => {
             if rank == 0 {
                 eprintln!(
-                    "[rank 0] restart {restart_count}: resuming from {} (step {step}, the newest complete checkpoint; resume_from_checkpoint {configured:?} is ignored)",
+                    "[rank 0] restart {restart_count}: resuming from {} (step {step}, this run's newest complete checkpoint; resume_from_checkpoint {configured:?} is ignored)",
                     dir.display()
                 );
             }
@@ -117,12 +115,11 @@ fn resume_after_restart(config: &mut TrainConfig, restart_count: u32, rank: usiz
                 Some(ResumeFrom::Path(dir.to_string_lossy().into_owned()));
         }
         None if rank == 0 => eprintln!(
-            "[rank 0] restart {restart_count}: no complete checkpoint in {}: starting as configured (resume_from_checkpoint {configured:?})",
+            "[rank 0] restart {restart_count}: no checkpoint of this run in {}: starting as configured (resume_from_checkpoint {configured:?})",
             output_dir.display()
         ),
         None => {}
     }
-    Ok(())
 }
 
 /// Sends a heartbeat every interval with the last finished step (zero before the

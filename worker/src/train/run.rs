@@ -7,7 +7,7 @@
 use super::data_source::{BatchStream, DataPlan, Examples};
 use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
-use crate::checkpoint::{self, PendingSave, SaveRequest, TrainerState};
+use crate::checkpoint::{self, PendingSave, RunRecord, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
 use crate::lora::{LoraConfig, LoraInfo, lora_state, save_adapter};
 use crate::model::{ForwardCtx, ModelConfig, causal_lm_loss};
@@ -27,6 +27,9 @@ pub struct TrainWorld {
     pub world_size: usize,
     pub local_rank: usize,
     pub device: Device,
+    /// The run's id (the launcher's job id, the same across restarts), recorded in every
+    /// checkpoint so that a restart resumes only this run's checkpoints.
+    pub run_id: String,
 }
 
 /// What the loop reports after every optimizer step (for heartbeats).
@@ -123,9 +126,10 @@ pub fn train(
         is_local_process_zero: world.local_rank == 0,
         ..TrainerState::default()
     };
+    let mut run = RunRecord::new(&world.run_id, exact_resume_settings(&config));
     if let Some(resume) = &args.resume_from_checkpoint {
         let _phase = super::phase::enter(super::phase::PhaseKind::Load);
-        resume_from(
+        run = resume_from(
             resume,
             &output_dir,
             &mut engine,
@@ -133,6 +137,7 @@ pub fn train(
             &mut stream,
             &mut state,
             grad_accum,
+            run,
         )?;
     }
     let start_step = state.global_step;
@@ -167,6 +172,7 @@ pub fn train(
         kind,
         output_dir: &output_dir,
         lora: lora.as_ref(),
+        run: &run,
     };
     let (mut first_loss, mut last_loss, mut final_eval) = (None, None, None);
     let mut window = LogWindow::default();
@@ -309,7 +315,9 @@ pub fn train(
     })
 }
 
-/// Restores engine, data position and trainer state from the checkpoint `resume` names.
+/// Restores engine, data position and trainer state from the checkpoint `resume` names;
+/// returns `run` continuing the lineage of the run that wrote it.
+#[allow(clippy::too_many_arguments)]
 fn resume_from(
     resume: &ResumeFrom,
     output_dir: &Path,
@@ -318,14 +326,15 @@ fn resume_from(
     stream: &mut BatchStream,
     state: &mut TrainerState,
     grad_accum: usize,
-) -> Result<()> {
+    run: RunRecord,
+) -> Result<RunRecord> {
     let spec = match resume {
-        ResumeFrom::Latest(false) => return Ok(()),
+        ResumeFrom::Latest(false) => return Ok(run),
         ResumeFrom::Latest(true) => "latest".to_string(),
         ResumeFrom::Path(path) => path.clone(),
     };
     let Some(dir) = resume_dir(output_dir, &spec, world.rank)? else {
-        return Ok(());
+        return Ok(run);
     };
     let started = Instant::now();
     let resumed = checkpoint::load_checkpoint(&dir, engine, world.rank, world.world_size)?;
@@ -349,12 +358,67 @@ fn resume_from(
     state.global_step = resumed.global_step;
     if world.rank == 0 {
         eprintln!(
-            "[rank 0] resumed from {} at step {} (loaded in {load_seconds:.2} s)",
+            "[rank 0] resumed from {} (loaded in {load_seconds:.2} s) at step {}",
             dir.display(),
             resumed.global_step
         );
     }
-    Ok(())
+    let Some(saved) = resumed.run.as_ref() else {
+        return Ok(run);
+    };
+    let changed = run.changed_settings(saved);
+    if world.rank == 0 && !changed.is_empty() {
+        eprintln!(
+            "[rank 0] note: resuming run {} with settings changed since its checkpoint ({}): the result will differ from an uninterrupted run",
+            saved.run_id,
+            changed.join("; ")
+        );
+    }
+    Ok(run.continuing(saved))
+}
+
+/// The settings an exact resume depends on (the world size and ZeRO stage are not among
+/// them: checkpoints reshard), recorded in every checkpoint's manifest.
+fn exact_resume_settings(config: &TrainConfig) -> serde_json::Map<String, serde_json::Value> {
+    const KEYS: [&str; 27] = [
+        "task",
+        "model_name_or_path",
+        "config_name",
+        "train_files",
+        "text_field",
+        "block_size",
+        "max_seq_length",
+        "packing",
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "warmup_ratio",
+        "max_steps",
+        "num_train_epochs",
+        "seed",
+        "data_seed",
+        "bf16",
+        "fp16",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+    ];
+    let args = serde_json::to_value(&config.args).unwrap_or_default();
+    let mut settings: serde_json::Map<String, serde_json::Value> = KEYS
+        .iter()
+        .filter_map(|key| Some((key.to_string(), args.get(*key)?.clone())))
+        .collect();
+    settings.insert(
+        "global_batch_size".into(),
+        config.batch.train_batch_size.into(),
+    );
+    settings
 }
 
 /// The checkpoint `spec` names. `"auto"` (for requeued SLURM jobs) is the newest complete
@@ -384,6 +448,7 @@ struct Saver<'a> {
     kind: Kind,
     output_dir: &'a Path,
     lora: Option<&'a LoraRun>,
+    run: &'a RunRecord,
 }
 
 impl Saver<'_> {
@@ -413,6 +478,7 @@ impl Saver<'_> {
             write_model_weights: self.lora.is_none()
                 && (zero.stage < 3 || zero.gather_16bit_weights_on_model_save()),
             weights_dtype: self.kind,
+            run: Some(self.run),
         };
         let (step, rank) = (state.global_step, comm.rank());
         let started = Instant::now();

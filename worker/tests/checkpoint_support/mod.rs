@@ -180,6 +180,7 @@ fn train_rank(run: &Run, model: CausalLm, table: &Tensor, comm: Arc<LocalCommuni
                 max_shard_bytes: run.max_shard_bytes,
                 write_model_weights: run.write_model_weights,
                 weights_dtype: Kind::Float,
+                run: None,
             };
             if run.async_save {
                 pending = Some(save_checkpoint_async(req).unwrap());
