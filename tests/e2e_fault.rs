@@ -649,6 +649,39 @@ fn a_second_job_on_the_same_output_dir_is_refused_naming_the_first() {
     );
 }
 
+#[test]
+fn a_ranks_own_data_error_is_named_first_and_the_waiting_rank_as_its_consequence() {
+    let _one = serial();
+    let fx = Fixture::new();
+    let bad = fx.path("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": broken\n").expect("bad corpus");
+    let bad = bad.display().to_string();
+    let out = fx.path("out");
+    let mut launcher = fx.launch(&out, &fx.path("pids"), &[], &["--train_files", &bad]);
+    let status = launcher.wait(RUN_LIMIT);
+    let stderr = launcher.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rsdeep: rank 0 failed first"),
+        "the builder rank (local rank 0) is the cause:\n{stderr}"
+    );
+    let reported = stderr
+        .lines()
+        .find(|l| l.starts_with("rsdeep: rank 0 reported: "))
+        .unwrap_or_default();
+    assert!(
+        reported.contains("bad.jsonl"),
+        "rank 0's own data error:\n{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("(consequence of rank 0): ")
+                && l.contains("the builder rank (local rank 0) failed to build the data cache")),
+        "rank 1 waited for the builder:\n{stderr}"
+    );
+}
+
 const MODEL_CONFIG: &str = r#"{
   "architectures": ["Qwen2ForCausalLM"],
   "model_type": "qwen2",

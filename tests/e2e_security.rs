@@ -369,6 +369,7 @@ fn wrong_token_calls(port: u16, job: &str) {
             rank: 0,
             message: "intruder".into(),
             time_ms: 0,
+            caused_by_another_rank: false,
         };
         let codes = [
             client.join(with_token(join, "wrong")).await.map(|_| ()),

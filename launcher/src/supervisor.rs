@@ -410,6 +410,10 @@ pub struct Failure {
     pub at_ms: u64,
     /// The worker's own error reports of this attempt, oldest first.
     pub reported: Vec<String>,
+    /// Every report says the worker failed because another rank did (a broken
+    /// collective, a rank it waited for gave up): never named the cause while a rank
+    /// with its own error exists.
+    pub caused_by_another_rank: bool,
     pub tail: Vec<String>,
 }
 
@@ -461,6 +465,8 @@ fn settle_and_report(
             status: Some(status),
             at_ms,
             reported: reports.iter().map(|e| e.message.clone()).collect(),
+            caused_by_another_rank: !reports.is_empty()
+                && reports.iter().all(|e| e.caused_by_another_rank),
             tail: worker.tail(),
         });
     }
@@ -490,6 +496,7 @@ fn remote_failures(
         if let Some(known) = failures.iter_mut().find(|f| f.rank == error.rank) {
             known.reported.push(error.message.clone());
             known.at_ms = known.at_ms.min(error.time_ms);
+            known.caused_by_another_rank &= error.caused_by_another_rank;
             continue;
         }
         let host = rendezvous
@@ -502,15 +509,17 @@ fn remote_failures(
             status: None,
             at_ms: error.time_ms,
             reported: vec![error.message.clone()],
+            caused_by_another_rank: error.caused_by_another_rank,
             tail: Vec::new(),
         });
     }
     failures
 }
 
-/// Earliest failure first; within the same millisecond an abrupt death goes first.
+/// The cause first: failures of a rank's own (not `caused_by_another_rank`) before the
+/// others, each group earliest first; within the same millisecond an abrupt death first.
 pub fn order_by_time(failures: &mut [Failure]) {
-    failures.sort_by_key(|f| (f.at_ms, !f.abrupt(), f.rank));
+    failures.sort_by_key(|f| (f.caused_by_another_rank, f.at_ms, !f.abrupt(), f.rank));
 }
 
 /// Exit code the launcher uses for a worker status: its code, or 128 + signal.
@@ -1013,6 +1022,50 @@ mod tests {
     }
 
     #[test]
+    fn a_ranks_own_error_is_the_cause_even_when_a_consequence_was_reported_earlier() {
+        let failure = |rank: usize, at_ms: u64, message: &str, consequence: bool| Failure {
+            rank,
+            host: "h".into(),
+            pid: 10 + rank as u32,
+            status: Some(ExitStatus::from_raw(1 << 8)),
+            at_ms,
+            reported: vec![message.to_string()],
+            caused_by_another_rank: consequence,
+            tail: Vec::new(),
+        };
+        // Rank 1 gave up waiting on the publishing step before rank 0's ENOSPC surfaced.
+        let mut failures = vec![
+            failure(
+                1,
+                1000,
+                "publishing the checkpoint failed on another rank",
+                true,
+            ),
+            failure(
+                0,
+                1040,
+                "writing model.safetensors: No space left on device",
+                false,
+            ),
+        ];
+        order_by_time(&mut failures);
+        let report = failure_report(&failures);
+        assert!(
+            report.starts_with("rsdeep: rank 0 failed first (host h, pid 10): exit code 1"),
+            "{report}"
+        );
+        assert!(report.contains("rank 0 reported: writing model.safetensors: No space left"));
+        assert!(report.contains("(consequence of rank 0): publishing the checkpoint failed"));
+        // With only consequences, time decides.
+        let mut only = vec![
+            failure(1, 1000, "all_reduce: rank 0 closed", true),
+            failure(0, 990, "all_reduce: rank 1 closed", true),
+        ];
+        order_by_time(&mut only);
+        assert_eq!(only[0].rank, 0);
+    }
+
+    #[test]
     fn failures_are_ordered_by_time_and_an_abrupt_death_wins_a_tie() {
         let failure = |rank: usize, at_ms: u64, status: i32, reported: &[&str]| Failure {
             rank,
@@ -1021,6 +1074,7 @@ mod tests {
             status: Some(ExitStatus::from_raw(status)),
             at_ms,
             reported: reported.iter().map(|m| m.to_string()).collect(),
+            caused_by_another_rank: false,
             tail: Vec::new(),
         };
         // Rank 0 reported a collective error in the same millisecond rank 2 was SIGKILLed.

@@ -204,6 +204,7 @@ fn call(job: String) -> impl Strategy<Value = Call> {
                 rank,
                 message,
                 time_ms,
+                caused_by_another_rank: false,
             })
         });
     prop_oneof![join, set, get, barrier, heartbeat, report, control]

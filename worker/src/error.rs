@@ -43,12 +43,25 @@ pub enum Error {
     Checkpoint(String),
     #[error("config: {0}")]
     Config(String),
+
+    // === another rank's failure ===
+    /// This rank stopped only because another rank failed (it gave up on a step the
+    /// ranks agree on, or on a rank it waited for); the launcher names that rank's own
+    /// error as the cause.
+    #[error("{0}")]
+    OtherRankFailed(String),
 }
 
 /// The worker library's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Whether this error only follows another rank's failure: a collective that broke
+    /// (a peer died or gave up) or `OtherRankFailed`.
+    pub fn is_caused_by_another_rank(&self) -> bool {
+        matches!(self, Error::Comm { .. } | Error::OtherRankFailed(_))
+    }
+
     /// Wraps an I/O error with what was being done (file names belong in `context`).
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

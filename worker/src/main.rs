@@ -111,11 +111,18 @@ fn run(env: &WorkerEnv) -> Result<()> {
         run_training(env, &rendezvous, world, listener)
     };
     if let Err(e) = &result
-        && let Err(report) = rendezvous.report_error(&format!("{e:#}"))
+        && let Err(report) = rendezvous.report_error(&format!("{e:#}"), caused_by_another_rank(e))
     {
         warn!("could not report the error to the launcher: {report}");
     }
     result
+}
+
+/// Whether the worker library's error behind `e` only follows another rank's failure.
+fn caused_by_another_rank(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<rsdeep_worker::Error>())
+        .any(rsdeep_worker::Error::is_caused_by_another_rank)
 }
 
 /// The training entry point: builds the communicator from `world` + `listener`, loads

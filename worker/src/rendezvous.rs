@@ -363,8 +363,9 @@ impl Rendezvous {
         })
     }
 
-    /// Tells the launcher why this worker is about to fail (best effort, 2 s limit).
-    pub fn report_error(&self, message: &str) -> Result<()> {
+    /// Tells the launcher why this worker is about to fail (best effort, 2 s limit);
+    /// `caused_by_another_rank` when it failed only because another rank did.
+    pub fn report_error(&self, message: &str, caused_by_another_rank: bool) -> Result<()> {
         let time_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -373,6 +374,7 @@ impl Rendezvous {
             rank: self.rank as u32,
             message: message.into(),
             time_ms,
+            caused_by_another_rank,
         };
         let mut client = self.client.clone();
         // The timer must be created inside the runtime (a Sleep needs its time driver).

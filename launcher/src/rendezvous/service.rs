@@ -235,6 +235,7 @@ impl Rendezvous for RendezvousService {
             rank: req.rank as usize,
             message: req.message,
             time_ms: req.time_ms,
+            caused_by_another_rank: req.caused_by_another_rank,
         });
         Ok(Response::new(pb::ErrorAck {}))
     }
@@ -767,6 +768,7 @@ mod tests {
             rank: 1,
             message: "CUDA OOM".into(),
             time_ms: 1,
+            caused_by_another_rank: false,
         };
         c0.report_error(with_token(report, TOKEN)).await.unwrap();
         assert_eq!(state.errors_of(1)[0].message, "CUDA OOM");

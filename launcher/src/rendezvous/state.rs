@@ -288,6 +288,8 @@ pub struct ErrorRecord {
     pub message: String,
     /// Unix time in milliseconds on the worker.
     pub time_ms: u64,
+    /// The worker says it failed because another rank did.
+    pub caused_by_another_rank: bool,
 }
 
 /// Shared rendezvous state of one job (one per launcher process on node 0).

@@ -334,8 +334,8 @@ fn agreed<T>(comm: &dyn Communicator, device: Device, what: &str, local: Result<
     let others_failed = any_rank_failed(comm, device, local.is_err())?;
     match local {
         Err(e) => Err(e),
-        Ok(_) if others_failed => Err(Error::Checkpoint(format!(
-            "{what} failed on another rank (see its log); the previous checkpoint is still the latest"
+        Ok(_) if others_failed => Err(Error::OtherRankFailed(format!(
+            "checkpoint: {what} failed on another rank (see its log); the previous checkpoint is still the latest"
         ))),
         Ok(value) => Ok(value),
     }

@@ -265,8 +265,8 @@ fn wait_for_builder(
     let failure_note = config.cache_dir.join(format!("{key}.failed"));
     while !dir.join("meta.json").is_file() {
         if let Ok(reason) = std::fs::read_to_string(&failure_note) {
-            return Err(Error::Data(format!(
-                "the builder rank failed to build the data cache: {reason}"
+            return Err(Error::OtherRankFailed(format!(
+                "data: the builder rank (local rank 0) failed to build the data cache: {reason}"
             )));
         }
         wait()?;
