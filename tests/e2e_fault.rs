@@ -302,6 +302,11 @@ fn a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical() 
         got == want,
         "seed {seed}: final weights after the restart differ from the uninterrupted run"
     );
+    assert_eq!(
+        metrics_steps(&out),
+        (1..=MAX_STEPS).collect::<Vec<_>>(),
+        "metrics.jsonl must hold every step once, not the replayed ones twice"
+    );
     assert!(
         survivors(
             &recorded_pids(&pid_dir, 2, RUN_LIMIT),
@@ -486,6 +491,14 @@ fn used_up_restarts_fail_with_the_full_report() {
         stderr.contains("rsdeep: giving up: all 1 restart(s) used"),
         "{stderr}"
     );
+}
+
+/// The `step` of every row of `out/metrics.jsonl`, in file order.
+fn metrics_steps(out: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect()
 }
 
 /// The job id the launcher printed ("rsdeep: job <id> started ...").

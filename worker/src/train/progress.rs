@@ -36,17 +36,46 @@ pub struct ProgressReporter {
     history: Vec<StepMetrics>,
 }
 
+/// Rewrites `path` (temp file + rename) without the rows whose `step` is past
+/// `last_step`; rows without a step stay. A missing file is fine.
+fn keep_rows_up_to(path: &Path, last_step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let past = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|row| row.get("step")?.as_u64())
+            .is_some_and(|step| step > last_step)
+    };
+    if !text.lines().any(past) {
+        return Ok(());
+    }
+    let kept: String = text
+        .lines()
+        .filter(|l| !past(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let temp = path.with_extension("jsonl.tmp");
+    std::fs::write(&temp, kept).map_err(|e| Error::io(format!("writing {}", temp.display()), e))?;
+    std::fs::rename(&temp, path).map_err(|e| Error::io(format!("replacing {}", path.display()), e))
+}
+
 impl ProgressReporter {
-    /// Opens `output_dir/metrics.jsonl` for appending (a resumed run continues the file)
-    /// and, when asked, a TensorBoard writer under `logging_dir`.
+    /// Opens `output_dir/metrics.jsonl` for appending after dropping its rows past
+    /// `start_step` (a resumed run continues the file without repeating the steps it
+    /// replays; a fresh run starts it empty) and, when asked, a TensorBoard writer under
+    /// `logging_dir`.
     pub fn open(
         output_dir: &Path,
         total_steps: u64,
         tensorboard_dir: Option<&Path>,
+        start_step: u64,
     ) -> Result<Self> {
         std::fs::create_dir_all(output_dir)
             .map_err(|e| Error::io(format!("creating {}", output_dir.display()), e))?;
         let path = output_dir.join("metrics.jsonl");
+        keep_rows_up_to(&path, start_step)?;
         let jsonl = OpenOptions::new()
             .create(true)
             .append(true)
@@ -183,9 +212,39 @@ mod tests {
     }
 
     #[test]
+    fn reopening_drops_the_rows_a_resumed_run_replays() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let rows = (1..=6).map(|s| format!("{{\"step\":{s},\"loss\":1.0}}\n"));
+        std::fs::write(
+            &path,
+            rows.collect::<String>() + "{\"step\":4,\"eval_loss\":2.0}\n",
+        )
+        .unwrap();
+        drop(ProgressReporter::open(dir.path(), 10, None, 4)?);
+        let steps: Vec<u64> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4, 4]);
+        drop(ProgressReporter::open(dir.path(), 10, None, 0)?);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "",
+            "a fresh run starts empty"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn metrics_jsonl_has_one_parseable_line_per_log() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
-        let mut reporter = ProgressReporter::open(dir.path(), 10, None)?;
+        let mut reporter = ProgressReporter::open(dir.path(), 10, None, 0)?;
         reporter.log(metrics(1))?;
         reporter.log(metrics(2))?;
         let text = std::fs::read_to_string(dir.path().join("metrics.jsonl"))

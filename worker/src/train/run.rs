@@ -152,6 +152,7 @@ pub fn train(
             &output_dir,
             total_steps,
             tb_dir.as_deref(),
+            start_step,
         )?)
     } else {
         None
