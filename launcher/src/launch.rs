@@ -32,6 +32,10 @@ fn usage(err: impl std::fmt::Display) -> anyhow::Error {
 
 /// Runs the whole launch; returns the process exit code.
 pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
+    // Many ranks (and any flood on the rendezvous port) need descriptors.
+    if let Err(e) = rendezvous::guard::raise_open_file_limit() {
+        eprintln!("rsdeep: warning: cannot raise the open-file limit: {e}");
+    }
     let inputs = gather_inputs(&args)?;
     let (mut plan, ssh_launch) = plan_job(&args, &inputs)?;
     for warning in &plan.warnings {

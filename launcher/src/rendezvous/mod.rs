@@ -4,14 +4,16 @@
 //! and the job id; Join also checks the rsdeep version. The server listens on the master
 //! address only unless told otherwise, optionally over TLS (`tls`, `docs/security.md`).
 //! Under `--launcher slurm` with several nodes it also carries node 0's decisions to the
-//! other nodes' launchers (`control`: coordinated restarts).
+//! other nodes' launchers (`control`: coordinated restarts). Connections that bring no
+//! authenticated request in time are closed (`guard`: flood defence).
 
 pub mod control;
+pub mod guard;
 pub mod service;
 pub mod state;
 pub mod tls;
 
-pub use service::{ServerHandle, start_server, start_server_tls};
+pub use service::{ServerHandle, start_server, start_server_guarded, start_server_tls};
 pub use state::{
     Command, CompleteWorld, ErrorRecord, Member, RendezvousError, RendezvousState, WorldSpec,
 };

@@ -12,13 +12,14 @@ use rsdeep_proto::v1::rendezvous_server::{Rendezvous, RendezvousServer};
 use rsdeep_proto::v1::{self as pb, heartbeat_command::Kind};
 use rsdeep_proto::{Bytes, RSDEEP_VERSION, TOKEN_METADATA_KEY, encode_peer_table};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::control::{Directive, NodeReport, NodeState};
+use super::guard::{ConnectionGuard, GuardLimits, guarded_incoming};
 use super::state::{
     Command, CompleteWorld, ErrorRecord, Member, RankPhase, RendezvousError, RendezvousState,
 };
@@ -361,7 +362,12 @@ fn join_response(
 }
 
 /// Refuses any call whose token metadata is missing or differs from the job token.
-fn token_checker(token: String) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+/// Checks every call's token; a call that passes marks its connection authenticated in
+/// `guard` (connections without one are closed after the guard's deadline).
+fn token_checker(
+    token: String,
+    guard: Arc<ConnectionGuard>,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let given = request
             .metadata()
@@ -376,7 +382,10 @@ fn token_checker(token: String) -> impl Fn(Request<()>) -> Result<Request<()>, S
                     "wrong rendezvous token for this job (RSDEEP_TOKEN does not match the launcher's)",
                 ))
             }
-            Some(_) => Ok(request),
+            Some(_) => {
+                guard.authenticated(request.remote_addr());
+                Ok(request)
+            }
         }
     }
 }
@@ -389,6 +398,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug)]
 pub struct ServerHandle {
     pub addr: SocketAddr,
+    /// The accepted connections' standing (flood defence).
+    pub guard: Arc<ConnectionGuard>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -435,6 +446,17 @@ pub async fn start_server_tls(
     bind: SocketAddr,
     tls: Option<ServerTlsConfig>,
 ) -> std::io::Result<ServerHandle> {
+    start_server_guarded(state, token, bind, tls, GuardLimits::default()).await
+}
+
+/// `start_server_tls` with explicit flood-defence limits.
+pub async fn start_server_guarded(
+    state: Arc<RendezvousState>,
+    token: String,
+    bind: SocketAddr,
+    tls: Option<ServerTlsConfig>,
+    limits: GuardLimits,
+) -> std::io::Result<ServerHandle> {
     let mut builder = tonic::transport::Server::builder();
     let secure = tls.is_some();
     if let Some(tls) = tls {
@@ -446,8 +468,12 @@ pub async fn start_server_tls(
     }
     let listener = bind_listener(bind)?;
     let addr = listener.local_addr()?;
-    let service =
-        RendezvousServer::with_interceptor(RendezvousService::new(state), token_checker(token));
+    let guard = ConnectionGuard::new(limits);
+    let service = RendezvousServer::with_interceptor(
+        RendezvousService::new(state),
+        token_checker(token, guard.clone()),
+    );
+    let incoming = guarded_incoming(listener, guard.clone());
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let served = builder
@@ -458,7 +484,7 @@ pub async fn start_server_tls(
             .initial_connection_window_size(Some(32 << 20))
             .initial_stream_window_size(Some(4 << 20))
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
             })
             .await;
@@ -469,6 +495,7 @@ pub async fn start_server_tls(
     info!(%addr, tls = secure, "rendezvous listening");
     Ok(ServerHandle {
         addr,
+        guard,
         shutdown: Some(tx),
     })
 }
@@ -546,6 +573,82 @@ mod tests {
             report: "rank 1 failed first".into(),
         };
         wire_status(job, &report)
+    }
+
+    /// Opens `count` TCP connections to `addr`; with `junk` each sends it first.
+    async fn open_sockets(
+        addr: SocketAddr,
+        count: usize,
+        junk: &[u8],
+    ) -> Vec<tokio::net::TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        let mut sockets = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if !junk.is_empty() {
+                let _ = socket.write_all(junk).await;
+            }
+            sockets.push(socket);
+        }
+        sockets
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_idle_and_junk_connections_neither_blocks_the_world_nor_stays_open() {
+        use tokio::io::AsyncReadExt;
+        super::super::guard::raise_open_file_limit().unwrap();
+        let spec = WorldSpec {
+            job_id: "job".into(),
+            nodes: vec![("localhost".into(), 2)],
+            join_timeout: Duration::from_secs(30),
+        };
+        let state = Arc::new(RendezvousState::new(spec));
+        let limits = GuardLimits {
+            auth_deadline: Duration::from_millis(1500),
+            max_pending: 256,
+        };
+        let bind = ([127, 0, 0, 1], 0).into();
+        let server = start_server_guarded(state, TOKEN.into(), bind, None, limits)
+            .await
+            .unwrap();
+        // Opened before any worker: 1500 silent sockets and 100 that send junk.
+        let mut flood = open_sockets(server.addr, 1500, b"").await;
+        flood.extend(open_sockets(server.addr, 100, b"GET / HTTP/1.1\r\n\r\n\x00\xff junk").await);
+        let started = std::time::Instant::now();
+        let (mut c0, mut c1) = (client(&server).await, client(&server).await);
+        let (a, b) = tokio::join!(
+            c0.join(with_token(join(0, "job", RSDEEP_VERSION), TOKEN)),
+            c1.join(with_token(join(1, "job", RSDEEP_VERSION), TOKEN)),
+        );
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        let formed = started.elapsed();
+        assert!(
+            formed < Duration::from_secs(5),
+            "the world formed after {formed:?}"
+        );
+        assert!(
+            server.guard.pending() <= limits.max_pending,
+            "at most max_pending wait"
+        );
+        // Past the deadline every flood connection is closed by the server (EOF or reset)
+        // and the workers' connections still serve calls.
+        tokio::time::sleep(limits.auth_deadline * 2).await;
+        for socket in flood.iter_mut().step_by(40) {
+            // Whatever the server sent (its HTTP/2 settings, a GOAWAY), then the end.
+            let mut sink = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut sink)).await;
+            assert!(read.is_ok(), "a flood connection is still open");
+        }
+        assert_eq!(server.guard.pending(), 0);
+        let set = pb::SetRequest {
+            job_id: "job".into(),
+            key: "k".into(),
+            value: b"v".to_vec().into(),
+        };
+        c0.set(with_token(set, TOKEN))
+            .await
+            .expect("an authenticated connection stays");
     }
 
     #[tokio::test]
