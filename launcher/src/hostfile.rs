@@ -1,6 +1,6 @@
 //! DeepSpeed's hostfile format (`host slots=N` per line, `#` comments, blank lines),
-//! with DeepSpeed's own error messages. Contract: `/work/shared/reference/deepspeed.md`
-//! §1 "Hostfile (`_parse_hostfile`)". Hosts keep file order: ranks follow it.
+//! with DeepSpeed's own error messages, prefixed with the file and line when read from a
+//! file (`path:line: ...`). Hosts keep file order: ranks follow it.
 
 use std::path::{Path, PathBuf};
 
@@ -22,13 +22,47 @@ pub enum HostfileError {
     BadEntry(String),
     #[error("Hostfile is empty or not formatted correctly, unable to proceed with launching")]
     Empty,
+    /// A parse error located in its file (`line` is 1-based; 0 for the whole file).
+    #[error("{}:{line}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        line: usize,
+        source: Box<HostfileError>,
+    },
+}
+
+impl HostfileError {
+    /// This error located in `text`, read from `path`.
+    fn located(self, path: &Path, text: &str) -> HostfileError {
+        let entries = || {
+            text.lines()
+                .enumerate()
+                .map(|(i, l)| (i + 1, l.trim()))
+                .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        };
+        let line = match &self {
+            HostfileError::BadEntry(bad) => entries().find(|(_, l)| l == bad).map(|(n, _)| n),
+            HostfileError::DuplicateHost(host) => entries()
+                .filter(|(_, l)| parse_line(l).is_some_and(|e| &e.host == host))
+                .nth(1)
+                .map(|(n, _)| n),
+            _ => None,
+        };
+        HostfileError::InFile {
+            path: path.to_path_buf(),
+            line: line.unwrap_or(0),
+            source: Box::new(self),
+        }
+    }
 }
 
 /// Reads and parses a hostfile; `Ok(None)` when the file does not exist (DeepSpeed then
 /// warns and runs on the local machine only).
 pub fn read_hostfile(path: &Path) -> Result<Option<Vec<HostEntry>>, HostfileError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => parse_hostfile(&text).map(Some),
+        Ok(text) => parse_hostfile(&text)
+            .map(Some)
+            .map_err(|e| e.located(path, &text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(HostfileError::Read {
             path: path.to_path_buf(),
@@ -127,6 +161,27 @@ mod tests {
         assert_eq!(
             msg,
             "Hostfile contains a bad entry: worker-0 4, unable to proceed with launching"
+        );
+    }
+
+    #[test]
+    fn errors_read_from_a_file_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hostfile");
+        std::fs::write(&path, "# nodes\na slots=1\n\nb slots=x\n").unwrap();
+        let message = read_hostfile(&path).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            format!(
+                "{}:4: Hostfile contains a bad entry: b slots=x, unable to proceed with launching",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "a slots=1\nb slots=1\na slots=2\n").unwrap();
+        let message = read_hostfile(&path).unwrap_err().to_string();
+        assert!(
+            message.starts_with(&format!("{}:3: ", path.display())),
+            "{message}"
         );
     }
 

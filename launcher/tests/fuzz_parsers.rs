@@ -68,6 +68,7 @@ proptest! {
                     }
                     HostfileError::Empty => prop_assert!(message.contains("empty")),
                     HostfileError::Read { .. } => prop_assert!(false, "parse_hostfile read a file"),
+                    HostfileError::InFile { .. } => prop_assert!(false, "parse_hostfile knows no file"),
                 }
             }
         }
