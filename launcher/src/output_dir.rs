@@ -261,7 +261,9 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether process `pid` exists on this machine (for leftovers named by a pid: lock
+/// records here, data-cache build folders in the worker).
+pub fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };

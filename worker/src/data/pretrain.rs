@@ -274,6 +274,28 @@ fn wait_for_builder(
     Ok(())
 }
 
+/// Removes `<key>.tmp-<pid>` folders of builders that died (a killed job); a living
+/// builder's (another job building the same entry) stays.
+fn remove_dead_builders_leftovers(cache_dir: &Path, key: &str) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    let prefix = format!("{key}.tmp-");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !rsdeep::output_dir::pid_alive(pid) {
+            tracing::info!(dir = %entry.path().display(), "removing a dead builder's partial data cache");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Streams every file into `<dir>.tmp-<pid>`, then renames it to `dir`.
 fn build_cache(
     config: &PretrainConfig,
@@ -289,6 +311,7 @@ fn build_cache(
     })?;
     std::fs::create_dir_all(&config.cache_dir)
         .map_err(|e| Error::io(format!("creating {}", config.cache_dir.display()), e))?;
+    remove_dead_builders_leftovers(&config.cache_dir, key);
     let tmp = config
         .cache_dir
         .join(format!("{key}.tmp-{}", std::process::id()));
@@ -569,6 +592,20 @@ mod tests {
             Line::Bad(m) => assert_eq!(m, "corpus.jsonl:4: missing text field \"text\""),
             _ => panic!("expected an error"),
         }
+    }
+
+    #[test]
+    fn a_dead_builders_partial_cache_is_removed_and_a_living_ones_kept() {
+        let cache = tempfile::tempdir().unwrap();
+        let dead = cache.path().join(format!("k1.tmp-{}", u32::MAX / 2));
+        let living = cache.path().join(format!("k1.tmp-{}", std::process::id()));
+        let other_key = cache.path().join(format!("k2.tmp-{}", u32::MAX / 2));
+        for dir in [&dead, &living, &other_key] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        remove_dead_builders_leftovers(cache.path(), "k1");
+        assert!(!dead.exists());
+        assert!(living.is_dir() && other_key.is_dir());
     }
 
     #[test]
