@@ -87,6 +87,23 @@ fn damaged_files_are_named_and_nothing_is_overwritten() {
     std::fs::write(checkpoint.join("trainer_state.json"), "{}").unwrap();
     let err = try_load(&checkpoint).unwrap_err();
     assert!(err.contains("trainer_state.json"), "{err}");
+
+    // Files a resume does not read are checked too: a damaged checkpoint is refused.
+    for name in ["engine_state.json", "model.safetensors"] {
+        let fresh = tempfile::tempdir().unwrap();
+        saved_run(fresh.path(), 2, 2, 2, vec![2]);
+        let checkpoint = fresh.path().join("checkpoint-2");
+        let path = checkpoint.join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = try_load(&checkpoint).unwrap_err();
+        assert!(
+            err.contains(name) && err.contains("checksum"),
+            "{name}: {err}"
+        );
+    }
 }
 
 #[test]

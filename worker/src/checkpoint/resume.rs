@@ -304,6 +304,9 @@ pub fn load_checkpoint(
 ) -> Result<ResumeState> {
     let _span = tracing::info_span!("checkpoint_load", rank, dir = %dir.display()).entered();
     let manifest = &Manifest::read(dir)?;
+    if rank == 0 {
+        verify_files_resume_does_not_read(dir, manifest)?;
+    }
     let reader = PartitionReader::open(dir, manifest)?;
     manifest.verify_file(dir, TRAINER_STATE_FILE)?;
     let trainer_state = TrainerState::from_file(&dir.join(TRAINER_STATE_FILE))?;
@@ -353,6 +356,21 @@ pub fn load_checkpoint(
         resharded,
         run: manifest.run.clone(),
     })
+}
+
+/// Rank 0 checks the files a resume does not read (weights, engine state, tokenizer,
+/// config) against the manifest too: a damaged checkpoint is refused as a whole, never
+/// half-used. The partitions, trainer state and per-rank states are checked where read.
+fn verify_files_resume_does_not_read(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let read_later = |name: &str| {
+        name == TRAINER_STATE_FILE
+            || (0..manifest.engine.partition_world).any(|p| partition_file(p) == name)
+            || (0..manifest.engine.world_size).any(|r| rank_state_file(r) == name)
+    };
+    for name in manifest.files.keys().filter(|n| !read_later(n)) {
+        manifest.verify_file(dir, name)?;
+    }
+    Ok(())
 }
 
 /// A checkpoint parameter the model does not have means a different model.
