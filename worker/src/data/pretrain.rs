@@ -458,14 +458,114 @@ fn tokenize_chunk(
             Line::Bad(message) => return Err(Error::Data(message)),
         }
     }
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    for ids in tokenizer.encode_batch(&refs, false)? {
+    for ids in encode_documents(tokenizer, &texts)? {
         stats.documents += 1;
         stats.tokens += ids.len() as u64 + 1;
         writer.push(&ids)?;
         writer.push(&[eos])?;
     }
     Ok(())
+}
+
+/// A document longer than this is tokenized in pieces (a whole 50 MB document costs the
+/// tokenizer gigabytes of intermediate state).
+const MAX_PIECE_BYTES: usize = 1 << 20;
+/// Pieces handed to one `encode_batch` call at most, in bytes.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Token ids of each text: short ones in parallel batches, long ones piece by piece when
+/// the tokenizer gives the same ids for the pieces as for the whole (`split_for_encoding`).
+fn encode_documents(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
+    let mut pieces: Vec<(usize, &str)> = Vec::new(); // (document, piece)
+    for (document, text) in texts.iter().enumerate() {
+        for piece in split_for_encoding(tokenizer, text)? {
+            pieces.push((document, piece));
+        }
+    }
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); texts.len()];
+    let mut start = 0;
+    while start < pieces.len() {
+        let mut end = start + 1;
+        let mut bytes = pieces[start].1.len();
+        while end < pieces.len() && bytes + pieces[end].1.len() <= MAX_BATCH_BYTES {
+            bytes += pieces[end].1.len();
+            end += 1;
+        }
+        let batch: Vec<&str> = pieces[start..end].iter().map(|(_, p)| *p).collect();
+        for ((document, _), piece_ids) in pieces[start..end]
+            .iter()
+            .zip(tokenizer.encode_batch(&batch, false)?)
+        {
+            ids[*document].extend(piece_ids);
+        }
+        start = end;
+    }
+    Ok(ids)
+}
+
+/// `text` cut into pieces of about `MAX_PIECE_BYTES`, each cut just before a space that
+/// follows a non-space (where byte-level BPE pre-tokenizers start a new word). The cut is
+/// used only if this tokenizer encodes the text around the first cut the same in two pieces
+/// as in one (a tokenizer that marks piece starts, like SentencePiece's prefix space, does
+/// not): otherwise, and for short texts, the text is one piece.
+fn split_for_encoding<'t>(tokenizer: &Tokenizer, text: &'t str) -> Result<Vec<&'t str>> {
+    let cuts = word_cuts(text, MAX_PIECE_BYTES);
+    let Some(&first) = cuts.first() else {
+        return Ok(vec![text]);
+    };
+    let around = floor_char_boundary(text, first.saturating_sub(4096))
+        ..ceil_char_boundary(text, (first + 4096).min(text.len()));
+    let whole = tokenizer.encode(&text[around.clone()], false)?;
+    let mut split = tokenizer.encode(&text[around.start..first], false)?;
+    split.extend(tokenizer.encode(&text[first..around.end], false)?);
+    if whole != split {
+        return Ok(vec![text]);
+    }
+    let mut pieces = Vec::with_capacity(cuts.len() + 1);
+    let mut start = 0;
+    for cut in cuts {
+        pieces.push(&text[start..cut]);
+        start = cut;
+    }
+    pieces.push(&text[start..]);
+    Ok(pieces)
+}
+
+/// Byte offsets, about `every` apart, of spaces that follow a non-whitespace byte.
+fn word_cuts(text: &str, every: usize) -> Vec<usize> {
+    let bytes = text.as_bytes();
+    let is_cut = |i: usize| bytes[i] == b' ' && !bytes[i - 1].is_ascii_whitespace();
+    let mut cuts = Vec::new();
+    let mut from = 0;
+    while text.len() - from > every {
+        let target = from + every;
+        let cut = (from + 1..=target)
+            .rev()
+            .find(|&i| is_cut(i))
+            .or_else(|| (target + 1..bytes.len()).find(|&i| is_cut(i)));
+        match cut {
+            Some(cut) => {
+                cuts.push(cut);
+                from = cut;
+            }
+            None => break,
+        }
+    }
+    cuts
+}
+
+fn floor_char_boundary(text: &str, mut i: usize) -> usize {
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn ceil_char_boundary(text: &str, mut i: usize) -> usize {
+    while !text.is_char_boundary(i) {
+        i += 1;
+    }
+    i
 }
 
 /// Parses one JSONL line; errors name `file:line`.
@@ -606,6 +706,45 @@ mod tests {
         remove_dead_builders_leftovers(cache.path(), "k1");
         assert!(!dead.exists());
         assert!(living.is_dir() && other_key.is_dir());
+    }
+
+    #[test]
+    fn word_cuts_fall_before_a_space_after_a_word() {
+        let text = "ab  cd ef\n gh ".repeat(1000);
+        let cuts = word_cuts(&text, 100);
+        assert!(cuts.len() > 100, "{}", cuts.len());
+        let mut from = 0;
+        for cut in cuts {
+            let b = text.as_bytes();
+            assert!(
+                b[cut] == b' ' && !b[cut - 1].is_ascii_whitespace(),
+                "cut at {cut}"
+            );
+            assert!(cut - from <= 100, "piece {from}..{cut} too long");
+            from = cut;
+        }
+        assert!(word_cuts("short text", 100).is_empty());
+        assert!(
+            word_cuts(&"x".repeat(500), 100).is_empty(),
+            "no space: one piece"
+        );
+    }
+
+    #[test]
+    fn a_long_document_tokenizes_in_pieces_exactly_as_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus.txt");
+        let words = "the river 我们 学习 fn main() { x += 1; }\n\n  indented   spaces, end.";
+        std::fs::write(&corpus, words.repeat(50)).unwrap();
+        let tokenizer =
+            crate::tokenizer::train_bpe(&[&corpus], 400, dir.path().join("tok")).unwrap();
+        let long = words.repeat((3 * MAX_PIECE_BYTES) / words.len());
+        let pieces = split_for_encoding(&tokenizer, &long).unwrap();
+        assert!(pieces.len() >= 3, "{} pieces", pieces.len());
+        let texts = vec!["a short one".to_string(), long.clone()];
+        let ids = encode_documents(&tokenizer, &texts).unwrap();
+        assert_eq!(ids[0], tokenizer.encode("a short one", false).unwrap());
+        assert_eq!(ids[1], tokenizer.encode(&long, false).unwrap());
     }
 
     #[test]
