@@ -41,11 +41,12 @@ pub const STALE_AFTER: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputDirError {
-    #[error("{what} {path}: {source}")]
+    /// The OS error is in the message, not a `source` (chains would print it twice).
+    #[error("{what} {path}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "output_dir {dir} is in use by job {} (pid {} on {}, since {}s after the epoch); wait for it to finish, stop it, or choose another --output_dir",
@@ -66,7 +67,7 @@ type Result<T> = std::result::Result<T, OutputDirError>;
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutputDirError {
     let path = path.to_path_buf();
-    move |source| OutputDirError::Io { what, path, source }
+    move |cause| OutputDirError::Io { what, path, cause }
 }
 
 /// The step of a folder named `checkpoint-N` (HF's `^checkpoint\-(\d+)$`).

@@ -7,11 +7,12 @@ pub enum Error {
     // === libtorch and I/O ===
     #[error(transparent)]
     Torch(#[from] tch::TchError),
-    #[error("{context}: {source}")]
+    /// The OS error is part of the message and deliberately not a `source`: error chains
+    /// (`{:#}`) would print it twice.
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     // === rendezvous ===
@@ -66,7 +67,32 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `{:#}` of an error chain prints (anyhow's format): every message, `: `-joined.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            text.push_str(&format!(": {cause}"));
+            next = cause.source();
+        }
+        text
+    }
+
+    #[test]
+    fn an_os_error_is_printed_once_in_a_chain() {
+        let missing = std::fs::read("/no/such/file").unwrap_err();
+        let e = Error::io("reading /no/such/file", missing);
+        let text = chain(&e);
+        assert_eq!(text.matches("(os error 2)").count(), 1, "{text}");
+        assert!(text.starts_with("reading /no/such/file: "), "{text}");
     }
 }

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 /// A configuration problem found before any worker starts.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    /// The OS error is in the message, not a `source` (chains would print it twice).
+    #[error("{path}: cannot read: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{path}:{line}:{column}: {message}")]

@@ -12,9 +12,9 @@ use super::error::ConfigError;
 
 /// Reads and parses a JSON file; a syntax error points at `file:line:column`.
 pub fn read_json_file(path: &Path) -> Result<Value, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     parse_json_text(path, &text)
 }

@@ -16,11 +16,12 @@ pub const TLS_DOMAIN_ENV: &str = "RSDEEP_TLS_DOMAIN";
 /// Why a TLS file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read the {what} {}: {source}", path.display())]
+    /// The OS error is in the message, not a `source` (chains would print it twice).
+    #[error("cannot read the {what} {}: {cause}", path.display())]
     Unreadable {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("the {what} {} holds no PEM block '-----BEGIN {marker}'", path.display())]
     NotPem {
@@ -39,7 +40,7 @@ fn read_pem(path: &Path, what: &'static str, marker: &'static str) -> Result<Vec
     let bytes = std::fs::read(path).map_err(|source| TlsError::Unreadable {
         what,
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let text = String::from_utf8_lossy(&bytes);
     let has_block = text
