@@ -3,11 +3,14 @@
 #! stage on GPU vs CPU (fp32 and bf16), the 0.5B seq-2048 benchmark with and without
 #! activation checkpointing against HF Trainer, the attention kernels actually launched, and
 #! checkpoint save/load timings. Each figure is printed as soon as it is measured.
+#! `--profile` runs only the versions and where a step's GPU time goes (kernels by name and
+#! kind, rsdeep under ncu vs HF Trainer under torch.profiler).
 #! `--cpu-dry-run` runs the same logic on CPU with a tiny model. Contract and results: docs/gpu.md.
 set -uo pipefail
-DRY=0; BUNDLE=""
+DRY=0; BUNDLE=""; PROFILE=0
 while [ $# -gt 0 ]; do case "$1" in
-  --cpu-dry-run) DRY=1;; --bundle) BUNDLE="$2"; shift;; *) echo "unknown arg $1"; exit 2;; esac; shift; done
+  --cpu-dry-run) DRY=1;; --bundle) BUNDLE="$2"; shift;; --profile) PROFILE=1;;
+  *) echo "unknown arg $1"; exit 2;; esac; shift; done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$BUNDLE" ]; then
   source "$ROOT/scripts/env.sh"; BIN="${RSDEEP_BIN_DIR:-$CARGO_TARGET_DIR/release}"; DATA="$HOME/.cache/rsdeep/data"
@@ -33,6 +36,27 @@ if [ $DRY = 0 ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --
 else echo "cpu dry run: nvidia-smi skipped (needs a GPU)"; fi
 "$PY" -c 'import torch;print("torch/libtorch",torch.__version__,"cuda",torch.version.cuda,"available",torch.cuda.is_available());print("nccl",torch.cuda.nccl.version() if torch.cuda.is_available() else "n/a (no CUDA)")'
 
+MODEL=$(grep -o '"config_name": *"[^"]*"' "$CFG/gpu-bench.json" | cut -d'"' -f4); BS=4; SEQ=2048; STEPS=15
+[ $DRY = 1 ] && { MODEL=tiny-qwen.json; BS=2; SEQ=128; STEPS=4; }
+HFDEV=cuda; [ $DRY = 1 ] && HFDEV=cpu
+TO() { timeout "$@"; } # every launch bounded, so one hang cannot eat the device lease
+PROF="$(dirname "$HF")/kernel_profile.py"
+if [ $PROFILE = 1 ]; then
+  section "profile: kernels of 3 bf16 steps of configs/gpu-bench.json, rsdeep (ncu) vs HF Trainer (torch.profiler, its 3rd step)"
+  PARGS=(configs/gpu-bench.json --max_steps 3 --output_dir prof-rsdeep)
+  [ $DRY = 1 ] && PARGS+=(--config_name tiny-qwen.json --block_size 128 --per_device_train_batch_size 2)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ $DRY = 0 ] && [ -n "$NCU" ]; then
+    TO 300 "$NCU" --target-processes all --metrics gpu__time_duration.sum --csv --page raw --log-file ncu-prof.csv \
+      "$BIN/rsdeep" --num_gpus 1 "${PARGS[@]}" > prof-rsdeep.log 2>&1 || { tail -5 prof-rsdeep.log; fail "ncu profile"; }
+    "$PY" "$PROF" ncu ncu-prof.csv 3 || fail "ncu summary"
+  else echo "ncu skipped (cpu dry run or no ncu)"; fi
+  TO 240 "$PY" "$PROF" hf --model-config "$MODEL" --batch $BS --seq $SEQ --steps 3 --device $HFDEV 2> hf-prof.log \
+    || { tail -5 hf-prof.log; fail "hf profile"; }
+  echo; [ $FAIL = 0 ] && echo "GPU PROFILE DONE (dry=$DRY) in $WORK" || echo "GPU PROFILE FAILED (dry=$DRY) in $WORK"
+  exit $FAIL
+fi
+
 section "GPU-marked tests"
 if [ $DRY = 0 ] && [ -x "$TESTBIN" ]; then timeout 180 "$TESTBIN" --ignored --test-threads 1 nccl || fail "nccl tests"
 else echo "skipped: needs CUDA + NCCL and the bundled test binary (runs with --ignored on the GPU)"; fi
@@ -42,7 +66,6 @@ last_metric() { "$PY" -c 'import json,sys
 rows=[json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 r=[x for x in rows if "loss" in x]; print(r[-1].get(sys.argv[2],"nan") if r else "nan")' "$1" "$2"; }
 mkzero() { echo "{\"zero_optimization\":{\"stage\":$1},\"train_micro_batch_size_per_gpu\":\"auto\",\"gradient_accumulation_steps\":\"auto\",\"bf16\":{\"enabled\":\"auto\"}}" > ds_zero$1.json; }
-TO() { timeout "$@"; } # every launch bounded, so one hang cannot eat the device lease
 one_step() { # stage out precision device-args...
   local stage=$1 out=$2 bf16=$3; shift 3
   TO 120 "$BIN/rsdeep" "$@" configs/gpu-bench.json --config_name tiny-qwen.json --block_size 128 \
@@ -63,8 +86,6 @@ done
 
 section "benchmark: Qwen2.5-0.5B shape, seq 2048, bf16 (tiny model, seq 128 in dry run); MFU against 989 TFLOP/s dense bf16"
 BENCH_ARGS=(); [ $DRY = 1 ] && BENCH_ARGS=(--config_name tiny-qwen.json --block_size 128 --per_device_train_batch_size 2 --max_steps 4)
-MODEL=$(grep -o '"config_name": *"[^"]*"' "$CFG/gpu-bench.json" | cut -d'"' -f4); BS=4; SEQ=2048; STEPS=15
-[ $DRY = 1 ] && { MODEL=tiny-qwen.json; BS=2; SEQ=128; STEPS=4; }
 peak_sampler() { while sleep 0.5; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1; done > "$1"; }
 sampled() { # name command...: runs the command with the GPU memory sampler around it; PEAK is set
   local name=$1; shift; [ $DRY = 0 ] && { peak_sampler "$name.mem" & SAMPLER=$!; }
@@ -80,7 +101,6 @@ for gc in false true; do
   TPS[$gc]=$(last_metric "$out/metrics.jsonl" tokens_per_second)
   echo "rsdeep gradient_checkpointing=$gc tokens/s ${TPS[$gc]} mfu% $(last_metric "$out/metrics.jsonl" mfu) peak_gpu_MiB(nvidia-smi) $PEAK"
 done
-HFDEV=cuda; [ $DRY = 1 ] && HFDEV=cpu
 for gc in 0 1; do
   sampled "hf-$gc" TO 240 "$PY" "$HF" --model-config "$MODEL" --batch $BS --seq $SEQ --steps $STEPS --device $HFDEV \
     --gradient-checkpointing $gc > "hf-$gc.out" 2> "hf-$gc.log" || { tail -5 "hf-$gc.log"; fail "hf bench gc=$gc"; continue; }
