@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Soak test of the launcher (issue 9; documented in docs/security.md): N short CPU
+# Soak test of the launcher (documented in docs/security.md): N short CPU
 # training launches in a row (`rsdeep --device cpu --num_procs 2`, a tiny Qwen2 with
 # save_steps), each with a random `--max_restarts` 0-2; a random subset is killed at a
 # random moment (SIGKILL of one worker, or SIGTERM/SIGKILL of the launcher), and some

@@ -1,4 +1,4 @@
-//! End-to-end fault handling of issue 9 through the real binaries on loopback: a
+//! End-to-end fault handling through the real binaries on loopback: a
 //! SIGKILLed worker of a CPU training with periodic checkpoints and `--max_restarts 1` is
 //! reported first (SIGKILL, OOM hint; the survivor's collective error as a consequence),
 //! the job restarts from the newest complete checkpoint and ends with weights

@@ -1,4 +1,4 @@
-//! End-to-end tests of issue 2 (launcher, rendezvous, supervision) through the real
+//! End-to-end tests of the launcher, rendezvous and supervision through the real
 //! `rsdeep` and `rsdeep-worker` binaries on loopback. Each test uses `--master_port 0`
 //! and its own temp folder; tests run one at a time (each starts several workers that
 //! load libtorch) and kill what they started.

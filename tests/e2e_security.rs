@@ -1,4 +1,4 @@
-//! End-to-end security checks of issue 9 (contract: `docs/security.md`) through the real
+//! End-to-end security checks (contract: `docs/security.md`) through the real
 //! binaries on loopback: a TLS rendezvous runs a 2-rank selftest and refuses plaintext
 //! clients; during a running 2-rank CPU training, gRPC clients with a wrong token and raw
 //! TCP connections writing random bytes to the rendezvous port and to a worker's collective

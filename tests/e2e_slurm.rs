@@ -1,7 +1,7 @@
-//! End-to-end SLURM tests (issue 8): a real one-node SLURM (munged, slurmctld, slurmd from
+//! End-to-end SLURM tests: a real one-node SLURM (munged, slurmctld, slurmd from
 //! Debian's `slurm-wlm` and `munge`, installed with apt-get when missing) runs in a folder
-//! the test owns, on free loopback ports, following the tested recipe in
-//! `/work/shared/reference/test-hosts.md`. `deploy/slurm/train-1node.sbatch` is submitted
+//! the test owns, on free loopback ports (munged as user munge, slurm.conf through
+//! `SLURM_CONF`). `deploy/slurm/train-1node.sbatch` is submitted
 //! with `sbatch --wait` for a tiny 2-rank CPU training: the job must train and leave a
 //! complete checkpoint; a second job is sent SIGUSR1 (what `--signal=B:USR1@120` sends
 //! before the time limit) and must requeue and resume from its newest checkpoint; and
@@ -139,7 +139,8 @@ impl SlurmCluster {
 
     /// Two nodes, each a slurmd in its own network namespace with its own host name and
     /// an /etc/hosts (bind-mounted in a private mount namespace) naming both; slurmctld
-    /// in this namespace on the bridge address (test-hosts.md "Two SLURM nodes").
+    /// in this namespace on the bridge address. Each slurmd starts through `nsenter`, not
+    /// `ip netns exec` (which remounts /sys, and slurmd then fails on cgroups).
     fn start_two_nodes() -> SlurmCluster {
         let mut cluster = SlurmCluster::new();
         let network = TwoHostNetwork::create();

@@ -1,4 +1,4 @@
-//! End-to-end tests of the ssh multi-node runner (issue 8) through the real binaries: a
+//! End-to-end tests of the ssh multi-node runner through the real binaries: a
 //! real sshd on 127.0.0.1 and 127.0.0.2 (`hosts/sshd.rs`) plays two hosts of this
 //! machine; node 0 starts node 1's launcher over ssh. Checked: a short training across
 //! both "hosts" forms one world of four ranks and finishes; an unreachable host fails

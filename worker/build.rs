@@ -1,7 +1,6 @@
-//! Links libtorch so that CUDA does not silently disappear: rustc links with
-//! `--as-needed`, which drops `libtorch_cuda.so` unless `libtorch.so` is forced in, and
-//! torch-sys's own rpath never reaches this binary. See
-//! ../shared/reference/rust-toolchain-notes.md §1 ("the CUDA link trap").
+//! Links libtorch so that CUDA does not silently disappear (the CUDA link trap): rustc
+//! links with `--as-needed`, which drops `libtorch_cuda.so` unless `libtorch.so` is forced
+//! in, and torch-sys's own rpath never reaches this binary.
 
 fn main() {
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {

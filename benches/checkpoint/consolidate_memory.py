@@ -1,4 +1,4 @@
-"""Peak memory of `rsdeep consolidate` (docs/checkpoints.md, issue 6): runs the command
+"""Peak memory of `rsdeep consolidate` (docs/checkpoints.md): runs the command
 on a checkpoint and reports the peak RSS of the process doing the work (VmHWM of every
 process in the tree, polled every 20 ms, plus getrusage's ru_maxrss of the waited
 children, which catches a peak between polls) next to the largest tensor and the model

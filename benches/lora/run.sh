@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LoRA against full SFT on real multi-rank runs (issue 7, docs/benchmarks.md): the same
+# LoRA against full SFT on real multi-rank runs (docs/benchmarks.md §3): the same
 # ~50M-parameter Qwen2 (configs/models/qwen2-50m.json, random init from the same seed),
 # the same chat data and batches, 2 CPU ranks, ZeRO-2 (and ZeRO-3 by default). Each run
 # trains STEPS steps; benches/peers/monitor.py samples each worker's VmHWM and CPU time;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rendezvous benchmark (issue 2): prints (1) the time from `rsdeep` start until all 8
+# Rendezvous benchmark: prints (1) the time from `rsdeep` start until all 8
 # local CPU selftest workers have joined, and (2) the time for 1024 in-process gRPC
 # clients to join one rendezvous (goal: under 1 s). The launcher is built in release; the
 # worker is whichever `rsdeep-worker` was built (debug by default: its start-up, not the

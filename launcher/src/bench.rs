@@ -1,8 +1,8 @@
-//! `rsdeep bench-rendezvous [--workers 8] [--clients 1024]`: the two rendezvous figures of
-//! issue 2. (1) Time from `rsdeep` start until all local selftest workers have joined
-//! (the launcher's own "rendezvous complete ... ms after launcher start" line, plus the
-//! wall time seen from outside). (2) Time for N in-process gRPC clients to join one
-//! rendezvous (goal: 1024 in under 1 s). A benchmark, not a timed test.
+//! `rsdeep bench-rendezvous [--workers 8] [--clients 1024]`: the two rendezvous figures
+//! (recorded in `docs/status.md`). (1) Time from `rsdeep` start until all local selftest
+//! workers have joined (the launcher's own "rendezvous complete ... ms after launcher
+//! start" line, plus the wall time seen from outside). (2) Time for N in-process gRPC
+//! clients to join one rendezvous (goal: 1024 in under 1 s). A benchmark, not a timed test.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

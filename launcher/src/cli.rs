@@ -1,7 +1,7 @@
 //! The `rsdeep` command line as typed (raw, unvalidated): DeepSpeed's launcher flag names
-//! and meanings (`/work/shared/reference/deepspeed.md` §1 "CLI"), rsdeep's CPU and
-//! supervision flags, then `train.json [--key value ...]` overrides. `plan::LaunchPlan`
-//! turns these into a validated plan; nothing here touches the machine.
+//! and meanings (those of its `runner.py`), rsdeep's CPU and supervision flags, then
+//! `train.json [--key value ...]` overrides. `plan::LaunchPlan` turns these into a
+//! validated plan; nothing here touches the machine.
 
 use std::path::PathBuf;
 

@@ -1,7 +1,7 @@
-//! Coordinated restarts across nodes under `--launcher slurm` with several nodes (issue
-//! 9): node 0 is the one decision maker (`lead_nodes`), every other node's launcher
-//! follows it (`follow_node0`) through the rendezvous `NodeControl` poll
-//! (`rsdeep::coordination`, `rsdeep::rendezvous::control`). A failure anywhere stops
+//! Coordinated restarts across nodes under `--launcher slurm` with several nodes: node 0
+//! is the one decision maker (`lead_nodes`), every other node's launcher follows it
+//! (`follow_node0`) through the rendezvous `NodeControl` poll (`rsdeep::coordination`,
+//! `rsdeep::rendezvous::control`). A failure anywhere stops
 //! every node's workers; node 0 decides with `launch::after_attempt`; a restart opens a
 //! new rendezvous generation before any node starts its workers again with
 //! `RSDEEP_RESTART_COUNT = k`; giving up (or a signal, which never restarts) ends every

@@ -1,8 +1,7 @@
 //! `rsdeep estimate-memory`: per-GPU memory for ZeRO stages 0-3 from a Hugging Face
-//! config.json (Qwen2 / Llama), before anything is launched. Contract: issue 5 "Memory
-//! estimator (from the seed)"; formulas from the ZeRO paper (arXiv:1910.02054) as listed in
-//! /work/shared/reference/perf-anchors-and-data.md, activations from Korthikanti et al.
-//! (2022, "Reducing Activation Recomputation in Large Transformer Models").
+//! config.json (Qwen2 / Llama), before anything is launched. Model-state formulas from
+//! the ZeRO paper (arXiv:1910.02054), activations from Korthikanti et al. (2022,
+//! "Reducing Activation Recomputation in Large Transformer Models").
 //!
 //! Model states, bytes per parameter Ψ with N data-parallel ranks (mixed precision: 2-byte
 //! weights and gradients, fp32 master + Adam m + v = K = 12 bytes):
@@ -414,7 +413,7 @@ mod tests {
             .iter()
             .map(|s| s.model_state_bytes() / 1e9)
             .collect();
-        // perf-anchors-and-data.md: 7.9 / 2.7 / 1.85 / 0.99 GB (DDP / Z1 / Z2 / Z3).
+        // ZeRO paper rules, 8 ranks: 7.9 / 2.7 / 1.85 / 0.99 GB (DDP / Z1 / Z2 / Z3).
         for (got, want) in gb.iter().zip([7.9, 2.7, 1.85, 0.99]) {
             assert!((got - want).abs() < 0.02, "{gb:?}");
         }

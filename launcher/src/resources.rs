@@ -1,9 +1,8 @@
 //! Which slots (GPUs or CPU ranks) of which hosts a job uses: DeepSpeed's
 //! `--include/--exclude` syntax (`host[:slot,slot]@host`), `--num_nodes`, `--num_gpus`,
 //! `CUDA_VISIBLE_DEVICES` as the local include list, and CUDA device discovery through a
-//! dynamically loaded driver (no CUDA at build time). Contract:
-//! `/work/shared/reference/deepspeed.md` §1 "`--include`/`--exclude`" and
-//! "CUDA_VISIBLE_DEVICES".
+//! dynamically loaded driver (no CUDA at build time). Contract: DeepSpeed's `runner.py`
+//! rules for `--include`/`--exclude` and `CUDA_VISIBLE_DEVICES`.
 
 /// Hosts in rank order, each with its sorted, de-duplicated slot ids.
 pub type ResourcePool = Vec<(String, Vec<usize>)>;

@@ -4,7 +4,8 @@
 //! restart count. Pure: `SlurmJob::from_lookup` takes the variables through a closure so
 //! tests fake them; `plan.rs` turns a `SlurmJob` into nodes, slots and the master
 //! address. A missing or inconsistent variable is an error naming it, never a silent
-//! fallback to localhost (peers.md §5 "Pitfalls"). Contract: `deploy/README.md` (SLURM).
+//! fallback to localhost (with which each node rendezvouses with itself and the job
+//! hangs). Contract: `deploy/README.md` (SLURM).
 
 use crate::hostlist::{HostlistError, expand_hostlist};
 

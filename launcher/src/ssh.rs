@@ -1,4 +1,4 @@
-//! The ssh multi-node runner (issue 8): node 0 (the machine `rsdeep` is started on, the
+//! The ssh multi-node runner: node 0 (the machine `rsdeep` is started on, the
 //! first host of the filtered hostfile) starts `rsdeep --no_ssh --node_rank K ...` on
 //! every other host over `ssh -o BatchMode=yes`, in the same working directory, with the
 //! exported environment (`.rsdeep_env` plus the `EXPORT_PREFIXES` variables). The job
@@ -6,8 +6,8 @@
 //! ssh's stdin and keeps stdin open; a remote launcher treats stdin EOF (node 0 or its
 //! ssh died, or node 0 is stopping the job) as a stop signal. Remote output comes back
 //! prefixed `[node K rank R]` / `[node K]`; an ssh exiting non-zero is that node's
-//! failure. DeepSpeed's pdsh runner for comparison: `/work/shared/reference/deepspeed.md`
-//! §1 "Environment propagation" and "Multi-node runners". User guide: `deploy/README.md`.
+//! failure. User guide, with how the exported environment compares with DeepSpeed's pdsh
+//! runner: `deploy/README.md`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};

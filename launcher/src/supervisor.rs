@@ -6,7 +6,7 @@
 //! settling window are listed as consequences. Then the others get SIGTERM (and SIGCONT,
 //! so that a stopped worker can act on it), then SIGKILL after the grace period.
 //!
-//! Hang detection (issue 9) reads the rendezvous heartbeat bookkeeping: workers send a
+//! Hang detection reads the rendezvous heartbeat bookkeeping: workers send a
 //! heartbeat every `--heartbeat_interval` carrying their last finished step. A rank is
 //! hung when its heartbeats stop for `--heartbeat_timeout` (SIGSTOP, a frozen process, a
 //! cut network), when heartbeats arrive but its step has not advanced for the same time
@@ -18,8 +18,9 @@
 //! collective meanwhile are not judged). The report (`classify_hang`) names the ranks
 //! that missed heartbeats as the cause; when every rank beats, the ranks *not* in the
 //! collective the others wait in are the cause and the waiters are consequences.
-//! Contract: issue 2 "Supervision" and issue 9; DeepSpeed's behaviour (and pitfalls) in
-//! `/work/shared/reference/deepspeed.md` §1 "Failure handling".
+//! DeepSpeed's `launch.py`, for comparison, SIGTERMs all on the first non-zero exit and
+//! SIGKILLs after 30 s, detects no hangs, and reports the last-spawned rank's command
+//! rather than the failing rank's.
 
 use std::collections::VecDeque;
 use std::fs::File;

@@ -1,9 +1,9 @@
-//! A real OpenSSH server on loopback for the ssh-runner tests, following the tested
-//! recipe in `/work/shared/reference/test-hosts.md`: installs openssh if missing (as
-//! root, through apt-get), makes a host key and a client key in its own temp folder,
-//! listens on 127.0.0.1 and 127.0.0.2 (two "hosts" of this machine) on a free port, and
-//! is stopped by its pid when dropped. `OtherHost` is a network namespace with its own
-//! address joined to this one by a veth pair, for an sshd that is "another machine".
+//! A real OpenSSH server on loopback for the ssh-runner tests, following a recipe tested
+//! on Debian 12: installs openssh if missing (as root, through apt-get), makes a host key
+//! and a client key in its own temp folder, listens on 127.0.0.1 and 127.0.0.2 (two
+//! "hosts" of this machine) on a free port, and is stopped by its pid when dropped.
+//! `OtherHost` is a network namespace with its own address joined to this one by a veth
+//! pair, for an sshd that is "another machine".
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Issue 5 measurement (docs/benchmarks.md): CPU seconds per optimizer step of the ZeRO
+//! Measurement for docs/benchmarks.md §1b: CPU seconds per optimizer step of the ZeRO
 //! engine on the benchmark's tiny Qwen2 (configs/models/qwen2-tiny.json, micro batch
 //! 4 x 256, gradient accumulation 2, fp32, AdamW), one process, one thread, world size
 //! 1, ZeRO-1, with the generic loss path (`forward_backward` + `causal_lm_loss` on the

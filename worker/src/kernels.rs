@@ -6,7 +6,8 @@
 //! tensor that is not contiguous fp32 on the CPU (`applies`). The math is Hugging Face's
 //! (`modeling_qwen2.py`) and `torch.optim.AdamW`'s; tests below check every kernel
 //! against the aten formula. This is the only module besides `comm::nccl` with `unsafe`:
-//! it views tensor storage as slices (see `SAFETY` notes). Issue 5 (docs/benchmarks.md).
+//! it views tensor storage as slices (see `SAFETY` notes). Measurements:
+//! docs/benchmarks.md §1e.
 
 use crate::{Error, Result};
 use std::ops::Range;

@@ -42,7 +42,7 @@ fn main() {
 /// flattened gradients: 1-32 MiB each, allocated and freed every micro-step) from the heap
 /// instead of fresh `mmap`s, and keep up to 128 MiB of freed heap before trimming: by
 /// default each such buffer was a new mapping whose pages faulted in zeroed every step.
-/// On the issue-5 benchmark this halves the page faults and cuts ~3% of the CPU per step,
+/// On the ZeRO benchmark this halves the page faults and cuts ~3% of the CPU per step,
 /// peak RSS unchanged (docs/benchmarks.md §1e). The engine build still returns memory
 /// explicitly (`malloc_trim` in `zero/build.rs`).
 fn keep_training_buffers_on_the_heap() {

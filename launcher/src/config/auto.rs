@@ -3,7 +3,6 @@
 //! Face does it on its dict: `fill_match` replaces `"auto"` with the training-argument
 //! value, records an explicit value that differs as a mismatch, and leaves a missing key
 //! (or a missing section) alone; `fill_only` never records a mismatch.
-//! Reference: /work/shared/reference/deepspeed.md §2 "HF auto".
 //!
 //! The model-dependent keys (hidden-size buckets, total/warmup steps) are filled later on
 //! the typed config by `TrainConfig::fill_model_autos`.

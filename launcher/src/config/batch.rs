@@ -1,7 +1,7 @@
 //! DeepSpeed's batch rule (`_set_batch_related_parameters` + `_batch_assertion` in
 //! deepspeed/runtime/config.py): any two of train_batch_size, train_micro_batch_size_per_gpu
 //! and gradient_accumulation_steps determine the third for the data-parallel world size.
-//! Messages are DeepSpeed's, followed by a hint. Reference: deepspeed.md §2 "Batch rule".
+//! Messages are DeepSpeed's, followed by a hint.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,6 +1,6 @@
 //! The DeepSpeed JSON section as typed structs: every key rsdeep honours or accepts,
-//! with DeepSpeed's defaults (reference: /work/shared/reference/deepspeed.md §2; issue 5
-//! lists the honoured keys). Unknown keys are errors; DeepSpeed keys rsdeep does not
+//! with DeepSpeed's documented defaults (the honoured keys are listed in
+//! `docs/zero-engine.md` "Keys"). Unknown keys are errors; DeepSpeed keys rsdeep does not
 //! implement are refused by name (see `UNSUPPORTED_TOP_LEVEL_KEYS`), so no key is ever
 //! silently ignored.
 //!
@@ -496,7 +496,7 @@ pub struct OptimizerParams {
     pub amsgrad: Option<bool>,
 }
 
-/// DeepSpeed schedulers rsdeep implements (formulas in deepspeed.md §2).
+/// DeepSpeed schedulers rsdeep implements (DeepSpeed's formulas: `docs/zero-engine.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum SchedulerKind {
     WarmupLR,

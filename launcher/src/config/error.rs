@@ -1,7 +1,6 @@
 //! `ConfigError`: every way train.json or a DeepSpeed config can be rejected, worded for
-//! the user (what is wrong, where, what to do). The contract is issue 2 (train.json) and
-//! /work/shared/reference/deepspeed.md §2 (DeepSpeed's and Hugging Face's own messages,
-//! reproduced where they exist so search engines still find them).
+//! the user (what is wrong, where, what to do). DeepSpeed's and Hugging Face's own
+//! messages are reproduced where they exist, so search engines still find them.
 
 use std::path::PathBuf;
 

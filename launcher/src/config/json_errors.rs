@@ -1,7 +1,7 @@
 //! Reading JSON for the configuration with user-grade errors: syntax errors as
 //! `file:line:column: message`, unknown keys with a did-you-mean suggestion and their full
 //! dotted path, wrong types naming the key, the expected type and the value found.
-//! The wording contract is issue 2 (train.json); `ConfigError` holds the variants.
+//! `ConfigError` (`error.rs`) holds the variants and their wording.
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! train.json: the training arguments plus the DeepSpeed section, resolved for a world
-//! size. Contract: issue 2 (train.json, overrides, check-config) and issue 5 (the engine
-//! keys); facts from /work/shared/reference/deepspeed.md §2 (keys and defaults, the batch
-//! rule, Hugging Face's "auto" filling).
+//! size: train.json, command-line overrides and `rsdeep check-config`. The engine keys
+//! are listed in `docs/zero-engine.md`; DeepSpeed's keys, defaults and batch rule and
+//! Hugging Face's "auto" filling follow the upstream code.
 //!
 //! `load` runs, in order: JSON parse (syntax errors as file:line:column) → command-line
 //! overrides → typed training arguments (unknown keys with did-you-mean, wrong types) →

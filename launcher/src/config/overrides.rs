@@ -1,7 +1,7 @@
 //! Command-line overrides after train.json: `rsdeep train.json --learning_rate 3e-4
 //! --output_dir out2 --bf16`. Each `--key value` (or `--key=value`) replaces that training
 //! argument, typed by the key's type; a flag with no value means `true`;
-//! `--deepspeed.<path> value` sets a key inside the DeepSpeed config. Contract: issue 2.
+//! `--deepspeed.<path> value` sets a key inside the DeepSpeed config.
 
 use serde_json::{Map, Value};
 

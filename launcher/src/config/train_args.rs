@@ -1,8 +1,8 @@
 //! The training arguments of train.json: the flags the seed passes to
 //! `deepspeed pretrain.py` (Hugging Face `TrainingArguments` + run_clm's data/model
 //! arguments + PEFT LoRA settings + rsdeep's own runtime keys), with Hugging Face's names
-//! and defaults where they exist. Contract: issue 2; defaults from transformers 5.x
-//! `training_args.py`, run_clm.py, PEFT `LoraConfig`, TRL `SFTConfig` (peers.md §2).
+//! and defaults where they exist. Defaults from transformers 5.x `training_args.py`,
+//! run_clm.py, PEFT `LoraConfig`, TRL `SFTConfig`.
 //!
 //! Accepted but meaningless for rsdeep (kept as known keys so the seed's flags load):
 //! `do_train`, `do_eval`, `logging_strategy`, `preprocessing_num_workers`, `run_name`.

@@ -1,5 +1,5 @@
 //! Semantic checks after typing: values that parse but cannot work, and DeepSpeed
-//! features rsdeep refuses by name (so no key is silently ignored, issue 5). Each error
+//! features rsdeep refuses by name (so no key is silently ignored). Each error
 //! names the key and says what to do. Warnings (accepted but without effect) are returned.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! Training checkpoints (issue 6): `output_dir/checkpoint-N/` folders that resume exactly,
+//! Training checkpoints: `output_dir/checkpoint-N/` folders that resume exactly,
 //! reshard to any world size and ZeRO stage, are never visible half-written, and that the
 //! Hugging Face ecosystem can read. Contract and layout: `docs/checkpoints.md`.
 //!

@@ -1,7 +1,7 @@
 //! Hugging Face's `trainer_state.json` (transformers `TrainerState`), field for field, so
 //! HF tooling reads rsdeep checkpoints and the training loop can resume from HF ones.
-//! Contract: transformers `trainer_callback.py:TrainerState` (fields listed in
-//! `/work/shared/reference/deepspeed.md` §4).
+//! Contract: transformers `trainer_callback.py:TrainerState` (its place in a checkpoint:
+//! `docs/checkpoints.md`).
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -6,7 +6,7 @@
 //! `Head::forward` + `causal_lm_loss` + autograd within fp32 rounding (tests below;
 //! `worker/tests/zero_equivalence.rs` runs it through the engine). fp32 and an untied
 //! head only; the engine (`zero/engine.rs`, `forward_backward_causal_lm`) falls back to
-//! the generic path otherwise. Issue 5 (docs/benchmarks.md).
+//! the generic path otherwise. Measurements: docs/benchmarks.md §1b-§1d.
 
 use super::ctx::shifted_labels;
 use super::{Block, Head, IGNORE_INDEX, rms_norm};

@@ -6,8 +6,8 @@
 //! kernels directly (with GQA, saving only the output and its log-sum-exp), and no graph
 //! is built. It applies to plain causal training on the CPU in fp32 without LoRA
 //! (`manual_applies`); the engine (`zero/engine.rs`) falls back to autograd otherwise.
-//! Tests below compare output and every gradient with autograd within 1e-5. Issue 5
-//! (docs/benchmarks.md §1e).
+//! Tests below compare output and every gradient with autograd within 1e-5.
+//! Measurements: docs/benchmarks.md §1e.
 
 use super::layers::LinearSlot;
 use super::{DecoderLayer, ForwardCtx};

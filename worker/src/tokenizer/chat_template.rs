@@ -3,7 +3,7 @@
 //!
 //! Contract: transformers renders with jinja2's `ImmutableSandboxedEnvironment(trim_blocks,
 //! lstrip_blocks, loopcontrols)`, a `tojson` that is `json.dumps(ensure_ascii=False)`, and a
-//! `raise_exception` global (see /work/shared/reference/rust-toolchain-notes.md §4). The
+//! `raise_exception` global (the minijinja setup is described in `docs/data.md`). The
 //! context holds `messages`, `add_generation_prompt` and the special tokens.
 
 use minijinja::syntax::SyntaxConfig;

@@ -3,7 +3,7 @@
 //! unique id through the rendezvous store when the backend is NCCL, builds the
 //! communicator from the rendezvous answer, wires heartbeats, and runs `train`.
 //!
-//! Heartbeats (issue 9): from right after the join, a `Pulse` thread sends one every
+//! Heartbeats: from right after the join, a `Pulse` thread sends one every
 //! `RSDEEP_HEARTBEAT_INTERVAL_MS` carrying the last finished step and the current phase
 //! (`phase.rs`: startup/step/collective/eval/save/load/final_write, since when), and every
 //! finished step sends one at once. The launcher tells a stopped or frozen process (no

@@ -1,4 +1,4 @@
-//! What this worker is doing right now, for heartbeats (issue 9): a process-wide phase
+//! What this worker is doing right now, for heartbeats: a process-wide phase
 //! cell the training thread and the communicator update and the heartbeat thread reads.
 //! Contract: the `phase*`/`collective*` fields of `HeartbeatRequest` in
 //! `proto/proto/rendezvous.proto`; the launcher's hang rule is in `launcher/src/supervisor.rs`.

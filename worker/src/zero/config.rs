@@ -1,7 +1,7 @@
 //! The engine's own configuration: every DeepSpeed key the ZeRO engine honours, already
 //! resolved (batch arithmetic done, "auto" filled). The engine core depends only on this
-//! type; `from_ds_json` adapts a DeepSpeed JSON section (see `docs/zero-engine.md` and
-//! `/work/shared/reference/deepspeed.md` §2 for the keys and their defaults).
+//! type; `from_ds_json` adapts a DeepSpeed JSON section (see `docs/zero-engine.md` for
+//! the keys; their defaults are DeepSpeed's documented ones).
 
 use crate::{Error, Result};
 use tch::{Device, Kind};

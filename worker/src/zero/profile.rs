@@ -4,7 +4,7 @@
 //! stage-3 gathers, the step's norm / Adam / zeroing / all-gather), plus the whole
 //! process's CPU time (communication threads included), logged once per step at `info`
 //! as one `zero_profile` line. Used to find where a step's time goes
-//! (`docs/benchmarks.md`, issue 5); costs two clock reads per phase when on, nothing
+//! (`docs/benchmarks.md` §1b); costs two clock reads per phase when on, nothing
 //! when off.
 
 use std::time::Instant;
