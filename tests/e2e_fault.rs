@@ -690,7 +690,7 @@ fn a_ranks_own_data_error_is_named_first_and_the_waiting_rank_as_its_consequence
         stderr
             .lines()
             .any(|l| l.contains("(consequence of rank 0): ")
-                && l.contains("the builder rank (local rank 0) failed to build the data cache")),
+                && l.contains("the builder rank failed to build the data cache (local rank 0")),
         "rank 1 waited for the builder:\n{stderr}"
     );
 }

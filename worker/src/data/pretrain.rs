@@ -266,7 +266,7 @@ fn wait_for_builder(
     while !dir.join("meta.json").is_file() {
         if let Ok(reason) = std::fs::read_to_string(&failure_note) {
             return Err(Error::OtherRankFailed(format!(
-                "data: the builder rank (local rank 0) failed to build the data cache: {reason}"
+                "data: the builder rank failed to build the data cache (local rank 0 of this node): {reason}"
             )));
         }
         wait()?;
