@@ -19,6 +19,7 @@ use rsdeep_worker::checkpoint::{
 };
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::model::{CausalLm, ForwardCtx, ModelConfig, ModelType, causal_lm_loss};
+use rsdeep_worker::zero::ZeroStage;
 use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -150,7 +151,7 @@ fn main() -> Result<()> {
         frozen: Default::default(),
     };
     let engine_config = EngineConfig {
-        stage: 1,
+        stage: ZeroStage::One,
         train_micro_batch_size_per_gpu: 1,
         train_batch_size: 1,
         ..Default::default()
@@ -297,7 +298,7 @@ fn make_checkpoint(args: &Args) -> Result<()> {
                     frozen: Default::default(),
                 };
                 let engine_config = EngineConfig {
-                    stage,
+                    stage: stage.try_into().expect("a ZeRO stage"),
                     train_micro_batch_size_per_gpu: 1,
                     train_batch_size: comm.world_size(),
                     ..Default::default()

@@ -11,6 +11,7 @@
 use anyhow::{Context, Result};
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::model::{CausalLm, ForwardCtx, ModelConfig, causal_lm_loss};
+use rsdeep_worker::zero::ZeroStage;
 use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
 use std::collections::HashSet;
 use std::path::Path;
@@ -42,7 +43,7 @@ fn engine(config_path: &Path) -> Result<ZeroEngine> {
             .context("one local rank")?,
     );
     let mut config = EngineConfig {
-        stage: 1,
+        stage: ZeroStage::One,
         gradient_accumulation_steps: ACCUMULATION,
         train_micro_batch_size_per_gpu: MICRO_BATCH as usize,
         train_batch_size: MICRO_BATCH as usize * ACCUMULATION,

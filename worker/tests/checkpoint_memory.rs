@@ -10,6 +10,7 @@
 
 use rsdeep_worker::checkpoint::{SaveRequest, TrainerState, save_checkpoint};
 use rsdeep_worker::model::{CausalLm, ModelConfig, ModelType};
+use rsdeep_worker::zero::ZeroStage;
 use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
 use std::path::Path;
 use std::process::Command;
@@ -32,7 +33,7 @@ fn save(config: &ModelConfig, world: usize, out: &Path) {
                     frozen: Default::default(),
                 };
                 let engine_config = EngineConfig {
-                    stage: 3,
+                    stage: ZeroStage::Three,
                     train_micro_batch_size_per_gpu: 1,
                     train_batch_size: world,
                     ..Default::default()

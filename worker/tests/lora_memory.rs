@@ -7,6 +7,7 @@
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora};
 use rsdeep_worker::model::{CausalLm, ForwardCtx, ModelConfig, ModelType, causal_lm_loss};
+use rsdeep_worker::zero::ZeroStage;
 use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -61,7 +62,7 @@ fn measure(lora: bool) -> (f64, f64) {
         frozen,
     };
     let engine_config = EngineConfig {
-        stage: 0,
+        stage: ZeroStage::Zero,
         gradient_accumulation_steps: 1,
         train_micro_batch_size_per_gpu: BATCH as usize,
         train_batch_size: BATCH as usize,

@@ -150,7 +150,7 @@ fn run_rank(comm: LocalCommunicator, config: EngineConfig, plan: Plan) -> Outcom
         if !frozen.contains(&param.name) {
             continue;
         }
-        match config.stage == 3 && param.tensor.numel() <= threshold {
+        match config.stage.partitions_parameters() && param.tensor.numel() <= threshold {
             true => persistent_frozen_numel += param.tensor.numel(),
             false => frozen_numel_held += param.tensor.numel(),
         }

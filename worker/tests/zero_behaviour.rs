@@ -12,7 +12,7 @@ use zero_support::{Case, TinySpec, assert_close, run_world};
 
 fn config(stage: u8, world: usize) -> EngineConfig {
     let mut config = EngineConfig {
-        stage,
+        stage: stage.try_into().expect("a ZeRO stage"),
         train_micro_batch_size_per_gpu: 2,
         train_batch_size: 2 * world,
         ..EngineConfig::default()

@@ -14,7 +14,7 @@ const STEPS: usize = 20;
 
 fn base_config(stage: u8, world: usize, gas: usize, global_batch: usize) -> EngineConfig {
     let mut config = EngineConfig {
-        stage,
+        stage: stage.try_into().expect("a ZeRO stage"),
         gradient_accumulation_steps: gas,
         train_micro_batch_size_per_gpu: global_batch / world / gas,
         train_batch_size: global_batch,

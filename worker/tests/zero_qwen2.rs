@@ -41,7 +41,7 @@ fn tokens() -> Tensor {
 
 fn config(stage: u8, world: usize, gas: usize) -> EngineConfig {
     let mut config = EngineConfig {
-        stage,
+        stage: stage.try_into().expect("a ZeRO stage"),
         gradient_accumulation_steps: gas,
         train_micro_batch_size_per_gpu: GLOBAL_BATCH / world / gas,
         train_batch_size: GLOBAL_BATCH,

@@ -9,6 +9,7 @@
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora};
 use rsdeep_worker::model::{CausalLm, ModelConfig, ModelType};
+use rsdeep_worker::zero::ZeroStage;
 use rsdeep_worker::zero::{
     EngineConfig, EngineModel, LocalCommunicator, LoraSpec, ModelSource, ZeroEngine,
     build_causal_lm_engine,
@@ -38,7 +39,7 @@ fn lora_config() -> LoraConfig {
 
 fn engine_config() -> EngineConfig {
     EngineConfig {
-        stage: 3,
+        stage: ZeroStage::Three,
         gradient_accumulation_steps: 1,
         train_micro_batch_size_per_gpu: 1,
         train_batch_size: WORLD,

@@ -9,6 +9,7 @@
 //! (reduce_bucket_size, stage3_prefetch_bucket_size, stage3_param_persistence_threshold,
 //! scheduler total_num_steps / warmup_num_steps); `TrainConfig::fill_model_autos` fills them.
 
+use super::ZeroStage;
 use std::fmt;
 
 use serde::de::{self, Deserializer};
@@ -210,7 +211,7 @@ pub const UNSUPPORTED_TOP_LEVEL_KEYS: [(&str, &str); 12] = [
 pub struct ZeroConfig {
     /// 0 (DDP), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
     #[serde(default)]
-    pub stage: u8,
+    pub stage: ZeroStage,
     #[serde(default = "true_bool")]
     pub contiguous_gradients: bool,
     #[serde(default = "true_bool")]
@@ -300,7 +301,8 @@ fn default_model_persistence() -> u64 {
 impl ZeroConfig {
     /// DeepSpeed's rule for an absent `overlap_comm`: on for stage 3 only.
     pub fn overlap_comm_resolved(&self) -> bool {
-        self.overlap_comm.unwrap_or(self.stage == 3)
+        self.overlap_comm
+            .unwrap_or(self.stage.partitions_parameters())
     }
 
     /// Either spelling of the 16-bit-save key.

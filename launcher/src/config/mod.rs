@@ -22,6 +22,7 @@ mod json_errors;
 mod overrides;
 mod train_args;
 mod validate;
+mod zero_stage;
 
 use std::path::{Path, PathBuf};
 
@@ -41,6 +42,7 @@ pub use overrides::{Override, parse_overrides};
 pub use train_args::{
     CommBackend, IntervalStrategy, LrSchedulerType, ResumeFrom, Task, TrainingArgs,
 };
+pub use zero_stage::{NotAZeroStage, ZeroStage};
 
 /// Where the DeepSpeed section came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,7 +295,7 @@ impl TrainConfig {
         let zero = &mut self.deepspeed.zero_optimization;
         let h_squared = h.saturating_mul(h);
         fill_only(&mut zero.reduce_bucket_size, h_squared);
-        let stage3 = zero.stage == 3;
+        let stage3 = zero.stage.partitions_parameters();
         let prefetch = if stage3 {
             (0.9 * h_squared as f64) as u64
         } else {
@@ -366,7 +368,7 @@ impl TrainConfig {
         pending
     }
 
-    pub fn zero_stage(&self) -> u8 {
+    pub fn zero_stage(&self) -> ZeroStage {
         self.deepspeed.zero_optimization.stage
     }
 

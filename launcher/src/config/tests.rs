@@ -111,7 +111,10 @@ fn seed_zero2_config_loads_unchanged_with_the_seed_arguments() {
     assert_eq!(scheduler.params.warmup_min_lr, Some(AutoOr::Value(0.0)));
     assert_eq!(scheduler.params.warmup_max_lr, Some(AutoOr::Value(1e-4)));
     let zero = &ds.zero_optimization;
-    assert_eq!((zero.stage, zero.allgather_bucket_size), (2, 200_000_000));
+    assert_eq!(
+        (zero.stage, zero.allgather_bucket_size),
+        (ZeroStage::Two, 200_000_000)
+    );
     assert_eq!(zero.reduce_bucket_size, AutoOr::Value(200_000_000));
     assert_eq!(zero.overlap_comm, Some(true));
     assert_eq!(
@@ -203,7 +206,7 @@ fn no_deepspeed_key_means_zero0_from_the_arguments() {
     let path = fixture.train_json(&args);
     let config = load(&path, &[], 3).unwrap();
     assert_eq!(config.deepspeed_source, DeepSpeedSource::Default);
-    assert_eq!(config.zero_stage(), 0);
+    assert_eq!(config.zero_stage(), ZeroStage::Zero);
     assert_eq!(config.batch.train_batch_size, 16 * 4 * 3);
     assert_eq!(config.precision(), Precision::Bf16);
     assert_eq!(config.optimizer().kind, OptimizerKind::AdamW);
@@ -220,7 +223,7 @@ fn defaults_are_deepspeeds() {
             zero.reduce_bucket_size,
             zero.allgather_bucket_size
         ),
-        (0, AutoOr::Value(500_000_000), 500_000_000)
+        (ZeroStage::Zero, AutoOr::Value(500_000_000), 500_000_000)
     );
     assert_eq!(
         (
@@ -242,7 +245,7 @@ fn defaults_are_deepspeeds() {
     assert_eq!(ds.fp16, Fp16Config::default());
     assert_eq!(ds.bf16, Bf16Config::default());
     let stage3 = ZeroConfig {
-        stage: 3,
+        stage: ZeroStage::Three,
         ..Default::default()
     };
     assert!(stage3.overlap_comm_resolved() && !zero.overlap_comm_resolved());
@@ -411,7 +414,7 @@ fn overrides_apply_before_auto_filling() {
     assert_eq!(config.optimizer().lr, 3e-4);
     assert_eq!(config.args.output_dir, "out2");
     assert_eq!(config.precision(), Precision::Fp16);
-    assert_eq!(config.zero_stage(), 1);
+    assert_eq!(config.zero_stage(), ZeroStage::One);
     let err = load_err(
         &path,
         &[
@@ -450,7 +453,7 @@ fn deepspeed_path_is_relative_to_train_json_or_to_the_command_line_cwd() {
         2,
     )
     .unwrap();
-    assert_eq!(config.zero_stage(), 3);
+    assert_eq!(config.zero_stage(), ZeroStage::Three);
     let err = load_err(&path, &["--deepspeed", "ds_config_zero2.json"], 2);
     assert!(
         err.contains("resolved against the current directory"),

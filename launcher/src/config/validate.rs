@@ -275,13 +275,6 @@ pub fn validate_deepspeed(
 ) -> Result<(), ConfigError> {
     let key = |k: &str| format!("{prefix}{k}");
     let zero = &ds.zero_optimization;
-    if zero.stage > 3 {
-        return Err(invalid(
-            file,
-            &key("zero_optimization.stage"),
-            format!("{} is not a ZeRO stage: use 0, 1, 2 or 3", zero.stage),
-        ));
-    }
     if zero.allgather_bucket_size == 0 || !zero.allgather_bucket_size.is_multiple_of(2) {
         return Err(invalid(
             file,
@@ -338,7 +331,7 @@ fn check_offload(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<(), 
                     "\"nvme\" is not supported: rsdeep offloads the optimizer to \"cpu\" only (or \"none\")",
                 ));
             }
-            OffloadDevice::Cpu if zero.stage == 0 => {
+            OffloadDevice::Cpu if !zero.stage.partitions_optimizer_state() => {
                 return Err(invalid(
                     file,
                     &key,

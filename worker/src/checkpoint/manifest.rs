@@ -4,6 +4,7 @@
 //! marks a complete checkpoint; `verify_file` turns any later damage into an error that
 //! names the file. Also the small durable-write helpers (fsync of files and folders).
 
+use crate::zero::ZeroStage;
 use crate::zero::loss_scaler::LossScalerState;
 use crate::zero::partition::{FlatLayout, ParamSlot};
 use crate::{Error, Result};
@@ -125,7 +126,7 @@ impl From<SavedLossScaler> for LossScalerState {
 /// The engine's side of a checkpoint: topology, counters, scaler, layouts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineMeta {
-    pub stage: u8,
+    pub stage: ZeroStage,
     pub world_size: usize,
     /// Number of optimizer partition files (1 under stage 0, the world size otherwise).
     pub partition_world: usize,
@@ -383,7 +384,7 @@ mod tests {
             run: None,
             global_step: 1,
             engine: EngineMeta {
-                stage: 0,
+                stage: ZeroStage::Zero,
                 world_size: 1,
                 partition_world: 1,
                 optimizer_steps: 0,

@@ -409,7 +409,7 @@ fn snapshot(
         world_size: req.comm.world_size(),
         step: req.step,
         tmp_dir: tmp_dir.to_path_buf(),
-        writes_partition: owned.stage > 0 || rank == 0,
+        writes_partition: owned.stage.partitions_optimizer_state() || rank == 0,
         owned,
         pooled: false,
         per_rank_extra: req.per_rank_extra.clone(),
@@ -463,11 +463,13 @@ pub fn release_snapshot_buffers() {
 }
 
 fn engine_meta(owned: &OwnedState, world_size: usize) -> EngineMeta {
-    let partition_world = owned
-        .blocks
-        .first()
-        .map(|b| b.layout.world_size)
-        .unwrap_or(if owned.stage == 0 { 1 } else { world_size });
+    let partition_world = owned.blocks.first().map(|b| b.layout.world_size).unwrap_or(
+        if owned.stage.partitions_optimizer_state() {
+            world_size
+        } else {
+            1
+        },
+    );
     EngineMeta {
         stage: owned.stage,
         world_size,
@@ -559,7 +561,7 @@ fn write_rank_files(snapshot: RankSnapshot) -> Result<Option<LeaderSnapshot>> {
     let (dir, step) = (&snapshot.tmp_dir, snapshot.step);
     let mut table = FileTable::new();
     if snapshot.writes_partition {
-        let partition_rank = if snapshot.owned.stage == 0 {
+        let partition_rank = if !snapshot.owned.stage.partitions_optimizer_state() {
             0
         } else {
             snapshot.rank
@@ -873,6 +875,7 @@ fn rotate(output_dir: &Path, limit: Option<usize>, newest: u64, best: Option<&st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zero::ZeroStage;
     use crate::zero::loss_scaler::LossScalerState;
     use crate::zero::partition::FlatLayout;
     use crate::zero::state::BlockOwnedState;
@@ -880,7 +883,7 @@ mod tests {
     /// One block whose three tensors are views of `engine` (master, exp_avg, exp_avg_sq).
     fn views_of(engine: &[Tensor; 3]) -> OwnedState {
         OwnedState {
-            stage: 1,
+            stage: ZeroStage::One,
             world_size: 1,
             rank: 0,
             optimizer_steps: 0,

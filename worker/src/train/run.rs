@@ -477,7 +477,8 @@ impl Saver<'_> {
             max_shard_bytes: outputs::parse_size(&args.max_shard_size)?,
             // LoRA checkpoints hold the adapter (PEFT's layout), not the frozen base.
             write_model_weights: self.lora.is_none()
-                && (zero.stage < 3 || zero.gather_16bit_weights_on_model_save()),
+                && (!zero.stage.partitions_parameters()
+                    || zero.gather_16bit_weights_on_model_save()),
             weights_dtype: self.kind,
             run: Some(self.run),
         };

@@ -47,8 +47,16 @@ impl EngineBuilder {
     pub fn new(comm: Arc<dyn Communicator>, config: EngineConfig) -> Result<Self> {
         config.validate(comm.world_size())?;
         let (rank, world_size) = (comm.rank(), comm.world_size());
-        let shard_world = if config.stage == 0 { 1 } else { world_size };
-        let shard_rank = if config.stage == 0 { 0 } else { rank };
+        let shard_world = if config.stage.partitions_optimizer_state() {
+            world_size
+        } else {
+            1
+        };
+        let shard_rank = if config.stage.partitions_optimizer_state() {
+            rank
+        } else {
+            0
+        };
         let optimizer_device = if config.offload_optimizer_cpu {
             Device::Cpu
         } else {
@@ -108,7 +116,8 @@ impl EngineBuilder {
     /// collective: checks that every rank built the same initial weights.
     pub fn finish(self, model: EngineModel) -> Result<ZeroEngine> {
         let rank = self.comm.rank();
-        let _span = tracing::info_span!("zero_init", rank, stage = self.config.stage).entered();
+        let _span =
+            tracing::info_span!("zero_init", rank, stage = self.config.stage.number()).entered();
         self.check_blocks(&model.blocks)?;
         self.check_same_initial_weights()?;
         let scaler = match self.config.precision {
@@ -299,7 +308,7 @@ fn build_shard(
         }
     }
     let mut hash = 0u64;
-    let frozen_part = if config.stage == 3 {
+    let frozen_part = if config.stage.partitions_parameters() {
         let (part, frozen_hash) = build_frozen_part(frozen_here, config, shard_world, shard_rank)?;
         hash = frozen_hash;
         part
@@ -338,10 +347,10 @@ fn build_shard(
     let owned32 = flat32.f_narrow(0, start, part)?;
     shard.optim = Some(AdamSlice::new(&owned32, optimizer_device)?);
     let padded = shard.layout.padded_numel as i64;
-    if config.stage < 3 {
+    if !config.stage.partitions_parameters() {
         shard.compute = flat32.f_to_kind(kind)?.f_contiguous()?;
         point_params_at(&mut shard.params, &shard.layout, &shard.compute)?;
-        if config.stage <= 1 {
+        if !config.stage.partitions_gradients() {
             shard.grad_full = Some(Tensor::f_zeros([padded], (kind, config.device))?);
         } else {
             shard.grad_owned = Some(Tensor::f_zeros([part], (kind, config.device))?);
@@ -400,7 +409,10 @@ fn persistence(layout: &FlatLayout, config: &EngineConfig) -> Vec<bool> {
     layout
         .slots
         .iter()
-        .map(|s| config.stage == 3 && s.numel <= config.stage3_param_persistence_threshold)
+        .map(|s| {
+            config.stage.partitions_parameters()
+                && s.numel <= config.stage3_param_persistence_threshold
+        })
         .collect()
 }
 

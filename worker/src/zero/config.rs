@@ -4,6 +4,7 @@
 //! the keys; their defaults are DeepSpeed's documented ones).
 
 use crate::{Error, Result};
+pub use rsdeep::config::ZeroStage;
 use tch::{Device, Kind};
 
 /// Compute precision of the flat parameter buffers (masters are always fp32).
@@ -123,7 +124,7 @@ pub enum SchedulerConfig {
 /// `zero_optimization` plus the engine-wide keys, resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
-    pub stage: u8,
+    pub stage: ZeroStage,
     /// Elements per gradient-reduction collective.
     pub reduce_bucket_size: usize,
     /// Elements per parameter all-gather collective.
@@ -161,7 +162,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            stage: 0,
+            stage: ZeroStage::Zero,
             reduce_bucket_size: 500_000_000,
             allgather_bucket_size: 500_000_000,
             overlap_comm: false,
@@ -191,12 +192,6 @@ impl EngineConfig {
     /// Checks the values the engine relies on; `world_size` is the data-parallel size.
     pub fn validate(&self, world_size: usize) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
-        if self.stage > 3 {
-            return fail(format!(
-                "zero_optimization.stage must be 0..=3, got {}",
-                self.stage
-            ));
-        }
         if self.reduce_bucket_size == 0 || self.allgather_bucket_size == 0 {
             return fail("reduce_bucket_size and allgather_bucket_size must be > 0".into());
         }

@@ -553,7 +553,7 @@ impl ZeroEngine {
     /// Stage 3: makes block `b` (and block 0 for a tied head) usable, and prefetches
     /// `next` when `has_next`. Other stages: nothing to do.
     fn acquire(&mut self, b: usize, has_next: bool, next: usize) -> Result<()> {
-        if self.config.stage < 3 {
+        if !self.config.stage.partitions_parameters() {
             return Ok(());
         }
         self.ensure_gathered(b)?;
@@ -568,7 +568,7 @@ impl ZeroEngine {
 
     /// Stage 3: frees block `b`'s gathered parameters (and block 0's for a tied head).
     fn release(&mut self, b: usize) -> Result<()> {
-        if self.config.stage < 3 {
+        if !self.config.stage.partitions_parameters() {
             return Ok(());
         }
         self.release_block(b)?;

@@ -57,7 +57,7 @@ impl EngineConfig {
             stage: zero.stage,
             reduce_bucket_size: resolved(zero.reduce_bucket_size, "reduce_bucket_size")?,
             allgather_bucket_size: zero.allgather_bucket_size as usize,
-            overlap_comm: zero.overlap_comm.unwrap_or(zero.stage == 3),
+            overlap_comm: zero.overlap_comm_resolved(),
             contiguous_gradients: zero.contiguous_gradients,
             reduce_scatter: zero.reduce_scatter,
             stage3_prefetch_bucket_size: resolved(
@@ -174,6 +174,7 @@ fn scheduler(config: &TrainConfig, lr: f64, total_steps: u64) -> Result<Schedule
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zero::ZeroStage;
 
     fn train_config(ds: serde_json::Value, world: usize) -> TrainConfig {
         let dir = tempfile::tempdir().unwrap();
@@ -205,7 +206,7 @@ mod tests {
             2,
         );
         let engine = EngineConfig::from_train_config(&config, 100, Device::Cpu).expect("adapter");
-        assert_eq!(engine.stage, 3);
+        assert_eq!(engine.stage, ZeroStage::Three);
         assert_eq!(engine.reduce_bucket_size, 64 * 64);
         assert_eq!(engine.stage3_prefetch_bucket_size, (0.9 * 4096.0) as usize);
         assert_eq!(engine.stage3_param_persistence_threshold, 640);

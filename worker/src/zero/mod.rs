@@ -34,6 +34,7 @@ pub use build::EngineBuilder;
 pub use causal_lm::{CausalLmEngine, LoraSpec, ModelSource, build_causal_lm_engine};
 pub use config::{
     EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType,
+    ZeroStage,
 };
 pub use engine::{EngineModel, Stage3Stats, ZeroEngine};
 pub use local_comm::LocalCommunicator;

@@ -32,7 +32,7 @@ impl ZeroEngine {
         last_micro: bool,
     ) -> Result<()> {
         let _span = tracing::debug_span!("reduce_grads", rank = self.rank, block = b).entered();
-        if self.config.stage <= 1 {
+        if !self.config.stage.partitions_gradients() {
             let grad_full = self.shards[b]
                 .grad_full
                 .as_ref()

@@ -5,6 +5,7 @@
 //! rebuilds full fp32 weights by Hugging Face name from any stage (a collective).
 //! Contract: `docs/zero-engine.md`.
 
+use super::config::ZeroStage;
 use super::engine::ZeroEngine;
 use super::loss_scaler::LossScalerState;
 use super::partition::FlatLayout;
@@ -47,7 +48,7 @@ pub struct BlockOwnedState {
 
 /// This rank's whole optimizer-side state.
 pub struct OwnedState {
-    pub stage: u8,
+    pub stage: ZeroStage,
     pub world_size: usize,
     pub rank: usize,
     /// Applied optimizer steps (Adam's step, the scheduler position).
@@ -80,7 +81,7 @@ impl ZeroEngine {
                 report.param_bytes += bytes(full);
             }
             for (p, persistent) in shard.params.iter().zip(&shard.persistent) {
-                if *persistent && self.config.stage == 3 {
+                if *persistent && self.config.stage.partitions_parameters() {
                     report.param_bytes += bytes(p);
                 }
             }
@@ -180,7 +181,7 @@ impl ZeroEngine {
                 .master
                 .f_to_kind(shard.compute.kind())?
                 .f_to_device(shard.compute.device())?;
-            let mut target = if self.config.stage == 3 {
+            let mut target = if self.config.stage.partitions_parameters() {
                 shard.compute.shallow_clone()
             } else {
                 let start = shard.layout.partition_start(self.shard_rank) as i64;
@@ -192,7 +193,7 @@ impl ZeroEngine {
         self.global_steps = state.global_steps;
         self.skipped_steps = state.skipped_steps;
         self.scaler.load_state(state.loss_scaler);
-        if self.config.stage == 3 {
+        if self.config.stage.partitions_parameters() {
             self.invalidate_resident();
             Ok(())
         } else {

@@ -70,7 +70,7 @@ impl ZeroEngine {
         self.zero_gradients()?;
         self.profile.add(Phase::StepZero, mark);
         let mark = self.profile.mark();
-        if self.config.stage == 3 {
+        if self.config.stage.partitions_parameters() {
             self.invalidate_resident();
         } else {
             self.all_gather_updated_params()?;
@@ -233,7 +233,7 @@ impl ZeroEngine {
                 .f_to_device(self.optimizer_device)?
                 .f_div_scalar(combined_scale)?;
             let start = self.shards[b].owned_start(self.shard_rank) as i64;
-            let stage3 = self.config.stage == 3;
+            let stage3 = self.config.stage.partitions_parameters();
             let shard = &mut self.shards[b];
             let optim = shard
                 .optim

@@ -76,7 +76,7 @@ pub struct Outcome {
 
 pub fn engine_config(stage: u8, world: usize) -> EngineConfig {
     let mut config = EngineConfig {
-        stage,
+        stage: stage.try_into().expect("a ZeRO stage"),
         gradient_accumulation_steps: 1,
         train_micro_batch_size_per_gpu: GLOBAL_BATCH / world,
         train_batch_size: GLOBAL_BATCH,

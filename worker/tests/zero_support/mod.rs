@@ -379,7 +379,7 @@ pub fn assert_close(got: &Tensor, want: &Tensor, tol: f64, label: &str) {
 /// and 800 elements, stage-3 persistence 32, lr 1e-2.
 pub fn small_bucket_engine_config(stage: u8, world: usize, global_batch: usize) -> EngineConfig {
     let mut config = EngineConfig {
-        stage,
+        stage: stage.try_into().expect("a ZeRO stage"),
         gradient_accumulation_steps: 1,
         train_micro_batch_size_per_gpu: global_batch / world,
         train_batch_size: global_batch,
