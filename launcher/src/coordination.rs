@@ -9,6 +9,7 @@
 //! - on node 0, `RemoteNodes`: turns the first remote event the rendezvous recorded
 //!   (`rendezvous::control`) into the attempt's `Outcome`.
 
+use crate::lines::lock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,10 +81,6 @@ struct Shared {
     /// `Some(why)` once node 0 counts as lost (or refused this node).
     lost: Mutex<Option<String>>,
     wake: Notify,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

@@ -10,6 +10,7 @@ pub mod env_contract;
 pub mod envfile;
 pub mod hostfile;
 pub mod hostlist;
+mod lines;
 pub mod memory;
 pub mod output_dir;
 pub mod plan;

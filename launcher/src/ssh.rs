@@ -9,8 +9,9 @@
 //! failure. User guide, with how the exported environment compares with DeepSpeed's pdsh
 //! runner: `deploy/README.md`.
 
+use crate::lines::lock;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -682,10 +683,6 @@ impl Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The running remote launchers of a job, seen from node 0.
 #[derive(Debug)]
 pub struct RemoteNodes {
@@ -871,24 +868,8 @@ fn forward_remote_lines(
     node_rank: usize,
     to_stderr: bool,
 ) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut bytes = Vec::new();
-        loop {
-            bytes.clear();
-            match reader.read_until(b'\n', &mut bytes) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let line = String::from_utf8_lossy(&bytes);
-            let prefixed = prefix_remote_line(node_rank, line.trim_end_matches(['\n', '\r']));
-            let _ = if to_stderr {
-                writeln!(std::io::stderr().lock(), "{prefixed}")
-            } else {
-                writeln!(std::io::stdout().lock(), "{prefixed}")
-            };
-        }
-    })
+    let prefixed = move |line: &str| prefix_remote_line(node_rank, line);
+    crate::lines::forward(stream, to_stderr, prefixed, |_| {})
 }
 
 /// On a remote node (`--token_stdin`): the job token, the first line of stdin.

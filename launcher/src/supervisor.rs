@@ -22,9 +22,10 @@
 //! SIGKILLs after 30 s, detects no hangs, and reports the last-spawned rank's command
 //! rather than the failing rank's.
 
+use crate::lines::lock;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -95,10 +96,6 @@ impl Worker {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How one attempt of the job ended.
@@ -297,7 +294,8 @@ pub(crate) fn die_with_launcher(launcher_pid: libc::pid_t) {
     }
 }
 
-/// Copies a worker stream line by line to the launcher's stdout/stderr with `[rank N]`.
+/// Copies a worker stream line by line to the launcher's stdout/stderr with `[rank N]`,
+/// into the rank's log file when there is one, and into its tail.
 fn forward_lines(
     stream: impl Read + Send + 'static,
     rank: usize,
@@ -305,33 +303,16 @@ fn forward_lines(
     tail: Arc<Mutex<VecDeque<String>>>,
     log: Option<Arc<Mutex<File>>>,
 ) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut bytes = Vec::new();
-        loop {
-            bytes.clear();
-            match reader.read_until(b'\n', &mut bytes) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let line = String::from_utf8_lossy(&bytes)
-                .trim_end_matches(['\n', '\r'])
-                .to_string();
-            let prefixed = format!("[rank {rank}] {line}\n");
-            let _ = if to_stderr {
-                std::io::stderr().lock().write_all(prefixed.as_bytes())
-            } else {
-                std::io::stdout().lock().write_all(prefixed.as_bytes())
-            };
-            if let Some(log) = &log {
-                let _ = lock(log).write_all(format!("{line}\n").as_bytes());
-            }
-            let mut tail = lock(&tail);
-            if tail.len() == TAIL_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(line);
+    let prefixed = move |line: &str| format!("[rank {rank}] {line}");
+    crate::lines::forward(stream, to_stderr, prefixed, move |line| {
+        if let Some(log) = &log {
+            let _ = lock(log).write_all(format!("{line}\n").as_bytes());
         }
+        let mut tail = lock(&tail);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_string());
     })
 }
 

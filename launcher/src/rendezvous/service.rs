@@ -644,7 +644,7 @@ mod tests {
         let set = pb::SetRequest {
             job_id: "job".into(),
             key: "k".into(),
-            value: b"v".to_vec().into(),
+            value: b"v".to_vec(),
         };
         c0.set(with_token(set, TOKEN))
             .await
