@@ -31,7 +31,7 @@ impl Default for GuardLimits {
     fn default() -> Self {
         GuardLimits {
             auth_deadline: Duration::from_secs(10),
-            max_pending: 1024,
+            max_pending: 4096,
         }
     }
 }
