@@ -43,6 +43,9 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     }
     let job_dir = job_dir_of(&plan);
     let resolved = resolve_config(&mut plan, &job_dir)?;
+    if let Some(config) = &resolved {
+        plan.adopt_config(&args, config).map_err(usage)?;
+    }
     let tls = rendezvous_tls(&args, &mut plan)?;
     if args.dry_run {
         print!("{}", plan.render());
@@ -512,17 +515,10 @@ pub(crate) fn after_attempt(outcome: &Outcome, attempt: u32, max_restarts: u32) 
 /// checkpoint this job wrote in the resolved config's `output_dir` (the worker applies the
 /// same rule, `output_dir::newest_checkpoint_of_run`).
 pub(crate) fn resume_point(plan: &LaunchPlan) -> String {
-    let output_dir = plan
-        .local_ranks()
-        .next()
-        .and_then(|r| r.env.get(ev::CONFIG))
-        .and_then(|path| std::fs::read_to_string(path).ok())
-        .and_then(|text| config::TrainConfig::from_json(&text).ok())
-        .map(|c| PathBuf::from(c.args.output_dir));
-    let Some(output_dir) = output_dir else {
+    let Some(output_dir) = &plan.output_dir else {
         return "starting the workers again".into();
     };
-    match output_dir::newest_checkpoint_of_run(&output_dir, &plan.job_id) {
+    match output_dir::newest_checkpoint_of_run(output_dir, &plan.job_id) {
         Some((step, _)) => format!(
             "resuming from checkpoint-{step} (this run's newest complete checkpoint in {})",
             output_dir.display()

@@ -4,6 +4,7 @@
 //! (`envfile`). Pure (no I/O): `PlanInputs` carries what was read from the machine. The
 //! environment names are the contract in `env_contract`.
 
+use crate::config::TrainConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,6 +82,8 @@ pub struct LaunchPlan {
     pub selftest: bool,
     pub config_path: Option<PathBuf>,
     pub overrides: Vec<String>,
+    /// The resolved train.json's `output_dir` (`adopt_config`); None before or without one.
+    pub output_dir: Option<PathBuf>,
     pub join_timeout: Duration,
     pub heartbeat_timeout: Option<Duration>,
     /// How often workers send a heartbeat (`RSDEEP_HEARTBEAT_INTERVAL_MS`).
@@ -173,6 +176,7 @@ impl LaunchPlan {
             ranks: Vec::new(),
             selftest: args.selftest,
             config_path: args.config_path(),
+            output_dir: None,
             overrides: args.overrides().to_vec(),
             join_timeout: secs(args.join_timeout),
             heartbeat_timeout: None,
@@ -185,24 +189,22 @@ impl LaunchPlan {
         (plan.heartbeat_timeout, plan.heartbeat_interval) =
             heartbeat_settings(args.heartbeat_timeout, args.heartbeat_interval, None)?;
         plan.ranks = plan.layout_ranks(args.bind_cores_to_rank, inputs)?;
-        plan.adopt_config_heartbeat(args)?;
         Ok(plan)
     }
 
-    /// train.json's `heartbeat_timeout_secs` / `heartbeat_interval_secs` where the
-    /// command line gave no `--heartbeat_timeout` / `--heartbeat_interval` (the CLI
-    /// wins, as for other keys). A train.json that does not load is left to the config
-    /// resolution that follows, which reports it.
-    fn adopt_config_heartbeat(&mut self, args: &LaunchArgs) -> Result<(), PlanError> {
-        let Some(path) = &self.config_path else {
-            return Ok(());
-        };
+    /// Takes what the plan needs from the resolved train.json (loaded once, by the
+    /// caller): its `output_dir`, and `heartbeat_timeout_secs` / `heartbeat_interval_secs`
+    /// where the command line gave no `--heartbeat_timeout` / `--heartbeat_interval` (the
+    /// CLI wins, as for other keys).
+    pub fn adopt_config(
+        &mut self,
+        args: &LaunchArgs,
+        config: &TrainConfig,
+    ) -> Result<(), PlanError> {
+        self.output_dir = Some(PathBuf::from(&config.args.output_dir));
         if args.heartbeat_timeout.is_some() && args.heartbeat_interval.is_some() {
             return Ok(());
         }
-        let Ok(config) = crate::config::load(path, &self.overrides, self.world_size()) else {
-            return Ok(());
-        };
         let from_file = (
             config.args.heartbeat_timeout_secs,
             config.args.heartbeat_interval_secs,
@@ -863,7 +865,11 @@ mod tests {
         let plan = |flags: &[&str], overrides: &[&str]| {
             let cpu = ["--device", "cpu", "--num_procs", "2"];
             let list = [&cpu[..], flags, &[&config], overrides].concat();
-            let plan = LaunchPlan::build(&args(&list), &inputs()).unwrap();
+            let launch_args = args(&list);
+            let mut plan = LaunchPlan::build(&launch_args, &inputs()).unwrap();
+            let path = plan.config_path.clone().unwrap();
+            let resolved = crate::config::load(&path, &plan.overrides, plan.world_size()).unwrap();
+            plan.adopt_config(&launch_args, &resolved).unwrap();
             let interval = plan.ranks[1].env["RSDEEP_HEARTBEAT_INTERVAL_MS"].clone();
             (plan.heartbeat_timeout.map(|t| t.as_secs_f64()), interval)
         };
