@@ -2,7 +2,7 @@
 //! is the one decision maker (`lead_nodes`), every other node's launcher follows it
 //! (`follow_node0`) through the rendezvous `NodeControl` poll (`rsdeep::coordination`,
 //! `rsdeep::rendezvous::control`). A failure anywhere stops
-//! every node's workers; node 0 decides with `launch::after_attempt`; a restart opens a
+//! every node's workers; node 0 decides with `attempt::after_attempt`; a restart opens a
 //! new rendezvous generation before any node starts its workers again with
 //! `RSDEEP_RESTART_COUNT = k`; giving up (or a signal, which never restarts) ends every
 //! node with the report naming the first failure. Contract: docs/status.md "Fault
@@ -19,7 +19,7 @@ use rsdeep::rendezvous::control::RemoteEvent;
 use rsdeep::rendezvous::tls;
 use rsdeep::supervisor::{self, Outcome, STOP_SIGNAL, SuperviseOptions, Worker};
 
-use crate::launch::{
+use crate::attempt::{
     AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, spawn_local_workers,
     supervise_options, worker_program,
 };

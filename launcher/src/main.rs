@@ -5,6 +5,7 @@
 //! plan or config error, 1 launcher failure, otherwise the first failed worker's code
 //! (128 + signal for a signal) or 128 + the signal that stopped the launcher.
 
+mod attempt;
 mod bench;
 mod coordinated;
 mod launch;
@@ -66,7 +67,7 @@ mod subcommands {
     /// the tokenizer run in the worker binary; the launcher forwards the arguments and
     /// returns its exit code.
     pub fn worker_tool(tool: &str, args: &[String]) -> anyhow::Result<i32> {
-        let program = crate::launch::worker_program()?;
+        let program = crate::attempt::worker_program()?;
         let status = std::process::Command::new(&program)
             .arg(tool)
             .args(args)
