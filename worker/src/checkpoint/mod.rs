@@ -53,6 +53,14 @@ pub fn partition_file(partition_rank: usize) -> String {
     format!("{ZERO_DIR}/optim_states_rank_{partition_rank:05}.safetensors")
 }
 
+/// Tensor names of block `b`'s partition in an optimizer file.
+pub fn partition_tensor_name(block: usize, which: &str) -> String {
+    format!("block_{block}.{which}")
+}
+
+/// The three optimizer tensors of each block, in file order.
+pub const OPTIMIZER_TENSORS: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
+
 /// `rng_state_{r}.json`: rank `r`'s RNG metadata and sampler position.
 pub fn rank_state_file(rank: usize) -> String {
     format!("rng_state_{rank}.json")

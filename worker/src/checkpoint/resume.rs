@@ -7,10 +7,12 @@
 //! Contract: `docs/checkpoints.md`.
 
 use super::manifest::{EngineMeta, Manifest, SavedBlock};
-use super::save::{OPTIMIZER_TENSORS, partition_tensor_name};
 use super::tensor_file::TensorFile;
 use super::trainer_state::TrainerState;
-use super::{MANIFEST_FILE, TRAINER_STATE_FILE, partition_file, rank_state_file};
+use super::{
+    MANIFEST_FILE, OPTIMIZER_TENSORS, TRAINER_STATE_FILE, partition_file, partition_tensor_name,
+    rank_state_file,
+};
 use crate::zero::ZeroEngine;
 use crate::{Error, Result};
 use std::collections::HashMap;

@@ -32,8 +32,8 @@ use super::resume::PartitionReader;
 use super::tensor_file::{TensorBytes, TensorFile, TensorSpec, write_streaming};
 use super::trainer_state::TrainerState;
 use super::{
-    FROZEN_FILE, LATEST_FILE, MANIFEST_FILE, SAVING_MARKER, ZERO_DIR, checkpoint_dir_name,
-    partition_file, rank_state_file,
+    FROZEN_FILE, LATEST_FILE, MANIFEST_FILE, OPTIMIZER_TENSORS, SAVING_MARKER, ZERO_DIR,
+    checkpoint_dir_name, partition_file, partition_tensor_name, rank_state_file,
 };
 use crate::comm::{Communicator, ReduceOp};
 use crate::tokenizer::Tokenizer;
@@ -635,14 +635,6 @@ fn wait_for_parts(tmp_dir: &Path, world_size: usize, cancel: &AtomicBool) -> Res
         std::thread::sleep(Duration::from_millis(10));
     }
 }
-
-/// Tensor names of block `b`'s partition in an optimizer file.
-pub(super) fn partition_tensor_name(block: usize, which: &str) -> String {
-    format!("block_{block}.{which}")
-}
-
-/// The three optimizer tensors of each block, in file order.
-pub(super) const OPTIMIZER_TENSORS: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
 
 fn write_partition(
     path: &Path,
