@@ -19,12 +19,12 @@ use rsdeep::slurm::SlurmJob;
 use rsdeep::ssh::{self, RemoteNodes, SshLaunch};
 use rsdeep::supervisor::{self, Outcome};
 use rsdeep::{config, envfile, hostfile, resources};
+use tonic::transport::ServerTlsConfig;
 
 use crate::attempt::{
     AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, spawn_local_workers,
     supervise_options, worker_program,
 };
-use tonic::transport::ServerTlsConfig;
 
 /// Marks an error as the user's (bad flag, plan or config): exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -386,8 +386,8 @@ fn inherited_restart_count() -> u32 {
 /// for, SIGKILL after the grace period); then it opens a new rendezvous generation and
 /// starts everything again with `RSDEEP_RESTART_COUNT = k` (the remote launchers get it
 /// in their command and run no restart loop of their own: `--max_restarts` is not
-/// forwarded); the workers resume from the newest complete checkpoint in `output_dir`
-/// (`train::entry`). `restart_base` is the attempt a remote launcher was started for.
+/// forwarded); the workers resume from this run's newest complete checkpoint in
+/// `output_dir` (`train::entry`). `restart_base` is the attempt a remote launcher was started for.
 /// Under `--launcher slurm` every node's launcher still follows its own count (no
 /// cross-node coordination there yet).
 fn supervise_attempts(
