@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do case "$1" in
   *) echo "unknown arg $1"; exit 2;; esac; shift; done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$BUNDLE" ]; then
-  source "$ROOT/scripts/env.sh"; BIN="${RSDEEP_BIN_DIR:-$CARGO_TARGET_DIR/release}"; DATA="$HOME/.cache/rsdeep/data"
+  source "$ROOT/scripts/env.sh"; BIN="${RSDEEP_BIN_DIR:-$CARGO_TARGET_DIR/release}"; DATA="${RSDEEP_DATA_DIR:-$RSDEEP_HOME/data}"
   CFG="$ROOT/configs"; PY="${RSDEEP_PYTHON:-python3}"; TESTBIN=""; HF="$ROOT/benches/gpu/hf_trainer_bench.py"
 else
   B=$(cd "$BUNDLE" && pwd); BIN="$B/bin"; DATA="$B/data"; CFG="$B/configs"; TESTBIN="$B/bin/worker-lib-tests"
@@ -24,8 +24,19 @@ else
   export LD_LIBRARY_PATH="$B/nccl:$TORCH_LIB:${NCCL_DIR:-}:${LD_LIBRARY_PATH:-}"
 fi
 export RSDEEP_WORKER_BIN="$BIN/rsdeep-worker"
-WORK=$(mktemp -d /tmp/gpu-check.XXXX); cd "$WORK"; ln -s "$CFG" configs; mkdir data; ln -s "$DATA/tokenizer-qwen" data/tokenizer-qwen
-if [ -f "$DATA/pretrain-slice.jsonl" ]; then ln -s "$DATA/pretrain-slice.jsonl" data/; else head -n 400 "$DATA/pretrain.jsonl" > data/pretrain-slice.jsonl; fi
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXX"); cd "$WORK"; ln -s "$CFG" configs; mkdir data
+if [ -d "$DATA/tokenizer-qwen" ]; then
+  ln -s "$DATA/tokenizer-qwen" data/tokenizer-qwen
+  if [ -f "$DATA/pretrain-slice.jsonl" ]; then ln -s "$DATA/pretrain-slice.jsonl" data/; else head -n 400 "$DATA/pretrain.jsonl" > data/pretrain-slice.jsonl; fi
+elif [ $DRY = 1 ]; then
+  # No fetched data (CI): a generated corpus and a small BPE stand in; ids stay below the
+  # tiny model's Qwen-size vocabulary.
+  echo "cpu dry run: no data in $DATA, training a stand-in tokenizer on a generated corpus"
+  "$PY" -c 'import json,random;r=random.Random(7);w="the river captain sails across a harbour garden hill door fox dog".split()
+print("\n".join(json.dumps({"text":" ".join(r.choice(w) for _ in range(400))}) for _ in range(300)))' > data/pretrain-slice.jsonl
+  "$BIN/rsdeep" tokenizer train --files data/pretrain-slice.jsonl --vocab_size 400 --out data/tokenizer-qwen > /dev/null \
+    || { echo "FAIL: stand-in tokenizer"; exit 1; }
+else echo "FAIL: no tokenizer at $DATA/tokenizer-qwen (run scripts/fetch-data.sh or scripts/gpu-bundle.sh)"; exit 1; fi
 # Tiny model with the Qwen vocabulary (the bundled tokenizer is Qwen's 151k one).
 "$PY" -c 'import json,sys;c=json.load(open(sys.argv[1]));c.update(vocab_size=151936,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,num_hidden_layers=2,max_window_layers=2);json.dump(c,open("tiny-qwen.json","w"))' "$CFG/models/qwen2-tiny.json"
 FAIL=0; fail() { echo "FAIL: $*"; FAIL=1; }

@@ -1,7 +1,8 @@
 //! End-to-end tests of the launcher, rendezvous and supervision through the real
 //! `rsdeep` and `rsdeep-worker` binaries on loopback. Each test uses `--master_port 0`
 //! and its own temp folder; tests run one at a time (each starts several workers that
-//! load libtorch) and kill what they started.
+//! load libtorch) and kill what they started. The last test runs the prepared GPU
+//! check's CPU dry run (`scripts/gpu-check.sh --cpu-dry-run`), so CI keeps it working.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -280,4 +281,43 @@ fn a_failed_attempt_is_restarted_with_a_new_generation() {
         "{}",
         launcher.output()
     );
+}
+
+/// The prepared GPU check stays ready: its CPU dry run passes with this build's binaries
+/// (with no fetched data it trains a stand-in tokenizer), every section included.
+#[test]
+fn the_gpu_check_cpu_dry_run_passes() {
+    let _one = serial();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let empty_data = scratch.path().join("data");
+    std::fs::create_dir_all(&empty_data).expect("data dir");
+    let bin_dir = binary("rsdeep").parent().expect("bin dir").to_path_buf();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check.sh");
+    let run = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("--cpu-dry-run")
+        .env("RSDEEP_DATA_DIR", &empty_data)
+        .env("RSDEEP_BIN_DIR", &bin_dir)
+        .env("TMPDIR", scratch.path())
+        .output()
+        .expect("run gpu-check.sh");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success() && stdout.contains("GPU CHECK PASSED (dry=1)"),
+        "--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert_eq!(
+        stdout.matches(" OK\n").count(),
+        8,
+        "4 stages x fp32/bf16:\n{stdout}"
+    );
+    for section in [
+        "ratio rsdeep/hf tokens/s (gc=true)",
+        "saved ",
+        "resumed from",
+        "flash: yes",
+    ] {
+        assert!(stdout.contains(section), "{section:?} missing:\n{stdout}");
+    }
 }
