@@ -86,6 +86,16 @@ pub fn lenient_u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D:
     u64::deserialize(integral_floats_as_integers(raw)).map_err(de::Error::custom)
 }
 
+/// `deserialize_with` for the keys whose `"auto"` means DeepSpeed's default of 1e9
+/// (`sub_group_size`, `stage3_max_live_parameters`, `stage3_max_reuse_distance`).
+pub fn billion_unless_given<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let raw = Value::deserialize(deserializer)?;
+    if raw.as_str() == Some("auto") {
+        return Ok(default_sub_group());
+    }
+    u64::deserialize(integral_floats_as_integers(raw)).map_err(de::Error::custom)
+}
+
 /// `deserialize_with` for optional integer keys written as `1e9`.
 pub fn lenient_opt_u64<'de, D: Deserializer<'de>>(
     deserializer: D,
@@ -113,7 +123,8 @@ pub struct DeepSpeedConfig {
     /// Global gradient-norm clipping across all partitions; 0 disables. DeepSpeed default 1.0.
     #[serde(default = "default_gradient_clipping")]
     pub gradient_clipping: AutoOr<f64>,
-    #[serde(default)]
+    /// DeepSpeed reads `10.0` as 10 too.
+    #[serde(default, deserialize_with = "lenient_opt_u64")]
     pub steps_per_print: Option<u64>,
     /// Accepted; rsdeep always reports per-step timings in metrics.jsonl.
     #[serde(default)]
@@ -122,7 +133,9 @@ pub struct DeepSpeedConfig {
     pub zero_optimization: ZeroConfig,
     #[serde(default)]
     pub fp16: Fp16Config,
-    #[serde(default)]
+    /// `bfloat16` is DeepSpeed's older name of this block (transformers' own test configs
+    /// still use it).
+    #[serde(default, alias = "bfloat16")]
     pub bf16: Bf16Config,
     /// `None`: the training arguments' AdamW (what Hugging Face does without this section).
     #[serde(default)]
@@ -135,6 +148,13 @@ pub struct DeepSpeedConfig {
     /// Accepted for compatibility: rsdeep runs Adam/AdamW only, which ZeRO supports.
     #[serde(default)]
     pub zero_allow_untested_optimizer: bool,
+    /// Accepted: DeepSpeed uses it to insist on its own CPU Adam with offload; rsdeep
+    /// always steps with its own fused AdamW.
+    #[serde(default)]
+    pub zero_force_ds_cpu_optimizer: bool,
+    /// A free-form note some published configs carry; ignored.
+    #[serde(default, rename = "_comment", skip_serializing_if = "Option::is_none")]
+    pub comment: Option<Value>,
     /// Gradients are averaged (`mean`); `sum` is refused.
     #[serde(default)]
     pub gradient_allreduce_op: Option<String>,
@@ -235,27 +255,41 @@ pub struct ZeroConfig {
     pub use_multi_rank_bucket_allreduce: bool,
     #[serde(default)]
     pub round_robin_gradients: bool,
-    #[serde(default = "default_sub_group", deserialize_with = "lenient_u64")]
+    #[serde(
+        default = "default_sub_group",
+        deserialize_with = "billion_unless_given"
+    )]
     pub sub_group_size: u64,
     #[serde(default)]
     pub offload_optimizer: Option<OffloadConfig>,
     #[serde(default)]
     pub offload_param: Option<OffloadConfig>,
-    #[serde(default = "default_prefetch")]
+    // DeepSpeed's field names for the stage-3 keys are the unprefixed ones, with the
+    // `stage3_` spellings as aliases: both load.
+    #[serde(default = "default_prefetch", alias = "prefetch_bucket_size")]
     pub stage3_prefetch_bucket_size: AutoOr<u64>,
-    #[serde(default = "default_persistence")]
+    #[serde(default = "default_persistence", alias = "param_persistence_threshold")]
     pub stage3_param_persistence_threshold: AutoOr<u64>,
     #[serde(
         default = "default_model_persistence",
-        deserialize_with = "lenient_u64"
+        deserialize_with = "lenient_u64",
+        alias = "model_persistence_threshold"
     )]
     pub stage3_model_persistence_threshold: u64,
-    #[serde(default = "default_sub_group", deserialize_with = "lenient_u64")]
+    #[serde(
+        default = "default_sub_group",
+        deserialize_with = "billion_unless_given",
+        alias = "max_live_parameters"
+    )]
     pub stage3_max_live_parameters: u64,
-    #[serde(default = "default_sub_group", deserialize_with = "lenient_u64")]
+    #[serde(
+        default = "default_sub_group",
+        deserialize_with = "billion_unless_given",
+        alias = "max_reuse_distance"
+    )]
     pub stage3_max_reuse_distance: u64,
     /// Save a gathered 16-bit `model.safetensors` with each ZeRO-3 checkpoint.
-    #[serde(default)]
+    #[serde(default, alias = "gather_16bit_weights_on_model_save")]
     pub stage3_gather_16bit_weights_on_model_save: bool,
     /// Older spelling of the key above (DeepSpeed still reads it).
     #[serde(default)]

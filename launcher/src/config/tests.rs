@@ -663,3 +663,43 @@ mod never_panics {
         }
     }
 }
+
+#[test]
+fn deepspeeds_aliases_and_ignored_keys_load() {
+    let fixture = Fixture::new();
+    let ds = json!({
+        "_comment": "as some published configs carry",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "steps_per_print": 10.0,
+        "bfloat16": {"enabled": true},
+        "zero_force_ds_cpu_optimizer": false,
+        "zero_optimization": {
+            "stage": 3,
+            "sub_group_size": "auto",
+            "max_live_parameters": 5e8,
+            "stage3_max_reuse_distance": "auto",
+            "prefetch_bucket_size": 1000,
+            "param_persistence_threshold": 100,
+            "gather_16bit_weights_on_model_save": true
+        }
+    });
+    let path = fixture.train_json(&seed_args(ds));
+    let config = load(&path, &[], 2).unwrap();
+    let zero = &config.deepspeed.zero_optimization;
+    assert_eq!(config.precision(), Precision::Bf16, "bfloat16 is bf16");
+    assert_eq!(config.deepspeed.steps_per_print, Some(10));
+    assert_eq!(
+        (
+            zero.sub_group_size,
+            zero.stage3_max_live_parameters,
+            zero.stage3_max_reuse_distance
+        ),
+        (1_000_000_000, 500_000_000, 1_000_000_000),
+        "\"auto\" is DeepSpeed's default"
+    );
+    assert_eq!(zero.stage3_prefetch_bucket_size, AutoOr::Value(1000));
+    assert_eq!(zero.stage3_param_persistence_threshold, AutoOr::Value(100));
+    assert!(zero.stage3_gather_16bit_weights_on_model_save);
+}
