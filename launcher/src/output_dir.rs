@@ -49,8 +49,8 @@ pub enum OutputDirError {
         cause: std::io::Error,
     },
     #[error(
-        "output_dir {dir} is in use by job {} (pid {} on {}, since {}s after the epoch); wait for it to finish, stop it, or choose another --output_dir",
-        holder.job_id, holder.pid, holder.host, holder.started_unix
+        "output_dir {dir} is in use by job {} (pid {} on {}, since {}s after the epoch); wait for it to finish, stop it, or choose another --output_dir (if that job is gone, remove {}/{LOCK_FILE})",
+        holder.job_id, holder.pid, holder.host, holder.started_unix, dir.display()
     )]
     Locked { dir: PathBuf, holder: LockHolder },
     #[error(
