@@ -31,38 +31,17 @@ pub enum HostfileError {
     },
 }
 
-impl HostfileError {
-    /// This error located in `text`, read from `path`.
-    fn located(self, path: &Path, text: &str) -> HostfileError {
-        let entries = || {
-            text.lines()
-                .enumerate()
-                .map(|(i, l)| (i + 1, l.trim()))
-                .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
-        };
-        let line = match &self {
-            HostfileError::BadEntry(bad) => entries().find(|(_, l)| l == bad).map(|(n, _)| n),
-            HostfileError::DuplicateHost(host) => entries()
-                .filter(|(_, l)| parse_line(l).is_some_and(|e| &e.host == host))
-                .nth(1)
-                .map(|(n, _)| n),
-            _ => None,
-        };
-        HostfileError::InFile {
-            path: path.to_path_buf(),
-            line: line.unwrap_or(0),
-            source: Box::new(self),
-        }
-    }
-}
-
 /// Reads and parses a hostfile; `Ok(None)` when the file does not exist (DeepSpeed then
 /// warns and runs on the local machine only).
 pub fn read_hostfile(path: &Path) -> Result<Option<Vec<HostEntry>>, HostfileError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => parse_hostfile(&text)
+        Ok(text) => parse_numbered(&text)
             .map(Some)
-            .map_err(|e| e.located(path, &text)),
+            .map_err(|(line, e)| HostfileError::InFile {
+                path: path.to_path_buf(),
+                line,
+                source: Box::new(e),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(HostfileError::Read {
             path: path.to_path_buf(),
@@ -74,20 +53,26 @@ pub fn read_hostfile(path: &Path) -> Result<Option<Vec<HostEntry>>, HostfileErro
 /// Parses hostfile text: every non-comment, non-blank line must match
 /// `^(\S+)\s+slots=(\d+)` (trailing text allowed, as in DeepSpeed's `re.search`).
 pub fn parse_hostfile(text: &str) -> Result<Vec<HostEntry>, HostfileError> {
+    parse_numbered(text).map_err(|(_, e)| e)
+}
+
+/// `parse_hostfile` with the 1-based line of the error (0 for the whole file).
+fn parse_numbered(text: &str) -> Result<Vec<HostEntry>, (usize, HostfileError)> {
     let mut hosts: Vec<HostEntry> = Vec::new();
-    for raw in text.lines() {
+    for (index, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let entry = parse_line(line).ok_or_else(|| HostfileError::BadEntry(line.to_string()))?;
+        let at = |e| (index + 1, e);
+        let entry = parse_line(line).ok_or_else(|| at(HostfileError::BadEntry(line.into())))?;
         if hosts.iter().any(|h| h.host == entry.host) {
-            return Err(HostfileError::DuplicateHost(entry.host));
+            return Err(at(HostfileError::DuplicateHost(entry.host)));
         }
         hosts.push(entry);
     }
     if hosts.is_empty() {
-        return Err(HostfileError::Empty);
+        return Err((0, HostfileError::Empty));
     }
     Ok(hosts)
 }
