@@ -81,17 +81,14 @@ pub fn checkpoint_step(name: &str) -> Option<u64> {
 
 /// `checkpoint-N` folders of `output_dir` holding a manifest, oldest first (the manifest
 /// is not parsed here; the worker verifies it before reading anything).
-pub fn checkpoints_with_manifest(output_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(output_dir) else {
-        return Vec::new();
-    };
-    let mut found: Vec<(u64, PathBuf)> = entries
+pub fn checkpoints_with_manifest(output_dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)?
         .flatten()
         .filter_map(|e| Some((checkpoint_step(e.file_name().to_str()?)?, e.path())))
         .filter(|(_, path)| path.join(MANIFEST_FILE).is_file())
         .collect();
     found.sort();
-    found
+    Ok(found)
 }
 
 /// The run id recorded in `checkpoint_dir`'s manifest (`run.run_id`), if any.
@@ -105,6 +102,7 @@ pub fn checkpoint_run_id(checkpoint_dir: &Path) -> Option<String> {
 /// run resumes. Checkpoints of other runs in the same folder are never picked.
 pub fn newest_checkpoint_of_run(output_dir: &Path, run_id: &str) -> Option<(u64, PathBuf)> {
     checkpoints_with_manifest(output_dir)
+        .ok()?
         .into_iter()
         .rev()
         .find(|(_, dir)| checkpoint_run_id(dir).as_deref() == Some(run_id))
@@ -132,7 +130,9 @@ pub struct PriorOutputs {
 
 impl PriorOutputs {
     pub fn read(output_dir: &Path) -> PriorOutputs {
+        // A folder that cannot be listed holds nothing of an earlier run.
         let checkpoints: Vec<PathBuf> = checkpoints_with_manifest(output_dir)
+            .unwrap_or_default()
             .into_iter()
             .map(|(_, p)| p)
             .collect();

@@ -10,8 +10,7 @@ use super::manifest::{EngineMeta, Manifest, SavedBlock};
 use super::tensor_file::TensorFile;
 use super::trainer_state::TrainerState;
 use super::{
-    MANIFEST_FILE, OPTIMIZER_TENSORS, TRAINER_STATE_FILE, partition_file, partition_tensor_name,
-    rank_state_file,
+    OPTIMIZER_TENSORS, TRAINER_STATE_FILE, partition_file, partition_tensor_name, rank_state_file,
 };
 use crate::zero::ZeroEngine;
 use crate::{Error, Result};
@@ -33,26 +32,15 @@ pub struct ResumeState {
     pub run: Option<super::RunRecord>,
 }
 
-pub use rsdeep::output_dir::checkpoint_step;
-
 /// Complete checkpoints in `output_dir` (named `checkpoint-N`, with a readable
 /// manifest), oldest first.
 pub fn complete_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let entries = std::fs::read_dir(output_dir)
+    let listed = rsdeep::output_dir::checkpoints_with_manifest(output_dir)
         .map_err(|e| Error::io(format!("listing {}", output_dir.display()), e))?;
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(step) = checkpoint_step(&name) else {
-            continue;
-        };
-        let path = entry.path();
-        if path.is_dir() && path.join(MANIFEST_FILE).is_file() && Manifest::read(&path).is_ok() {
-            found.push((step, path));
-        }
-    }
-    found.sort();
-    Ok(found)
+    Ok(listed
+        .into_iter()
+        .filter(|(_, dir)| Manifest::read(dir).is_ok())
+        .collect())
 }
 
 /// `spec` is `true`/`latest` (the newest complete checkpoint of the run that wrote the one
