@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rsdeep::output_dir::checkpoint_run_id;
 use rsdeep_e2e::{
     Launcher, binary, kill_all, logged_step, recorded_pids, sentence_corpus, survivors,
     train_tokenizer, wait_for_step, worker_script,
@@ -510,16 +511,6 @@ fn job_id_of(stderr: &str) -> String {
         .to_string()
 }
 
-/// The run id recorded in a checkpoint's manifest.
-fn checkpoint_run_id(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest");
-    let manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest json");
-    manifest["run"]["run_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[test]
 fn a_restart_resumes_only_its_own_runs_checkpoints_never_an_earlier_runs() {
     let _one = serial();
@@ -569,7 +560,8 @@ fn a_restart_resumes_only_its_own_runs_checkpoints_never_an_earlier_runs() {
         "the restarted run did not finish its own training (an earlier run's checkpoint was resumed?)\n{stderr}"
     );
     let new_id = job_id_of(&stderr);
-    assert_eq!(checkpoint_run_id(&out.join("checkpoint-16")), new_id);
+    let written_by = checkpoint_run_id(&out.join("checkpoint-16"));
+    assert_eq!(written_by.as_deref(), Some(new_id.as_str()));
 }
 
 #[test]
@@ -627,7 +619,13 @@ fn a_fresh_run_refuses_another_runs_output_dir_unless_told_to_overwrite() {
     assert_ne!(new_id, earlier_id);
     for step in [2, 4] {
         let dir = out.join(format!("checkpoint-{step}"));
-        assert_eq!(checkpoint_run_id(&dir), new_id, "{}", dir.display());
+        let written_by = checkpoint_run_id(&dir);
+        assert_eq!(
+            written_by.as_deref(),
+            Some(new_id.as_str()),
+            "{}",
+            dir.display()
+        );
     }
 }
 
