@@ -125,47 +125,36 @@ impl ConnectionGuard {
     }
 }
 
-/// Accepts connections from `listener` for tonic, each wrapped in a `GuardedStream`.
+/// Accepts connections from `listener` for tonic, each wrapped in a `GuardedStream`, from
+/// a task of its own (so that a failing `accept` can back off).
 pub fn guarded_incoming(
     listener: TcpListener,
     guard: Arc<ConnectionGuard>,
 ) -> impl Stream<Item = std::io::Result<GuardedStream>> {
-    async_stream_of(move |tx| async move {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
         loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let standing = guard.admit(peer);
-                    let deadline = tokio::time::sleep(guard.limits.auth_deadline);
-                    let guarded = GuardedStream {
-                        inner: stream,
-                        peer,
-                        standing,
-                        guard: guard.clone(),
-                        deadline: Box::pin(deadline),
-                    };
-                    if tx.send(Ok(guarded)).await.is_err() {
-                        return;
-                    }
-                }
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!("rendezvous accept failed ({e}); backing off");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
                 }
+            };
+            let _ = stream.set_nodelay(true);
+            let guarded = GuardedStream {
+                inner: stream,
+                peer,
+                standing: guard.admit(peer),
+                guard: guard.clone(),
+                deadline: Box::pin(tokio::time::sleep(guard.limits.auth_deadline)),
+            };
+            if tx.send(Ok(guarded)).await.is_err() {
+                return;
             }
         }
-    })
-}
-
-/// A stream fed by a task (the accept loop) through a small channel.
-fn async_stream_of<F, Fut, T>(body: F) -> impl Stream<Item = T>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-    T: Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(body(tx));
+    });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
