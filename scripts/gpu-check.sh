@@ -50,7 +50,7 @@ else echo "cpu dry run: nvidia-smi skipped (needs a GPU)"; fi
 MODEL=$(grep -o '"config_name": *"[^"]*"' "$CFG/gpu-bench.json" | cut -d'"' -f4); BS=4; SEQ=2048; STEPS=15
 [ $DRY = 1 ] && { MODEL=tiny-qwen.json; BS=2; SEQ=128; STEPS=4; }
 HFDEV=cuda; [ $DRY = 1 ] && HFDEV=cpu
-TO() { timeout "$@"; } # every launch bounded, so one hang cannot eat the device lease
+# Every launch below runs under `timeout`, so one hang cannot eat the device lease.
 PROF="$(dirname "$HF")/kernel_profile.py"
 if [ $PROFILE = 1 ]; then
   section "profile: kernels of 3 bf16 steps of configs/gpu-bench.json, rsdeep (ncu) vs HF Trainer (torch.profiler, its 3rd step)"
@@ -58,11 +58,11 @@ if [ $PROFILE = 1 ]; then
   [ $DRY = 1 ] && PARGS+=(--config_name tiny-qwen.json --block_size 128 --per_device_train_batch_size 2)
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [ $DRY = 0 ] && [ -n "$NCU" ]; then
-    TO 300 "$NCU" --target-processes all --metrics gpu__time_duration.sum --csv --page raw --log-file ncu-prof.csv \
+    timeout 300 "$NCU" --target-processes all --metrics gpu__time_duration.sum --csv --page raw --log-file ncu-prof.csv \
       "$BIN/rsdeep" --num_gpus 1 "${PARGS[@]}" > prof-rsdeep.log 2>&1 || { tail -5 prof-rsdeep.log; fail "ncu profile"; }
     "$PY" "$PROF" ncu ncu-prof.csv 3 || fail "ncu summary"
   else echo "ncu skipped (cpu dry run or no ncu)"; fi
-  TO 240 "$PY" "$PROF" hf --model-config "$MODEL" --batch $BS --seq $SEQ --steps 3 --device $HFDEV 2> hf-prof.log \
+  timeout 240 "$PY" "$PROF" hf --model-config "$MODEL" --batch $BS --seq $SEQ --steps 3 --device $HFDEV 2> hf-prof.log \
     || { tail -5 hf-prof.log; fail "hf profile"; }
   echo; [ $FAIL = 0 ] && echo "GPU PROFILE DONE (dry=$DRY) in $WORK" || echo "GPU PROFILE FAILED (dry=$DRY) in $WORK"
   exit $FAIL
@@ -79,7 +79,7 @@ r=[x for x in rows if "loss" in x]; print(r[-1].get(sys.argv[2],"nan") if r else
 mkzero() { echo "{\"zero_optimization\":{\"stage\":$1},\"train_micro_batch_size_per_gpu\":\"auto\",\"gradient_accumulation_steps\":\"auto\",\"bf16\":{\"enabled\":\"auto\"}}" > ds_zero$1.json; }
 one_step() { # stage out precision device-args...
   local stage=$1 out=$2 bf16=$3; shift 3
-  TO 120 "$BIN/rsdeep" "$@" configs/gpu-bench.json --config_name tiny-qwen.json --block_size 128 \
+  timeout 120 "$BIN/rsdeep" "$@" configs/gpu-bench.json --config_name tiny-qwen.json --block_size 128 \
     --per_device_train_batch_size 2 --max_steps 2 --deepspeed "ds_zero$stage.json" --output_dir "$out" \
     --bf16 "$bf16" > "$out.log" 2>&1 || { tail -5 "$out.log"; return 1; }
 }
@@ -107,13 +107,13 @@ sampled() { # name command...: runs the command with the GPU memory sampler arou
 declare -A TPS
 for gc in false true; do
   out="bench-gc-$gc"
-  sampled "$out" TO 240 "$BIN/rsdeep" "${DEVICE_ARGS[@]}" configs/gpu-bench.json "${BENCH_ARGS[@]}" --gradient_checkpointing $gc \
+  sampled "$out" timeout 240 "$BIN/rsdeep" "${DEVICE_ARGS[@]}" configs/gpu-bench.json "${BENCH_ARGS[@]}" --gradient_checkpointing $gc \
     --output_dir "$out" > "$out.log" 2>&1 || { tail -5 "$out.log"; fail "bench gc=$gc"; }
   TPS[$gc]=$(last_metric "$out/metrics.jsonl" tokens_per_second)
   echo "rsdeep gradient_checkpointing=$gc tokens/s ${TPS[$gc]} mfu% $(last_metric "$out/metrics.jsonl" mfu) peak_gpu_MiB(nvidia-smi) $PEAK"
 done
 for gc in 0 1; do
-  sampled "hf-$gc" TO 240 "$PY" "$HF" --model-config "$MODEL" --batch $BS --seq $SEQ --steps $STEPS --device $HFDEV \
+  sampled "hf-$gc" timeout 240 "$PY" "$HF" --model-config "$MODEL" --batch $BS --seq $SEQ --steps $STEPS --device $HFDEV \
     --gradient-checkpointing $gc > "hf-$gc.out" 2> "hf-$gc.log" || { tail -5 "hf-$gc.log"; fail "hf bench gc=$gc"; continue; }
   r=$(tail -1 "hf-$gc.out")
   echo "hf-trainer gradient_checkpointing=$gc $r peak_gpu_MiB(nvidia-smi) $PEAK"
@@ -125,21 +125,21 @@ section "checkpoint save/load from device memory (0.5B shape, bf16 run, fp32 mas
 CK_ARGS=(--save_strategy steps --save_steps 1); [ $DRY = 1 ] && CK_ARGS+=(--config_name tiny-qwen.json --block_size 128 --per_device_train_batch_size 2)
 for mode in false true; do
   out="ckpt-async-$mode"
-  TO 240 "$BIN/rsdeep" "${DEVICE_ARGS[@]}" configs/gpu-bench.json "${CK_ARGS[@]}" --max_steps 2 --async_save $mode --output_dir "$out" > "$out.log" 2>&1 \
+  timeout 240 "$BIN/rsdeep" "${DEVICE_ARGS[@]}" configs/gpu-bench.json "${CK_ARGS[@]}" --max_steps 2 --async_save $mode --output_dir "$out" > "$out.log" 2>&1 \
     || { tail -5 "$out.log"; fail "checkpoint async_save=$mode"; continue; }
   grep -E 'checkpoint-[0-9]+.*(saved|async save)' "$out.log" | sed 's/^/  /'
 done
-TO 240 "$BIN/rsdeep" "${DEVICE_ARGS[@]}" configs/gpu-bench.json "${CK_ARGS[@]}" --max_steps 3 --output_dir ckpt-async-false \
+timeout 240 "$BIN/rsdeep" "${DEVICE_ARGS[@]}" configs/gpu-bench.json "${CK_ARGS[@]}" --max_steps 3 --output_dir ckpt-async-false \
   --resume_from_checkpoint ckpt-async-false/checkpoint-2 > ckpt-resume.log 2>&1 || { tail -5 ckpt-resume.log; fail "checkpoint resume"; }
 grep -E 'resumed from' ckpt-resume.log | sed 's/^/  /'
 
 section "attention kernels (flash expected for bf16 causal GQA)"
 if [ $DRY = 0 ]; then
-  TO 60 "$PY" "$(dirname "$HF")/sdpa_kernels.py" 2>&1 | tail -2 || fail "sdpa kernel probe"
+  timeout 60 "$PY" "$(dirname "$HF")/sdpa_kernels.py" 2>&1 | tail -2 || fail "sdpa kernel probe"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [ -n "$NCU" ]; then
     # rsdeep's own worker, one bf16 step of the tiny model: kernels whose names look like attention.
-    TO 120 "$NCU" --target-processes all --kernel-name 'regex:[Ff]lash|fmha|[Aa]ttention|[Ee]fficient' --launch-count 4 \
+    timeout 120 "$NCU" --target-processes all --kernel-name 'regex:[Ff]lash|fmha|[Aa]ttention|[Ee]fficient' --launch-count 4 \
       --section LaunchStats "$BIN/rsdeep" --num_gpus 1 configs/gpu-bench.json --config_name tiny-qwen.json --block_size 128 \
       --per_device_train_batch_size 2 --max_steps 1 --output_dir ncu-run > ncu.log 2>&1
     echo "ncu rc $?; rsdeep worker attention kernels:"
@@ -148,7 +148,7 @@ if [ $DRY = 0 ]; then
       || { echo "flash in rsdeep's worker: no"; grep -E '==(ERROR|WARNING)==' ncu.log | head -3; }
   else echo "ncu not found: only the libtorch dispatch probe above"; fi
 else
-  TO 60 "$PY" "$(dirname "$HF")/sdpa_kernels.py" --device cpu --batch 1 --heads 4 --kv-heads 2 --seq 64 --head-dim 16 | tail -2 \
+  timeout 60 "$PY" "$(dirname "$HF")/sdpa_kernels.py" --device cpu --batch 1 --heads 4 --kv-heads 2 --seq 64 --head-dim 16 | tail -2 \
     || fail "sdpa kernel probe"
   echo "cpu dry run: ncu skipped (needs a GPU)"
 fi
