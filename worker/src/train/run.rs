@@ -129,7 +129,7 @@ pub fn train(
     let mut run = RunRecord::new(&world.run_id, exact_resume_settings(&config));
     if let Some(resume) = &args.resume_from_checkpoint {
         let _phase = super::phase::enter(super::phase::PhaseKind::Load);
-        run = resume_from(
+        let saved_run = resume_from(
             resume,
             &output_dir,
             &mut engine,
@@ -137,8 +137,10 @@ pub fn train(
             &mut stream,
             &mut state,
             grad_accum,
-            run,
         )?;
+        if let Some(saved) = saved_run {
+            run = continue_run(run, &saved, rank);
+        }
     }
     let start_step = state.global_step;
     let mut reporter = if rank == 0 {
@@ -317,8 +319,7 @@ pub fn train(
 }
 
 /// Restores engine, data position and trainer state from the checkpoint `resume` names;
-/// returns `run` continuing the lineage of the run that wrote it.
-#[allow(clippy::too_many_arguments)]
+/// returns the record of the run that wrote it (absent in older checkpoints).
 fn resume_from(
     resume: &ResumeFrom,
     output_dir: &Path,
@@ -327,15 +328,14 @@ fn resume_from(
     stream: &mut BatchStream,
     state: &mut TrainerState,
     grad_accum: usize,
-    run: RunRecord,
-) -> Result<RunRecord> {
+) -> Result<Option<RunRecord>> {
     let spec = match resume {
-        ResumeFrom::Latest(false) => return Ok(run),
+        ResumeFrom::Latest(false) => return Ok(None),
         ResumeFrom::Latest(true) => "latest".to_string(),
         ResumeFrom::Path(path) => path.clone(),
     };
     let Some(dir) = resume_dir(output_dir, &spec, world.rank)? else {
-        return Ok(run);
+        return Ok(None);
     };
     let started = Instant::now();
     let resumed = checkpoint::load_checkpoint(&dir, engine, world.rank, world.world_size)?;
@@ -364,18 +364,20 @@ fn resume_from(
             resumed.global_step
         );
     }
-    let Some(saved) = resumed.run.as_ref() else {
-        return Ok(run);
-    };
+    Ok(resumed.run)
+}
+
+/// `run` continuing `saved`'s lineage; rank 0 names the settings that changed since.
+fn continue_run(run: RunRecord, saved: &RunRecord, rank: usize) -> RunRecord {
     let changed = run.changed_settings(saved);
-    if world.rank == 0 && !changed.is_empty() {
+    if rank == 0 && !changed.is_empty() {
         eprintln!(
             "[rank 0] note: resuming run {} with settings changed since its checkpoint ({}): the result will differ from an uninterrupted run",
             saved.run_id,
             changed.join("; ")
         );
     }
-    Ok(run.continuing(saved))
+    run.continuing(saved)
 }
 
 /// The settings an exact resume depends on (the world size and ZeRO stage are not among
@@ -517,30 +519,18 @@ impl Saver<'_> {
     }
 }
 
-/// Rank 0's line after a synchronous save: the checkpoint's size, time and rate (all
-/// ranks' files, written in parallel).
+/// Rank 0's line after a synchronous save: the checkpoint's size (from its manifest, all
+/// ranks' files), time and rate.
 fn report_save(dir: &Path, seconds: f64) {
-    let gigabytes = folder_bytes(dir) as f64 / 1e9;
+    let bytes: u64 = checkpoint::Manifest::read(dir)
+        .map(|m| m.files.values().map(|f| f.size).sum())
+        .unwrap_or(0);
+    let gigabytes = bytes as f64 / 1e9;
     eprintln!(
         "{}: saved {gigabytes:.3} GB in {seconds:.2} s ({:.2} GB/s)",
         dir.display(),
         gigabytes / seconds.max(1e-9)
     );
-}
-
-/// Bytes of the files under `dir`, sub-folders included (unreadable entries count 0).
-fn folder_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(meta) if meta.is_dir() => folder_bytes(&entry.path()),
-            Ok(meta) => meta.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// A LoRA run's adapter settings and what `apply_lora` injected.
