@@ -45,6 +45,15 @@ impl ZeroStage {
         self >= ZeroStage::One
     }
 
+    /// Rank `rank` of `world_size`'s slice of the optimizer state and the number of slices:
+    /// (rank, world_size) when it is partitioned, else the one whole slice (0, 1).
+    pub fn optimizer_partition(self, rank: usize, world_size: usize) -> (usize, usize) {
+        match self.partitions_optimizer_state() {
+            true => (rank, world_size),
+            false => (0, 1),
+        }
+    }
+
     /// Gradients are reduce-scattered to their owners instead of all-reduced (stages 2-3).
     pub fn partitions_gradients(self) -> bool {
         self >= ZeroStage::Two
@@ -91,6 +100,8 @@ mod tests {
             assert_eq!(stage.partitions_optimizer_state(), n >= 1);
             assert_eq!(stage.partitions_gradients(), n >= 2);
             assert_eq!(stage.partitions_parameters(), n == 3);
+            let expected = if n >= 1 { (2, 4) } else { (0, 1) };
+            assert_eq!(stage.optimizer_partition(2, 4), expected);
         }
         assert_eq!(ZeroStage::try_from(4), Err(NotAZeroStage(4)));
         assert_eq!(serde_json::to_string(&ZeroStage::Two).unwrap(), "2");

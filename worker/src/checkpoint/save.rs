@@ -463,13 +463,11 @@ pub fn release_snapshot_buffers() {
 }
 
 fn engine_meta(owned: &OwnedState, world_size: usize) -> EngineMeta {
-    let partition_world = owned.blocks.first().map(|b| b.layout.world_size).unwrap_or(
-        if owned.stage.partitions_optimizer_state() {
-            world_size
-        } else {
-            1
-        },
-    );
+    let partition_world = owned
+        .blocks
+        .first()
+        .map(|b| b.layout.world_size)
+        .unwrap_or(owned.stage.optimizer_partition(0, world_size).1);
     EngineMeta {
         stage: owned.stage,
         world_size,
@@ -561,11 +559,10 @@ fn write_rank_files(snapshot: RankSnapshot) -> Result<Option<LeaderSnapshot>> {
     let (dir, step) = (&snapshot.tmp_dir, snapshot.step);
     let mut table = FileTable::new();
     if snapshot.writes_partition {
-        let partition_rank = if !snapshot.owned.stage.partitions_optimizer_state() {
-            0
-        } else {
-            snapshot.rank
-        };
+        let (partition_rank, _) = snapshot
+            .owned
+            .stage
+            .optimizer_partition(snapshot.rank, snapshot.world_size);
         let relative = partition_file(partition_rank);
         table.insert(
             relative.clone(),

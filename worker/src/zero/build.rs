@@ -47,16 +47,7 @@ impl EngineBuilder {
     pub fn new(comm: Arc<dyn Communicator>, config: EngineConfig) -> Result<Self> {
         config.validate(comm.world_size())?;
         let (rank, world_size) = (comm.rank(), comm.world_size());
-        let shard_world = if config.stage.partitions_optimizer_state() {
-            world_size
-        } else {
-            1
-        };
-        let shard_rank = if config.stage.partitions_optimizer_state() {
-            rank
-        } else {
-            0
-        };
+        let (shard_rank, shard_world) = config.stage.optimizer_partition(rank, world_size);
         let optimizer_device = if config.offload_optimizer_cpu {
             Device::Cpu
         } else {
