@@ -276,21 +276,13 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 /// An acquired output folder lock: released (record removed, `flock` dropped) on drop.
+#[derive(Debug)]
 pub struct OutputDirLock {
     path: PathBuf,
     holder: LockHolder,
     stop: Arc<AtomicBool>,
     refresher: Option<std::thread::JoinHandle<()>>,
     _flock: nix::fcntl::Flock<File>,
-}
-
-impl std::fmt::Debug for OutputDirLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutputDirLock")
-            .field("path", &self.path)
-            .field("holder", &self.holder)
-            .finish()
-    }
 }
 
 /// What `OutputDirLock::acquire` found besides the lock itself.
@@ -348,10 +340,6 @@ impl OutputDirLock {
             _flock: flock,
         };
         Ok((lock, acquired))
-    }
-
-    pub fn holder(&self) -> &LockHolder {
-        &self.holder
     }
 }
 
