@@ -424,23 +424,25 @@ fn exact_resume_settings(config: &TrainConfig) -> serde_json::Map<String, serde_
     settings
 }
 
-/// The checkpoint `spec` names. `"auto"` (for requeued SLURM jobs) is the newest complete
-/// checkpoint in `output_dir` if there is one, else `None`: the first run starts fresh.
+/// The checkpoint `spec` names. `"auto"` (for requeued SLURM jobs) is what `latest` picks
+/// when `output_dir` holds a complete checkpoint, else `None`: the first run starts fresh.
 fn resume_dir(output_dir: &Path, spec: &str, rank: usize) -> Result<Option<PathBuf>> {
     if !spec.trim().eq_ignore_ascii_case("auto") {
         return checkpoint::resolve_resume_path(output_dir, spec).map(Some);
     }
-    let newest = match output_dir.is_dir() {
-        true => checkpoint::resume::complete_checkpoints(output_dir)?.pop(),
-        false => None,
-    };
-    if newest.is_none() && rank == 0 {
+    let any_complete =
+        output_dir.is_dir() && !checkpoint::resume::complete_checkpoints(output_dir)?.is_empty();
+    if any_complete {
+        // The same choice as `latest`: follow `output_dir/latest` within its run.
+        return checkpoint::resolve_resume_path(output_dir, "latest").map(Some);
+    }
+    if rank == 0 {
         eprintln!(
             "[rank 0] resume_from_checkpoint \"auto\": no complete checkpoint in {} yet, starting fresh",
             output_dir.display()
         );
     }
-    Ok(newest.map(|(_, dir)| dir))
+    Ok(None)
 }
 
 /// The parts of a checkpoint save that stay the same for the whole run.
