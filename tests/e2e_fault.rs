@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rsdeep::output_dir::checkpoint_run_id;
+use rsdeep_contract::checkpoint_dir::checkpoint_run_id;
 use rsdeep_e2e::{
     Launcher, binary, kill_all, logged_step, recorded_pids, sentence_corpus, survivors,
     train_tokenizer, wait_for_step, worker_script,

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use rsdeep::env_contract as ev;
-use rsdeep::output_dir;
 use rsdeep::plan::LaunchPlan;
 use rsdeep::rendezvous::RendezvousState;
 use rsdeep::supervisor::{self, Outcome, SuperviseOptions};
+use rsdeep_contract::env as ev;
 
 /// Longest time from a rank's first heartbeat to its first finished step (model
 /// loading, data preparation, resume) before it counts as hung; never shorter than
@@ -83,7 +82,7 @@ pub(crate) fn resume_point(plan: &LaunchPlan) -> String {
     let Some(output_dir) = &plan.output_dir else {
         return "starting the workers again".into();
     };
-    match output_dir::newest_checkpoint_of_run(output_dir, &plan.job_id) {
+    match rsdeep_contract::checkpoint_dir::newest_checkpoint_of_run(output_dir, &plan.job_id) {
         Some((step, _)) => format!(
             "resuming from checkpoint-{step} (this run's newest complete checkpoint in {})",
             output_dir.display()
@@ -139,7 +138,7 @@ pub(crate) fn report_outcome(outcome: &Outcome, local_workers: usize, plan: &Lau
 
 /// `RSDEEP_WORKER_BIN`, else `rsdeep-worker` next to this executable.
 pub fn worker_program() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("RSDEEP_WORKER_BIN") {
+    if let Some(path) = std::env::var_os(ev::WORKER_BIN) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().context("cannot locate the rsdeep executable")?;

@@ -121,14 +121,14 @@ pub struct LaunchArgs {
     #[arg(long = "rendezvous_bind_all")]
     pub rendezvous_bind_all: bool,
     /// PEM certificate (chain) of the rendezvous: serve it over TLS (with `--rendezvous_tls_key`).
-    #[arg(long = "rendezvous_tls_cert", env = "RSDEEP_TLS_CERT")]
+    #[arg(long = "rendezvous_tls_cert", env = rsdeep_contract::env::TLS_CERT_ENV)]
     pub rendezvous_tls_cert: Option<PathBuf>,
     /// PEM private key of `--rendezvous_tls_cert`.
-    #[arg(long = "rendezvous_tls_key", env = "RSDEEP_TLS_KEY")]
+    #[arg(long = "rendezvous_tls_key", env = rsdeep_contract::env::TLS_KEY_ENV)]
     pub rendezvous_tls_key: Option<PathBuf>,
     /// PEM CA the workers trust for the rendezvous (default: the certificate itself);
     /// passed to them as RSDEEP_TLS_CA.
-    #[arg(long = "rendezvous_tls_ca", env = "RSDEEP_TLS_CA")]
+    #[arg(long = "rendezvous_tls_ca", env = rsdeep_contract::env::TLS_CA_ENV)]
     pub rendezvous_tls_ca: Option<PathBuf>,
     /// Run the rendezvous selftest in every worker instead of training.
     #[arg(long = "selftest")]

@@ -16,8 +16,9 @@ use rsdeep::coordination::{Decision, LinkTarget, NodeLink, RemoteNodes, outcome_
 use rsdeep::plan::LaunchPlan;
 use rsdeep::rendezvous::RendezvousState;
 use rsdeep::rendezvous::control::RemoteEvent;
-use rsdeep::rendezvous::tls;
 use rsdeep::supervisor::{self, Outcome, STOP_SIGNAL, SuperviseOptions, Worker};
+use rsdeep_contract::env as ev;
+use rsdeep_proto::tls;
 
 use crate::attempt::{
     AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, spawn_local_workers,
@@ -159,11 +160,11 @@ fn link_target(plan: &LaunchPlan) -> Result<LinkTarget> {
     let ca = plan
         .local_ranks()
         .next()
-        .and_then(|r| r.env.get(tls::TLS_CA_ENV).cloned());
+        .and_then(|r| r.env.get(ev::TLS_CA_ENV).cloned());
     let tls = match &ca {
         Some(ca) => {
             let domain =
-                std::env::var(tls::TLS_DOMAIN_ENV).unwrap_or_else(|_| plan.master_addr.clone());
+                std::env::var(ev::TLS_DOMAIN_ENV).unwrap_or_else(|_| plan.master_addr.clone());
             Some(tls::client_config(std::path::Path::new(ca), &domain)?)
         }
         None => None,

@@ -11,14 +11,16 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use rsdeep::cli::{DeviceKind, LaunchArgs, LauncherKind};
-use rsdeep::env_contract as ev;
 use rsdeep::output_dir::{self, Acquired, OutputDirLock};
 use rsdeep::plan::{LaunchPlan, PlanError, PlanInputs};
-use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec, tls};
+use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec};
 use rsdeep::slurm::SlurmJob;
 use rsdeep::ssh::{self, RemoteNodes, SshLaunch};
 use rsdeep::supervisor::{self, Outcome};
-use rsdeep::{config, envfile, hostfile, resources};
+use rsdeep::{envfile, hostfile, resources};
+use rsdeep_contract::config;
+use rsdeep_contract::env as ev;
+use rsdeep_proto::tls;
 use tonic::transport::ServerTlsConfig;
 
 use crate::attempt::{
@@ -308,7 +310,7 @@ fn rendezvous_tls(args: &LaunchArgs, plan: &mut LaunchPlan) -> Result<Option<Ser
         let ca = std::path::absolute(ca)
             .with_context(|| format!("cannot resolve the path {}", ca.display()))?;
         tls::client_config(&ca, "check").map_err(usage)?;
-        plan.set_env_all(tls::TLS_CA_ENV, &ca.to_string_lossy());
+        plan.set_env_all(ev::TLS_CA_ENV, &ca.to_string_lossy());
     }
     Ok(server)
 }

@@ -1,12 +1,11 @@
 //! The rsdeep launcher library: everything `rsdeep` does before and around the workers.
 //! Pure Rust (no libtorch, no CUDA at build time) so the launcher builds and starts fast.
-//! The worker crate depends on this library only for the validated configuration types
-//! (`config`) and the environment contract (`env_contract`).
+//! What the launcher shares with the worker (the train.json types, the environment names,
+//! the checkpoint folder rules) lives in `rsdeep-contract`; the worker does not link this
+//! crate.
 
 pub mod cli;
-pub mod config;
 pub mod coordination;
-pub mod env_contract;
 pub mod envfile;
 pub mod hostfile;
 pub mod hostlist;

@@ -50,7 +50,7 @@ fn report(result: anyhow::Result<i32>) -> i32 {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RSDEEP_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env(rsdeep_contract::env::LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -58,7 +58,7 @@ fn init_tracing() {
         .init();
 }
 
-/// Wiring of the train.json subcommands written in `rsdeep::config` and `rsdeep::memory`.
+/// Wiring of the train.json subcommands over `rsdeep_contract::config` and `rsdeep::memory`.
 mod subcommands {
     use anyhow::Context;
     use clap::Parser;
@@ -86,10 +86,13 @@ mod subcommands {
             );
         };
         let (world_size, overrides) = split_world_flags(rest)?;
-        print!(
-            "{}",
-            rsdeep::config::check_config_cli(std::path::Path::new(path), &overrides, world_size)?
-        );
+        let config =
+            rsdeep_contract::config::load(std::path::Path::new(path), &overrides, world_size)?;
+        println!("{}", config.to_pretty_json());
+        for warning in &config.warnings {
+            println!("warning: {warning}");
+        }
+        println!("{}", config.summary());
         Ok(0)
     }
 

@@ -1,7 +1,7 @@
-//! Who owns an `output_dir`: the folder rules launcher and worker share (what a
-//! `checkpoint-N` folder is, which run wrote it, what `latest` names), the check that a
-//! fresh run does not start on top of another run's checkpoints or model, and the lock that
-//! keeps two jobs out of one folder.
+//! Who owns an `output_dir`: the check that a fresh run does not start on top of another
+//! run's checkpoints or model, and the lock that keeps two jobs out of one folder. The
+//! folder rules launcher and worker share (what a `checkpoint-N` folder is, which run wrote
+//! it, what `latest` names) are `rsdeep_contract::checkpoint_dir`.
 //!
 //! The lock is `output_dir/.rsdeep.lock`: an exclusive `flock` held by the deciding
 //! launcher for the whole job (restarts included) plus a JSON record of the holder (job
@@ -12,6 +12,10 @@
 //! (`run`: run id, lineage, config summary) is written by the worker
 //! (`worker/src/checkpoint/manifest.rs`); this module only reads its `run.run_id`.
 
+use rsdeep_contract::checkpoint_dir::{
+    LATEST_FILE, MODEL_FILES, checkpoint_run_id, checkpoints_with_manifest,
+};
+use rsdeep_contract::process::pid_alive;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -22,18 +26,6 @@ use std::time::{Duration, SystemTime};
 
 /// The lock file inside `output_dir`.
 pub const LOCK_FILE: &str = ".rsdeep.lock";
-/// A checkpoint folder is complete once this file exists in it.
-pub const MANIFEST_FILE: &str = "manifest.json";
-/// `output_dir/latest`: the name of the newest complete checkpoint folder.
-pub const LATEST_FILE: &str = "latest";
-/// Files that mark a finished model in an output folder (full weights or an adapter).
-pub const MODEL_FILES: [&str; 5] = [
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-];
 /// How often the holder refreshes the lock's mtime.
 const REFRESH_EVERY: Duration = Duration::from_secs(15);
 /// A lock held from another host that has not been refreshed for this long is stale.
@@ -68,53 +60,6 @@ type Result<T> = std::result::Result<T, OutputDirError>;
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutputDirError {
     let path = path.to_path_buf();
     move |cause| OutputDirError::Io { what, path, cause }
-}
-
-/// The step of a folder named `checkpoint-N` (HF's `^checkpoint\-(\d+)$`).
-pub fn checkpoint_step(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix("checkpoint-")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-/// `checkpoint-N` folders of `output_dir` holding a manifest, oldest first (the manifest
-/// is not parsed here; the worker verifies it before reading anything).
-pub fn checkpoints_with_manifest(output_dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
-    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)?
-        .flatten()
-        .filter_map(|e| Some((checkpoint_step(e.file_name().to_str()?)?, e.path())))
-        .filter(|(_, path)| path.join(MANIFEST_FILE).is_file())
-        .collect();
-    found.sort();
-    Ok(found)
-}
-
-/// The run id recorded in `checkpoint_dir`'s manifest (`run.run_id`), if any.
-pub fn checkpoint_run_id(checkpoint_dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(checkpoint_dir.join(MANIFEST_FILE)).ok()?;
-    let manifest: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some(manifest.get("run")?.get("run_id")?.as_str()?.to_string())
-}
-
-/// The newest checkpoint of `output_dir` written by run `run_id`: where a restart of that
-/// run resumes. Checkpoints of other runs in the same folder are never picked.
-pub fn newest_checkpoint_of_run(output_dir: &Path, run_id: &str) -> Option<(u64, PathBuf)> {
-    checkpoints_with_manifest(output_dir)
-        .ok()?
-        .into_iter()
-        .rev()
-        .find(|(_, dir)| checkpoint_run_id(dir).as_deref() == Some(run_id))
-}
-
-/// The checkpoint `output_dir/latest` names, when it names a folder with a manifest.
-pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
-    let name = std::fs::read_to_string(output_dir.join(LATEST_FILE)).ok()?;
-    let name = name.trim();
-    checkpoint_step(name)?;
-    let dir = output_dir.join(name);
-    dir.join(MANIFEST_FILE).is_file().then_some(dir)
 }
 
 /// What an earlier run left in an output folder.
@@ -262,19 +207,6 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Whether process `pid` exists on this machine (for leftovers named by a pid: lock
-/// records here, data-cache build folders in the worker).
-pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // ESRCH: no such process; EPERM: it exists but belongs to someone else.
-    !matches!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-        Err(nix::errno::Errno::ESRCH)
-    )
-}
-
 /// An acquired output folder lock: released (record removed, `flock` dropped) on drop.
 #[derive(Debug)]
 pub struct OutputDirLock {
@@ -409,6 +341,7 @@ fn spawn_refresher(path: PathBuf, stop: Arc<AtomicBool>) -> Option<std::thread::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rsdeep_contract::checkpoint_dir::MANIFEST_FILE;
 
     fn checkpoint(dir: &Path, step: u64, run_id: Option<&str>) -> PathBuf {
         let c = dir.join(format!("checkpoint-{step}"));
@@ -423,36 +356,6 @@ mod tests {
         )
         .unwrap();
         c
-    }
-
-    #[test]
-    fn a_restart_picks_only_its_own_runs_newest_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        for step in [10, 15, 20] {
-            checkpoint(dir.path(), step, Some("old"));
-        }
-        checkpoint(dir.path(), 5, Some("new"));
-        std::fs::create_dir_all(dir.path().join("checkpoint-25")).unwrap(); // no manifest
-        let (step, _) = newest_checkpoint_of_run(dir.path(), "new").unwrap();
-        assert_eq!(step, 5, "the other run's checkpoint-20 is never picked");
-        assert_eq!(newest_checkpoint_of_run(dir.path(), "old").unwrap().0, 20);
-        assert!(newest_checkpoint_of_run(dir.path(), "third").is_none());
-    }
-
-    #[test]
-    fn latest_is_followed_only_when_it_names_a_complete_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        checkpoint(dir.path(), 10, None);
-        checkpoint(dir.path(), 20, None);
-        std::fs::write(dir.path().join(LATEST_FILE), "checkpoint-10\n").unwrap();
-        assert_eq!(
-            latest_checkpoint(dir.path()),
-            Some(dir.path().join("checkpoint-10"))
-        );
-        for bad in ["checkpoint-30", "../elsewhere", ""] {
-            std::fs::write(dir.path().join(LATEST_FILE), bad).unwrap();
-            assert_eq!(latest_checkpoint(dir.path()), None, "{bad:?}");
-        }
     }
 
     #[test]

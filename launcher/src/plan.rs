@@ -2,18 +2,18 @@
 //! local index, device and full worker environment. Built from the raw CLI (`cli`), the
 //! hostfile, include/exclude and device discovery (`resources`) and `.rsdeep_env`
 //! (`envfile`). Pure (no I/O): `PlanInputs` carries what was read from the machine. The
-//! environment names are the contract in `env_contract`.
+//! environment names are the contract in `rsdeep_contract::env`.
 
-use crate::config::TrainConfig;
+use rsdeep_contract::config::TrainConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{DeviceKind, LaunchArgs, LauncherKind};
-use crate::env_contract as ev;
 use crate::hostfile::HostEntry;
 use crate::resources::{self, ResourceError, ResourcePool};
 use crate::slurm::{SlurmError, SlurmJob};
+use rsdeep_contract::env as ev;
 
 /// Name of the local machine when no hostfile is used (DeepSpeed's name).
 pub const LOCALHOST: &str = "localhost";
@@ -868,7 +868,8 @@ mod tests {
             let launch_args = args(&list);
             let mut plan = LaunchPlan::build(&launch_args, &inputs()).unwrap();
             let path = plan.config_path.clone().unwrap();
-            let resolved = crate::config::load(&path, &plan.overrides, plan.world_size()).unwrap();
+            let resolved =
+                rsdeep_contract::config::load(&path, &plan.overrides, plan.world_size()).unwrap();
             plan.adopt_config(&launch_args, &resolved).unwrap();
             let interval = plan.ranks[1].env["RSDEEP_HEARTBEAT_INTERVAL_MS"].clone();
             (plan.heartbeat_timeout.map(|t| t.as_secs_f64()), interval)

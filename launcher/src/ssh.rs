@@ -25,14 +25,13 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::cli::LaunchArgs;
-use crate::env_contract as ev;
 use crate::hostfile::HostEntry;
 use crate::plan::LaunchPlan;
 use crate::supervisor::{self, Outcome, STOP_SIGNAL};
+use rsdeep_contract::env as ev;
 
-/// Extra ssh arguments (whitespace-separated, no quoting) put before rsdeep's own options
-/// on every ssh command, e.g. `-i KEY -o UserKnownHostsFile=FILE -l USER`.
-pub const SSH_ARGS_ENV: &str = "RSDEEP_SSH_ARGS";
+/// Extra ssh arguments before rsdeep's own options (`rsdeep_contract::env::SSH_ARGS`).
+pub const SSH_ARGS_ENV: &str = ev::SSH_ARGS;
 
 /// Name prefixes of the launcher's environment variables exported to remote nodes
 /// (DeepSpeed exports NCCL, PYTHON, UCX, MLFLOW; rsdeep adds its own and the usual

@@ -291,7 +291,7 @@ proptest! {
             None => mutate(configs[pick % configs.len()].clone(), &mutations),
         };
         std::fs::write(&path, &text).expect("write train.json");
-        if let Err(err) = rsdeep::config::load(&path, &[], world_size) {
+        if let Err(err) = rsdeep_contract::config::load(&path, &[], world_size) {
             let message = err.to_string();
             prop_assert!(!message.trim().is_empty());
             let parses = serde_json::from_str::<serde_json::Value>(&text).is_ok();

@@ -1,5 +1,5 @@
 //! `rsdeep-worker`: started by the `rsdeep` launcher, one per device. Reads the
-//! environment contract (`rsdeep::env_contract`), joins the rendezvous, then runs either
+//! environment contract (`rsdeep_contract::env`), joins the rendezvous, then runs either
 //! the diagnostic selftest (`RSDEEP_SELFTEST=1`) or training (`run_training`). Exit
 //! codes: 0 success, 1 any error (also reported to the launcher when it can be).
 
@@ -88,7 +88,7 @@ fn run_tool(argv: &[String]) -> Option<i32> {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RSDEEP_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env(rsdeep_contract::env::LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

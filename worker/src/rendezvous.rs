@@ -1,5 +1,5 @@
 //! The worker's side of the rendezvous: reads the launcher's environment contract
-//! (`rsdeep::env_contract`), binds the TCP listener for collectives, joins the gRPC
+//! (`rsdeep_contract::env`), binds the TCP listener for collectives, joins the gRPC
 //! rendezvous (`proto/proto/rendezvous.proto`) and exposes the store, barriers,
 //! heartbeats and error reports through a blocking API (it owns a small tokio runtime,
 //! so engine code stays synchronous).
@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::train::phase::PhaseSnapshot;
-use rsdeep::env_contract as ev;
-use rsdeep::rendezvous::tls;
+use rsdeep_contract::env as ev;
+use rsdeep_proto::tls;
 use rsdeep_proto::v1::{self as pb, heartbeat_command::Kind, rendezvous_client::RendezvousClient};
 use rsdeep_proto::{RSDEEP_VERSION, TOKEN_METADATA_KEY, decode_peer_table};
 use tokio::sync::mpsc;
@@ -117,8 +117,8 @@ impl WorkerEnv {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(2000),
             ),
-            tls_ca: optional(tls::TLS_CA_ENV).map(PathBuf::from),
-            tls_domain: optional(tls::TLS_DOMAIN_ENV),
+            tls_ca: optional(ev::TLS_CA_ENV).map(PathBuf::from),
+            tls_domain: optional(ev::TLS_DOMAIN_ENV),
         })
     }
 }

@@ -2,7 +2,8 @@
 //! plain state machine (`state`). Wire contract: `proto/proto/rendezvous.proto`. Every
 //! call must carry the job token (`x-rsdeep-token` metadata, checked by an interceptor)
 //! and the job id; Join also checks the rsdeep version. The server listens on the master
-//! address only unless told otherwise, optionally over TLS (`tls`, `docs/security.md`).
+//! address only unless told otherwise, optionally over TLS (`rsdeep_proto::tls`,
+//! `docs/security.md`; end-to-end test in `tls_tests`).
 //! Under `--launcher slurm` with several nodes it also carries node 0's decisions to the
 //! other nodes' launchers (`control`: coordinated restarts). Connections that bring no
 //! authenticated request in time are closed (`guard`: flood defence).
@@ -11,7 +12,8 @@ pub mod control;
 pub mod guard;
 pub mod service;
 pub mod state;
-pub mod tls;
+#[cfg(test)]
+mod tls_tests;
 
 pub use service::{ServerHandle, start_server, start_server_guarded, start_server_tls};
 pub use state::{

@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 /// Environment variable naming the kill point: `POINT:STEP`.
-pub const KILL_ENV: &str = "RSDEEP_CHECKPOINT_KILL_AT";
+pub const KILL_ENV: &str = rsdeep_contract::env::CHECKPOINT_KILL_AT;
 
 /// Every point a save can be killed at, in the order the protocol passes them.
 pub const KILL_POINTS: [&str; 11] = [

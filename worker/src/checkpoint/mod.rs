@@ -31,18 +31,12 @@ pub use save::{
 };
 pub use trainer_state::TrainerState;
 
-/// Name of the folder of step `step`.
-pub fn checkpoint_dir_name(step: u64) -> String {
-    format!("checkpoint-{step}")
-}
-
-/// `manifest.json` (written last: its presence marks a complete checkpoint) and
-/// `output_dir/latest` (the newest complete checkpoint's name): the folder rules the
-/// launcher shares (`rsdeep::output_dir`).
-pub use rsdeep::output_dir::{LATEST_FILE, MANIFEST_FILE};
-/// Marks a `checkpoint-N.tmp` folder as one rsdeep is writing: only such folders (or
-/// complete checkpoints moved aside) are ever removed as leftovers of a crashed save.
-pub const SAVING_MARKER: &str = ".rsdeep-saving";
+/// The folder rules the launcher shares (`rsdeep_contract::checkpoint_dir`): folder names,
+/// `manifest.json` (written last: its presence marks a complete checkpoint),
+/// `output_dir/latest` (the newest complete checkpoint's name) and the saving marker.
+pub use rsdeep_contract::checkpoint_dir::{
+    LATEST_FILE, MANIFEST_FILE, SAVING_MARKER, checkpoint_dir_name,
+};
 /// Folder of the ZeRO partitions inside a checkpoint.
 pub const ZERO_DIR: &str = "zero";
 /// HF's trainer state file.

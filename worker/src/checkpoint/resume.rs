@@ -35,7 +35,7 @@ pub struct ResumeState {
 /// Complete checkpoints in `output_dir` (named `checkpoint-N`, with a readable
 /// manifest), oldest first.
 pub fn complete_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let listed = rsdeep::output_dir::checkpoints_with_manifest(output_dir)
+    let listed = rsdeep_contract::checkpoint_dir::checkpoints_with_manifest(output_dir)
         .map_err(|e| Error::io(format!("listing {}", output_dir.display()), e))?;
     Ok(listed
         .into_iter()
@@ -55,7 +55,7 @@ pub fn resolve_resume_path(output_dir: &Path, spec: &str) -> Result<PathBuf> {
                 output_dir.display()
             )));
         }
-        let latest = rsdeep::output_dir::latest_checkpoint(output_dir)
+        let latest = rsdeep_contract::checkpoint_dir::latest_checkpoint(output_dir)
             .filter(|dir| Manifest::read(dir).is_ok());
         if let Some(latest) = latest {
             return newest_of_the_same_run(output_dir, latest);
@@ -82,11 +82,11 @@ pub fn resolve_resume_path(output_dir: &Path, spec: &str) -> Result<PathBuf> {
 /// `latest` itself; a newer one when a save was interrupted between putting its folder in
 /// place and updating `output_dir/latest`). Checkpoints of other runs are never picked.
 fn newest_of_the_same_run(output_dir: &Path, latest: PathBuf) -> Result<PathBuf> {
-    let run = rsdeep::output_dir::checkpoint_run_id(&latest);
+    let run = rsdeep_contract::checkpoint_dir::checkpoint_run_id(&latest);
     let newest = complete_checkpoints(output_dir)?
         .into_iter()
         .rev()
-        .find(|(_, dir)| rsdeep::output_dir::checkpoint_run_id(dir) == run);
+        .find(|(_, dir)| rsdeep_contract::checkpoint_dir::checkpoint_run_id(dir) == run);
     Ok(newest.map_or(latest, |(_, dir)| dir))
 }
 

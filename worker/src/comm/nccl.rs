@@ -453,7 +453,7 @@ mod tests {
     /// says whether GPU tests can run.
     fn gpu_present() -> bool {
         let present = tch::Cuda::is_available() && nccl_available();
-        if std::env::var("RSDEEP_REQUIRE_GPU").as_deref() == Ok("1") {
+        if std::env::var(rsdeep_contract::env::REQUIRE_GPU).as_deref() == Ok("1") {
             assert!(
                 present,
                 "RSDEEP_REQUIRE_GPU=1 but no CUDA GPU with NCCL is usable"

@@ -289,7 +289,7 @@ fn remove_dead_builders_leftovers(cache_dir: &Path, key: &str) {
         else {
             continue;
         };
-        if !rsdeep::output_dir::pid_alive(pid) {
+        if !rsdeep_contract::process::pid_alive(pid) {
             tracing::info!(dir = %entry.path().display(), "removing a dead builder's partial data cache");
             let _ = std::fs::remove_dir_all(entry.path());
         }

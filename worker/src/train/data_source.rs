@@ -10,7 +10,7 @@ use crate::data::sampler::{DistributedSampler, SamplerState};
 use crate::data::sft::{SftConfig, SftDataset};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use rsdeep::config::{Task, TrainConfig};
+use rsdeep_contract::config::{Task, TrainConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 use tch::Device;
@@ -120,10 +120,10 @@ impl DataPlan<'_> {
 /// Where token caches live: `$RSDEEP_CACHE_DIR`, else `$RSDEEP_HOME/cache`, else
 /// `~/.cache/rsdeep/cache`.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RSDEEP_CACHE_DIR") {
+    if let Some(dir) = std::env::var_os(rsdeep_contract::env::CACHE_DIR) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("RSDEEP_HOME")
+    let home = std::env::var_os(rsdeep_contract::env::HOME)
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rsdeep")))
         .unwrap_or_else(|| PathBuf::from(".rsdeep"));

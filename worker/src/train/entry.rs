@@ -22,7 +22,7 @@ use crate::comm::nccl;
 use crate::comm::tcp::TcpOptions;
 use crate::rendezvous::{HeartbeatSender, Rendezvous, WorkerEnv, World};
 use crate::{Error, Result};
-use rsdeep::config::{CommBackend, ResumeFrom, TrainConfig};
+use rsdeep_contract::config::{CommBackend, ResumeFrom, TrainConfig};
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,7 +103,7 @@ fn resume_after_restart(config: &mut TrainConfig, restart_count: u32, run_id: &s
     }
     let output_dir = Path::new(&config.args.output_dir);
     let configured = &config.args.resume_from_checkpoint;
-    match rsdeep::output_dir::newest_checkpoint_of_run(output_dir, run_id) {
+    match rsdeep_contract::checkpoint_dir::newest_checkpoint_of_run(output_dir, run_id) {
         Some((step, dir)) => {
             if rank == 0 {
                 eprintln!(

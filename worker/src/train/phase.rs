@@ -195,7 +195,7 @@ pub struct FaultInjection {
 }
 
 /// The fault hook's environment variable.
-pub const FAULT_INJECT_ENV: &str = "RSDEEP_FAULT_INJECT";
+pub const FAULT_INJECT_ENV: &str = rsdeep_contract::env::FAULT_INJECT;
 
 impl FaultInjection {
     /// Parses `stall_before_collective:rank=R:step=S`.

@@ -14,7 +14,7 @@ use crate::model::{ForwardCtx, ModelConfig, causal_lm_loss};
 use crate::tokenizer::Tokenizer;
 use crate::zero::{EngineConfig, LoraSpec, ModelSource, ZeroEngine, build_causal_lm_engine};
 use crate::{Error, Result};
-use rsdeep::config::{IntervalStrategy, ResumeFrom, Task, TrainConfig};
+use rsdeep_contract::config::{IntervalStrategy, ResumeFrom, Task, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -569,7 +569,7 @@ fn lora_config_of(config: &TrainConfig) -> LoraConfig {
 fn lora_run(
     config: LoraConfig,
     info: LoraInfo,
-    args: &rsdeep::config::TrainingArgs,
+    args: &rsdeep_contract::config::TrainingArgs,
     rank: usize,
 ) -> LoraRun {
     if rank == 0 {
@@ -692,9 +692,9 @@ pub fn step_seed(seed: u64, step: u64, rank: usize) -> i64 {
 
 fn compute_kind(config: &TrainConfig) -> Kind {
     match config.precision() {
-        rsdeep::config::Precision::Bf16 => Kind::BFloat16,
-        rsdeep::config::Precision::Fp16 => Kind::Half,
-        rsdeep::config::Precision::Fp32 => Kind::Float,
+        rsdeep_contract::config::Precision::Bf16 => Kind::BFloat16,
+        rsdeep_contract::config::Precision::Fp16 => Kind::Half,
+        rsdeep_contract::config::Precision::Fp32 => Kind::Float,
     }
 }
 
@@ -776,7 +776,7 @@ fn mfu_percent(
     if !device.is_cuda() {
         return None;
     }
-    let peak_tflops: f64 = std::env::var("RSDEEP_PEAK_TFLOPS")
+    let peak_tflops: f64 = std::env::var(rsdeep_contract::env::PEAK_TFLOPS)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(989.0);

@@ -213,7 +213,7 @@ mod tests {
 
     #[test]
     fn adamw_matches_python_torch() {
-        let python = std::env::var("RSDEEP_PYTHON")
+        let python = std::env::var(rsdeep_contract::env::PYTHON)
             .expect("RSDEEP_PYTHON must point at the venv python (source scripts/env.sh)");
         let script = r#"
 import torch, math

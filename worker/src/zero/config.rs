@@ -4,7 +4,7 @@
 //! the keys; their defaults are DeepSpeed's documented ones).
 
 use crate::{Error, Result};
-pub use rsdeep::config::ZeroStage;
+pub use rsdeep_contract::config::ZeroStage;
 use tch::{Device, Kind};
 
 /// Compute precision of the flat parameter buffers (masters are always fp32).

@@ -1,4 +1,4 @@
-//! Adapter from the launcher's resolved `rsdeep::config::TrainConfig` (train.json with
+//! Adapter from the launcher's resolved `rsdeep_contract::config::TrainConfig` (train.json with
 //! its DeepSpeed section, "auto" filled) to the engine's own `EngineConfig`. It is the only
 //! place the engine meets the launcher's types. HF's rule applies when the DeepSpeed
 //! section has no scheduler: the Trainer's `lr_scheduler_type` (linear, cosine, constant,
@@ -9,7 +9,7 @@ use super::config::{
     EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType,
 };
 use crate::{Error, Result};
-use rsdeep::config::{
+use rsdeep_contract::config::{
     self as launcher_config, LrSchedulerType, OffloadDevice, SchedulerKind, TrainConfig,
 };
 use tch::Device;
@@ -91,7 +91,8 @@ impl EngineConfig {
             offload_optimizer_cpu,
             device,
             // An A/B switch for benchmarks, not a training option: the two paths agree.
-            manual_layers: std::env::var("RSDEEP_MANUAL_LAYERS").map_or(true, |v| v != "0"),
+            manual_layers: std::env::var(rsdeep_contract::env::MANUAL_LAYERS)
+                .map_or(true, |v| v != "0"),
         };
         engine.validate(config.batch.world_size as usize)?;
         Ok(engine)
@@ -186,7 +187,8 @@ mod tests {
             "deepspeed": ds,
         });
         std::fs::write(&path, text.to_string()).unwrap();
-        let mut config = rsdeep::config::load(&path, &[], world).expect("train.json loads");
+        let mut config =
+            rsdeep_contract::config::load(&path, &[], world).expect("train.json loads");
         config.fill_model_autos(64, 100).expect("autos");
         config
     }

@@ -78,7 +78,7 @@ impl StepProfile {
     /// On when the `RSDEEP_ZERO_PROFILE` environment variable is set.
     pub(super) fn from_env() -> Self {
         StepProfile {
-            enabled: std::env::var_os("RSDEEP_ZERO_PROFILE").is_some(),
+            enabled: std::env::var_os(rsdeep_contract::env::ZERO_PROFILE).is_some(),
             totals: [(0.0, 0.0); PHASES.len()],
             step_start: None,
         }

@@ -485,23 +485,5 @@ fn fill_match(
     }
 }
 
-/// `rsdeep check-config train.json [--num_gpus N] [overrides]`: validates without
-/// launching; returns the resolved JSON, warnings and the batch summary to print.
-pub fn check_config_cli(
-    path: &Path,
-    overrides: &[String],
-    world_size: usize,
-) -> anyhow::Result<String> {
-    let config = load(path, overrides, world_size)?;
-    let mut text = config.to_pretty_json();
-    text.push('\n');
-    for warning in &config.warnings {
-        text.push_str(&format!("warning: {warning}\n"));
-    }
-    text.push_str(&config.summary());
-    text.push('\n');
-    Ok(text)
-}
-
 #[cfg(test)]
 mod tests;
