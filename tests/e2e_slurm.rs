@@ -14,7 +14,7 @@
 //! naming the missing variable. A machine that cannot run SLURM fails the test with the
 //! reason; nothing is skipped.
 
-use rsdeep::hostlist::expand_hostlist;
+use rsdeep::plan::hostlist::expand_hostlist;
 use rsdeep_e2e::{binary, logged_step, sentence_corpus, train_tokenizer};
 use std::fs::File;
 use std::path::{Path, PathBuf};

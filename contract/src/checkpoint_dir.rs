@@ -2,7 +2,7 @@
 //! folder is, when it is complete (its manifest exists), which run wrote it (the manifest's
 //! `run.run_id`), what `output_dir/latest` names, and which files mark a finished model.
 //! The worker writes these folders (`worker/src/checkpoint/`); the launcher reads them to
-//! decide who owns an output folder (`launcher/src/output_dir.rs`).
+//! decide who owns an output folder (`launcher/src/launch/output_dir.rs`).
 
 use std::path::{Path, PathBuf};
 

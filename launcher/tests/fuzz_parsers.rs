@@ -7,8 +7,8 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::Config;
-use rsdeep::hostfile::{HostfileError, parse_hostfile};
-use rsdeep::resources::{ResourceError, ResourcePool, filter_resources};
+use rsdeep::plan::hostfile::{HostfileError, parse_hostfile};
+use rsdeep::plan::resources::{ResourceError, ResourcePool, filter_resources};
 use std::path::{Path, PathBuf};
 
 /// Cases per target: `PROPTEST_CASES`, else `default`.
@@ -332,7 +332,7 @@ proptest! {
 
     #[test]
     fn slurm_hostlist_never_panics_and_names_the_bad_entry(list in hostlist_text()) {
-        use rsdeep::hostlist::{HostlistError, expand_hostlist};
+        use rsdeep::plan::hostlist::{HostlistError, expand_hostlist};
         match expand_hostlist(&list) {
             Ok(hosts) => {
                 prop_assert!(!hosts.is_empty());

@@ -3,7 +3,7 @@
 //! (`NodeControl` in `proto/proto/rendezvous.proto`) with the state of its attempt and
 //! gets a `Directive`: keep going, stop, start the next attempt, or exit. This module is
 //! the state machine behind those answers, independent of gRPC; the launcher binary
-//! (`coordinated.rs`) drives it: `begin_attempt`, `stop_all`, `decide_exit`, and reads
+//! (`nodes/coordinate/follow.rs`) drives it: `begin_attempt`, `stop_all`, `decide_exit`, and reads
 //! the remote events (`remote_event`) that end an attempt.
 
 use std::sync::Mutex;

@@ -22,7 +22,10 @@
 //! SIGKILLs after 30 s, detects no hangs, and reports the last-spawned rank's command
 //! rather than the failing rank's.
 
-use crate::lines::lock;
+pub mod attempt;
+pub mod lines;
+
+use crate::supervise::lines::lock;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -304,7 +307,7 @@ fn forward_lines(
     log: Option<Arc<Mutex<File>>>,
 ) -> JoinHandle<()> {
     let prefixed = move |line: &str| format!("[rank {rank}] {line}");
-    crate::lines::forward(stream, to_stderr, prefixed, move |line| {
+    crate::supervise::lines::forward(stream, to_stderr, prefixed, move |line| {
         if let Some(log) = &log {
             let _ = lock(log).write_all(format!("{line}\n").as_bytes());
         }

@@ -9,7 +9,7 @@
 //! failure. User guide, with how the exported environment compares with DeepSpeed's pdsh
 //! runner: `deploy/README.md`.
 
-use crate::lines::lock;
+use crate::supervise::lines::lock;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::cli::LaunchArgs;
-use crate::hostfile::HostEntry;
 use crate::plan::LaunchPlan;
-use crate::supervisor::{self, Outcome, STOP_SIGNAL};
+use crate::plan::cli::LaunchArgs;
+use crate::plan::hostfile::HostEntry;
+use crate::supervise::{self, Outcome, STOP_SIGNAL};
 use rsdeep_contract::env as ev;
 
 /// Extra ssh arguments before rsdeep's own options (`rsdeep_contract::env::SSH_ARGS`).
@@ -460,7 +460,7 @@ fn probe_host(options: &[String], host: &str) -> Result<(), SshError> {
     let said = said.trim();
     Err(unreachable(format!(
         "ssh {}{}{}",
-        supervisor::describe_status(status),
+        supervise::describe_status(status),
         if said.is_empty() { "" } else { ": " },
         said.lines().last().unwrap_or_default()
     )))
@@ -602,7 +602,7 @@ pub fn blame_remote_node(outcome: Outcome) -> Outcome {
                 rank: *failure.ranks.start(),
                 exit_code: failure.exit_code,
                 report: format!("rsdeep: {failure}\n"),
-                at_ms: supervisor::unix_ms(),
+                at_ms: supervise::unix_ms(),
             }
         }
         _ => outcome,
@@ -666,8 +666,8 @@ impl Shared {
                     node_rank: process.node_rank,
                     host: process.host.clone(),
                     ranks: process.ranks.clone(),
-                    exit_code: supervisor::exit_code_of(status),
-                    description: supervisor::describe_status(status),
+                    exit_code: supervise::exit_code_of(status),
+                    description: supervise::describe_status(status),
                 });
                 let stopped = STOP_SIGNAL.compare_exchange(
                     0,
@@ -747,7 +747,7 @@ impl RemoteNodes {
         // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
         unsafe {
             command.pre_exec(move || {
-                crate::supervisor::die_with_launcher(launcher_pid);
+                crate::supervise::die_with_launcher(launcher_pid);
                 Ok(())
             });
         }
@@ -793,7 +793,7 @@ impl RemoteNodes {
                     rank: *failure.ranks.start(),
                     exit_code: failure.exit_code,
                     report: format!("rsdeep: {failure}\n"),
-                    at_ms: supervisor::unix_ms(),
+                    at_ms: supervise::unix_ms(),
                 }
             }
             None => match STOP_SIGNAL.load(Ordering::SeqCst) {
@@ -868,7 +868,7 @@ fn forward_remote_lines(
     to_stderr: bool,
 ) -> JoinHandle<()> {
     let prefixed = move |line: &str| prefix_remote_line(node_rank, line);
-    crate::lines::forward(stream, to_stderr, prefixed, |_| {})
+    crate::supervise::lines::forward(stream, to_stderr, prefixed, |_| {})
 }
 
 /// On a remote node (`--token_stdin`): the job token, the first line of stdin.

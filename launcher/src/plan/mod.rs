@@ -4,15 +4,22 @@
 //! (`envfile`). Pure (no I/O): `PlanInputs` carries what was read from the machine. The
 //! environment names are the contract in `rsdeep_contract::env`.
 
+pub mod cli;
+pub mod envfile;
+pub mod hostfile;
+pub mod hostlist;
+pub mod resources;
+pub mod slurm;
+
 use rsdeep_contract::config::TrainConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::{DeviceKind, LaunchArgs, LauncherKind};
-use crate::hostfile::HostEntry;
-use crate::resources::{self, ResourceError, ResourcePool};
-use crate::slurm::{SlurmError, SlurmJob};
+use crate::plan::cli::{DeviceKind, LaunchArgs, LauncherKind};
+use crate::plan::hostfile::HostEntry;
+use crate::plan::slurm::{SlurmError, SlurmJob};
+use resources::{ResourceError, ResourcePool};
 use rsdeep_contract::env as ev;
 
 /// Name of the local machine when no hostfile is used (DeepSpeed's name).
@@ -512,7 +519,7 @@ fn slurm_job(inputs: &PlanInputs) -> Result<&SlurmJob, PlanError> {
         .slurm
         .as_ref()
         .ok_or(PlanError::Slurm(SlurmError::Missing {
-            var: crate::slurm::JOB_NODELIST,
+            var: crate::plan::slurm::JOB_NODELIST,
         }))
 }
 

@@ -4,26 +4,28 @@
 //! `--max_restarts` times. Binary code: errors are `anyhow`, usage errors are tagged
 //! with `UsageError` so `main` exits 2.
 
+pub mod output_dir;
+
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::nodes::ssh::{self, RemoteNodes, SshLaunch};
+use crate::plan::cli::{DeviceKind, LaunchArgs, LauncherKind};
+use crate::plan::slurm::SlurmJob;
+use crate::plan::{LaunchPlan, PlanError, PlanInputs};
+use crate::plan::{envfile, hostfile, resources};
+use crate::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec};
+use crate::supervise::{self, Outcome};
 use anyhow::{Context, Result};
-use rsdeep::cli::{DeviceKind, LaunchArgs, LauncherKind};
-use rsdeep::output_dir::{self, Acquired, OutputDirLock};
-use rsdeep::plan::{LaunchPlan, PlanError, PlanInputs};
-use rsdeep::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec};
-use rsdeep::slurm::SlurmJob;
-use rsdeep::ssh::{self, RemoteNodes, SshLaunch};
-use rsdeep::supervisor::{self, Outcome};
-use rsdeep::{envfile, hostfile, resources};
+use output_dir::{Acquired, OutputDirLock};
 use rsdeep_contract::config;
 use rsdeep_contract::env as ev;
 use rsdeep_proto::tls;
 use tonic::transport::ServerTlsConfig;
 
-use crate::attempt::{
+use crate::supervise::attempt::{
     AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, spawn_local_workers,
     supervise_options, worker_program,
 };
@@ -79,7 +81,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         .build()
         .context("cannot start the async runtime")?;
     let rendezvous = host_rendezvous(&runtime, &mut plan, args.rendezvous_bind_all, tls)?;
-    supervisor::install_stop_handlers().context("cannot install signal handlers")?;
+    supervise::install_stop_handlers().context("cannot install signal handlers")?;
     if args.token_stdin {
         ssh::stop_on_stdin_eof();
     }
@@ -90,9 +92,9 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     let coordinated = args.launcher == LauncherKind::Slurm && plan.nodes.len() > 1;
     let code = match (coordinated, &rendezvous) {
         (true, Some((state, _))) => {
-            crate::coordinated::lead_nodes(&runtime, &plan, state.clone(), started)
+            crate::nodes::coordinate::follow::lead_nodes(&runtime, &plan, state.clone(), started)
         }
-        (true, None) => crate::coordinated::follow_node0(&runtime, &plan),
+        (true, None) => crate::nodes::coordinate::follow::follow_node0(&runtime, &plan),
         (false, _) => supervise_attempts(
             &runtime,
             &plan,
@@ -415,14 +417,14 @@ fn supervise_attempts(
             None => None,
         };
         let mut workers = spawn_local_workers(&program, &local, restart_count, plan)?;
-        let outcome = supervisor::watch(&mut workers, state.as_deref(), &options);
+        let outcome = supervise::watch(&mut workers, state.as_deref(), &options);
         let outcome = ssh::blame_remote_node(outcome);
         let outcome = match (&outcome, &remote) {
             (Outcome::Success, Some(remote)) => remote.wait_for_remote_nodes(),
             _ => outcome,
         };
         report_outcome(&outcome, workers.len(), plan);
-        let killed = supervisor::stop_workers(&mut workers, plan.grace_period);
+        let killed = supervise::stop_workers(&mut workers, plan.grace_period);
         if killed > 0 {
             eprintln!("rsdeep: {killed} worker(s) ignored SIGTERM and were killed");
         }

@@ -9,9 +9,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::rendezvous::{RendezvousState, WorldSpec, start_server};
 use anyhow::{Context, Result};
 use clap::Parser;
-use rsdeep::rendezvous::{RendezvousState, WorldSpec, start_server};
 use rsdeep_proto::v1::rendezvous_client::RendezvousClient;
 use rsdeep_proto::v1::{JoinRequest, JoinResponse};
 use rsdeep_proto::{PeerTableReader, RSDEEP_VERSION, TOKEN_METADATA_KEY};

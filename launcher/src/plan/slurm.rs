@@ -7,7 +7,7 @@
 //! fallback to localhost (with which each node rendezvouses with itself and the job
 //! hangs). Contract: `deploy/README.md` (SLURM).
 
-use crate::hostlist::{HostlistError, expand_hostlist};
+use crate::plan::hostlist::{HostlistError, expand_hostlist};
 
 /// The job's node list inside an `srun` step (the step's nodes).
 pub const STEP_NODELIST: &str = "SLURM_STEP_NODELIST";

@@ -1,16 +1,16 @@
-//! One attempt of a job, the pieces both launch modes share (`launch.rs` for one node and
-//! the ssh runner, `coordinated.rs` for SLURM nodes that node 0 coordinates): starting
-//! this node's workers, the supervisor's settings, what to do once an attempt has ended,
-//! where a restart resumes, and the lines the launcher prints about it.
+//! One attempt of a job, the pieces both launch modes share (`launch/` for one node and
+//! the ssh runner, `nodes/coordinate/follow.rs` for SLURM nodes that node 0 coordinates):
+//! starting this node's workers, the supervisor's settings, what to do once an attempt has
+//! ended, where a restart resumes, and the lines the launcher prints about it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::plan::LaunchPlan;
+use crate::rendezvous::RendezvousState;
+use crate::supervise::{self, Outcome, SuperviseOptions};
 use anyhow::{Context, Result};
-use rsdeep::plan::LaunchPlan;
-use rsdeep::rendezvous::RendezvousState;
-use rsdeep::supervisor::{self, Outcome, SuperviseOptions};
 use rsdeep_contract::env as ev;
 
 /// Longest time from a rank's first heartbeat to its first finished step (model
@@ -21,12 +21,12 @@ const STARTUP_ALLOWANCE: Duration = Duration::from_secs(900);
 /// Starts this node's workers for restart `attempt` (`RSDEEP_RESTART_COUNT`) and says so.
 pub(crate) fn spawn_local_workers(
     program: &Path,
-    local: &[&rsdeep::plan::RankPlan],
+    local: &[&crate::plan::RankPlan],
     attempt: u32,
     plan: &LaunchPlan,
-) -> Result<Vec<supervisor::Worker>> {
+) -> Result<Vec<supervise::Worker>> {
     let extra = vec![(ev::RESTART_COUNT.to_string(), attempt.to_string())];
-    let workers = supervisor::spawn_workers(program, local, &extra, plan.rank_log_dir.as_deref())?;
+    let workers = supervise::spawn_workers(program, local, &extra, plan.rank_log_dir.as_deref())?;
     eprintln!(
         "rsdeep: job {} started {} worker(s) on node {} (world size {}, rendezvous {}:{})",
         plan.job_id,

@@ -1,6 +1,6 @@
 //! Coordinated restarts across nodes under `--launcher slurm`: node 0 decides for the
 //! whole job, every other node's launcher follows. This module holds the two adapters
-//! the launcher's loops (`src/coordinated.rs`) plug into the supervisor:
+//! the launcher's loops (`follow`) plug into the supervisor:
 //! - on node K >= 1, `NodeLink`: a background task polls node 0's rendezvous
 //!   (`NodeControl` in `proto/proto/rendezvous.proto`, token on every call) a few times a
 //!   second with this node's attempt state and keeps node 0's latest answer; it ends the
@@ -9,7 +9,9 @@
 //! - on node 0, `RemoteNodes`: turns the first remote event the rendezvous recorded
 //!   (`rendezvous::control`) into the attempt's `Outcome`.
 
-use crate::lines::lock;
+pub mod follow;
+
+use crate::supervise::lines::lock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::rendezvous::RendezvousState;
 use crate::rendezvous::control::{Directive, NodeReport, NodeState, RemoteEvent};
 use crate::rendezvous::service::{directive_of, wire_status};
-use crate::supervisor::{Outcome, STOP_SIGNAL, StopSource, unix_ms};
+use crate::supervise::{Outcome, STOP_SIGNAL, StopSource, unix_ms};
 
 /// How often a node polls node 0 (and so how late it may hear a decision).
 pub const POLL_PERIOD: Duration = Duration::from_millis(200);

@@ -1,7 +1,7 @@
 //! Coordinated restarts across nodes under `--launcher slurm` with several nodes: node 0
 //! is the one decision maker (`lead_nodes`), every other node's launcher follows it
-//! (`follow_node0`) through the rendezvous `NodeControl` poll (`rsdeep::coordination`,
-//! `rsdeep::rendezvous::control`). A failure anywhere stops
+//! (`follow_node0`) through the rendezvous `NodeControl` poll (`crate::nodes::coordinate`,
+//! `crate::rendezvous::control`). A failure anywhere stops
 //! every node's workers; node 0 decides with `attempt::after_attempt`; a restart opens a
 //! new rendezvous generation before any node starts its workers again with
 //! `RSDEEP_RESTART_COUNT = k`; giving up (or a signal, which never restarts) ends every
@@ -11,16 +11,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::nodes::coordinate::{Decision, LinkTarget, NodeLink, RemoteNodes, outcome_of_event};
+use crate::plan::LaunchPlan;
+use crate::rendezvous::RendezvousState;
+use crate::rendezvous::control::RemoteEvent;
+use crate::supervise::{self, Outcome, STOP_SIGNAL, SuperviseOptions, Worker};
 use anyhow::{Context, Result};
-use rsdeep::coordination::{Decision, LinkTarget, NodeLink, RemoteNodes, outcome_of_event};
-use rsdeep::plan::LaunchPlan;
-use rsdeep::rendezvous::RendezvousState;
-use rsdeep::rendezvous::control::RemoteEvent;
-use rsdeep::supervisor::{self, Outcome, STOP_SIGNAL, SuperviseOptions, Worker};
 use rsdeep_contract::env as ev;
 use rsdeep_proto::tls;
 
-use crate::attempt::{
+use crate::supervise::attempt::{
     AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, spawn_local_workers,
     supervise_options, worker_program,
 };
@@ -49,7 +49,7 @@ pub fn lead_nodes(
         control.begin_attempt(attempt, state.generation());
         announce_world(runtime, state.clone(), started);
         let mut workers = spawn_local_workers(&program, &local, attempt, plan)?;
-        let local_outcome = supervisor::watch(&mut workers, Some(state.as_ref()), &options);
+        let local_outcome = supervise::watch(&mut workers, Some(state.as_ref()), &options);
         report_outcome(&local_outcome, workers.len(), plan);
         let outcome = match local_outcome {
             Outcome::Success => wait_for_other_nodes(&state),
@@ -97,7 +97,7 @@ pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Res
         let _span = tracing::info_span!("attempt", attempt, node = plan.node_rank).entered();
         link.begin_attempt(attempt);
         let mut workers = spawn_local_workers(&program, &local, attempt, plan)?;
-        let outcome = supervisor::watch(&mut workers, None, &options);
+        let outcome = supervise::watch(&mut workers, None, &options);
         report_outcome(&outcome, workers.len(), plan);
         link.report_outcome(&outcome);
         stop_local(&mut workers, plan);
@@ -139,7 +139,7 @@ pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Res
 }
 
 fn stop_local(workers: &mut [Worker], plan: &LaunchPlan) {
-    let killed = supervisor::stop_workers(workers, plan.grace_period);
+    let killed = supervise::stop_workers(workers, plan.grace_period);
     if killed > 0 {
         eprintln!("rsdeep: {killed} worker(s) ignored SIGTERM and were killed");
     }
