@@ -53,52 +53,430 @@ pub struct TrainSummary {
 /// Runs pretraining or SFT to the end (resuming first when asked). Every rank calls it
 /// with the same config.
 pub fn train(
-    mut config: TrainConfig,
+    config: TrainConfig,
     world: TrainWorld,
     on_step: &mut dyn FnMut(StepProgress),
 ) -> Result<TrainSummary> {
-    let args = config.args.clone();
-    let rank = world.rank;
-    let tokenizer = load_tokenizer(&config)?;
-    let kind = compute_kind(&config);
-    let model_config = load_model_config(&config)?;
-    check_vocab(&model_config, &tokenizer)?;
-    let plan = DataPlan {
-        config: &config,
-        tokenizer: &tokenizer,
-        max_position_embeddings: model_config.max_position_embeddings,
-        is_builder: world.local_rank == 0,
-    };
-    let train_data = plan.load(&args.train_files)?;
-    let eval_data = match args.eval_files.is_empty() {
-        true => None,
-        false => Some(plan.load(&args.eval_files)?),
-    };
-    let micro_batch = config.batch.train_micro_batch_size_per_gpu as usize;
-    let grad_accum = config.batch.gradient_accumulation_steps as usize;
-    let data_seed = args.data_seed.unwrap_or(args.seed);
-    let mut stream = BatchStream::new(
-        train_data.len(),
-        world.world_size,
-        rank,
-        data_seed,
-        micro_batch,
-    )?;
-    let updates_per_epoch = (stream.micro_batches_per_epoch() / grad_accum).max(1) as u64;
-    let total_steps = args.total_training_steps(updates_per_epoch);
-    let block_size = plan.block_size();
-    config
-        .fill_model_autos(model_config.hidden_size, total_steps)
-        .map_err(|e| Error::Config(e.to_string()))?;
-    let engine_config = EngineConfig::from_train_config(&config, total_steps, world.device)?;
-    // The model is built block by block straight into the engine (with its adapters for
-    // LoRA): under ZeRO-3 no rank ever holds the whole model.
+    let mut trainer = Trainer::setup(config, world)?;
+    while trainer.step < trainer.run.total_steps {
+        let report = trainer.optimizer_step()?;
+        on_step(StepProgress {
+            step: trainer.step,
+            loss: report.loss,
+            tokens_per_second: report.tokens_per_second,
+        });
+        trainer.log(&report)?;
+        trainer.evaluate_if_due()?;
+        trainer.save_if_due()?;
+    }
+    trainer.finish()
+}
+
+/// What stays the same for the whole run once set up: the resolved config, this rank's
+/// world, tokenizer, model shape, compute dtype, output folder, adapters and run record.
+struct RunContext {
+    config: TrainConfig,
+    world: TrainWorld,
+    tokenizer: Tokenizer,
+    model_config: ModelConfig,
+    model_config_json: String,
+    kind: Kind,
+    output_dir: PathBuf,
+    lora: Option<LoraRun>,
+    run: RunRecord,
+    total_steps: u64,
+    micro_batch: usize,
+    grad_accum: usize,
+    flops_per_token: f64,
+}
+
+/// One optimizer step's figures (the gradient norm goes into the log window).
+struct StepReport {
+    loss: f64,
+    lr: f64,
+    loss_scale: f64,
+    tokens_per_second: f64,
+}
+
+/// A training run in named steps: `setup` (data, model + engine, resume, reporter), then
+/// per optimizer step `optimizer_step` (micro-steps with gradient accumulation, then the
+/// engine's step), `log`, `evaluate_if_due`, `save_if_due`; and `finish` (final weights,
+/// loss curve, trainer state).
+struct Trainer {
+    run: RunContext,
+    engine: ZeroEngine,
+    train_data: Examples,
+    eval_data: Option<Examples>,
+    stream: BatchStream,
+    state: TrainerState,
+    reporter: Option<ProgressReporter>,
+    window: LogWindow,
+    pending_save: Option<PendingSave>,
+    start_step: u64,
+    step: u64,
+    first_loss: Option<f64>,
+    last_loss: Option<f64>,
+    final_eval: Option<f64>,
+}
+
+impl Trainer {
+    /// Tokenizer, data, model built block by block into the engine, the resumed state
+    /// when asked, and rank 0's reporter.
+    fn setup(mut config: TrainConfig, world: TrainWorld) -> Result<Trainer> {
+        let args = config.args.clone();
+        let rank = world.rank;
+        let tokenizer = load_tokenizer(&config)?;
+        let kind = compute_kind(&config);
+        let model_config = load_model_config(&config)?;
+        check_vocab(&model_config, &tokenizer)?;
+        let plan = DataPlan {
+            config: &config,
+            tokenizer: &tokenizer,
+            max_position_embeddings: model_config.max_position_embeddings,
+            is_builder: world.local_rank == 0,
+        };
+        let train_data = plan.load(&args.train_files)?;
+        let eval_data = match args.eval_files.is_empty() {
+            true => None,
+            false => Some(plan.load(&args.eval_files)?),
+        };
+        let block_size = plan.block_size();
+        let micro_batch = config.batch.train_micro_batch_size_per_gpu as usize;
+        let grad_accum = config.batch.gradient_accumulation_steps as usize;
+        let data_seed = args.data_seed.unwrap_or(args.seed);
+        let stream = BatchStream::new(
+            train_data.len(),
+            world.world_size,
+            rank,
+            data_seed,
+            micro_batch,
+        )?;
+        let updates_per_epoch = (stream.micro_batches_per_epoch() / grad_accum).max(1) as u64;
+        let total_steps = args.total_training_steps(updates_per_epoch);
+        config
+            .fill_model_autos(model_config.hidden_size, total_steps)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let (engine, lora, num_parameters) =
+            build_engine(&config, &model_config, &world, kind, total_steps)?;
+        let state = TrainerState {
+            max_steps: total_steps,
+            logging_steps: args.logging_steps,
+            eval_steps: args.eval_interval(),
+            save_steps: args.save_steps,
+            train_batch_size: Some(config.batch.train_micro_batch_size_per_gpu),
+            num_train_epochs: args.num_train_epochs.ceil() as u64,
+            is_world_process_zero: rank == 0,
+            is_local_process_zero: world.local_rank == 0,
+            ..TrainerState::default()
+        };
+        let run = RunContext {
+            run: RunRecord::new(&world.run_id, exact_resume_settings(&config)),
+            model_config_json: model_config.to_json_string()?,
+            flops_per_token: flops_per_token(num_parameters, &model_config, block_size),
+            output_dir: PathBuf::from(&args.output_dir),
+            config,
+            world,
+            tokenizer,
+            model_config,
+            kind,
+            lora,
+            total_steps,
+            micro_batch,
+            grad_accum,
+        };
+        let mut trainer = Trainer {
+            run,
+            engine,
+            train_data,
+            eval_data,
+            stream,
+            state,
+            reporter: None,
+            window: LogWindow::default(),
+            pending_save: None,
+            start_step: 0,
+            step: 0,
+            first_loss: None,
+            last_loss: None,
+            final_eval: None,
+        };
+        trainer.resume()?;
+        trainer.open_reporter()?;
+        Ok(trainer)
+    }
+
+    /// Restores engine, data position and trainer state when `resume_from_checkpoint`
+    /// names a checkpoint, and continues the lineage of the run that wrote it.
+    fn resume(&mut self) -> Result<()> {
+        let run = &mut self.run;
+        if let Some(resume) = &run.config.args.resume_from_checkpoint {
+            let _phase = super::phase::enter(super::phase::PhaseKind::Load);
+            let saved_run = resume_from(
+                resume,
+                &run.output_dir,
+                &mut self.engine,
+                &run.world,
+                &mut self.stream,
+                &mut self.state,
+                run.grad_accum,
+            )?;
+            if let Some(saved) = saved_run {
+                run.run = continue_run(run.run.clone(), &saved, run.world.rank);
+            }
+        }
+        self.start_step = self.state.global_step;
+        self.step = self.start_step;
+        Ok(())
+    }
+
+    /// Rank 0's progress line, metrics.jsonl and TensorBoard writer, and the run banner.
+    fn open_reporter(&mut self) -> Result<()> {
+        let run = &self.run;
+        if run.world.rank != 0 {
+            return Ok(());
+        }
+        let args = &run.config.args;
+        let tb_dir = args.report_to_tensorboard().then(|| {
+            args.logging_dir
+                .clone()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| run.output_dir.join("runs"))
+        });
+        self.reporter = Some(ProgressReporter::open(
+            &run.output_dir,
+            run.total_steps,
+            tb_dir.as_deref(),
+            self.start_step,
+        )?);
+        announce(
+            &run.config,
+            &run.model_config,
+            &self.train_data,
+            run.total_steps,
+            run.world.world_size,
+        );
+        Ok(())
+    }
+
+    /// `gradient_accumulation_steps` micro-steps (forward + backward), then the engine's
+    /// optimizer step; libtorch is reseeded from (seed, step, rank) first.
+    fn optimizer_step(&mut self) -> Result<StepReport> {
+        let (args, world) = (&self.run.config.args, &self.run.world);
+        super::phase::begin_step(self.step + 1);
+        tch::manual_seed(step_seed(args.seed, self.step, world.rank));
+        let started = Instant::now();
+        let mut tokens = 0i64;
+        for _ in 0..self.run.grad_accum {
+            let indices = self.stream.next_indices();
+            let batch = self.train_data.batch(&indices, world.device)?;
+            tokens += batch.input_ids.numel() as i64;
+            let ctx = ForwardCtx::build(
+                &batch.input_ids,
+                batch.attention_mask.as_ref(),
+                batch.segment_ids.as_ref(),
+            )?;
+            // Fused head + loss when the head allows it (no (B*T, V) logits), else generic.
+            self.engine
+                .forward_backward_causal_lm(&batch.input_ids, &ctx, &batch.labels)?;
+        }
+        if let Some(pending) = &self.pending_save {
+            // An asynchronous save copies the state this step changes in the background.
+            pending.wait_for_snapshot()?;
+        }
+        let report = self.engine.step()?;
+        self.step += 1;
+        let world_tokens = tokens * world.world_size as i64;
+        self.state.global_step = self.step;
+        self.state.epoch = Some(self.stream.epoch_progress());
+        self.state.num_input_tokens_seen += world_tokens as u64;
+        let tokens_per_second = world_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        self.first_loss.get_or_insert(report.loss);
+        self.last_loss = Some(report.loss);
+        self.window
+            .add(report.loss, report.grad_norm, tokens_per_second);
+        Ok(StepReport {
+            loss: report.loss,
+            lr: report.lr,
+            loss_scale: report.loss_scale,
+            tokens_per_second,
+        })
+    }
+
+    /// Every `logging_steps` (and the last step, and the first with `logging_first_step`):
+    /// the window's means into the log history, the progress line and the metric files.
+    fn log(&mut self, report: &StepReport) -> Result<()> {
+        let (args, step, total) = (&self.run.config.args, self.step, self.run.total_steps);
+        let log_now = args.logging_strategy == IntervalStrategy::Steps
+            && (step.is_multiple_of(args.logging_steps.max(1))
+                || step == total
+                || (step == 1 && args.logging_first_step));
+        if !log_now {
+            return Ok(());
+        }
+        let (loss, grad_norm, tps) = self.window.take();
+        let world = &self.run.world;
+        let metrics = StepMetrics {
+            step,
+            epoch: self.stream.epoch_progress(),
+            loss,
+            learning_rate: report.lr,
+            grad_norm,
+            loss_scale: report.loss_scale,
+            tokens_per_second: tps,
+            mfu: mfu_percent(
+                self.run.flops_per_token,
+                tps,
+                world.device,
+                world.world_size,
+            ),
+            elapsed_s: self.reporter.as_ref().map_or(0.0, |r| r.elapsed_s()),
+            eta_s: self
+                .reporter
+                .as_ref()
+                .map_or(0.0, |r| r.eta_s(self.start_step, step)),
+        };
+        self.state
+            .log_history
+            .push(serde_json::to_value(&metrics).unwrap_or_default());
+        if let Some(reporter) = self.reporter.as_mut() {
+            reporter.log(metrics)?;
+        }
+        Ok(())
+    }
+
+    /// Every `eval_steps` and at the end, when there is an eval split: the token-weighted
+    /// eval loss over all ranks (LoRA dropout off meanwhile).
+    fn evaluate_if_due(&mut self) -> Result<()> {
+        let args = &self.run.config.args;
+        let due = (args.eval_strategy == IntervalStrategy::Steps
+            && self.step.is_multiple_of(args.eval_interval().max(1)))
+            || self.step == self.run.total_steps;
+        let Some(eval) = self.eval_data.as_ref().filter(|_| due) else {
+            return Ok(());
+        };
+        let _eval_mode = self.run.lora.as_ref().map(|l| EvalMode::enter(&l.info));
+        let _phase = super::phase::enter(super::phase::PhaseKind::Eval);
+        let loss = evaluate(
+            &mut self.engine,
+            eval,
+            &self.run.world,
+            self.run.micro_batch,
+        )?;
+        self.final_eval = Some(loss);
+        self.state.log_history.push(
+            serde_json::json!({"step": self.step, "eval_loss": loss, "eval_perplexity": loss.exp()}),
+        );
+        if let Some(reporter) = self.reporter.as_mut() {
+            reporter.log_eval(self.step, loss)?;
+        }
+        Ok(())
+    }
+
+    /// Every `save_steps` and at the end: `checkpoint-N` (the previous asynchronous save
+    /// finished first).
+    fn save_if_due(&mut self) -> Result<()> {
+        let args = &self.run.config.args;
+        let due = args.save_strategy == IntervalStrategy::Steps
+            && (self.step.is_multiple_of(args.save_steps.max(1))
+                || self.step == self.run.total_steps);
+        if !due {
+            return Ok(());
+        }
+        let _phase = super::phase::enter(super::phase::PhaseKind::Save);
+        if let Some(previous) = self.pending_save.take() {
+            self.run.finish_save(previous)?;
+        }
+        let world = &self.run.world;
+        let extra = serde_json::json!({
+            "seed": args.seed,
+            "step": self.step,
+            "rank": world.rank,
+            "world_size": world.world_size,
+            "sampler": self.stream.state(),
+        });
+        self.pending_save = self.run.save(&mut self.engine, &self.state, extra)?;
+        Ok(())
+    }
+
+    /// The final outputs: the last asynchronous save finished, the model (or adapters)
+    /// streamed to `output_dir` with its config and tokenizer, the loss curve and
+    /// trainer_state.json; then a barrier so no rank leaves before the files exist.
+    fn finish(mut self) -> Result<TrainSummary> {
+        let _phase = super::phase::enter(super::phase::PhaseKind::FinalWrite);
+        if let Some(previous) = self.pending_save.take() {
+            self.run.finish_save(previous)?;
+        }
+        if let Some(reporter) = self.reporter.as_ref() {
+            reporter.finish_line();
+        }
+        self.write_model()?;
+        let run = &self.run;
+        if run.world.rank == 0 {
+            if let Some(reporter) = self.reporter.as_ref() {
+                outputs::write_loss_curve(
+                    &run.output_dir,
+                    reporter.history(),
+                    &self.state.log_history,
+                )?;
+            }
+            outputs::write_trainer_state(&run.output_dir, &self.state)?;
+        }
+        run.world.comm.barrier()?;
+        Ok(TrainSummary {
+            first_loss: self.first_loss,
+            last_loss: self.last_loss,
+            final_eval_loss: self.final_eval,
+            steps: self.step,
+            output_dir: self.run.output_dir,
+        })
+    }
+
+    /// The trained model into `output_dir`: LoRA runs write the adapters only; full runs
+    /// stream the weights block by block (rank 0 writes) with config and tokenizer.
+    fn write_model(&mut self) -> Result<()> {
+        let run = &self.run;
+        let writer = run.world.rank == 0;
+        if let Some(lora) = run.lora.as_ref() {
+            let weights = self.engine.gather_trainable_weights()?;
+            lora.save(&run.output_dir, &weights, writer)?;
+        } else {
+            let max_shard_bytes = outputs::parse_size(&run.config.args.max_shard_size)?;
+            checkpoint::export::write_final_weights(
+                &mut self.engine,
+                &run.output_dir,
+                run.kind,
+                max_shard_bytes,
+                writer,
+            )?;
+            if writer {
+                write_model_config(&run.output_dir, &run.model_config, run.kind)?;
+            }
+        }
+        if writer {
+            run.tokenizer.save(&run.output_dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// The model built block by block straight into the engine (with its adapters for
+/// LoRA): under ZeRO-3 no rank ever holds the whole model. Returns the engine, the LoRA
+/// run (for `task: "lora"`) and the parameter count.
+fn build_engine(
+    config: &TrainConfig,
+    model_config: &ModelConfig,
+    world: &TrainWorld,
+    kind: Kind,
+    total_steps: u64,
+) -> Result<(ZeroEngine, Option<LoraRun>, i64)> {
+    let args = &config.args;
+    let engine_config = EngineConfig::from_train_config(config, total_steps, world.device)?;
     let lora_config = match args.task {
-        Task::Lora => Some(lora_config_of(&config)),
+        Task::Lora => Some(lora_config_of(config)),
         _ => None,
     };
     let built = build_causal_lm_engine(
-        model_source(&config, model_config.clone())?,
+        model_source(config, model_config.clone())?,
         world.device,
         kind,
         lora_config.as_ref().map(|c| LoraSpec {
@@ -108,214 +486,11 @@ pub fn train(
         world.comm.clone(),
         engine_config,
     )?;
-    let mut engine = built.engine;
     let lora = match (lora_config, built.lora) {
-        (Some(adapters), Some(info)) => Some(lora_run(adapters, info, &args, rank)),
+        (Some(adapters), Some(info)) => Some(lora_run(adapters, info, args, world.rank)),
         _ => None,
     };
-    let flops_per_token = flops_per_token(built.num_parameters, &model_config, block_size);
-    let output_dir = PathBuf::from(&args.output_dir);
-    let mut state = TrainerState {
-        max_steps: total_steps,
-        logging_steps: args.logging_steps,
-        eval_steps: args.eval_interval(),
-        save_steps: args.save_steps,
-        train_batch_size: Some(config.batch.train_micro_batch_size_per_gpu),
-        num_train_epochs: args.num_train_epochs.ceil() as u64,
-        is_world_process_zero: rank == 0,
-        is_local_process_zero: world.local_rank == 0,
-        ..TrainerState::default()
-    };
-    let mut run = RunRecord::new(&world.run_id, exact_resume_settings(&config));
-    if let Some(resume) = &args.resume_from_checkpoint {
-        let _phase = super::phase::enter(super::phase::PhaseKind::Load);
-        let saved_run = resume_from(
-            resume,
-            &output_dir,
-            &mut engine,
-            &world,
-            &mut stream,
-            &mut state,
-            grad_accum,
-        )?;
-        if let Some(saved) = saved_run {
-            run = continue_run(run, &saved, rank);
-        }
-    }
-    let start_step = state.global_step;
-    let mut reporter = if rank == 0 {
-        let tb_dir = args.report_to_tensorboard().then(|| {
-            args.logging_dir
-                .clone()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| output_dir.join("runs"))
-        });
-        Some(ProgressReporter::open(
-            &output_dir,
-            total_steps,
-            tb_dir.as_deref(),
-            start_step,
-        )?)
-    } else {
-        None
-    };
-    if rank == 0 {
-        announce(
-            &config,
-            &model_config,
-            &train_data,
-            total_steps,
-            world.world_size,
-        );
-    }
-    let saver = Saver {
-        config: &config,
-        model_config_json: model_config.to_json_string()?,
-        tokenizer: &tokenizer,
-        kind,
-        output_dir: &output_dir,
-        lora: lora.as_ref(),
-        run: &run,
-    };
-    let (mut first_loss, mut last_loss, mut final_eval) = (None, None, None);
-    let mut window = LogWindow::default();
-    let mut pending_save: Option<PendingSave> = None;
-    let mut step = start_step;
-    while step < total_steps {
-        super::phase::begin_step(step + 1);
-        tch::manual_seed(step_seed(args.seed, step, rank));
-        let started = Instant::now();
-        let mut tokens = 0i64;
-        for _ in 0..grad_accum {
-            let indices = stream.next_indices();
-            let batch = train_data.batch(&indices, world.device)?;
-            tokens += batch.input_ids.numel() as i64;
-            let ctx = ForwardCtx::build(
-                &batch.input_ids,
-                batch.attention_mask.as_ref(),
-                batch.segment_ids.as_ref(),
-            )?;
-            // Fused head + loss when the head allows it (no (B*T, V) logits), else generic.
-            engine.forward_backward_causal_lm(&batch.input_ids, &ctx, &batch.labels)?;
-        }
-        if let Some(pending) = &pending_save {
-            // An asynchronous save copies the state this step changes in the background.
-            pending.wait_for_snapshot()?;
-        }
-        let report = engine.step()?;
-        step += 1;
-        state.global_step = step;
-        state.epoch = Some(stream.epoch_progress());
-        state.num_input_tokens_seen += (tokens * world.world_size as i64) as u64;
-        let seconds = started.elapsed().as_secs_f64();
-        let tokens_per_second = (tokens * world.world_size as i64) as f64 / seconds.max(1e-9);
-        first_loss.get_or_insert(report.loss);
-        last_loss = Some(report.loss);
-        window.add(report.loss, report.grad_norm, tokens_per_second);
-        on_step(StepProgress {
-            step,
-            loss: report.loss,
-            tokens_per_second,
-        });
-        let log_now = args.logging_strategy == IntervalStrategy::Steps
-            && (step.is_multiple_of(args.logging_steps.max(1))
-                || step == total_steps
-                || (step == 1 && args.logging_first_step));
-        if log_now {
-            let (loss, grad_norm, tps) = window.take();
-            let metrics = StepMetrics {
-                step,
-                epoch: stream.epoch_progress(),
-                loss,
-                learning_rate: report.lr,
-                grad_norm,
-                loss_scale: report.loss_scale,
-                tokens_per_second: tps,
-                mfu: mfu_percent(flops_per_token, tps, world.device, world.world_size),
-                elapsed_s: reporter.as_ref().map_or(0.0, |r| r.elapsed_s()),
-                eta_s: reporter.as_ref().map_or(0.0, |r| r.eta_s(start_step, step)),
-            };
-            state
-                .log_history
-                .push(serde_json::to_value(&metrics).unwrap_or_default());
-            if let Some(rep) = reporter.as_mut() {
-                rep.log(metrics)?;
-            }
-        }
-        let eval_now = args.eval_strategy == IntervalStrategy::Steps
-            && step.is_multiple_of(args.eval_interval().max(1));
-        if let (true, Some(eval)) = (eval_now || step == total_steps, eval_data.as_ref()) {
-            let _eval_mode = lora.as_ref().map(|l| EvalMode::enter(&l.info));
-            let _phase = super::phase::enter(super::phase::PhaseKind::Eval);
-            let loss = evaluate(&mut engine, eval, &world, micro_batch)?;
-            final_eval = Some(loss);
-            state.log_history.push(
-                serde_json::json!({"step": step, "eval_loss": loss, "eval_perplexity": loss.exp()}),
-            );
-            if let Some(rep) = reporter.as_mut() {
-                rep.log_eval(step, loss)?;
-            }
-        }
-        let save_now = args.save_strategy == IntervalStrategy::Steps
-            && (step.is_multiple_of(args.save_steps.max(1)) || step == total_steps);
-        if save_now {
-            let _phase = super::phase::enter(super::phase::PhaseKind::Save);
-            if let Some(previous) = pending_save.take() {
-                saver.finish(previous, world.comm.as_ref())?;
-            }
-            let extra = serde_json::json!({
-                "seed": args.seed,
-                "step": step,
-                "rank": rank,
-                "world_size": world.world_size,
-                "sampler": stream.state(),
-            });
-            pending_save = saver.save(&mut engine, world.comm.as_ref(), &state, extra)?;
-        }
-    }
-    let _phase = super::phase::enter(super::phase::PhaseKind::FinalWrite);
-    if let Some(previous) = pending_save.take() {
-        saver.finish(previous, world.comm.as_ref())?;
-    }
-    if let Some(rep) = reporter.as_ref() {
-        rep.finish_line();
-    }
-    if let Some(lora) = lora.as_ref() {
-        // The adapters only: the frozen base is not part of a LoRA run's output.
-        let weights = engine.gather_trainable_weights()?;
-        lora.save(&output_dir, &weights, rank == 0)?;
-        if rank == 0 {
-            tokenizer.save(&output_dir)?;
-        }
-    } else {
-        // Streamed block by block (rank 0 writes): no rank holds the whole model again.
-        let max_shard_bytes = outputs::parse_size(&args.max_shard_size)?;
-        checkpoint::export::write_final_weights(
-            &mut engine,
-            &output_dir,
-            kind,
-            max_shard_bytes,
-            rank == 0,
-        )?;
-        if rank == 0 {
-            write_model_config(&output_dir, &model_config, kind)?;
-            tokenizer.save(&output_dir)?;
-        }
-    }
-    if rank == 0 {
-        if let Some(rep) = reporter.as_ref() {
-            outputs::write_loss_curve(&output_dir, rep.history(), &state.log_history)?;
-        }
-        outputs::write_trainer_state(&output_dir, &state)?;
-    }
-    world.comm.barrier()?;
-    Ok(TrainSummary {
-        first_loss,
-        last_loss,
-        final_eval_loss: final_eval,
-        steps: step,
-        output_dir,
-    })
+    Ok((built.engine, lora, built.num_parameters))
 }
 
 /// Restores engine, data position and trainer state from the checkpoint `resume` names;
@@ -445,36 +620,25 @@ fn resume_dir(output_dir: &Path, spec: &str, rank: usize) -> Result<Option<PathB
     Ok(None)
 }
 
-/// The parts of a checkpoint save that stay the same for the whole run.
-struct Saver<'a> {
-    config: &'a TrainConfig,
-    model_config_json: String,
-    tokenizer: &'a Tokenizer,
-    kind: Kind,
-    output_dir: &'a Path,
-    lora: Option<&'a LoraRun>,
-    run: &'a RunRecord,
-}
-
-impl Saver<'_> {
+impl RunContext {
     /// Saves `checkpoint-{global_step}`; with `async_save` returns the save still being
     /// written (finish it with `finish` before the next save or the end).
     fn save(
         &self,
         engine: &mut ZeroEngine,
-        comm: &dyn Communicator,
         state: &TrainerState,
         per_rank_extra: serde_json::Value,
     ) -> Result<Option<PendingSave>> {
+        let comm = self.world.comm.as_ref();
         let args = &self.config.args;
         let zero = &self.config.deepspeed.zero_optimization;
         let request = SaveRequest {
-            output_dir: self.output_dir,
+            output_dir: &self.output_dir,
             step: state.global_step,
             engine,
             comm,
             model_config_json: &self.model_config_json,
-            tokenizer: Some(self.tokenizer),
+            tokenizer: Some(&self.tokenizer),
             trainer_state: state,
             per_rank_extra,
             save_total_limit: args.save_total_limit.map(|n| n as usize),
@@ -484,7 +648,7 @@ impl Saver<'_> {
                 && (!zero.stage.partitions_parameters()
                     || zero.gather_16bit_weights_on_model_save()),
             weights_dtype: self.kind,
-            run: Some(self.run),
+            run: Some(&self.run),
         };
         let (step, rank) = (state.global_step, comm.rank());
         let started = Instant::now();
@@ -500,14 +664,16 @@ impl Saver<'_> {
         if rank == 0 {
             report_save(&dir, started.elapsed().as_secs_f64());
         }
-        if let Some(lora) = self.lora {
+        if let Some(lora) = &self.lora {
             // Collective gather on every rank; rank 0 writes the adapter files.
             lora.save(&dir, &engine.gather_trainable_weights()?, comm.rank() == 0)?;
         }
         Ok(None)
     }
 
-    fn finish(&self, pending: PendingSave, comm: &dyn Communicator) -> Result<()> {
+    /// Waits for an asynchronous save to be complete on every rank.
+    fn finish_save(&self, pending: PendingSave) -> Result<()> {
+        let comm = self.world.comm.as_ref();
         let started = Instant::now();
         let dir = pending.finish(comm)?;
         if comm.rank() == 0 {
