@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::nodes::ssh::{self, RemoteNodes, SshLaunch};
+use crate::nodes::coordinate::follow;
+use crate::nodes::ssh::{self, SshLaunch, SshNodes};
 use crate::plan::cli::{DeviceKind, LaunchArgs, LauncherKind};
 use crate::plan::slurm::SlurmJob;
-use crate::plan::{LaunchPlan, PlanError, PlanInputs};
+use crate::plan::{LaunchPlan, PlanInputs};
 use crate::plan::{envfile, hostfile, resources};
 use crate::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec};
-use crate::supervise::{self, Outcome};
+use crate::supervise::{self, Outcome, SuperviseOptions};
 use anyhow::{Context, Result};
 use output_dir::{Acquired, OutputDirLock};
 use rsdeep_contract::config;
@@ -26,8 +27,8 @@ use rsdeep_proto::tls;
 use tonic::transport::ServerTlsConfig;
 
 use crate::supervise::attempt::{
-    AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, spawn_local_workers,
-    supervise_options, worker_program,
+    AfterAttempt, after_attempt, announce_world, rank_program, report_outcome, resume_point,
+    spawn_local_workers, supervise_options,
 };
 
 /// Marks an error as the user's (bad flag, plan or config): exit code 2.
@@ -39,6 +40,24 @@ fn usage(err: impl std::fmt::Display) -> anyhow::Error {
     UsageError(err.to_string()).into()
 }
 
+/// What this launcher does in its job: decided once from the command line and the plan,
+/// then `run` dispatches on it.
+enum NodeRole {
+    /// The whole job runs on this node.
+    SingleNode,
+    /// Node 0 of a hostfile job: also starts, streams and stops the other nodes over ssh.
+    SshLead(SshLaunch),
+    /// A node the ssh lead started (`--token_stdin`): stops when its ssh session ends and
+    /// runs the attempt node 0 names.
+    SshFollower,
+    /// `--no_ssh --node_rank K`: one node of a job the user starts on every node.
+    ManualNode,
+    /// Node 0 under `--launcher slurm`: decides restarts and stops for every node.
+    SlurmLead,
+    /// Node K >= 1 under `--launcher slurm`: follows node 0's decisions.
+    SlurmFollower,
+}
+
 /// Runs the whole launch; returns the process exit code.
 pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     // Many ranks (and any flood on the rendezvous port) need descriptors.
@@ -46,7 +65,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         eprintln!("rsdeep: warning: cannot raise the open-file limit: {e}");
     }
     let inputs = gather_inputs(&args)?;
-    let (mut plan, ssh_launch) = plan_job(&args, &inputs)?;
+    let (mut plan, role) = plan_job(&args, &inputs)?;
     for warning in &plan.warnings {
         eprintln!("rsdeep: warning: {warning}");
     }
@@ -58,13 +77,9 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     let tls = rendezvous_tls(&args, &mut plan)?;
     if args.dry_run {
         print!("{}", plan.render());
-        print!(
-            "{}",
-            ssh_launch
-                .as_ref()
-                .map(SshLaunch::render)
-                .unwrap_or_default()
-        );
+        if let NodeRole::SshLead(launch) = &role {
+            print!("{}", launch.render());
+        }
         return Ok(0);
     }
     // Held by the deciding launcher until the job ends, restarts included.
@@ -72,7 +87,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         (Some(config), true) => Some(claim_output_dir(config, &plan.job_id)?),
         _ => None,
     };
-    if let Some(launch) = &ssh_launch {
+    if let NodeRole::SshLead(launch) = &role {
         launch.preflight()?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -82,27 +97,22 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         .context("cannot start the async runtime")?;
     let rendezvous = host_rendezvous(&runtime, &mut plan, args.rendezvous_bind_all, tls)?;
     supervise::install_stop_handlers().context("cannot install signal handlers")?;
-    if args.token_stdin {
-        ssh::stop_on_stdin_eof();
-    }
-    let restart_base = match args.token_stdin {
-        true => inherited_restart_count(),
-        false => 0,
-    };
-    let coordinated = args.launcher == LauncherKind::Slurm && plan.nodes.len() > 1;
-    let code = match (coordinated, &rendezvous) {
-        (true, Some((state, _))) => {
-            crate::nodes::coordinate::follow::lead_nodes(&runtime, &plan, state.clone(), started)
+    let state = rendezvous.as_ref().map(|(state, _)| state.clone());
+    let code = match (&role, state) {
+        (NodeRole::SlurmLead, Some(state)) => follow::lead_nodes(&runtime, &plan, state, started),
+        (NodeRole::SlurmLead, None) => Err(anyhow::anyhow!("node 0 hosts no rendezvous")),
+        (NodeRole::SlurmFollower, _) => follow::follow_node0(&runtime, &plan),
+        (NodeRole::SshFollower, state) => {
+            ssh::stop_on_stdin_eof();
+            let restart_base = inherited_restart_count();
+            supervise_attempts(&runtime, &plan, state, None, restart_base, started)
         }
-        (true, None) => crate::nodes::coordinate::follow::follow_node0(&runtime, &plan),
-        (false, _) => supervise_attempts(
-            &runtime,
-            &plan,
-            rendezvous.as_ref().map(|(s, _)| s.clone()),
-            ssh_launch.as_ref(),
-            restart_base,
-            started,
-        ),
+        (NodeRole::SshLead(launch), state) => {
+            supervise_attempts(&runtime, &plan, state, Some(launch), 0, started)
+        }
+        (NodeRole::SingleNode | NodeRole::ManualNode, state) => {
+            supervise_attempts(&runtime, &plan, state, None, 0, started)
+        }
     };
     if let Some((_, mut server)) = rendezvous {
         server.shutdown();
@@ -111,15 +121,31 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     code
 }
 
-/// This node's plan; on node 0 of a multi-host hostfile without `--no_ssh` (the ssh
-/// runner) also the ssh launch of the other nodes. Node 0 is then planned like node 0 of
-/// a `--no_ssh` job whose fresh job id and token it shares over ssh, with the master
-/// address auto-detected unless `--master_addr` is given.
-fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, Option<SshLaunch>)> {
-    match LaunchPlan::build(args, inputs) {
-        Err(PlanError::MultiNodeNeedsNoSsh(_)) => {}
-        other => return Ok((other.map_err(usage)?, None)),
+/// This node's plan and its role in the job.
+fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, NodeRole)> {
+    if LaunchPlan::needs_ssh_runner(args, inputs).map_err(usage)? {
+        let (plan, launch) = plan_ssh_lead(args, inputs)?;
+        return Ok((plan, NodeRole::SshLead(launch)));
     }
+    let plan = LaunchPlan::build(args, inputs).map_err(usage)?;
+    let role = match (plan.nodes.len(), args.launcher, plan.node_rank) {
+        _ if args.token_stdin => NodeRole::SshFollower,
+        (1, _, _) => NodeRole::SingleNode,
+        // A user's program has no rsdeep rendezvous to carry node 0's decisions: each
+        // node supervises its own ranks.
+        (_, LauncherKind::Slurm, _) if plan.runs_user_program() => NodeRole::ManualNode,
+        (_, LauncherKind::Slurm, 0) => NodeRole::SlurmLead,
+        (_, LauncherKind::Slurm, _) => NodeRole::SlurmFollower,
+        _ => NodeRole::ManualNode,
+    };
+    Ok((plan, role))
+}
+
+/// Node 0 of a multi-host hostfile without `--no_ssh` (the ssh runner): planned like node
+/// 0 of a `--no_ssh` job whose fresh job id and token it shares over ssh, with the master
+/// address auto-detected unless `--master_addr` is given; plus the ssh launch of the other
+/// nodes.
+fn plan_ssh_lead(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, SshLaunch)> {
     let mut node0 = args.clone();
     node0.no_ssh = true;
     node0.node_rank = Some(0);
@@ -146,7 +172,7 @@ fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, Optio
     let env = ssh::exported_env(std::env::vars(), &inputs.env_file_vars);
     let hosts = inputs.hostfile.as_deref().unwrap_or_default();
     let launch = SshLaunch::prepare(args, &plan, hosts, &env, &program, &cwd);
-    Ok((plan, Some(launch)))
+    Ok((plan, launch))
 }
 
 /// Where this node writes the resolved config: one folder per job and node (nodes may
@@ -243,10 +269,10 @@ fn slurm_identity(slurm: Option<&SlurmJob>) -> Result<(String, String, bool)> {
 
 /// Resolves train.json for the world size (fail fast) and ships it as `RSDEEP_CONFIG`.
 fn resolve_config(plan: &mut LaunchPlan, job_dir: &Path) -> Result<Option<config::TrainConfig>> {
-    let Some(path) = plan.config_path.clone() else {
+    let Some(path) = plan.config_path().map(Path::to_path_buf) else {
         return Ok(None);
     };
-    let resolved = config::load(&path, &plan.overrides, plan.world_size()).map_err(usage)?;
+    let resolved = config::load(&path, plan.overrides(), plan.world_size()).map_err(usage)?;
     for warning in &resolved.warnings {
         eprintln!("rsdeep: warning: {warning}");
     }
@@ -324,6 +350,13 @@ fn host_rendezvous(
     bind_all: bool,
     tls: Option<ServerTlsConfig>,
 ) -> Result<Option<(Arc<RendezvousState>, ServerHandle)>> {
+    if plan.runs_user_program() {
+        // The user's program rendezvouses by itself (torch.distributed on MASTER_PORT).
+        if plan.master_port == 0 {
+            plan.set_master_port(free_port(&plan.master_addr)?);
+        }
+        return Ok(None);
+    }
     if !plan.hosts_rendezvous() {
         return Ok(None);
     }
@@ -363,6 +396,14 @@ fn host_rendezvous(
 /// Where the rendezvous may listen, tried in order: the master address's resolutions
 /// only, or every interface with `--rendezvous_bind_all`. Empty when the master address
 /// does not resolve (the caller reports it).
+/// A port nobody listens on at `addr` right now (for a user program's MASTER_PORT under
+/// `--master_port 0`).
+fn free_port(addr: &str) -> Result<u16> {
+    let listener = std::net::TcpListener::bind((addr, 0))
+        .with_context(|| format!("cannot find a free port on {addr}"))?;
+    Ok(listener.local_addr()?.port())
+}
+
 fn bind_candidates(master_addr: &str, port: u16, bind_all: bool) -> Vec<SocketAddr> {
     if bind_all {
         return vec![SocketAddr::from(([0, 0, 0, 0], port))];
@@ -402,8 +443,7 @@ fn supervise_attempts(
     restart_base: u32,
     started: Instant,
 ) -> Result<i32> {
-    let program = worker_program()?;
-    let options = supervise_options(plan);
+    let program = rank_program(plan)?;
     let local: Vec<_> = plan.local_ranks().collect();
     for attempt in 0..=plan.max_restarts {
         let restart_count = restart_base + attempt;
@@ -413,12 +453,15 @@ fn supervise_attempts(
             announce_world(runtime, state.clone(), started);
         }
         let remote = match ssh_launch {
-            Some(launch) => Some(RemoteNodes::start(launch, &plan.token, restart_count)?),
+            Some(launch) => Some(SshNodes::start(launch, &plan.token, restart_count)?),
             None => None,
+        };
+        let options = SuperviseOptions {
+            stop_source: remote.as_ref().map(SshNodes::stop_source),
+            ..supervise_options(plan)
         };
         let mut workers = spawn_local_workers(&program, &local, restart_count, plan)?;
         let outcome = supervise::watch(&mut workers, state.as_deref(), &options);
-        let outcome = ssh::blame_remote_node(outcome);
         let outcome = match (&outcome, &remote) {
             (Outcome::Success, Some(remote)) => remote.wait_for_remote_nodes(),
             _ => outcome,
@@ -445,7 +488,6 @@ fn supervise_attempts(
             }
             AfterAttempt::Restart => {}
         }
-        ssh::forget_remote_failure();
         let generation = state.as_ref().map(|s| s.next_generation());
         eprintln!(
             "rsdeep: restarting the job ({}/{}){}: {}",

@@ -27,7 +27,7 @@ use nix::unistd::Pid;
 use crate::plan::LaunchPlan;
 use crate::plan::cli::LaunchArgs;
 use crate::plan::hostfile::HostEntry;
-use crate::supervise::{self, Outcome, STOP_SIGNAL};
+use crate::supervise::{self, Outcome, STOP_SIGNAL, StopSource};
 use rsdeep_contract::env as ev;
 
 /// Extra ssh arguments before rsdeep's own options (`rsdeep_contract::env::SSH_ARGS`).
@@ -227,6 +227,15 @@ pub fn remote_launcher_args(
     }
     flag("--join_timeout", args.join_timeout.to_string());
     flag("--grace_period", args.grace_period.to_string());
+    if let Some(python) = &args.python {
+        flag("--python", python.clone());
+    }
+    if let Some(cores) = &args.bind_core_list {
+        flag("--bind_core_list", cores.clone());
+    }
+    if let Some(timeout) = args.hang_timeout {
+        flag("--hang_timeout", timeout.to_string());
+    }
     out.extend(["--no_ssh".to_string(), "--token_stdin".to_string()]);
     if args.bind_cores_to_rank {
         out.push("--bind_cores_to_rank".to_string());
@@ -234,6 +243,17 @@ pub fn remote_launcher_args(
     if args.selftest {
         out.push("--selftest".to_string());
     }
+    let switches = [
+        (args.module, "--module"),
+        (args.no_python, "--no_python"),
+        (args.no_local_rank, "--no_local_rank"),
+    ];
+    out.extend(
+        switches
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| name.to_string()),
+    );
     out.extend(args.config_and_overrides.iter().cloned());
     out
 }
@@ -569,46 +589,6 @@ pub struct RemoteFailure {
     pub description: String,
 }
 
-/// The first remote node that failed in this launcher process (node 0 only). A process
-/// runs one job, like `STOP_SIGNAL`, so this is process-wide too.
-static FIRST_REMOTE_FAILURE: Mutex<Option<RemoteFailure>> = Mutex::new(None);
-/// Set once the remote failure was printed as the job's failure.
-static REMOTE_FAILURE_REPORTED: AtomicBool = AtomicBool::new(false);
-/// Set when the ssh monitor (not a signal) put `SIGTERM` into `STOP_SIGNAL`.
-static STOPPED_BY_REMOTE: AtomicBool = AtomicBool::new(false);
-
-/// The first remote node that failed, if any.
-pub fn first_remote_failure() -> Option<RemoteFailure> {
-    lock(&FIRST_REMOTE_FAILURE).clone()
-}
-
-/// Before node 0 starts the job again: forgets the remote failure of the attempt that
-/// ended and the stop it caused (a signal from the user is kept).
-pub fn forget_remote_failure() {
-    *lock(&FIRST_REMOTE_FAILURE) = None;
-    REMOTE_FAILURE_REPORTED.store(false, Ordering::SeqCst);
-    if STOPPED_BY_REMOTE.swap(false, Ordering::SeqCst) {
-        let _ = STOP_SIGNAL.compare_exchange(libc::SIGTERM, 0, Ordering::SeqCst, Ordering::SeqCst);
-    }
-}
-
-/// Node 0's supervisor stops with `Interrupted` when the ssh monitor saw a remote node
-/// fail: turn that into the failure it really is (its report names the node).
-pub fn blame_remote_node(outcome: Outcome) -> Outcome {
-    match (&outcome, first_remote_failure()) {
-        (Outcome::Interrupted { signal }, Some(failure)) if *signal == libc::SIGTERM => {
-            REMOTE_FAILURE_REPORTED.store(true, Ordering::SeqCst);
-            Outcome::WorkerFailed {
-                rank: *failure.ranks.start(),
-                exit_code: failure.exit_code,
-                report: format!("rsdeep: {failure}\n"),
-                at_ms: supervise::unix_ms(),
-            }
-        }
-        _ => outcome,
-    }
-}
-
 impl std::fmt::Display for RemoteFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let hint = if self.exit_code == 255 {
@@ -639,17 +619,51 @@ struct RemoteProcess {
     status: Option<ExitStatus>,
 }
 
-/// State shared by node 0's main thread and the thread that watches the ssh children.
+/// State shared by node 0's main thread, the thread that watches the ssh children and
+/// the supervisor (through `RemoteFailureStop`), for one attempt.
 #[derive(Debug, Default)]
 struct Shared {
     processes: Mutex<Vec<RemoteProcess>>,
     stopping: AtomicBool,
+    /// The first remote node that failed while the attempt ran.
+    first_failure: Mutex<Option<RemoteFailure>>,
+    /// Set once that failure was returned as the attempt's outcome.
+    failure_reported: AtomicBool,
+}
+
+impl Shared {
+    fn first_failure(&self) -> Option<RemoteFailure> {
+        lock(&self.first_failure).clone()
+    }
+
+    /// The remote failure as the attempt's outcome (its report names the node).
+    fn failure_outcome(&self) -> Option<Outcome> {
+        let failure = self.first_failure()?;
+        self.failure_reported.store(true, Ordering::SeqCst);
+        Some(Outcome::WorkerFailed {
+            rank: *failure.ranks.start(),
+            exit_code: failure.exit_code,
+            report: format!("rsdeep: {failure}\n"),
+            at_ms: supervise::unix_ms(),
+        })
+    }
+}
+
+/// The supervisor's stop source on node 0 of an ssh job: a remote node's failure ends
+/// the attempt, reported as that node's failure.
+#[derive(Debug)]
+struct RemoteFailureStop(Arc<Shared>);
+
+impl StopSource for RemoteFailureStop {
+    fn stop_outcome(&self) -> Option<Outcome> {
+        self.0.failure_outcome()
+    }
 }
 
 impl Shared {
     /// Polls every ssh child once; the first non-zero exit while the job runs becomes
-    /// the failure and stops node 0's supervisor (through `STOP_SIGNAL`). Returns true
-    /// when every child has exited.
+    /// the failure (which ends node 0's attempt through `RemoteFailureStop`). Returns
+    /// true when every child has exited.
     fn poll(&self) -> bool {
         let mut processes = lock(&self.processes);
         for process in processes.iter_mut().filter(|p| p.status.is_none()) {
@@ -660,38 +674,28 @@ impl Shared {
             if status.success() || self.stopping.load(Ordering::SeqCst) {
                 continue;
             }
-            let mut failure = lock(&FIRST_REMOTE_FAILURE);
-            if failure.is_none() {
-                *failure = Some(RemoteFailure {
-                    node_rank: process.node_rank,
-                    host: process.host.clone(),
-                    ranks: process.ranks.clone(),
-                    exit_code: supervise::exit_code_of(status),
-                    description: supervise::describe_status(status),
-                });
-                let stopped = STOP_SIGNAL.compare_exchange(
-                    0,
-                    libc::SIGTERM,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                );
-                STOPPED_BY_REMOTE.store(stopped.is_ok(), Ordering::SeqCst);
-            }
+            lock(&self.first_failure).get_or_insert_with(|| RemoteFailure {
+                node_rank: process.node_rank,
+                host: process.host.clone(),
+                ranks: process.ranks.clone(),
+                exit_code: supervise::exit_code_of(status),
+                description: supervise::describe_status(status),
+            });
         }
         processes.iter().all(|p| p.status.is_some())
     }
 }
 
-/// The running remote launchers of a job, seen from node 0.
+/// The running remote launchers of one attempt of an ssh job, seen from node 0.
 #[derive(Debug)]
-pub struct RemoteNodes {
+pub struct SshNodes {
     shared: Arc<Shared>,
     stdins: Vec<ChildStdin>,
     readers: Vec<JoinHandle<()>>,
     monitor: Option<JoinHandle<()>>,
 }
 
-impl RemoteNodes {
+impl SshNodes {
     /// Starts one ssh per remote node (attempt `restart_count` of the job: its remote
     /// launchers pass it to their workers) and sends each the token line. Call from the
     /// main thread: every ssh gets SIGKILL when the thread that spawned it dies, so a
@@ -700,8 +704,8 @@ impl RemoteNodes {
         launch: &SshLaunch,
         token: &str,
         restart_count: u32,
-    ) -> Result<RemoteNodes, SshError> {
-        let mut nodes = RemoteNodes {
+    ) -> Result<SshNodes, SshError> {
+        let mut nodes = SshNodes {
             shared: Arc::new(Shared::default()),
             stdins: Vec::new(),
             readers: Vec::new(),
@@ -786,29 +790,25 @@ impl RemoteNodes {
         while !self.all_exited() && STOP_SIGNAL.load(Ordering::SeqCst) == 0 {
             std::thread::sleep(POLL);
         }
-        match first_remote_failure() {
-            Some(failure) => {
-                REMOTE_FAILURE_REPORTED.store(true, Ordering::SeqCst);
-                Outcome::WorkerFailed {
-                    rank: *failure.ranks.start(),
-                    exit_code: failure.exit_code,
-                    report: format!("rsdeep: {failure}\n"),
-                    at_ms: supervise::unix_ms(),
-                }
-            }
-            None => match STOP_SIGNAL.load(Ordering::SeqCst) {
+        self.shared
+            .failure_outcome()
+            .unwrap_or_else(|| match STOP_SIGNAL.load(Ordering::SeqCst) {
                 0 => Outcome::Success,
                 signal => Outcome::Interrupted { signal },
-            },
-        }
+            })
+    }
+
+    /// What ends node 0's attempt when a remote node fails (`SuperviseOptions::stop_source`).
+    pub fn stop_source(&self) -> Arc<dyn StopSource> {
+        Arc::new(RemoteFailureStop(self.shared.clone()))
     }
 
     /// Ends the attempt on every remote node (see `stop`) and mentions a remote failure
     /// that the attempt's report did not name.
     pub fn stop_all(mut self, grace: Duration) {
         self.stop(grace);
-        if let Some(failure) = first_remote_failure()
-            && !REMOTE_FAILURE_REPORTED.load(Ordering::SeqCst)
+        if let Some(failure) = self.shared.first_failure()
+            && !self.shared.failure_reported.load(Ordering::SeqCst)
         {
             eprintln!("rsdeep: also: {failure}");
         }
@@ -853,7 +853,7 @@ impl RemoteNodes {
     }
 }
 
-impl Drop for RemoteNodes {
+impl Drop for SshNodes {
     fn drop(&mut self) {
         if !self.stdins.is_empty() {
             self.stop(Duration::ZERO);
