@@ -77,7 +77,19 @@ pub struct Launcher {
 impl Launcher {
     /// Starts `rsdeep args...` in a fresh temp folder with `envs` added.
     pub fn start(args: &[&str], envs: &[(&str, String)]) -> Launcher {
+        Launcher::start_with_files(args, envs, &[])
+    }
+
+    /// Like `start`, with `files` (name, content) written into the folder first.
+    pub fn start_with_files(
+        args: &[&str],
+        envs: &[(&str, String)],
+        files: &[(&str, &str)],
+    ) -> Launcher {
         let dir = tempfile::tempdir().expect("temp dir");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("launcher folder file");
+        }
         let stdout = File::create(dir.path().join("stdout")).expect("stdout file");
         let stderr = File::create(dir.path().join("stderr")).expect("stderr file");
         let mut command = Command::new(binary("rsdeep"));

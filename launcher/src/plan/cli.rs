@@ -30,11 +30,36 @@ pub enum LauncherKind {
     Ssh,
     Slurm,
     Local,
+    /// DeepSpeed's default multi-node runner: pdsh starts every node's launcher.
+    Pdsh,
+    /// MPI runners (DeepSpeed's `openmpi`, `mpich`, `impi`, `mvapich`): not built yet.
+    Openmpi,
+    Mpich,
+    Impi,
+    Mvapich,
+}
+
+impl LauncherKind {
+    /// The name as typed on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LauncherKind::Ssh => "ssh",
+            LauncherKind::Slurm => "slurm",
+            LauncherKind::Local => "local",
+            LauncherKind::Pdsh => "pdsh",
+            LauncherKind::Openmpi => "openmpi",
+            LauncherKind::Mpich => "mpich",
+            LauncherKind::Impi => "impi",
+            LauncherKind::Mvapich => "mvapich",
+        }
+    }
 }
 
 /// `rsdeep [launcher flags] train.json [--key value ...]`
+/// `rsdeep [launcher flags] your_script.py [script args ...]`
 ///
 /// One node, 8 GPUs:            rsdeep --num_gpus 8 train.json
+/// Your own script, as deepspeed: rsdeep --num_gpus 8 train.py --deepspeed ds_config.json
 /// No GPU, 4 CPU ranks:         rsdeep --device cpu --num_procs 4 train.json
 /// Many nodes over ssh:         rsdeep -H hosts --num_gpus 8 train.json
 /// Node k of a manual cluster:  rsdeep --no_ssh --node_rank K --master_addr HOST0 -H hosts train.json
@@ -133,6 +158,50 @@ pub struct LaunchArgs {
     /// Run the rendezvous selftest in every worker instead of training.
     #[arg(long = "selftest")]
     pub selftest: bool,
+    /// User programs: the Python interpreter that runs the script (default: `python3` on
+    /// PATH; DeepSpeed uses the interpreter it was installed in).
+    #[arg(long = "python")]
+    pub python: Option<String>,
+    /// User programs: run the program as a Python module (`python -u -m MODULE`).
+    #[arg(short = 'm', long = "module")]
+    pub module: bool,
+    /// User programs: run the program directly, not through Python.
+    #[arg(long = "no_python")]
+    pub no_python: bool,
+    /// User programs: do not pass `--local_rank=N` (the program reads LOCAL_RANK).
+    #[arg(long = "no_local_rank")]
+    pub no_local_rank: bool,
+    /// User programs: when no rank prints a line and no rank uses CPU for this many
+    /// seconds, report the hang (with a `py-spy dump` of every rank when installed) and
+    /// stop the job. Off by default.
+    #[arg(long = "hang_timeout")]
+    pub hang_timeout: Option<f64>,
+    /// Cores to bind ranks to with `--bind_cores_to_rank`, e.g. `0-7,16-23` (default:
+    /// every core).
+    #[arg(long = "bind_core_list")]
+    pub bind_core_list: Option<String>,
+    /// Write the launcher's pid to `/tmp/<pid>.rsdeep` (and `.deepspeed`) while it runs.
+    #[arg(long = "save_pid")]
+    pub save_pid: bool,
+    /// Extra arguments for the multi-node runner program (pdsh, srun).
+    #[arg(long = "launcher_args", default_value = "", allow_hyphen_values = true)]
+    pub launcher_args: String,
+    /// Treat a single-node hostfile as a multi-node job (DeepSpeed's `--force_multi`).
+    #[arg(long = "force_multi")]
+    pub force_multi: bool,
+    /// A comment for the job (passed to `srun --comment` under `--launcher slurm`).
+    #[arg(long = "comment", default_value = "")]
+    pub comment: String,
+    /// DeepSpeed's autotuner: not part of rsdeep (refused with a message).
+    #[arg(long = "autotuning", value_name = "tune|run")]
+    pub autotuning: Option<String>,
+    /// Older DeepSpeed's elastic training flags: refused with a message.
+    #[arg(long = "elastic_training")]
+    pub elastic_training: bool,
+    #[arg(long = "min_elastic_nodes")]
+    pub min_elastic_nodes: Option<i64>,
+    #[arg(long = "max_elastic_nodes")]
+    pub max_elastic_nodes: Option<i64>,
     /// Internal (ssh runner): read `RSDEEP_TOKEN` from the first stdin line and stop the
     /// job when stdin closes.
     #[arg(long = "token_stdin", hide = true)]
@@ -141,11 +210,12 @@ pub struct LaunchArgs {
     /// reading `--hostfile` on this node.
     #[arg(long = "world_hosts", hide = true)]
     pub world_hosts: Option<String>,
-    /// `train.json` followed by `--key value` overrides of its keys.
+    /// `train.json` followed by `--key value` overrides of its keys, or the user's
+    /// program followed by its own arguments.
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
-        value_name = "TRAIN_JSON [--key value ...]"
+        value_name = "TRAIN_JSON [--key value ...] | SCRIPT [ARGS ...]"
     )]
     pub config_and_overrides: Vec<String>,
 }

@@ -1,11 +1,15 @@
-//! `.rsdeep_env` files: `KEY=VALUE` lines exported to every worker, read from the home
-//! directory and then the working directory (the later file wins), like DeepSpeed's
-//! `.deepspeed_env` but with `#` comments and blank lines allowed.
+//! Env files: `KEY=VALUE` lines exported to every rank on every node. DeepSpeed users'
+//! `.deepspeed_env` is read as well as rsdeep's `.rsdeep_env`, each from the home
+//! directory and then the working directory; later files win (`.rsdeep_env` over
+//! `.deepspeed_env`, the working directory over home). `#` comments and blank lines are
+//! allowed.
 
 use std::path::{Path, PathBuf};
 
-/// File name looked up in `$HOME` and in the current directory.
+/// rsdeep's file name, looked up in `$HOME` and in the current directory.
 pub const ENV_FILE_NAME: &str = ".rsdeep_env";
+/// DeepSpeed's file name, read first (so `.rsdeep_env` wins where both set a key).
+pub const DEEPSPEED_ENV_FILE_NAME: &str = ".deepspeed_env";
 
 /// Why an env file was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,16 +51,20 @@ pub fn parse_env_file(path: &Path, text: &str) -> Result<Vec<(String, String)>, 
     Ok(vars)
 }
 
-/// Variables from `<home>/.rsdeep_env` then `<cwd>/.rsdeep_env` (missing files are
-/// fine; the same file is read once when home is the working directory).
+/// Variables from `.deepspeed_env` then `.rsdeep_env`, each from `<home>` then `<cwd>`
+/// (missing files are fine; a file is read once when home is the working directory).
 pub fn load_env_files(
     home: Option<&Path>,
     cwd: &Path,
 ) -> Result<Vec<(String, String)>, EnvFileError> {
-    let mut paths: Vec<PathBuf> = home.map(|h| h.join(ENV_FILE_NAME)).into_iter().collect();
-    let local = cwd.join(ENV_FILE_NAME);
-    if !paths.contains(&local) {
-        paths.push(local);
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for name in [DEEPSPEED_ENV_FILE_NAME, ENV_FILE_NAME] {
+        for dir in home.into_iter().chain([cwd]) {
+            let path = dir.join(name);
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
     }
     let mut vars = Vec::new();
     for path in paths {
@@ -100,6 +108,27 @@ mod tests {
             "/h/.rsdeep_env:2: expected KEY=VALUE, found \"BROKEN\""
         );
         assert!(parse_env_file(Path::new("f"), "=x").is_err());
+    }
+
+    #[test]
+    fn deepspeed_env_is_read_and_rsdeep_env_wins() {
+        let home = tempfile::tempdir().unwrap();
+        let cwd = tempfile::tempdir().unwrap();
+        std::fs::write(
+            cwd.path().join(DEEPSPEED_ENV_FILE_NAME),
+            "NCCL_IB_DISABLE=1\nA=ds\n",
+        )
+        .unwrap();
+        std::fs::write(home.path().join(ENV_FILE_NAME), "A=rsdeep\n").unwrap();
+        let vars = load_env_files(Some(home.path()), cwd.path()).unwrap();
+        let last = |key: &str| {
+            vars.iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(last("NCCL_IB_DISABLE"), Some("1"));
+        assert_eq!(last("A"), Some("rsdeep"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod envfile;
 pub mod hostfile;
 pub mod hostlist;
+pub mod program;
 pub mod resources;
 pub mod slurm;
 
@@ -19,6 +20,7 @@ use std::time::Duration;
 use crate::plan::cli::{DeviceKind, LaunchArgs, LauncherKind};
 use crate::plan::hostfile::HostEntry;
 use crate::plan::slurm::{SlurmError, SlurmJob};
+use program::{Program, ProgramError};
 use resources::{ResourceError, ResourcePool};
 use rsdeep_contract::env as ev;
 
@@ -63,6 +65,9 @@ pub struct RankPlan {
     pub cpu_cores: Option<Vec<usize>>,
     /// The complete set of variables the launcher sets for this rank.
     pub env: BTreeMap<String, String>,
+    /// Arguments of the rank's program (a user program's `--local_rank=N` and its own
+    /// arguments; none for rsdeep's worker).
+    pub args: Vec<String>,
 }
 
 /// One node of the job and the slots it runs.
@@ -87,8 +92,8 @@ pub struct LaunchPlan {
     /// Every rank of every node, in rank order.
     pub ranks: Vec<RankPlan>,
     pub selftest: bool,
-    pub config_path: Option<PathBuf>,
-    pub overrides: Vec<String>,
+    /// What every rank runs: rsdeep's worker with train.json, or the user's program.
+    pub program: Program,
     /// The resolved train.json's `output_dir` (`adopt_config`); None before or without one.
     pub output_dir: Option<PathBuf>,
     pub join_timeout: Duration,
@@ -123,8 +128,9 @@ pub enum PlanError {
     #[error("--node_rank {node_rank} is out of range: the job has {num_nodes} node(s)")]
     NodeRankOutOfRange { node_rank: usize, num_nodes: usize },
     #[error(
-        "this job has {0} nodes: multi-node launch over ssh is not built yet; start \
-         `rsdeep --no_ssh --node_rank K --master_addr <node-0 address> ...` on every node"
+        "this job has {0} nodes: plan node 0 of the ssh runner with --no_ssh --node_rank 0 \
+         (`LaunchPlan::needs_ssh_runner`), or start `rsdeep --no_ssh --node_rank K \
+         --master_addr <node-0 address> ...` on every node"
     )]
     MultiNodeNeedsNoSsh(usize),
     #[error("multi-node jobs need --node_rank K (or SLURM_NODEID under --launcher slurm)")]
@@ -138,10 +144,24 @@ pub enum PlanError {
         ev::TOKEN
     )]
     MissingSharedJob,
+    #[error("--bind_core_list {0:?}: expected core numbers and ranges like 0-7,16,18-23")]
+    BadCoreList(String),
     #[error("cannot bind {ranks} local ranks to {cores} cores")]
     TooFewCores { ranks: usize, cores: usize },
-    #[error("a train.json path is required (or pass --selftest to only test the rendezvous)")]
-    MissingConfig,
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    #[error(
+        "--autotuning runs DeepSpeed's autotuner, which rsdeep does not include: tune with `deepspeed --autotuning tune ...`, then launch the config it writes with rsdeep"
+    )]
+    Autotuning,
+    #[error(
+        "--elastic_training / --min_elastic_nodes / --max_elastic_nodes (DeepSpeed's elastic agent) are not built in rsdeep: use --max_restarts N to restart the whole job after a failure (it resumes from its newest checkpoint)"
+    )]
+    ElasticTraining,
+    #[error(
+        "--launcher {0} is not built in rsdeep yet: use --launcher ssh with the same hostfile (rsdeep's own ssh runner), or --launcher slurm inside a SLURM allocation"
+    )]
+    LauncherNotBuilt(&'static str),
     #[error(
         "--heartbeat_interval {interval} must be a positive number of seconds shorter than --heartbeat_timeout {timeout}"
     )]
@@ -164,9 +184,8 @@ impl LaunchPlan {
         if args.master_port == 0 && nodes.len() > 1 {
             return Err(PlanError::FreePortMultiNode);
         }
-        if args.config_path().is_none() && !args.selftest {
-            return Err(PlanError::MissingConfig);
-        }
+        let program = Program::from_args(args)?;
+        refuse_unsupported(args, nodes.len())?;
         let master_addr = match args.master_addr.as_str() {
             "" if nodes.len() == 1 => "127.0.0.1".to_string(),
             "" => nodes[0].host.clone(),
@@ -182,9 +201,8 @@ impl LaunchPlan {
             nodes,
             ranks: Vec::new(),
             selftest: args.selftest,
-            config_path: args.config_path(),
+            program,
             output_dir: None,
-            overrides: args.overrides().to_vec(),
             join_timeout: secs(args.join_timeout),
             heartbeat_timeout: None,
             heartbeat_interval: Duration::ZERO,
@@ -195,8 +213,27 @@ impl LaunchPlan {
         };
         (plan.heartbeat_timeout, plan.heartbeat_interval) =
             heartbeat_settings(args.heartbeat_timeout, args.heartbeat_interval, None)?;
-        plan.ranks = plan.layout_ranks(args.bind_cores_to_rank, inputs)?;
+        if plan.runs_user_program() {
+            // A user's program sends no heartbeats: `--hang_timeout` watches it instead.
+            plan.heartbeat_timeout = None;
+        }
+        let cores = match (&args.bind_core_list, args.bind_cores_to_rank) {
+            (Some(list), true) => Some(parse_core_list(list)?),
+            (None, true) => Some((0..inputs.total_cores).collect()),
+            (_, false) => None,
+        };
+        plan.ranks = plan.layout_ranks(cores.as_deref(), inputs)?;
         Ok(plan)
+    }
+
+    /// Whether this launcher must run the ssh runner: node 0 of a job whose hostfile
+    /// selects several hosts, without `--no_ssh`. That node is then planned with
+    /// `--no_ssh --node_rank 0` (`build` refuses the multi-node plan without it).
+    pub fn needs_ssh_runner(args: &LaunchArgs, inputs: &PlanInputs) -> Result<bool, PlanError> {
+        if args.launcher != LauncherKind::Ssh || args.no_ssh {
+            return Ok(false);
+        }
+        Ok(select_resources(args, inputs, &mut Vec::new())?.len() > 1)
     }
 
     /// Takes what the plan needs from the resolved train.json (loaded once, by the
@@ -227,6 +264,27 @@ impl LaunchPlan {
     }
 
     /// Total number of ranks.
+    /// The train.json path, when rsdeep's own trainer runs.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        match &self.program {
+            Program::BuiltIn { config, .. } => config.as_deref(),
+            Program::User(_) => None,
+        }
+    }
+
+    /// The `--key value` overrides of train.json.
+    pub fn overrides(&self) -> &[String] {
+        match &self.program {
+            Program::BuiltIn { overrides, .. } => overrides,
+            Program::User(_) => &[],
+        }
+    }
+
+    /// Whether the ranks run the user's program instead of rsdeep's worker.
+    pub fn runs_user_program(&self) -> bool {
+        self.program.user().is_some()
+    }
+
     pub fn world_size(&self) -> usize {
         self.ranks.len()
     }
@@ -256,25 +314,28 @@ impl LaunchPlan {
         }
     }
 
+    /// Every rank of every node; with `cores` (`--bind_cores_to_rank`), each local rank
+    /// gets an equal consecutive share of them.
     fn layout_ranks(
         &self,
-        bind_cores: bool,
+        cores: Option<&[usize]>,
         inputs: &PlanInputs,
     ) -> Result<Vec<RankPlan>, PlanError> {
         let mut ranks = Vec::new();
         for (node_rank, node) in self.nodes.iter().enumerate() {
             let local_size = node.slots.len();
-            let cores_per_rank = inputs.total_cores / local_size.max(1);
-            if bind_cores && cores_per_rank == 0 {
+            let cores_per_rank = cores.map_or(0, |c| c.len() / local_size.max(1));
+            if let Some(cores) = cores
+                && cores_per_rank == 0
+            {
                 return Err(PlanError::TooFewCores {
                     ranks: local_size,
-                    cores: inputs.total_cores,
+                    cores: cores.len(),
                 });
             }
             for (local_rank, &slot) in node.slots.iter().enumerate() {
-                let cpu_cores = bind_cores.then(|| {
-                    (local_rank * cores_per_rank..(local_rank + 1) * cores_per_rank).collect()
-                });
+                let share = local_rank * cores_per_rank..(local_rank + 1) * cores_per_rank;
+                let cpu_cores = cores.map(|cores| cores[share].to_vec());
                 let mut rank = RankPlan {
                     rank: ranks.len(),
                     local_rank,
@@ -283,8 +344,16 @@ impl LaunchPlan {
                     device_index: (self.device == DeviceKind::Cuda).then_some(slot),
                     cpu_cores,
                     env: BTreeMap::new(),
+                    args: self
+                        .program
+                        .user()
+                        .map(|user| user.args_for(local_rank))
+                        .unwrap_or_default(),
                 };
-                rank.env = self.rank_env(&rank, local_size, inputs);
+                rank.env = match self.program {
+                    Program::BuiltIn { .. } => self.rank_env(&rank, local_size, inputs),
+                    Program::User(_) => self.user_rank_env(&rank, node, inputs),
+                };
                 ranks.push(rank);
             }
         }
@@ -293,6 +362,39 @@ impl LaunchPlan {
             rank.env.insert(ev::WORLD_SIZE.into(), world.clone());
         }
         Ok(ranks)
+    }
+
+    /// The environment DeepSpeed's `launch.py` gives each rank of a user's program (so
+    /// that torch.distributed, DeepSpeed, accelerate and HF Trainer work unchanged), plus
+    /// the env files and the thread count. No rsdeep token or rendezvous variables: the
+    /// program does not talk to rsdeep. CUDA_VISIBLE_DEVICES lists every device this node
+    /// uses (DeepSpeed's rule: the program picks `cuda:LOCAL_RANK`).
+    fn user_rank_env(
+        &self,
+        rank: &RankPlan,
+        node: &NodePlan,
+        inputs: &PlanInputs,
+    ) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = inputs.env_file_vars.iter().cloned().collect();
+        let local_size = node.slots.len();
+        let pairs = [
+            (ev::RANK, rank.rank.to_string()),
+            (ev::LOCAL_RANK, rank.local_rank.to_string()),
+            (ev::LOCAL_SIZE, local_size.to_string()),
+            (ev::LOCAL_WORLD_SIZE, local_size.to_string()),
+            (ev::CROSS_RANK, rank.node_rank.to_string()),
+            (ev::CROSS_SIZE, self.nodes.len().to_string()),
+            (ev::GROUP_RANK, rank.node_rank.to_string()),
+            (ev::MASTER_ADDR, self.master_addr.clone()),
+            (ev::MASTER_PORT, self.master_port.to_string()),
+        ];
+        env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
+        if self.device == DeviceKind::Cuda {
+            let visible: Vec<String> = node.slots.iter().map(usize::to_string).collect();
+            env.insert(ev::CUDA_VISIBLE_DEVICES.into(), visible.join(","));
+        }
+        self.set_thread_count(&mut env, rank, local_size, inputs);
+        env
     }
 
     fn rank_env(
@@ -337,6 +439,19 @@ impl LaunchPlan {
             ),
         ];
         env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
+        self.set_thread_count(&mut env, rank, local_size, inputs);
+        env
+    }
+
+    /// OMP_NUM_THREADS: the bound cores' count, else the node's cores shared by its ranks
+    /// unless the user set it.
+    fn set_thread_count(
+        &self,
+        env: &mut BTreeMap<String, String>,
+        rank: &RankPlan,
+        local_size: usize,
+        inputs: &PlanInputs,
+    ) {
         if let Some(cores) = &rank.cpu_cores {
             env.insert(ev::OMP_NUM_THREADS.into(), cores.len().to_string());
         } else if !inputs.omp_threads_from_user && !env.contains_key(ev::OMP_NUM_THREADS) {
@@ -345,7 +460,6 @@ impl LaunchPlan {
             let threads = (inputs.total_cores / local_size.max(1)).max(1);
             env.insert(ev::OMP_NUM_THREADS.into(), threads.to_string());
         }
-        env
     }
 
     /// The `--dry_run` report: every rank's host, device and environment (token hidden).
@@ -382,6 +496,41 @@ impl LaunchPlan {
             }
         }
         out
+    }
+}
+
+/// `--bind_core_list`: `1,3-5,7` → [1, 3, 4, 5, 7] (DeepSpeed's syntax).
+fn parse_core_list(text: &str) -> Result<Vec<usize>, PlanError> {
+    let bad = || PlanError::BadCoreList(text.to_string());
+    let mut cores = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        let first: usize = first.trim().parse().map_err(|_| bad())?;
+        let last: usize = last.trim().parse().map_err(|_| bad())?;
+        if first > last {
+            return Err(bad());
+        }
+        cores.extend(first..=last);
+    }
+    Ok(cores)
+}
+
+/// DeepSpeed runner features rsdeep does not have, refused with what to do instead. The
+/// multi-node runner only matters when there are several nodes (DeepSpeed ignores it
+/// on one node too).
+fn refuse_unsupported(args: &LaunchArgs, num_nodes: usize) -> Result<(), PlanError> {
+    if args.autotuning.is_some() {
+        return Err(PlanError::Autotuning);
+    }
+    if args.elastic_training || args.min_elastic_nodes.is_some() || args.max_elastic_nodes.is_some()
+    {
+        return Err(PlanError::ElasticTraining);
+    }
+    let multi_node = num_nodes > 1 || args.force_multi;
+    match args.launcher {
+        LauncherKind::Ssh | LauncherKind::Slurm | LauncherKind::Local => Ok(()),
+        _ if !multi_node => Ok(()),
+        other => Err(PlanError::LauncherNotBuilt(other.as_str())),
     }
 }
 
@@ -874,9 +1023,9 @@ mod tests {
             let list = [&cpu[..], flags, &[&config], overrides].concat();
             let launch_args = args(&list);
             let mut plan = LaunchPlan::build(&launch_args, &inputs()).unwrap();
-            let path = plan.config_path.clone().unwrap();
+            let path = plan.config_path().unwrap().to_path_buf();
             let resolved =
-                rsdeep_contract::config::load(&path, &plan.overrides, plan.world_size()).unwrap();
+                rsdeep_contract::config::load(&path, plan.overrides(), plan.world_size()).unwrap();
             plan.adopt_config(&launch_args, &resolved).unwrap();
             let interval = plan.ranks[1].env["RSDEEP_HEARTBEAT_INTERVAL_MS"].clone();
             (plan.heartbeat_timeout.map(|t| t.as_secs_f64()), interval)
@@ -968,9 +1117,92 @@ mod tests {
     }
 
     #[test]
+    fn a_core_list_is_shared_among_local_ranks() {
+        assert_eq!(parse_core_list("1,3-5,7").unwrap(), [1, 3, 4, 5, 7]);
+        assert!(matches!(
+            parse_core_list("3-1"),
+            Err(PlanError::BadCoreList(_))
+        ));
+        assert!(parse_core_list("a").is_err());
+        let argv = [
+            "--device",
+            "cpu",
+            "--num_procs",
+            "2",
+            "--bind_cores_to_rank",
+        ];
+        let plan = LaunchPlan::build(
+            &args(&[&argv[..], &["--bind_core_list", "4-7", "t.json"]].concat()),
+            &inputs(),
+        )
+        .unwrap();
+        assert_eq!(plan.ranks[0].cpu_cores.as_deref(), Some(&[4, 5][..]));
+        assert_eq!(plan.ranks[1].cpu_cores.as_deref(), Some(&[6, 7][..]));
+        assert_eq!(plan.ranks[1].env["OMP_NUM_THREADS"], "2");
+    }
+
+    #[test]
+    fn deepspeed_features_rsdeep_lacks_are_refused_with_what_to_do() {
+        let cpu = ["--device", "cpu", "--num_procs", "1"];
+        for extra in [
+            &["--autotuning", "tune"][..],
+            &["--elastic_training"],
+            &["--max_elastic_nodes", "4"],
+        ] {
+            let err = LaunchPlan::build(&args(&[&cpu[..], extra, &["t.json"]].concat()), &inputs())
+                .unwrap_err();
+            assert!(
+                matches!(err, PlanError::Autotuning | PlanError::ElasticTraining),
+                "{err}"
+            );
+        }
+        // The multi-node runner only matters with several nodes, as in DeepSpeed.
+        let single = [&cpu[..], &["--launcher", "openmpi", "t.json"]].concat();
+        assert!(LaunchPlan::build(&args(&single), &inputs()).is_ok());
+        let forced = [
+            &cpu[..],
+            &["--launcher", "openmpi", "--force_multi", "t.json"],
+        ]
+        .concat();
+        let err = LaunchPlan::build(&args(&forced), &inputs()).unwrap_err();
+        assert!(
+            err.to_string().contains("--launcher openmpi is not built"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_user_program_gets_deepspeeds_environment_and_its_local_rank_argument() {
+        let argv = ["-i", "localhost:1,3", "train.py", "--deepspeed", "ds.json"];
+        let mut machine = inputs();
+        machine.cuda_device_count = Some(4);
+        let plan = LaunchPlan::build(&args(&argv), &machine).unwrap();
+        assert!(plan.runs_user_program());
+        assert_eq!(plan.heartbeat_timeout, None);
+        let rank1 = &plan.ranks[1];
+        assert_eq!(
+            rank1.args,
+            ["-u", "train.py", "--local_rank=1", "--deepspeed", "ds.json"]
+        );
+        assert_eq!(rank1.env["CUDA_VISIBLE_DEVICES"], "1,3");
+        for (key, value) in [
+            ("RANK", "1"),
+            ("LOCAL_RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_SIZE", "2"),
+            ("CROSS_RANK", "0"),
+            ("CROSS_SIZE", "1"),
+            ("MASTER_PORT", "29500"),
+        ] {
+            assert_eq!(rank1.env[key], value, "{key}");
+        }
+        assert!(!rank1.env.contains_key("RSDEEP_TOKEN"));
+    }
+
+    #[test]
     fn config_is_required_without_selftest_and_flag_misuse_is_explained() {
         let err = LaunchPlan::build(&args(&["--device", "cpu"]), &inputs()).unwrap_err();
-        assert!(matches!(err, PlanError::MissingConfig));
+        assert!(matches!(err, PlanError::Program(ProgramError::Missing)));
         let err = LaunchPlan::build(
             &args(&["--device", "cpu", "--num_gpus", "2", "t.json"]),
             &inputs(),

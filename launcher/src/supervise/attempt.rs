@@ -27,8 +27,15 @@ pub(crate) fn spawn_local_workers(
 ) -> Result<Vec<supervise::Worker>> {
     let extra = vec![(ev::RESTART_COUNT.to_string(), attempt.to_string())];
     let workers = supervise::spawn_workers(program, local, &extra, plan.rank_log_dir.as_deref())?;
+    let (what, port_role) = match plan.program.user() {
+        Some(user) => (
+            format!("rank(s) of `{}`", user.render(0)),
+            "MASTER_ADDR:PORT",
+        ),
+        None => ("worker(s)".to_string(), "rendezvous"),
+    };
     eprintln!(
-        "rsdeep: job {} started {} worker(s) on node {} (world size {}, rendezvous {}:{})",
+        "rsdeep: job {} started {} {what} on node {} (world size {}, {port_role} {}:{})",
         plan.job_id,
         workers.len(),
         plan.node_rank,
@@ -133,6 +140,15 @@ pub(crate) fn report_outcome(outcome: &Outcome, local_workers: usize, plan: &Lau
             );
         }
         Outcome::Stopped { reason, .. } => eprintln!("rsdeep: {reason}"),
+    }
+}
+
+/// What every rank runs: the user's program (found on PATH by the OS when it has no
+/// folder), else rsdeep's worker.
+pub fn rank_program(plan: &LaunchPlan) -> Result<PathBuf> {
+    match plan.program.user() {
+        Some(user) => Ok(PathBuf::from(&user.executable)),
+        None => worker_program(),
     }
 }
 

@@ -24,6 +24,7 @@
 
 pub mod attempt;
 pub mod lines;
+pub mod python;
 
 use crate::supervise::lines::lock;
 use std::collections::VecDeque;
@@ -227,6 +228,7 @@ fn spawn_one(
 ) -> std::io::Result<Worker> {
     let mut command = Command::new(program);
     command
+        .args(&plan.args)
         .envs(plan.env.iter())
         .envs(extra_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -560,6 +562,14 @@ pub fn failure_report(failures: &[Failure]) -> String {
     for message in &first.reported {
         out.push_str(&format!("rsdeep: rank {rank} reported: {message}\n"));
     }
+    if let Some(exception) = python::last_python_exception(&first.tail) {
+        out.push_str(&format!("rsdeep: rank {rank} raised {exception}\n"));
+        if exception.is_out_of_memory() {
+            out.push_str(
+                "rsdeep: hint: out of memory - lower the micro batch size, turn on gradient checkpointing, or use a higher ZeRO stage or offload\n",
+            );
+        }
+    }
     if first.tail.is_empty() {
         out.push_str(&format!("rsdeep: rank {rank} printed nothing\n"));
     } else {
@@ -853,6 +863,7 @@ mod tests {
             device_index: None,
             cpu_cores: None,
             env: BTreeMap::from([("RANK".to_string(), rank.to_string())]),
+            args: Vec::new(),
         };
         (plan, vec![("SCRIPT".into(), script.into())])
     }

@@ -21,8 +21,8 @@ use rsdeep_contract::env as ev;
 use rsdeep_proto::tls;
 
 use crate::supervise::attempt::{
-    AfterAttempt, after_attempt, announce_world, report_outcome, resume_point, spawn_local_workers,
-    supervise_options, worker_program,
+    AfterAttempt, after_attempt, announce_world, rank_program, report_outcome, resume_point,
+    spawn_local_workers, supervise_options,
 };
 
 /// Beyond the grace period: how long node 0 waits for the other nodes to report their
@@ -36,7 +36,7 @@ pub fn lead_nodes(
     state: Arc<RendezvousState>,
     started: Instant,
 ) -> Result<i32> {
-    let program = worker_program()?;
+    let program = rank_program(plan)?;
     let control = state.control();
     control.set_lost_after(lost_after(plan));
     let options = SuperviseOptions {
@@ -84,7 +84,7 @@ pub fn lead_nodes(
 /// Node K >= 1: runs its workers for the attempt node 0 names, reports how they ended
 /// and does what node 0 decides.
 pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Result<i32> {
-    let program = worker_program()?;
+    let program = rank_program(plan)?;
     let link = NodeLink::start(runtime.handle(), link_target(plan)?)
         .context("cannot follow node 0's rendezvous")?;
     let options = SuperviseOptions {

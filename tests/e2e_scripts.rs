@@ -1,0 +1,199 @@
+//! End-to-end tests of user programs launched by `rsdeep` as DeepSpeed's launcher runs
+//! them (`rsdeep --device cpu --num_procs 2 script.py args...`): the argument list and the
+//! environment each rank gets (`.deepspeed_env` included), a Python exception named in the
+//! failure report with the other ranks stopped, a torchrun-style script that reads
+//! LOCAL_RANK (`--no_local_rank`) joining a real gloo process group, and a program run
+//! without Python (`--no_python`). The scripts are `tests/fixtures/user_scripts/`; Python
+//! is the project venv's (`RSDEEP_PYTHON`, set by `scripts/env.sh`).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rsdeep_e2e::{Launcher, alive};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn script(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/user_scripts")
+        .join(name);
+    path.display().to_string()
+}
+
+fn python() -> String {
+    std::env::var("RSDEEP_PYTHON").expect(
+        "RSDEEP_PYTHON is not set: run the tests through `make test` (scripts/env.sh), which points it at the venv with torch",
+    )
+}
+
+/// `--device cpu --num_procs 2 --master_port 0 --python <venv python>` then `rest`.
+fn two_ranks(rest: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--device", "cpu", "--num_procs", "2", "--master_port", "0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--python".to_string(), python()]);
+    args.extend(rest.iter().map(|s| s.to_string()));
+    args
+}
+
+fn start(args: &[String]) -> Launcher {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Launcher::start(&args, &[])
+}
+
+/// The JSON line rank `rank` of print_env.py printed (`[rank N] {...}`).
+fn env_report(stdout: &str, rank: usize) -> serde_json::Value {
+    let prefix = format!("[rank {rank}] ");
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).filter(|l| l.starts_with('{')))
+        .unwrap_or_else(|| panic!("no JSON line from rank {rank} in:\n{stdout}"));
+    serde_json::from_str(line).expect("print_env.py prints JSON")
+}
+
+#[test]
+fn a_script_gets_deepspeeds_arguments_and_environment_and_the_env_files() {
+    let _guard = serial();
+    let print_env = script("print_env.py");
+    let args = two_ranks(&[&print_env, "--some_flag", "two words"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // DeepSpeed users' env file, in the launcher's working directory.
+    let env_file = (".deepspeed_env", "DS_ENV_FROM_FILE=yes\n");
+    let mut launcher = Launcher::start_with_files(&args, &[], &[env_file]);
+    let status = launcher.wait(Duration::from_secs(60));
+    assert!(status.success(), "{}", launcher.output());
+    let stdout = launcher.stdout();
+    for rank in 0..2 {
+        let report = env_report(&stdout, rank);
+        let argv: Vec<&str> = report["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let local_rank = format!("--local_rank={rank}");
+        assert_eq!(
+            argv[1..],
+            [local_rank.as_str(), "--some_flag", "two words"],
+            "argv of rank {rank}"
+        );
+        let env = &report["env"];
+        let expected = [
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("WORLD_SIZE", "2".to_string()),
+            ("LOCAL_SIZE", "2".to_string()),
+            ("CROSS_RANK", "0".to_string()),
+            ("CROSS_SIZE", "1".to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+        ];
+        for (key, value) in expected {
+            assert_eq!(env[key], value, "{key} of rank {rank}: {report}");
+        }
+        let port: u16 = env["MASTER_PORT"].as_str().unwrap().parse().unwrap();
+        assert!(port > 0, "--master_port 0 picks a free port for torch");
+        assert_eq!(env["DS_ENV_FROM_FILE"], "yes", "{report}");
+    }
+}
+
+#[test]
+fn a_python_exception_is_named_and_the_other_ranks_are_stopped() {
+    let _guard = serial();
+    let raises = script("raises.py");
+    let args = two_ranks(&["--grace_period", "5", &raises]);
+    let mut launcher = start(&args);
+    let status = launcher.wait(Duration::from_secs(60));
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    assert!(
+        stderr.contains("rank 1 failed first (host localhost"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rank 1 raised ValueError: bad batch shape at step 3 (at ")
+            && stderr.contains("raises.py:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("stopping the other workers"),
+        "rank 0 was stopped: {stderr}"
+    );
+    let pids: Vec<i32> = launcher
+        .stdout()
+        .lines()
+        .filter_map(|l| l.split(" started pid ").nth(1)?.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{}", launcher.output());
+    assert!(
+        pids.iter().all(|&pid| !alive(pid)),
+        "a rank survived: {pids:?}"
+    );
+}
+
+#[test]
+fn a_torchrun_style_script_reads_local_rank_and_joins_a_process_group() {
+    let _guard = serial();
+    let torchrun_style = script("torchrun_style.py");
+    let args = two_ranks(&["--no_local_rank", &torchrun_style]);
+    let mut launcher = start(&args);
+    let status = launcher.wait(Duration::from_secs(120));
+    assert!(status.success(), "{}", launcher.output());
+    let stdout = launcher.stdout();
+    for rank in 0..2 {
+        let line = format!("[rank {rank}] rank {rank} of 2 sum 3 (local_rank {rank})");
+        assert!(stdout.contains(&line), "{line} missing:\n{stdout}");
+    }
+}
+
+#[test]
+fn a_program_runs_without_python() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("train.sh");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\necho \"shell rank $RANK of $WORLD_SIZE args $*\"\n",
+    )
+    .unwrap();
+    let mut permissions = std::fs::metadata(&program).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&program, permissions).unwrap();
+    let program = program.display().to_string();
+    let args = two_ranks(&["--no_python", "--no_local_rank", &program, "a", "b"]);
+    let mut launcher = start(&args);
+    let status = launcher.wait(Duration::from_secs(30));
+    assert!(status.success(), "{}", launcher.output());
+    let stdout = launcher.stdout();
+    for rank in 0..2 {
+        let line = format!("[rank {rank}] shell rank {rank} of 2 args a b");
+        assert!(stdout.contains(&line), "{line} missing:\n{stdout}");
+    }
+}
+
+#[test]
+fn a_train_json_only_flag_is_refused_for_a_script_and_the_reverse() {
+    let _guard = serial();
+    let mut launcher = start(&two_ranks(&["--no_local_rank", "train.json"]));
+    let status = launcher.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(2), "{}", launcher.output());
+    assert!(
+        launcher
+            .stderr()
+            .contains("--no_local_rank applies to a user program"),
+        "{}",
+        launcher.output()
+    );
+    let mut launcher = start(&two_ranks(&["--autotuning", "tune", "x.py"]));
+    assert_eq!(launcher.wait(Duration::from_secs(10)).code(), Some(2));
+    assert!(
+        launcher.stderr().contains("autotuner"),
+        "{}",
+        launcher.output()
+    );
+}
