@@ -165,10 +165,29 @@ fn a_program_runs_without_python() {
     std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
     std::fs::set_permissions(&program, permissions).unwrap();
     let program = program.display().to_string();
-    let args = two_ranks(&["--no_python", "--no_local_rank", &program, "a", "b"]);
+    let args = two_ranks(&[
+        "--save_pid",
+        "--no_python",
+        "--no_local_rank",
+        &program,
+        "a",
+        "b",
+    ]);
     let mut launcher = start(&args);
+    let pid_file = std::env::temp_dir().join(format!("{}.deepspeed", launcher.pid()));
     let status = launcher.wait(Duration::from_secs(30));
     assert!(status.success(), "{}", launcher.output());
+    assert!(
+        launcher
+            .stderr()
+            .contains(&format!("saved in {}", pid_file.display())),
+        "{}",
+        launcher.output()
+    );
+    assert!(
+        !pid_file.exists(),
+        "--save_pid's file is removed at the end"
+    );
     let stdout = launcher.stdout();
     for rank in 0..2 {
         let line = format!("[rank {rank}] shell rank {rank} of 2 args a b");

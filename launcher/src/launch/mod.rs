@@ -97,6 +97,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         .context("cannot start the async runtime")?;
     let rendezvous = host_rendezvous(&runtime, &mut plan, args.rendezvous_bind_all, tls)?;
     supervise::install_stop_handlers().context("cannot install signal handlers")?;
+    let _pid_file = args.save_pid.then(PidFile::write).transpose()?;
     let state = rendezvous.as_ref().map(|(state, _)| state.clone());
     let code = match (&role, state) {
         (NodeRole::SlurmLead, Some(state)) => follow::lead_nodes(&runtime, &plan, state, started),
@@ -119,6 +120,27 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     }
     let _ = std::fs::remove_dir_all(&job_dir);
     code
+}
+
+/// `--save_pid`: `/tmp/<pid>.deepspeed` holding the launcher's pid while the job runs
+/// (DeepSpeed's file, so tools that read it find rsdeep), removed at the end.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write() -> Result<PidFile> {
+        let pid = std::process::id();
+        let path = std::env::temp_dir().join(format!("{pid}.deepspeed"));
+        std::fs::write(&path, pid.to_string())
+            .with_context(|| format!("--save_pid: cannot write {}", path.display()))?;
+        eprintln!("rsdeep: launcher pid {pid} saved in {}", path.display());
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// This node's plan and its role in the job.

@@ -180,7 +180,7 @@ pub struct LaunchArgs {
     /// every core).
     #[arg(long = "bind_core_list")]
     pub bind_core_list: Option<String>,
-    /// Write the launcher's pid to `/tmp/<pid>.rsdeep` (and `.deepspeed`) while it runs.
+    /// Write the launcher's pid to `/tmp/<pid>.deepspeed` (DeepSpeed's file) while it runs.
     #[arg(long = "save_pid")]
     pub save_pid: bool,
     /// Extra arguments for the multi-node runner program (pdsh, srun).
