@@ -216,3 +216,50 @@ fn a_train_json_only_flag_is_refused_for_a_script_and_the_reverse() {
         launcher.output()
     );
 }
+
+#[test]
+fn a_silent_idle_job_is_reported_as_hung_and_stopped() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("stuck.sh");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\necho \"rank $RANK pid $$ waiting\"\nexec sleep 120\n",
+    )
+    .unwrap();
+    let mut permissions = std::fs::metadata(&program).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&program, permissions).unwrap();
+    let program = program.display().to_string();
+    let args = two_ranks(&[
+        "--hang_timeout",
+        "2",
+        "--grace_period",
+        "2",
+        "--no_python",
+        "--no_local_rank",
+        &program,
+    ]);
+    let mut launcher = start(&args);
+    let status = launcher.wait(Duration::from_secs(30));
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    assert!(
+        stderr.contains("no rank printed a line or used CPU for 2 s (--hang_timeout)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("    rank 1 pid"),
+        "rank 1's last lines: {stderr}"
+    );
+    let pids: Vec<i32> = launcher
+        .stdout()
+        .lines()
+        .filter_map(|l| l.split(" pid ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{}", launcher.output());
+    assert!(
+        pids.iter().all(|&pid| !alive(pid)),
+        "a rank survived: {pids:?}"
+    );
+}

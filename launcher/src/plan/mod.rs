@@ -98,6 +98,8 @@ pub struct LaunchPlan {
     pub output_dir: Option<PathBuf>,
     pub join_timeout: Duration,
     pub heartbeat_timeout: Option<Duration>,
+    /// `--hang_timeout`: silence and idleness of every rank after which the job is hung.
+    pub silence_timeout: Option<Duration>,
     /// How often workers send a heartbeat (`RSDEEP_HEARTBEAT_INTERVAL_MS`).
     pub heartbeat_interval: Duration,
     pub grace_period: Duration,
@@ -205,6 +207,7 @@ impl LaunchPlan {
             output_dir: None,
             join_timeout: secs(args.join_timeout),
             heartbeat_timeout: None,
+            silence_timeout: args.hang_timeout.filter(|s| *s > 0.0).map(secs),
             heartbeat_interval: Duration::ZERO,
             grace_period: secs(args.grace_period),
             max_restarts: args.max_restarts,

@@ -55,6 +55,7 @@ pub(crate) fn supervise_options(plan: &LaunchPlan) -> SuperviseOptions {
         startup_timeout: STARTUP_ALLOWANCE,
         rank_log_dir: plan.rank_log_dir.clone(),
         stop_source: None,
+        silence_timeout: plan.silence_timeout,
     }
 }
 

@@ -25,6 +25,7 @@
 pub mod attempt;
 pub mod lines;
 pub mod python;
+pub mod silence;
 
 use crate::supervise::lines::lock;
 use std::collections::VecDeque;
@@ -33,7 +34,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -64,6 +65,8 @@ pub struct Worker {
     pub pid: u32,
     child: Child,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// Lines printed so far (stdout and stderr).
+    lines: Arc<AtomicU64>,
     readers: Vec<JoinHandle<()>>,
     status: Option<ExitStatus>,
     /// Unix ms of the last poll that found the worker running: it exited after that.
@@ -74,6 +77,11 @@ impl Worker {
     /// The last output lines of this worker (stdout and stderr interleaved).
     pub fn tail(&self) -> Vec<String> {
         lock(&self.tail).iter().cloned().collect()
+    }
+
+    /// How many lines the worker has printed.
+    pub fn lines_printed(&self) -> u64 {
+        self.lines.load(Ordering::Relaxed)
     }
 
     fn poll(&mut self) -> std::io::Result<Option<ExitStatus>> {
@@ -177,6 +185,9 @@ pub struct SuperviseOptions {
     /// Asked every poll whether something outside this node's workers ends the attempt
     /// (coordinated restarts across nodes); `None` outside of them.
     pub stop_source: Option<Arc<dyn StopSource>>,
+    /// `--hang_timeout`: no line printed and no CPU used by any rank for this long ends
+    /// the attempt as hung (`silence`); `None`: off.
+    pub silence_timeout: Option<Duration>,
 }
 
 /// Something besides the local workers, a signal and the rendezvous that can end an
@@ -254,6 +265,7 @@ fn spawn_one(
     }
     let mut child = command.spawn()?;
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+    let lines = Arc::new(AtomicU64::new(0));
     let log = log.map(|f| Arc::new(Mutex::new(f)));
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
@@ -261,12 +273,18 @@ fn spawn_one(
             out,
             plan.rank,
             false,
-            tail.clone(),
+            (tail.clone(), lines.clone()),
             log.clone(),
         ));
     }
     if let Some(err) = child.stderr.take() {
-        readers.push(forward_lines(err, plan.rank, true, tail.clone(), log));
+        readers.push(forward_lines(
+            err,
+            plan.rank,
+            true,
+            (tail.clone(), lines.clone()),
+            log,
+        ));
     }
     Ok(Worker {
         rank: plan.rank,
@@ -274,6 +292,7 @@ fn spawn_one(
         pid: child.id(),
         child,
         tail,
+        lines,
         readers,
         status: None,
         alive_ms: unix_ms(),
@@ -305,7 +324,7 @@ fn forward_lines(
     stream: impl Read + Send + 'static,
     rank: usize,
     to_stderr: bool,
-    tail: Arc<Mutex<VecDeque<String>>>,
+    (tail, lines): (Arc<Mutex<VecDeque<String>>>, Arc<AtomicU64>),
     log: Option<Arc<Mutex<File>>>,
 ) -> JoinHandle<()> {
     let prefixed = move |line: &str| format!("[rank {rank}] {line}");
@@ -313,6 +332,7 @@ fn forward_lines(
         if let Some(log) = &log {
             let _ = lock(log).write_all(format!("{line}\n").as_bytes());
         }
+        lines.fetch_add(1, Ordering::Relaxed);
         let mut tail = lock(&tail);
         if tail.len() == TAIL_LINES {
             tail.pop_front();
@@ -330,12 +350,16 @@ pub fn watch(
     options: &SuperviseOptions,
 ) -> Outcome {
     let attempt_started_ms = unix_ms();
+    let mut silence = options.silence_timeout.map(silence::SilenceWatch::new);
     loop {
         let signal = STOP_SIGNAL.load(Ordering::SeqCst);
         if signal != 0 {
             return Outcome::Interrupted { signal };
         }
         if let Some(outcome) = options.stop_source.as_ref().and_then(|s| s.stop_outcome()) {
+            return outcome;
+        }
+        if let Some(outcome) = silence.as_mut().and_then(|s| s.check(workers)) {
             return outcome;
         }
         if let Some(state) = rendezvous
@@ -876,6 +900,7 @@ mod tests {
             startup_timeout: Duration::from_secs(600),
             rank_log_dir: None,
             stop_source: None,
+            silence_timeout: None,
         }
     }
 
