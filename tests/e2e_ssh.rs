@@ -717,3 +717,46 @@ fn used_up_restarts_fail_with_node_1_naming_its_killed_rank_first() {
     );
     assert_no_process_of_job_left(&job, &stderr);
 }
+
+#[test]
+fn a_user_script_runs_on_two_hosts_as_one_torch_distributed_world() {
+    let _guard = serial();
+    let sshd = Sshd::start();
+    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/user_scripts/torchrun_style.py");
+    let python = std::env::var("RSDEEP_PYTHON").expect("RSDEEP_PYTHON (scripts/env.sh)");
+    let mut launcher = launch(
+        &fx,
+        &sshd,
+        &script,
+        &["--python", &python, "--no_local_rank"],
+    );
+    let status = launcher.wait(Duration::from_secs(180));
+    let stdout = launcher.stdout();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}\n--- sshd\n{}",
+        launcher.output(),
+        sshd.log()
+    );
+    for (prefix, rank, local) in [
+        ("[rank 0]", 0, 0),
+        ("[rank 1]", 1, 1),
+        ("[node 1 rank 2]", 2, 0),
+        ("[node 1 rank 3]", 3, 1),
+    ] {
+        let line = format!("{prefix} rank {rank} of 4 sum 10 (local_rank {local})");
+        assert!(
+            stdout.contains(&line),
+            "{line} missing:\n{}",
+            launcher.output()
+        );
+    }
+    assert!(
+        launcher.stderr().contains("rsdeep: every node finished"),
+        "{}",
+        launcher.output()
+    );
+}
