@@ -609,6 +609,22 @@ fn submit_logging(
     overrides: &[&str],
     log_filter: &str,
 ) -> Submission {
+    let train_json = fixture.path("train.json").display().to_string();
+    let args: Vec<&str> = std::iter::once(train_json.as_str())
+        .chain(overrides.iter().copied())
+        .collect();
+    submit_with_args(cluster, fixture, script, launch_args, &args, log_filter)
+}
+
+/// `sbatch --wait deploy/slurm/<script> args...`.
+fn submit_with_args(
+    cluster: &SlurmCluster,
+    fixture: &Fixture,
+    script: &str,
+    launch_args: &str,
+    args: &[&str],
+    log_filter: &str,
+) -> Submission {
     let stdout = fixture.path("sbatch.stdout");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let mut command = cluster.command("sbatch");
@@ -617,8 +633,7 @@ fn submit_logging(
         .arg("--gpus-per-node=0")
         .arg(format!("--cpus-per-task={cpus}"))
         .arg(deploy_script(script))
-        .arg(fixture.path("train.json"))
-        .args(overrides)
+        .args(args)
         .current_dir(fixture.dir.path())
         .env("RSDEEP", binary("rsdeep"))
         .env("RSDEEP_LAUNCH_ARGS", launch_args)
@@ -1393,4 +1408,36 @@ fn scancel_sigterm_stops_both_nodes_without_a_restart() {
         "both nodes stop on the signal:\n{output}"
     );
     assert!(output.contains("rsdeep exited with status 143"), "{output}");
+}
+
+#[test]
+fn a_user_script_runs_on_two_slurm_nodes_as_one_torch_distributed_world() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start_two_nodes();
+    let fixture = Fixture::new();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/user_scripts/torchrun_style.py");
+    let python = std::env::var("RSDEEP_PYTHON").expect("RSDEEP_PYTHON (scripts/env.sh)");
+    let launch_args = format!("--device cpu --num_procs 1 --no_local_rank --python {python}");
+    let script = script.display().to_string();
+    let mut job = submit_with_args(
+        &cluster,
+        &fixture,
+        "script-multinode.sbatch",
+        &launch_args,
+        &[&script],
+        "warn",
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    let code = job.wait(Duration::from_secs(180), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(&fixture, &id);
+    assert_eq!(code, 0, "the job failed:\n{output}\n{}", cluster.logs());
+    for rank in 0..2 {
+        let line = format!("rank {rank} of 2 sum 3 (local_rank 0)");
+        assert!(output.contains(&line), "missing {line:?}:\n{output}");
+    }
 }

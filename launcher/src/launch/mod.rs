@@ -14,6 +14,7 @@ use std::time::Instant;
 use crate::nodes::coordinate::follow;
 use crate::nodes::ssh::{self, SshLaunch, SshNodes};
 use crate::plan::cli::{DeviceKind, LaunchArgs, LauncherKind};
+use crate::plan::program::Program;
 use crate::plan::slurm::SlurmJob;
 use crate::plan::{LaunchPlan, PlanInputs};
 use crate::plan::{envfile, hostfile, resources};
@@ -241,8 +242,16 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
             false => std::env::var(ev::TOKEN).ok(),
         },
     );
+    // A user's program talks to no rsdeep rendezvous: its nodes share nothing of rsdeep's
+    // (no job id or token to agree on; torch.distributed meets on MASTER_ADDR:PORT).
+    let user_program = Program::from_args(args).is_ok_and(|p| p.user().is_some());
     let (job_id, token, job_from_env) = match shared {
-        _ if slurm.is_some() => slurm_identity(slurm.as_ref())?,
+        _ if slurm.is_some() => slurm_identity(slurm.as_ref(), !user_program)?,
+        _ if user_program => (
+            hex::encode(rand::random::<[u8; 6]>()),
+            hex::encode(rand::random::<[u8; 16]>()),
+            true,
+        ),
         (Some(id), Some(token)) if !id.is_empty() && !token.is_empty() => (id, token, true),
         _ => (
             hex::encode(rand::random::<[u8; 6]>()),
@@ -265,8 +274,12 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
 }
 
 /// Under `--launcher slurm`: `RSDEEP_JOB_ID` or `slurm-<job>[.<step>]`, and
-/// `RSDEEP_TOKEN` (required with several nodes) or a fresh token on one node.
-fn slurm_identity(slurm: Option<&SlurmJob>) -> Result<(String, String, bool)> {
+/// `RSDEEP_TOKEN` (required with several nodes when they share rsdeep's rendezvous,
+/// `shares_rendezvous`) or a fresh token.
+fn slurm_identity(
+    slurm: Option<&SlurmJob>,
+    shares_rendezvous: bool,
+) -> Result<(String, String, bool)> {
     let Some(job) = slurm else {
         anyhow::bail!("internal: no SLURM job");
     };
@@ -275,11 +288,13 @@ fn slurm_identity(slurm: Option<&SlurmJob>) -> Result<(String, String, bool)> {
         .ok()
         .filter(|id| !id.is_empty())
         .unwrap_or_else(|| job.rsdeep_job_id());
-    let token = job
-        .token(std::env::var(ev::TOKEN).ok(), || {
-            hex::encode(rand::random::<[u8; 16]>())
-        })
-        .map_err(usage)?;
+    let fresh = || hex::encode(rand::random::<[u8; 16]>());
+    let token = match shares_rendezvous {
+        true => job
+            .token(std::env::var(ev::TOKEN).ok(), fresh)
+            .map_err(usage)?,
+        false => fresh(),
+    };
     let own_name = job.nodes[job.node_id].as_str();
     let resolved: Vec<_> = (own_name, 0)
         .to_socket_addrs()
