@@ -3,7 +3,8 @@
 # fast (a few stat calls) when everything is already there.
 #
 #   - a Python venv with torch==2.11.0 (libtorch for tch 0.24, CUDA 13 wheel, also runs on
-#     CPU) and the Hugging Face reference packages the parity tests compare against;
+#     CPU) and the Hugging Face reference packages the parity tests compare against, plus
+#     DeepSpeed (its launcher is the peer users' scripts are compared under);
 #   - a `libnccl.so` symlink next to pip's `libnccl.so.2` (cudarc never dlopens `.so.2`);
 #   - prints the environment lines that `make` exports (see scripts/env.sh).
 #
@@ -13,7 +14,7 @@ set -euo pipefail
 
 RSDEEP_HOME="${RSDEEP_HOME:-$HOME/.cache/rsdeep}"
 VENV="$RSDEEP_HOME/venv"
-PY_REQS="torch==2.11.0 transformers==5.* peft safetensors tokenizers numpy tensorboard"
+PY_REQS="torch==2.11.0 transformers==5.* peft accelerate deepspeed==0.19.8 safetensors tokenizers numpy tensorboard"
 STAMP="$VENV/.rsdeep-reqs"
 
 mkdir -p "$RSDEEP_HOME"
@@ -31,7 +32,7 @@ fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$PY_REQS" ]; then
     echo "setup: installing $PY_REQS into $VENV (first time: ~5 GB, a few minutes)"
     # shellcheck disable=SC2086
-    "$VENV/bin/pip" install -q --disable-pip-version-check $PY_REQS
+    DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --disable-pip-version-check $PY_REQS
     echo "$PY_REQS" > "$STAMP"
 fi
 

@@ -263,3 +263,168 @@ fn a_silent_idle_job_is_reported_as_hung_and_stopped() {
         "a rank survived: {pids:?}"
     );
 }
+
+/// The `PRETRAIN_LOG` losses rank 0 of pretrain.py printed, by step.
+fn pretrain_losses(output: &str) -> Vec<(u64, f64)> {
+    output
+        .lines()
+        .filter_map(|l| l.split("PRETRAIN_LOG ").nth(1))
+        .filter_map(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+/// The seed's command line (`deepspeed pretrain.py ...`), scaled down to a tiny model on
+/// CPU: the same flags, smaller numbers, `--report_to none` (no swanlab here) and
+/// `--use_cpu` (HF Trainer sees no accelerator on this machine).
+fn seed_arguments(dir: &std::path::Path, output_dir: &str) -> Vec<String> {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let ds_config =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/ds_config_zero2.json");
+    let args = [
+        "--config_name",
+        &path("model"),
+        "--tokenizer_name",
+        &path("tok"),
+        "--train_files",
+        &path("corpus.jsonl"),
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--do_train",
+        "--output_dir",
+        &path(output_dir),
+        "--evaluation_strategy",
+        "no",
+        "--learning_rate",
+        "1e-3",
+        "--num_train_epochs",
+        "1",
+        "--max_steps",
+        "6",
+        "--warmup_steps",
+        "2",
+        "--logging_dir",
+        &path("logs"),
+        "--logging_strategy",
+        "steps",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--preprocessing_num_workers",
+        "10",
+        "--save_total_limit",
+        "2",
+        "--seed",
+        "12",
+        "--block_size",
+        "64",
+        "--gradient_checkpointing",
+        "--deepspeed",
+        &ds_config.display().to_string(),
+        "--report_to",
+        "none",
+        "--use_cpu",
+    ];
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Corpus, a BPE trained by `rsdeep tokenizer train`, and the fixture's tiny Qwen2 with a
+/// vocabulary that fits it.
+fn seed_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = rsdeep_e2e::sentence_corpus(
+        400,
+        &["the old captain", "a lazy dog", "my cat", "the quick fox"],
+        &["sails across", "sleeps near", "watches", "jumps over"],
+        &["the harbour", "a garden", "the fence", "the hill"],
+    );
+    std::fs::write(dir.path().join("corpus.jsonl"), corpus).unwrap();
+    rsdeep_e2e::train_tokenizer(dir.path(), 320);
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/user_scripts/tiny-qwen2/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    config["vocab_size"] = 384.into();
+    (config["bos_token_id"], config["eos_token_id"]) = (0.into(), 0.into());
+    std::fs::create_dir_all(dir.path().join("model")).unwrap();
+    std::fs::write(dir.path().join("model/config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// `deepspeed --num_gpus 2 pretrain.py args...` from the venv, on DeepSpeed's CPU
+/// accelerator; returns its output.
+fn run_deepspeed(dir: &std::path::Path, args: &[String]) -> String {
+    let deepspeed = PathBuf::from(python()).with_file_name("deepspeed");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = std::process::Command::new(&deepspeed)
+        .args(["--num_gpus", "2", "--master_port", &port.to_string()])
+        .arg(script("pretrain.py"))
+        .args(args)
+        .current_dir(dir)
+        .env("DS_ACCELERATOR", "cpu")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (scripts/setup.sh installs DeepSpeed)",
+                deepspeed.display()
+            )
+        });
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "deepspeed failed:\n{text}");
+    text
+}
+
+/// `rsdeep --device cpu --num_procs 2 pretrain.py args...`; returns its output.
+fn run_rsdeep(args: &[String]) -> String {
+    let mut all = two_ranks(&[&script("pretrain.py")]);
+    all.extend(args.iter().cloned());
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let envs = [
+        ("DS_ACCELERATOR", "cpu".to_string()),
+        ("OMP_NUM_THREADS", "1".to_string()),
+    ];
+    let mut launcher = Launcher::start(&all, &envs);
+    let status = launcher.wait(Duration::from_secs(600));
+    assert!(status.success(), "{}", launcher.output());
+    launcher.output()
+}
+
+#[test]
+fn the_seed_pretrain_script_matches_deepspeed_step_for_step_and_resumes_under_rsdeep() {
+    let _guard = serial();
+    let fixture = seed_fixture();
+    let dir = fixture.path();
+    let by_deepspeed = pretrain_losses(&run_deepspeed(dir, &seed_arguments(dir, "ds-out")));
+    let steps: Vec<u64> = by_deepspeed.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        steps,
+        [1, 2, 3, 4, 5, 6],
+        "deepspeed's run logged every step"
+    );
+    let by_rsdeep = pretrain_losses(&run_rsdeep(&seed_arguments(dir, "rs-out")));
+    assert_eq!(
+        by_rsdeep, by_deepspeed,
+        "per-step losses under rsdeep vs deepspeed"
+    );
+    // The checkpoint the deepspeed-launched run wrote resumes under rsdeep.
+    let mut resume = seed_arguments(dir, "rs-resumed");
+    let checkpoint = dir.join("ds-out/checkpoint-3").display().to_string();
+    resume.extend(["--resume_from_checkpoint".to_string(), checkpoint]);
+    let resumed = pretrain_losses(&run_rsdeep(&resume));
+    assert_eq!(
+        resumed,
+        by_deepspeed[3..],
+        "steps 4-6 after resuming checkpoint-3"
+    );
+}
