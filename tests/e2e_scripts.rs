@@ -401,7 +401,7 @@ fn run_rsdeep(args: &[String]) -> String {
 }
 
 #[test]
-fn the_seed_pretrain_script_matches_deepspeed_step_for_step_and_resumes_under_rsdeep() {
+fn the_seed_pretrain_script_matches_deepspeed_step_for_step_and_resumes_under_either_launcher() {
     let _guard = serial();
     let fixture = seed_fixture();
     let dir = fixture.path();
@@ -427,4 +427,10 @@ fn the_seed_pretrain_script_matches_deepspeed_step_for_step_and_resumes_under_rs
         by_deepspeed[3..],
         "steps 4-6 after resuming checkpoint-3"
     );
+    // And the rsdeep-launched run's checkpoint resumes under deepspeed.
+    let mut resume = seed_arguments(dir, "ds-resumed");
+    let checkpoint = dir.join("rs-out/checkpoint-3").display().to_string();
+    resume.extend(["--resume_from_checkpoint".to_string(), checkpoint]);
+    let resumed = pretrain_losses(&run_deepspeed(dir, &resume));
+    assert_eq!(resumed, by_deepspeed[3..], "steps 4-6 resumed by deepspeed");
 }
