@@ -1,8 +1,9 @@
 //! The DeepSpeed JSON section as typed structs: every key rsdeep honours or accepts,
 //! with DeepSpeed's documented defaults (the honoured keys are listed in
-//! `docs/zero-engine.md` "Keys"). Unknown keys are errors; DeepSpeed keys rsdeep does not
-//! implement are refused by name (see `UNSUPPORTED_TOP_LEVEL_KEYS`), so no key is ever
-//! silently ignored.
+//! `docs/zero-engine.md` "Keys"). Unknown fields fail typing; before that,
+//! `ds_compat::make_loadable` rewrites DeepSpeed's older spellings, judges the DeepSpeed
+//! features rsdeep does not implement, and drops keys nobody reads with a warning, so no
+//! key is ever silently ignored.
 //!
 //! Values Hugging Face may fill from the training arguments are `AutoOr<T>`: `"auto"`
 //! until filled. After `config::load` only the model-dependent ones can still be `Auto`
@@ -189,41 +190,6 @@ fn one_f64() -> f64 {
 fn true_bool() -> bool {
     true
 }
-
-/// DeepSpeed top-level keys that exist in DeepSpeed but that rsdeep does not implement:
-/// refused by name with this explanation rather than reported as typos.
-pub const UNSUPPORTED_TOP_LEVEL_KEYS: [(&str, &str); 12] = [
-    (
-        "amp",
-        "NVIDIA apex AMP is not supported; use \"bf16\" or \"fp16\"",
-    ),
-    ("flops_profiler", "the FLOPs profiler is not implemented"),
-    ("sparse_attention", "sparse attention is not implemented"),
-    (
-        "pipeline",
-        "pipeline parallelism is not implemented (ZeRO data parallel only)",
-    ),
-    (
-        "tensor_parallel",
-        "tensor parallelism is not implemented (ZeRO data parallel only)",
-    ),
-    (
-        "compression_training",
-        "compression training is not implemented",
-    ),
-    ("elasticity", "elastic batch sizes are not implemented"),
-    ("autotuning", "autotuning is not implemented"),
-    (
-        "data_efficiency",
-        "data efficiency (curriculum learning) is not implemented",
-    ),
-    ("nebula", "Nebula checkpointing is not implemented"),
-    ("aio", "NVMe (aio) offload is not implemented"),
-    (
-        "sequence_parallel_size",
-        "sequence parallelism is not implemented",
-    ),
-];
 
 /// `zero_optimization`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -17,6 +17,7 @@
 mod auto;
 mod batch;
 mod deepspeed;
+mod ds_compat;
 mod error;
 mod json_errors;
 mod overrides;
@@ -112,7 +113,12 @@ pub fn load(
     let mut warnings = validate::validate_training_args(&args, path)?;
 
     let (ds_file, prefix) = deepspeed_location(&deepspeed_source, path);
-    refuse_unsupported_sections(&ds_raw, &ds_file, prefix)?;
+    warnings.extend(ds_compat::make_loadable(
+        &mut ds_raw,
+        &ds_file,
+        prefix,
+        args.strict_config,
+    )?);
     // Typed once before filling: a wrong type is reported as such, not as a mismatch.
     let _: DeepSpeedConfig =
         json_errors::typed_from_value(ds_raw.clone(), &ds_file, prefix_key(prefix))?;
@@ -131,6 +137,7 @@ pub fn load(
     deepspeed.zero_optimization.overlap_comm =
         Some(deepspeed.zero_optimization.overlap_comm_resolved());
     validate::validate_deepspeed(&deepspeed, &ds_file, prefix)?;
+    warnings.extend(validate::memory_notices(&deepspeed));
     Ok(TrainConfig {
         source: path.to_path_buf(),
         world_size: world_size.max(1),
@@ -220,26 +227,6 @@ fn deepspeed_location(source: &DeepSpeedSource, train_json: &Path) -> (PathBuf, 
 
 fn prefix_key(prefix: &str) -> &str {
     prefix.trim_end_matches('.')
-}
-
-/// DeepSpeed features rsdeep does not implement are named as such, not as typos.
-fn refuse_unsupported_sections(ds: &Value, file: &Path, prefix: &str) -> Result<(), ConfigError> {
-    let Some(map) = ds.as_object() else {
-        return Ok(());
-    };
-    for (key, why) in deepspeed::UNSUPPORTED_TOP_LEVEL_KEYS {
-        if map.contains_key(key) {
-            return Err(ConfigError::UnknownKey {
-                file: file.to_path_buf(),
-                key: format!("{prefix}{key}"),
-                suggestion: None,
-                note: Some(format!(
-                    "a DeepSpeed feature rsdeep does not support: {why}; remove it"
-                )),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Hugging Face fills fp16/bf16 only inside an existing section: say so when the

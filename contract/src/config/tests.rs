@@ -270,13 +270,23 @@ fn top_level_typo_suggests_deepspeed() {
 }
 
 #[test]
-fn nested_typo_inline_names_the_full_path() {
+fn nested_typo_inline_is_a_warning_naming_the_full_path_and_an_error_when_strict() {
     let fixture = Fixture::new();
     let path = fixture.train_json(&seed_args(json!({
         "train_micro_batch_size_per_gpu": "auto",
         "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 5e7}
     })));
-    let err = load_err(&path, &[], 1);
+    let config = load(&path, &[], 1).unwrap();
+    let expected = format!(
+        "{}: unknown DeepSpeed key \"deepspeed.zero_optimization.stage3_prefetch_bucket_sise\" (did you mean \"stage3_prefetch_bucket_size\"?) is ignored",
+        path.display()
+    );
+    assert!(
+        config.warnings.iter().any(|w| w.starts_with(&expected)),
+        "{:?}",
+        config.warnings
+    );
+    let err = load_err(&path, &["--strict_config", "true"], 1);
     assert_eq!(
         err,
         format!(
@@ -294,7 +304,7 @@ fn nested_typo_in_a_deepspeed_file_names_that_file() {
         r#"{"train_batch_size": 8, "fp16": {"enabeld": true}}"#,
     );
     let path = fixture.train_json(&seed_args(json!("ds.json")));
-    let err = load_err(&path, &[], 1);
+    let err = load_err(&path, &["--strict_config", "true"], 1);
     assert_eq!(
         err,
         format!(
@@ -420,6 +430,8 @@ fn overrides_apply_before_auto_filling() {
         &[
             "--deepspeed.zero_optimization.stage3_prefetch_bucket_sise",
             "1",
+            "--strict_config",
+            "true",
         ],
         2,
     );
@@ -462,13 +474,39 @@ fn deepspeed_path_is_relative_to_train_json_or_to_the_command_line_cwd() {
 }
 
 #[test]
+fn offload_loads_with_a_notice_of_what_rsdeep_does() {
+    let fixture = Fixture::new();
+    let ds = json!({"train_batch_size": 8, "zero_optimization": {"stage": 3,
+        "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"},
+        "offload_param": {"device": "cpu", "pin_memory": true}}});
+    let mut args = seed_args(ds);
+    args["bf16"] = json!(false);
+    let path = fixture.train_json(&args);
+    let batch = [
+        "--per_device_train_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "1",
+    ]
+    .map(String::from);
+    let config = load(&path, &batch, 1).unwrap();
+    let notices = config.warnings.join("\n");
+    assert!(
+        notices.contains("NVMe offload (ZeRO-Infinity) is not built"),
+        "{notices}"
+    );
+    assert!(
+        notices.contains(
+            "offload_param: on CPU ranks the parameter partitions already live in host memory"
+        ),
+        "{notices}"
+    );
+}
+
+#[test]
 fn unsupported_features_are_refused_with_what_is_supported() {
     let fixture = Fixture::new();
     let cases = [
-        (
-            json!({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}),
-            "optimizer to \"cpu\" only",
-        ),
         (
             json!({"train_batch_size": 8, "optimizer": {"type": "Lamb", "params": {}}}),
             "rsdeep implements \"Adam\" and \"AdamW\"",
@@ -482,8 +520,8 @@ fn unsupported_features_are_refused_with_what_is_supported() {
             "apex AMP is not supported",
         ),
         (
-            json!({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}),
-            "parameter offload is not implemented",
+            json!({"train_batch_size": 8, "sparse_attention": {"mode": "fixed"}}),
+            "sparse attention is not implemented",
         ),
         (
             json!({"train_batch_size": 8, "zero_optimization": {"stage": 4}}),

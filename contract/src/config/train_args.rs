@@ -191,6 +191,8 @@ pub struct TrainingArgs {
     pub heartbeat_timeout_secs: f64,
     /// Collective timeout in seconds (HF `ddp_timeout`).
     pub ddp_timeout: u64,
+    /// DeepSpeed keys rsdeep does not know are errors instead of warnings.
+    pub strict_config: bool,
 
     /// The DeepSpeed config file as written in train.json (relative to train.json's
     /// folder); `None` when inline or absent (see `TrainConfig::deepspeed_source`).
@@ -262,6 +264,7 @@ impl Default for TrainingArgs {
             heartbeat_interval_secs: 5.0,
             heartbeat_timeout_secs: 600.0,
             ddp_timeout: 1800,
+            strict_config: false,
             deepspeed: None,
         }
     }

@@ -321,37 +321,48 @@ pub fn validate_deepspeed(
 
 fn check_offload(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<(), ConfigError> {
     let zero = &ds.zero_optimization;
-    if let Some(offload) = &zero.offload_optimizer {
-        let key = format!("{prefix}zero_optimization.offload_optimizer.device");
-        match offload.device {
-            OffloadDevice::Nvme => {
-                return Err(unsupported(
-                    file,
-                    &key,
-                    "\"nvme\" is not supported: rsdeep offloads the optimizer to \"cpu\" only (or \"none\")",
-                ));
-            }
-            OffloadDevice::Cpu if !zero.stage.partitions_optimizer_state() => {
-                return Err(invalid(
-                    file,
-                    &key,
-                    "optimizer offload needs ZeRO stage 1, 2 or 3 (zero_optimization.stage is 0)",
-                ));
-            }
-            _ => {}
-        }
-    }
-    if let Some(offload) = &zero.offload_param {
-        let key = format!("{prefix}zero_optimization.offload_param.device");
-        if offload.device != OffloadDevice::None {
-            return Err(unsupported(
-                file,
-                &key,
-                "parameter offload is not implemented: use \"none\" (ZeRO-3 already partitions parameters; offload_optimizer \"cpu\" moves the optimizer state)",
-            ));
-        }
+    let offloads_optimizer = zero
+        .offload_optimizer
+        .as_ref()
+        .is_some_and(|o| o.device != OffloadDevice::None);
+    if offloads_optimizer && !zero.stage.partitions_optimizer_state() {
+        return Err(invalid(
+            file,
+            &format!("{prefix}zero_optimization.offload_optimizer.device"),
+            "optimizer offload needs ZeRO stage 1, 2 or 3 (zero_optimization.stage is 0)",
+        ));
     }
     Ok(())
+}
+
+/// What rsdeep does with memory settings it has no mechanism for, said once at load:
+/// the optimizer state in host memory is built; parameter offload, NVMe (ZeRO-Infinity)
+/// and Megatron's activation partitioning are not (none of them changes the math).
+pub fn memory_notices(ds: &DeepSpeedConfig) -> Vec<String> {
+    let zero = &ds.zero_optimization;
+    let device = |o: &Option<super::deepspeed::OffloadConfig>| o.as_ref().map(|o| o.device);
+    let mut notices = Vec::new();
+    if device(&zero.offload_optimizer) == Some(OffloadDevice::Nvme) {
+        notices.push(
+            "offload_optimizer \"nvme\": NVMe offload (ZeRO-Infinity) is not built in rsdeep; the optimizer state goes to host memory instead (as with \"cpu\")".to_string(),
+        );
+    }
+    let param = device(&zero.offload_param);
+    if zero.stage.partitions_parameters()
+        && matches!(param, Some(OffloadDevice::Cpu | OffloadDevice::Nvme))
+    {
+        notices.push(
+            "offload_param: on CPU ranks the parameter partitions already live in host memory; on CUDA ranks rsdeep keeps them in GPU memory (parameter offload is not built yet)".to_string(),
+        );
+    }
+    if let Some(ac) = &ds.activation_checkpointing
+        && (ac.partition_activations || ac.cpu_checkpointing || ac.contiguous_memory_optimization)
+    {
+        notices.push(
+            "activation_checkpointing: partition_activations, cpu_checkpointing and contiguous_memory_optimization are Megatron memory layouts rsdeep does not have; with gradient_checkpointing it recomputes whole decoder layers from their saved inputs".to_string(),
+        );
+    }
+    notices
 }
 
 fn check_precision(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<(), ConfigError> {
@@ -459,15 +470,6 @@ fn check_misc(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<(), Con
             file,
             &format!("{prefix}gradient_allreduce_op"),
             format!("\"{op}\" is not supported: rsdeep averages gradients (\"mean\")"),
-        ));
-    }
-    if let Some(ac) = &ds.activation_checkpointing
-        && (ac.partition_activations || ac.cpu_checkpointing || ac.contiguous_memory_optimization)
-    {
-        return Err(unsupported(
-            file,
-            &format!("{prefix}activation_checkpointing"),
-            "partition_activations, cpu_checkpointing and contiguous_memory_optimization are not implemented: rsdeep recomputes whole decoder layers; set them false",
         ));
     }
     if let Some(checkpoint) = &ds.checkpoint {

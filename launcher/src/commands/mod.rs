@@ -23,16 +23,40 @@ pub fn worker_tool(tool: &str, args: &[String]) -> anyhow::Result<i32> {
         .with_context(|| format!("starting {}", program.display()))?;
     Ok(status.code().unwrap_or(1))
 }
-/// `rsdeep check-config train.json [--num_gpus N | --num_procs N] [--num_nodes M]
-/// [--key value ...]`: world size = nodes x ranks per node; the rest are overrides.
+const CHECK_CONFIG_USAGE: &str = "usage: rsdeep check-config [--num_gpus N | --device cpu --num_procs N] [--num_nodes M] [--strict] train.json [--key value ...]
+Resolves train.json (and its DeepSpeed config) for the world size as a launch would, prints the
+resolved JSON, every warning and the batch summary; a config error names the file and key.
+--strict makes unknown DeepSpeed keys errors (as strict_config true in train.json does).";
+
+/// `rsdeep check-config [world flags] [--strict] train.json [--key value ...]`: world size
+/// = nodes x ranks per node (the launcher's flags, before or after the file); the rest are
+/// overrides.
 pub fn check_config(args: &[String]) -> anyhow::Result<i32> {
-    let Some((path, rest)) = args.split_first() else {
-        anyhow::bail!(
-            "usage: rsdeep check-config train.json [--num_gpus N | --num_procs N] [--num_nodes M] [--key value ...]"
-        );
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{CHECK_CONFIG_USAGE}");
+        return Ok(0);
+    }
+    let (world_size, rest) = split_world_flags(args)?;
+    let mut rest = rest.into_iter().peekable();
+    let mut overrides = Vec::new();
+    let mut path = None;
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--strict" => overrides.extend(["--strict_config".to_string(), "true".to_string()]),
+            // The device does not change how train.json resolves.
+            "--device" if path.is_none() => {
+                rest.next();
+            }
+            flag if path.is_none() && flag.starts_with("--device=") => {}
+            _ if path.is_none() => path = Some(arg),
+            _ => overrides.push(arg),
+        }
+    }
+    let Some(path) = path else {
+        anyhow::bail!("{CHECK_CONFIG_USAGE}");
     };
-    let (world_size, overrides) = split_world_flags(rest)?;
-    let config = rsdeep_contract::config::load(std::path::Path::new(path), &overrides, world_size)?;
+    let config =
+        rsdeep_contract::config::load(std::path::Path::new(&path), &overrides, world_size)?;
     println!("{}", config.to_pretty_json());
     for warning in &config.warnings {
         println!("warning: {warning}");

@@ -31,22 +31,13 @@ impl EngineConfig {
         }
         let ds = &config.deepspeed;
         let zero = &ds.zero_optimization;
-        if zero
-            .offload_param
-            .as_ref()
-            .is_some_and(|o| o.device != OffloadDevice::None)
-        {
-            return Err(Error::Config(
-                "zero_optimization.offload_param is not supported by rsdeep".into(),
-            ));
-        }
-        let offload_optimizer_cpu = match zero.offload_optimizer.as_ref().map(|o| o.device) {
-            None | Some(OffloadDevice::None) => false,
-            Some(OffloadDevice::Cpu) => true,
-            Some(OffloadDevice::Nvme) => {
-                return Err(Error::Config("zero_optimization.offload_optimizer.device \"nvme\" is not supported (use \"cpu\")".into()));
-            }
-        };
+        // Offload as the loader's notices describe it: parameter partitions stay where the
+        // rank computes (host memory already on CPU ranks); NVMe, not built, falls back to
+        // host memory for the optimizer state.
+        let offload_optimizer_cpu = matches!(
+            zero.offload_optimizer.as_ref().map(|o| o.device),
+            Some(OffloadDevice::Cpu | OffloadDevice::Nvme)
+        );
         let resolved = |v: launcher_config::AutoOr<u64>, key: &str| {
             v.value()
                 .map(|v| v as usize)
