@@ -1,14 +1,23 @@
 //! The rsdeep worker library: one process per device. It joins the rendezvous, builds a
 //! communicator, loads tokenizer, data and model, and runs the ZeRO engine.
 //!
-//! Module map (each module's own `//!` says where its contract lives):
-//! - `comm`: the `Communicator` trait and its TCP-ring and NCCL backends, bucketing.
-//! - `model`: Hugging Face-exact Qwen2/Llama as an ordered list of blocks.
-//! - `tokenizer`, `data`: tokenizer.json + chat templates; pretrain and SFT datasets.
+//! Module map (each module's own `//!` says where its contract lives), top to bottom of
+//! the data path rendezvous → train → engine → comm → checkpoint:
+//! - `rendezvous`: the environment contract read once, the gRPC Join, heartbeats.
+//! - `train`: the Trainer in named steps (setup, optimizer step, log, evaluate, save,
+//!   finish), the data source, progress and loss plot.
+//! - `assemble`: an engine from train.json plus a model (LoRA included), block by block.
 //! - `zero`: the ZeRO engine (stages 0-3) over the model's blocks.
+//! - `comm`: the `Communicator` trait and its TCP-ring and NCCL backends, bucketing.
+//! - `checkpoint`: crash-safe checkpoints, resume and resharding, consolidation, export.
+//! - `model`: Hugging Face-exact Qwen2/Llama as an ordered list of blocks.
+//! - `lora`: PEFT-format LoRA adapters, merge.
+//! - `tokenizer`, `data`: tokenizer.json + chat templates; pretrain and SFT datasets.
+//! - `generate`: greedy and sampled generation for `rsdeep generate` and the demo chat.
 //! - `kernels`: fused fp32 CPU kernels of the training hot path (norm, rotary, SwiGLU,
 //!   AdamW).
 
+pub mod assemble;
 pub mod checkpoint;
 pub mod comm;
 pub mod data;

@@ -1,5 +1,5 @@
 //! The model built block by block straight into the engine
-//! (`zero::build_causal_lm_engine`, what `train/run.rs` uses) equals the model built
+//! (`assemble::build_causal_lm_engine`, what `train/run.rs` uses) equals the model built
 //! whole, then `apply_lora`, then `ZeroEngine::new`, bit for bit: same losses, same final
 //! weights, at stages 2 and 3 on 2 in-process ranks, for full training and LoRA, tied and
 //! untied heads, from a seeded init and from a pretrained folder. Ranks that built
@@ -10,6 +10,7 @@
 
 mod zero_support;
 
+use rsdeep_worker::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use rsdeep_worker::checkpoint::export::write_final_weights;
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora};
@@ -17,10 +18,7 @@ use rsdeep_worker::model::{
     CausalLm, ForwardCtx, INDEX_FILE, ModelConfig, ModelType, SINGLE_FILE, SafetensorsFolder,
     causal_lm_loss, save_safetensors_sharded,
 };
-use rsdeep_worker::zero::{
-    EngineConfig, EngineModel, LocalCommunicator, LoraSpec, ModelSource, ZeroEngine,
-    build_causal_lm_engine,
-};
+use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};

@@ -1,19 +1,17 @@
 //! Peak resident memory of building a LoRA model into a ZeRO-3 engine on 4 in-process
-//! ranks: block by block (`zero::build_causal_lm_engine`, what training uses) against the
+//! ranks: block by block (`assemble::build_causal_lm_engine`, what training uses) against the
 //! whole model first (`CausalLm::from_config` + `apply_lora` + `ZeroEngine::new`). Each
 //! way is measured in a fresh child process (this test binary re-run with
 //! `RSDEEP_STREAMED_MEMORY_CHILD` set), as VmHWM growth after resetting it through
 //! `/proc/self/clear_refs`. Streamed, the four ranks together hold one model's worth of
 //! slices plus a block or so in flight; whole, every rank first holds the whole model.
 
+use rsdeep_worker::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora};
 use rsdeep_worker::model::{CausalLm, ModelConfig, ModelType};
 use rsdeep_worker::zero::ZeroStage;
-use rsdeep_worker::zero::{
-    EngineConfig, EngineModel, LocalCommunicator, LoraSpec, ModelSource, ZeroEngine,
-    build_causal_lm_engine,
-};
+use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
 use std::process::Command;
 use std::sync::Arc;
 use tch::{Device, Kind};

@@ -7,12 +7,13 @@
 use super::data_source::{BatchStream, DataPlan, Examples};
 use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
+use crate::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use crate::checkpoint::{self, PendingSave, RunRecord, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
 use crate::lora::{LoraConfig, LoraInfo, lora_state, save_adapter};
 use crate::model::{ForwardCtx, ModelConfig, causal_lm_loss};
 use crate::tokenizer::Tokenizer;
-use crate::zero::{EngineConfig, LoraSpec, ModelSource, ZeroEngine, build_causal_lm_engine};
+use crate::zero::{EngineConfig, ZeroEngine};
 use crate::{Error, Result};
 use rsdeep_contract::config::{IntervalStrategy, ResumeFrom, Task, TrainConfig};
 use std::path::{Path, PathBuf};

@@ -8,11 +8,10 @@
 
 use super::adamw::AdamSlice;
 use super::config::EngineConfig;
-use super::gather::PendingGather;
+use super::in_flight::{PendingGather, PendingReduce};
 use super::loss_scaler::LossScaler;
 use super::partition::FlatLayout;
 use super::profile::{Phase, StepProfile};
-use super::reduce::PendingReduce;
 use super::scheduler::LrSchedule;
 use crate::comm::Communicator;
 use crate::model::{Block, ForwardCtx, LayerSaved, causal_lm_loss};

@@ -10,34 +10,10 @@
 //! Contract: `docs/zero-engine.md`.
 
 use super::engine::{FrozenPart, ZeroEngine, point_params_at};
+use super::in_flight::{GatherPart, GatherPiece, PendingGather};
 use super::partition::bucket_pieces;
-use crate::comm::Work;
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
-
-/// One all-gather piece in flight: per-rank range `[start, start + len)` of the partition.
-struct GatherPiece {
-    work: Work,
-    /// (world * len,) receive buffer; None when the gather wrote straight into `full`.
-    staging: Option<Tensor>,
-    start: usize,
-    len: usize,
-}
-
-/// One flat buffer's gather in flight: its (padded,) destination and the pieces.
-struct GatherPart {
-    full: Tensor,
-    pieces: Vec<GatherPiece>,
-    partition: usize,
-}
-
-/// A block's gather in flight (a prefetch, or a synchronous gather not yet waited):
-/// its trainable buffer and its frozen one, each when the block has any.
-pub(super) struct PendingGather {
-    block: usize,
-    trainable: Option<GatherPart>,
-    frozen: Option<GatherPart>,
-}
 
 impl ZeroEngine {
     /// All-gathers the (P,) `owned` slice of every rank into a new (padded,) buffer, in

@@ -6,21 +6,19 @@
 //! checkpointing, memory accounting and checkpoint state. Design: `docs/zero-engine.md`.
 //!
 //! Layout: `config.rs` (the keys honoured), `partition.rs` (flat-buffer arithmetic),
-//! `from_train_config.rs` (adapter from the launcher's TrainConfig), `build.rs`
-//! (construction block by block), `causal_lm.rs` (a Qwen2/Llama model, LoRA included,
-//! built straight into an engine),
-//! `engine.rs` (block-wise forward/backward), `reduce.rs` (gradient buckets),
-//! `gather.rs` (parameter all-gathers), `step.rs` (optimizer step), `state.rs` (memory
-//! report, checkpoint state), `adamw.rs`, `scheduler.rs`, `loss_scaler.rs`,
-//! `local_comm.rs` (in-process communicator for tests and simulations).
+//! `build.rs` (construction block by block), `engine.rs` (block-wise forward/backward),
+//! `in_flight.rs` (collectives the engine holds between issue and completion),
+//! `reduce.rs` (gradient buckets), `gather.rs` (parameter all-gathers), `step.rs`
+//! (optimizer step), `state.rs` (memory report, checkpoint state), `adamw.rs`,
+//! `scheduler.rs`, `loss_scaler.rs`, `local_comm.rs` (in-process communicator for tests
+//! and simulations). Building an engine from train.json and a model is `crate::assemble`.
 
 pub mod adamw;
 pub mod build;
-pub mod causal_lm;
 pub mod config;
 pub mod engine;
-pub mod from_train_config;
 mod gather;
+mod in_flight;
 pub mod local_comm;
 pub mod loss_scaler;
 pub mod partition;
@@ -31,7 +29,6 @@ pub mod state;
 pub mod step;
 
 pub use build::EngineBuilder;
-pub use causal_lm::{CausalLmEngine, LoraSpec, ModelSource, build_causal_lm_engine};
 pub use config::{
     EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType,
     ZeroStage,

@@ -9,19 +9,11 @@
 //! Contract: `docs/zero-engine.md`.
 
 use super::engine::ZeroEngine;
+use super::in_flight::PendingReduce;
 use super::partition::{bucket_pieces, contiguous_buckets};
 use crate::comm::{ReduceOp, Work};
 use crate::{Error, Result};
 use tch::Tensor;
-
-/// A reduction in flight and what to do once it completes.
-pub(super) struct PendingReduce {
-    work: Work,
-    /// `dst += src` after the wait (dst is a view into an owned-gradient buffer).
-    accumulate: Option<(Tensor, Tensor)>,
-    /// Tensors the collective reads or writes, kept alive until it completes.
-    _buffers: Vec<Tensor>,
-}
 
 impl ZeroEngine {
     /// Hands block `b`'s (padded,) micro-step gradient to the reducer.

@@ -7,13 +7,11 @@
 //! `from_pretrained` + `apply_lora` + `ZeroEngine::new` bit for bit
 //! (`worker/tests/zero_streamed_build.rs`). Used by `train/run.rs`.
 
-use super::build::EngineBuilder;
-use super::config::EngineConfig;
-use super::engine::{EngineModel, ZeroEngine};
 use crate::Result;
 use crate::comm::Communicator;
 use crate::lora::{LoraConfig, LoraInfo, LoraInjector};
 use crate::model::{Block, CausalLm, ModelConfig};
+use crate::zero::{EngineBuilder, EngineConfig, EngineModel, ZeroEngine};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! constant_with_warmup) with its warmup. Keys the engine cannot honour are refused here
 //! with a message naming them (the launcher's validation refuses most of them earlier).
 
-use super::config::{
+use crate::zero::config::{
     EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType,
 };
 use crate::{Error, Result};
