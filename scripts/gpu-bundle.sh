@@ -19,6 +19,7 @@ cp -r ~/.cache/rsdeep/data/tokenizer-qwen "$B/data/"
 head -n 400 ~/.cache/rsdeep/data/pretrain.jsonl > "$B/data/pretrain-slice.jsonl"
 cp -r configs/models configs/ds_config_zero*.json configs/gpu-bench.json "$B/configs/"
 cp scripts/gpu-check.sh "$B/scripts/" && cp -r benches/gpu "$B/benches/"
+cp -r tests/fixtures/user_scripts "$B/user_scripts"
 du -sh "$B" "$B"/*/* | sort -h | tail -8
 echo 'Device run (from the repo root):'
 echo "  run carry=[\".gpu-bundle\"] command=\"bash .gpu-bundle/scripts/gpu-check.sh --bundle .gpu-bundle\" timeout_s=540"

@@ -5,19 +5,23 @@
 #! checkpoint save/load timings. Each figure is printed as soon as it is measured.
 #! `--profile` runs only the versions and where a step's GPU time goes (kernels by name and
 #! kind, rsdeep under ncu vs HF Trainer under torch.profiler).
+#! `--scripts-only` runs the versions and the user-program section only (a user's HF Trainer
+#! script launched by rsdeep on the device).
 #! `--cpu-dry-run` runs the same logic on CPU with a tiny model. Contract and results: docs/gpu.md.
 set -uo pipefail
-DRY=0; BUNDLE=""; PROFILE=0
+DRY=0; BUNDLE=""; PROFILE=0; SCRIPTS_ONLY=0
 while [ $# -gt 0 ]; do case "$1" in
-  --cpu-dry-run) DRY=1;; --bundle) BUNDLE="$2"; shift;; --profile) PROFILE=1;;
+  --cpu-dry-run) DRY=1;; --bundle) BUNDLE="$2"; shift;; --profile) PROFILE=1;; --scripts-only) SCRIPTS_ONLY=1;;
   *) echo "unknown arg $1"; exit 2;; esac; shift; done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$BUNDLE" ]; then
   source "$ROOT/scripts/env.sh"; BIN="${RSDEEP_BIN_DIR:-$CARGO_TARGET_DIR/release}"; DATA="${RSDEEP_DATA_DIR:-$RSDEEP_HOME/data}"
   CFG="$ROOT/configs"; PY="${RSDEEP_PYTHON:-python3}"; TESTBIN=""; HF="$ROOT/benches/gpu/hf_trainer_bench.py"
+  SCRIPTS="$ROOT/tests/fixtures/user_scripts"
 else
   B=$(cd "$BUNDLE" && pwd); BIN="$B/bin"; DATA="$B/data"; CFG="$B/configs"; TESTBIN="$B/bin/worker-lib-tests"
   HF="$B/benches/gpu/hf_trainer_bench.py"; PY=/opt/torch/.venv/bin/python; [ -x "$PY" ] || PY=python3
+  SCRIPTS="$B/user_scripts"
   NCCL_DIR=$("$PY" -c 'import nvidia.nccl,os;print(os.path.join(list(nvidia.nccl.__path__)[0],"lib"))' 2>/dev/null || true)
   mkdir -p "$B/nccl"; [ -n "$NCCL_DIR" ] && ln -sf "$NCCL_DIR/libnccl.so.2" "$B/nccl/libnccl.so"
   TORCH_LIB=$("$PY" -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')
@@ -65,6 +69,26 @@ if [ $PROFILE = 1 ]; then
   timeout 240 "$PY" "$PROF" hf --model-config "$MODEL" --batch $BS --seq $SEQ --steps 3 --device $HFDEV 2> hf-prof.log \
     || { tail -5 hf-prof.log; fail "hf profile"; }
   echo; [ $FAIL = 0 ] && echo "GPU PROFILE DONE (dry=$DRY) in $WORK" || echo "GPU PROFILE FAILED (dry=$DRY) in $WORK"
+  exit $FAIL
+fi
+
+# A user's own HF Trainer script (the seed's pretrain.py, tiny Qwen2) launched by rsdeep as
+# `deepspeed` would launch it; no DeepSpeed on the GPU machine, so plain HF Trainer.
+user_program_section() {
+  section "user program: the seed's pretrain.py (HF Trainer) under rsdeep, 6 steps"
+  local args=(--master_port 0 --python "$PY" "$SCRIPTS/pretrain.py" --config_name "$SCRIPTS/tiny-qwen2"
+    --tokenizer_name data/tokenizer-qwen --train_files data/pretrain-slice.jsonl --per_device_train_batch_size 2
+    --do_train --output_dir user-pretrain --learning_rate 1e-3 --max_steps 6 --logging_steps 1 --save_strategy no
+    --block_size 128 --seed 12 --report_to none)
+  if [ $DRY = 1 ]; then args=(--device cpu --num_procs 1 "${args[@]}" --use_cpu); else args=(--num_gpus 1 "${args[@]}" --bf16); fi
+  timeout 300 "$BIN/rsdeep" "${args[@]}" > user-pretrain.log 2>&1 || { tail -15 user-pretrain.log; fail "user program"; return; }
+  grep -c PRETRAIN_LOG user-pretrain.log | sed 's/^/PRETRAIN_LOG lines: /'
+  grep -E 'PRETRAIN_LOG|started .* rank\(s\) of|device' user-pretrain.log | head -4 | cut -c1-200
+  grep -q 'PRETRAIN_DONE' user-pretrain.log && echo "user program: finished" || fail "user program: no PRETRAIN_DONE"
+}
+if [ $SCRIPTS_ONLY = 1 ]; then
+  user_program_section
+  echo; [ $FAIL = 0 ] && echo "GPU SCRIPTS CHECK PASSED (dry=$DRY) in $WORK" || echo "GPU SCRIPTS CHECK FAILED (dry=$DRY) in $WORK"
   exit $FAIL
 fi
 
@@ -152,6 +176,8 @@ else
     || fail "sdpa kernel probe"
   echo "cpu dry run: ncu skipped (needs a GPU)"
 fi
+
+user_program_section
 
 echo; [ $FAIL = 0 ] && echo "GPU CHECK PASSED (dry=$DRY) in $WORK" || echo "GPU CHECK FAILED (dry=$DRY) in $WORK"
 exit $FAIL

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rsdeep_contract::checkpoint_dir::checkpoint_run_id;
 use rsdeep_e2e::{
     Launcher, binary, kill_all, logged_step, recorded_pids, sentence_corpus, survivors,
-    train_tokenizer, wait_for_step, worker_script,
+    tiny_qwen2_config, train_tokenizer, wait_for_step, worker_script,
 };
 
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -46,7 +46,7 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
-        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        std::fs::write(root.join("model.json"), tiny_qwen2_config(64, 384)).expect("model config");
         train_tokenizer(root, 300);
         let fixture = Fixture { dir };
         fixture.write_train_json();
@@ -692,24 +692,6 @@ fn a_ranks_own_data_error_is_named_first_and_the_waiting_rank_as_its_consequence
         "rank 1 waited for the builder:\n{stderr}"
     );
 }
-
-const MODEL_CONFIG: &str = r#"{
-  "architectures": ["Qwen2ForCausalLM"],
-  "model_type": "qwen2",
-  "hidden_size": 64,
-  "intermediate_size": 128,
-  "num_hidden_layers": 2,
-  "num_attention_heads": 4,
-  "num_key_value_heads": 2,
-  "max_position_embeddings": 128,
-  "rms_norm_eps": 1e-6,
-  "rope_theta": 10000.0,
-  "vocab_size": 384,
-  "tie_word_embeddings": false,
-  "initializer_range": 0.02,
-  "hidden_act": "silu",
-  "torch_dtype": "float32"
-}"#;
 
 /// 200 short documents of repetitive English.
 fn corpus() -> String {

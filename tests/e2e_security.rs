@@ -5,7 +5,7 @@
 //! port are refused or dropped, and the run ends with exactly the weights of a run without
 //! intruders.
 
-use rsdeep_e2e::{Launcher, alive, binary, train_tokenizer, worker_script};
+use rsdeep_e2e::{Launcher, alive, binary, tiny_qwen2_config, train_tokenizer, worker_script};
 use rsdeep_proto::TOKEN_METADATA_KEY;
 use rsdeep_proto::v1::{self as pb, rendezvous_client::RendezvousClient};
 use std::io::{Read, Write};
@@ -179,7 +179,7 @@ impl Fixture {
             })
             .collect();
         std::fs::write(root.join("corpus.jsonl"), corpus).expect("corpus");
-        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        std::fs::write(root.join("model.json"), tiny_qwen2_config(32, 320)).expect("model config");
         train_tokenizer(root, 300);
         Fixture { dir }
     }
@@ -234,14 +234,6 @@ impl Fixture {
         Launcher::start(&args, &envs)
     }
 }
-
-const MODEL_CONFIG: &str = r#"{
-  "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 32,
-  "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-  "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-  "rope_theta": 10000.0, "vocab_size": 320, "tie_word_embeddings": false,
-  "initializer_range": 0.02, "hidden_act": "silu", "torch_dtype": "float32"
-}"#;
 
 /// Pids of `parent`'s children (from /proc/PID/task/*/children).
 fn children(parent: i32) -> Vec<i32> {

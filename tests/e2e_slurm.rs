@@ -15,7 +15,7 @@
 //! reason; nothing is skipped.
 
 use rsdeep::plan::hostlist::expand_hostlist;
-use rsdeep_e2e::{binary, logged_step, sentence_corpus, train_tokenizer};
+use rsdeep_e2e::{binary, logged_step, sentence_corpus, tiny_qwen2_config, train_tokenizer};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -515,7 +515,7 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
-        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        std::fs::write(root.join("model.json"), tiny_qwen2_config(64, 512)).expect("model config");
         train_tokenizer(root, 400);
         let path = |name: &str| root.join(name);
         let config = serde_json::json!({
@@ -550,15 +550,6 @@ impl Fixture {
         self.dir.path().join(name)
     }
 }
-
-const MODEL_CONFIG: &str = r#"{
-  "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-  "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 512,
-  "tie_word_embeddings": false, "initializer_range": 0.02, "hidden_act": "silu",
-  "torch_dtype": "float32"
-}"#;
 
 /// 300 short documents of repetitive, learnable English.
 fn corpus() -> String {

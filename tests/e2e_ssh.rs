@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rsdeep_e2e::{Launcher, alive, binary, kill_all, logged_step, train_tokenizer, wait_for_step};
+use rsdeep_e2e::{
+    Launcher, alive, binary, kill_all, logged_step, tiny_qwen2_config, train_tokenizer,
+    wait_for_step,
+};
 use sshd::Sshd;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -46,7 +49,7 @@ impl Fixture {
             })
             .collect();
         std::fs::write(root.join("corpus.jsonl"), corpus).expect("corpus");
-        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        std::fs::write(root.join("model.json"), tiny_qwen2_config(32, 320)).expect("model config");
         let hostfile: String = hosts
             .iter()
             .map(|h| format!("{h} slots={slots}\n"))
@@ -117,15 +120,6 @@ impl Fixture {
 
 const RESTART_STEPS: u64 = 16;
 const RESTART_SAVE_STEPS: u64 = 4;
-
-const MODEL_CONFIG: &str = r#"{
-  "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-  "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 320,
-  "tie_word_embeddings": false, "initializer_range": 0.02, "hidden_act": "silu",
-  "torch_dtype": "float32"
-}"#;
 
 /// A port nobody listens on right now (for the rendezvous).
 fn free_port() -> u16 {

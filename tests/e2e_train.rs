@@ -4,7 +4,7 @@
 //! outputs that Python transformers/peft load, and `rsdeep generate` chats with the result; a run resumed from a checkpoint is bit-identical to the
 //! uninterrupted run; a resume at another world size continues the same losses.
 
-use rsdeep_e2e::{Launcher, binary, sentence_corpus, train_tokenizer};
+use rsdeep_e2e::{Launcher, binary, sentence_corpus, tiny_qwen2_config, train_tokenizer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -22,7 +22,7 @@ impl Fixture {
         let root = dir.path();
         std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
         std::fs::write(root.join("chat.jsonl"), chat()).expect("chat");
-        std::fs::write(root.join("model.json"), MODEL_CONFIG).expect("model config");
+        std::fs::write(root.join("model.json"), tiny_qwen2_config(64, 512)).expect("model config");
         train_tokenizer(root, 400);
         Fixture { dir }
     }
@@ -362,24 +362,6 @@ fn resume_at_another_world_size_and_stage_continues_the_same_losses() {
         );
     }
 }
-
-const MODEL_CONFIG: &str = r#"{
-  "architectures": ["Qwen2ForCausalLM"],
-  "model_type": "qwen2",
-  "hidden_size": 64,
-  "intermediate_size": 128,
-  "num_hidden_layers": 2,
-  "num_attention_heads": 4,
-  "num_key_value_heads": 2,
-  "max_position_embeddings": 128,
-  "rms_norm_eps": 1e-6,
-  "rope_theta": 10000.0,
-  "vocab_size": 512,
-  "tie_word_embeddings": false,
-  "initializer_range": 0.02,
-  "hidden_act": "silu",
-  "torch_dtype": "float32"
-}"#;
 
 /// 300 short documents of repetitive, learnable English.
 fn corpus() -> String {

@@ -26,6 +26,21 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The tiny Qwen2 the end-to-end tests train (2 layers, 4 heads over 2 KV heads, untied
+/// head, fp32): `hidden` wide (MLP 2x, context 2x), `vocab_size` entries (at least the
+/// test's tokenizer vocabulary).
+pub fn tiny_qwen2_config(hidden: usize, vocab_size: usize) -> String {
+    serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 2 * hidden, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "vocab_size": vocab_size, "tie_word_embeddings": false, "initializer_range": 0.02,
+        "hidden_act": "silu", "torch_dtype": "float32"
+    })
+    .to_string()
+}
+
 /// `lines` JSONL lines `{"text": "..."}` of two sentences each, built by walking the
 /// word lists as an odometer (subject fastest), so the corpus is deterministic and
 /// repetitive enough for a tiny model to learn within a few steps.
