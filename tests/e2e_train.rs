@@ -518,3 +518,109 @@ fn a_worker_error_reaches_the_launcher_report_with_the_file_name() {
     );
     assert!(!stderr.contains("panicked"), "a worker panicked:\n{stderr}");
 }
+
+/// Reads back, with each tracker's own package, every `train/loss` and
+/// `train/learning_rate` the run logged: `{tracker: {key: [[step, value], ...]}}`.
+const READ_TRACKERS: &str = r#"
+import glob, json, sys
+from swanlab.sdk.internal.core_python.store import DataStoreReader
+from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+from mlflow.tracking import MlflowClient
+swan_dir, mlruns = sys.argv[1], sys.argv[2]
+keys = ["train/loss", "train/learning_rate"]
+swan = {k: [] for k in keys}
+for path in glob.glob(f"{swan_dir}/run-*/run-*.swanlab"):
+    reader = DataStoreReader(); reader.open(path)
+    for data in reader:
+        record = Record(); record.ParseFromString(data)
+        if record.HasField("scalar") and record.scalar.key in swan:
+            swan[record.scalar.key].append([record.scalar.step, record.scalar.value.number])
+client = MlflowClient(tracking_uri=f"file://{mlruns}")
+run = client.search_runs([client.get_experiment_by_name("rsdeep").experiment_id])[0]
+mlflow = {k: sorted([m.step, m.value] for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
+print(json.dumps({"swanlab": swan, "mlflow": mlflow, "params": len(run.data.params)}))
+"#;
+
+#[test]
+fn report_to_swanlab_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
+    let fx = Fixture::new();
+    let train_json = fx.train_json("trackers.json", 2);
+    let (swan_dir, mlruns) = (fx.path("swanlog"), fx.path("mlruns"));
+    let python = std::env::var("RSDEEP_PYTHON").expect("RSDEEP_PYTHON (scripts/env.sh)");
+    let json = train_json.display().to_string();
+    let args = [
+        "--device",
+        "cpu",
+        "--num_procs",
+        "2",
+        "--master_port",
+        "0",
+        &json,
+        "--report_to",
+        r#"["swanlab", "mlflow"]"#,
+        "--run_name",
+        "tracked",
+    ];
+    let envs = [
+        ("OMP_NUM_THREADS", "1".to_string()),
+        ("RSDEEP_TRACKER_PYTHON", python.clone()),
+        ("SWANLAB_MODE", "offline".to_string()),
+        ("SWANLAB_LOG_DIR", swan_dir.display().to_string()),
+        (
+            "MLFLOW_TRACKING_URI",
+            format!("file://{}", mlruns.display()),
+        ),
+        // MLflow 3 keeps its file store behind this opt-in (no database offline here).
+        ("MLFLOW_ALLOW_FILE_STORE", "true".to_string()),
+    ];
+    let mut launcher = Launcher::start(&args, &envs);
+    let status = launcher.wait(RUN_LIMIT);
+    assert!(status.success(), "training failed:\n{}", launcher.output());
+    assert!(
+        launcher.stderr().contains("swanlab: logging this run"),
+        "{}",
+        launcher.output()
+    );
+    let read = std::process::Command::new(&python)
+        .args(["-c", READ_TRACKERS])
+        .env("MLFLOW_ALLOW_FILE_STORE", "true")
+        .arg(&swan_dir)
+        .arg(&mlruns)
+        .output()
+        .expect("run the tracker reader");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let logged: serde_json::Value = serde_json::from_slice(&read.stdout).expect("reader JSON");
+    let jsonl = std::fs::read_to_string(fx.path("out/metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect();
+    assert_eq!(rows.len(), 8, "{jsonl}");
+    for tracker in ["swanlab", "mlflow"] {
+        for (key, field) in [
+            ("train/loss", "loss"),
+            ("train/learning_rate", "learning_rate"),
+        ] {
+            let expected: Vec<(u64, f64)> = rows
+                .iter()
+                .map(|r| (r["step"].as_u64().unwrap(), r[field].as_f64().unwrap()))
+                .collect();
+            let got: Vec<(u64, f64)> = logged[tracker][key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+                .collect();
+            assert_eq!(got, expected, "{tracker} {key}");
+        }
+    }
+    assert!(
+        logged["params"].as_u64().unwrap() > 20,
+        "the resolved config is the run's parameters"
+    );
+}

@@ -128,8 +128,9 @@ fn seed_zero2_config_loads_unchanged_with_the_seed_arguments() {
     );
     assert!(config.activation_checkpointing());
     assert_eq!(config.args.eval_strategy, IntervalStrategy::No);
+    // swanlab is reported to through its own client: no warning.
     assert!(
-        config.warnings.iter().any(|w| w.contains("swanlab")),
+        !config.warnings.iter().any(|w| w.contains("swanlab")),
         "{:?}",
         config.warnings
     );
@@ -597,8 +598,20 @@ fn resolved_config_round_trips_through_json() {
         ),
         "{summary}"
     );
+    // The seed's report_to swanlab is reported to (no warning); an integration rsdeep
+    // does not drive is a warning.
     assert!(
-        config.warnings.iter().any(|w| w.starts_with("report_to")),
+        !config.warnings.iter().any(|w| w.starts_with("report_to")),
+        "{:?}",
+        config.warnings
+    );
+    let comet = ["--report_to", "comet_ml"].map(String::from);
+    let config = load(&path, &comet, 2).unwrap();
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("report_to [\"comet_ml\"]")),
         "{:?}",
         config.warnings
     );

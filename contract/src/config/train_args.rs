@@ -66,8 +66,9 @@ pub enum ResumeFrom {
     Path(String),
 }
 
-/// Experiment trackers rsdeep writes: TensorBoard event files (plus metrics.jsonl always).
-/// Hugging Face's other integrations are accepted with a warning (see `report_to_warning`).
+/// Hugging Face's `report_to` names. rsdeep reports to TensorBoard (event files), swanlab,
+/// wandb and mlflow (through their own clients), plus metrics.jsonl always; the other
+/// integrations are accepted with a warning (see `report_to_warning`).
 pub const KNOWN_REPORT_BACKENDS: [&str; 14] = [
     "all",
     "none",
@@ -338,13 +339,17 @@ impl TrainingArgs {
             .report_to
             .iter()
             .map(String::as_str)
-            .filter(|b| !matches!(*b, "none" | "all" | "tensorboard"))
+            .filter(|b| {
+                !matches!(
+                    *b,
+                    "none" | "all" | "tensorboard" | "swanlab" | "wandb" | "mlflow"
+                )
+            })
             .collect();
         (!foreign.is_empty()).then(|| {
             format!(
-                "report_to {foreign:?}: rsdeep writes TensorBoard event files and \
-                 metrics.jsonl only; these integrations are not reported to (use \
-                 \"tensorboard\" and import the event files)"
+                "report_to {foreign:?}: rsdeep reports to tensorboard, swanlab, wandb and \
+                 mlflow (and metrics.jsonl); these integrations are not reported to"
             )
         })
     }

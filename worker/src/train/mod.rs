@@ -11,6 +11,7 @@ pub mod plot;
 pub mod progress;
 pub mod run;
 pub mod tensorboard;
+pub mod trackers;
 
 pub use entry::train_from_launcher;
 pub use run::{StepProgress, TrainSummary, TrainWorld, train};

@@ -1,9 +1,11 @@
 //! Training progress for people and tools: a live progress bar on rank 0 when stderr is a
 //! terminal (plain lines otherwise), `metrics.jsonl` in output_dir (one JSON object per
-//! logging step, the same fields HF Trainer puts in `log_history`), and TensorBoard
-//! scalars when `report_to` includes tensorboard.
+//! logging step, the same fields HF Trainer puts in `log_history`), TensorBoard scalars
+//! when `report_to` includes tensorboard, and the swanlab / wandb / mlflow trackers
+//! (`trackers.rs`) when it names them.
 
 use super::tensorboard::EventWriter;
+use super::trackers::{self, Trackers};
 use crate::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
@@ -32,6 +34,7 @@ pub struct ProgressReporter {
     started: Instant,
     jsonl: File,
     tensorboard: Option<EventWriter>,
+    trackers: Option<Trackers>,
     live_bar: bool,
     history: Vec<StepMetrics>,
 }
@@ -87,9 +90,23 @@ impl ProgressReporter {
             started: Instant::now(),
             jsonl,
             tensorboard,
+            trackers: None,
             live_bar: std::io::stderr().is_terminal(),
             history: Vec::new(),
         })
+    }
+
+    /// Also sends every logged step to these trackers.
+    pub fn with_trackers(mut self, trackers: Option<Trackers>) -> Self {
+        self.trackers = trackers;
+        self
+    }
+
+    /// Flushes the trackers (bounded wait); metrics.jsonl is already complete.
+    pub fn finish_trackers(&mut self) {
+        if let Some(trackers) = self.trackers.take() {
+            trackers.finish();
+        }
     }
 
     /// Seconds since the reporter was opened.
@@ -121,6 +138,9 @@ impl ProgressReporter {
             )?;
             tb.flush()?;
         }
+        if let Some(trackers) = &self.trackers {
+            trackers.log(metrics.step, trackers::step_metrics(&metrics));
+        }
         self.draw(&metrics);
         self.history.push(metrics);
         Ok(())
@@ -137,6 +157,9 @@ impl ProgressReporter {
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.add_scalar("eval/loss", eval_loss as f32, step as i64)?;
             tb.flush()?;
+        }
+        if let Some(trackers) = &self.trackers {
+            trackers.log(step, trackers::eval_metrics(eval_loss));
         }
         self.finish_line();
         eprintln!(

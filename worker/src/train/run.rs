@@ -7,6 +7,7 @@
 use super::data_source::{BatchStream, DataPlan, Examples};
 use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
+use super::trackers::{TrackerRun, Trackers};
 use crate::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use crate::checkpoint::{self, PendingSave, RunRecord, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
@@ -243,12 +244,27 @@ impl Trainer {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| run.output_dir.join("runs"))
         });
-        self.reporter = Some(ProgressReporter::open(
-            &run.output_dir,
-            run.total_steps,
-            tb_dir.as_deref(),
-            self.start_step,
-        )?);
+        let config: serde_json::Value =
+            serde_json::from_str(&run.config.to_pretty_json()).unwrap_or_default();
+        let trackers = Trackers::start(TrackerRun {
+            report_to: &args.report_to,
+            run_name: args
+                .run_name
+                .clone()
+                .unwrap_or_else(|| args.output_dir.clone()),
+            run_id: &run.world.run_id,
+            resumed: self.start_step > 0,
+            config,
+        });
+        self.reporter = Some(
+            ProgressReporter::open(
+                &run.output_dir,
+                run.total_steps,
+                tb_dir.as_deref(),
+                self.start_step,
+            )?
+            .with_trackers(trackers),
+        );
         announce(
             &run.config,
             &run.model_config,
@@ -407,8 +423,9 @@ impl Trainer {
         if let Some(previous) = self.pending_save.take() {
             self.run.finish_save(previous)?;
         }
-        if let Some(reporter) = self.reporter.as_ref() {
+        if let Some(reporter) = self.reporter.as_mut() {
             reporter.finish_line();
+            reporter.finish_trackers();
         }
         self.write_model()?;
         let run = &self.run;
