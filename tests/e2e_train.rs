@@ -521,12 +521,16 @@ fn a_worker_error_reaches_the_launcher_report_with_the_file_name() {
 
 /// Reads back, with each tracker's own package, every `train/loss` and
 /// `train/learning_rate` the run logged: `{tracker: {key: [[step, value], ...]}}`.
+/// SwanLab: its `DataStoreReader` and record protobuf; MLflow: `MlflowClient`; wandb 0.31
+/// ships no Python reader, so its offline run file is split into records by its
+/// documented LevelDB-log framing and each record parsed with wandb's own protobuf.
 const READ_TRACKERS: &str = r#"
 import glob, json, sys
 from swanlab.sdk.internal.core_python.store import DataStoreReader
 from swanlab.proto.swanlab.record.v1.record_pb2 import Record
 from mlflow.tracking import MlflowClient
-swan_dir, mlruns = sys.argv[1], sys.argv[2]
+from wandb.proto import wandb_internal_pb2
+swan_dir, mlruns, wandb_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 keys = ["train/loss", "train/learning_rate"]
 swan = {k: [] for k in keys}
 for path in glob.glob(f"{swan_dir}/run-*/run-*.swanlab"):
@@ -538,14 +542,35 @@ for path in glob.glob(f"{swan_dir}/run-*/run-*.swanlab"):
 client = MlflowClient(tracking_uri=f"file://{mlruns}")
 run = client.search_runs([client.get_experiment_by_name("rsdeep").experiment_id])[0]
 mlflow = {k: sorted([m.step, m.value] for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
-print(json.dumps({"swanlab": swan, "mlflow": mlflow, "params": len(run.data.params)}))
+def wandb_records(path):
+    data, pos, parts = open(path, "rb").read(), 7, []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        parts = ([] if kind in (1, 2) else parts) + [data[pos + 7:pos + 7 + length]]
+        pos += 7 + length
+        if kind in (1, 4):
+            yield b"".join(parts)
+wb = {k: [] for k in keys}
+for path in glob.glob(f"{wandb_dir}/wandb/offline-run-*/run-*.wandb"):
+    for raw in wandb_records(path):
+        record = wandb_internal_pb2.Record(); record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            for k in keys:
+                if k in items:
+                    wb[k].append([items["_step"], items[k]])
+print(json.dumps({"swanlab": swan, "mlflow": mlflow, "wandb": wb, "params": len(run.data.params)}))
 "#;
 
 #[test]
-fn report_to_swanlab_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
+fn report_to_swanlab_wandb_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
     let fx = Fixture::new();
     let train_json = fx.train_json("trackers.json", 2);
-    let (swan_dir, mlruns) = (fx.path("swanlog"), fx.path("mlruns"));
+    let (swan_dir, mlruns, wandb_dir) = (fx.path("swanlog"), fx.path("mlruns"), fx.path("wandb"));
+    std::fs::create_dir_all(&wandb_dir).unwrap();
     let python = std::env::var("RSDEEP_PYTHON").expect("RSDEEP_PYTHON (scripts/env.sh)");
     let json = train_json.display().to_string();
     let args = [
@@ -557,7 +582,7 @@ fn report_to_swanlab_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
         "0",
         &json,
         "--report_to",
-        r#"["swanlab", "mlflow"]"#,
+        r#"["swanlab", "wandb", "mlflow"]"#,
         "--run_name",
         "tracked",
     ];
@@ -570,6 +595,8 @@ fn report_to_swanlab_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
             "MLFLOW_TRACKING_URI",
             format!("file://{}", mlruns.display()),
         ),
+        ("WANDB_MODE", "offline".to_string()),
+        ("WANDB_DIR", wandb_dir.display().to_string()),
         // MLflow 3 keeps its file store behind this opt-in (no database offline here).
         ("MLFLOW_ALLOW_FILE_STORE", "true".to_string()),
     ];
@@ -586,6 +613,7 @@ fn report_to_swanlab_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
         .env("MLFLOW_ALLOW_FILE_STORE", "true")
         .arg(&swan_dir)
         .arg(&mlruns)
+        .arg(&wandb_dir)
         .output()
         .expect("run the tracker reader");
     assert!(
@@ -601,7 +629,7 @@ fn report_to_swanlab_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
         .filter(|v: &serde_json::Value| v.get("loss").is_some())
         .collect();
     assert_eq!(rows.len(), 8, "{jsonl}");
-    for tracker in ["swanlab", "mlflow"] {
+    for tracker in ["swanlab", "wandb", "mlflow"] {
         for (key, field) in [
             ("train/loss", "loss"),
             ("train/learning_rate", "learning_rate"),
