@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rsdeep_e2e::{Launcher, alive};
+use rsdeep_e2e::{Launcher, alive, shell_script};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -155,15 +155,11 @@ fn a_torchrun_style_script_reads_local_rank_and_joins_a_process_group() {
 fn a_program_runs_without_python() {
     let _guard = serial();
     let dir = tempfile::tempdir().unwrap();
-    let program = dir.path().join("train.sh");
-    std::fs::write(
-        &program,
-        "#!/bin/sh\necho \"shell rank $RANK of $WORLD_SIZE args $*\"\n",
-    )
-    .unwrap();
-    let mut permissions = std::fs::metadata(&program).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-    std::fs::set_permissions(&program, permissions).unwrap();
+    let program = shell_script(
+        dir.path(),
+        "train.sh",
+        "echo \"shell rank $RANK of $WORLD_SIZE args $*\"",
+    );
     let program = program.display().to_string();
     let args = two_ranks(&[
         "--save_pid",
@@ -221,15 +217,11 @@ fn a_train_json_only_flag_is_refused_for_a_script_and_the_reverse() {
 fn a_silent_idle_job_is_reported_as_hung_and_stopped() {
     let _guard = serial();
     let dir = tempfile::tempdir().unwrap();
-    let program = dir.path().join("stuck.sh");
-    std::fs::write(
-        &program,
-        "#!/bin/sh\necho \"rank $RANK pid $$ waiting\"\nexec sleep 120\n",
-    )
-    .unwrap();
-    let mut permissions = std::fs::metadata(&program).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-    std::fs::set_permissions(&program, permissions).unwrap();
+    let program = shell_script(
+        dir.path(),
+        "stuck.sh",
+        "echo \"rank $RANK pid $$ waiting\"\nexec sleep 120",
+    );
     let program = program.display().to_string();
     let args = two_ranks(&[
         "--hang_timeout",

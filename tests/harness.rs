@@ -198,10 +198,15 @@ impl Drop for Launcher {
 /// `$REAL_WORKER` (the real `rsdeep-worker`) and `$PID_DIR` (where it should record
 /// `$$` as `pid.<LOCAL_RANK>`) from the environment the test passes.
 pub fn worker_script(dir: &Path, body: &str) -> PathBuf {
+    let text = format!("echo $$ > \"$PID_DIR/pid.$LOCAL_RANK\"\n{body}");
+    shell_script(dir, "worker.sh", &text)
+}
+
+/// Writes `dir/name`, an executable `/bin/sh` script running `body`.
+pub fn shell_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("worker.sh");
-    let text = format!("#!/bin/sh\necho $$ > \"$PID_DIR/pid.$LOCAL_RANK\"\n{body}\n");
-    std::fs::write(&path, text).expect("write worker script");
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write shell script");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     path
 }

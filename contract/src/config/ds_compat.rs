@@ -89,7 +89,34 @@ enum Verdict {
     Silent,
 }
 
-/// Top-level sections of features rsdeep does not implement, judged by their content.
+/// Top-level sections of DeepSpeed features rsdeep has no mechanism for.
+const SECTIONS_WITHOUT_MECHANISM: [&str; 21] = [
+    "aio",
+    "amp",
+    "sparse_attention",
+    "compression_training",
+    "data_efficiency",
+    "curriculum_learning",
+    "quantize_training",
+    "elasticity",
+    "tensor_parallel",
+    "sequence_parallel_size",
+    "pipeline",
+    "flops_profiler",
+    "comms_logger",
+    "autotuning",
+    "nebula",
+    "compile",
+    "monitor_config",
+    "tensorboard",
+    "csv_monitor",
+    "wandb",
+    "comet",
+];
+
+/// Top-level sections of features rsdeep does not implement, judged by their content:
+/// disabled or without effect when no guard above matches (`aio` only matters for NVMe
+/// offload, which is announced separately).
 fn verdict(key: &str, value: &Value) -> Option<Verdict> {
     let enabled = || {
         value
@@ -148,25 +175,7 @@ fn verdict(key: &str, value: &Value) -> Option<Verdict> {
                 "monitor blocks: rsdeep writes metrics.jsonl and, with report_to tensorboard, TensorBoard event files; this block is ignored",
             )
         }
-        "aio" => Verdict::Silent,
-        "amp"
-        | "data_efficiency"
-        | "curriculum_learning"
-        | "quantize_training"
-        | "elasticity"
-        | "tensor_parallel"
-        | "sequence_parallel_size"
-        | "pipeline"
-        | "flops_profiler"
-        | "comms_logger"
-        | "autotuning"
-        | "nebula"
-        | "compile"
-        | "monitor_config"
-        | "tensorboard"
-        | "csv_monitor"
-        | "wandb"
-        | "comet" => Verdict::Silent,
+        _ if SECTIONS_WITHOUT_MECHANISM.contains(&key) => Verdict::Silent,
         _ => return None,
     };
     Some(verdict)

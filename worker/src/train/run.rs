@@ -244,8 +244,7 @@ impl Trainer {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| run.output_dir.join("runs"))
         });
-        let config: serde_json::Value =
-            serde_json::from_str(&run.config.to_pretty_json()).unwrap_or_default();
+        let config = serde_json::to_value(&run.config).unwrap_or_default();
         let trackers = Trackers::start(TrackerRun {
             report_to: &args.report_to,
             run_name: args

@@ -7,7 +7,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
@@ -43,7 +42,7 @@ pub struct Trackers {
     queue: Option<SyncSender<String>>,
     writer: Option<JoinHandle<()>>,
     child: Child,
-    dropped: Arc<AtomicU64>,
+    dropped: AtomicU64,
 }
 
 impl Trackers {
@@ -88,7 +87,7 @@ impl Trackers {
             queue: Some(queue),
             writer: Some(writer),
             child,
-            dropped: Arc::new(AtomicU64::new(0)),
+            dropped: AtomicU64::new(0),
         })
     }
 
