@@ -20,6 +20,7 @@ mod deepspeed;
 mod ds_compat;
 mod error;
 mod json_errors;
+mod lr_schedule;
 mod overrides;
 mod train_args;
 mod validate;
@@ -39,9 +40,11 @@ pub use deepspeed::{
 };
 pub use error::ConfigError;
 pub use json_errors::did_you_mean;
+pub use lr_schedule::{HfSchedule, WsdShape, resolve_hf_schedule};
 pub use overrides::{Override, parse_overrides};
 pub use train_args::{
-    CommBackend, IntervalStrategy, LrSchedulerType, ResumeFrom, Task, TrainingArgs,
+    CommBackend, IntervalStrategy, LrSchedulerType, ResumeFrom, SamplingStrategy, Task,
+    TrainingArgs,
 };
 pub use zero_stage::{NotAZeroStage, ZeroStage};
 

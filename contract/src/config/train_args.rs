@@ -5,13 +5,15 @@
 //! run_clm.py, PEFT `LoraConfig`, TRL `SFTConfig`.
 //!
 //! Accepted but meaningless for rsdeep (kept as known keys so the seed's flags load):
-//! `do_train`, `do_eval`, `logging_strategy`, `preprocessing_num_workers`, `run_name`.
+//! `do_train`, `do_eval`, `logging_strategy`, `run_name`.
 //! `overwrite_output_dir` lets a fresh run start in a folder holding another run's
 //! checkpoints (they are removed first; `output_dir.rs`).
 
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use super::lr_schedule::{HfSchedule, resolve_hf_schedule};
 
 /// What kind of training the worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -42,11 +44,28 @@ pub enum LrSchedulerType {
     #[default]
     Linear,
     Cosine,
+    CosineWithRestarts,
+    Polynomial,
     Constant,
     ConstantWithWarmup,
+    InverseSqrt,
+    CosineWithMinLr,
+    WarmupStableDecay,
 }
 
 /// Collective backend between ranks: `auto` = NCCL on GPUs, TCP ring on CPU ranks.
+/// transformers 5's `train_sampling_strategy`: the order the Trainer reads examples in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplingStrategy {
+    #[default]
+    Random,
+    Sequential,
+    GroupByLength,
+    /// Accepted by name so that it is refused with a message instead of a parse error.
+    BatchRebalance,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CommBackend {
@@ -121,8 +140,18 @@ pub struct TrainingArgs {
     pub max_eval_samples: Option<u64>,
     /// Percentage of the train files held out for evaluation when `eval_files` is empty.
     pub validation_split_percentage: u64,
-    /// Accepted, no effect: rsdeep tokenizes with its own thread pool.
+    /// run_clm's `preprocessing_num_workers`: rsdeep tokenizes with its own thread pool,
+    /// but groups blocks per contiguous shard as `datasets.map(num_proc=...)` does, so
+    /// the blocks equal run_clm's.
     pub preprocessing_num_workers: Option<usize>,
+    /// Documents per `group_texts` call (run_clm's `map(batched=True)` batch of 1000: each
+    /// call drops its own remainder); `null` groups the whole corpus at once.
+    pub group_texts_batch_size: Option<usize>,
+    /// Append the tokenizer's EOS after every pretraining document. run_clm and the
+    /// seed's pretrain.py do not (`tokenizer(text)` only adds what the tokenizer adds).
+    pub append_eos: bool,
+    pub train_sampling_strategy: SamplingStrategy,
+    pub dataloader_drop_last: bool,
 
     // --- batch and optimisation ---
     pub per_device_train_batch_size: u64,
@@ -134,10 +163,17 @@ pub struct TrainingArgs {
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
     pub max_grad_norm: f64,
+    /// HF: the loss is a token mean over the whole global batch (every rank and
+    /// micro-step); `false`: each rank's token mean, averaged over ranks.
+    pub average_tokens_across_devices: bool,
     pub num_train_epochs: f64,
     /// > 0 overrides `num_train_epochs`.
     pub max_steps: i64,
     pub lr_scheduler_type: LrSchedulerType,
+    /// Keyword arguments of `lr_scheduler_type` (an object, or its JSON text as HF's
+    /// command line passes it), checked by `lr_schedule::resolve_hf_schedule`.
+    #[serde(deserialize_with = "object_or_json_text")]
+    pub lr_scheduler_kwargs: serde_json::Map<String, Value>,
     /// Steps (>= 1) or a ratio of the total steps (< 1), as in transformers 5.
     pub warmup_steps: f64,
     /// Older transformers' ratio; used only when `warmup_steps` is 0.
@@ -182,6 +218,9 @@ pub struct TrainingArgs {
     pub lora_dropout: f64,
     #[serde(deserialize_with = "string_or_list")]
     pub lora_target_modules: Vec<String>,
+    /// A PEFT LoRA adapter folder to continue training from (`task: "lora"`); its
+    /// adapter_config.json then sets the LoRA rank, alpha, dropout and targets.
+    pub adapter_name_or_path: Option<String>,
 
     // --- rsdeep runtime ---
     /// Collective backend: auto | tcp | nccl.
@@ -219,6 +258,10 @@ impl Default for TrainingArgs {
             max_eval_samples: None,
             validation_split_percentage: 5,
             preprocessing_num_workers: None,
+            group_texts_batch_size: Some(1000),
+            append_eos: false,
+            train_sampling_strategy: SamplingStrategy::Random,
+            dataloader_drop_last: false,
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
             gradient_accumulation_steps: 1,
@@ -228,9 +271,11 @@ impl Default for TrainingArgs {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
+            average_tokens_across_devices: true,
             num_train_epochs: 3.0,
             max_steps: -1,
             lr_scheduler_type: LrSchedulerType::Linear,
+            lr_scheduler_kwargs: serde_json::Map::new(),
             warmup_steps: 0.0,
             warmup_ratio: 0.0,
             seed: 42,
@@ -261,6 +306,7 @@ impl Default for TrainingArgs {
             lora_alpha: 8.0,
             lora_dropout: 0.0,
             lora_target_modules: vec!["q_proj".to_string(), "v_proj".to_string()],
+            adapter_name_or_path: None,
             comm_backend: CommBackend::Auto,
             heartbeat_interval_secs: 5.0,
             heartbeat_timeout_secs: 600.0,
@@ -290,7 +336,34 @@ fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Stri
     }
 }
 
+/// Accepts `{"k": v}` or the text `"{\"k\": v}"` (HF's `--lr_scheduler_kwargs '{...}'`).
+fn object_or_json_text<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<serde_json::Map<String, Value>, D::Error> {
+    let value = match Value::deserialize(deserializer)? {
+        Value::String(text) => serde_json::from_str(&text)
+            .map_err(|e| de::Error::custom(format!("not a JSON object: {e}")))?,
+        other => other,
+    };
+    match value {
+        Value::Object(map) => Ok(map),
+        Value::Null => Ok(serde_json::Map::new()),
+        other => Err(de::Error::custom(format!(
+            "invalid type: {other}, expected an object of keyword arguments"
+        ))),
+    }
+}
+
 impl TrainingArgs {
+    /// `lr_scheduler_type` with its keyword arguments resolved (checked at load).
+    pub fn hf_schedule(&self) -> Result<HfSchedule, String> {
+        resolve_hf_schedule(
+            self.lr_scheduler_type,
+            &self.lr_scheduler_kwargs,
+            self.learning_rate,
+        )
+    }
+
     /// HF `get_warmup_steps`: `warmup_steps` if >= 1, else a ratio of the total steps
     /// (falling back to the older `warmup_ratio` when `warmup_steps` is 0).
     pub fn warmup_steps_for(&self, total_steps: u64) -> u64 {

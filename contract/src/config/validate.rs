@@ -7,7 +7,9 @@ use std::path::Path;
 use super::deepspeed::{DeepSpeedConfig, OffloadDevice, SchedulerKind};
 use super::error::ConfigError;
 use super::json_errors::did_you_mean;
-use super::train_args::{IntervalStrategy, KNOWN_REPORT_BACKENDS, Task, TrainingArgs};
+use super::train_args::{
+    IntervalStrategy, KNOWN_REPORT_BACKENDS, SamplingStrategy, Task, TrainingArgs,
+};
 
 fn invalid(file: &Path, key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -32,6 +34,8 @@ pub fn validate_training_args(
 ) -> Result<Vec<String>, ConfigError> {
     check_model_and_data(args, file)?;
     check_optimisation(args, file)?;
+    args.hf_schedule()
+        .map_err(|message| invalid(file, "lr_scheduler_kwargs", message))?;
     check_intervals(args, file)?;
     check_lora(args, file)?;
     check_runtime(args, file)?;
@@ -80,6 +84,21 @@ fn check_model_and_data(args: &TrainingArgs, file: &Path) -> Result<(), ConfigEr
             file,
             "validation_split_percentage",
             "must be below 100",
+        ));
+    }
+    if args.train_sampling_strategy == SamplingStrategy::BatchRebalance {
+        return Err(unsupported(
+            file,
+            "train_sampling_strategy",
+            "\"batch_rebalance\" is not built in rsdeep: use \"random\" (Hugging Face's \
+             default), \"sequential\" or \"group_by_length\"",
+        ));
+    }
+    if args.group_texts_batch_size == Some(0) {
+        return Err(invalid(
+            file,
+            "group_texts_batch_size",
+            "must be at least 1 document (or null to group the whole corpus at once)",
         ));
     }
     if let Some(overrides) = &args.config_overrides
@@ -195,6 +214,13 @@ fn check_intervals(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> 
 }
 
 fn check_lora(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> {
+    if args.adapter_name_or_path.is_some() && args.task != Task::Lora {
+        return Err(invalid(
+            file,
+            "adapter_name_or_path",
+            "continues training a LoRA adapter: set task to \"lora\" (or remove it)",
+        ));
+    }
     if args.task != Task::Lora {
         return Ok(());
     }

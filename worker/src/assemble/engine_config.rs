@@ -1,17 +1,15 @@
 //! Adapter from the launcher's resolved `rsdeep_contract::config::TrainConfig` (train.json with
 //! its DeepSpeed section, "auto" filled) to the engine's own `EngineConfig`. It is the only
 //! place the engine meets the launcher's types. HF's rule applies when the DeepSpeed
-//! section has no scheduler: the Trainer's `lr_scheduler_type` (linear, cosine, constant,
-//! constant_with_warmup) with its warmup. Keys the engine cannot honour are refused here
+//! section has no scheduler: the Trainer's `lr_scheduler_type` with its
+//! `lr_scheduler_kwargs` and warmup. Keys the engine cannot honour are refused here
 //! with a message naming them (the launcher's validation refuses most of them earlier).
 
 use crate::zero::config::{
     EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType,
 };
 use crate::{Error, Result};
-use rsdeep_contract::config::{
-    self as launcher_config, LrSchedulerType, OffloadDevice, SchedulerKind, TrainConfig,
-};
+use rsdeep_contract::config::{self as launcher_config, OffloadDevice, SchedulerKind, TrainConfig};
 use tch::Device;
 
 impl EngineConfig {
@@ -109,19 +107,14 @@ fn precision(config: &TrainConfig) -> Precision {
 fn scheduler(config: &TrainConfig, lr: f64, total_steps: u64) -> Result<SchedulerConfig> {
     let warmup = config.args.warmup_steps_for(total_steps);
     let Some(section) = &config.deepspeed.scheduler else {
-        return Ok(match config.args.lr_scheduler_type {
-            LrSchedulerType::Linear => SchedulerConfig::HfLinear {
-                warmup_steps: warmup,
-                total_steps,
-            },
-            LrSchedulerType::Cosine => SchedulerConfig::HfCosine {
-                warmup_steps: warmup,
-                total_steps,
-            },
-            LrSchedulerType::Constant => SchedulerConfig::Constant,
-            LrSchedulerType::ConstantWithWarmup => SchedulerConfig::HfConstantWithWarmup {
-                warmup_steps: warmup,
-            },
+        let schedule = config
+            .args
+            .hf_schedule()
+            .map_err(|e| Error::Config(format!("lr_scheduler_kwargs: {e}")))?;
+        return Ok(SchedulerConfig::Hf {
+            schedule,
+            warmup_steps: warmup,
+            total_steps,
         });
     };
     let p = &section.params;
@@ -236,7 +229,8 @@ mod tests {
         let engine = EngineConfig::from_train_config(&config, 100, Device::Cpu).expect("adapter");
         assert_eq!(
             engine.scheduler,
-            SchedulerConfig::HfLinear {
+            SchedulerConfig::Hf {
+                schedule: rsdeep_contract::config::HfSchedule::Linear,
                 warmup_steps: 10,
                 total_steps: 100
             }

@@ -5,6 +5,7 @@
 
 use crate::{Error, Result};
 pub use rsdeep_contract::config::ZeroStage;
+pub use rsdeep_contract::config::{HfSchedule, WsdShape};
 use tch::{Device, Kind};
 
 /// Compute precision of the flat parameter buffers (masters are always fp32).
@@ -108,16 +109,11 @@ pub enum SchedulerConfig {
         total_num_steps: u64,
         warmup_type: WarmupType,
     },
-    HfLinear {
+    /// The Trainer's `lr_scheduler_type` (no DeepSpeed scheduler).
+    Hf {
+        schedule: HfSchedule,
         warmup_steps: u64,
         total_steps: u64,
-    },
-    HfCosine {
-        warmup_steps: u64,
-        total_steps: u64,
-    },
-    HfConstantWithWarmup {
-        warmup_steps: u64,
     },
 }
 

@@ -1,12 +1,12 @@
 //! Learning-rate schedules with DeepSpeed's exact formulas (`deepspeed/runtime/
 //! lr_schedules.py`: WarmupLR, WarmupDecayLR, WarmupCosineLR) and Hugging Face's
-//! `get_linear_schedule_with_warmup` / `get_cosine_schedule_with_warmup` for configs
-//! without a DeepSpeed scheduler. Contract: `lr_for_step(k)` is the rate the k-th applied
+//! `get_scheduler` schedules (every `lr_scheduler_type` of transformers 5 with its
+//! keyword arguments) for configs without a DeepSpeed scheduler. Contract: `lr_for_step(k)` is the rate the k-th applied
 //! optimizer step (0-based) uses. DeepSpeed schedulers start at `last_batch_iteration = -1`
 //! (rate 0.0) and are stepped after each applied step, so step k uses iteration k - 1;
 //! HF's LambdaLR uses `lambda(k)` for step k. Skipped (overflow) steps do not advance it.
 
-use super::config::{SchedulerConfig, WarmupType};
+use super::config::{HfSchedule, SchedulerConfig, WarmupType, WsdShape};
 use std::f64::consts::PI;
 
 /// The schedule and the optimizer's base lr.
@@ -77,17 +77,11 @@ impl LrSchedule {
                         warmup_type,
                     )
             }
-            SchedulerConfig::HfLinear {
+            SchedulerConfig::Hf {
+                schedule,
                 warmup_steps,
                 total_steps,
-            } => self.base_lr * hf_linear_lambda(step, warmup_steps, total_steps),
-            SchedulerConfig::HfCosine {
-                warmup_steps,
-                total_steps,
-            } => self.base_lr * hf_cosine_lambda(step, warmup_steps, total_steps),
-            SchedulerConfig::HfConstantWithWarmup { warmup_steps } => {
-                self.base_lr * (step as f64 / warmup_steps.max(1) as f64).min(1.0)
-            }
+            } => self.base_lr * hf_factor(schedule, step, warmup_steps, total_steps, self.base_lr),
         }
     }
 }
@@ -128,21 +122,78 @@ fn cosine_ratio(
     (cos_min_ratio + (1.0 - cos_min_ratio) * cosine).max(0.0)
 }
 
-/// transformers' `_get_linear_schedule_with_warmup_lr_lambda`.
-fn hf_linear_lambda(step: u64, warmup: u64, total: u64) -> f64 {
-    if step < warmup {
-        return step as f64 / warmup.max(1) as f64;
+/// transformers' schedule lambdas (`optimization.py`): the factor on the base lr at
+/// `step`, with `warmup` linear warmup steps of `total`.
+fn hf_factor(schedule: HfSchedule, step: u64, warmup: u64, total: u64, base_lr: f64) -> f64 {
+    let (s, w, t) = (step as f64, warmup as f64, total as f64);
+    let warming = step < warmup;
+    let warmup_factor = s / w.max(1.0);
+    let progress = (s - w) / (t - w).max(1.0);
+    let cosine = |cycles: f64| 0.5 * (1.0 + (PI * cycles * 2.0 * progress).cos());
+    match schedule {
+        HfSchedule::Constant => 1.0,
+        HfSchedule::ConstantWithWarmup if warming => warmup_factor,
+        HfSchedule::ConstantWithWarmup => 1.0,
+        HfSchedule::WarmupStableDecay { .. } => wsd_factor(schedule, step, warmup, total),
+        _ if warming => warmup_factor,
+        HfSchedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+        HfSchedule::Cosine { num_cycles } => cosine(num_cycles).max(0.0),
+        HfSchedule::CosineWithRestarts { .. } if progress >= 1.0 => 0.0,
+        HfSchedule::CosineWithRestarts { num_cycles } => {
+            (0.5 * (1.0 + (PI * ((num_cycles * progress) % 1.0)).cos())).max(0.0)
+        }
+        HfSchedule::CosineWithMinLr {
+            num_cycles,
+            min_lr_rate,
+        } => (cosine(num_cycles) * (1.0 - min_lr_rate) + min_lr_rate).max(0.0),
+        HfSchedule::Polynomial { lr_end, .. } if step > total => lr_end / base_lr,
+        HfSchedule::Polynomial { lr_end, power } => {
+            let remaining = 1.0 - (s - w) / (t - w);
+            ((base_lr - lr_end) * remaining.powf(power) + lr_end) / base_lr
+        }
+        HfSchedule::InverseSqrt { timescale } => {
+            let timescale = timescale.unwrap_or(if warmup > 0 { w } else { 10_000.0 });
+            1.0 / ((s + timescale - w) / timescale).sqrt()
+        }
     }
-    ((total as f64 - step as f64) / (total.saturating_sub(warmup)).max(1) as f64).max(0.0)
 }
 
-/// transformers' `_get_cosine_schedule_with_warmup_lr_lambda` with num_cycles = 0.5.
-fn hf_cosine_lambda(step: u64, warmup: u64, total: u64) -> f64 {
+/// transformers' warmup-stable-decay lambda.
+fn wsd_factor(schedule: HfSchedule, step: u64, warmup: u64, total: u64) -> f64 {
+    let HfSchedule::WarmupStableDecay {
+        num_stable_steps,
+        num_decay_steps,
+        warmup_type,
+        decay_type,
+        min_lr_ratio,
+        num_cycles,
+    } = schedule
+    else {
+        return 1.0;
+    };
+    let stable = num_stable_steps
+        .unwrap_or_else(|| total.saturating_sub(warmup).saturating_sub(num_decay_steps));
+    let floor = |factor: f64| (factor * (1.0 - min_lr_ratio) + min_lr_ratio).max(0.0);
     if step < warmup {
-        return step as f64 / warmup.max(1) as f64;
+        let progress = step as f64 / warmup.max(1) as f64;
+        return floor(match warmup_type {
+            WsdShape::Linear => progress,
+            WsdShape::Cosine => 0.5 * (1.0 - (PI * progress).cos()),
+            WsdShape::OneMinusSqrt => 1.0 - (1.0 - progress).sqrt(),
+        });
     }
-    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
-    (0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos())).max(0.0)
+    if step < warmup + stable {
+        return 1.0;
+    }
+    if step < warmup + stable + num_decay_steps {
+        let progress = (step - warmup - stable) as f64 / num_decay_steps.max(1) as f64;
+        return floor(match decay_type {
+            WsdShape::Linear => 1.0 - progress,
+            WsdShape::Cosine => 0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos()),
+            WsdShape::OneMinusSqrt => 1.0 - progress.sqrt(),
+        });
+    }
+    min_lr_ratio
 }
 
 #[cfg(test)]
@@ -236,32 +287,27 @@ mod tests {
 
     #[test]
     fn hf_schedules_match_transformers_lambdas() {
-        let lin = LrSchedule::new(
-            SchedulerConfig::HfLinear {
-                warmup_steps: 2,
-                total_steps: 10,
-            },
-            1.0,
-        );
+        let hf = |schedule, warmup_steps, total_steps, base_lr| {
+            LrSchedule::new(
+                SchedulerConfig::Hf {
+                    schedule,
+                    warmup_steps,
+                    total_steps,
+                },
+                base_lr,
+            )
+        };
+        let lin = hf(HfSchedule::Linear, 2, 10, 1.0);
         close(lin.lr_for_step(0), 0.0);
         close(lin.lr_for_step(1), 0.5);
         close(lin.lr_for_step(2), 1.0);
         close(lin.lr_for_step(6), 0.5);
         close(lin.lr_for_step(10), 0.0);
-        let cos = LrSchedule::new(
-            SchedulerConfig::HfCosine {
-                warmup_steps: 0,
-                total_steps: 4,
-            },
-            2.0,
-        );
+        let cos = hf(HfSchedule::Cosine { num_cycles: 0.5 }, 0, 4, 2.0);
         close(cos.lr_for_step(0), 2.0);
         close(cos.lr_for_step(2), 1.0);
         close(cos.lr_for_step(4), 0.0);
-        let flat = LrSchedule::new(
-            SchedulerConfig::HfConstantWithWarmup { warmup_steps: 4 },
-            2.0,
-        );
+        let flat = hf(HfSchedule::ConstantWithWarmup, 4, 100, 2.0);
         close(flat.lr_for_step(1), 0.5);
         close(flat.lr_for_step(4), 2.0);
         close(flat.lr_for_step(1000), 2.0);
