@@ -10,25 +10,14 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rsdeep_e2e::{Launcher, alive, shell_script};
+use rsdeep_e2e::{
+    Launcher, alive, pretrain_fixture, python, run_deepspeed, shell_script, user_script as script,
+};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn script(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/user_scripts")
-        .join(name);
-    path.display().to_string()
-}
-
-fn python() -> String {
-    std::env::var("RSDEEP_PYTHON").expect(
-        "RSDEEP_PYTHON is not set: run the tests through `make test` (scripts/env.sh), which points it at the venv with torch",
-    )
 }
 
 /// `--device cpu --num_procs 2 --master_port 0 --python <venv python>` then `rest`.
@@ -325,58 +314,6 @@ fn seed_arguments(dir: &std::path::Path, output_dir: &str) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-/// Corpus, a BPE trained by `rsdeep tokenizer train`, and the fixture's tiny Qwen2 with a
-/// vocabulary that fits it.
-fn seed_fixture() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = rsdeep_e2e::sentence_corpus(
-        400,
-        &["the old captain", "a lazy dog", "my cat", "the quick fox"],
-        &["sails across", "sleeps near", "watches", "jumps over"],
-        &["the harbour", "a garden", "the fence", "the hill"],
-    );
-    std::fs::write(dir.path().join("corpus.jsonl"), corpus).unwrap();
-    rsdeep_e2e::train_tokenizer(dir.path(), 320);
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/user_scripts/tiny-qwen2/config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
-    config["vocab_size"] = 384.into();
-    (config["bos_token_id"], config["eos_token_id"]) = (0.into(), 0.into());
-    std::fs::create_dir_all(dir.path().join("model")).unwrap();
-    std::fs::write(dir.path().join("model/config.json"), config.to_string()).unwrap();
-    dir
-}
-
-/// `deepspeed --num_gpus 2 pretrain.py args...` from the venv, on DeepSpeed's CPU
-/// accelerator; returns its output.
-fn run_deepspeed(dir: &std::path::Path, args: &[String]) -> String {
-    let deepspeed = PathBuf::from(python()).with_file_name("deepspeed");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let output = std::process::Command::new(&deepspeed)
-        .args(["--num_gpus", "2", "--master_port", &port.to_string()])
-        .arg(script("pretrain.py"))
-        .args(args)
-        .current_dir(dir)
-        .env("DS_ACCELERATOR", "cpu")
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e} (scripts/setup.sh installs DeepSpeed)",
-                deepspeed.display()
-            )
-        });
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "deepspeed failed:\n{text}");
-    text
-}
-
 /// `rsdeep --device cpu --num_procs 2 pretrain.py args...`; returns its output.
 fn run_rsdeep(args: &[String]) -> String {
     let mut all = two_ranks(&[&script("pretrain.py")]);
@@ -395,9 +332,13 @@ fn run_rsdeep(args: &[String]) -> String {
 #[test]
 fn the_seed_pretrain_script_matches_deepspeed_step_for_step_and_resumes_under_either_launcher() {
     let _guard = serial();
-    let fixture = seed_fixture();
+    let fixture = pretrain_fixture();
     let dir = fixture.path();
-    let by_deepspeed = pretrain_losses(&run_deepspeed(dir, &seed_arguments(dir, "ds-out")));
+    let by_deepspeed = pretrain_losses(&run_deepspeed(
+        dir,
+        &script("pretrain.py"),
+        &seed_arguments(dir, "ds-out"),
+    ));
     let steps: Vec<u64> = by_deepspeed.iter().map(|(s, _)| *s).collect();
     assert_eq!(
         steps,
@@ -423,6 +364,6 @@ fn the_seed_pretrain_script_matches_deepspeed_step_for_step_and_resumes_under_ei
     let mut resume = seed_arguments(dir, "ds-resumed");
     let checkpoint = dir.join("rs-out/checkpoint-3").display().to_string();
     resume.extend(["--resume_from_checkpoint".to_string(), checkpoint]);
-    let resumed = pretrain_losses(&run_deepspeed(dir, &resume));
+    let resumed = pretrain_losses(&run_deepspeed(dir, &script("pretrain.py"), &resume));
     assert_eq!(resumed, by_deepspeed[3..], "steps 4-6 resumed by deepspeed");
 }

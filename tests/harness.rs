@@ -81,6 +81,73 @@ pub fn train_tokenizer(root: &Path, vocab_size: usize) {
     assert!(status.success(), "tokenizer training failed");
 }
 
+/// The reference venv's Python (`RSDEEP_PYTHON`, set by `scripts/env.sh`).
+pub fn python() -> String {
+    std::env::var("RSDEEP_PYTHON").expect(
+        "RSDEEP_PYTHON is not set: run the tests through `make test` (scripts/env.sh), which points it at the venv with torch",
+    )
+}
+
+/// A fixture user program (`tests/fixtures/user_scripts/<name>`).
+pub fn user_script(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/user_scripts")
+        .join(name);
+    path.display().to_string()
+}
+
+/// A temp folder with the seed's pretraining material scaled down: `corpus.jsonl`, a
+/// BPE trained on it by `rsdeep tokenizer train` (`tok/`), and the fixture's tiny Qwen2
+/// with a vocabulary that fits it (`model/config.json`).
+pub fn pretrain_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = sentence_corpus(
+        400,
+        &["the old captain", "a lazy dog", "my cat", "the quick fox"],
+        &["sails across", "sleeps near", "watches", "jumps over"],
+        &["the harbour", "a garden", "the fence", "the hill"],
+    );
+    std::fs::write(dir.path().join("corpus.jsonl"), corpus).unwrap();
+    train_tokenizer(dir.path(), 320);
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/user_scripts/tiny-qwen2/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    config["vocab_size"] = 384.into();
+    (config["bos_token_id"], config["eos_token_id"]) = (0.into(), 0.into());
+    std::fs::create_dir_all(dir.path().join("model")).unwrap();
+    std::fs::write(dir.path().join("model/config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// `deepspeed --num_gpus 2 <script> args...` from the venv in `dir`, on DeepSpeed's CPU
+/// accelerator; returns its output (stdout then stderr) and fails the test if it failed.
+pub fn run_deepspeed(dir: &Path, script: &str, args: &[String]) -> String {
+    let deepspeed = PathBuf::from(python()).with_file_name("deepspeed");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port");
+    let output = Command::new(&deepspeed)
+        .args(["--num_gpus", "2", "--master_port", &port.to_string()])
+        .arg(script)
+        .args(args)
+        .current_dir(dir)
+        .env("DS_ACCELERATOR", "cpu")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (scripts/setup.sh installs DeepSpeed)",
+                deepspeed.display()
+            )
+        });
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "deepspeed failed:\n{text}");
+    text
+}
+
 /// A running `rsdeep` launcher whose stdout/stderr go to files in its own temp folder.
 /// Dropping it kills the launcher's process group if it is still running.
 pub struct Launcher {

@@ -4,8 +4,12 @@
 # batch 4, grad accumulation 2, fp32) on 2 CPU ranks, first with rsdeep (release
 # binaries), then with the peer (`deepspeed` launcher, gloo, hf_trainer_peer.py), each
 # under monitor.py (launch time, first finished step, per-rank peak RSS), and prints the
-# table with ratios (report.py).
-# Usage: benches/peers/run.sh      (env: STEPS=30 STAGES="1 2 3" SKIP_BUILD=1 THREADS=1
+# table with ratios (report.py). Then the loss curve: both sides start from one initial
+# safetensors file (the peer being the seed's pretrain.py under `deepspeed`, ZeRO stage
+# CURVE_STAGE of the seed's config), and curve.py prints both curves step by step, their
+# largest deviation, and overlays them in RUN_DIR/curve/loss_curve.png.
+# Usage: benches/peers/run.sh      (env: STEPS=30 STAGES="1 2 3" CURVE_STAGE=2 CURVE_ONLY=1
+#        SKIP_BUILD=1 THREADS=1
 #        BIN_DIR=<folder with rsdeep and rsdeep-worker>, default the release target dir;
 #        point it at a private copy when others rebuild the shared target meanwhile)
 set -euo pipefail
@@ -43,7 +47,7 @@ free_port() {
   python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"
 }
 
-for stage in $STAGES; do
+for stage in $([ -n "${CURVE_ONLY:-}" ] || echo "$STAGES"); do
   out="$RUN_DIR/rsdeep-zero$stage"
   echo "== rsdeep ZeRO-$stage"
   python benches/peers/monitor.py --out "$out.json" --steps_file "$out/metrics.jsonl" \
@@ -65,4 +69,32 @@ for stage in $STAGES; do
     --output_dir "$out" --max_steps "$STEPS" > "$out.log" 2>&1
 done
 
-python benches/peers/report.py "$RUN_DIR" --stages $STAGES | tee "$RUN_DIR/table.md"
+[ -n "${CURVE_ONLY:-}" ] || python benches/peers/report.py "$RUN_DIR" --stages $STAGES | tee "$RUN_DIR/table.md"
+
+# The loss curve. The seed's pretrain.py groups blocks per 40000-document map batch.
+CURVE_STAGE="${CURVE_STAGE:-2}"
+curve="$RUN_DIR/curve"
+mkdir -p "$curve"
+python - "$CURVE_STAGE" "$curve/ds_config.json" <<'PY'
+import json, sys
+config = json.load(open("configs/ds_config_zero2.json"))
+config["zero_optimization"]["stage"] = int(sys.argv[1])
+config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+PY
+cp configs/models/qwen2-tiny.json "$curve/config.json"
+python tests/fixtures/parity/weights.py init "$curve" "$curve/init" 7
+common=(--model_name_or_path "$curve/init" --tokenizer_name "$TOKENIZER" --train_files "$DATA"
+  --block_size 256 --per_device_train_batch_size 4 --gradient_accumulation_steps 2
+  --learning_rate 1e-3 --weight_decay 0.01 --warmup_steps 5 --max_steps "$STEPS"
+  --logging_steps 1 --save_strategy no --seed 12 --report_to none
+  --deepspeed "$curve/ds_config.json")
+echo "== loss curve: HF Trainer + DeepSpeed (pretrain.py), ZeRO-$CURVE_STAGE"
+deepspeed --num_gpus 2 --master_port "$(free_port)" tests/fixtures/user_scripts/pretrain.py \
+  "${common[@]}" --use_cpu --do_train --output_dir "$curve/hf" > "$curve/hf.log" 2>&1
+echo "== loss curve: rsdeep, ZeRO-$CURVE_STAGE"
+"$BIN_DIR/rsdeep" --device cpu --num_procs 2 --master_port 0 configs/pretrain.json \
+  "${common[@]}" --group_texts_batch_size 40000 --output_dir "$curve/rsdeep" \
+  > "$curve/rsdeep.log" 2>&1
+python benches/peers/curve.py "$curve/hf" "$curve/rsdeep" "$curve/loss_curve.png" \
+  --title "ZeRO-$CURVE_STAGE, 2 CPU ranks, fp32: HF Trainer + DeepSpeed vs rsdeep" | tee "$curve/curve.md"

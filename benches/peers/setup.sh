@@ -3,7 +3,7 @@
 # Installs DeepSpeed into the project venv (not needed by any test), pre-builds the one
 # JIT op DeepSpeed's CPU accelerator loads at start (the shared-memory allreduce,
 # cached under ~/.cache/torch_extensions) so that no benchmark launch pays a compile,
-# and trains the 8k BPE tokenizer both sides use.
+# trains the 8k BPE tokenizer both sides use, and installs matplotlib for curve.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
@@ -14,6 +14,8 @@ mkdir -p "$BENCH_DIR"
 if ! python -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 pip install -q deepspeed
 fi
+# curve.py draws the loss-curve overlay with matplotlib.
+python -c "import matplotlib" 2>/dev/null || pip install -q matplotlib
 DS_ACCELERATOR=cpu python -c "
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 ShareMemCommBuilder().load()

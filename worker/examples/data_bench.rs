@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rsdeep_worker::data::{
-    DistributedSampler, PretrainConfig, PretrainDataset, SftConfig, SftDataset, collate_blocks,
-    collate_sft,
+    OrderConfig, PretrainConfig, PretrainDataset, SftConfig, SftDataset, Strategy, TrainOrder,
+    collate_blocks, collate_sft,
 };
 use rsdeep_worker::tokenizer::Tokenizer;
 use tch::Device;
@@ -157,6 +157,9 @@ fn main() -> Result<()> {
         block_size: args.block_size,
         skip_bad_lines: false,
         cache_dir: cache.path().to_path_buf(),
+        group_documents: Some(1000),
+        shards: 1,
+        append_eos: false,
     };
     let start = Instant::now();
     let dataset = PretrainDataset::load_or_build(&config, &tokenizer, true, || Ok(()))?;
@@ -172,13 +175,12 @@ fn main() -> Result<()> {
         start.elapsed().as_secs_f64() * 1e3
     );
 
-    let mut sampler = DistributedSampler::new(dataset.len(), 1, 0, true, 0, false)?;
+    let mut order = one_rank_order(dataset.len(), args.micro_batch)?;
     let start = Instant::now();
-    for _ in 0..args.steps {
-        let blocks: Vec<Vec<u32>> = sampler
-            .next_indices(args.micro_batch)
-            .into_iter()
-            .map(|i| dataset.block(i))
+    for step in 0..args.steps {
+        let blocks: Vec<Vec<u32>> = order.window(step as u64).ranks[0][0]
+            .iter()
+            .map(|&i| dataset.block(i))
             .collect::<rsdeep_worker::Result<_>>()?;
         let batch = collate_blocks(&blocks, Device::Cpu)?;
         std::hint::black_box(&batch);
@@ -193,14 +195,13 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let sft = SftDataset::load(&[&args.sft], &tokenizer, &sft_config)?;
     let sft_load_s = start.elapsed().as_secs_f64();
-    let mut sft_sampler = DistributedSampler::new(sft.examples.len(), 1, 0, true, 0, false)?;
+    let mut sft_order = one_rank_order(sft.examples.len(), args.micro_batch)?;
     let pad = tokenizer.pad_id().context("pad id")?;
     let start = Instant::now();
-    for _ in 0..args.steps {
-        let picked: Vec<_> = sft_sampler
-            .next_indices(args.micro_batch)
-            .into_iter()
-            .map(|i| &sft.examples[i])
+    for step in 0..args.steps {
+        let picked: Vec<_> = sft_order.window(step as u64).ranks[0][0]
+            .iter()
+            .map(|&i| &sft.examples[i])
             .collect();
         let batch = collate_sft(&picked, pad, Device::Cpu)?;
         std::hint::black_box(&batch);
@@ -222,4 +223,18 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Hugging Face Trainer's random order for one rank, one micro-batch per step.
+fn one_rank_order(len: usize, micro_batch: usize) -> anyhow::Result<TrainOrder> {
+    let config = OrderConfig {
+        len,
+        world_size: 1,
+        batch: micro_batch,
+        grad_accum: 1,
+        strategy: Strategy::Random,
+        seed: 0,
+        drop_last: true,
+    };
+    Ok(TrainOrder::new(config, Vec::new())?)
 }

@@ -1,5 +1,6 @@
 //! The data pipeline end to end on small fixtures: group_texts equivalence, the on-disk
-//! cache (reuse, keying, one builder with waiting ranks), the sampler over ranks, SFT label
+//! cache (reuse, keying, one builder with waiting ranks), the Trainer's data order against
+//! orders recorded from Hugging Face's Trainer, SFT label
 //! masking for the three JSONL shapes, packing boundaries, and file:line errors.
 
 use std::path::{Path, PathBuf};
@@ -7,8 +8,8 @@ use std::time::Duration;
 
 use rsdeep_worker::data::pretrain::group_texts;
 use rsdeep_worker::data::{
-    DistributedSampler, IGNORE_INDEX, PretrainConfig, PretrainDataset, SftConfig, SftDataset,
-    poll_wait,
+    IGNORE_INDEX, OrderConfig, PretrainConfig, PretrainDataset, SftConfig, SftDataset, Strategy,
+    TrainOrder, poll_wait, torch_randperm,
 };
 use rsdeep_worker::tokenizer::{Tokenizer, train_bpe};
 
@@ -46,6 +47,9 @@ fn config(files: Vec<PathBuf>, cache: &Path, block_size: usize) -> PretrainConfi
         block_size,
         skip_bad_lines: false,
         cache_dir: cache.to_path_buf(),
+        group_documents: None,
+        shards: 1,
+        append_eos: true,
     }
 }
 
@@ -262,43 +266,75 @@ fn missing_field_and_empty_input_are_clear_errors() {
     assert!(rsdeep_worker::data::check_block_size(4096, 2048).is_err());
 }
 
+/// Orders recorded from the real Hugging Face Trainer (`tests/fixtures/hf_order/`).
+fn recorded_orders() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_order/orders.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 #[test]
-fn sampler_shards_are_disjoint_deterministic_and_resumable() {
-    let len = 103;
-    let world = 4;
-    let orders: Vec<Vec<usize>> = (0..world)
-        .map(|rank| {
-            DistributedSampler::new(len, world, rank, true, 1234, false)
-                .unwrap()
-                .rank_order(5)
-        })
-        .collect();
-    let mut all: Vec<usize> = orders.concat();
-    assert_eq!(all.len(), 104);
-    all.sort();
-    all.dedup();
-    assert_eq!(all.len(), len, "every sample is read in the epoch");
-    let unique_per_rank = orders.iter().map(|o| o.len()).sum::<usize>() - 1;
-    assert_eq!(unique_per_rank, len, "only the one padding index repeats");
+fn torch_randperm_equals_torch() {
+    let recorded = recorded_orders();
+    let draws = recorded["randperm"].as_array().unwrap();
+    assert!(draws.len() >= 20);
+    for draw in draws {
+        let (seed, n) = (draw["seed"].as_u64().unwrap(), draw["n"].as_u64().unwrap());
+        let perm: Vec<usize> = serde_json::from_value(draw["perm"].clone()).unwrap();
+        assert_eq!(torch_randperm(n as usize, seed), perm, "seed {seed}, n {n}");
+    }
+}
 
-    let again = DistributedSampler::new(len, world, 2, true, 1234, false)
-        .unwrap()
-        .rank_order(5);
-    assert_eq!(again, orders[2]);
-    let other_seed = DistributedSampler::new(len, world, 2, true, 99, false)
-        .unwrap()
-        .rank_order(5);
-    assert_ne!(other_seed, orders[2]);
-
-    let mut running = DistributedSampler::new(len, world, 1, true, 1234, false).unwrap();
-    running.next_indices(37);
-    let saved = serde_json::to_string(&running.state()).unwrap();
-    let continued = running.next_indices(50);
-    let mut resumed = DistributedSampler::new(len, world, 1, true, 1234, false).unwrap();
-    resumed
-        .restore(serde_json::from_str(&saved).unwrap())
+#[test]
+fn the_order_equals_what_hf_trainer_feeds_every_rank() {
+    let recorded = recorded_orders();
+    let cases = recorded["cases"].as_array().unwrap();
+    assert!(cases.len() >= 36);
+    for case in cases {
+        let number = |key: &str| case[key].as_u64().unwrap() as usize;
+        let strategy = match case["strategy"].as_str().unwrap() {
+            "random" => Strategy::Random,
+            "sequential" => Strategy::Sequential,
+            other => panic!("strategy {other}"),
+        };
+        let seed = case["data_seed"]
+            .as_u64()
+            .unwrap_or(case["seed"].as_u64().unwrap());
+        let mut order = TrainOrder::new(
+            OrderConfig {
+                len: number("n"),
+                world_size: number("world"),
+                batch: number("batch"),
+                grad_accum: number("grad_accum"),
+                strategy,
+                seed,
+                drop_last: case["drop_last"].as_bool().unwrap(),
+            },
+            Vec::new(),
+        )
         .unwrap();
-    assert_eq!(resumed.next_indices(50), continued);
+        let expected: Vec<Vec<Vec<Vec<usize>>>> =
+            serde_json::from_value(case["ranks"].clone()).unwrap(); // [rank][step][micro][i]
+        assert_eq!(
+            order.updates_per_epoch() as usize,
+            number("updates_per_epoch"),
+            "{case}"
+        );
+        let steps = expected[0].len() as u64;
+        for step in 0..steps {
+            let window = order.window(step);
+            for (rank, windows) in expected.iter().enumerate() {
+                assert_eq!(
+                    window.ranks[rank],
+                    windows[step as usize],
+                    "rank {rank} step {step} of {}",
+                    serde_json::json!({"n": case["n"], "world": case["world"], "batch": case["batch"],
+                        "grad_accum": case["grad_accum"], "strategy": case["strategy"],
+                        "drop_last": case["drop_last"], "data_seed": case["data_seed"], "seed": case["seed"]})
+                );
+            }
+        }
+    }
 }
 
 /// The same two-turn conversation in the three shapes.

@@ -96,7 +96,7 @@ fn streamed(case: &Case, comm: Arc<dyn Communicator>) -> ZeroEngine {
         source,
         Device::Cpu,
         Kind::Float,
-        case.lora.then_some(LoraSpec {
+        case.lora.then_some(LoraSpec::Fresh {
             config: &lora,
             seed: SEED,
         }),

@@ -62,7 +62,7 @@ fn build_rank(comm: LocalCommunicator, streamed: bool) -> ZeroEngine {
             config: model_config(),
             seed: 3,
         };
-        let spec = LoraSpec {
+        let spec = LoraSpec::Fresh {
             config: &lora,
             seed: 3,
         };

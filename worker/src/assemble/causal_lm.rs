@@ -26,10 +26,11 @@ pub enum ModelSource<'a> {
     Pretrained(&'a Path),
 }
 
-/// LoRA adapters to inject while building (`apply_lora`'s arguments).
-pub struct LoraSpec<'a> {
-    pub config: &'a LoraConfig,
-    pub seed: u64,
+/// LoRA adapters to inject while building: fresh ones (`apply_lora`'s arguments), or a
+/// saved PEFT adapter to continue training.
+pub enum LoraSpec<'a> {
+    Fresh { config: &'a LoraConfig, seed: u64 },
+    Saved(&'a Path),
 }
 
 /// The engine and what the training loop needs to know about the model it holds.
@@ -58,8 +59,11 @@ pub fn build_causal_lm_engine(
     let rank = comm.rank();
     let _span = tracing::info_span!("build_causal_lm_engine", rank).entered();
     let mut builder = EngineBuilder::new(comm, engine_config)?;
-    let mut injector = match &lora {
-        Some(spec) => Some(LoraInjector::new(spec.config, spec.seed, device, kind)?),
+    let mut injector = match lora {
+        Some(LoraSpec::Fresh { config, seed }) => {
+            Some(LoraInjector::new(config, seed, device, kind)?)
+        }
+        Some(LoraSpec::Saved(dir)) => Some(LoraInjector::from_adapter(dir, device, kind)?),
         None => None,
     };
     let no_frozen = HashSet::new();
@@ -82,7 +86,7 @@ pub fn build_causal_lm_engine(
             CausalLm::from_pretrained_streaming(dir, device, kind, &mut on_block)?
         }
     };
-    let lora = injector.map(LoraInjector::finish);
+    let lora = injector.map(LoraInjector::finish).transpose()?;
     let engine_model = EngineModel {
         head_tied_to_embedding: model.tied_to_embedding(),
         frozen: lora.as_ref().map(|l| l.frozen.clone()).unwrap_or_default(),

@@ -55,7 +55,7 @@ pub fn partition_tensor_name(block: usize, which: &str) -> String {
 /// The three optimizer tensors of each block, in file order.
 pub const OPTIMIZER_TENSORS: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
 
-/// `rng_state_{r}.json`: rank `r`'s RNG metadata and sampler position.
+/// `rng_state_{r}.json`: rank `r`'s RNG metadata and position.
 pub fn rank_state_file(rank: usize) -> String {
     format!("rng_state_{rank}.json")
 }

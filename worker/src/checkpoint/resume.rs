@@ -22,8 +22,8 @@ use tch::{Kind, Tensor};
 #[derive(Debug, Clone)]
 pub struct ResumeState {
     pub trainer_state: TrainerState,
-    /// This rank's saved extra when the world size is unchanged, rank 0's otherwise (then
-    /// recompute the sampler position from `global_step`).
+    /// This rank's saved extra when the world size is unchanged, rank 0's otherwise (the
+    /// data position follows from `global_step`).
     pub per_rank_extra: serde_json::Value,
     pub global_step: u64,
     /// The optimizer state was resharded (world size or stage changed).

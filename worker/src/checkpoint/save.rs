@@ -57,7 +57,7 @@ pub struct SaveRequest<'a> {
     /// Tokenizer files to include (rank 0 writes them).
     pub tokenizer: Option<&'a Tokenizer>,
     pub trainer_state: &'a TrainerState,
-    /// This rank's RNG metadata and sampler position, saved as `rng_state_{rank}.json`.
+    /// This rank's RNG metadata and position, saved as `rng_state_{rank}.json`.
     pub per_rank_extra: serde_json::Value,
     /// Keep at most this many complete checkpoints (the newest is never deleted).
     pub save_total_limit: Option<usize>,

@@ -1,9 +1,9 @@
 //! Training data: the pretraining block dataset with its on-disk cache, the SFT chat
-//! dataset, the distributed sampler and micro-batch collation.
+//! dataset, the Trainer's data order and micro-batch collation.
 //!
 //! Contracts live in each module's `//!`: `pretrain` (JSONL -> EOS per document ->
 //! group_texts blocks, cache keyed by inputs), `sft` (three chat shapes, assistant-only
-//! labels, packing), `sampler` (seeded shuffle, disjoint shards, exact resume), `batch`
+//! labels, packing), `sampler` (Hugging Face Trainer's order: torch's randperm, accelerate's dealing, windows), `batch`
 //! ((B, T) int64 tensors). docs/data.md describes the user-facing side.
 
 pub mod batch;
@@ -13,7 +13,7 @@ pub mod sft;
 
 pub use batch::{Batch, collate_blocks, collate_sft};
 pub use pretrain::{PretrainConfig, PretrainDataset, check_block_size, poll_wait};
-pub use sampler::{DistributedSampler, SamplerState};
+pub use sampler::{OrderConfig, Strategy, TrainOrder, Window, torch_randperm};
 pub use sft::{IGNORE_INDEX, SftConfig, SftDataset, SftExample};
 
 use std::path::PathBuf;

@@ -1,18 +1,23 @@
-//! The pretraining dataset: JSONL documents -> tokens -> EOS per document -> concatenated
-//! and cut into `block_size` blocks (run_clm's `group_texts`), cached on disk as a
-//! memory-mapped array of u32 token ids and reused across runs.
+//! The pretraining dataset: JSONL documents -> tokens (as `tokenizer(text)` gives them,
+//! special tokens included; EOS appended per document only with `append_eos`) ->
+//! concatenated and cut into `block_size` blocks (run_clm's `group_texts`), cached on disk
+//! as a memory-mapped array of u32 token ids and reused across runs.
 //!
 //! Contract:
 //! - Input: JSONL files in the given order, one document per line in `text_field`.
 //!   Reading streams line chunks through a rayon pool, so memory does not grow with the
 //!   file size. A malformed line fails as `file:line: <serde error>`; with
 //!   `skip_bad_lines` it is counted instead and the count is reported (`meta.skipped_lines`).
-//! - Blocks: like `group_texts` over the whole corpus as one batch, the final remainder
-//!   shorter than `block_size` is dropped. (run_clm groups each map batch of 1000
-//!   documents separately and so drops one remainder per batch; we drop only one.)
+//! - Blocks: exactly run_clm's `group_texts` under `datasets.map(batched=True)`: the
+//!   documents are grouped `group_documents` at a time (1000 in run_clm) and each group's
+//!   remainder shorter than `block_size` is dropped; with `shards` > 1 (run_clm's
+//!   `preprocessing_num_workers`, which shards the rows contiguously, the first
+//!   `n % shards` shards one row longer) each shard is grouped from its own start.
+//!   `group_documents: None` groups the whole corpus at once (one remainder dropped).
+//!   A document is a line holding text (an empty text included); blank lines are none.
 //! - Cache: `<cache_dir>/<key>/tokens.bin` (u32 little-endian, `num_blocks * block_size`)
 //!   and `meta.json`, key = sha256 over (format version, each file's content sha256,
-//!   tokenizer fingerprint, block_size, text_field, skip_bad_lines). Built in a temporary directory and
+//!   tokenizer fingerprint, block_size, text_field, skip_bad_lines, the grouping, EOS). Built in a temporary directory and
 //!   renamed into place, so a reader never sees half a cache.
 //! - One builder per node: the caller says `is_builder` (local rank 0); the others poll for
 //!   `meta.json`, calling a `wait` function between polls, and fail if the builder left a
@@ -33,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
 /// Bumped whenever the cache layout or the blocking rule changes.
-const CACHE_FORMAT_VERSION: u32 = 1;
+const CACHE_FORMAT_VERSION: u32 = 2;
 /// Lines tokenized together: bounds the memory the streaming reader holds.
 const LINES_PER_CHUNK: usize = 4096;
 
@@ -45,6 +50,11 @@ pub struct PretrainConfig {
     pub block_size: usize,
     pub skip_bad_lines: bool,
     pub cache_dir: PathBuf,
+    /// Documents per `group_texts` call; `None`: the whole corpus (or shard) at once.
+    pub group_documents: Option<usize>,
+    /// Contiguous shards grouped separately (run_clm's `preprocessing_num_workers`).
+    pub shards: usize,
+    pub append_eos: bool,
 }
 
 /// An input file and the sha256 of its content.
@@ -253,6 +263,9 @@ pub fn cache_key(files: &[InputFile], tokenizer: &str, config: &PretrainConfig) 
     // With the setting in the key, a `.failed` note left for this key is a deterministic
     // failure of these very inputs, so waiting ranks may trust it.
     hasher.update(format!("skip_bad_lines {}\n", config.skip_bad_lines).as_bytes());
+    hasher.update(format!("group_documents {:?}\n", config.group_documents).as_bytes());
+    hasher.update(format!("shards {}\n", config.shards.max(1)).as_bytes());
+    hasher.update(format!("append_eos {}\n", config.append_eos).as_bytes());
     hex::encode(hasher.finalize())[..32].to_string()
 }
 
@@ -304,11 +317,16 @@ fn build_cache(
     key: &str,
     dir: &Path,
 ) -> Result<()> {
-    let eos = tokenizer.eos_id().ok_or_else(|| {
-        Error::Tokenizer(
-            "the tokenizer has no eos_token; pretraining appends one per document".into(),
-        )
-    })?;
+    let eos = match config.append_eos {
+        true => Some(tokenizer.eos_id().ok_or_else(|| {
+            Error::Tokenizer(
+                "the tokenizer has no eos_token, so append_eos cannot add one per document: \
+                 set append_eos to false"
+                    .into(),
+            )
+        })?),
+        false => None,
+    };
     std::fs::create_dir_all(&config.cache_dir)
         .map_err(|e| Error::io(format!("creating {}", config.cache_dir.display()), e))?;
     remove_dead_builders_leftovers(&config.cache_dir, key);
@@ -367,16 +385,18 @@ struct BuildStats {
     skipped_lines: u64,
 }
 
-/// Tokenizes every file in chunks, appends EOS per document and writes full blocks.
+/// Tokenizes every file in chunks (EOS appended per document when `eos` is given) and
+/// writes each group's full blocks.
 fn write_blocks(
     config: &PretrainConfig,
     tokenizer: &Tokenizer,
-    eos: u32,
+    eos: Option<u32>,
     out: &Path,
 ) -> Result<BuildStats> {
     let file =
         File::create(out).map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
-    let mut writer = BlockWriter::new(BufWriter::new(file), config.block_size);
+    let groups = group_sizes(count_documents(&config.files)?, config);
+    let mut writer = BlockWriter::new(BufWriter::new(file), config.block_size, groups);
     let mut stats = BuildStats::default();
     for path in &config.files {
         let reader = BufReader::new(
@@ -438,7 +458,7 @@ fn tokenize_chunk(
     tokenizer: &Tokenizer,
     path: &Path,
     chunk: &[(usize, String)],
-    eos: u32,
+    eos: Option<u32>,
     writer: &mut BlockWriter<impl Write>,
     stats: &mut BuildStats,
 ) -> Result<()> {
@@ -458,13 +478,49 @@ fn tokenize_chunk(
             Line::Bad(message) => return Err(Error::Data(message)),
         }
     }
-    for ids in encode_documents(tokenizer, &texts)? {
+    for mut ids in encode_documents(tokenizer, &texts)? {
+        ids.extend(eos);
         stats.documents += 1;
-        stats.tokens += ids.len() as u64 + 1;
-        writer.push(&ids)?;
-        writer.push(&[eos])?;
+        stats.tokens += ids.len() as u64;
+        writer.push_document(&ids)?;
     }
     Ok(())
+}
+
+/// Documents in `files` as the builder counts them: lines that are not blank.
+fn count_documents(files: &[PathBuf]) -> Result<usize> {
+    let mut count = 0;
+    for path in files {
+        let reader = BufReader::new(
+            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
+        );
+        for (index, line) in reader.lines().enumerate() {
+            let line =
+                line.map_err(|e| Error::io(format!("{}:{}", path.display(), index + 1), e))?;
+            count += usize::from(!line.trim().is_empty());
+        }
+    }
+    Ok(count)
+}
+
+/// Documents per `group_texts` call, in order: each contiguous shard (sizes as datasets'
+/// `shard(contiguous=True)`) cut into groups of `group_documents`.
+pub fn group_sizes(documents: usize, config: &PretrainConfig) -> Vec<usize> {
+    let Some(per_group) = config.group_documents else {
+        return vec![documents];
+    };
+    let shards = config.shards.clamp(1, documents.max(1));
+    let (base, longer) = (documents / shards, documents % shards);
+    let mut groups = Vec::new();
+    for shard in 0..shards {
+        let mut left = base + usize::from(shard < longer);
+        while left > 0 {
+            let group = left.min(per_group);
+            groups.push(group);
+            left -= group;
+        }
+    }
+    groups
 }
 
 /// A document longer than this is tokenized in pieces (a whole 50 MB document costs the
@@ -473,8 +529,10 @@ const MAX_PIECE_BYTES: usize = 1 << 20;
 /// Pieces handed to one `encode_batch` call at most, in bytes.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
-/// Token ids of each text: short ones in parallel batches, long ones piece by piece when
-/// the tokenizer gives the same ids for the pieces as for the whole (`split_for_encoding`).
+/// Token ids of each text as `tokenizer(text)` gives them (special tokens included):
+/// short ones in parallel batches, long ones piece by piece when the tokenizer gives the
+/// same ids for the pieces as for the whole and adds no special tokens
+/// (`split_for_encoding`).
 fn encode_documents(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
     let mut pieces: Vec<(usize, &str)> = Vec::new(); // (document, piece)
     for (document, text) in texts.iter().enumerate() {
@@ -494,7 +552,7 @@ fn encode_documents(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u
         let batch: Vec<&str> = pieces[start..end].iter().map(|(_, p)| *p).collect();
         for ((document, _), piece_ids) in pieces[start..end]
             .iter()
-            .zip(tokenizer.encode_batch(&batch, false)?)
+            .zip(tokenizer.encode_batch(&batch, true)?)
         {
             ids[*document].extend(piece_ids);
         }
@@ -505,14 +563,18 @@ fn encode_documents(tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u
 
 /// `text` cut into pieces of about `MAX_PIECE_BYTES`, each cut just before a space that
 /// follows a non-space (where byte-level BPE pre-tokenizers start a new word). The cut is
-/// used only if this tokenizer encodes the text around the first cut the same in two pieces
-/// as in one (a tokenizer that marks piece starts, like SentencePiece's prefix space, does
-/// not): otherwise, and for short texts, the text is one piece.
+/// used only if this tokenizer adds no special tokens (they would repeat per piece) and
+/// encodes the text around the first cut the same in two pieces as in one (a tokenizer
+/// that marks piece starts, like SentencePiece's prefix space, does not): otherwise, and
+/// for short texts, the text is one piece.
 fn split_for_encoding<'t>(tokenizer: &Tokenizer, text: &'t str) -> Result<Vec<&'t str>> {
     let cuts = word_cuts(text, MAX_PIECE_BYTES);
     let Some(&first) = cuts.first() else {
         return Ok(vec![text]);
     };
+    if tokenizer.encode("a", true)? != tokenizer.encode("a", false)? {
+        return Ok(vec![text]);
+    }
     let around = floor_char_boundary(text, first.saturating_sub(4096))
         ..ceil_char_boundary(text, (first + 4096).min(text.len()));
     let whole = tokenizer.encode(&text[around.clone()], false)?;
@@ -602,22 +664,40 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Accumulates tokens and writes each complete block; the tail is dropped at `finish`.
+/// Accumulates each group's documents and writes its complete blocks; a group's tail is
+/// dropped when its last document is in (and at `finish`).
 struct BlockWriter<W: Write> {
     out: W,
     block_size: usize,
     pending: Vec<u32>,
     blocks: u64,
+    /// Documents per group still to come, in order.
+    groups: std::collections::VecDeque<usize>,
+    in_group: usize,
 }
 
 impl<W: Write> BlockWriter<W> {
-    fn new(out: W, block_size: usize) -> Self {
+    fn new(out: W, block_size: usize, groups: Vec<usize>) -> Self {
         BlockWriter {
             out,
             block_size,
             pending: Vec::with_capacity(2 * block_size),
             blocks: 0,
+            groups: groups.into(),
+            in_group: 0,
         }
+    }
+
+    /// One document's ids; closes the group when it was the group's last document.
+    fn push_document(&mut self, ids: &[u32]) -> Result<()> {
+        self.push(ids)?;
+        self.in_group += 1;
+        if self.groups.front() == Some(&self.in_group) {
+            self.groups.pop_front();
+            self.in_group = 0;
+            self.pending.clear();
+        }
+        Ok(())
     }
 
     fn push(&mut self, ids: &[u32]) -> Result<()> {
@@ -664,7 +744,7 @@ mod tests {
     #[test]
     fn block_writer_cuts_blocks_and_drops_tail() {
         let mut bytes = Vec::new();
-        let mut writer = BlockWriter::new(&mut bytes, 3);
+        let mut writer = BlockWriter::new(&mut bytes, 3, vec![usize::MAX]);
         writer.push(&[1, 2]).unwrap();
         writer.push(&[3, 4, 5, 6, 7]).unwrap();
         assert_eq!(writer.finish(Path::new("mem")).unwrap(), 2);
@@ -676,6 +756,45 @@ mod tests {
         assert_eq!(
             group_texts(&[vec![1, 2], vec![3, 4, 5, 6, 7]], 3),
             vec![vec![1, 2, 3], vec![4, 5, 6]]
+        );
+    }
+
+    #[test]
+    fn each_group_drops_its_own_remainder() {
+        let mut bytes = Vec::new();
+        let mut writer = BlockWriter::new(&mut bytes, 3, vec![2, 1]);
+        for document in [&[1u32, 2][..], &[3, 4], &[5, 6, 7, 8]] {
+            writer.push_document(document).unwrap();
+        }
+        assert_eq!(writer.finish(Path::new("mem")).unwrap(), 2);
+        let ids: Vec<u32> = bytes
+            .chunks(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3, 5, 6, 7]);
+    }
+
+    #[test]
+    fn groups_follow_contiguous_shards_then_batches() {
+        let config = |group_documents, shards| PretrainConfig {
+            files: Vec::new(),
+            text_field: "text".into(),
+            block_size: 4,
+            skip_bad_lines: false,
+            cache_dir: PathBuf::new(),
+            group_documents,
+            shards,
+            append_eos: false,
+        };
+        assert_eq!(
+            group_sizes(2500, &config(Some(1000), 1)),
+            vec![1000, 1000, 500]
+        );
+        assert_eq!(group_sizes(2500, &config(None, 10)), vec![2500]);
+        // 2501 rows in 3 shards: 834, 834, 833.
+        assert_eq!(
+            group_sizes(2501, &config(Some(500), 3)),
+            vec![500, 334, 500, 334, 500, 333]
         );
     }
 

@@ -6,7 +6,10 @@
 //!   `{"instruction", "input", "output"}` (+ optional `"system"`; the user turn is the
 //!   instruction, then `"\n"` and the input when it is not empty); ShareGPT
 //!   `{"conversations": [{"from", "value"}]}` (`human`/`user` -> user, `gpt`/`assistant`/
-//!   `model`/`chatgpt` -> assistant, `system` -> system).
+//!   `model`/`chatgpt` -> assistant, `system` -> system); and already tokenized rows
+//!   `{"input_ids": [...], "labels": [...]}` (the shape TRL and the Trainer take once a
+//!   dataset is tokenized; `labels` of the same length, -100 where not trained, default
+//!   `input_ids`), used as they are.
 //! - Labels: -100 everywhere except the tokens of each assistant turn's content and the
 //!   end-of-turn token that follows it (`<|im_end|>` for ChatML, else the EOS token). The
 //!   spans are found in the rendered text by locating every message's content in order
@@ -85,10 +88,12 @@ impl SftDataset {
         let (mut skipped_lines, mut truncated) = (0, 0);
         for path in files {
             let path = path.as_ref();
-            for (number, messages) in
-                read_conversations(path, config.skip_bad_lines, &mut skipped_lines)?
-            {
-                let mut example = match tokenize_conversation(tokenizer, &messages) {
+            for (number, row) in read_rows(path, config.skip_bad_lines, &mut skipped_lines)? {
+                let tokenized = match row {
+                    SftRow::Chat(messages) => tokenize_conversation(tokenizer, &messages),
+                    SftRow::Tokens(example) => Ok(example),
+                };
+                let mut example = match tokenized {
                     Ok(example) => example,
                     Err(_) if config.skip_bad_lines => {
                         skipped_lines += 1;
@@ -124,12 +129,15 @@ impl SftDataset {
     }
 }
 
-/// All conversations of a JSONL file with their line numbers.
-fn read_conversations(
-    path: &Path,
-    skip_bad_lines: bool,
-    skipped: &mut u64,
-) -> Result<Vec<(usize, Vec<ChatMessage>)>> {
+/// One SFT line: a conversation to render, or an example already tokenized.
+#[derive(Debug)]
+pub enum SftRow {
+    Chat(Vec<ChatMessage>),
+    Tokens(SftExample),
+}
+
+/// All rows of a JSONL file with their line numbers.
+fn read_rows(path: &Path, skip_bad_lines: bool, skipped: &mut u64) -> Result<Vec<(usize, SftRow)>> {
     let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let mut conversations = Vec::new();
     for (index, line) in BufReader::new(file).lines().enumerate() {
@@ -138,8 +146,8 @@ fn read_conversations(
         if line.trim().is_empty() {
             continue;
         }
-        match parse_conversation(&line) {
-            Ok(messages) => conversations.push((number, messages)),
+        match parse_row(&line) {
+            Ok(row) => conversations.push((number, row)),
             Err(_) if skip_bad_lines => *skipped += 1,
             Err(e) => return Err(Error::Data(format!("{}:{number}: {e}", path.display()))),
         }
@@ -147,17 +155,59 @@ fn read_conversations(
     Ok(conversations)
 }
 
-/// One JSONL line in any of the three shapes, as chat messages.
+/// One JSONL line in any of the four shapes.
+pub fn parse_row(line: &str) -> std::result::Result<SftRow, String> {
+    let value: Json = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    match value.get("input_ids") {
+        Some(ids) => tokenized_row(ids, value.get("labels")).map(SftRow::Tokens),
+        None => conversation(&value).map(SftRow::Chat),
+    }
+}
+
+/// One JSONL line in any of the three chat shapes, as chat messages.
 pub fn parse_conversation(line: &str) -> std::result::Result<Vec<ChatMessage>, String> {
     let value: Json = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    conversation(&value)
+}
+
+/// `{"input_ids", "labels"?}` as an example.
+fn tokenized_row(ids: &Json, labels: Option<&Json>) -> std::result::Result<SftExample, String> {
+    let input_ids: Vec<u32> = serde_json::from_value(ids.clone())
+        .map_err(|e| format!("\"input_ids\" is not a list of token ids: {e}"))?;
+    let labels: Vec<i64> = match labels {
+        Some(labels) => serde_json::from_value(labels.clone())
+            .map_err(|e| format!("\"labels\" is not a list of integers: {e}"))?,
+        None => input_ids.iter().map(|&id| i64::from(id)).collect(),
+    };
+    if input_ids.is_empty() || labels.len() != input_ids.len() {
+        return Err(format!(
+            "\"input_ids\" ({} ids) must be non-empty and as long as \"labels\" ({})",
+            input_ids.len(),
+            labels.len()
+        ));
+    }
+    if labels.iter().all(|&l| l == IGNORE_INDEX) {
+        return Err("every label is -100: the example trains nothing".into());
+    }
+    let segment_ids = vec![1; input_ids.len()];
+    Ok(SftExample {
+        input_ids,
+        labels,
+        segment_ids,
+    })
+}
+
+fn conversation(value: &Json) -> std::result::Result<Vec<ChatMessage>, String> {
     let messages = if let Some(list) = value.get("messages") {
         turns(list, "role", "content", |r| Some(r.to_string()))?
     } else if let Some(list) = value.get("conversations") {
         turns(list, "from", "value", sharegpt_role)?
     } else if value.get("instruction").is_some() {
-        alpaca(&value)?
+        alpaca(value)?
     } else {
-        return Err("no \"messages\", \"conversations\" or \"instruction\" field".into());
+        return Err(
+            "no \"messages\", \"conversations\", \"instruction\" or \"input_ids\" field".into(),
+        );
     };
     if !messages.iter().any(|m| m.role == "assistant") {
         return Err("the conversation has no assistant turn".into());
@@ -346,6 +396,24 @@ pub fn pack(examples: Vec<SftExample>, max_len: usize) -> Vec<SftExample> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokenized_rows_are_taken_as_they_are_and_checked() {
+        let row = parse_row(r#"{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}"#).unwrap();
+        let SftRow::Tokens(example) = row else {
+            panic!("expected a tokenized row")
+        };
+        assert_eq!(example.input_ids, vec![5, 6, 7]);
+        assert_eq!(example.labels, vec![IGNORE_INDEX, 6, 7]);
+        let SftRow::Tokens(all) = parse_row(r#"{"input_ids": [5, 6]}"#).unwrap() else {
+            panic!("expected a tokenized row")
+        };
+        assert_eq!(all.labels, vec![5, 6]);
+        let short = parse_row(r#"{"input_ids": [5, 6], "labels": [6]}"#).unwrap_err();
+        assert!(short.contains("as long as"), "{short}");
+        let none = parse_row(r#"{"input_ids": [5], "labels": [-100]}"#).unwrap_err();
+        assert!(none.contains("trains nothing"), "{none}");
+    }
 
     #[test]
     fn three_shapes_parse_to_the_same_roles() {

@@ -124,7 +124,7 @@ pub fn apply_lora(model: &mut CausalLm, cfg: &LoraConfig, seed: u64) -> Result<L
     for block in model.blocks.iter_mut() {
         injector.prepare(block.as_mut())?;
     }
-    Ok(injector.finish())
+    injector.finish()
 }
 
 /// `apply_lora` one block at a time, in model order, so adapters can be attached while
@@ -133,6 +133,8 @@ pub fn apply_lora(model: &mut CausalLm, cfg: &LoraConfig, seed: u64) -> Result<L
 pub struct LoraInjector {
     modules: Vec<&'static str>,
     rng: StdRng,
+    /// A saved adapter's (A, B) per (layer, module), used instead of fresh draws.
+    initial: BTreeMap<(usize, String), (Tensor, Tensor)>,
     rank: i64,
     scaling: f64,
     dropout: f64,
@@ -143,6 +145,8 @@ pub struct LoraInjector {
     adapter_names: Vec<String>,
     trainable: i64,
     total: i64,
+    /// The adapter file `initial` came from.
+    adapter_file: Option<std::path::PathBuf>,
 }
 
 impl LoraInjector {
@@ -151,6 +155,7 @@ impl LoraInjector {
         Ok(LoraInjector {
             modules: cfg.resolved_modules()?,
             rng: StdRng::seed_from_u64(seed),
+            initial: BTreeMap::new(),
             rank: cfg.r as i64,
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
@@ -161,7 +166,21 @@ impl LoraInjector {
             adapter_names: Vec::new(),
             trainable: 0,
             total: 0,
+            adapter_file: None,
         })
+    }
+
+    /// An injector that starts from the PEFT adapter in `dir` (its adapter_config.json
+    /// gives rank, alpha, dropout and targets) instead of fresh adapters: continued
+    /// training. Every adapter of the file must find its place.
+    pub fn from_adapter(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let cfg = read_adapter_config(dir)?;
+        let path = dir.join(ADAPTER_WEIGHTS);
+        let tensors = Tensor::read_safetensors(&path)?;
+        let mut injector = LoraInjector::new(&cfg, 0, device, kind)?;
+        injector.initial = pair_adapter_tensors(tensors, &path)?;
+        injector.adapter_file = Some(path);
+        Ok(injector)
     }
 
     /// Injects nothing: only freezes base parameters and counts (adapters already
@@ -170,6 +189,7 @@ impl LoraInjector {
         LoraInjector {
             modules: Vec::new(),
             rng: StdRng::seed_from_u64(0),
+            initial: BTreeMap::new(),
             rank: 0,
             scaling: 0.0,
             dropout: 0.0,
@@ -180,6 +200,7 @@ impl LoraInjector {
             adapter_names: Vec::new(),
             trainable: 0,
             total: 0,
+            adapter_file: None,
         }
     }
 
@@ -193,8 +214,23 @@ impl LoraInjector {
             layer.use_lora_switch(self.switch.clone());
             for module in &self.modules {
                 let (out, inp) = layer.linear_shape(module)?;
-                let a = kaiming_uniform_a_sqrt5(&mut self.rng, self.rank, inp)?; // (r, in)
-                let b = Tensor::f_zeros([out, self.rank], (Kind::Float, self.device))?; // (out, r)
+                let (a, b) = match self.initial.remove(&(layer.index(), module.to_string())) {
+                    Some((a, b)) => check_adapter_shapes(a, b, (out, inp), self.rank)?,
+                    None if self.adapter_file.is_some() => {
+                        return Err(Error::Model(format!(
+                            "{}: no adapter for layer {} {module}",
+                            self.adapter_file
+                                .as_deref()
+                                .unwrap_or(Path::new(""))
+                                .display(),
+                            layer.index()
+                        )));
+                    }
+                    None => (
+                        kaiming_uniform_a_sqrt5(&mut self.rng, self.rank, inp)?, // (r, in)
+                        Tensor::f_zeros([out, self.rank], (Kind::Float, self.device))?, // (out, r)
+                    ),
+                };
                 let (a, b) = (
                     adapter_leaf(a, self.device, self.kind)?,
                     adapter_leaf(b, self.device, self.kind)?,
@@ -221,17 +257,43 @@ impl LoraInjector {
         &self.frozen
     }
 
-    /// What was injected, over every block prepared.
-    pub fn finish(self) -> LoraInfo {
-        LoraInfo {
+    /// What was injected, over every block prepared; an error when a saved adapter held
+    /// adapters this model has no place for.
+    pub fn finish(self) -> Result<LoraInfo> {
+        if let (Some((layer, module)), Some(path)) =
+            (self.initial.keys().next(), self.adapter_file.as_ref())
+        {
+            return Err(Error::Model(format!(
+                "{}: adapter for layer {layer} {module} has no place in this model",
+                path.display()
+            )));
+        }
+        Ok(LoraInfo {
             summary: trainable_parameters_line(self.trainable, self.total),
             frozen: self.frozen,
             adapter_names: self.adapter_names,
             trainable: self.trainable,
             total: self.total,
             dropout_switch: self.switch,
-        }
+        })
     }
+}
+
+/// A saved adapter pair checked against the layer: A (r, in), B (out, r).
+fn check_adapter_shapes(
+    a: Tensor,
+    b: Tensor,
+    (out, inp): (i64, i64),
+    r: i64,
+) -> Result<(Tensor, Tensor)> {
+    if a.size() != [r, inp] || b.size() != [out, r] {
+        return Err(Error::Model(format!(
+            "adapter shapes A {:?} and B {:?} do not fit this layer (expected [{r}, {inp}] and [{out}, {r}])",
+            a.size(),
+            b.size()
+        )));
+    }
+    Ok((a.f_to_kind(Kind::Float)?, b.f_to_kind(Kind::Float)?))
 }
 
 /// torch's `kaiming_uniform_(a=sqrt(5))` on an (rows, fan_in) weight: U(-1/sqrt(fan_in),
@@ -473,7 +535,7 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraInfo> {
     for block in model.blocks.iter_mut() {
         counter.prepare(block.as_mut())?;
     }
-    Ok(counter.finish())
+    counter.finish()
 }
 
 /// Groups PEFT keys `base_model.model.model.layers.{i}.{module}.lora_{A,B}.weight` into

@@ -1,16 +1,15 @@
 //! Where the training loop's micro-batches come from: the pretraining block cache or the
-//! SFT examples, fed through this rank's `DistributedSampler` so that the union of all
-//! ranks' micro-batch k at a step is the same global batch at any world size (the
-//! sampler interleaves ranks), and so that the position can be saved and restored.
+//! SFT examples, in Hugging Face Trainer's order (`data/sampler.rs`), where the global
+//! step alone fixes every rank's next micro-batches, so a resume computes its position.
 
 use crate::data::batch::{Batch, collate_blocks, collate_sft};
 use crate::data::expand_files;
 use crate::data::pretrain::{PretrainConfig, PretrainDataset, check_block_size, poll_wait};
-use crate::data::sampler::{DistributedSampler, SamplerState};
-use crate::data::sft::{SftConfig, SftDataset};
+use crate::data::sampler::{OrderConfig, Strategy, TrainOrder, Window};
+use crate::data::sft::{IGNORE_INDEX, SftConfig, SftDataset};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use rsdeep_contract::config::{Task, TrainConfig};
+use rsdeep_contract::config::{SamplingStrategy, Task, TrainConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 use tch::Device;
@@ -91,6 +90,9 @@ impl DataPlan<'_> {
                     block_size: self.block_size(),
                     skip_bad_lines: args.skip_bad_lines,
                     cache_dir: cache_dir(),
+                    group_documents: args.group_texts_batch_size,
+                    shards: args.preprocessing_num_workers.unwrap_or(1),
+                    append_eos: args.append_eos,
                 };
                 let wait = poll_wait(Duration::from_millis(200), Duration::from_secs(3600));
                 let dataset =
@@ -130,72 +132,82 @@ pub fn cache_dir() -> PathBuf {
     home.join("cache")
 }
 
-/// This rank's stream of micro-batches over epochs.
-pub struct BatchStream {
-    sampler: DistributedSampler,
-    micro_batch: usize,
+/// The Trainer's data order over the training split (`data/sampler.rs`), with what HF's
+/// loss averaging needs: the label tokens of every rank's micro-batches.
+pub struct TrainStream {
+    order: TrainOrder,
 }
 
-impl BatchStream {
-    /// A shuffled, drop-last stream (so every rank takes the same number of steps).
-    pub fn new(
-        len: usize,
-        world_size: usize,
-        rank: usize,
-        seed: u64,
-        micro_batch: usize,
-    ) -> Result<Self> {
-        let sampler = DistributedSampler::new(len, world_size, rank, true, seed, true)?;
-        if sampler.per_rank_len() < micro_batch {
-            return Err(Error::Data(format!(
-                "{len} examples give each of {world_size} ranks {} per epoch, fewer than one micro-batch of {micro_batch}: add data or lower per_device_train_batch_size",
-                sampler.per_rank_len()
-            )));
-        }
-        Ok(BatchStream {
-            sampler,
-            micro_batch,
-        })
-    }
-
-    /// Micro-batches per epoch on this rank.
-    pub fn micro_batches_per_epoch(&self) -> usize {
-        self.sampler.per_rank_len() / self.micro_batch
-    }
-
-    /// The next micro-batch's indices, moving to the next epoch when this one cannot fill
-    /// a whole micro-batch.
-    pub fn next_indices(&mut self) -> Vec<usize> {
-        let state = self.sampler.state();
-        if state.position + self.micro_batch > self.micro_batches_per_epoch() * self.micro_batch {
-            self.sampler.set_epoch(state.epoch + 1);
-        }
-        self.sampler.next_indices(self.micro_batch)
-    }
-
-    /// Fractional epoch for logs: epoch + position within it.
-    pub fn epoch_progress(&self) -> f64 {
-        let state = self.sampler.state();
-        let per_epoch = (self.micro_batches_per_epoch() * self.micro_batch).max(1);
-        state.epoch as f64 + state.position as f64 / per_epoch as f64
-    }
-
-    pub fn state(&self) -> SamplerState {
-        self.sampler.state()
-    }
-
-    pub fn restore(&mut self, state: SamplerState) -> Result<()> {
-        self.sampler.restore(state)
-    }
-
-    /// Positions the stream after `micro_batches` micro-batches from the start (used when
-    /// resuming at another world size, where per-rank positions do not carry over).
-    pub fn skip_micro_batches(&mut self, micro_batches: u64) -> Result<()> {
-        let per_epoch = self.micro_batches_per_epoch().max(1) as u64;
-        let state = SamplerState {
-            epoch: micro_batches / per_epoch,
-            position: ((micro_batches % per_epoch) as usize) * self.micro_batch,
+impl TrainStream {
+    /// The order `train_sampling_strategy`, `data_seed` (else `seed`) and
+    /// `dataloader_drop_last` give for this world size, batch and accumulation.
+    pub fn new(config: &TrainConfig, examples: &Examples, world_size: usize) -> Result<Self> {
+        let args = &config.args;
+        let strategy = match args.train_sampling_strategy {
+            SamplingStrategy::Random => Strategy::Random,
+            SamplingStrategy::Sequential => Strategy::Sequential,
+            SamplingStrategy::GroupByLength => Strategy::GroupByLength,
+            SamplingStrategy::BatchRebalance => {
+                return Err(Error::Config(
+                    "train_sampling_strategy \"batch_rebalance\" is not built in rsdeep".into(),
+                ));
+            }
         };
-        self.sampler.restore(state)
+        let lengths = match strategy {
+            Strategy::GroupByLength => examples.lengths(),
+            _ => Vec::new(),
+        };
+        let order = TrainOrder::new(
+            OrderConfig {
+                len: examples.len(),
+                world_size,
+                batch: config.batch.train_micro_batch_size_per_gpu as usize,
+                grad_accum: config.batch.gradient_accumulation_steps as usize,
+                strategy,
+                seed: args.data_seed.unwrap_or(args.seed),
+                drop_last: args.dataloader_drop_last,
+            },
+            lengths,
+        )?;
+        Ok(TrainStream { order })
+    }
+
+    /// Optimizer updates per epoch.
+    pub fn updates_per_epoch(&self) -> u64 {
+        self.order.updates_per_epoch()
+    }
+
+    /// The micro-batches of the `step`-th optimizer step (0-based) on every rank.
+    pub fn window(&mut self, step: u64) -> Window {
+        self.order.window(step)
+    }
+}
+
+impl Examples {
+    /// Tokens per example (for length grouping).
+    pub fn lengths(&self) -> Vec<usize> {
+        match self {
+            Examples::Pretrain(d) => vec![d.block_size(); d.len()],
+            Examples::Sft { dataset, .. } => dataset.examples.iter().map(|e| e.len()).collect(),
+        }
+    }
+
+    /// Label tokens the loss counts in the examples at `indices`: per row, the labels
+    /// after the first that are not ignored (HF's `num_items_in_batch`).
+    pub fn label_tokens(&self, indices: &[usize]) -> usize {
+        match self {
+            Examples::Pretrain(d) => indices.len() * d.block_size().saturating_sub(1),
+            Examples::Sft { dataset, .. } => indices
+                .iter()
+                .map(|&i| {
+                    let labels = &dataset.examples[i].labels;
+                    labels
+                        .iter()
+                        .skip(1)
+                        .filter(|&&l| l != IGNORE_INDEX)
+                        .count()
+                })
+                .sum(),
+        }
     }
 }

@@ -4,13 +4,14 @@
 //! optimizer step from (seed, step, rank), and the data order comes from the sampler, so a
 //! run depends only on its config and a resumed run continues exactly.
 
-use super::data_source::{BatchStream, DataPlan, Examples};
+use super::data_source::{DataPlan, Examples, TrainStream};
 use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
 use super::trackers::{TrackerRun, Trackers};
 use crate::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use crate::checkpoint::{self, PendingSave, RunRecord, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
+use crate::data::Window;
 use crate::lora::{LoraConfig, LoraInfo, lora_state, save_adapter};
 use crate::model::{ForwardCtx, ModelConfig, causal_lm_loss};
 use crate::tokenizer::Tokenizer;
@@ -88,7 +89,6 @@ struct RunContext {
     run: RunRecord,
     total_steps: u64,
     micro_batch: usize,
-    grad_accum: usize,
     flops_per_token: f64,
 }
 
@@ -109,7 +109,9 @@ struct Trainer {
     engine: ZeroEngine,
     train_data: Examples,
     eval_data: Option<Examples>,
-    stream: BatchStream,
+    stream: TrainStream,
+    /// Epochs done, as the Trainer logs it.
+    epoch: f64,
     state: TrainerState,
     reporter: Option<ProgressReporter>,
     window: LogWindow,
@@ -144,16 +146,8 @@ impl Trainer {
         };
         let block_size = plan.block_size();
         let micro_batch = config.batch.train_micro_batch_size_per_gpu as usize;
-        let grad_accum = config.batch.gradient_accumulation_steps as usize;
-        let data_seed = args.data_seed.unwrap_or(args.seed);
-        let stream = BatchStream::new(
-            train_data.len(),
-            world.world_size,
-            rank,
-            data_seed,
-            micro_batch,
-        )?;
-        let updates_per_epoch = (stream.micro_batches_per_epoch() / grad_accum).max(1) as u64;
+        let stream = TrainStream::new(&config, &train_data, world.world_size)?;
+        let updates_per_epoch = stream.updates_per_epoch();
         let total_steps = args.total_training_steps(updates_per_epoch);
         config
             .fill_model_autos(model_config.hidden_size, total_steps)
@@ -184,7 +178,6 @@ impl Trainer {
             lora,
             total_steps,
             micro_batch,
-            grad_accum,
         };
         let mut trainer = Trainer {
             run,
@@ -192,6 +185,7 @@ impl Trainer {
             train_data,
             eval_data,
             stream,
+            epoch: 0.0,
             state,
             reporter: None,
             window: LogWindow::default(),
@@ -218,9 +212,7 @@ impl Trainer {
                 &run.output_dir,
                 &mut self.engine,
                 &run.world,
-                &mut self.stream,
                 &mut self.state,
-                run.grad_accum,
             )?;
             if let Some(saved) = saved_run {
                 run.run = continue_run(run.run.clone(), &saved, run.world.rank);
@@ -228,6 +220,7 @@ impl Trainer {
         }
         self.start_step = self.state.global_step;
         self.step = self.start_step;
+        self.epoch = self.state.epoch.unwrap_or(0.0);
         Ok(())
     }
 
@@ -274,7 +267,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// `gradient_accumulation_steps` micro-steps (forward + backward), then the engine's
+    /// This step's window of micro-steps (forward + backward; usually
+    /// `gradient_accumulation_steps`, fewer at an epoch's end), then the engine's
     /// optimizer step; libtorch is reseeded from (seed, step, rank) first.
     fn optimizer_step(&mut self) -> Result<StepReport> {
         let (args, world) = (&self.run.config.args, &self.run.world);
@@ -282,9 +276,10 @@ impl Trainer {
         tch::manual_seed(step_seed(args.seed, self.step, world.rank));
         let started = Instant::now();
         let mut tokens = 0i64;
-        for _ in 0..self.run.grad_accum {
-            let indices = self.stream.next_indices();
-            let batch = self.train_data.batch(&indices, world.device)?;
+        let window = self.stream.window(self.step);
+        self.engine.begin_window(self.loss_weights(&window))?;
+        for indices in &window.ranks[world.rank] {
+            let batch = self.train_data.batch(indices, world.device)?;
             tokens += batch.input_ids.numel() as i64;
             let ctx = ForwardCtx::build(
                 &batch.input_ids,
@@ -303,7 +298,8 @@ impl Trainer {
         self.step += 1;
         let world_tokens = tokens * world.world_size as i64;
         self.state.global_step = self.step;
-        self.state.epoch = Some(self.stream.epoch_progress());
+        self.epoch = window.epoch_after;
+        self.state.epoch = Some(self.epoch);
         self.state.num_input_tokens_seen += world_tokens as u64;
         let tokens_per_second = world_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         self.first_loss.get_or_insert(report.loss);
@@ -312,10 +308,35 @@ impl Trainer {
             .add(report.loss, report.grad_norm, tokens_per_second);
         Ok(StepReport {
             loss: report.loss,
-            lr: report.lr,
+            lr: report.logged_lr,
             loss_scale: report.loss_scale,
             tokens_per_second,
         })
+    }
+
+    /// Each of this rank's micro-steps' loss weight: its share of the label tokens of the
+    /// global batch (every rank's window) times the world size, which the average over
+    /// ranks undoes — Hugging Face's token mean over the global batch. Without
+    /// `average_tokens_across_devices`, its share of this rank's window.
+    fn loss_weights(&self, window: &Window) -> Vec<f64> {
+        let counts: Vec<Vec<usize>> = window
+            .ranks
+            .iter()
+            .map(|rank| {
+                rank.iter()
+                    .map(|b| self.train_data.label_tokens(b))
+                    .collect()
+            })
+            .collect();
+        let world = &self.run.world;
+        let mine = &counts[world.rank];
+        let per_rank_share = match self.run.config.args.average_tokens_across_devices {
+            true => counts.iter().flatten().sum::<usize>() as f64 / world.world_size as f64,
+            false => mine.iter().sum::<usize>() as f64,
+        };
+        mine.iter()
+            .map(|&tokens| tokens as f64 / per_rank_share.max(1.0))
+            .collect()
     }
 
     /// Every `logging_steps` (and the last step, and the first with `logging_first_step`):
@@ -333,7 +354,7 @@ impl Trainer {
         let world = &self.run.world;
         let metrics = StepMetrics {
             step,
-            epoch: self.stream.epoch_progress(),
+            epoch: self.epoch,
             loss,
             learning_rate: report.lr,
             grad_norm,
@@ -408,7 +429,6 @@ impl Trainer {
             "step": self.step,
             "rank": world.rank,
             "world_size": world.world_size,
-            "sampler": self.stream.state(),
         });
         self.pending_save = self.run.save(&mut self.engine, &self.state, extra)?;
         Ok(())
@@ -489,17 +509,22 @@ fn build_engine(
     let args = &config.args;
     let engine_config = EngineConfig::from_train_config(config, total_steps, world.device)?;
     let lora_config = match args.task {
-        Task::Lora => Some(lora_config_of(config)),
+        Task::Lora => Some(lora_config_of(config)?),
         _ => None,
+    };
+    let lora_spec = match (&lora_config, &args.adapter_name_or_path) {
+        (Some(_), Some(dir)) => Some(LoraSpec::Saved(Path::new(dir))),
+        (Some(c), None) => Some(LoraSpec::Fresh {
+            config: c,
+            seed: args.seed,
+        }),
+        (None, _) => None,
     };
     let built = build_causal_lm_engine(
         model_source(config, model_config.clone())?,
         world.device,
         kind,
-        lora_config.as_ref().map(|c| LoraSpec {
-            config: c,
-            seed: args.seed,
-        }),
+        lora_spec,
         world.comm.clone(),
         engine_config,
     )?;
@@ -517,9 +542,7 @@ fn resume_from(
     output_dir: &Path,
     engine: &mut ZeroEngine,
     world: &TrainWorld,
-    stream: &mut BatchStream,
     state: &mut TrainerState,
-    grad_accum: usize,
 ) -> Result<Option<RunRecord>> {
     let spec = match resume {
         ResumeFrom::Latest(false) => return Ok(None),
@@ -532,19 +555,7 @@ fn resume_from(
     let started = Instant::now();
     let resumed = checkpoint::load_checkpoint(&dir, engine, world.rank, world.world_size)?;
     let load_seconds = started.elapsed().as_secs_f64();
-    // The saved sampler position is this rank's only when the world size is unchanged;
-    // otherwise every rank recomputes it from the global step.
-    let extra = &resumed.per_rank_extra;
-    let same_world = extra.get("world_size").and_then(|v| v.as_u64())
-        == Some(world.world_size as u64)
-        && extra.get("rank").and_then(|v| v.as_u64()) == Some(world.rank as u64);
-    let saved_sampler = extra
-        .get("sampler")
-        .and_then(|v| serde_json::from_value(v.clone()).ok());
-    match saved_sampler {
-        Some(sampler) if same_world => stream.restore(sampler)?,
-        _ => stream.skip_micro_batches(resumed.global_step * grad_accum as u64)?,
-    }
+    // The data position needs nothing restored: the global step fixes it at any world size.
     let max_steps = state.max_steps;
     *state = resumed.trainer_state;
     state.max_steps = max_steps;
@@ -575,13 +586,21 @@ fn continue_run(run: RunRecord, saved: &RunRecord, rank: usize) -> RunRecord {
 /// The settings an exact resume depends on (the world size and ZeRO stage are not among
 /// them: checkpoints reshard), recorded in every checkpoint's manifest.
 fn exact_resume_settings(config: &TrainConfig) -> serde_json::Map<String, serde_json::Value> {
-    const KEYS: [&str; 27] = [
+    const KEYS: [&str; 35] = [
         "task",
         "model_name_or_path",
         "config_name",
+        "adapter_name_or_path",
         "train_files",
         "text_field",
         "block_size",
+        "group_texts_batch_size",
+        "preprocessing_num_workers",
+        "append_eos",
+        "train_sampling_strategy",
+        "dataloader_drop_last",
+        "average_tokens_across_devices",
+        "lr_scheduler_kwargs",
         "max_seq_length",
         "packing",
         "learning_rate",
@@ -737,15 +756,20 @@ impl LoraRun {
 }
 
 /// train.json's LoRA settings (`task: "lora"`).
-fn lora_config_of(config: &TrainConfig) -> LoraConfig {
+/// The LoRA settings of the run: the saved adapter's when training continues from
+/// `adapter_name_or_path`, else train.json's.
+fn lora_config_of(config: &TrainConfig) -> Result<LoraConfig> {
     let args = &config.args;
-    LoraConfig {
+    if let Some(dir) = &args.adapter_name_or_path {
+        return crate::lora::read_adapter_config(Path::new(dir));
+    }
+    Ok(LoraConfig {
         r: args.lora_r,
         alpha: args.lora_alpha,
         dropout: args.lora_dropout,
         target_modules: args.lora_target_modules.clone(),
         use_rslora: false,
-    }
+    })
 }
 
 /// The LoRA run's record of what was injected; prints PEFT's trainable-parameters line.
@@ -834,7 +858,8 @@ fn evaluate(
     Ok(sum / n)
 }
 
-/// Running means between two log lines.
+/// What one log line reports about the steps since the previous one, as Hugging Face's
+/// Trainer logs it: the mean loss, the last step's gradient norm, the mean throughput.
 #[derive(Default)]
 struct LogWindow {
     loss: f64,
@@ -846,18 +871,14 @@ struct LogWindow {
 impl LogWindow {
     fn add(&mut self, loss: f64, grad_norm: f64, tps: f64) {
         self.loss += loss;
-        self.grad_norm += grad_norm;
+        self.grad_norm = grad_norm;
         self.tokens_per_second += tps;
         self.count += 1.0;
     }
 
     fn take(&mut self) -> (f64, f64, f64) {
         let n = self.count.max(1.0);
-        let means = (
-            self.loss / n,
-            self.grad_norm / n,
-            self.tokens_per_second / n,
-        );
+        let means = (self.loss / n, self.grad_norm, self.tokens_per_second / n);
         *self = LogWindow::default();
         means
     }
@@ -1014,11 +1035,11 @@ mod tests {
     }
 
     #[test]
-    fn log_window_averages_and_resets() {
+    fn log_window_averages_the_loss_keeps_the_last_norm_and_resets() {
         let mut w = LogWindow::default();
         w.add(2.0, 1.0, 10.0);
         w.add(4.0, 3.0, 30.0);
-        assert_eq!(w.take(), (3.0, 2.0, 20.0));
+        assert_eq!(w.take(), (3.0, 3.0, 20.0));
         assert_eq!(w.take(), (0.0, 0.0, 0.0));
     }
 }

@@ -116,6 +116,7 @@ impl EngineBuilder {
             _ => LossScaler::unit(),
         };
         let block_count = model.blocks.len();
+        let window = ZeroEngine::default_window(&self.config);
         Ok(ZeroEngine {
             blocks: model.blocks,
             shards: self.shards,
@@ -134,6 +135,7 @@ impl EngineBuilder {
             global_steps: 0,
             skipped_steps: 0,
             micro_step: 0,
+            window,
             micro_losses: Vec::new(),
             pending_reduce: Vec::new(),
             prefetch: None,

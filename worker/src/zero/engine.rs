@@ -161,6 +161,9 @@ pub struct ZeroEngine {
     pub(super) skipped_steps: u64,
     /// Micro-steps done in the current accumulation window.
     pub(super) micro_step: usize,
+    /// The current window's loss weight per micro-step (`begin_window`).
+    pub(super) window: Vec<f64>,
+    /// This window's micro-step losses, each times its weight.
     pub(super) micro_losses: Vec<f64>,
     pub(super) pending_reduce: Vec<PendingReduce>,
     pub(super) prefetch: Option<PendingGather>,
@@ -197,7 +200,30 @@ impl ZeroEngine {
 
     /// Micro-steps still expected before `step()`.
     pub fn is_gradient_accumulation_boundary(&self) -> bool {
-        self.micro_step == self.config.gradient_accumulation_steps
+        self.micro_step == self.window.len()
+    }
+
+    /// Starts an optimizer step's window: one loss weight per micro-step, micro-step i's
+    /// mean loss counting `weights[i]` times in the step's loss and gradients (before the
+    /// average over ranks). Without a call a window is DeepSpeed's:
+    /// `gradient_accumulation_steps` micro-steps of 1/GA each. Hugging Face's token
+    /// averaging weighs each micro-batch by its share of the global batch's label tokens.
+    pub fn begin_window(&mut self, weights: Vec<f64>) -> Result<()> {
+        if self.micro_step != 0 || weights.is_empty() {
+            return Err(Error::Engine(format!(
+                "begin_window with {} weights after {} micro-steps: call it once, before a window's first forward_backward",
+                weights.len(),
+                self.micro_step
+            )));
+        }
+        self.window = weights;
+        Ok(())
+    }
+
+    /// DeepSpeed's window: GA micro-steps weighted 1/GA.
+    pub(super) fn default_window(config: &EngineConfig) -> Vec<f64> {
+        let ga = config.gradient_accumulation_steps;
+        vec![1.0 / ga as f64; ga]
     }
 
     /// One micro-batch: forward through every block, `loss_fn` on the last block's output
@@ -212,7 +238,7 @@ impl ZeroEngine {
         self.check_micro_step()?;
         let _span =
             tracing::debug_span!("micro_step", rank = self.rank, micro = self.micro_step).entered();
-        let last_micro = self.micro_step + 1 == self.config.gradient_accumulation_steps;
+        let last_micro = self.micro_step + 1 == self.window.len();
         let count = self.blocks.len();
         let (mut activations, _) = self.forward_all(input, ctx, Pass::TrainToLoss, count)?;
         let last = activations.len() - 1;
@@ -224,12 +250,13 @@ impl ZeroEngine {
         let loss = loss_fn(&output)?.f_to_kind(Kind::Float)?;
         let loss_value = loss.f_double_value(&[])?;
         self.profile.add(Phase::Loss, mark);
-        let factor = self.scaler.scale() / self.config.gradient_accumulation_steps as f64;
+        let weight = self.window[self.micro_step];
+        let factor = self.scaler.scale() * weight;
         activations[last].output = Some(output);
         let root = BackwardRoot::Loss(loss.f_mul_scalar(factor)?);
         self.backward_all(activations, ctx, root, last_micro)?;
         self.micro_step += 1;
-        self.micro_losses.push(loss_value);
+        self.micro_losses.push(loss_value * weight);
         Ok(loss_value)
     }
 
@@ -250,10 +277,11 @@ impl ZeroEngine {
         self.check_micro_step()?;
         let _span =
             tracing::debug_span!("micro_step", rank = self.rank, micro = self.micro_step).entered();
-        let last_micro = self.micro_step + 1 == self.config.gradient_accumulation_steps;
+        let last_micro = self.micro_step + 1 == self.window.len();
         let head = self.blocks.len() - 1;
         let (activations, hidden) = self.forward_all(input, ctx, Pass::TrainToCotangent, head)?; // (B, T, H)
-        let factor = self.scaler.scale() / self.config.gradient_accumulation_steps as f64;
+        let weight = self.window[self.micro_step];
+        let factor = self.scaler.scale() * weight;
         let mark = self.profile.mark();
         self.acquire(head, head > 0, head.wrapping_sub(1))?;
         self.profile.add(Phase::Gather, mark);
@@ -280,7 +308,7 @@ impl ZeroEngine {
         let root = BackwardRoot::Cotangent(fused.grad_input);
         self.backward_all(activations, ctx, root, last_micro)?;
         self.micro_step += 1;
-        self.micro_losses.push(fused.loss);
+        self.micro_losses.push(fused.loss * weight);
         Ok(fused.loss)
     }
 
@@ -303,11 +331,11 @@ impl ZeroEngine {
     }
 
     fn check_micro_step(&self) -> Result<()> {
-        if self.micro_step >= self.config.gradient_accumulation_steps {
+        if self.micro_step >= self.window.len() {
             return Err(Error::Engine(format!(
-                "forward_backward called {} times without step() (gradient_accumulation_steps = {})",
+                "forward_backward called {} times without step() (window of {} micro-steps)",
                 self.micro_step + 1,
-                self.config.gradient_accumulation_steps
+                self.window.len()
             )));
         }
         Ok(())

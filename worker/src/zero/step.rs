@@ -23,6 +23,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Learning rate used (0 when skipped).
     pub lr: f64,
+    /// The learning rate as Hugging Face's Trainer + DeepSpeed logs it after this step:
+    /// the rate of the next step (DeepSpeed's engine steps the scheduler — its own or the
+    /// Trainer's, which the Trainer hands it — inside its step, before the Trainer reads it).
+    pub logged_lr: f64,
     /// Loss scale in effect for this step's gradients.
     pub loss_scale: f64,
     /// Steps taken so far, skipped ones included.
@@ -36,7 +40,8 @@ impl ZeroEngine {
         if !self.is_gradient_accumulation_boundary() {
             return Err(Error::Engine(format!(
                 "step() after {} of {} micro-steps",
-                self.micro_step, self.config.gradient_accumulation_steps
+                self.micro_step,
+                self.window.len()
             )));
         }
         let _span =
@@ -55,6 +60,7 @@ impl ZeroEngine {
         let overflow = overflow || (fp16 && !scaled_norm.is_finite());
         self.micro_step = 0;
         self.micro_losses.clear();
+        self.window = Self::default_window(&self.config);
         self.global_steps += 1;
         if overflow {
             return self.skip_step(loss, scale);
@@ -82,6 +88,7 @@ impl ZeroEngine {
             loss,
             grad_norm: scaled_norm / scale,
             lr,
+            logged_lr: self.schedule.lr_for_step(self.optimizer_steps),
             loss_scale: scale,
             global_step: self.global_steps,
         };
@@ -126,6 +133,7 @@ impl ZeroEngine {
             loss,
             grad_norm: f64::NAN,
             lr: 0.0,
+            logged_lr: self.schedule.lr_for_step(self.optimizer_steps),
             loss_scale: scale,
             global_step: self.global_steps,
         })
@@ -165,9 +173,9 @@ impl ZeroEngine {
         Ok(())
     }
 
-    /// Mean of this window's micro-step losses, averaged over ranks.
+    /// This window's weighted micro-step losses summed, averaged over ranks.
     fn mean_loss(&self) -> Result<f64> {
-        let local = self.micro_losses.iter().sum::<f64>() / self.micro_losses.len().max(1) as f64;
+        let local = self.micro_losses.iter().sum::<f64>();
         if self.world_size == 1 {
             return Ok(local);
         }
