@@ -373,6 +373,33 @@ mod tests {
     }
 
     #[test]
+    fn group_by_length_sorts_megabatches_and_puts_the_longest_first() {
+        let lengths: Vec<usize> = (0..40).map(|i| (i * 7) % 23 + 1).collect();
+        let config = OrderConfig {
+            len: 40,
+            world_size: 1,
+            batch: 2,
+            grad_accum: 1,
+            strategy: Strategy::GroupByLength,
+            seed: 3,
+            drop_last: false,
+        };
+        let order = TrainOrder::new(config, lengths.clone()).unwrap();
+        let flat: Vec<usize> = order.epoch(0).ranks[0].concat();
+        let longest = *lengths.iter().max().unwrap();
+        assert_eq!(lengths[flat[0]], longest);
+        // 40 / (2 * 4) = 5 windows of 2 per megabatch: each megabatch of 10 sorted longest
+        // first, but for its head, which may have been swapped with the longest example.
+        for megabatch in flat.chunks(10) {
+            let l: Vec<usize> = megabatch[1..].iter().map(|&i| lengths[i]).collect();
+            assert!(l.windows(2).all(|w| w[0] >= w[1]), "{l:?}");
+        }
+        let mut seen = flat.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..40).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn a_window_is_every_rank_s_next_batches_and_the_last_may_be_short() {
         let mut order = order(12, 2, 2, 2);
         assert_eq!(order.batches_per_rank(), 3);
