@@ -191,6 +191,8 @@ fn main() -> Result<()> {
         max_seq_length: args.block_size,
         packing: true,
         skip_bad_lines: false,
+        assistant_only_loss: true,
+        completion_only_loss: true,
     };
     let start = Instant::now();
     let sft = SftDataset::load(&[&args.sft], &tokenizer, &sft_config)?;

@@ -379,6 +379,42 @@ fn labelled_runs(tokenizer: &Tokenizer, ids: &[u32], labels: &[i64]) -> Vec<Stri
 }
 
 #[test]
+fn prompt_completion_rows_train_the_completion_and_the_switches_unmask() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = small_tokenizer(dir.path());
+    let file = dir.path().join("pc.jsonl");
+    let rows = [
+        r#"{"prompt": "The launcher starts", "completion": " one worker per device."}"#,
+        r#"{"prompt": [{"role": "user", "content": "你好"}], "completion": [{"role": "assistant", "content": "Hello 你好"}]}"#,
+    ];
+    std::fs::write(&file, rows.join("\n")).unwrap();
+    let config = |only: bool| SftConfig {
+        max_seq_length: 512,
+        packing: false,
+        skip_bad_lines: false,
+        assistant_only_loss: only,
+        completion_only_loss: only,
+    };
+    let masked = SftDataset::load(&[&file], &tokenizer, &config(true)).unwrap();
+    let eos = tokenizer.special_tokens().eos_token.clone().unwrap();
+    let text = &masked.examples[0];
+    assert_eq!(
+        labelled_runs(&tokenizer, &text.input_ids, &text.labels),
+        vec![format!(" one worker per device.{eos}")]
+    );
+    let chat = &masked.examples[1];
+    assert_eq!(
+        labelled_runs(&tokenizer, &chat.input_ids, &chat.labels),
+        vec!["Hello 你好<|im_end|>\n"]
+    );
+    let everything = SftDataset::load(&[&file], &tokenizer, &config(false)).unwrap();
+    for example in &everything.examples {
+        let ids: Vec<i64> = example.input_ids.iter().map(|&i| i64::from(i)).collect();
+        assert_eq!(example.labels, ids);
+    }
+}
+
+#[test]
 fn sft_labels_cover_only_assistant_turns_in_all_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let tokenizer = small_tokenizer(dir.path());
@@ -387,6 +423,8 @@ fn sft_labels_cover_only_assistant_turns_in_all_shapes() {
         max_seq_length: 512,
         packing: false,
         skip_bad_lines: false,
+        assistant_only_loss: true,
+        completion_only_loss: true,
     };
     let from_messages = SftDataset::load(&[&messages], &tokenizer, &cfg).unwrap();
     let from_sharegpt = SftDataset::load(&[&sharegpt], &tokenizer, &cfg).unwrap();
@@ -412,6 +450,8 @@ fn sft_labels_cover_only_assistant_turns_in_all_shapes() {
         max_seq_length: 10,
         packing: false,
         skip_bad_lines: false,
+        assistant_only_loss: true,
+        completion_only_loss: true,
     };
     let truncated = SftDataset::load(&[&messages], &tokenizer, &short).unwrap();
     assert!(truncated.examples.iter().all(|e| e.len() == 10));
@@ -431,6 +471,8 @@ fn packing_keeps_examples_whole_and_marks_boundaries() {
             max_seq_length: 256,
             packing: false,
             skip_bad_lines: false,
+            assistant_only_loss: true,
+            completion_only_loss: true,
         },
     )
     .unwrap();
@@ -441,6 +483,8 @@ fn packing_keeps_examples_whole_and_marks_boundaries() {
             max_seq_length: 256,
             packing: true,
             skip_bad_lines: false,
+            assistant_only_loss: true,
+            completion_only_loss: true,
         },
     )
     .unwrap();
@@ -499,6 +543,8 @@ fn sft_bad_lines_name_file_and_line() {
         max_seq_length: 64,
         packing: false,
         skip_bad_lines: false,
+        assistant_only_loss: true,
+        completion_only_loss: true,
     };
     let err = SftDataset::load(&[&path], &tokenizer, &strict)
         .unwrap_err()
@@ -509,6 +555,8 @@ fn sft_bad_lines_name_file_and_line() {
     );
     let lenient = SftConfig {
         skip_bad_lines: true,
+        assistant_only_loss: true,
+        completion_only_loss: true,
         ..strict
     };
     let dataset = SftDataset::load(&[&path], &tokenizer, &lenient).unwrap();

@@ -132,6 +132,11 @@ pub struct TrainingArgs {
     pub max_seq_length: usize,
     /// SFT: pack several examples into one sequence.
     pub packing: bool,
+    /// SFT chats: train on the assistant turns only (rsdeep's and LLaMA-Factory's default;
+    /// TRL's SFTTrainer trains on every token unless told `assistant_only_loss: true`).
+    pub assistant_only_loss: bool,
+    /// SFT prompt/completion rows: train on the completion only (TRL: `None` means yes).
+    pub completion_only_loss: Option<bool>,
     /// rsdeep: JSON field holding the text in pretraining JSONL lines.
     pub text_field: String,
     /// rsdeep: skip (and count) unparsable JSONL lines instead of failing.
@@ -198,6 +203,8 @@ pub struct TrainingArgs {
     pub eval_strategy: IntervalStrategy,
     /// `None`: same as `logging_steps` (Hugging Face).
     pub eval_steps: Option<u64>,
+    /// Evaluate once before the first step (Hugging Face's `eval_on_start`).
+    pub eval_on_start: bool,
     pub save_strategy: IntervalStrategy,
     pub save_steps: u64,
     pub save_total_limit: Option<u64>,
@@ -252,6 +259,8 @@ impl Default for TrainingArgs {
             block_size: None,
             max_seq_length: 1024,
             packing: false,
+            assistant_only_loss: true,
+            completion_only_loss: None,
             text_field: "text".to_string(),
             skip_bad_lines: false,
             max_train_samples: None,
@@ -293,6 +302,7 @@ impl Default for TrainingArgs {
             logging_first_step: false,
             eval_strategy: IntervalStrategy::No,
             eval_steps: None,
+            eval_on_start: false,
             save_strategy: IntervalStrategy::Steps,
             save_steps: 500,
             save_total_limit: None,

@@ -6,15 +6,23 @@
 //!   `{"instruction", "input", "output"}` (+ optional `"system"`; the user turn is the
 //!   instruction, then `"\n"` and the input when it is not empty); ShareGPT
 //!   `{"conversations": [{"from", "value"}]}` (`human`/`user` -> user, `gpt`/`assistant`/
-//!   `model`/`chatgpt` -> assistant, `system` -> system); and already tokenized rows
+//!   `model`/`chatgpt` -> assistant, `system` -> system); TRL's prompt/completion rows
+//!   `{"prompt", "completion"}`, as text or as message lists (text: `tokenizer(prompt +
+//!   completion + eos)`, the prompt being `tokenizer(prompt)`; messages: the template over
+//!   prompt + completion, the prompt being the template over the prompt with a generation
+//!   prompt); and already tokenized rows
 //!   `{"input_ids": [...], "labels": [...]}` (the shape TRL and the Trainer take once a
 //!   dataset is tokenized; `labels` of the same length, -100 where not trained, default
 //!   `input_ids`), used as they are.
-//! - Labels: -100 everywhere except the tokens of each assistant turn's content and the
+//! - Labels of chats (`assistant_only_loss`, rsdeep's and LLaMA-Factory's default; TRL's
+//!   default is every token, `assistant_only_loss: false`): -100 everywhere except the
+//!   tokens of each assistant turn's content and the
 //!   end-of-turn token that follows it (`<|im_end|>` for ChatML, else the EOS token). The
 //!   spans are found in the rendered text by locating every message's content in order
 //!   (so templates that are not prefix-stable, like Qwen3's, work too) and mapped to
 //!   tokens by byte offsets: a token is labelled when it starts inside a span.
+//! - Labels of prompt/completion rows (`completion_only_loss`, TRL's default): -100 over
+//!   the prompt's tokens; every token without it.
 //! - Labels are aligned with `input_ids` (the model shifts them), as in transformers.
 //! - A malformed line, or one the template cannot render, fails as `file:line: ...`; with
 //!   `skip_bad_lines` it is counted in `skipped_lines` instead.
@@ -64,6 +72,10 @@ pub struct SftConfig {
     pub max_seq_length: usize,
     pub packing: bool,
     pub skip_bad_lines: bool,
+    /// Chats: train on the assistant turns only (else on every token).
+    pub assistant_only_loss: bool,
+    /// Prompt/completion rows: train on the completion only (else on every token).
+    pub completion_only_loss: bool,
 }
 
 /// The loaded SFT examples (packed blocks when `packing`).
@@ -90,7 +102,12 @@ impl SftDataset {
             let path = path.as_ref();
             for (number, row) in read_rows(path, config.skip_bad_lines, &mut skipped_lines)? {
                 let tokenized = match row {
-                    SftRow::Chat(messages) => tokenize_conversation(tokenizer, &messages),
+                    SftRow::Chat(messages) => tokenize_conversation(tokenizer, &messages)
+                        .map(|e| unmask_unless(e, config.assistant_only_loss)),
+                    SftRow::PromptCompletion { prompt, completion } => {
+                        tokenize_prompt_completion(tokenizer, &prompt, &completion)
+                            .map(|e| unmask_unless(e, config.completion_only_loss))
+                    }
                     SftRow::Tokens(example) => Ok(example),
                 };
                 let mut example = match tokenized {
@@ -133,7 +150,15 @@ impl SftDataset {
 #[derive(Debug)]
 pub enum SftRow {
     Chat(Vec<ChatMessage>),
+    PromptCompletion { prompt: Turns, completion: Turns },
     Tokens(SftExample),
+}
+
+/// One side of a prompt/completion row.
+#[derive(Debug)]
+pub enum Turns {
+    Text(String),
+    Messages(Vec<ChatMessage>),
 }
 
 /// All rows of a JSONL file with their line numbers.
@@ -158,10 +183,97 @@ fn read_rows(path: &Path, skip_bad_lines: bool, skipped: &mut u64) -> Result<Vec
 /// One JSONL line in any of the four shapes.
 pub fn parse_row(line: &str) -> std::result::Result<SftRow, String> {
     let value: Json = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    match value.get("input_ids") {
-        Some(ids) => tokenized_row(ids, value.get("labels")).map(SftRow::Tokens),
-        None => conversation(&value).map(SftRow::Chat),
+    if let Some(ids) = value.get("input_ids") {
+        return tokenized_row(ids, value.get("labels")).map(SftRow::Tokens);
     }
+    if let (Some(prompt), Some(completion)) = (value.get("prompt"), value.get("completion")) {
+        let (prompt, completion) = (
+            turns_of(prompt, "prompt")?,
+            turns_of(completion, "completion")?,
+        );
+        if matches!(prompt, Turns::Text(_)) != matches!(completion, Turns::Text(_)) {
+            return Err(
+                "\"prompt\" and \"completion\" must both be text or both message lists".into(),
+            );
+        }
+        return Ok(SftRow::PromptCompletion { prompt, completion });
+    }
+    conversation(&value).map(SftRow::Chat)
+}
+
+/// A prompt or completion: a string, or a list of `{"role", "content"}` messages.
+fn turns_of(value: &Json, key: &str) -> std::result::Result<Turns, String> {
+    match value {
+        Json::String(text) => Ok(Turns::Text(text.clone())),
+        Json::Array(_) => turns(value, "role", "content", |r| Some(r.to_string()))
+            .map(Turns::Messages)
+            .map_err(|e| format!("\"{key}\": {e}")),
+        _ => Err(format!("\"{key}\" is neither text nor a list of messages")),
+    }
+}
+
+/// Every label set to its token when `keep_mask` is false.
+fn unmask_unless(mut example: SftExample, keep_mask: bool) -> SftExample {
+    if !keep_mask {
+        example.labels = example.input_ids.iter().map(|&id| i64::from(id)).collect();
+    }
+    example
+}
+
+/// TRL's prompt/completion tokenization: the completion labelled, the prompt masked.
+pub fn tokenize_prompt_completion(
+    tokenizer: &Tokenizer,
+    prompt: &Turns,
+    completion: &Turns,
+) -> Result<SftExample> {
+    let (prompt_ids, input_ids) = match (prompt, completion) {
+        (Turns::Text(prompt), Turns::Text(completion)) => {
+            let eos = tokenizer
+                .special_tokens()
+                .eos_token
+                .clone()
+                .unwrap_or_default();
+            let ending = if completion.ends_with(&eos) {
+                ""
+            } else {
+                eos.as_str()
+            };
+            (
+                tokenizer.encode(prompt, true)?,
+                tokenizer.encode(&format!("{prompt}{completion}{ending}"), true)?,
+            )
+        }
+        (Turns::Messages(prompt), Turns::Messages(completion)) => {
+            let all: Vec<ChatMessage> = prompt.iter().chain(completion).cloned().collect();
+            (
+                tokenizer.encode(&tokenizer.apply_chat_template(prompt, true)?, false)?,
+                tokenizer.encode(&tokenizer.apply_chat_template(&all, false)?, false)?,
+            )
+        }
+        _ => {
+            return Err(Error::Data(
+                "prompt and completion must both be text or both message lists".into(),
+            ));
+        }
+    };
+    let boundary = prompt_ids.len().min(input_ids.len());
+    let labels = input_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if i < boundary {
+                IGNORE_INDEX
+            } else {
+                i64::from(id)
+            }
+        })
+        .collect();
+    let segment_ids = vec![1; input_ids.len()];
+    Ok(SftExample {
+        input_ids,
+        labels,
+        segment_ids,
+    })
 }
 
 /// One JSONL line in any of the three chat shapes, as chat messages.

@@ -104,6 +104,8 @@ impl DataPlan<'_> {
                     max_seq_length: args.max_seq_length,
                     packing: args.packing,
                     skip_bad_lines: args.skip_bad_lines,
+                    assistant_only_loss: args.assistant_only_loss,
+                    completion_only_loss: args.completion_only_loss.unwrap_or(true),
                 };
                 let dataset = SftDataset::load(&paths, self.tokenizer, &config)?;
                 let pad_id = self

@@ -61,6 +61,9 @@ pub fn train(
     on_step: &mut dyn FnMut(StepProgress),
 ) -> Result<TrainSummary> {
     let mut trainer = Trainer::setup(config, world)?;
+    if trainer.run.config.args.eval_on_start {
+        trainer.evaluate()?;
+    }
     while trainer.step < trainer.run.total_steps {
         let report = trainer.optimizer_step()?;
         on_step(StepProgress {
@@ -388,7 +391,15 @@ impl Trainer {
         let due = (args.eval_strategy == IntervalStrategy::Steps
             && self.step.is_multiple_of(args.eval_interval().max(1)))
             || self.step == self.run.total_steps;
-        let Some(eval) = self.eval_data.as_ref().filter(|_| due) else {
+        match due {
+            true => self.evaluate(),
+            false => Ok(()),
+        }
+    }
+
+    /// The eval loss now (when there is an eval split), logged at the current step.
+    fn evaluate(&mut self) -> Result<()> {
+        let Some(eval) = self.eval_data.as_ref() else {
             return Ok(());
         };
         let _eval_mode = self.run.lora.as_ref().map(|l| EvalMode::enter(&l.info));
@@ -586,7 +597,7 @@ fn continue_run(run: RunRecord, saved: &RunRecord, rank: usize) -> RunRecord {
 /// The settings an exact resume depends on (the world size and ZeRO stage are not among
 /// them: checkpoints reshard), recorded in every checkpoint's manifest.
 fn exact_resume_settings(config: &TrainConfig) -> serde_json::Map<String, serde_json::Value> {
-    const KEYS: [&str; 35] = [
+    const KEYS: [&str; 37] = [
         "task",
         "model_name_or_path",
         "config_name",
@@ -603,6 +614,8 @@ fn exact_resume_settings(config: &TrainConfig) -> serde_json::Map<String, serde_
         "lr_scheduler_kwargs",
         "max_seq_length",
         "packing",
+        "assistant_only_loss",
+        "completion_only_loss",
         "learning_rate",
         "weight_decay",
         "adam_beta1",
