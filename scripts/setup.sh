@@ -14,7 +14,7 @@ set -euo pipefail
 
 RSDEEP_HOME="${RSDEEP_HOME:-$HOME/.cache/rsdeep}"
 VENV="$RSDEEP_HOME/venv"
-PY_REQS="torch==2.11.0 transformers==5.* peft accelerate deepspeed==0.19.8 safetensors tokenizers numpy tensorboard swanlab==0.10.3 mlflow-skinny wandb"
+PY_REQS="torch==2.11.0 transformers==5.* peft accelerate deepspeed==0.19.8 safetensors tokenizers numpy tensorboard swanlab==0.10.3 mlflow-skinny wandb gguf"
 STAMP="$VENV/.rsdeep-reqs"
 
 mkdir -p "$RSDEEP_HOME"

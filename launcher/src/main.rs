@@ -21,7 +21,7 @@ fn main() {
         Some("bench-rendezvous") => report(commands::bench_rendezvous::run(&argv[2..])),
         Some("check-config") => report(commands::check_config(&argv[2..])),
         Some("estimate-memory") => report(commands::estimate_memory(&argv[2..])),
-        Some(tool @ ("tokenizer" | "consolidate" | "generate" | "merge-lora")) => {
+        Some(tool @ ("tokenizer" | "consolidate" | "generate" | "merge-lora" | "convert")) => {
             report(commands::worker_tool(tool, &argv[2..]))
         }
         _ => report(launch::run(LaunchArgs::parse_from(&argv), started)),

@@ -14,12 +14,14 @@
 //! - `lora`: PEFT-format LoRA adapters, merge.
 //! - `tokenizer`, `data`: tokenizer.json + chat templates; pretrain and SFT datasets.
 //! - `generate`: greedy and sampled generation for `rsdeep generate` and the demo chat.
+//! - `convert`: a llama.cpp GGUF model as a Hugging Face folder (`rsdeep convert gguf`).
 //! - `kernels`: fused fp32 CPU kernels of the training hot path (norm, rotary, SwiGLU,
 //!   AdamW).
 
 pub mod assemble;
 pub mod checkpoint;
 pub mod comm;
+pub mod convert;
 pub mod data;
 pub mod error;
 pub mod generate;

@@ -66,7 +66,7 @@ fn exit_skipping_static_destructors(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// The worker's offline tools (the launcher forwards `rsdeep tokenizer|consolidate ...`
+/// The worker's offline tools (the launcher forwards `rsdeep tokenizer|consolidate|convert ...`
 /// here, since they need libtorch or the tokenizer): Some(exit code) when `argv` names one.
 fn run_tool(argv: &[String]) -> Option<i32> {
     let tool = argv.get(1)?.as_str();
@@ -76,6 +76,7 @@ fn run_tool(argv: &[String]) -> Option<i32> {
         "consolidate" => rsdeep_worker::checkpoint::consolidate_cli(rest),
         "generate" => rsdeep_worker::generate::generate_cli(rest),
         "merge-lora" => rsdeep_worker::lora::merge_lora_cli(rest),
+        "convert" => rsdeep_worker::convert::convert_cli(rest),
         _ => return None,
     };
     Some(match result {

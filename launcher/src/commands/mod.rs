@@ -1,6 +1,6 @@
 //! The launcher's subcommands besides launching: `check-config` (resolve a train.json
 //! without launching), `estimate-memory`, `bench-rendezvous`, and the worker's tools
-//! (`tokenizer`, `consolidate`, `generate`, `merge-lora`) forwarded to the worker binary.
+//! (`tokenizer`, `consolidate`, `generate`, `merge-lora`, `convert`) forwarded to the worker binary.
 //! Each returns the process exit code; `main.rs` only dispatches.
 
 pub mod bench_rendezvous;
@@ -11,7 +11,7 @@ use clap::Parser;
 
 use estimate_memory::{EstimateArgs, estimate_memory_cli};
 
-/// `rsdeep tokenizer|consolidate|generate|merge-lora ...`: tools that need libtorch or
+/// `rsdeep tokenizer|consolidate|generate|merge-lora|convert ...`: tools that need libtorch or
 /// the tokenizer run in the worker binary; the launcher forwards the arguments and
 /// returns its exit code.
 pub fn worker_tool(tool: &str, args: &[String]) -> anyhow::Result<i32> {
