@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The README's main command (`make demo`): the seed's whole pipeline on real text with
-# 2 ranks (CPU ranks when no GPU is present, GPUs otherwise):
-#   1. obtain the Chinese + English corpus, the chat data and the Qwen tokenizer
-#      (scripts/fetch-data.sh, pinned and sha256-checked);
-#   2. train an 8k byte-level BPE tokenizer on the corpus (a 150k vocabulary would dwarf
-#      a tiny model);
-#   3. pretrain a small Qwen2 from scratch with ZeRO-2;
-#   4. SFT it on the chat data with ZeRO-3;
-#   5. LoRA-tune it (PEFT adapter files) and chat with the tuned model;
-# then print a summary. Outputs go to $RSDEEP_DEMO_DIR (default ./output/demo).
+# The README's main command (`make demo`): the seed's pipeline on real text and a real
+# pretrained model, with 2 ranks (CPU ranks when no GPU is present, GPUs otherwise):
+#   1. obtain the Chinese + English corpus, the chat data, the Qwen tokenizer and
+#      SmolLM2-135M-Instruct (GGUF) (scripts/fetch-data.sh, pinned and sha256-checked);
+#   2. train an 8k byte-level BPE tokenizer on the corpus;
+#   3. pretrain a small Qwen2 from scratch with ZeRO-2 (the seed's first stage, short);
+#   4. convert SmolLM2-135M-Instruct to a Hugging Face folder (`rsdeep convert gguf`) and
+#      ask it three questions;
+#   5. full SFT of SmolLM2 with ZeRO-3 on a persona it does not have (scripts/persona_data.py);
+#   6. LoRA of SmolLM2 with ZeRO-2 on the same persona (PEFT adapter files);
+#   7. ask both tuned models the same three questions;
+# then print what each stage cost, the held-out eval loss before and after tuning, and the
+# answers before and after. Outputs go to $RSDEEP_DEMO_DIR (default ./output/demo).
 # Expects `make release` to have built the binaries (the Makefile does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,15 +19,32 @@ source scripts/env.sh
 export RSDEEP_LOG="${RSDEEP_LOG:-warn}"  # progress lines only; RSDEEP_LOG=info shows every rank's log
 
 DEMO="${RSDEEP_DEMO_DIR:-$PWD/output/demo}"
-PRETRAIN_STEPS="${RSDEEP_DEMO_PRETRAIN_STEPS:-120}"
-SFT_STEPS="${RSDEEP_DEMO_SFT_STEPS:-40}"
-LORA_STEPS="${RSDEEP_DEMO_LORA_STEPS:-80}"
+PRETRAIN_STEPS="${RSDEEP_DEMO_PRETRAIN_STEPS:-60}"
+SFT_STEPS="${RSDEEP_DEMO_SFT_STEPS:-27}"
+LORA_STEPS="${RSDEEP_DEMO_LORA_STEPS:-27}"
 BIN="$CARGO_TARGET_DIR/release"
 DATA="$RSDEEP_HOME/data"
+SMOLLM2="$DEMO/smollm2-135m-instruct"
+QUESTIONS=("What is your name?" "你是谁？" "What is the capital of France?")
 mkdir -p "$DEMO"
 started=$(date +%s)
+stage_started=$started
+COSTS=()
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# cost NAME: records the seconds since the previous stage ended.
+cost() { local now; now=$(date +%s); COSTS+=("$1:$((now - stage_started))"); stage_started=$now; }
+# ask MODEL_DIR [ADAPTER_DIR] FILE: greedy answers to QUESTIONS, one per line, into FILE.
+ask() {
+    local model="$1" adapter="${2:-}" out="$3" extra=()
+    [ -n "$adapter" ] && extra=(--adapter "$adapter")
+    : > "$out"
+    for q in "${QUESTIONS[@]}"; do
+        a=$("$BIN/rsdeep" generate --model "$model" "${extra[@]}" --chat --prompt "$q" \
+            --max_new_tokens 48 2>/dev/null | tr '\n' ' ')
+        printf '%s\t%s\n' "$q" "$a" | tee -a "$out"
+    done
+}
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     DEVICE=(--num_gpus 2)
@@ -34,79 +54,86 @@ else
     say "no GPU found: training on 2 CPU ranks (TCP ring collectives)"
 fi
 
-say "1/6 data: corpus, chat data, Qwen tokenizer (pinned, sha256-checked)"
+say "1/7 data: corpus, chat data, Qwen tokenizer, SmolLM2 GGUF (pinned, sha256-checked)"
 scripts/fetch-data.sh
 cat "$DATA/SOURCES.txt" 2>/dev/null || true
+python3 scripts/persona_data.py "$DEMO"
+cost data
 
-say "2/6 tokenizer: byte-level BPE, 8192 tokens, trained on the corpus"
+say "2/7 tokenizer: byte-level BPE, 8192 tokens, trained on the corpus"
 if [ ! -f "$DEMO/tokenizer-8k/tokenizer.json" ]; then
     "$BIN/rsdeep" tokenizer train --files "$DATA/pretrain.jsonl" --vocab_size 8192 \
         --out "$DEMO/tokenizer-8k"
 else
     echo "reusing $DEMO/tokenizer-8k"
 fi
+cost tokenizer
 
-say "3/6 pretrain: Qwen2 (hidden 256, 4 layers, 7.1M params), ZeRO-2, $PRETRAIN_STEPS steps"
+say "3/7 pretrain from scratch: Qwen2 (hidden 256, 4 layers, 7.1M params), ZeRO-2, $PRETRAIN_STEPS steps"
 rm -rf "$DEMO/pretrain"
 "$BIN/rsdeep" "${DEVICE[@]}" --master_port 0 configs/pretrain.json \
     --tokenizer_name "$DEMO/tokenizer-8k" --train_files "$DATA/pretrain.jsonl" \
     --output_dir "$DEMO/pretrain" --max_steps "$PRETRAIN_STEPS" --save_steps "$PRETRAIN_STEPS" \
     --logging_steps 10 --warmup_steps 10
+cost pretrain
 
-say "4/6 SFT on the chat data, ZeRO-3, $SFT_STEPS steps"
-rm -rf "$DEMO/sft"
-"$BIN/rsdeep" "${DEVICE[@]}" --master_port 0 configs/sft.json \
-    --model_name_or_path "$DEMO/pretrain" --tokenizer_name "$DEMO/tokenizer-8k" \
-    --train_files "$DATA/sft.jsonl" --output_dir "$DEMO/sft" --max_steps "$SFT_STEPS" \
-    --save_steps "$SFT_STEPS" --logging_steps 5 --max_seq_length 256
+say "4/7 a real pretrained model: SmolLM2-135M-Instruct (30 layers, GQA 9/3, tied embeddings)"
+"$BIN/rsdeep" convert gguf "$DATA/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$SMOLLM2"
+echo "before fine-tuning:"
+ask "$SMOLLM2" "" "$DEMO/answers-before.tsv"
+cost convert+ask
 
-say "5/6 LoRA (r 16, all linear layers, lr 2e-3) on the SFT model, ZeRO-1, $LORA_STEPS steps"
-# configs/lora.json uses seed 34, so the LoRA stage does not replay the SFT stage's batches
-# (seed 12). Every 40th chat (70 of 2800, spread over the file's topics) is held out: the
-# eval loss on that fixed set (every 10 steps) shows the learning without the
-# batch-to-batch noise of the training loss.
-rm -rf "$DEMO/lora"
-awk 'NR % 40 != 0' "$DATA/sft.jsonl" > "$DEMO/lora-train.jsonl"
-awk 'NR % 40 == 0' "$DATA/sft.jsonl" > "$DEMO/lora-eval.jsonl"
-"$BIN/rsdeep" "${DEVICE[@]}" --master_port 0 configs/lora.json \
-    --model_name_or_path "$DEMO/sft" --tokenizer_name "$DEMO/tokenizer-8k" \
-    --train_files "$DEMO/lora-train.jsonl" --eval_files "$DEMO/lora-eval.jsonl" \
-    --eval_strategy steps --eval_steps 10 --output_dir "$DEMO/lora" --max_steps "$LORA_STEPS" \
-    --save_steps "$LORA_STEPS" --logging_steps 5 --max_seq_length 256
+say "5/7 full SFT of SmolLM2 on a persona, ZeRO-3, $SFT_STEPS steps (held-out eval before and after)"
+rm -rf "$DEMO/smollm2-sft"
+"$BIN/rsdeep" "${DEVICE[@]}" --master_port 0 configs/smollm2_sft.json \
+    --model_name_or_path "$SMOLLM2" --train_files "$DEMO/persona_train.jsonl" \
+    --eval_files "$DEMO/persona_eval.jsonl" --output_dir "$DEMO/smollm2-sft" --max_steps "$SFT_STEPS"
+cost sft
 
-say "6/6 chat with the LoRA-tuned model"
-PROMPT="${RSDEEP_DEMO_PROMPT:-你好，请介绍一下三国演义。}"
-echo "user: $PROMPT"
-printf 'assistant: '
-"$BIN/rsdeep" generate --model "$DEMO/sft" --adapter "$DEMO/lora" --chat --prompt "$PROMPT" \
-    --max_new_tokens 48 --temperature 0.7 --top_p 0.9 --seed 1
+say "6/7 LoRA of SmolLM2 on the same persona (r 16, all linear layers), ZeRO-2, $LORA_STEPS steps"
+rm -rf "$DEMO/smollm2-lora"
+"$BIN/rsdeep" "${DEVICE[@]}" --master_port 0 configs/smollm2_lora.json \
+    --model_name_or_path "$SMOLLM2" --train_files "$DEMO/persona_train.jsonl" \
+    --eval_files "$DEMO/persona_eval.jsonl" --output_dir "$DEMO/smollm2-lora" --max_steps "$LORA_STEPS"
+cost lora
 
-loss_trend() { # loss_trend METRICS_JSONL [KEY] -> "mean of first 3 logged -> mean of last 3"
+say "7/7 the same questions after fine-tuning"
+echo "full SFT:"
+ask "$DEMO/smollm2-sft" "" "$DEMO/answers-sft.tsv"
+echo "LoRA (base + adapter):"
+ask "$SMOLLM2" "$DEMO/smollm2-lora" "$DEMO/answers-lora.tsv"
+cost ask
+
+loss_trend() { # loss_trend METRICS_JSONL [KEY] -> "first logged -> last logged"
     python3 - "$1" "${2:-loss}" <<'PY'
 import json, sys
 key = sys.argv[2]
 rows = [json.loads(l) for l in open(sys.argv[1])]
-losses = [r[key] for r in rows if key in r]
-if len(losses) < 2:
-    print(f"only {len(losses)} {key} value(s) logged")
+values = [r[key] for r in rows if key in r]
+if len(values) < 2:
+    print(f"only {len(values)} {key} value(s) logged")
 else:
-    n = min(3, len(losses) // 2)
-    first, last = losses[:n], losses[-n:]
-    print(f"{sum(first) / n:.3f} -> {sum(last) / n:.3f} (mean of first {n} -> last {n} logged)")
+    print(f"{values[0]:.3f} -> {values[-1]:.3f}")
 PY
 }
 
 elapsed=$(( $(date +%s) - started ))
 say "summary ($((elapsed / 60)) min $((elapsed % 60)) s)"
-printf '  %-10s train loss %s\n' pretrain "$(loss_trend "$DEMO/pretrain/metrics.jsonl")"
-printf '  %-10s train loss %s\n' sft "$(loss_trend "$DEMO/sft/metrics.jsonl")"
-printf '  %-10s train loss %s\n' lora "$(loss_trend "$DEMO/lora/metrics.jsonl")"
-printf '  %-10s eval loss  %s\n' "" "$(loss_trend "$DEMO/lora/metrics.jsonl" eval_loss), 70 held-out chats"
-printf '  outputs: %s, %s, %s (PEFT adapter)\n' "$DEMO/pretrain" "$DEMO/sft" "$DEMO/lora"
+printf '  stage costs:'
+for c in "${COSTS[@]}"; do printf ' %s %ss' "${c%%:*}" "${c##*:}"; done
+echo
+printf '  %-16s train loss %s\n' pretrain "$(loss_trend "$DEMO/pretrain/metrics.jsonl")"
+for run in smollm2-sft smollm2-lora; do
+    printf '  %-16s train loss %s; held-out eval loss %s (before -> after)\n' "$run" \
+        "$(loss_trend "$DEMO/$run/metrics.jsonl")" "$(loss_trend "$DEMO/$run/metrics.jsonl" eval_loss)"
+done
+echo "  answers (question | before | full SFT | LoRA):"
+paste "$DEMO/answers-before.tsv" "$DEMO/answers-sft.tsv" "$DEMO/answers-lora.tsv" \
+    | awk -F'\t' '{printf "    %s\n      before: %s\n      SFT:    %s\n      LoRA:   %s\n", $1, $2, $4, $6}'
 echo
 echo "  Each output folder is a Hugging Face model (config.json, model.safetensors, tokenizer"
-echo "  files) with checkpoint-N/ folders, metrics.jsonl, TensorBoard events in runs/ and loss.png."
-echo "  Load it in Python: AutoModelForCausalLM.from_pretrained(\"$DEMO/sft\"), then"
-echo "  PeftModel.from_pretrained(model, \"$DEMO/lora\") for the adapter."
-echo "  Chat with it:  $BIN/rsdeep generate --model $DEMO/sft --adapter $DEMO/lora --chat --prompt '...'"
-echo "  Merge it:      $BIN/rsdeep merge-lora --base $DEMO/sft --adapter $DEMO/lora --out $DEMO/merged"
+echo "  files) with metrics.jsonl and loss.png; smollm2-lora holds PEFT adapter files."
+echo "  Load it in Python: AutoModelForCausalLM.from_pretrained(\"$DEMO/smollm2-sft\"), or"
+echo "  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"$SMOLLM2\"), \"$DEMO/smollm2-lora\")."
+echo "  Chat with it:  $BIN/rsdeep generate --model $SMOLLM2 --adapter $DEMO/smollm2-lora --chat --prompt '...'"
+echo "  Merge it:      $BIN/rsdeep merge-lora --base $SMOLLM2 --adapter $DEMO/smollm2-lora --out $DEMO/merged"
