@@ -3,7 +3,9 @@
 //! `get_scheduler` schedules (every `lr_scheduler_type` of transformers 5 with its
 //! keyword arguments) for configs without a DeepSpeed scheduler. Contract: `lr_for_step(k)` is the rate the k-th applied
 //! optimizer step (0-based) uses. DeepSpeed schedulers start at `last_batch_iteration = -1`
-//! (rate 0.0) and are stepped after each applied step, so step k uses iteration k - 1;
+//! (rate: WarmupLR's and WarmupDecayLR's `warmup_min_lr`, which their constructors set;
+//! WarmupCosineLR's 0.0) and are stepped after each applied step, so step k uses iteration
+//! k - 1 (checked against the packages in `worker/tests/lr_schedules.rs`);
 //! HF's LambdaLR uses `lambda(k)` for step k. Skipped (overflow) steps do not advance it.
 
 use super::config::{HfSchedule, SchedulerConfig, WarmupType, WsdShape};
@@ -33,7 +35,7 @@ impl LrSchedule {
                 warmup_type,
             } => {
                 if iteration < 0 {
-                    return 0.0;
+                    return warmup_min_lr;
                 }
                 let gamma = warmup_gamma(iteration, warmup_num_steps, warmup_type).unwrap_or(1.0);
                 warmup_min_lr + (warmup_max_lr - warmup_min_lr) * gamma
@@ -46,7 +48,7 @@ impl LrSchedule {
                 warmup_type,
             } => {
                 if iteration < 0 {
-                    return 0.0;
+                    return warmup_min_lr;
                 }
                 let warmup = effective_warmup(warmup_num_steps) as f64;
                 let gamma =
@@ -118,7 +120,9 @@ fn cosine_ratio(
     let warmup = effective_warmup(warmup_num_steps) as i64;
     let real_last_step = (iteration - warmup + 1) as f64;
     let real_total_steps = (total_num_steps as i64 - warmup).max(1) as f64;
-    let cosine = (1.0 + (PI * real_last_step / real_total_steps).cos()) / 2.0;
+    // DeepSpeed clamps the progress at 1: past the end the ratio stays at cos_min_ratio.
+    let progress = (real_last_step / real_total_steps).min(1.0);
+    let cosine = (1.0 + (PI * progress).cos()) / 2.0;
     (cos_min_ratio + (1.0 - cos_min_ratio) * cosine).max(0.0)
 }
 
@@ -215,7 +219,7 @@ mod tests {
             },
             1.1,
         );
-        close(log.lr_for_step(0), 0.0); // iteration -1
+        close(log.lr_for_step(0), 0.1); // iteration -1: the constructor's warmup_min_lr
         close(log.lr_for_step(1), 0.1); // ln(1) = 0
         close(log.lr_for_step(5), 0.1 + 5f64.ln() / 10f64.ln());
         close(log.lr_for_step(11), 1.1);
@@ -277,11 +281,8 @@ mod tests {
         // iteration 5: real_last_step 2 of 6
         let cosine = (1.0 + (PI * 2.0 / 6.0).cos()) / 2.0;
         close(s.lr_for_step(6), 0.5 * (0.01 + 0.99 * cosine));
-        // the end: ratio = cos_min_ratio, and it stays there past total_num_steps
-        close(
-            s.lr_for_step(11),
-            0.5 * 0.01 + 0.5 * 0.99 * (1.0 + (PI * 7.0 / 6.0).cos()) / 2.0,
-        );
+        // the end (progress clamped at 1): ratio = cos_min_ratio, and it stays there
+        close(s.lr_for_step(11), 0.5 * 0.01);
         assert_eq!(s.lr_for_step(50), s.lr_for_step(11));
     }
 
