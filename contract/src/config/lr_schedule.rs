@@ -3,9 +3,24 @@
 //! names, keyword arguments and defaults), typed and checked once at load. The formulas
 //! live with the engine's scheduler; this file only says which schedule and its values.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::train_args::LrSchedulerType;
+/// Hugging Face `lr_scheduler_type`, used when the DeepSpeed config has no `scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedulerType {
+    #[default]
+    Linear,
+    Cosine,
+    CosineWithRestarts,
+    Polynomial,
+    Constant,
+    ConstantWithWarmup,
+    InverseSqrt,
+    CosineWithMinLr,
+    WarmupStableDecay,
+}
 
 /// The shape of a warmup-stable-decay phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,11 +40,10 @@ pub use deepspeed::{
 };
 pub use error::ConfigError;
 pub use json_errors::did_you_mean;
-pub use lr_schedule::{HfSchedule, WsdShape, resolve_hf_schedule};
+pub use lr_schedule::{HfSchedule, LrSchedulerType, WsdShape, resolve_hf_schedule};
 pub use overrides::{Override, parse_overrides};
 pub use train_args::{
-    CommBackend, IntervalStrategy, LrSchedulerType, ResumeFrom, SamplingStrategy, Task,
-    TrainingArgs,
+    CommBackend, IntervalStrategy, ResumeFrom, SamplingStrategy, Task, TrainingArgs,
 };
 pub use zero_stage::{NotAZeroStage, ZeroStage};
 

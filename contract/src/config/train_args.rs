@@ -13,7 +13,7 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::lr_schedule::{HfSchedule, resolve_hf_schedule};
+use super::lr_schedule::{HfSchedule, LrSchedulerType, resolve_hf_schedule};
 
 /// What kind of training the worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -35,22 +35,6 @@ pub enum IntervalStrategy {
     No,
     Steps,
     Epoch,
-}
-
-/// Hugging Face `lr_scheduler_type`, used when the DeepSpeed config has no `scheduler`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LrSchedulerType {
-    #[default]
-    Linear,
-    Cosine,
-    CosineWithRestarts,
-    Polynomial,
-    Constant,
-    ConstantWithWarmup,
-    InverseSqrt,
-    CosineWithMinLr,
-    WarmupStableDecay,
 }
 
 /// Collective backend between ranks: `auto` = NCCL on GPUs, TCP ring on CPU ranks.

@@ -16,7 +16,7 @@ const BLOCK: usize = 32;
 pub fn byte_len(info: &TensorInfo) -> Result<usize> {
     let numel = info.numel() as usize;
     let blocks = || -> Result<usize> {
-        if numel % BLOCK != 0 {
+        if !numel.is_multiple_of(BLOCK) {
             return Err(Error::Model(format!(
                 "tensor {}: {numel} elements is not a whole number of {BLOCK}-element blocks",
                 info.name

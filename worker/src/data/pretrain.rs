@@ -14,7 +14,9 @@
 //!   `preprocessing_num_workers`, which shards the rows contiguously, the first
 //!   `n % shards` shards one row longer) each shard is grouped from its own start.
 //!   `group_documents: None` groups the whole corpus at once (one remainder dropped).
-//!   A document is a line holding text (an empty text included); blank lines are none.
+//!   A document is a line holding text (an empty text included); blank lines are none;
+//!   a line skipped by `skip_bad_lines` still counts toward its group (datasets would
+//!   have refused the file).
 //! - Cache: `<cache_dir>/<key>/tokens.bin` (u32 little-endian, `num_blocks * block_size`)
 //!   and `meta.json`, key = sha256 over (format version, each file's content sha256,
 //!   tokenizer fingerprint, block_size, text_field, skip_bad_lines, the grouping, EOS). Built in a temporary directory and
@@ -506,7 +508,7 @@ fn count_documents(files: &[PathBuf]) -> Result<usize> {
 /// Documents per `group_texts` call, in order: each contiguous shard (sizes as datasets'
 /// `shard(contiguous=True)`) cut into groups of `group_documents`.
 pub fn group_sizes(documents: usize, config: &PretrainConfig) -> Vec<usize> {
-    let Some(per_group) = config.group_documents else {
+    let Some(per_group) = config.group_documents.map(|g| g.max(1)) else {
         return vec![documents];
     };
     let shards = config.shards.clamp(1, documents.max(1));

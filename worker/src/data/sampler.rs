@@ -313,7 +313,7 @@ fn shard_batches(
         idx += 1;
     }
     let mut cursor = 0;
-    while idx % world != 0 || !partial.is_empty() {
+    while !idx.is_multiple_of(world) || !partial.is_empty() {
         let end = cursor + batch_size - partial.len();
         partial.extend_from_slice(&initial[cursor..end]);
         if idx % world == rank {

@@ -28,6 +28,22 @@ pub struct StepMetrics {
     pub eta_s: f64,
 }
 
+impl StepMetrics {
+    /// HF Trainer's key names for this logged step (as its tracker callbacks send them),
+    /// plus rsdeep's own.
+    pub fn tracker_keys(&self) -> serde_json::Value {
+        let mut metrics = serde_json::json!({
+            "train/loss": self.loss, "train/learning_rate": self.learning_rate,
+            "train/grad_norm": self.grad_norm, "train/epoch": self.epoch,
+            "train/loss_scale": self.loss_scale, "train/tokens_per_second": self.tokens_per_second,
+        });
+        if let Some(mfu) = self.mfu {
+            metrics["train/mfu"] = serde_json::json!(mfu);
+        }
+        metrics
+    }
+}
+
 /// Writes metrics and draws the bar; only rank 0 constructs one.
 pub struct ProgressReporter {
     total_steps: u64,
@@ -139,7 +155,7 @@ impl ProgressReporter {
             tb.flush()?;
         }
         if let Some(trackers) = &self.trackers {
-            trackers.log(metrics.step, trackers::step_metrics(&metrics));
+            trackers.log(metrics.step, metrics.tracker_keys());
         }
         self.draw(&metrics);
         self.history.push(metrics);

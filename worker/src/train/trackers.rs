@@ -169,19 +169,6 @@ fn forward_output(child: &mut Child) {
     }
 }
 
-/// HF Trainer's key names for one logged step, plus rsdeep's own.
-pub fn step_metrics(m: &super::progress::StepMetrics) -> Value {
-    let mut metrics = json!({
-        "train/loss": m.loss, "train/learning_rate": m.learning_rate,
-        "train/grad_norm": m.grad_norm, "train/epoch": m.epoch,
-        "train/loss_scale": m.loss_scale, "train/tokens_per_second": m.tokens_per_second,
-    });
-    if let Some(mfu) = m.mfu {
-        metrics["train/mfu"] = json!(mfu);
-    }
-    metrics
-}
-
 /// HF Trainer's key names for an evaluation.
 pub fn eval_metrics(eval_loss: f64) -> Value {
     json!({"eval/loss": eval_loss, "eval/perplexity": eval_loss.exp()})
