@@ -504,6 +504,8 @@ pub enum SchedulerKind {
     WarmupLR,
     WarmupDecayLR,
     WarmupCosineLR,
+    OneCycle,
+    LRRangeTest,
 }
 
 impl<'de> Deserialize<'de> for SchedulerKind {
@@ -513,10 +515,12 @@ impl<'de> Deserialize<'de> for SchedulerKind {
             "WarmupLR" => Ok(SchedulerKind::WarmupLR),
             "WarmupDecayLR" => Ok(SchedulerKind::WarmupDecayLR),
             "WarmupCosineLR" => Ok(SchedulerKind::WarmupCosineLR),
+            "OneCycle" => Ok(SchedulerKind::OneCycle),
+            "LRRangeTest" => Ok(SchedulerKind::LRRangeTest),
             _ => Err(de::Error::custom(format!(
                 "scheduler \"{name}\" is not supported: rsdeep implements \"WarmupLR\", \
-                 \"WarmupDecayLR\" and \"WarmupCosineLR\" (or remove the \"scheduler\" section to \
-                 use the training arguments' lr_scheduler_type)"
+                 \"WarmupDecayLR\", \"WarmupCosineLR\", \"OneCycle\" and \"LRRangeTest\" (or \
+                 remove the \"scheduler\" section to use the training arguments' lr_scheduler_type)"
             ))),
         }
     }
@@ -561,6 +565,42 @@ pub struct SchedulerParams {
     pub cos_min_ratio: Option<f64>,
     #[serde(default)]
     pub last_batch_iteration: Option<i64>,
+    // OneCycle (DeepSpeed's defaults: second step size = first, second stair count =
+    // first, no decay, cycle_momentum true — which rsdeep refuses, it does not cycle
+    // Adam's beta1).
+    #[serde(default)]
+    pub cycle_min_lr: Option<f64>,
+    #[serde(default)]
+    pub cycle_max_lr: Option<f64>,
+    #[serde(default)]
+    pub cycle_first_step_size: Option<f64>,
+    #[serde(default)]
+    pub cycle_second_step_size: Option<f64>,
+    #[serde(default)]
+    pub cycle_first_stair_count: Option<u64>,
+    #[serde(default)]
+    pub cycle_second_stair_count: Option<u64>,
+    #[serde(default)]
+    pub decay_step_size: Option<f64>,
+    #[serde(default)]
+    pub decay_lr_rate: Option<f64>,
+    #[serde(default)]
+    pub cycle_momentum: Option<bool>,
+    #[serde(default)]
+    pub cycle_min_mom: Option<f64>,
+    #[serde(default)]
+    pub cycle_max_mom: Option<f64>,
+    #[serde(default)]
+    pub decay_mom_rate: Option<f64>,
+    // LRRangeTest (DeepSpeed's defaults: min 1e-3, step size 2000, rate 1, no staircase).
+    #[serde(default)]
+    pub lr_range_test_min_lr: Option<f64>,
+    #[serde(default)]
+    pub lr_range_test_step_size: Option<u64>,
+    #[serde(default)]
+    pub lr_range_test_step_rate: Option<f64>,
+    #[serde(default)]
+    pub lr_range_test_staircase: Option<bool>,
 }
 
 /// `activation_checkpointing`: rsdeep recomputes whole decoder layers; the partitioning

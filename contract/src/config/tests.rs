@@ -513,8 +513,12 @@ fn unsupported_features_are_refused_with_what_is_supported() {
             "rsdeep implements \"Adam\" and \"AdamW\"",
         ),
         (
-            json!({"train_batch_size": 8, "scheduler": {"type": "OneCycle"}}),
+            json!({"train_batch_size": 8, "scheduler": {"type": "CyclicLR"}}),
             "rsdeep implements \"WarmupLR\"",
+        ),
+        (
+            json!({"train_batch_size": 8, "scheduler": {"type": "OneCycle"}}),
+            "rsdeep cycles the learning rate only: set \"cycle_momentum\": false",
         ),
         (
             json!({"train_batch_size": 8, "amp": {"enabled": true}}),

@@ -459,6 +459,19 @@ fn check_scheduler(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<()
             "must be positive (use 1 for no warmup)",
         ));
     }
+    if scheduler.kind == SchedulerKind::OneCycle {
+        return check_one_cycle(params, file, &key);
+    }
+    if scheduler.kind == SchedulerKind::LRRangeTest {
+        if params.lr_range_test_step_size == Some(0) {
+            return Err(invalid(
+                file,
+                &key("lr_range_test_step_size"),
+                "must be a positive number of steps",
+            ));
+        }
+        return Ok(());
+    }
     let needs_total = matches!(
         scheduler.kind,
         SchedulerKind::WarmupDecayLR | SchedulerKind::WarmupCosineLR
@@ -483,6 +496,43 @@ fn check_scheduler(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<()
             file,
             &key("warmup_min_ratio"),
             "warmup_min_ratio and cos_min_ratio belong to WarmupCosineLR only",
+        ));
+    }
+    Ok(())
+}
+
+fn check_one_cycle(
+    params: &super::deepspeed::SchedulerParams,
+    file: &Path,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    if params.cycle_momentum != Some(false) {
+        return Err(unsupported(
+            file,
+            &key("cycle_momentum"),
+            "OneCycle cycles Adam's beta1 unless told not to (DeepSpeed's default is true); \
+             rsdeep cycles the learning rate only: set \"cycle_momentum\": false",
+        ));
+    }
+    for (name, value) in [
+        ("cycle_min_lr", params.cycle_min_lr),
+        ("cycle_max_lr", params.cycle_max_lr),
+    ] {
+        if value.is_none() {
+            return Err(invalid(
+                file,
+                &key(name),
+                "OneCycle needs it (DeepSpeed has no default)",
+            ));
+        }
+    }
+    if params.cycle_first_step_size.is_some_and(|s| s <= 0.0)
+        || params.cycle_second_step_size.is_some_and(|s| s < 0.0)
+    {
+        return Err(invalid(
+            file,
+            &key("cycle_first_step_size"),
+            "the first half-cycle must be positive and the second not negative",
         ));
     }
     Ok(())

@@ -6,7 +6,8 @@
 //! with a message naming them (the launcher's validation refuses most of them earlier).
 
 use crate::zero::config::{
-    EngineConfig, LossScaleConfig, OptimizerConfig, Precision, SchedulerConfig, WarmupType,
+    EngineConfig, LossScaleConfig, OneCycle, OptimizerConfig, Precision, SchedulerConfig,
+    WarmupType,
 };
 use crate::{Error, Result};
 use rsdeep_contract::config::{self as launcher_config, OffloadDevice, SchedulerKind, TrainConfig};
@@ -152,6 +153,28 @@ fn scheduler(config: &TrainConfig, lr: f64, total_steps: u64) -> Result<Schedule
                 Error::Config("scheduler WarmupCosineLR needs params.total_num_steps".into())
             })?,
             warmup_type,
+        },
+        SchedulerKind::OneCycle => SchedulerConfig::OneCycle(OneCycle {
+            min_lr: p.cycle_min_lr.unwrap_or(lr),
+            max_lr: p.cycle_max_lr.unwrap_or(lr),
+            first_step_size: p.cycle_first_step_size.unwrap_or(2000.0),
+            second_step_size: p
+                .cycle_second_step_size
+                .or(p.cycle_first_step_size)
+                .unwrap_or(2000.0),
+            first_stair_count: p.cycle_first_stair_count.unwrap_or(0),
+            second_stair_count: p
+                .cycle_second_stair_count
+                .or(p.cycle_first_stair_count)
+                .unwrap_or(0),
+            decay_step_size: p.decay_step_size.unwrap_or(0.0),
+            decay_lr_rate: p.decay_lr_rate.unwrap_or(0.0),
+        }),
+        SchedulerKind::LRRangeTest => SchedulerConfig::LrRangeTest {
+            min_lr: p.lr_range_test_min_lr.unwrap_or(1e-3),
+            step_size: p.lr_range_test_step_size.unwrap_or(2000),
+            step_rate: p.lr_range_test_step_rate.unwrap_or(1.0),
+            staircase: p.lr_range_test_staircase.unwrap_or(false),
         },
     })
 }

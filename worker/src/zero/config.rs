@@ -109,12 +109,36 @@ pub enum SchedulerConfig {
         total_num_steps: u64,
         warmup_type: WarmupType,
     },
+    /// DeepSpeed's OneCycle, learning rate only (cycle_momentum false).
+    OneCycle(OneCycle),
+    /// DeepSpeed's LRRangeTest: min_lr · (1 + step_rate · k / step_size), k/step_size
+    /// floored with a staircase.
+    LrRangeTest {
+        min_lr: f64,
+        step_size: u64,
+        step_rate: f64,
+        staircase: bool,
+    },
     /// The Trainer's `lr_scheduler_type` (no DeepSpeed scheduler).
     Hf {
         schedule: HfSchedule,
         warmup_steps: u64,
         total_steps: u64,
     },
+}
+
+/// DeepSpeed's OneCycle: up from `min_lr` to `max_lr` over `first_step_size` iterations,
+/// down over `second_step_size`, in stairs when the counts are non-zero, then decayed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OneCycle {
+    pub min_lr: f64,
+    pub max_lr: f64,
+    pub first_step_size: f64,
+    pub second_step_size: f64,
+    pub first_stair_count: u64,
+    pub second_stair_count: u64,
+    pub decay_step_size: f64,
+    pub decay_lr_rate: f64,
 }
 
 /// `zero_optimization` plus the engine-wide keys, resolved.

@@ -1,5 +1,6 @@
 //! Learning-rate schedules with DeepSpeed's exact formulas (`deepspeed/runtime/
-//! lr_schedules.py`: WarmupLR, WarmupDecayLR, WarmupCosineLR) and Hugging Face's
+//! lr_schedules.py`: WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle's learning rate,
+//! LRRangeTest) and Hugging Face's
 //! `get_scheduler` schedules (every `lr_scheduler_type` of transformers 5 with its
 //! keyword arguments) for configs without a DeepSpeed scheduler. Contract: `lr_for_step(k)` is the rate the k-th applied
 //! optimizer step (0-based) uses. DeepSpeed schedulers start at `last_batch_iteration = -1`
@@ -8,7 +9,7 @@
 //! k - 1 (checked against the packages in `worker/tests/lr_schedules.rs`);
 //! HF's LambdaLR uses `lambda(k)` for step k. Skipped (overflow) steps do not advance it.
 
-use super::config::{HfSchedule, SchedulerConfig, WarmupType, WsdShape};
+use super::config::{HfSchedule, OneCycle, SchedulerConfig, WarmupType, WsdShape};
 use std::f64::consts::PI;
 
 /// The schedule and the optimizer's base lr.
@@ -79,6 +80,19 @@ impl LrSchedule {
                         warmup_type,
                     )
             }
+            SchedulerConfig::OneCycle(cycle) => one_cycle_lr(&cycle, iteration),
+            SchedulerConfig::LrRangeTest {
+                min_lr,
+                step_size,
+                step_rate,
+                staircase,
+            } => {
+                let mut interval = step as f64 / step_size.max(1) as f64;
+                if staircase {
+                    interval = interval.floor();
+                }
+                min_lr * (1.0 + step_rate * interval)
+            }
             SchedulerConfig::Hf {
                 schedule,
                 warmup_steps,
@@ -124,6 +138,43 @@ fn cosine_ratio(
     let progress = (real_last_step / real_total_steps).min(1.0);
     let cosine = (1.0 + (PI * progress).cos()) / 2.0;
     (cos_min_ratio + (1.0 - cos_min_ratio) * cosine).max(0.0)
+}
+
+/// DeepSpeed's OneCycle rate at `iteration` (-1: the constructor's `min_lr`).
+fn one_cycle_lr(cycle: &OneCycle, iteration: i64) -> f64 {
+    let size = cycle.first_step_size + cycle.second_step_size;
+    if iteration < 0 {
+        return cycle.min_lr;
+    }
+    if (iteration as f64) < size {
+        return cycle.min_lr + (cycle.max_lr - cycle.min_lr) * one_cycle_scale(cycle, iteration);
+    }
+    if cycle.decay_step_size.abs() < 1e-9 || cycle.decay_lr_rate.abs() < 1e-9 {
+        return cycle.min_lr;
+    }
+    let decayed = (iteration as f64 - size + 1.0) / cycle.decay_step_size;
+    cycle.min_lr / (1.0 + cycle.decay_lr_rate * decayed)
+}
+
+/// OneCycle's position in the cycle as a 0..1 scale, in stairs when the half has a count.
+fn one_cycle_scale(cycle: &OneCycle, iteration: i64) -> f64 {
+    let size = cycle.first_step_size + cycle.second_step_size;
+    let ratio = cycle.first_step_size / size;
+    let batch = (iteration + 1) as f64;
+    let x = 1.0 + batch / size - (1.0 + batch / size).floor();
+    let (scale, stairs) = match x <= ratio {
+        true => (x / ratio, cycle.first_stair_count),
+        false => ((x - 1.0) / (ratio - 1.0), cycle.second_stair_count),
+    };
+    if stairs == 0 {
+        return scale;
+    }
+    let within = batch % size;
+    let position = match within <= cycle.first_step_size {
+        true => within * stairs as f64 / cycle.first_step_size,
+        false => (size - within) * stairs as f64 / cycle.second_step_size,
+    };
+    position.floor() / stairs as f64
 }
 
 /// transformers' schedule lambdas (`optimization.py`): the factor on the base lr at
