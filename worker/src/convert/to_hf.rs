@@ -14,7 +14,9 @@
 //!   input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,
 //!   down}_proj}`; shapes are the GGUF dimensions reversed. Weights are dequantized to
 //!   f32 (`dequant.rs`) and written as f32 or, with `--dtype bf16`, bf16.
-//! - Tokenizer (`tokenizer.ggml.model = gpt2`): a byte-level BPE of the file's tokens
+//! - Tokenizer (`tokenizer.ggml.model = gpt2` with GPT-2's split, i.e. a
+//!   `tokenizer.ggml.pre` transformers gives no regex of its own, like `smollm`): a
+//!   byte-level BPE of the file's tokens
 //!   (respelled into the byte alphabet where a token is not already written in it) and
 //!   merges; control tokens (type 3) become special added tokens, user-defined ones (4)
 //!   plain added tokens; bos/eos/unk/pad and the chat template from the metadata.
@@ -32,6 +34,13 @@ use crate::model::io::save_safetensors_sharded;
 
 /// Largest safetensors shard written (transformers 5's default).
 const MAX_SHARD_BYTES: u64 = 50 << 30;
+/// `tokenizer.ggml.pre` values for which transformers replaces GPT-2's split with a
+/// model-specific regex (its `GGUF_PRE_TOKENIZER_SPLITS`); this build rebuilds GPT-2's.
+const CUSTOM_SPLITS: [&str; 23] = [
+    "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+    "jina-v5-nano", "dbrx", "smaug-bpe", "tekken", "qwen2", "deepseek-r1-qwen", "kormo",
+    "f2llmv2", "megrez", "qwen35", "gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2",
+];
 const TOKEN_TYPE_CONTROL: u64 = 3;
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
@@ -73,6 +82,7 @@ struct Shape {
 /// (f32 or bf16). Returns the number of tensors written.
 pub fn convert(file: &GgufFile, out: &Path, dtype: Kind) -> Result<usize> {
     let family = Family::of(file)?;
+    check_tokenizer(file)?;
     std::fs::create_dir_all(out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     let shape = attention_shape(file, family)?;
@@ -214,8 +224,9 @@ fn config_json(
     Ok(config)
 }
 
-/// tokenizer.json, tokenizer_config.json and generation_config.json.
-fn write_tokenizer(file: &GgufFile, out: &Path) -> Result<()> {
+/// An error unless this build rebuilds the file's tokenizer (checked before anything is
+/// written).
+fn check_tokenizer(file: &GgufFile) -> Result<()> {
     let kind = file.get_str("tokenizer.ggml.model")?;
     if kind != "gpt2" {
         return Err(Error::Tokenizer(format!(
@@ -223,6 +234,21 @@ fn write_tokenizer(file: &GgufFile, out: &Path) -> Result<()> {
             file.path().display()
         )));
     }
+    if let Ok(pre) = file.get_str("tokenizer.ggml.pre")
+        && CUSTOM_SPLITS.contains(&pre)
+    {
+        return Err(Error::Tokenizer(format!(
+            "{}: tokenizer.ggml.pre = \"{pre}\" splits text with its own regex, which this \
+             build does not rebuild (it rebuilds GPT-2's split): use the model's original \
+             tokenizer.json",
+            file.path().display()
+        )));
+    }
+    Ok(())
+}
+
+/// tokenizer.json, tokenizer_config.json and generation_config.json.
+fn write_tokenizer(file: &GgufFile, out: &Path) -> Result<()> {
     let tokens = file.get_strings("tokenizer.ggml.tokens")?;
     let types: Vec<u64> = match file.metadata.get("tokenizer.ggml.token_type") {
         Some(v) => v
