@@ -2,8 +2,8 @@
 DeepSpeed training the same tiny Qwen2 on the same data, batch and steps as rsdeep's
 `configs/pretrain.json`, one process per rank, started by the `deepspeed` launcher.
 
-The model comes from `configs/models/qwen2-tiny.json` through `Qwen2Config` (random
-init), the data is the same jsonl tokenized with the same 8k tokenizer, concatenated and
+The model comes from the model config (`configs/models/qwen2-tiny.json` by default, any
+Qwen2/Llama config.json) through `AutoConfig.for_model` (random init), the data is the same jsonl tokenized with the same 8k tokenizer, concatenated and
 cut into block_size-token blocks (as HF's run_clm.py groups texts). A TrainerCallback
 appends `{"step": n, "t": <unix time>}` to OUTPUT_DIR/bench_steps.jsonl at every
 on_step_end on rank 0, flushed at once so the harness reads the first finished step.
@@ -16,9 +16,9 @@ import time
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoTokenizer,
-    Qwen2Config,
-    Qwen2ForCausalLM,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -80,9 +80,10 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer)
     blocks = token_blocks(tokenizer, cli.train_file, "text", cli.block_size)
     with open(cli.model_config) as f:
-        model_config = Qwen2Config(**json.load(f))
+        fields = json.load(f)
+    model_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(12)
-    model = Qwen2ForCausalLM(model_config)
+    model = AutoModelForCausalLM.from_config(model_config)
 
     args = TrainingArguments(
         output_dir=cli.output_dir,

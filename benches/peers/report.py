@@ -17,6 +17,7 @@ import json
 import os
 
 WARMUP_STEPS = 5
+# 2 ranks x micro batch x accumulation x block; --tokens_per_step sets it (run.sh does).
 TOKENS_PER_STEP = 2 * 4 * 2 * 256
 
 
@@ -80,7 +81,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--stages", nargs="+", default=["1", "2", "3"])
+    parser.add_argument("--tokens_per_step", type=int, default=TOKENS_PER_STEP)
     cli = parser.parse_args()
+    globals()["TOKENS_PER_STEP"] = cli.tokens_per_step
     print(f"run: {cli.run_dir}")
     print("| ZeRO | side | tokens/s | best-step tokens/s | tokens per CPU-second | launch to first step (s) | peak RSS per rank (MiB) |")
     print("|---|---|---:|---:|---:|---:|---|")

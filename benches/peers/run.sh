@@ -9,7 +9,9 @@
 # CURVE_STAGE of the seed's config), and curve.py prints both curves step by step, their
 # largest deviation, and overlays them in RUN_DIR/curve/loss_curve.png.
 # Usage: benches/peers/run.sh      (env: STEPS=30 STAGES="1 2 3" CURVE_STAGE=2 CURVE_ONLY=1
-#        SKIP_BUILD=1 THREADS=1
+#        NO_CURVE=1 SKIP_BUILD=1 THREADS=1 MODEL_CONFIG=configs/models/qwen2-tiny.json
+#        BLOCK=256 MICRO=4 GA=2 — e.g. the real SmolLM2 shape:
+#        MODEL_CONFIG=configs/models/smollm2-135m.json BLOCK=512 MICRO=2 GA=4 NO_CURVE=1
 #        BIN_DIR=<folder with rsdeep and rsdeep-worker>, default the release target dir;
 #        point it at a private copy when others rebuild the shared target meanwhile)
 set -euo pipefail
@@ -21,6 +23,8 @@ BENCH_DIR="${BENCH_DIR:-$HOME/.cache/rsdeep/bench}"
 RUN_DIR="$BENCH_DIR/peers-$(date -u +%Y%m%dT%H%M%S)"
 DATA="$HOME/.cache/rsdeep/data/pretrain.jsonl"
 TOKENIZER="$BENCH_DIR/tokenizer-8k"
+MODEL_CONFIG="${MODEL_CONFIG:-configs/models/qwen2-tiny.json}"
+BLOCK="${BLOCK:-256}" MICRO="${MICRO:-4}" GA="${GA:-2}"
 # Same intra-op thread count for every rank of both sides: 2 ranks on 2 cores.
 export OMP_NUM_THREADS="${THREADS:-1}"
 export DS_ACCELERATOR=cpu DS_BUILD_OPS=0
@@ -54,6 +58,8 @@ for stage in $([ -n "${CURVE_ONLY:-}" ] || echo "$STAGES"); do
     --worker_pattern rsdeep-worker -- \
     "$BIN_DIR/rsdeep" --device cpu --num_procs 2 --master_port 0 \
     configs/pretrain.json --deepspeed "configs/ds_config_zero$stage.json" \
+    --config_name "$MODEL_CONFIG" --block_size "$BLOCK" --per_device_train_batch_size "$MICRO" \
+    --gradient_accumulation_steps "$GA" \
     --tokenizer_name "$TOKENIZER" --train_files "$DATA" --output_dir "$out" \
     --max_steps "$STEPS" --logging_steps 1 --save_strategy no --report_to none \
     > "$out.log" 2>&1
@@ -64,12 +70,15 @@ for stage in $([ -n "${CURVE_ONLY:-}" ] || echo "$STAGES"); do
   python benches/peers/monitor.py --out "$out.json" --steps_file "$out/bench_steps.jsonl" \
     --worker_pattern hf_trainer_peer.py -- \
     deepspeed --num_gpus 2 --master_port "$(free_port)" benches/peers/hf_trainer_peer.py \
-    --model_config configs/models/qwen2-tiny.json --tokenizer "$TOKENIZER" \
+    --model_config "$MODEL_CONFIG" --tokenizer "$TOKENIZER" \
+    --block_size "$BLOCK" --micro_batch "$MICRO" --grad_accum "$GA" \
     --train_file "$DATA" --deepspeed "$RUN_DIR/peer_ds_zero$stage.json" \
     --output_dir "$out" --max_steps "$STEPS" > "$out.log" 2>&1
 done
 
-[ -n "${CURVE_ONLY:-}" ] || python benches/peers/report.py "$RUN_DIR" --stages $STAGES | tee "$RUN_DIR/table.md"
+[ -n "${CURVE_ONLY:-}" ] || python benches/peers/report.py "$RUN_DIR" --stages $STAGES \
+  --tokens_per_step $((2 * MICRO * GA * BLOCK)) | tee "$RUN_DIR/table.md"
+[ -z "${NO_CURVE:-}" ] || exit 0
 
 # The loss curve. The seed's pretrain.py groups blocks per 40000-document map batch.
 CURVE_STAGE="${CURVE_STAGE:-2}"
