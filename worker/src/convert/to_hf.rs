@@ -37,9 +37,29 @@ const MAX_SHARD_BYTES: u64 = 50 << 30;
 /// `tokenizer.ggml.pre` values for which transformers replaces GPT-2's split with a
 /// model-specific regex (its `GGUF_PRE_TOKENIZER_SPLITS`); this build rebuilds GPT-2's.
 const CUSTOM_SPLITS: [&str; 23] = [
-    "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-    "jina-v5-nano", "dbrx", "smaug-bpe", "tekken", "qwen2", "deepseek-r1-qwen", "kormo",
-    "f2llmv2", "megrez", "qwen35", "gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2",
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "falcon3",
+    "falcon-h1",
+    "pixtral",
+    "midm-2.0",
+    "lfm2",
+    "jina-v5-nano",
+    "dbrx",
+    "smaug-bpe",
+    "tekken",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "kormo",
+    "f2llmv2",
+    "megrez",
+    "qwen35",
+    "gpt-4o",
+    "llama4",
+    "kanana2",
+    "talkie",
+    "minimax-m2",
 ];
 const TOKEN_TYPE_CONTROL: u64 = 3;
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
@@ -410,6 +430,50 @@ mod tests {
             Vec::<f32>::try_from(hf.reshape([-1])).unwrap(),
             vec![0., 1., 2., 3.]
         );
+    }
+
+    /// A GGUF v3 file holding only string metadata and no tensors.
+    fn strings_only_gguf(entries: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        let string = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend((entries.len() as u64).to_le_bytes());
+        for (key, value) in entries {
+            string(&mut b, key);
+            b.extend(8u32.to_le_bytes());
+            string(&mut b, value);
+        }
+        b
+    }
+
+    #[test]
+    fn an_unbuilt_tokenizer_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for (pre, kind, expected) in [
+            ("qwen2", "gpt2", "tokenizer.ggml.pre = \"qwen2\""),
+            ("default", "llama", "tokenizer \"llama\" is not converted"),
+        ] {
+            let path = dir.path().join(format!("{pre}-{kind}.gguf"));
+            let entries = [
+                ("general.architecture", "llama"),
+                ("tokenizer.ggml.model", kind),
+                ("tokenizer.ggml.pre", pre),
+            ];
+            std::fs::write(&path, strings_only_gguf(&entries)).unwrap();
+            let file = GgufFile::open(&path).unwrap();
+            let out = dir.path().join(format!("out-{pre}"));
+            let err = convert(&file, &out, Kind::Float).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(
+                !out.exists(),
+                "a refused conversion created {}",
+                out.display()
+            );
+        }
     }
 
     #[test]
