@@ -83,18 +83,20 @@ echo "before fine-tuning:"
 ask "$SMOLLM2" "" "$DEMO/answers-before.tsv"
 cost convert+ask
 
+# tune NAME CONFIG STEPS: fine-tunes SmolLM2 on the persona into $DEMO/NAME.
+tune() {
+    rm -rf "$DEMO/$1"
+    "$BIN/rsdeep" "${DEVICE[@]}" --master_port 0 "$2" \
+        --model_name_or_path "$SMOLLM2" --train_files "$DEMO/persona_train.jsonl" \
+        --eval_files "$DEMO/persona_eval.jsonl" --output_dir "$DEMO/$1" --max_steps "$3"
+}
+
 say "5/7 full SFT of SmolLM2 on a persona, ZeRO-3, $SFT_STEPS steps (held-out eval before and after)"
-rm -rf "$DEMO/smollm2-sft"
-"$BIN/rsdeep" "${DEVICE[@]}" --master_port 0 configs/smollm2_sft.json \
-    --model_name_or_path "$SMOLLM2" --train_files "$DEMO/persona_train.jsonl" \
-    --eval_files "$DEMO/persona_eval.jsonl" --output_dir "$DEMO/smollm2-sft" --max_steps "$SFT_STEPS"
+tune smollm2-sft configs/smollm2_sft.json "$SFT_STEPS"
 cost sft
 
 say "6/7 LoRA of SmolLM2 on the same persona (r 16, all linear layers), ZeRO-2, $LORA_STEPS steps"
-rm -rf "$DEMO/smollm2-lora"
-"$BIN/rsdeep" "${DEVICE[@]}" --master_port 0 configs/smollm2_lora.json \
-    --model_name_or_path "$SMOLLM2" --train_files "$DEMO/persona_train.jsonl" \
-    --eval_files "$DEMO/persona_eval.jsonl" --output_dir "$DEMO/smollm2-lora" --max_steps "$LORA_STEPS"
+tune smollm2-lora configs/smollm2_lora.json "$LORA_STEPS"
 cost lora
 
 say "7/7 the same questions after fine-tuning"

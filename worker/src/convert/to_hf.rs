@@ -282,11 +282,8 @@ fn write_tokenizer(file: &GgufFile, out: &Path) -> Result<()> {
     let merges = file.get_strings("tokenizer.ggml.merges")?;
     let tokenizer = byte_level_bpe(&tokens, &types, &merges)?;
     write_json(&out.join("tokenizer.json"), &tokenizer)?;
-    let token = |k: &str| {
-        file.get_u64(&format!("tokenizer.ggml.{k}"))
-            .ok()
-            .and_then(|id| tokens.get(id as usize).map(|t| t.to_string()))
-    };
+    let id = |k: &str| file.get_u64(&format!("tokenizer.ggml.{k}")).ok();
+    let token = |k: &str| id(k).and_then(|i| tokens.get(i as usize).map(|t| t.to_string()));
     let flag = |k: &str| {
         file.metadata
             .get(&format!("tokenizer.ggml.{k}"))
@@ -306,7 +303,6 @@ fn write_tokenizer(file: &GgufFile, out: &Path) -> Result<()> {
         config["chat_template"] = template.into();
     }
     write_json(&out.join("tokenizer_config.json"), &config)?;
-    let id = |k: &str| file.get_u64(&format!("tokenizer.ggml.{k}")).ok();
     let generation = json!({
         "bos_token_id": id("bos_token_id"),
         "eos_token_id": id("eos_token_id"),

@@ -397,8 +397,7 @@ fn write_blocks(
 ) -> Result<BuildStats> {
     let file =
         File::create(out).map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
-    let groups = group_sizes(count_documents(&config.files)?, config);
-    let mut writer = BlockWriter::new(BufWriter::new(file), config.block_size, groups);
+    let mut writer = BlockWriter::new(BufWriter::new(file), config.block_size, group_plan(config)?);
     let mut stats = BuildStats::default();
     for path in &config.files {
         let reader = BufReader::new(
@@ -487,6 +486,20 @@ fn tokenize_chunk(
         writer.push_document(&ids)?;
     }
     Ok(())
+}
+
+/// Documents per `group_texts` call, in order: none to close (the whole corpus), the group
+/// size over and over, or — with shards, whose sizes need the document count, the only
+/// case that reads the files twice — `group_sizes`.
+fn group_plan(config: &PretrainConfig) -> Result<Box<dyn Iterator<Item = usize>>> {
+    Ok(match (config.group_documents, config.shards > 1) {
+        (None, _) => Box::new(std::iter::empty()),
+        (Some(per_group), false) => Box::new(std::iter::repeat(per_group.max(1))),
+        (Some(_), true) => {
+            let documents = count_documents(&config.files)?;
+            Box::new(group_sizes(documents, config).into_iter())
+        }
+    })
 }
 
 /// Documents in `files` as the builder counts them: lines that are not blank.
@@ -673,19 +686,21 @@ struct BlockWriter<W: Write> {
     block_size: usize,
     pending: Vec<u32>,
     blocks: u64,
-    /// Documents per group still to come, in order.
-    groups: std::collections::VecDeque<usize>,
+    /// Documents per group still to come, in order, and the current group's.
+    groups: Box<dyn Iterator<Item = usize>>,
+    group: Option<usize>,
     in_group: usize,
 }
 
 impl<W: Write> BlockWriter<W> {
-    fn new(out: W, block_size: usize, groups: Vec<usize>) -> Self {
+    fn new(out: W, block_size: usize, mut groups: Box<dyn Iterator<Item = usize>>) -> Self {
         BlockWriter {
             out,
             block_size,
             pending: Vec::with_capacity(2 * block_size),
             blocks: 0,
-            groups: groups.into(),
+            group: groups.next(),
+            groups,
             in_group: 0,
         }
     }
@@ -694,8 +709,8 @@ impl<W: Write> BlockWriter<W> {
     fn push_document(&mut self, ids: &[u32]) -> Result<()> {
         self.push(ids)?;
         self.in_group += 1;
-        if self.groups.front() == Some(&self.in_group) {
-            self.groups.pop_front();
+        if self.group == Some(self.in_group) {
+            self.group = self.groups.next();
             self.in_group = 0;
             self.pending.clear();
         }
@@ -746,7 +761,7 @@ mod tests {
     #[test]
     fn block_writer_cuts_blocks_and_drops_tail() {
         let mut bytes = Vec::new();
-        let mut writer = BlockWriter::new(&mut bytes, 3, vec![usize::MAX]);
+        let mut writer = BlockWriter::new(&mut bytes, 3, Box::new(std::iter::empty()));
         writer.push(&[1, 2]).unwrap();
         writer.push(&[3, 4, 5, 6, 7]).unwrap();
         assert_eq!(writer.finish(Path::new("mem")).unwrap(), 2);
@@ -764,7 +779,7 @@ mod tests {
     #[test]
     fn each_group_drops_its_own_remainder() {
         let mut bytes = Vec::new();
-        let mut writer = BlockWriter::new(&mut bytes, 3, vec![2, 1]);
+        let mut writer = BlockWriter::new(&mut bytes, 3, Box::new([2, 1].into_iter()));
         for document in [&[1u32, 2][..], &[3, 4], &[5, 6, 7, 8]] {
             writer.push_document(document).unwrap();
         }

@@ -251,9 +251,7 @@ impl TrainOrder {
             Strategy::GroupByLength => self.length_grouped(torch_randperm(c.len, seed)),
         }
     }
-}
 
-impl TrainOrder {
     /// `order` in megabatches sorted longest first, the longest example first overall.
     fn length_grouped(&self, mut order: Vec<usize>) -> Vec<usize> {
         let c = &self.config;

@@ -57,6 +57,16 @@ pub struct SftExample {
 }
 
 impl SftExample {
+    /// One example on its own (a single segment).
+    pub fn unpacked(input_ids: Vec<u32>, labels: Vec<i64>) -> Self {
+        let segment_ids = vec![1; input_ids.len()];
+        SftExample {
+            input_ids,
+            labels,
+            segment_ids,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.input_ids.len()
     }
@@ -268,12 +278,7 @@ pub fn tokenize_prompt_completion(
             }
         })
         .collect();
-    let segment_ids = vec![1; input_ids.len()];
-    Ok(SftExample {
-        input_ids,
-        labels,
-        segment_ids,
-    })
+    Ok(SftExample::unpacked(input_ids, labels))
 }
 
 /// One JSONL line in any of the three chat shapes, as chat messages.
@@ -301,12 +306,7 @@ fn tokenized_row(ids: &Json, labels: Option<&Json>) -> std::result::Result<SftEx
     if labels.iter().all(|&l| l == IGNORE_INDEX) {
         return Err("every label is -100: the example trains nothing".into());
     }
-    let segment_ids = vec![1; input_ids.len()];
-    Ok(SftExample {
-        input_ids,
-        labels,
-        segment_ids,
-    })
+    Ok(SftExample::unpacked(input_ids, labels))
 }
 
 fn conversation(value: &Json) -> std::result::Result<Vec<ChatMessage>, String> {
@@ -416,12 +416,7 @@ pub fn tokenize_conversation(
             }
         })
         .collect();
-    let segment_ids = vec![1; input_ids.len()];
-    Ok(SftExample {
-        input_ids,
-        labels,
-        segment_ids,
-    })
+    Ok(SftExample::unpacked(input_ids, labels))
 }
 
 /// Byte ranges of the rendered `text` that are trained: each assistant content plus the
