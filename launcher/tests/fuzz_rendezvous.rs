@@ -181,9 +181,14 @@ fn call(job: String) -> impl Strategy<Value = Call> {
     let control = (
         (small_rank(), 0u32..3, -1i32..6, any::<bool>()),
         (any::<i32>(), any::<u64>(), small_rank(), "\\PC{0,40}"),
+        any::<bool>(),
     )
         .prop_map(
-            move |((node_rank, attempt, state, workers_stopped), (exit_code, at, rank, report))| {
+            move |(
+                (node_rank, attempt, state, workers_stopped),
+                (exit_code, at, rank, report),
+                heard_exit,
+            )| {
                 Call::Control(pb::NodeStatus {
                     job_id: j.clone(),
                     node_rank,
@@ -194,6 +199,7 @@ fn call(job: String) -> impl Strategy<Value = Call> {
                     failed_at_ms: at,
                     failed_rank: rank,
                     report,
+                    heard_exit,
                 })
             },
         );

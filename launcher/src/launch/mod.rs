@@ -105,15 +105,17 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         (NodeRole::SlurmLead, None) => Err(anyhow::anyhow!("node 0 hosts no rendezvous")),
         (NodeRole::SlurmFollower, _) => follow::follow_node0(&runtime, &plan),
         (NodeRole::SshFollower, state) => {
-            ssh::stop_on_stdin_eof();
-            let restart_base = inherited_restart_count();
-            supervise_attempts(&runtime, &plan, state, None, restart_base, started)
+            let follower = Attempts::SshFollower {
+                restart_base: inherited_restart_count(),
+                stdin_closed: ssh::stop_on_stdin_eof(),
+            };
+            supervise_attempts(&runtime, &plan, state, follower, started)
         }
         (NodeRole::SshLead(launch), state) => {
-            supervise_attempts(&runtime, &plan, state, Some(launch), 0, started)
+            supervise_attempts(&runtime, &plan, state, Attempts::SshLead(launch), started)
         }
         (NodeRole::SingleNode | NodeRole::ManualNode, state) => {
-            supervise_attempts(&runtime, &plan, state, None, 0, started)
+            supervise_attempts(&runtime, &plan, state, Attempts::ThisNode, started)
         }
     };
     if let Some((_, mut server)) = rendezvous {
@@ -460,6 +462,19 @@ fn inherited_restart_count() -> u32 {
         .unwrap_or(0)
 }
 
+/// Which node `supervise_attempts` supervises for.
+enum Attempts<'a> {
+    /// This node alone (one node, or a node of a job started by hand or by srun).
+    ThisNode,
+    /// Node 0 of an ssh job: it also starts and watches the remote launchers.
+    SshLead(&'a SshLaunch),
+    /// A node an ssh lead started for attempt `restart_base`.
+    SshFollower {
+        restart_base: u32,
+        stdin_closed: Arc<dyn supervise::StopSource>,
+    },
+}
+
 /// Spawns and supervises the local workers (and, under the ssh runner, the remote
 /// launchers), restarting after failures if allowed.
 ///
@@ -469,17 +484,24 @@ fn inherited_restart_count() -> u32 {
 /// starts everything again with `RSDEEP_RESTART_COUNT = k` (the remote launchers get it
 /// in their command and run no restart loop of their own: `--max_restarts` is not
 /// forwarded); the workers resume from this run's newest complete checkpoint in
-/// `output_dir` (`train::entry`). `restart_base` is the attempt a remote launcher was started for.
-/// Under `--launcher slurm` every node's launcher still follows its own count (no
-/// cross-node coordination there yet).
+/// `output_dir` (`train::entry`). A remote launcher counts its attempts from the one it
+/// was started for and stops when node 0 closes its stdin. (Coordinated SLURM nodes run
+/// `nodes::coordinate::follow` instead.)
 fn supervise_attempts(
     runtime: &tokio::runtime::Runtime,
     plan: &LaunchPlan,
     state: Option<Arc<RendezvousState>>,
-    ssh_launch: Option<&SshLaunch>,
-    restart_base: u32,
+    role: Attempts,
     started: Instant,
 ) -> Result<i32> {
+    let (ssh_launch, restart_base, stdin_closed) = match role {
+        Attempts::ThisNode => (None, 0, None),
+        Attempts::SshLead(launch) => (Some(launch), 0, None),
+        Attempts::SshFollower {
+            restart_base,
+            stdin_closed,
+        } => (None, restart_base, Some(stdin_closed)),
+    };
     let program = rank_program(plan)?;
     let local: Vec<_> = plan.local_ranks().collect();
     for attempt in 0..=plan.max_restarts {
@@ -494,7 +516,10 @@ fn supervise_attempts(
             None => None,
         };
         let options = SuperviseOptions {
-            stop_source: remote.as_ref().map(SshNodes::stop_source),
+            stop_source: remote
+                .as_ref()
+                .map(SshNodes::stop_source)
+                .or_else(|| stdin_closed.clone()),
             ..supervise_options(plan)
         };
         let mut workers = spawn_local_workers(&program, &local, restart_count, plan)?;

@@ -886,25 +886,37 @@ pub fn read_token_line(mut input: impl BufRead) -> Result<String, SshError> {
     Ok(token.to_string())
 }
 
-/// On a remote node: a thread that waits for stdin EOF (node 0 stopping the job, or node
-/// 0 or its ssh gone) and then stops this launcher like SIGHUP would. When the
-/// connection is gone, stdout/stderr are pointed at /dev/null first so the launcher's
-/// last messages cannot fail on a closed pipe.
-pub fn stop_on_stdin_eof() {
-    std::thread::spawn(|| {
+/// On a remote node: the supervisor's stop source that ends the attempt once stdin
+/// reaches EOF (node 0 stopping the job, or node 0 or its ssh gone), exiting as SIGHUP
+/// (a hung-up connection) would. A thread reads stdin; when the connection is gone it
+/// points stdout/stderr at /dev/null first so the launcher's last messages cannot fail
+/// on a closed pipe.
+pub fn stop_on_stdin_eof() -> Arc<dyn StopSource> {
+    let closed = Arc::new(AtomicBool::new(false));
+    let seen = closed.clone();
+    std::thread::spawn(move || {
         let mut sink = [0u8; 256];
         let mut stdin = std::io::stdin().lock();
         while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
         if output_is_closed() {
             silence_output();
-        } else {
-            let _ = writeln!(
-                std::io::stderr(),
-                "rsdeep: node 0 closed this node's ssh stdin: stopping the job here"
-            );
         }
-        STOP_SIGNAL.store(libc::SIGHUP, Ordering::SeqCst);
+        seen.store(true, Ordering::SeqCst);
     });
+    Arc::new(StdinClosed(closed))
+}
+
+/// Set once a remote launcher's stdin reached EOF.
+#[derive(Debug)]
+struct StdinClosed(Arc<AtomicBool>);
+
+impl StopSource for StdinClosed {
+    fn stop_outcome(&self) -> Option<Outcome> {
+        self.0.load(Ordering::SeqCst).then(|| Outcome::Stopped {
+            reason: "node 0 closed this node's ssh stdin: stopping the job here".into(),
+            exit_code: 128 + libc::SIGHUP,
+        })
+    }
 }
 
 /// True when nobody reads this process's stderr any more (a pipe or socket whose other

@@ -31,6 +31,8 @@ pub struct NodeReport {
     pub failed_at_ms: u64,
     pub failed_rank: usize,
     pub report: String,
+    /// This node holds node 0's exit decision (its acknowledgement).
+    pub heard_exit: bool,
 }
 
 /// What node 0 tells a polling node (`NodeDirective`).
@@ -161,7 +163,7 @@ impl JobControl {
         let mut inner = self.lock();
         inner.last_poll[node] = Some(Instant::now());
         let directive = directive_for(&inner, &report);
-        if matches!(directive, Directive::Exit { .. }) {
+        if matches!(directive, Directive::Exit { .. }) && report.heard_exit {
             inner.told_exit[node] = true;
         }
         if report.attempt == inner.attempt {
@@ -288,6 +290,7 @@ mod tests {
             failed_at_ms: 0,
             failed_rank: 0,
             report: String::new(),
+            heard_exit: false,
         }
     }
 
@@ -382,10 +385,18 @@ mod tests {
             code: 0,
             report: String::new(),
         };
+        let finished = report(1, 0, NodeState::Finished, true);
+        assert_eq!(control.poll(finished.clone()), Ok(exit.clone()));
         assert_eq!(
-            control.poll(report(1, 0, NodeState::Finished, true)),
-            Ok(exit)
+            control.not_told_exit(),
+            [1, 2],
+            "told counts only once the node acknowledges it holds the decision"
         );
+        let heard = NodeReport {
+            heard_exit: true,
+            ..finished
+        };
+        assert_eq!(control.poll(heard), Ok(exit));
         assert_eq!(control.not_told_exit(), [2]);
         control.set_lost_after(Duration::ZERO);
         std::thread::sleep(Duration::from_millis(2));

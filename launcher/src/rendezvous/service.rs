@@ -275,6 +275,7 @@ pub fn node_report(status: pb::NodeStatus) -> NodeReport {
         failed_at_ms: status.failed_at_ms,
         failed_rank: status.failed_rank as usize,
         report: status.report,
+        heard_exit: status.heard_exit,
     }
 }
 
@@ -298,6 +299,7 @@ pub fn wire_status(job_id: &str, report: &NodeReport) -> pb::NodeStatus {
         failed_at_ms: report.failed_at_ms,
         failed_rank: report.failed_rank as u32,
         report: report.report.clone(),
+        heard_exit: report.heard_exit,
     }
 }
 
@@ -571,6 +573,7 @@ mod tests {
             failed_at_ms: 1234,
             failed_rank: 1,
             report: "rank 1 failed first".into(),
+            heard_exit: false,
         };
         wire_status(job, &report)
     }

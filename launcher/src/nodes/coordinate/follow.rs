@@ -120,7 +120,10 @@ pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Res
                 );
                 attempt = next;
             }
-            Decision::Exit { code, report } => return Ok(exit_as_told(code, &report, &outcome)),
+            Decision::Exit { code, report } => {
+                link.flush(Duration::from_secs(2));
+                return Ok(exit_as_told(code, &report, &outcome));
+            }
             Decision::Lost(why) => {
                 eprintln!("rsdeep: {why}; stopping this node");
                 return Ok(1);

@@ -140,6 +140,7 @@ impl NodeLink {
                 failed_at_ms: 0,
                 failed_rank: 0,
                 report: String::new(),
+                heard_exit: false,
             }),
             version: AtomicU64::new(1),
             answered: AtomicU64::new(0),
@@ -174,6 +175,7 @@ impl NodeLink {
             s.attempt = attempt;
             s.state = NodeState::Running;
             s.workers_stopped = false;
+            s.heard_exit = false;
             (s.exit_code, s.failed_at_ms, s.failed_rank) = (0, 0, 0);
             s.report.clear();
         });
@@ -234,14 +236,17 @@ impl NodeLink {
     /// After the local workers of `attempt` stopped: waits for node 0's decision.
     pub fn wait_for_decision(&self, attempt: u32) -> Decision {
         loop {
+            // The answer first: under SLURM node 0's exit makes srun signal this
+            // launcher right after node 0 has heard that this node holds the decision.
+            let answer = self.shared.answer_for(attempt);
             let signal = STOP_SIGNAL.load(Ordering::SeqCst);
-            if signal != 0 {
+            if signal != 0 && !matches!(answer, Some(Directive::Exit { .. })) {
                 return Decision::Signal(signal);
             }
             if let Some(why) = self.shared.lost() {
                 return Decision::Lost(why);
             }
-            match self.shared.answer_for(attempt) {
+            match answer {
                 Some(Directive::Restart {
                     attempt: next,
                     generation,
@@ -320,6 +325,11 @@ async fn poll_node0<F>(
             Ok(answer) => {
                 last_answer = Some(Instant::now());
                 let directive = directive_of(answer.into_inner());
+                if matches!(directive, Directive::Exit { .. }) && !status.heard_exit {
+                    // Acknowledged on the next poll, which this change starts at once;
+                    // made before the answer is visible, so `flush` waits for it.
+                    shared.change(|s| s.heard_exit = true);
+                }
                 *lock(&shared.answer) = Some((asked_for, directive));
                 shared.answered.fetch_max(version, Ordering::SeqCst);
             }
