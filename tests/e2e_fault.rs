@@ -15,14 +15,14 @@
 //! unless `--overwrite_output_dir`; a second job on a locked folder is refused naming the
 //! first.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rsdeep_contract::checkpoint_dir::checkpoint_run_id;
 use rsdeep_e2e::{
-    Launcher, binary, kill_all, logged_step, recorded_pids, sentence_corpus, survivors,
-    tiny_qwen2_config, train_tokenizer, wait_for_step, worker_script,
+    Launcher, TrainFixture, binary, kill_all, logged_step, recorded_pids, sentence_corpus,
+    survivors, wait_for_step, worker_script,
 };
 
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -35,61 +35,46 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A folder with a corpus, a tokenizer trained by `rsdeep tokenizer train`, a tiny Qwen2
-/// config and a ZeRO-2 train.json over them.
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path();
-        std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
-        std::fs::write(root.join("model.json"), tiny_qwen2_config(64, 384)).expect("model config");
-        train_tokenizer(root, 300);
-        let fixture = Fixture { dir };
-        fixture.write_train_json();
-        fixture
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn write_train_json(&self) {
-        let config = serde_json::json!({
-            "task": "pretrain",
-            "config_name": self.path("model.json"),
-            "tokenizer_name": self.path("tok"),
-            "train_files": [self.path("corpus.jsonl")],
+/// The fixture of these tests: a pretrain train.json of `MAX_STEPS` steps saving every
+/// `SAVE_STEPS` (ZeRO-2, 2 x 2 accumulation, AdamW + WarmupLR) over a 200-line corpus.
+fn fixture() -> TrainFixture {
+    let fx = TrainFixture::new(&corpus(), 64, 384, 300);
+    fx.pretrain_json(
+        "train.json",
+        serde_json::json!({
             "block_size": 32,
-            "per_device_train_batch_size": 2,
             "gradient_accumulation_steps": 2,
-            "learning_rate": 3e-3,
             "warmup_steps": 2,
             "max_steps": MAX_STEPS,
-            "logging_steps": 1,
             "save_steps": SAVE_STEPS,
             "seed": 11,
-            "output_dir": self.path("out"),
+            "output_dir": fx.path("out"),
             "deepspeed": {
-                "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto",
-                "train_batch_size": "auto",
                 "gradient_clipping": "auto",
                 "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
                 "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
-                "zero_optimization": {"stage": 2, "reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
+                "zero_optimization": {"reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
             }
-        });
-        std::fs::write(
-            self.path("train.json"),
-            serde_json::to_string_pretty(&config).expect("json"),
-        )
-        .expect("write train.json");
-    }
+        }),
+    );
+    fx
+}
 
+/// Starting the fixture's training with recorded worker pids (and a fault hook).
+trait FaultRuns {
+    fn launch(&self, out: &Path, pid_dir: &Path, flags: &[&str], overrides: &[&str]) -> Launcher;
+    fn launch_with_fault(
+        &self,
+        out: &Path,
+        pid_dir: &Path,
+        fault: Option<&str>,
+        flags: &[&str],
+        overrides: &[&str],
+    ) -> Launcher;
+}
+
+impl FaultRuns for TrainFixture {
     /// Starts a 2-rank CPU training into `out` (launcher `flags`, train.json `overrides`)
     /// whose workers record their pids in `pid_dir` (the wrapper script `exec`s the real
     /// worker, so the pid is the worker's).
@@ -241,7 +226,7 @@ fn signal(pid: i32, signal: libc::c_int) {
 #[test]
 fn a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical() {
     let _one = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let reference = fx.path("reference");
     let mut straight = fx.launch(&reference, &fx.path("pids-reference"), &[], &[]);
     let status = straight.wait(RUN_LIMIT);
@@ -320,7 +305,7 @@ fn a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical() 
 #[test]
 fn a_stopped_worker_is_reported_hung_with_rank_pid_and_last_step() {
     let _one = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let out = fx.path("hung");
     let pid_dir = fx.path("pids-hung");
     let mut launcher = fx.launch(
@@ -353,7 +338,7 @@ const STALL_RANK_1_AT_STEP_3: &str = "stall_before_collective:rank=1:step=3";
 #[test]
 fn a_rank_stuck_before_a_collective_is_the_cause_and_the_waiting_rank_the_consequence() {
     let _one = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let endless = ["--max_steps", "100000", "--save_steps", "100000"];
 
     // A malformed hook is refused before anything trains.
@@ -419,7 +404,7 @@ fn a_rank_stuck_before_a_collective_is_the_cause_and_the_waiting_rank_the_conseq
 #[test]
 fn a_rank_stuck_before_a_collective_is_restarted_from_a_checkpoint_and_the_job_finishes() {
     let _one = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let out = fx.path("stuck-restart");
     let pid_dir = fx.path("pids-stuck-restart");
     let fault = format!("stall_before_collective:rank=1:step={}", SAVE_STEPS + 2);
@@ -514,7 +499,7 @@ fn job_id_of(stderr: &str) -> String {
 #[test]
 fn a_restart_resumes_only_its_own_runs_checkpoints_never_an_earlier_runs() {
     let _one = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let out = fx.path("out");
     // An earlier run leaves checkpoint-4/8/12/16 and a final model in `out`.
     let mut earlier = fx.launch(&out, &fx.path("pids-earlier"), &[], &[]);
@@ -567,7 +552,7 @@ fn a_restart_resumes_only_its_own_runs_checkpoints_never_an_earlier_runs() {
 #[test]
 fn a_fresh_run_refuses_another_runs_output_dir_unless_told_to_overwrite() {
     let _one = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let out = fx.path("out");
     let short = ["--max_steps", "4", "--save_steps", "2"];
     let mut earlier = fx.launch(&out, &fx.path("pids-earlier"), &[], &short);
@@ -632,7 +617,7 @@ fn a_fresh_run_refuses_another_runs_output_dir_unless_told_to_overwrite() {
 #[test]
 fn a_second_job_on_the_same_output_dir_is_refused_naming_the_first() {
     let _one = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let out = fx.path("out");
     let mut first = fx.launch(&out, &fx.path("pids-first"), &[], &[]);
     first.wait_for_stderr(RUN_LIMIT, |e| e.contains("step 2/16"));
@@ -663,7 +648,7 @@ fn a_second_job_on_the_same_output_dir_is_refused_naming_the_first() {
 #[test]
 fn a_ranks_own_data_error_is_named_first_and_the_waiting_rank_as_its_consequence() {
     let _one = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let bad = fx.path("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": broken\n").expect("bad corpus");
     let bad = bad.display().to_string();

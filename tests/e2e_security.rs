@@ -5,12 +5,12 @@
 //! port are refused or dropped, and the run ends with exactly the weights of a run without
 //! intruders.
 
-use rsdeep_e2e::{Launcher, alive, binary, tiny_qwen2_config, train_tokenizer, worker_script};
+use rsdeep_e2e::{Launcher, TrainFixture, alive, binary, worker_script};
 use rsdeep_proto::TOKEN_METADATA_KEY;
 use rsdeep_proto::v1::{self as pb, rendezvous_client::RendezvousClient};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
@@ -157,65 +157,40 @@ fn tls_rendezvous_runs_a_selftest_and_refuses_plaintext_clients() {
     );
 }
 
-/// A fixture for a short deterministic 2-rank CPU pretraining.
-struct Fixture {
-    dir: tempfile::TempDir,
+/// The fixture of these tests: a 200-line corpus for a short deterministic 2-rank CPU
+/// pretraining (12 steps, ZeRO-2).
+fn fixture() -> TrainFixture {
+    let corpus: String = (0..200)
+        .map(|i| {
+            let words = ["fox", "dog", "cat", "river", "fence", "garden", "door"];
+            let text = format!(
+                "the {} sees the {} near the {}.",
+                words[i % 7],
+                words[(i / 7) % 7],
+                words[(i / 3) % 7]
+            );
+            serde_json::json!({ "text": text }).to_string() + "\n"
+        })
+        .collect();
+    TrainFixture::new(&corpus, 32, 320, 300)
 }
 
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path();
-        let corpus: String = (0..200)
-            .map(|i| {
-                let words = ["fox", "dog", "cat", "river", "fence", "garden", "door"];
-                let text = format!(
-                    "the {} sees the {} near the {}.",
-                    words[i % 7],
-                    words[(i / 7) % 7],
-                    words[(i / 3) % 7]
-                );
-                serde_json::json!({ "text": text }).to_string() + "\n"
-            })
-            .collect();
-        std::fs::write(root.join("corpus.jsonl"), corpus).expect("corpus");
-        std::fs::write(root.join("model.json"), tiny_qwen2_config(32, 320)).expect("model config");
-        train_tokenizer(root, 300);
-        Fixture { dir }
-    }
+/// Starting the fixture's training under a job id and token.
+trait SecuredRuns {
+    fn start(&self, output_dir: &str, job: &str, extra: &[(&str, String)]) -> Launcher;
+}
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A train.json writing to `output_dir`.
-    fn train_json(&self, output_dir: &str) -> PathBuf {
-        let config = serde_json::json!({
-            "task": "pretrain",
-            "config_name": self.path("model.json"),
-            "tokenizer_name": self.path("tok"),
-            "train_files": [self.path("corpus.jsonl")],
-            "block_size": 16,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 3e-3,
-            "max_steps": 12,
-            "logging_steps": 1,
-            "seed": 11,
-            "output_dir": self.path(output_dir),
-            "deepspeed": {
-                "train_micro_batch_size_per_gpu": "auto",
-                "train_batch_size": "auto",
-                "zero_optimization": {"stage": 2}
-            }
-        });
-        let path = self.path(&format!("{output_dir}.json"));
-        std::fs::write(&path, config.to_string()).expect("train.json");
-        path
-    }
-
+impl SecuredRuns for TrainFixture {
     /// Starts the 2-rank run; `extra` env entries are added to the launcher's.
     fn start(&self, output_dir: &str, job: &str, extra: &[(&str, String)]) -> Launcher {
-        let json = self.train_json(output_dir).to_string_lossy().to_string();
+        let settings = serde_json::json!({
+            "block_size": 16,
+            "max_steps": 12,
+            "seed": 11,
+            "output_dir": self.path(output_dir),
+        });
+        let json = self.pretrain_json(&format!("{output_dir}.json"), settings);
+        let json = json.to_string_lossy().to_string();
         let args = [
             "--device",
             "cpu",
@@ -397,7 +372,7 @@ fn wrong_token_calls(port: u16, job: &str) {
 #[test]
 fn intruders_are_refused_and_the_run_ends_with_the_same_weights() {
     let _serial = serial();
-    let fx = Fixture::new();
+    let fx = fixture();
     let mut clean = fx.start("clean", &job_id("clean"), &[]);
     assert!(
         clean.wait(RUN_LIMIT).success(),
@@ -408,7 +383,7 @@ fn intruders_are_refused_and_the_run_ends_with_the_same_weights() {
     // Rank 1 starts 3 s late, so rank 0's collective listener is open (waiting for the
     // world) long enough to be attacked; a ring forms in milliseconds once both are up.
     let script = worker_script(
-        fx.dir.path(),
+        fx.root(),
         "[ \"$LOCAL_RANK\" = 1 ] && sleep 3\nexec \"$REAL_WORKER\"",
     );
     let late_rank_one = [
@@ -417,7 +392,7 @@ fn intruders_are_refused_and_the_run_ends_with_the_same_weights() {
             "REAL_WORKER",
             binary("rsdeep-worker").to_string_lossy().to_string(),
         ),
-        ("PID_DIR", fx.dir.path().to_string_lossy().to_string()),
+        ("PID_DIR", fx.root().to_string_lossy().to_string()),
     ];
     let job = job_id("attacked");
     let mut attacked = fx.start("attacked", &job, &late_rank_one);

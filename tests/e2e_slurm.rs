@@ -15,7 +15,7 @@
 //! reason; nothing is skipped.
 
 use rsdeep::plan::hostlist::expand_hostlist;
-use rsdeep_e2e::{binary, logged_step, sentence_corpus, tiny_qwen2_config, train_tokenizer};
+use rsdeep_e2e::{TrainFixture, binary, logged_step, sentence_corpus};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -505,50 +505,22 @@ fn rand_byte() -> u8 {
     byte[0]
 }
 
-/// Corpus, tokenizer, tiny Qwen2 config and a pretrain train.json (2 CPU ranks, ZeRO-2).
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path();
-        std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
-        std::fs::write(root.join("model.json"), tiny_qwen2_config(64, 512)).expect("model config");
-        train_tokenizer(root, 400);
-        let path = |name: &str| root.join(name);
-        let config = serde_json::json!({
-            "task": "pretrain",
-            "config_name": path("model.json"),
-            "tokenizer_name": path("tok"),
-            "train_files": [path("corpus.jsonl")],
+/// Corpus, tokenizer, tiny Qwen2 config and a pretrain train.json (6 steps saving every
+/// 3, 2 CPU ranks, ZeRO-2).
+fn fixture() -> TrainFixture {
+    let fx = TrainFixture::new(&corpus(), 64, 512, 400);
+    fx.pretrain_json(
+        "train.json",
+        serde_json::json!({
             "block_size": 32,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 3e-3,
             "max_steps": 6,
-            "logging_steps": 1,
             "save_steps": 3,
             "seed": 7,
-            "output_dir": path("out"),
-            "deepspeed": {
-                "train_micro_batch_size_per_gpu": "auto",
-                "gradient_accumulation_steps": "auto",
-                "train_batch_size": "auto",
-                "zero_optimization": {"stage": 2}
-            }
-        });
-        std::fs::write(
-            path("train.json"),
-            serde_json::to_string_pretty(&config).expect("json"),
-        )
-        .expect("train.json");
-        Fixture { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
+            "output_dir": fx.path("out"),
+            "deepspeed": {"gradient_accumulation_steps": "auto"}
+        }),
+    );
+    fx
 }
 
 /// 300 short documents of repetitive, learnable English.
@@ -583,7 +555,7 @@ struct Submission {
 /// launcher flags `launch_args` (RSDEEP_LAUNCH_ARGS).
 fn submit(
     cluster: &SlurmCluster,
-    fixture: &Fixture,
+    fixture: &TrainFixture,
     script: &str,
     launch_args: &str,
     overrides: &[&str],
@@ -594,7 +566,7 @@ fn submit(
 /// `submit` with `RSDEEP_LOG=log_filter` for the launchers and workers.
 fn submit_logging(
     cluster: &SlurmCluster,
-    fixture: &Fixture,
+    fixture: &TrainFixture,
     script: &str,
     launch_args: &str,
     overrides: &[&str],
@@ -610,7 +582,7 @@ fn submit_logging(
 /// `sbatch --wait deploy/slurm/<script> args...`.
 fn submit_with_args(
     cluster: &SlurmCluster,
-    fixture: &Fixture,
+    fixture: &TrainFixture,
     script: &str,
     launch_args: &str,
     args: &[&str],
@@ -625,7 +597,7 @@ fn submit_with_args(
         .arg(format!("--cpus-per-task={cpus}"))
         .arg(deploy_script(script))
         .args(args)
-        .current_dir(fixture.dir.path())
+        .current_dir(fixture.root())
         .env("RSDEEP", binary("rsdeep"))
         .env("RSDEEP_LAUNCH_ARGS", launch_args)
         .env("OMP_NUM_THREADS", "1")
@@ -678,7 +650,7 @@ impl Submission {
 }
 
 /// The job's output file (`%x-%j.out` in the submit folder).
-fn job_output(fixture: &Fixture, job_id: &str) -> String {
+fn job_output(fixture: &TrainFixture, job_id: &str) -> String {
     std::fs::read_to_string(fixture.path(&format!("rsdeep-{job_id}.out"))).unwrap_or_default()
 }
 
@@ -696,7 +668,7 @@ fn sbatch_one_node_script_trains_and_writes_a_complete_checkpoint() {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = SlurmCluster::start();
-    let fixture = Fixture::new();
+    let fixture = fixture();
     let started = Instant::now();
     let mut job = submit(
         &cluster,
@@ -741,7 +713,7 @@ fn sigusr1_before_the_time_limit_requeues_and_resumes_from_the_newest_checkpoint
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = SlurmCluster::start();
-    let fixture = Fixture::new();
+    let fixture = fixture();
     let mut job = submit(
         &cluster,
         &fixture,
@@ -957,7 +929,7 @@ fn sbatch_many_node_script_forms_one_world_across_two_network_namespaces() {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = SlurmCluster::start_two_nodes();
-    let fixture = Fixture::new();
+    let fixture = fixture();
     let started = Instant::now();
     let mut job = submit(
         &cluster,
@@ -1027,7 +999,7 @@ fn worker_of_rank(job_id: &str, rank: usize) -> Option<i32> {
 
 /// Runs the two-node job with `overrides` (and `extra` launcher flags) to the end and
 /// returns its output; panics with it when the job fails.
-fn run_two_node_job(cluster: &SlurmCluster, fixture: &Fixture, overrides: &[&str]) -> String {
+fn run_two_node_job(cluster: &SlurmCluster, fixture: &TrainFixture, overrides: &[&str]) -> String {
     let mut job = submit(
         cluster,
         fixture,
@@ -1050,7 +1022,7 @@ fn a_rank_killed_on_node_1_restarts_both_nodes_from_the_checkpoint_bit_identical
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = SlurmCluster::start_two_nodes();
-    let fixture = Fixture::new();
+    let fixture = fixture();
     let started = Instant::now();
     let (reference, faulty) = (fixture.path("reference"), fixture.path("faulty"));
     let overrides = |out: &Path| {
@@ -1161,7 +1133,7 @@ fn a_rank_killed_on_node_1_restarts_both_nodes_from_the_checkpoint_bit_identical
 }
 
 /// Waits until the job's output satisfies `pred`; panics with it after `limit`.
-fn wait_for_output(fixture: &Fixture, id: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
+fn wait_for_output(fixture: &TrainFixture, id: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + limit;
     loop {
         let output = job_output(fixture, id);
@@ -1199,7 +1171,7 @@ fn signal(pid: i32, signal: libc::c_int) {
 struct EndlessTwoNodeJob {
     job: Submission,
     id: String,
-    fixture: Fixture,
+    fixture: TrainFixture,
     cluster: SlurmCluster,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -1211,7 +1183,7 @@ fn start_endless_two_node_job(launch_args: &str) -> EndlessTwoNodeJob {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = SlurmCluster::start_two_nodes();
-    let fixture = Fixture::new();
+    let fixture = fixture();
     let job = submit(
         &cluster,
         &fixture,
@@ -1407,7 +1379,7 @@ fn a_user_script_runs_on_two_slurm_nodes_as_one_torch_distributed_world() {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let cluster = SlurmCluster::start_two_nodes();
-    let fixture = Fixture::new();
+    let fixture = fixture();
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/user_scripts/torchrun_style.py");
     let python = std::env::var("RSDEEP_PYTHON").expect("RSDEEP_PYTHON (scripts/env.sh)");

@@ -17,10 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rsdeep_e2e::{
-    Launcher, alive, binary, kill_all, logged_step, tiny_qwen2_config, train_tokenizer,
-    wait_for_step,
-};
+use rsdeep_e2e::{Launcher, TrainFixture, alive, binary, kill_all, logged_step, wait_for_step};
 use sshd::Sshd;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -29,92 +26,62 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Corpus, tokenizer, tiny Qwen2 config and a two-host hostfile in one folder.
-struct Fixture {
-    dir: tempfile::TempDir,
+/// The training fixture plus a hostfile of `hosts` with 2 slots each.
+fn fixture(hosts: &[&str]) -> TrainFixture {
+    fixture_with_slots(hosts, 2)
 }
 
-impl Fixture {
-    fn new(hosts: &[&str]) -> Fixture {
-        Fixture::with_slots(hosts, 2)
-    }
+/// The training fixture (a 200-line corpus) plus a hostfile of `hosts` with `slots` each.
+fn fixture_with_slots(hosts: &[&str], slots: usize) -> TrainFixture {
+    let corpus: String = (0..200)
+        .map(|i| {
+            let text = format!("the fox {} jumps over fence {} again.", i % 7, i % 5);
+            serde_json::json!({ "text": text }).to_string() + "\n"
+        })
+        .collect();
+    let fx = TrainFixture::new(&corpus, 32, 320, 300);
+    let hostfile: String = hosts
+        .iter()
+        .map(|h| format!("{h} slots={slots}\n"))
+        .collect();
+    std::fs::write(fx.path("hostfile"), hostfile).expect("hostfile");
+    fx
+}
 
-    fn with_slots(hosts: &[&str], slots: usize) -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path();
-        let corpus: String = (0..200)
-            .map(|i| {
-                let text = format!("the fox {} jumps over fence {} again.", i % 7, i % 5);
-                serde_json::json!({ "text": text }).to_string() + "\n"
-            })
-            .collect();
-        std::fs::write(root.join("corpus.jsonl"), corpus).expect("corpus");
-        std::fs::write(root.join("model.json"), tiny_qwen2_config(32, 320)).expect("model config");
-        let hostfile: String = hosts
-            .iter()
-            .map(|h| format!("{h} slots={slots}\n"))
-            .collect();
-        std::fs::write(root.join("hostfile"), hostfile).expect("hostfile");
-        train_tokenizer(root, 300);
-        Fixture { dir }
-    }
+/// The train.json files these tests run.
+trait SshRuns {
+    fn train_json(&self, max_steps: u32) -> PathBuf;
+    fn checkpointed_train_json(&self, name: &str) -> (PathBuf, PathBuf);
+}
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
+impl SshRuns for TrainFixture {
     /// A ZeRO-2 pretrain train.json of `max_steps` steps writing to `out/`.
     fn train_json(&self, max_steps: u32) -> PathBuf {
-        let config = serde_json::json!({
-            "task": "pretrain",
-            "config_name": self.path("model.json"),
-            "tokenizer_name": self.path("tok"),
-            "train_files": [self.path("corpus.jsonl")],
+        let settings = serde_json::json!({
             "block_size": 16,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 3e-3,
             "max_steps": max_steps,
-            "logging_steps": 1,
             "save_steps": 1_000_000,
             "seed": 3,
             "output_dir": self.path("out"),
-            "deepspeed": {
-                "train_micro_batch_size_per_gpu": "auto",
-                "train_batch_size": "auto",
-                "zero_optimization": {"stage": 2}
-            }
         });
-        let path = self.path("train.json");
-        std::fs::write(&path, config.to_string()).expect("write train.json");
-        path
+        self.pretrain_json("train.json", settings)
     }
 
     /// A ZeRO-2 train.json of `RESTART_STEPS` steps with a checkpoint every
     /// `RESTART_SAVE_STEPS`, writing to `<name>/`; returns (train.json, output dir).
     fn checkpointed_train_json(&self, name: &str) -> (PathBuf, PathBuf) {
         let out = self.path(name);
-        let config = serde_json::json!({
-            "task": "pretrain",
-            "config_name": self.path("model.json"),
-            "tokenizer_name": self.path("tok"),
-            "train_files": [self.path("corpus.jsonl")],
+        let settings = serde_json::json!({
             "block_size": 16,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 3e-3,
             "max_steps": RESTART_STEPS,
-            "logging_steps": 1,
             "save_steps": RESTART_SAVE_STEPS,
             "seed": 5,
             "output_dir": out,
             "deepspeed": {
-                "train_micro_batch_size_per_gpu": "auto",
-                "train_batch_size": "auto",
-                "zero_optimization": {"stage": 2, "reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
+                "zero_optimization": {"reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
             }
         });
-        let path = self.path(&format!("{name}.json"));
-        std::fs::write(&path, config.to_string()).expect("write train.json");
-        (path, out)
+        (self.pretrain_json(&format!("{name}.json"), settings), out)
     }
 }
 
@@ -130,7 +97,7 @@ fn free_port() -> u16 {
 }
 
 /// Starts `rsdeep -H hostfile --device cpu ... train.json` as node 0 of the ssh runner.
-fn launch(fx: &Fixture, sshd: &Sshd, train_json: &Path, extra: &[&str]) -> Launcher {
+fn launch(fx: &TrainFixture, sshd: &Sshd, train_json: &Path, extra: &[&str]) -> Launcher {
     let hostfile = fx.path("hostfile").display().to_string();
     let json = train_json.display().to_string();
     let (ssh_port, master_port) = (sshd.port.to_string(), free_port().to_string());
@@ -227,7 +194,7 @@ fn wait_for_four_ranks(launcher: &Launcher) -> String {
 fn two_hosts_over_ssh_train_to_completion_as_one_world() {
     let _guard = serial();
     let sshd = Sshd::start();
-    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
     let train_json = fx.train_json(4);
     let mut launcher = launch(&fx, &sshd, &train_json, &[]);
     let status = launcher.wait(Duration::from_secs(300));
@@ -275,7 +242,7 @@ fn an_unreachable_host_fails_fast_with_its_name() {
     let _guard = serial();
     let sshd = Sshd::start();
     // 127.0.0.3 reaches this machine too, but no sshd listens there.
-    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+    let fx = fixture(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
     let train_json = fx.train_json(4);
     let started = Instant::now();
     let mut launcher = launch(&fx, &sshd, &train_json, &[]);
@@ -299,7 +266,7 @@ fn an_unreachable_host_fails_fast_with_its_name() {
 #[test]
 fn dry_run_prints_the_ssh_commands_without_the_token() {
     let _guard = serial();
-    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
     let train_json = fx.train_json(4);
     let args = [
         "-H",
@@ -358,7 +325,7 @@ fn dry_run_prints_the_ssh_commands_without_the_token() {
 fn killing_the_node0_launcher_leaves_no_process_of_the_job_on_any_node() {
     let _guard = serial();
     let sshd = Sshd::start();
-    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
     let train_json = fx.train_json(100_000);
     let launcher = launch(&fx, &sshd, &train_json, &[]);
     let job = wait_for_four_ranks(&launcher);
@@ -389,7 +356,7 @@ fn killing_the_node0_launcher_leaves_no_process_of_the_job_on_any_node() {
 fn a_killed_remote_worker_stops_the_job_on_every_node() {
     let _guard = serial();
     let sshd = Sshd::start();
-    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
     let train_json = fx.train_json(100_000);
     let mut launcher = launch(&fx, &sshd, &train_json, &[]);
     let job = wait_for_four_ranks(&launcher);
@@ -420,7 +387,7 @@ fn a_killed_remote_worker_stops_the_job_on_every_node() {
 fn a_killed_remote_launcher_stops_the_job_on_every_node() {
     let _guard = serial();
     let sshd = Sshd::start();
-    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
     let train_json = fx.train_json(100_000);
     let mut launcher = launch(&fx, &sshd, &train_json, &[]);
     let job = wait_for_four_ranks(&launcher);
@@ -446,7 +413,7 @@ fn a_killed_remote_launcher_stops_the_job_on_every_node() {
 fn a_node_that_never_joins_is_named_with_its_rank_range() {
     let _guard = serial();
     let sshd = Sshd::start();
-    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
     // RSDEEP_WORKER_BIN reaches node 1 through the exported RSDEEP_* environment.
     let script = fx.path("worker.sh");
     let body = format!(
@@ -495,7 +462,7 @@ fn a_host_in_another_network_namespace_joins_through_the_detected_master_address
     let _guard = serial();
     let other = sshd::OtherHost::create();
     let sshd = Sshd::start_in(&other);
-    let fx = Fixture::new(&[&other.local_address, &other.address]);
+    let fx = fixture(&[&other.local_address, &other.address]);
     let hostfile = fx.path("hostfile").display().to_string();
     let (ssh_port, master_port) = (sshd.port.to_string(), free_port().to_string());
     let args = [
@@ -600,7 +567,7 @@ fn sigkill(pid: i32) {
 fn a_killed_remote_worker_restarts_every_node_from_the_checkpoint_bit_identical() {
     let _guard = serial();
     let sshd = Sshd::start();
-    let fx = Fixture::with_slots(&["127.0.0.1", "127.0.0.2"], 1);
+    let fx = fixture_with_slots(&["127.0.0.1", "127.0.0.2"], 1);
     let (reference_json, reference_out) = fx.checkpointed_train_json("reference");
     let mut straight = launch(&fx, &sshd, &reference_json, &[]);
     let status = straight.wait(Duration::from_secs(300));
@@ -674,7 +641,7 @@ fn a_killed_remote_worker_restarts_every_node_from_the_checkpoint_bit_identical(
 fn used_up_restarts_fail_with_node_1_naming_its_killed_rank_first() {
     let _guard = serial();
     let sshd = Sshd::start();
-    let fx = Fixture::with_slots(&["127.0.0.1", "127.0.0.2"], 1);
+    let fx = fixture_with_slots(&["127.0.0.1", "127.0.0.2"], 1);
     let train_json = fx.train_json(100_000);
     let mut launcher = launch(&fx, &sshd, &train_json, &["--max_restarts", "1"]);
     launcher.wait_for_stderr(Duration::from_secs(120), |s| {
@@ -716,7 +683,7 @@ fn used_up_restarts_fail_with_node_1_naming_its_killed_rank_first() {
 fn a_user_script_runs_on_two_hosts_as_one_torch_distributed_world() {
     let _guard = serial();
     let sshd = Sshd::start();
-    let fx = Fixture::new(&["127.0.0.1", "127.0.0.2"]);
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/user_scripts/torchrun_style.py");
     let python = std::env::var("RSDEEP_PYTHON").expect("RSDEEP_PYTHON (scripts/env.sh)");

@@ -1,11 +1,13 @@
 //! Test harness for the end-to-end tests in this folder: finds the built `rsdeep` and
-//! `rsdeep-worker` binaries (next to the test executable's target directory), runs the
-//! launcher in a temporary folder with its output captured to files, writes wrapper
-//! "worker" scripts that misbehave on purpose, and checks whether processes are gone.
+//! `rsdeep-worker` binaries (next to the test executable's target directory), makes the
+//! training fixture every test starts from (`TrainFixture`), runs the launcher in a
+//! temporary folder with its output captured to files, writes wrapper "worker" scripts
+//! that misbehave on purpose, and checks whether processes are gone.
 //! The tests themselves are the `[[test]]` targets of this crate.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -79,6 +81,81 @@ pub fn train_tokenizer(root: &Path, vocab_size: usize) {
         .status()
         .expect("rsdeep tokenizer train");
     assert!(status.success(), "tokenizer training failed");
+}
+
+/// What every training e2e test starts from, in a temp folder: a corpus
+/// (`corpus.jsonl`), a BPE trained on it by `rsdeep tokenizer train` (`tok/`), a tiny
+/// Qwen2 config (`model.json`), and pretrain train.json files written from one template.
+pub struct TrainFixture {
+    dir: tempfile::TempDir,
+}
+
+impl TrainFixture {
+    /// `corpus` (JSONL), a `tokenizer_vocab`-token BPE, a `hidden`-wide tiny Qwen2 with
+    /// `vocab_size` embeddings (`tiny_qwen2_config`).
+    pub fn new(corpus: &str, hidden: usize, vocab_size: usize, tokenizer_vocab: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        std::fs::write(root.join("corpus.jsonl"), corpus).expect("corpus");
+        std::fs::write(
+            root.join("model.json"),
+            tiny_qwen2_config(hidden, vocab_size),
+        )
+        .expect("model config");
+        train_tokenizer(root, tokenizer_vocab);
+        TrainFixture { dir }
+    }
+
+    /// The fixture's folder.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `name`, a pretrain train.json over the fixture (2 per device, lr 3e-3, a log
+    /// line per step, ZeRO-2 with "auto" batch sizes) with `settings` laid over it (nested
+    /// objects merged key by key), and returns its path.
+    pub fn pretrain_json(&self, name: &str, settings: serde_json::Value) -> PathBuf {
+        let mut config = serde_json::json!({
+            "task": "pretrain",
+            "config_name": self.path("model.json"),
+            "tokenizer_name": self.path("tok"),
+            "train_files": [self.path("corpus.jsonl")],
+            "per_device_train_batch_size": 2,
+            "learning_rate": 3e-3,
+            "logging_steps": 1,
+            "deepspeed": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "train_batch_size": "auto",
+                "zero_optimization": {"stage": 2}
+            }
+        });
+        merge_json(&mut config, settings);
+        let path = self.path(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json"))
+            .expect("write train.json");
+        path
+    }
+}
+
+/// Lays `over` onto `base`: objects merge key by key, anything else replaces.
+fn merge_json(base: &mut serde_json::Value, over: serde_json::Value) {
+    match (base, over) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(over)) => {
+            for (key, value) in over {
+                match base.get_mut(&key) {
+                    Some(slot) => merge_json(slot, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over,
+    }
 }
 
 /// The reference venv's Python (`RSDEEP_PYTHON`, set by `scripts/env.sh`).

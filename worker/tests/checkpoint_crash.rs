@@ -8,14 +8,12 @@
 //! The killed process is this test binary re-run on its `#[ignore]`d child test.
 //! Contract: `docs/checkpoints.md`.
 
-mod checkpoint_support;
-
-use checkpoint_support::{Run, assert_losses_close, train};
+use crate::checkpoint_support::{Run, assert_losses_close, train};
+use crate::support::rerun_alone;
 use rsdeep_worker::checkpoint::crash::{KILL_ENV, KILL_POINTS};
 use rsdeep_worker::checkpoint::resolve_resume_path;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Command;
 
 const CHILD_DIR_ENV: &str = "RSDEEP_CRASH_CHILD_DIR";
 
@@ -43,18 +41,16 @@ fn kill_nine_at_every_moment_of_a_save_leaves_a_resumable_checkpoint() {
         .unwrap();
     for (i, point) in KILL_POINTS.iter().enumerate() {
         let dir = tmp.path().join(point);
-        let status = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "crash_child",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_DIR_ENV, &dir)
-            .env(KILL_ENV, format!("{point}:4"))
-            .output()
-            .unwrap();
+        let dir_text = dir.to_string_lossy().into_owned();
+        let kill_at = format!("{point}:4");
+        let status = rerun_alone(
+            "checkpoint_crash::crash_child",
+            &[
+                (CHILD_DIR_ENV, dir_text.as_str()),
+                (KILL_ENV, kill_at.as_str()),
+            ],
+            &["--ignored"],
+        );
         assert_eq!(
             status.status.signal(),
             Some(9),

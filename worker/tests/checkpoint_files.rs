@@ -7,9 +7,7 @@
 //! Needs `RSDEEP_PYTHON` (set by `scripts/env.sh`); without it the Python test fails.
 //! Contract: `docs/checkpoints.md`.
 
-mod checkpoint_support;
-
-use checkpoint_support::{Run, model_config, train};
+use crate::checkpoint_support::{Run, model_config, train};
 use rsdeep_worker::checkpoint::{consolidate, load_checkpoint, resolve_resume_path};
 use rsdeep_worker::model::{CausalLm, ForwardCtx};
 use rsdeep_worker::zero::{EngineModel, LocalCommunicator, ZeroEngine};
@@ -30,7 +28,7 @@ fn try_load(dir: &Path) -> Result<u64, String> {
     let mut engine = ZeroEngine::new(
         engine_model,
         Arc::new(comm),
-        checkpoint_support::engine_config(1, 1),
+        crate::checkpoint_support::engine_config(1, 1),
     )
     .unwrap();
     load_checkpoint(dir, &mut engine, 0, 1)

@@ -64,8 +64,15 @@ fn save(config: &ModelConfig, world: usize, out: &Path) {
     }
 }
 
-/// The peak resident memory (VmHWM) of live process `pid`, if it is still readable.
-fn vm_hwm_bytes(pid: u32) -> Option<u64> {
+/// The peak resident memory (VmHWM) of live process `pid` once it runs `exe`, if it is
+/// still readable. Before its exec the forked child still carries this test process's
+/// memory figures (a copy of the parent's address space and high-water mark), which
+/// would read as the child's peak.
+fn vm_hwm_bytes(pid: u32, exe: &Path) -> Option<u64> {
+    let running = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    if running != exe {
+        return None;
+    }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -77,7 +84,10 @@ fn vm_hwm_bytes(pid: u32) -> Option<u64> {
 /// sees every earlier peak; `getrusage` cannot be used: a child's ru_maxrss starts at
 /// the RSS of this big test process it was forked from).
 fn consolidate_peak_rss(checkpoint: &Path, out: &Path) -> u64 {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rsdeep-worker"))
+    let exe = Path::new(env!("CARGO_BIN_EXE_rsdeep-worker"))
+        .canonicalize()
+        .expect("the rsdeep-worker binary");
+    let mut child = Command::new(&exe)
         .arg("consolidate")
         .arg(checkpoint)
         .arg(out)
@@ -85,7 +95,7 @@ fn consolidate_peak_rss(checkpoint: &Path, out: &Path) -> u64 {
         .expect("starting rsdeep-worker consolidate");
     let mut peak = 0;
     let status = loop {
-        peak = peak.max(vm_hwm_bytes(child.id()).unwrap_or(0));
+        peak = peak.max(vm_hwm_bytes(child.id(), &exe).unwrap_or(0));
         if let Some(status) = child.try_wait().expect("waiting for consolidate") {
             break status;
         }

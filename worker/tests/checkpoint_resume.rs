@@ -5,9 +5,7 @@
 //! same-topology continuation, and asynchronous saves equal to synchronous ones.
 //! Contract: `docs/checkpoints.md`.
 
-mod checkpoint_support;
-
-use checkpoint_support::{Run, assert_bit_identical, assert_losses_close, train};
+use crate::checkpoint_support::{Run, assert_bit_identical, assert_losses_close, train};
 use rsdeep_worker::checkpoint::read_full_optimizer_state;
 
 fn full_state_named(dir: &std::path::Path) -> Vec<(String, tch::Tensor)> {

@@ -4,7 +4,7 @@
 //! identically. Needs the demo data (fetched when missing) and `$RSDEEP_PYTHON`; fails,
 //! never skips, without them.
 
-mod support;
+use crate::support;
 
 use rsdeep_worker::tokenizer::{ChatMessage, Tokenizer, train_bpe};
 use serde_json::json;

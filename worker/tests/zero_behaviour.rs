@@ -4,11 +4,9 @@
 //! per-rank memory report matches the ZeRO formulas for bf16 + Adam. Harness:
 //! `zero_support`; contract: `docs/zero-engine.md`.
 
-mod zero_support;
-
+use crate::zero_support::{Case, TinySpec, assert_close, run_world};
 use rsdeep_worker::zero::{EngineConfig, LossScaleConfig, Precision};
 use tch::Kind;
-use zero_support::{Case, TinySpec, assert_close, run_world};
 
 fn config(stage: u8, world: usize) -> EngineConfig {
     let mut config = EngineConfig {
@@ -193,10 +191,10 @@ fn memory_report_matches_the_zero_formulas_for_bf16_adam() {
 /// Trains `first` steps, snapshots `owned_state`, trains `then` more; a fresh engine
 /// loaded from the snapshot must reproduce those last losses exactly.
 fn state_round_trip(stage: u8, offload: bool) {
+    use crate::zero_support::{build_model, init_weights, make_tokens, run_micro_steps};
     use rsdeep_worker::comm::Communicator;
     use rsdeep_worker::zero::{LocalCommunicator, ZeroEngine};
     use std::sync::Arc;
-    use zero_support::{build_model, init_weights, make_tokens, run_micro_steps};
     let spec = TinySpec::default();
     let world = 2;
     let mut config = config(stage, world);

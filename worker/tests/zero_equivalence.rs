@@ -5,10 +5,8 @@
 //! the model is a tiny embedding + MLP blocks + head written here (see
 //! `zero_qwen2.rs` for the real model). Contract: `docs/zero-engine.md`.
 
-mod zero_support;
-
+use crate::zero_support::{Case, TinySpec, assert_close, run_world};
 use rsdeep_worker::zero::{EngineConfig, SchedulerConfig, WarmupType};
-use zero_support::{Case, TinySpec, assert_close, run_world};
 
 const STEPS: usize = 20;
 

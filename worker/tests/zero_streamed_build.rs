@@ -8,7 +8,7 @@
 //! weights and saving them (single file and shards, fp32/bf16/fp16, stages 0/2/3).
 //! Contract: `worker/src/zero/causal_lm.rs`, `worker/src/zero/build.rs`.
 
-mod zero_support;
+use crate::zero_support;
 
 use rsdeep_worker::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use rsdeep_worker::checkpoint::export::write_final_weights;
@@ -43,6 +43,10 @@ fn lora_config() -> LoraConfig {
         dropout: 0.0,
         target_modules: vec!["all-linear".into()],
         use_rslora: false,
+        use_dora: false,
+        modules_to_save: Vec::new(),
+        prefix_tuning: None,
+        bottleneck: None,
     }
 }
 
@@ -99,6 +103,7 @@ fn streamed(case: &Case, comm: Arc<dyn Communicator>) -> ZeroEngine {
         case.lora.then_some(LoraSpec::Fresh {
             config: &lora,
             seed: SEED,
+            base_4bit: None,
         }),
         comm,
         engine_config(case.stage, world),

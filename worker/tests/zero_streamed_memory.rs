@@ -6,19 +6,20 @@
 //! `/proc/self/clear_refs`. Streamed, the four ranks together hold one model's worth of
 //! slices plus a block or so in flight; whole, every rank first holds the whole model.
 
+use crate::support::{printed_value, rerun_alone};
 use rsdeep_worker::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora};
 use rsdeep_worker::model::{CausalLm, ModelConfig, ModelType};
 use rsdeep_worker::zero::ZeroStage;
 use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngine};
-use std::process::Command;
 use std::sync::Arc;
 use tch::{Device, Kind};
 
 const WORLD: usize = 4;
 const CHILD_ENV: &str = "RSDEEP_STREAMED_MEMORY_CHILD";
-const TEST_NAME: &str = "zero3_streamed_build_peaks_far_below_whole_model_per_rank";
+const TEST_PATH: &str =
+    "zero_streamed_memory::zero3_streamed_build_peaks_far_below_whole_model_per_rank";
 
 fn model_config() -> ModelConfig {
     // ~45 MB of fp32 parameters, the embedding and the head ~17 MB each.
@@ -32,6 +33,10 @@ fn lora_config() -> LoraConfig {
         dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
         use_rslora: false,
+        use_dora: false,
+        modules_to_save: Vec::new(),
+        prefix_tuning: None,
+        bottleneck: None,
     }
 }
 
@@ -65,6 +70,7 @@ fn build_rank(comm: LocalCommunicator, streamed: bool) -> ZeroEngine {
         let spec = LoraSpec::Fresh {
             config: &lora,
             seed: 3,
+            base_4bit: None,
         };
         return build_causal_lm_engine(
             source,
@@ -112,25 +118,17 @@ fn measure_in_child(streamed: bool) {
 /// Runs this test binary again as a child measuring one way; returns (growth, frozen).
 fn measure(streamed: bool) -> (u64, u64) {
     let mode = if streamed { "streamed" } else { "whole" };
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads", "1"])
-        .env(CHILD_ENV, mode)
-        .output()
-        .unwrap();
+    let output = rerun_alone(TEST_PATH, &[(CHILD_ENV, mode)], &[]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
         "{mode} child failed: {stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let value = |key: &str| -> u64 {
-        stdout
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{mode} child printed no {key}: {stdout}"))
-    };
-    (value("GROWTH_BYTES="), value("FROZEN_BYTES_ALL_RANKS="))
+    (
+        printed_value(&stdout, "GROWTH_BYTES="),
+        printed_value(&stdout, "FROZEN_BYTES_ALL_RANKS="),
+    )
 }
 
 #[test]

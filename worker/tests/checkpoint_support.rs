@@ -3,8 +3,9 @@
 //! `LocalCommunicator`), with saves at chosen steps and an optional resume from a
 //! checkpoint. Step s always consumes rows [s*G, (s+1)*G) of one token table, so every
 //! topology sees the same global batches and runs are comparable step by step.
-#![allow(dead_code)]
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rsdeep_worker::checkpoint::{
     SaveRequest, TrainerState, load_checkpoint, save_checkpoint, save_checkpoint_async,
 };
@@ -14,8 +15,6 @@ use rsdeep_worker::zero::{EngineConfig, EngineModel, LocalCommunicator, ZeroEngi
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
-
-static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub const GLOBAL_BATCH: usize = 8;
 pub const SEQ: i64 = 8;
@@ -88,24 +87,24 @@ pub fn engine_config(stage: u8, world: usize) -> EngineConfig {
     config
 }
 
+/// A fixed (rows, SEQ) table of token ids below 64, drawn from its own generator (not
+/// libtorch's global one, which tests of other areas draw from concurrently).
 pub fn tokens(rows: usize) -> Tensor {
-    tch::manual_seed(11);
-    Tensor::randint(64, [rows as i64, SEQ], (Kind::Int64, Device::Cpu))
+    let mut rng = StdRng::seed_from_u64(11);
+    let ids: Vec<i64> = (0..rows as i64 * SEQ)
+        .map(|_| rng.random_range(0..64))
+        .collect();
+    Tensor::from_slice(&ids).reshape([rows as i64, SEQ])
 }
 
 /// Trains `run` on `run.world` thread ranks and returns rank 0's outcome.
 pub fn train(run: &Run) -> Outcome {
     tch::set_num_threads(1);
-    // libtorch's generator is global: tests running in parallel take turns seeding and
-    // drawing, and models are built here one after another, so the init is exact.
-    let (table, models) = {
-        let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-        let table = tokens(GLOBAL_BATCH * run.end_step as usize);
-        let models: Vec<CausalLm> = (0..run.world)
-            .map(|_| CausalLm::from_config(model_config(), Device::Cpu, Kind::Float, 3).unwrap())
-            .collect();
-        (table, models)
-    };
+    // `from_config` seeds and draws under its own lock: every rank gets the same init.
+    let table = tokens(GLOBAL_BATCH * run.end_step as usize);
+    let models: Vec<CausalLm> = (0..run.world)
+        .map(|_| CausalLm::from_config(model_config(), Device::Cpu, Kind::Float, 3).unwrap())
+        .collect();
     let handles: Vec<_> = LocalCommunicator::world(run.world)
         .into_iter()
         .zip(models)

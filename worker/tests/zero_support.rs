@@ -3,7 +3,6 @@
 //! deterministic weights and data built once on the main thread, and `run_world`, which
 //! trains it on `world` in-process ranks and returns each rank's losses, reports, final
 //! full weights, memory report and collective trace.
-#![allow(dead_code)]
 
 use rsdeep_worker::Result;
 use rsdeep_worker::comm::{Communicator, TcpComm, TcpOptions, TraceEvent};

@@ -1,10 +1,11 @@
-//! Shared helpers of the tokenizer and data integration tests: the demo data (fetched by
-//! scripts/fetch-data.sh when missing) and the Python reference (worker/tests/hf_reference.py).
-#![allow(dead_code)]
+//! Shared helpers of the worker's integration tests: the demo data (fetched by
+//! scripts/fetch-data.sh when missing), the Python reference
+//! (worker/tests/hf_reference.py), and `rerun_alone` for tests that need the process to
+//! themselves.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 /// `$RSDEEP_HOME/data`, default `~/.cache/rsdeep/data`.
 pub fn data_dir() -> PathBuf {
@@ -96,4 +97,28 @@ pub fn mixed_texts() -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// Runs this test binary again on the one test `path` (`module::test_name`), alone on
+/// one thread with `env` set and `extra_args` (e.g. `--ignored`), and returns its
+/// output: for tests that measure their own process's memory or are killed on purpose,
+/// which other tests of this binary must not share.
+pub fn rerun_alone(path: &str, env: &[(&str, &str)], extra_args: &[&str]) -> Output {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    Command::new(exe)
+        .args([path, "--exact", "--nocapture", "--test-threads=1"])
+        .args(extra_args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("re-running the test binary on {path}: {e}"))
+}
+
+/// The value a child printed as `KEY=value` (`key` includes the `=`); panics naming the
+/// key and the child's output when it is missing or does not parse.
+pub fn printed_value<T: std::str::FromStr>(stdout: &str, key: &str) -> T {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("the child printed no {key}: {stdout}"))
 }
