@@ -127,9 +127,15 @@ pub struct DeepSpeedConfig {
     /// DeepSpeed reads `10.0` as 10 too.
     #[serde(default, deserialize_with = "lenient_opt_u64")]
     pub steps_per_print: Option<u64>,
-    /// Accepted; rsdeep always reports per-step timings in metrics.jsonl.
+    /// Rank 0 prints DeepSpeed's per-phase time line every `steps_per_print` steps.
     #[serde(default)]
     pub wall_clock_breakdown: bool,
+    /// DeepSpeed's CSV monitor: rank 0 writes the engine's events as CSV files.
+    #[serde(default)]
+    pub csv_monitor: MonitorBlock,
+    /// DeepSpeed's TensorBoard monitor: the same events as TensorBoard scalars.
+    #[serde(default)]
+    pub tensorboard: MonitorBlock,
     #[serde(default)]
     pub zero_optimization: ZeroConfig,
     #[serde(default)]
@@ -177,6 +183,43 @@ impl Default for DeepSpeedConfig {
             Err(e) => panic!("DeepSpeedConfig: every field has a serde default: {e}"),
         }
     }
+}
+
+/// A DeepSpeed monitor block (`csv_monitor`, `tensorboard`): events go under
+/// `output_path/job_name` (a relative `output_path`, DeepSpeed's default "", is taken from
+/// the working directory, as DeepSpeed does).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorBlock {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub output_path: String,
+    #[serde(default = "default_job_name")]
+    pub job_name: String,
+}
+
+impl Default for MonitorBlock {
+    fn default() -> Self {
+        MonitorBlock {
+            enabled: false,
+            output_path: String::new(),
+            job_name: default_job_name(),
+        }
+    }
+}
+
+impl MonitorBlock {
+    /// The folder events go to, when enabled.
+    pub fn folder(&self) -> Option<std::path::PathBuf> {
+        self.enabled
+            .then(|| std::path::Path::new(&self.output_path).join(&self.job_name))
+    }
+}
+
+/// DeepSpeed's default monitor job name.
+fn default_job_name() -> String {
+    "DeepSpeedJobName".to_string()
 }
 
 fn default_gradient_clipping() -> AutoOr<f64> {

@@ -90,7 +90,7 @@ enum Verdict {
 }
 
 /// Top-level sections of DeepSpeed features rsdeep has no mechanism for.
-const SECTIONS_WITHOUT_MECHANISM: [&str; 21] = [
+const SECTIONS_WITHOUT_MECHANISM: [&str; 19] = [
     "aio",
     "amp",
     "sparse_attention",
@@ -108,8 +108,6 @@ const SECTIONS_WITHOUT_MECHANISM: [&str; 21] = [
     "nebula",
     "compile",
     "monitor_config",
-    "tensorboard",
-    "csv_monitor",
     "wandb",
     "comet",
 ];
@@ -170,11 +168,9 @@ fn verdict(key: &str, value: &Value) -> Option<Verdict> {
         "compile" if enabled() => Verdict::Notice(
             "compile: rsdeep does not use torch.compile (its training step is compiled Rust over libtorch); ignored",
         ),
-        "monitor_config" | "tensorboard" | "csv_monitor" | "wandb" | "comet" if enabled() => {
-            Verdict::Notice(
-                "monitor blocks: rsdeep writes metrics.jsonl and, with report_to tensorboard, TensorBoard event files; this block is ignored",
-            )
-        }
+        "monitor_config" | "wandb" | "comet" if enabled() => Verdict::Notice(
+            "wandb / comet monitor blocks: use report_to (wandb is a tracker there; comet is not built); this block is ignored",
+        ),
         _ if SECTIONS_WITHOUT_MECHANISM.contains(&key) => Verdict::Silent,
         _ => return None,
     };
@@ -206,7 +202,7 @@ fn judge_features(
     }
     if ds.get("wall_clock_breakdown") == Some(&Value::Bool(true)) {
         notices.push(
-            "wall_clock_breakdown: rsdeep logs each step's time and tokens/s in metrics.jsonl; RSDEEP_ZERO_PROFILE=1 prints the forward/backward/reduce/step breakdown".into(),
+            "wall_clock_breakdown: rank 0 prints DeepSpeed's `time (ms) | fwd | bwd | bwd_allreduce | step` line every steps_per_print steps (mean per optimizer step)".into(),
         );
     }
     let keys: Vec<String> = ds.keys().cloned().collect();

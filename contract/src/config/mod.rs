@@ -35,8 +35,8 @@ pub use auto::AutoFiller;
 pub use batch::{BatchSizes, resolve_batch};
 pub use deepspeed::{
     ActivationCheckpointingConfig, AutoOr, Bf16Config, CheckpointConfig, DeepSpeedConfig,
-    Fp16Config, OffloadConfig, OffloadDevice, OptimizerConfig, OptimizerKind, OptimizerParams,
-    SchedulerConfig, SchedulerKind, SchedulerParams, WarmupType, ZeroConfig,
+    Fp16Config, MonitorBlock, OffloadConfig, OffloadDevice, OptimizerConfig, OptimizerKind,
+    OptimizerParams, SchedulerConfig, SchedulerKind, SchedulerParams, WarmupType, ZeroConfig,
 };
 pub use error::ConfigError;
 pub use json_errors::did_you_mean;

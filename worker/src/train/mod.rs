@@ -4,6 +4,7 @@
 //! HF-loadable model at the end. Entry point: `run::train`.
 
 pub mod data_source;
+pub mod ds_monitor;
 pub mod entry;
 pub mod outputs;
 pub mod phase;

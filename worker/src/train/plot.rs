@@ -1,167 +1,121 @@
-//! The loss-curve PNG written at the end of training (`output_dir/loss.png`): training
-//! loss against step, optional eval points, axes with min/max labels. A tiny rasteriser
-//! over an RGB buffer and a 3x5 pixel font keep this free of plotting/font dependencies.
+//! The loss-curve PNG written at the end of training (`output_dir/loss.png`), drawn with
+//! `plotters`: the raw training loss (light), its smoothed curve (an exponential moving
+//! average whose weight grows with the number of points, as LLaMA-Factory's loss plot
+//! smooths), eval points, and axes with tick labels. Text uses the Ubuntu Light font
+//! that `epaint_default_fonts` ships, so no system font is needed. Called by
+//! `train/outputs.rs`.
 
 use crate::{Error, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
 use std::path::Path;
+use std::sync::Once;
 
-const WIDTH: usize = 800;
-const HEIGHT: usize = 480;
-const MARGIN_LEFT: usize = 90;
-const MARGIN_RIGHT: usize = 20;
-const MARGIN_TOP: usize = 40;
-const MARGIN_BOTTOM: usize = 50;
-const BLUE: [u8; 3] = [31, 119, 180];
-const ORANGE: [u8; 3] = [255, 127, 14];
-const GREY: [u8; 3] = [220, 220, 220];
-const BLACK: [u8; 3] = [0, 0, 0];
+const WIDTH: u32 = 800;
+const HEIGHT: u32 = 480;
+/// The font family name the plot registers and asks for.
+const FONT: &str = "sans-serif";
+const RAW: RGBColor = RGBColor(174, 199, 232);
+const SMOOTHED: RGBColor = RGBColor(31, 119, 180);
+const EVAL: RGBColor = RGBColor(255, 127, 14);
 
-/// An RGB image being drawn.
-struct Canvas {
-    pixels: Vec<u8>,
-}
-
-impl Canvas {
-    fn new() -> Self {
-        Canvas {
-            pixels: vec![255; WIDTH * HEIGHT * 3],
-        }
-    }
-
-    fn set(&mut self, x: i64, y: i64, color: [u8; 3]) {
-        if x < 0 || y < 0 || x >= WIDTH as i64 || y >= HEIGHT as i64 {
-            return;
-        }
-        let i = (y as usize * WIDTH + x as usize) * 3;
-        self.pixels[i..i + 3].copy_from_slice(&color);
-    }
-
-    /// Bresenham line, `thick` pixels wide.
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), color: [u8; 3], thick: i64) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        loop {
-            for t in 0..thick {
-                self.set(x, y + t, color);
-                self.set(x + t, y, color);
-            }
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    /// Draws `text` with the 3x5 font scaled by `scale`, top-left at (x, y).
-    fn text(&mut self, x: i64, y: i64, text: &str, scale: i64, color: [u8; 3]) {
-        for (i, ch) in text.chars().enumerate() {
-            let glyph = glyph(ch);
-            let ox = x + i as i64 * 4 * scale;
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..3 {
-                    if bits & (0b100 >> col) != 0 {
-                        for dy in 0..scale {
-                            for dx in 0..scale {
-                                self.set(ox + col * scale + dx, y + row as i64 * scale + dy, color);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// 3x5 glyphs, one row per entry, bit 2 = left column.
-fn glyph(ch: char) -> [u8; 5] {
-    match ch {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 1, 1],
-        '8' => [7, 5, 7, 5, 7],
-        '9' => [7, 5, 7, 1, 7],
-        '.' => [0, 0, 0, 0, 2],
-        '-' => [0, 0, 7, 0, 0],
-        'e' => [0, 7, 7, 4, 7],
-        'l' => [6, 2, 2, 2, 7],
-        'o' => [0, 7, 5, 5, 7],
-        's' => [0, 7, 6, 3, 7],
-        't' => [2, 7, 2, 2, 3],
-        'p' => [0, 7, 5, 7, 4],
-        'v' => [0, 5, 5, 5, 2],
-        'a' => [0, 7, 3, 5, 7],
-        'r' => [0, 7, 4, 4, 4],
-        'i' => [2, 0, 2, 2, 2],
-        'n' => [0, 7, 5, 5, 5],
-        '/' => [1, 1, 2, 4, 4],
-        ':' => [0, 2, 0, 2, 0],
-        _ => [0, 0, 0, 0, 0],
-    }
-}
-
-/// Writes a PNG of `train` (step, loss) as a blue line and `eval` points in orange.
+/// Writes a PNG of `train` (step, loss) raw and smoothed, and `eval` points.
 pub fn write_loss_curve(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)]) -> Result<()> {
-    let mut canvas = Canvas::new();
-    let all = train.iter().chain(eval.iter());
-    let finite: Vec<(u64, f64)> = all.filter(|(_, l)| l.is_finite()).copied().collect();
-    let (min_step, max_step) = bounds(finite.iter().map(|(s, _)| *s as f64));
-    let (min_loss, max_loss) = bounds(finite.iter().map(|(_, l)| *l));
-    let plot_w = (WIDTH - MARGIN_LEFT - MARGIN_RIGHT) as f64;
-    let plot_h = (HEIGHT - MARGIN_TOP - MARGIN_BOTTOM) as f64;
-    let to_px = |step: f64, loss: f64| -> (i64, i64) {
-        let x = MARGIN_LEFT as f64 + (step - min_step) / (max_step - min_step) * plot_w;
-        let y = MARGIN_TOP as f64 + (max_loss - loss) / (max_loss - min_loss) * plot_h;
-        (x.round() as i64, y.round() as i64)
-    };
-    for k in 0..=4 {
-        let loss = min_loss + (max_loss - min_loss) * k as f64 / 4.0;
-        let (_, y) = to_px(min_step, loss);
-        canvas.line(
-            (MARGIN_LEFT as i64, y),
-            ((WIDTH - MARGIN_RIGHT) as i64, y),
-            GREY,
-            1,
+    let mut rgb = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
+    draw(&mut rgb, train, eval)
+        .map_err(|e| Error::Engine(format!("drawing {}: {e}", path.display())))?;
+    encode_png(path, &rgb)
+}
+
+/// Draws the chart into an RGB buffer of WIDTH x HEIGHT.
+fn draw(
+    rgb: &mut [u8],
+    train: &[(u64, f64)],
+    eval: &[(u64, f64)],
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    register_font();
+    let train: Vec<(f64, f64)> = finite_points(train);
+    let eval: Vec<(f64, f64)> = finite_points(eval);
+    let all = || train.iter().chain(&eval);
+    let (min_step, max_step) = bounds(all().map(|(s, _)| *s));
+    let (min_loss, max_loss) = bounds(all().map(|(_, l)| *l));
+    let root = BitMapBackend::with_buffer(rgb, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("training loss", (FONT, 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(min_step..max_step, min_loss..max_loss)?;
+    chart
+        .configure_mesh()
+        .light_line_style(RGBColor(245, 245, 245))
+        .x_desc("step")
+        .y_desc("loss")
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .x_label_formatter(&|step| format!("{step:.0}"))
+        .y_label_formatter(&|loss| format!("{loss:.3}"))
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(train.iter().copied(), RAW.stroke_width(2)))?
+        .label("loss")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RAW.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(smoothed(&train), SMOOTHED.stroke_width(2)))?
+        .label("smoothed")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], SMOOTHED.stroke_width(2)));
+    if !eval.is_empty() {
+        chart
+            .draw_series(eval.iter().map(|p| Circle::new(*p, 4, EVAL.filled())))?
+            .label("eval loss")
+            .legend(|(x, y)| Circle::new((x + 10, y), 4, EVAL.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Registers the bundled font once per process under `FONT`.
+fn register_font() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // The bytes are a valid TrueType font compiled into the crate; `register_font`
+        // fails only on a malformed one.
+        let _ = plotters::style::register_font(
+            FONT,
+            FontStyle::Normal,
+            epaint_default_fonts::UBUNTU_LIGHT,
         );
-        canvas.text(8, y - 5, &format!("{loss:.3}"), 2, BLACK);
-    }
-    let (x0, y0) = to_px(min_step, min_loss);
-    let (x1, y1) = to_px(max_step, max_loss);
-    canvas.line((x0, y0), (x1, y0), BLACK, 2);
-    canvas.line((x0, y0), (x0, y1), BLACK, 2);
-    canvas.text(x0, y0 + 10, &format!("{}", min_step as u64), 2, BLACK);
-    canvas.text(x1 - 40, y0 + 10, &format!("{}", max_step as u64), 2, BLACK);
-    canvas.text((WIDTH / 2) as i64 - 20, y0 + 24, "step", 2, BLACK);
-    canvas.text(MARGIN_LEFT as i64, 10, "loss", 3, BLUE);
-    canvas.text(MARGIN_LEFT as i64 + 80, 10, "eval loss", 3, ORANGE);
-    let points: Vec<(i64, i64)> = train
+    });
+}
+
+fn finite_points(points: &[(u64, f64)]) -> Vec<(f64, f64)> {
+    points
         .iter()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(s, l)| to_px(*s as f64, *l))
-        .collect();
-    for pair in points.windows(2) {
-        canvas.line(pair[0], pair[1], BLUE, 2);
-    }
-    for (s, l) in eval.iter().filter(|(_, l)| l.is_finite()) {
-        let (x, y) = to_px(*s as f64, *l);
-        for d in -3..=3 {
-            canvas.line((x - 3, y + d), (x + 3, y + d), ORANGE, 1);
-        }
-    }
-    encode_png(path, &canvas.pixels)
+        .filter(|(_, loss)| loss.is_finite())
+        .map(|(step, loss)| (*step as f64, *loss))
+        .collect()
+}
+
+/// An exponential moving average of the losses, weight 1.8 (sigmoid(0.05 n) - 0.5) for
+/// n points: no smoothing for a handful of points, about 0.9 for hundreds.
+fn smoothed(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let n = points.len() as f64;
+    let weight = 1.8 * (1.0 / (1.0 + (-0.05 * n).exp()) - 0.5);
+    let mut last = points.first().map_or(0.0, |(_, loss)| *loss);
+    points
+        .iter()
+        .map(|(step, loss)| {
+            last = last * weight + (1.0 - weight) * loss;
+            (*step, last)
+        })
+        .collect()
 }
 
 /// (min, max) of the values, widened so the range is never empty.
@@ -183,7 +137,7 @@ fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
 fn encode_png(path: &Path, rgb: &[u8]) -> Result<()> {
     let file = std::fs::File::create(path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), WIDTH as u32, HEIGHT as u32);
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), WIDTH, HEIGHT);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     let png_error =
@@ -197,19 +151,61 @@ fn encode_png(path: &Path, rgb: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The decoded RGB pixels of a PNG.
+    fn pixels(path: &Path) -> (u32, u32, Vec<u8>) {
+        let file = std::fs::File::open(path).expect("open");
+        let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+            .read_info()
+            .expect("png header");
+        let mut buffer = vec![0; reader.output_buffer_size().expect("size")];
+        let info = reader.next_frame(&mut buffer).expect("frame");
+        buffer.truncate(info.buffer_size());
+        (info.width, info.height, buffer)
+    }
+
+    fn count_of(rgb: &[u8], color: RGBColor) -> usize {
+        rgb.chunks(3)
+            .filter(|p| p == &[color.0, color.1, color.2])
+            .count()
+    }
+
     #[test]
-    fn writes_a_decodable_png_of_the_right_size() -> Result<()> {
+    fn writes_a_png_with_both_curves_eval_points_and_text() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let path = dir.path().join("loss.png");
-        let train: Vec<(u64, f64)> = (1..=50).map(|s| (s, 5.0 / (s as f64).sqrt())).collect();
+        let train: Vec<(u64, f64)> = (1..=50)
+            .map(|s| (s, 5.0 / (s as f64).sqrt() + 0.2 * ((s % 3) as f64)))
+            .collect();
         write_loss_curve(&path, &train, &[(25, 1.2), (50, 0.9)])?;
-        let decoder = png::Decoder::new(std::io::BufReader::new(
-            std::fs::File::open(&path).map_err(|e| Error::io("open", e))?,
-        ));
-        let reader = decoder.read_info().expect("png header");
-        assert_eq!(reader.info().width, WIDTH as u32);
-        assert_eq!(reader.info().height, HEIGHT as u32);
+        let (width, height, rgb) = pixels(&path);
+        assert_eq!((width, height), (WIDTH, HEIGHT));
+        assert!(count_of(&rgb, RAW) > 200, "raw curve missing");
+        assert!(count_of(&rgb, SMOOTHED) > 200, "smoothed curve missing");
+        assert!(count_of(&rgb, EVAL) > 20, "eval points missing");
+        let dark = rgb.chunks(3).filter(|p| p.iter().all(|&c| c < 80)).count();
+        assert!(
+            dark > 500,
+            "axes, ticks and labels drawn in black: {dark} pixels"
+        );
         Ok(())
+    }
+
+    #[test]
+    fn smoothing_starts_at_the_first_loss_and_flattens_noise() {
+        let noisy: Vec<(f64, f64)> = (0..200)
+            .map(|s| (s as f64, if s % 2 == 0 { 1.0 } else { 3.0 }))
+            .collect();
+        let smooth = smoothed(&noisy);
+        assert_eq!(smooth[0], (0.0, 1.0));
+        let tail: Vec<f64> = smooth[100..].iter().map(|(_, l)| *l).collect();
+        let spread = tail.iter().cloned().fold(f64::MIN, f64::max)
+            - tail.iter().cloned().fold(f64::MAX, f64::min);
+        assert!(spread < 0.3, "spread {spread} of a 2.0 zigzag");
+        let few = smoothed(&noisy[..2]);
+        assert!(
+            (few[1].1 - 3.0).abs() < 0.2,
+            "little smoothing over 2 points"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Training progress for people and tools: a live progress bar on rank 0 when stderr is a
-//! terminal (plain lines otherwise), `metrics.jsonl` in output_dir (one JSON object per
+//! Training progress for people and tools: a live `indicatif` progress bar on rank 0 when
+//! stderr is a terminal (plain lines otherwise, one per logging step), `metrics.jsonl` in output_dir (one JSON object per
 //! logging step, the same fields HF Trainer puts in `log_history`), TensorBoard scalars
 //! when `report_to` includes tensorboard, and the swanlab / wandb / mlflow trackers
 //! (`trackers.rs`) when it names them.
@@ -7,6 +7,7 @@
 use super::tensorboard::EventWriter;
 use super::trackers::{self, Trackers};
 use crate::{Error, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -21,11 +22,21 @@ pub struct StepMetrics {
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub loss_scale: f64,
+    /// Optimizer steps skipped so far because fp16 gradients overflowed.
+    #[serde(default)]
+    pub skipped_steps: u64,
     pub tokens_per_second: f64,
     /// Estimated model FLOPs utilisation in percent (None on CPU, where no peak is known).
     pub mfu: Option<f64>,
     pub elapsed_s: f64,
     pub eta_s: f64,
+    /// Each rank's peak resident memory so far (MiB, index = rank).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peak_rss_mib: Vec<f64>,
+    /// Rank 0's mean seconds per step since the last log in building batches, forward +
+    /// backward, and the engine's step (gradient reduction and optimizer).
+    #[serde(default)]
+    pub step_time_s: [f64; 3],
 }
 
 impl StepMetrics {
@@ -36,9 +47,17 @@ impl StepMetrics {
             "train/loss": self.loss, "train/learning_rate": self.learning_rate,
             "train/grad_norm": self.grad_norm, "train/epoch": self.epoch,
             "train/loss_scale": self.loss_scale, "train/tokens_per_second": self.tokens_per_second,
+            "train/skipped_steps": self.skipped_steps,
         });
         if let Some(mfu) = self.mfu {
             metrics["train/mfu"] = serde_json::json!(mfu);
+        }
+        let phases = ["data", "forward_backward", "optimizer"];
+        for (phase, seconds) in phases.iter().zip(self.step_time_s) {
+            metrics[format!("train/time_{phase}_s")] = serde_json::json!(seconds);
+        }
+        for (rank, mib) in self.peak_rss_mib.iter().enumerate() {
+            metrics[format!("train/peak_rss_mib_rank{rank}")] = serde_json::json!(mib);
         }
         metrics
     }
@@ -51,7 +70,8 @@ pub struct ProgressReporter {
     jsonl: File,
     tensorboard: Option<EventWriter>,
     trackers: Option<Trackers>,
-    live_bar: bool,
+    /// The live bar when stderr is a terminal.
+    bar: Option<ProgressBar>,
     history: Vec<StepMetrics>,
 }
 
@@ -107,7 +127,9 @@ impl ProgressReporter {
             jsonl,
             tensorboard,
             trackers: None,
-            live_bar: std::io::stderr().is_terminal(),
+            bar: std::io::stderr()
+                .is_terminal()
+                .then(|| live_bar(total_steps, start_step, ProgressDrawTarget::stderr())),
             history: Vec::new(),
         })
     }
@@ -177,11 +199,10 @@ impl ProgressReporter {
         if let Some(trackers) = &self.trackers {
             trackers.log(step, trackers::eval_metrics(eval_loss));
         }
-        self.finish_line();
-        eprintln!(
+        self.print_line(&format!(
             "eval step {step}: loss {eval_loss:.4} perplexity {:.2}",
             eval_loss.exp()
-        );
+        ));
         Ok(())
     }
 
@@ -190,10 +211,18 @@ impl ProgressReporter {
         &self.history
     }
 
-    /// Ends the live bar's line so later output starts on a fresh line.
+    /// Leaves the live bar drawn where it is, so later output starts below it.
     pub fn finish_line(&self) {
-        if self.live_bar {
-            eprintln!();
+        if let Some(bar) = &self.bar {
+            bar.abandon();
+        }
+    }
+
+    /// A line of its own above the live bar (or after the plain lines).
+    fn print_line(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
         }
     }
 
@@ -212,17 +241,25 @@ impl ProgressReporter {
             clock(m.elapsed_s),
             clock(m.eta_s),
         );
-        if self.live_bar {
-            let width = 24usize;
-            let filled = (m.step as usize * width) / (self.total_steps.max(1) as usize);
-            let bar: String = (0..width)
-                .map(|i| if i < filled { '#' } else { '.' })
-                .collect();
-            eprint!("\r\x1b[2K[{bar}] {text}");
-        } else {
-            eprintln!("{text}");
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(m.step);
+                bar.set_message(text);
+            }
+            None => eprintln!("{text}"),
         }
     }
+}
+
+/// The live bar: `[####>...] ` and the step's numbers, drawn on `target`.
+fn live_bar(total_steps: u64, start_step: u64, target: ProgressDrawTarget) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total_steps), target);
+    let style = ProgressStyle::with_template("[{bar:24}] {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("#>.");
+    bar.set_style(style);
+    bar.set_position(start_step);
+    bar
 }
 
 /// `h:mm:ss` for a duration in seconds.
@@ -243,10 +280,13 @@ mod tests {
             learning_rate: 1e-3,
             grad_norm: 0.7,
             loss_scale: 1.0,
+            skipped_steps: 0,
             tokens_per_second: 1000.0,
             mfu: None,
             elapsed_s: 1.0,
             eta_s: 2.0,
+            peak_rss_mib: vec![100.0, 120.5],
+            step_time_s: [0.01, 0.5, 0.1],
         }
     }
 
@@ -294,6 +334,41 @@ mod tests {
             .collect();
         assert_eq!(parsed, vec![metrics(1), metrics(2)]);
         Ok(())
+    }
+
+    #[test]
+    fn the_live_bar_follows_the_logged_step_and_shows_its_numbers() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let mut reporter = ProgressReporter::open(dir.path(), 10, None, 2)?;
+        let bar = live_bar(10, 2, ProgressDrawTarget::hidden());
+        assert_eq!(
+            bar.position(),
+            2,
+            "a resumed run starts the bar at its step"
+        );
+        reporter.bar = Some(bar.clone());
+        reporter.log(metrics(3))?;
+        assert_eq!((bar.position(), bar.length()), (3, Some(10)));
+        let message = bar.message();
+        assert!(
+            message.starts_with("step 3/10 loss 1.0000 lr 1.000e-3"),
+            "{message}"
+        );
+        reporter.finish_line();
+        assert!(bar.is_finished(), "the bar is left in place at the end");
+        Ok(())
+    }
+
+    #[test]
+    fn trackers_get_hf_keys_and_each_ranks_peak_memory() {
+        let keys = metrics(2).tracker_keys();
+        assert_eq!(keys["train/loss"], 1.5);
+        assert_eq!(keys["train/learning_rate"], 1e-3);
+        assert_eq!(keys["train/peak_rss_mib_rank0"], 100.0);
+        assert_eq!(keys["train/peak_rss_mib_rank1"], 120.5);
+        assert_eq!(keys["train/time_forward_backward_s"], 0.5);
+        assert_eq!(keys["train/time_optimizer_s"], 0.1);
+        assert!(keys.get("train/mfu").is_none(), "no MFU on CPU");
     }
 
     #[test]

@@ -10,13 +10,46 @@
 # stderr and that tracker is dropped; the sidecar never stops reading, so rsdeep never
 # blocks on it. Environment variables are each tracker's own (SWANLAB_MODE, WANDB_MODE,
 # MLFLOW_TRACKING_URI, ...).
+# Stopping: this sidecar runs in a process group of its own, so the launcher's SIGTERM and
+# SIGKILL to rank 0's group leave it running; it ignores SIGTERM (SLURM's scancel signals
+# every process of the step) and, once its input ends, flushes every tracker, giving up
+# after FLUSH_LIMIT seconds: every step rank 0 had sent before dying reaches the
+# trackers. Its output reaches rank 0 through a relay that survives rank 0's death.
+# A resumed run continues the same run where the tracker can: wandb and SwanLab by an id
+# derived from rsdeep's run id, MLflow by the run tagged with it (unless MLFLOW_RUN_ID
+# names one).
+import hashlib
 import json
 import os
+import signal
 import sys
+import threading
+
+# How long the trackers may take to flush after rank 0 is gone.
+FLUSH_LIMIT = 60
 
 
 def say(message):
     print(f"rsdeep tracker: {message}", file=sys.stderr, flush=True)
+
+
+def relay_output():
+    """Routes this process's stdout and stderr (the trackers print banners from any thread)
+    through a pipe of its own, drained by a thread into rank 0's stderr that ignores a
+    closed one: no tracker call ever fails on a broken pipe after rank 0 is gone."""
+    rank0 = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+
+    def drain():
+        while chunk := os.read(read_end, 65536):
+            try:
+                os.write(rank0, chunk)
+            except OSError:
+                pass  # rank 0 is gone: nobody reads this any more
+
+    threading.Thread(target=drain, daemon=True).start()
 
 
 class SwanLab:
@@ -35,6 +68,9 @@ class SwanLab:
             kwargs["workspace"] = os.environ["SWANLAB_WORKSPACE"]
         if os.environ.get("SWANLAB_LOG_DIR"):
             kwargs["logdir"] = os.environ["SWANLAB_LOG_DIR"]
+        # SwanLab's ids are 21 lowercase letters and digits; resuming reuses the id.
+        kwargs["id"] = hashlib.sha256(init["run_id"].encode()).hexdigest()[:21]
+        kwargs["resume"] = "allow"
         self.run = swanlab.init(**kwargs)
 
     def log(self, step, metrics):
@@ -74,8 +110,17 @@ class MLflow:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "rsdeep"))
-        self.run = mlflow.start_run(run_id=os.environ.get("MLFLOW_RUN_ID") or None, run_name=init["run_name"])
+        experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "rsdeep"))
+        run_id = os.environ.get("MLFLOW_RUN_ID") or None
+        if run_id is None and init.get("resume"):
+            earlier = mlflow.search_runs(
+                experiment_ids=[experiment.experiment_id],
+                filter_string=f"tags.rsdeep_run_id = '{init['run_id']}'",
+                output_format="list",
+            )
+            run_id = earlier[0].info.run_id if earlier else None
+        self.run = mlflow.start_run(run_id=run_id, run_name=init["run_name"])
+        mlflow.set_tag("rsdeep_run_id", init["run_id"])
         flat = {}
         flatten("", init["config"], flat)
         # MLflow limits a value to 6000 characters and a batch to 100 parameters.
@@ -122,13 +167,17 @@ def start(init):
 
 
 def main():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    relay_output()
     first = sys.stdin.readline()
     if not first:
         return
     trackers = start(json.loads(first))
+    finished = False
     for line in sys.stdin:
         message = json.loads(line)
         if message.get("event") == "finish":
+            finished = True
             break
         for entry in list(trackers):
             name, tracker = entry
@@ -137,6 +186,8 @@ def main():
             except Exception as exc:
                 say(f"{name}: logging failed ({type(exc).__name__}: {exc}); dropped for the rest of the run")
                 trackers.remove(entry)
+    if not finished:
+        signal.alarm(FLUSH_LIMIT)  # SIGALRM's default action ends a hung flush
     for name, tracker in trackers:
         try:
             tracker.finish()

@@ -3,9 +3,13 @@
 //! here; protocol in its header). Training never waits on a tracker: steps go through a
 //! bounded queue to a writer thread, a full queue drops the step (counted and reported at
 //! the end), and a sidecar that dies or stops reading costs one warning. metrics.jsonl and
-//! TensorBoard are written by `progress.rs` whatever happens here.
+//! TensorBoard are written by `progress.rs` whatever happens here. The sidecar runs in a
+//! process group of its own, so the launcher stopping the job (SIGTERM, then SIGKILL, to
+//! each worker's group) ends rank 0 but not the sidecar: it reads what rank 0 had sent
+//! until its input ends, flushes every tracker and exits (within a bounded time).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -61,6 +65,7 @@ impl Trackers {
         let python = std::env::var(TRACKER_PYTHON_ENV).unwrap_or_else(|_| "python3".into());
         let spawned = Command::new(&python)
             .args(["-u", "-c", SIDECAR])
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
