@@ -8,3 +8,5 @@ export LIBTORCH_USE_PYTORCH=1
 export LD_LIBRARY_PATH="$RSDEEP_HOME/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$RSDEEP_HOME/target}"
 export RSDEEP_PYTHON="$VIRTUAL_ENV/bin/python"
+# AdapterHub's adapters with its transformers 4.57, for the bottleneck parity tests.
+export RSDEEP_ADAPTERS_PYTHONPATH="$RSDEEP_HOME/adapters-py"

@@ -1,67 +1,53 @@
 //! End-to-end training through the real binaries on loopback, with fixtures the test makes
 //! itself (a synthetic corpus and chat set, a tokenizer trained by `rsdeep tokenizer
 //! train`, a tiny Qwen2 config): pretrain → SFT → LoRA each lower the loss and write
-//! outputs that Python transformers/peft load, and `rsdeep generate` chats with the result; a run resumed from a checkpoint is bit-identical to the
-//! uninterrupted run; a resume at another world size continues the same losses.
+//! outputs that Python transformers/peft load, and `rsdeep generate` chats with the
+//! result; a run resumed from a checkpoint is bit-identical to the uninterrupted run; a
+//! resume at another world size continues the same losses; a DoRA run that also trains
+//! the norms, and a QLoRA run on an NF4 base, resume bit-identically and their adapters
+//! make peft (on bitsandbytes' 4-bit base for QLoRA) generate what `rsdeep generate
+//! --adapter` generates.
 
-use rsdeep_e2e::{Launcher, binary, sentence_corpus, tiny_qwen2_config, train_tokenizer};
+use rsdeep_e2e::{Launcher, TrainFixture, binary, sentence_corpus};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
-/// A folder with corpus, chat data, tokenizer, model config and a base train.json.
-struct Fixture {
-    dir: tempfile::TempDir,
+/// The training fixture plus chat data (`chat.jsonl`).
+fn fixture() -> TrainFixture {
+    let fx = TrainFixture::new(&corpus(), 64, 512, 400);
+    std::fs::write(fx.path("chat.jsonl"), chat()).expect("chat");
+    fx
 }
 
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path();
-        std::fs::write(root.join("corpus.jsonl"), corpus()).expect("corpus");
-        std::fs::write(root.join("chat.jsonl"), chat()).expect("chat");
-        std::fs::write(root.join("model.json"), tiny_qwen2_config(64, 512)).expect("model config");
-        train_tokenizer(root, 400);
-        Fixture { dir }
-    }
+/// The pretrain train.json these tests start from.
+trait TrainRuns {
+    fn train_json(&self, name: &str, stage: u8) -> PathBuf;
+}
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes `name` (a pretrain train.json over the fixture) and returns its path.
+impl TrainRuns for TrainFixture {
+    /// Writes `name`: 8 steps saving every 4, 2 x 2 accumulation, AdamW + WarmupLR at
+    /// ZeRO `stage`.
     fn train_json(&self, name: &str, stage: u8) -> PathBuf {
-        let config = serde_json::json!({
-            "task": "pretrain",
-            "config_name": self.path("model.json"),
-            "tokenizer_name": self.path("tok"),
-            "train_files": [self.path("corpus.jsonl")],
+        let settings = serde_json::json!({
             "block_size": 32,
-            "per_device_train_batch_size": 2,
             "gradient_accumulation_steps": 2,
-            "learning_rate": 3e-3,
             "warmup_steps": 2,
             "max_steps": 8,
-            "logging_steps": 1,
             "save_steps": 4,
             "seed": 7,
             "output_dir": self.path("out"),
             "deepspeed": {
-                "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto",
-                "train_batch_size": "auto",
                 "gradient_clipping": "auto",
                 "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
                 "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
                 "zero_optimization": {"stage": stage, "reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
             }
         });
-        let path = self.path(name);
-        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json"))
-            .expect("write train.json");
-        path
+        self.pretrain_json(name, settings)
     }
 }
 
@@ -120,7 +106,7 @@ fn mean(values: &[(u64, f64)]) -> f64 {
 
 #[test]
 fn pretrain_sft_lora_pipeline_lowers_each_loss_and_writes_files_hf_loads() {
-    let fx = Fixture::new();
+    let fx = fixture();
     let pretrain = fx.train_json("pretrain.json", 2);
     let out = fx.path("pre");
     train(
@@ -284,7 +270,7 @@ for path in sys.argv[1:]:
 
 #[test]
 fn resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run() {
-    let fx = Fixture::new();
+    let fx = fixture();
     let json = fx.train_json("train.json", 2);
     let straight = fx.path("straight");
     train(2, &json, &["--output_dir", straight.to_str().unwrap()]);
@@ -326,8 +312,272 @@ fn resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run() {
 }
 
 #[test]
+fn dora_run_resumes_bit_identically_and_peft_generates_what_rsdeep_generates() {
+    let peft_check =
+        r#"assert config["use_dora"] and config["modules_to_save"] == ["norm"], config"#;
+    adapter_run_resumes_and_peft_generates_the_same(AdapterMethod {
+        train_args: &["--use_dora", "true", "--lora_modules_to_save", "norm"],
+        peft_check,
+        ..AdapterMethod::default()
+    });
+}
+
+#[test]
+fn qlora_run_resumes_bit_identically_and_peft_on_bitsandbytes_generates_what_rsdeep_generates() {
+    adapter_run_resumes_and_peft_generates_the_same(AdapterMethod {
+        train_args: &["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4"],
+        generate_args: &["--base_4bit", "nf4"],
+        python_load_kwargs: r#"{"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32), "device_map": "cpu"}"#,
+        ..AdapterMethod::default()
+    });
+}
+
+#[test]
+fn prefix_tuning_run_resumes_bit_identically_and_peft_decodes_what_rsdeep_generates() {
+    adapter_run_resumes_and_peft_generates_the_same(AdapterMethod {
+        train_args: &["--peft_type", "PREFIX_TUNING", "--num_virtual_tokens", "4"],
+        peft_check: r#"assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4, config"#,
+        // peft 0.21's generate under transformers 5 drops the prefix (it returns the
+        // base model's text): peft's forward, which it trains with, decodes instead.
+        decoder: Decoder::PeftForward,
+        ..AdapterMethod::default()
+    });
+}
+
+#[test]
+fn bottleneck_run_resumes_bit_identically_and_adapterhub_decodes_what_rsdeep_generates() {
+    adapter_run_resumes_and_peft_generates_the_same(AdapterMethod {
+        train_args: &[
+            "--peft_type",
+            "BOTTLENECK",
+            "--bottleneck_reduction_factor",
+            "8",
+        ],
+        peft_check: r#"assert config["config"]["mh_adapter"] and config["config"]["reduction_factor"] == 8, config"#,
+        decoder: Decoder::AdaptersLibrary,
+        llama_base: true,
+        weights_file: "adapter.safetensors",
+        ..AdapterMethod::default()
+    });
+}
+
+/// How Python decodes with the saved adapter, to compare with `rsdeep generate`.
+#[derive(Clone, Copy, PartialEq)]
+enum Decoder {
+    /// peft's `generate`.
+    PeftGenerate,
+    /// Greedily with peft's forward (no cache).
+    PeftForward,
+    /// Greedily with AdapterHub's adapters library (and its transformers 4.57, from
+    /// `$RSDEEP_ADAPTERS_PYTHONPATH`).
+    AdaptersLibrary,
+}
+
+/// One adapter method of the e2e run below.
+struct AdapterMethod {
+    /// train.json keys (as flags) that select the method.
+    train_args: &'static [&'static str],
+    /// Flags `rsdeep generate --adapter` needs for it.
+    generate_args: &'static [&'static str],
+    /// A Python assertion on the saved `adapter_config.json` (`config`).
+    peft_check: &'static str,
+    /// Keyword arguments for `AutoModelForCausalLM.from_pretrained` of the base.
+    python_load_kwargs: &'static str,
+    decoder: Decoder,
+    /// Pretrain the base as a Llama (else the fixture's Qwen2).
+    llama_base: bool,
+    /// The adapter weights file the method writes.
+    weights_file: &'static str,
+}
+
+impl Default for AdapterMethod {
+    fn default() -> Self {
+        AdapterMethod {
+            train_args: &[],
+            generate_args: &[],
+            peft_check: "",
+            python_load_kwargs: "{}",
+            decoder: Decoder::PeftGenerate,
+            llama_base: false,
+            weights_file: "adapter_model.safetensors",
+        }
+    }
+}
+
+/// A run of one adapter method (LoRA-family ones on all linears) on a 2-step pretrained
+/// base, at ZeRO-3 on 2 ranks: resumed at step 4 it ends bit-identical to the straight
+/// run, and Python (after the method's check of the adapter config) decodes the text
+/// `rsdeep generate --adapter` generates.
+fn adapter_run_resumes_and_peft_generates_the_same(method: AdapterMethod) {
+    let AdapterMethod {
+        train_args,
+        generate_args,
+        peft_check,
+        python_load_kwargs,
+        decoder,
+        llama_base,
+        weights_file,
+    } = method;
+    let fx = fixture();
+    let json = fx.train_json("train.json", 3);
+    let base = fx.path("base");
+    let mut base_args = vec!["--output_dir", base.to_str().unwrap(), "--max_steps", "2"];
+    let llama = fx.path("llama.json");
+    if llama_base {
+        let config = std::fs::read_to_string(fx.path("model.json")).expect("model.json");
+        let config = config
+            .replace("Qwen2ForCausalLM", "LlamaForCausalLM")
+            .replace("\"qwen2\"", "\"llama\"");
+        std::fs::write(&llama, config).expect("llama.json");
+        base_args.extend(["--config_name", llama.to_str().unwrap()]);
+    }
+    train(2, &json, &base_args);
+    let chat = fx.path("chat.jsonl");
+    let run = |out: &Path, max_steps: &str, resume: bool| {
+        let mut args = vec![
+            "--task",
+            "lora",
+            "--model_name_or_path",
+            base.to_str().unwrap(),
+            "--train_files",
+            chat.to_str().unwrap(),
+            "--max_seq_length",
+            "64",
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--max_steps",
+            max_steps,
+            "--learning_rate",
+            "1e-2",
+            "--lora_target_modules",
+            "all-linear",
+        ];
+        args.extend_from_slice(train_args);
+        if resume {
+            args.extend(["--resume_from_checkpoint", "true"]);
+        }
+        train(2, &json, &args)
+    };
+    let straight = fx.path("adapter");
+    let log = run(&straight, "8", false);
+    assert!(
+        log.contains("trainable params: "),
+        "no PEFT summary line:\n{log}"
+    );
+    let resumed = fx.path("adapter-resumed");
+    run(&resumed, "4", false);
+    run(&resumed, "8", true);
+    assert_eq!(
+        losses(&straight),
+        losses(&resumed),
+        "logged losses differ after resume"
+    );
+    let weights = |dir: &Path| std::fs::read(dir.join(weights_file)).expect("adapter");
+    assert!(
+        weights(&straight) == weights(&resumed),
+        "final adapters differ between the straight and the resumed run"
+    );
+
+    let prompt = "the quick brown fox";
+    let ours = Command::new(binary("rsdeep"))
+        .args(["generate", "--model"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&straight)
+        .args(generate_args)
+        .args(["--prompt", prompt, "--max_new_tokens", "8"])
+        .output()
+        .expect("rsdeep generate");
+    assert!(
+        ours.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    let load = match decoder {
+        Decoder::AdaptersLibrary => r#"
+import adapters
+model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+adapters.init(model)
+model.set_active_adapters(model.load_adapter(adapter, with_head=False, use_safetensors=True))
+model.eval()
+"#
+        .to_string(),
+        _ => format!(
+            r#"
+from transformers import BitsAndBytesConfig
+from peft import PeftModel
+model = AutoModelForCausalLM.from_pretrained(base, **{python_load_kwargs})
+for module in model.modules():
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False  # bitsandbytes' general CPU path
+model = PeftModel.from_pretrained(model, adapter).eval()
+"#
+        ),
+    };
+    let script = format!(
+        r#"
+import sys, json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, adapter, prompt = sys.argv[1:]
+config = json.load(open(adapter + "/adapter_config.json"))
+{peft_check}
+{load}
+tok = AutoTokenizer.from_pretrained(base)
+ids = tok(prompt, return_tensors="pt").input_ids
+if {peft_generate}:
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)
+else:
+    out = ids
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits
+            out = torch.cat([out, logits[:, -1:].argmax(-1)], 1)
+            if out[0, -1] == tok.eos_token_id:
+                break
+new = out[0, ids.shape[1]:].tolist()
+if new and new[-1] == tok.eos_token_id:
+    new = new[:-1]  # rsdeep generate prints no end-of-sequence token
+sys.stdout.write(tok.decode(new))
+"#,
+        peft_generate = if decoder == Decoder::PeftGenerate {
+            "True"
+        } else {
+            "False"
+        },
+    );
+    let mut python = Command::new(rsdeep_e2e::python());
+    if decoder == Decoder::AdaptersLibrary {
+        let folder = std::env::var("RSDEEP_ADAPTERS_PYTHONPATH")
+            .expect("RSDEEP_ADAPTERS_PYTHONPATH is not set: `source scripts/env.sh`");
+        python.env("PYTHONPATH", folder);
+    }
+    let theirs = python
+        .args(["-c", &script])
+        .arg(&base)
+        .arg(&straight)
+        .arg(prompt)
+        .output()
+        .expect("run python");
+    assert!(
+        theirs.status.success(),
+        "Python could not load the adapter:\n{}",
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+    let (ours, theirs) = (
+        String::from_utf8_lossy(&ours.stdout),
+        String::from_utf8_lossy(&theirs.stdout),
+    );
+    assert!(!theirs.trim().is_empty(), "Python generated nothing");
+    assert_eq!(
+        ours.trim(),
+        theirs.trim(),
+        "rsdeep and Python generate different text"
+    );
+}
+
+#[test]
 fn resume_at_another_world_size_and_stage_continues_the_same_losses() {
-    let fx = Fixture::new();
+    let fx = fixture();
     let json = fx.train_json("train.json", 2);
     let reference = fx.path("reference");
     train(2, &json, &["--output_dir", reference.to_str().unwrap()]);
@@ -448,7 +698,7 @@ fn train_until_killed(train_json: &Path, out: &Path, kill_at: &str) {
 
 #[test]
 fn a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_resumes_exactly() {
-    let fx = Fixture::new();
+    let fx = fixture();
     let json = fx.train_json("train.json", 2);
     let straight = fx.path("straight");
     train(
@@ -506,7 +756,7 @@ fn a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_resumes_exactly() {
 
 #[test]
 fn a_worker_error_reaches_the_launcher_report_with_the_file_name() {
-    let fx = Fixture::new();
+    let fx = fixture();
     let json = fx.train_json("train.json", 2);
     let overrides = ["--train_files", "/nonexistent/corpus.jsonl"];
     let (launcher, status) = run(2, &json, &overrides, None);
@@ -517,6 +767,87 @@ fn a_worker_error_reaches_the_launcher_report_with_the_file_name() {
         "the worker's own error was not in the failure report:\n{stderr}"
     );
     assert!(!stderr.contains("panicked"), "a worker panicked:\n{stderr}");
+}
+
+#[test]
+fn wall_clock_breakdown_and_deepspeed_monitors_do_what_deepspeed_users_expect() {
+    let fx = fixture();
+    let monitors = fx.path("monitors").display().to_string();
+    let json = fx.pretrain_json(
+        "breakdown.json",
+        serde_json::json!({
+            "block_size": 32,
+            "max_steps": 4,
+            "output_dir": fx.path("out"),
+            "deepspeed": {
+                "wall_clock_breakdown": true, "steps_per_print": 2,
+                "csv_monitor": {"enabled": true, "output_path": monitors, "job_name": "job"},
+                "tensorboard": {"enabled": true, "output_path": monitors, "job_name": "tb"}
+            }
+        }),
+    );
+    let log = train(2, &json, &[]);
+    // DeepSpeed's csv monitor: one file per event, `step,<name>`, step = samples seen
+    // (2 ranks x 2 per device = 4 per step).
+    let csv = std::fs::read_to_string(fx.path("monitors/job/Train_Samples_lr.csv")).unwrap();
+    let mut expected = String::from("step,lr\r\n");
+    for (step, lr) in logged_rows(&fx, "learning_rate") {
+        expected.push_str(&format!("{},{lr:?}\r\n", step * 4));
+    }
+    assert_eq!(csv, expected);
+    let losses = std::fs::read_to_string(fx.path("monitors/job/Train_Samples_train_loss.csv"));
+    assert_eq!(losses.unwrap().lines().count(), 5, "header + 4 steps");
+    let tb_files = std::fs::read_dir(fx.path("monitors/tb")).unwrap().count();
+    assert_eq!(tb_files, 1, "one TensorBoard event file");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("[Rank 0] time (ms) | fwd: "))
+        .collect();
+    assert_eq!(lines.len(), 2, "one line every 2 of 4 steps:\n{log}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("| bwd_allreduce: ") && l.contains("| step: ")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn bottleneck_adapters_on_a_qwen2_model_are_refused_naming_the_library() {
+    let fx = fixture();
+    let json = fx.train_json("train.json", 2);
+    let base = fx.path("base");
+    train(
+        1,
+        &json,
+        &["--output_dir", base.to_str().unwrap(), "--max_steps", "1"],
+    );
+    let (chat, adapter) = (fx.path("chat.jsonl"), fx.path("adapter"));
+    let overrides = [
+        "--task",
+        "lora",
+        "--peft_type",
+        "BOTTLENECK",
+        "--model_name_or_path",
+        base.to_str().unwrap(),
+        "--train_files",
+        chat.to_str().unwrap(),
+        "--max_seq_length",
+        "64",
+        "--output_dir",
+        adapter.to_str().unwrap(),
+    ];
+    let (launcher, status) = run(1, &json, &overrides, None);
+    assert!(
+        !status.success(),
+        "bottleneck adapters on Qwen2 must be refused"
+    );
+    let stderr = launcher.stderr();
+    assert!(
+        stderr.contains("peft_type BOTTLENECK") && stderr.contains("Llama-architecture"),
+        "{stderr}"
+    );
+    assert!(!adapter.join("adapter.safetensors").exists());
 }
 
 /// Reads back, with each tracker's own package, every `train/loss` and
@@ -539,9 +870,12 @@ for path in glob.glob(f"{swan_dir}/run-*/run-*.swanlab"):
         record = Record(); record.ParseFromString(data)
         if record.HasField("scalar") and record.scalar.key in swan:
             swan[record.scalar.key].append([record.scalar.step, record.scalar.value.number])
-client = MlflowClient(tracking_uri=f"file://{mlruns}")
-run = client.search_runs([client.get_experiment_by_name("rsdeep").experiment_id])[0]
-mlflow = {k: sorted([m.step, m.value] for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
+mlflow, params, metric_keys = {}, {}, []
+if glob.glob(f"{mlruns}/*"):
+    client = MlflowClient(tracking_uri=f"file://{mlruns}")
+    run = client.search_runs([client.get_experiment_by_name("rsdeep").experiment_id])[0]
+    mlflow = {k: sorted([m.step, m.value] for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
+    params, metric_keys = run.data.params, sorted(run.data.metrics)
 def wandb_records(path):
     data, pos, parts = open(path, "rb").read(), 7, []
     while pos + 7 <= len(data):
@@ -562,58 +896,58 @@ for path in glob.glob(f"{wandb_dir}/wandb/offline-run-*/run-*.wandb"):
             for k in keys:
                 if k in items:
                     wb[k].append([items["_step"], items[k]])
-print(json.dumps({"swanlab": swan, "mlflow": mlflow, "wandb": wb, "params": len(run.data.params)}))
+print(json.dumps({"swanlab": swan, "mlflow": mlflow, "wandb": wb, "params": params, "metric_keys": metric_keys}))
 "#;
 
-#[test]
-fn report_to_swanlab_wandb_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
-    let fx = Fixture::new();
-    let train_json = fx.train_json("trackers.json", 2);
-    let (swan_dir, mlruns, wandb_dir) = (fx.path("swanlog"), fx.path("mlruns"), fx.path("wandb"));
-    std::fs::create_dir_all(&wandb_dir).unwrap();
-    let python = std::env::var("RSDEEP_PYTHON").expect("RSDEEP_PYTHON (scripts/env.sh)");
-    let json = train_json.display().to_string();
-    let args = [
+/// The launcher's arguments for a 2-rank run of `train_json` reporting to swanlab,
+/// wandb and mlflow, plus `extra`.
+fn tracked_args<'a>(train_json: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
         "--device",
         "cpu",
         "--num_procs",
         "2",
         "--master_port",
         "0",
-        &json,
+        train_json,
         "--report_to",
         r#"["swanlab", "wandb", "mlflow"]"#,
         "--run_name",
         "tracked",
     ];
-    let envs = [
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Every tracker offline, writing under the fixture (`swanlog`, `mlruns`, `wandb`).
+fn tracker_envs(fx: &TrainFixture) -> Vec<(&'static str, String)> {
+    let wandb_dir = fx.path("wandb");
+    std::fs::create_dir_all(&wandb_dir).unwrap();
+    vec![
         ("OMP_NUM_THREADS", "1".to_string()),
-        ("RSDEEP_TRACKER_PYTHON", python.clone()),
+        ("RSDEEP_TRACKER_PYTHON", rsdeep_e2e::python()),
         ("SWANLAB_MODE", "offline".to_string()),
-        ("SWANLAB_LOG_DIR", swan_dir.display().to_string()),
+        ("SWANLAB_LOG_DIR", fx.path("swanlog").display().to_string()),
         (
             "MLFLOW_TRACKING_URI",
-            format!("file://{}", mlruns.display()),
+            format!("file://{}", fx.path("mlruns").display()),
         ),
         ("WANDB_MODE", "offline".to_string()),
         ("WANDB_DIR", wandb_dir.display().to_string()),
         // MLflow 3 keeps its file store behind this opt-in (no database offline here).
         ("MLFLOW_ALLOW_FILE_STORE", "true".to_string()),
-    ];
-    let mut launcher = Launcher::start(&args, &envs);
-    let status = launcher.wait(RUN_LIMIT);
-    assert!(status.success(), "training failed:\n{}", launcher.output());
-    assert!(
-        launcher.stderr().contains("swanlab: logging this run"),
-        "{}",
-        launcher.output()
-    );
-    let read = std::process::Command::new(&python)
+    ]
+}
+
+/// What each tracker's own package reads back from the fixture's tracker folders
+/// (`READ_TRACKERS`).
+fn read_trackers(fx: &TrainFixture) -> serde_json::Value {
+    let read = std::process::Command::new(rsdeep_e2e::python())
         .args(["-c", READ_TRACKERS])
         .env("MLFLOW_ALLOW_FILE_STORE", "true")
-        .arg(&swan_dir)
-        .arg(&mlruns)
-        .arg(&wandb_dir)
+        .arg(fx.path("swanlog"))
+        .arg(fx.path("mlruns"))
+        .arg(fx.path("wandb"))
         .output()
         .expect("run the tracker reader");
     assert!(
@@ -621,34 +955,192 @@ fn report_to_swanlab_wandb_and_mlflow_log_every_step_as_metrics_jsonl_offline() 
         "{}",
         String::from_utf8_lossy(&read.stderr)
     );
-    let logged: serde_json::Value = serde_json::from_slice(&read.stdout).expect("reader JSON");
-    let jsonl = std::fs::read_to_string(fx.path("out/metrics.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = jsonl
+    serde_json::from_slice(&read.stdout).expect("reader JSON")
+}
+
+/// (step, value) of `field` in every training row of `out/metrics.jsonl`.
+fn logged_rows(fx: &TrainFixture, field: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(fx.path("out/metrics.jsonl"))
+        .unwrap()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|v: &serde_json::Value| v.get("loss").is_some())
-        .collect();
-    assert_eq!(rows.len(), 8, "{jsonl}");
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|r| (r["step"].as_u64().unwrap(), r[field].as_f64().unwrap()))
+        .collect()
+}
+
+/// (step, value) pairs one tracker read back for `key`.
+fn tracked(logged: &serde_json::Value, tracker: &str, key: &str) -> Vec<(u64, f64)> {
+    logged[tracker][key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect()
+}
+
+const TRACKED_KEYS: [(&str, &str); 2] = [
+    ("train/loss", "loss"),
+    ("train/learning_rate", "learning_rate"),
+];
+
+#[test]
+fn report_to_swanlab_wandb_and_mlflow_log_every_step_as_metrics_jsonl_offline() {
+    let fx = fixture();
+    let train_json = fx.train_json("trackers.json", 2);
+    let json = train_json.display().to_string();
+    let mut launcher = Launcher::start(&tracked_args(&json, &[]), &tracker_envs(&fx));
+    let status = launcher.wait(RUN_LIMIT);
+    assert!(status.success(), "training failed:\n{}", launcher.output());
+    assert!(
+        launcher.stderr().contains("swanlab: logging this run"),
+        "{}",
+        launcher.output()
+    );
+    let logged = read_trackers(&fx);
+    assert_eq!(logged_rows(&fx, "loss").len(), 8);
     for tracker in ["swanlab", "wandb", "mlflow"] {
-        for (key, field) in [
-            ("train/loss", "loss"),
-            ("train/learning_rate", "learning_rate"),
-        ] {
-            let expected: Vec<(u64, f64)> = rows
-                .iter()
-                .map(|r| (r["step"].as_u64().unwrap(), r[field].as_f64().unwrap()))
-                .collect();
-            let got: Vec<(u64, f64)> = logged[tracker][key]
+        for (key, field) in TRACKED_KEYS {
+            let expected = logged_rows(&fx, field);
+            assert_eq!(tracked(&logged, tracker, key), expected, "{tracker} {key}");
+        }
+    }
+    let params = logged["params"].as_object().expect("MLflow parameters");
+    assert!(
+        params.len() > 20,
+        "the resolved config is the run's parameters"
+    );
+    assert_eq!(params["rsdeep.world_size"], "2", "{params:?}");
+    for key in [
+        "train/peak_rss_mib_rank0",
+        "train/peak_rss_mib_rank1",
+        "train/time_data_s",
+        "train/time_forward_backward_s",
+        "train/time_optimizer_s",
+        "train/skipped_steps",
+        "train/grad_norm",
+    ] {
+        assert!(
+            logged["metric_keys"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
-                .collect();
-            assert_eq!(got, expected, "{tracker} {key}");
+                .any(|k| k == key),
+            "MLflow has no {key}: {}",
+            logged["metric_keys"]
+        );
+    }
+}
+
+#[test]
+fn a_sigterm_mid_run_still_brings_every_step_rank_0_sent_to_each_tracker() {
+    let fx = fixture();
+    let train_json = fx.train_json("trackers.json", 2);
+    let json = train_json.display().to_string();
+    let args = tracked_args(&json, &["--max_steps", "500", "--save_steps", "1000"]);
+    let envs = tracker_envs(&fx);
+    let mut launcher = Launcher::start(&args, &envs);
+    rsdeep_e2e::wait_for_step(&launcher, &fx.path("out"), 6, RUN_LIMIT);
+    // SAFETY: signalling the launcher child this test started.
+    unsafe { libc::kill(launcher.pid(), libc::SIGTERM) };
+    let status = launcher.wait(RUN_LIMIT);
+    assert!(!status.success(), "a stopped job exits non-zero");
+    let swanlog = fx.path("swanlog").display().to_string();
+    wait_until_no_sidecar_writes_to(&swanlog);
+    let logged = read_trackers(&fx);
+    for tracker in ["swanlab", "wandb", "mlflow"] {
+        for (key, field) in TRACKED_KEYS {
+            let expected = logged_rows(&fx, field);
+            let got = tracked(&logged, tracker, key);
+            // The step logged as the signal arrived may not have left rank 0.
+            assert!(
+                got.len() + 1 >= expected.len() && got.len() >= 6,
+                "{tracker} {key}: {} of {} steps",
+                got.len(),
+                expected.len()
+            );
+            assert_eq!(got[..], expected[..got.len()], "{tracker} {key}");
         }
     }
-    assert!(
-        logged["params"].as_u64().unwrap() > 20,
-        "the resolved config is the run's parameters"
+}
+
+#[test]
+fn the_seed_configuration_with_report_to_swanlab_runs_offline_end_to_end() {
+    let fx = fixture();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let seed = repo.join("configs/pretrain.json").display().to_string();
+    let (tok, corpus, model, out) = (
+        fx.path("tok").display().to_string(),
+        fx.path("corpus.jsonl").display().to_string(),
+        fx.path("model.json").display().to_string(),
+        fx.path("out").display().to_string(),
     );
+    let args = [
+        "--device",
+        "cpu",
+        "--num_procs",
+        "2",
+        "--master_port",
+        "0",
+        &seed,
+        "--report_to",
+        "swanlab",
+        "--tokenizer_name",
+        &tok,
+        "--train_files",
+        &corpus,
+        "--config_name",
+        &model,
+        "--block_size",
+        "32",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--output_dir",
+        &out,
+    ];
+    let envs: Vec<_> = tracker_envs(&fx)
+        .into_iter()
+        .filter(|(key, _)| !key.starts_with("MLFLOW") && !key.starts_with("WANDB"))
+        .collect();
+    let mut launcher = Launcher::start(&args, &envs);
+    let status = launcher.wait(RUN_LIMIT);
+    assert!(
+        status.success(),
+        "the seed's configuration failed:\n{}",
+        launcher.output()
+    );
+    let logged = read_trackers(&fx);
+    for (key, field) in TRACKED_KEYS {
+        let expected = logged_rows(&fx, field);
+        assert_eq!(expected.len(), 4, "{key}");
+        assert_eq!(tracked(&logged, "swanlab", key), expected, "swanlab {key}");
+    }
+}
+
+/// Waits (up to a minute) until no tracker sidecar whose SwanLab folder is `swanlog` runs:
+/// after the job stops, the sidecar finishes flushing on its own.
+fn wait_until_no_sidecar_writes_to(swanlog: &str) {
+    let marker = format!("SWANLAB_LOG_DIR={swanlog}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains("experiment-tracker sidecar")
+                && environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == marker.as_bytes())
+        })
+    };
+    while running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tracker sidecar still runs a minute after the job stopped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

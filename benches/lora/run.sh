@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# LoRA against full SFT on real multi-rank runs (docs/benchmarks.md §3): the same
-# ~50M-parameter Qwen2 (configs/models/qwen2-50m.json, random init from the same seed),
-# the same chat data and batches, 2 CPU ranks, ZeRO-2 (and ZeRO-3 by default). Each run
-# trains STEPS steps; benches/peers/monitor.py samples each worker's VmHWM and CPU time;
-# report.py prints per-rank peak RSS, tokens/s from metrics.jsonl and the ratios LoRA/full.
-# Usage: benches/lora/run.sh   (env: STEPS=12 STAGES="2 3" TASKS="sft lora" WORLD=2
-# SKIP_BUILD=1 THREADS=1)
+# Full SFT against LoRA, DoRA and QLoRA on real multi-rank runs (docs/benchmarks.md §3):
+# the real SmolLM2-135M-Instruct (converted from the pinned GGUF by `rsdeep convert
+# gguf`), the same chat data and batches, 2 CPU ranks, ZeRO-2 and ZeRO-3. Each run trains
+# STEPS steps from configs/smollm2_{sft,lora}.json (adapters on every linear); DoRA adds
+# use_dora, QLoRA load_in_4bit with NF4 and double quantization. benches/peers/monitor.py
+# samples each worker's VmHWM and CPU time; report.py prints per-rank peak RSS,
+# tokens/s, the frozen base bytes per rank each worker reports, and the ratios to full
+# SFT and to LoRA.
+# Usage: benches/lora/run.sh   (env: STEPS=8 STAGES="2 3" METHODS="sft lora dora qlora"
+# WORLD=2 SKIP_BUILD=1 THREADS=1 CHECKPOINTING=true: activation checkpointing for every
+# method, as peft's prepare_model_for_kbit_training turns on for QLoRA)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/env.sh
-STEPS="${STEPS:-12}"
+STEPS="${STEPS:-8}"
 STAGES="${STAGES:-2 3}"
 WORLD="${WORLD:-2}"
-TASKS="${TASKS:-sft lora}"
+METHODS="${METHODS:-sft lora dora qlora}"
+CHECKPOINTING="${CHECKPOINTING:-true}"
 BENCH_DIR="${BENCH_DIR:-$HOME/.cache/rsdeep/bench}"
-RUN_DIR="$BENCH_DIR/lora-$(date -u +%Y%m%dT%H%M%S)"
+RUN_DIR="$BENCH_DIR/peft-$(date -u +%Y%m%dT%H%M%S)"
 DATA="$HOME/.cache/rsdeep/data"
-TOKENIZER="$BENCH_DIR/tokenizer-8k"
+MODEL="$BENCH_DIR/smollm2-135m-instruct"
 export OMP_NUM_THREADS="${THREADS:-1}"
 export RSDEEP_LOG="${RSDEEP_LOG:-warn}"
 
@@ -24,32 +29,46 @@ export RSDEEP_LOG="${RSDEEP_LOG:-warn}"
 BIN="$CARGO_TARGET_DIR/release"
 export RSDEEP_WORKER_BIN="$BIN/rsdeep-worker"
 [ -f "$DATA/sft.jsonl" ] || scripts/fetch-data.sh
-if [ ! -f "$TOKENIZER/tokenizer.json" ]; then
-  "$BIN/rsdeep" tokenizer train --files "$DATA/pretrain.jsonl" --vocab_size 8192 --out "$TOKENIZER"
+if [ ! -f "$MODEL/model.safetensors" ]; then
+  scripts/fetch-model.sh
+  "$BIN/rsdeep" convert gguf "$DATA/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$MODEL"
 fi
 mkdir -p "$RUN_DIR"
 echo "results in $RUN_DIR"
 
-# configs/{sft,lora}.json start from a pretrained folder; here both start from the same
-# random init of the 50M config, so drop model_name_or_path from copies of them.
+# The demo's configs without their evaluation (and their data paths, given below).
 for task in sft lora; do
-  python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); c.pop("model_name_or_path"); json.dump(c, open(sys.argv[2], "w"), indent=1)' \
-    "configs/$task.json" "$RUN_DIR/$task.json"
+  python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); [c.pop(k, None) for k in ("eval_files", "eval_on_start")]; c["deepspeed"] = "ds.json"; json.dump(c, open(sys.argv[2], "w"), indent=1)' \
+    "configs/smollm2_$task.json" "$RUN_DIR/$task.json"
 done
 
+# The overrides each method adds to its train.json.
+method_args() {
+  case "$1" in
+    sft) echo "" ;;
+    lora) echo "" ;;
+    dora) echo "--use_dora true" ;;
+    qlora) echo "--load_in_4bit true --bnb_4bit_quant_type nf4 --bnb_4bit_use_double_quant true" ;;
+    *) echo "unknown method $1 (sft, lora, dora, qlora)" >&2; exit 2 ;;
+  esac
+}
+
 for stage in $STAGES; do
-  for task in $TASKS; do
-    out="$RUN_DIR/zero$stage-$task"
-    echo "== ZeRO-$stage $task ($STEPS steps, world $WORLD)"
+  for method in $METHODS; do
+    config="$RUN_DIR/lora.json"
+    [ "$method" = sft ] && config="$RUN_DIR/sft.json"
+    out="$RUN_DIR/zero$stage-$method"
+    echo "== ZeRO-$stage $method ($STEPS steps, world $WORLD)"
+    # shellcheck disable=SC2046
     python benches/peers/monitor.py --out "$out.json" --steps_file "$out/metrics.jsonl" \
       --worker_pattern rsdeep-worker -- \
-      "$BIN/rsdeep" --device cpu --num_procs "$WORLD" --master_port 0 \
-      "$RUN_DIR/$task.json" --deepspeed "configs/ds_config_zero$stage.json" \
-      --config_name configs/models/qwen2-50m.json --tokenizer_name "$TOKENIZER" \
-      --train_files "$DATA/sft.jsonl" --output_dir "$out" --seed 12 \
-      --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --max_seq_length 256 \
-      --max_steps "$STEPS" --warmup_steps 0 --logging_steps 1 --save_strategy no \
-      --report_to none > "$out.log" 2>&1
+      "$BIN/rsdeep" --device cpu --num_procs "$WORLD" --master_port 0 "$config" \
+      --deepspeed "$PWD/configs/ds_config_zero$stage.json" --model_name_or_path "$MODEL" \
+      --train_files "$DATA/sft.jsonl" --output_dir "$out" --seed 12 --per_device_train_batch_size 2 \
+      --gradient_accumulation_steps 1 --max_seq_length 256 --max_steps "$STEPS" \
+      --warmup_steps 0 --logging_steps 1 --save_strategy no --report_to none \
+      --gradient_checkpointing "$CHECKPOINTING" \
+      $(method_args "$method") > "$out.log" 2>&1
   done
 done
 

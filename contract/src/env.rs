@@ -80,6 +80,9 @@ pub const MANUAL_LAYERS: &str = "RSDEEP_MANUAL_LAYERS";
 pub const ZERO_PROFILE: &str = "RSDEEP_ZERO_PROFILE";
 /// Python interpreter of the reference venv, for tests that compare with PyTorch.
 pub const PYTHON: &str = "RSDEEP_PYTHON";
+/// Tests: the folder holding AdapterHub's `adapters` and its transformers 4.57, put first
+/// on PYTHONPATH for the bottleneck-adapter parity checks (`scripts/setup.sh`).
+pub const ADAPTERS_PYTHONPATH: &str = "RSDEEP_ADAPTERS_PYTHONPATH";
 /// `1` makes GPU-marked tests fail instead of skipping when no GPU is present.
 pub const REQUIRE_GPU: &str = "RSDEEP_REQUIRE_GPU";
 

@@ -11,7 +11,9 @@
 //! - `comm`: the `Communicator` trait and its TCP-ring and NCCL backends, bucketing.
 //! - `checkpoint`: crash-safe checkpoints, resume and resharding, consolidation, export.
 //! - `model`: Hugging Face-exact Qwen2/Llama as an ordered list of blocks.
-//! - `lora`: PEFT-format LoRA adapters, merge.
+//! - `lora`: PEFT-format LoRA adapters (DoRA, modules_to_save), prefix tuning, merge;
+//!   AdapterHub-format bottleneck adapters.
+//! - `quant`: bitsandbytes' 4-bit format (NF4/FP4, double quantization) for QLoRA bases.
 //! - `tokenizer`, `data`: tokenizer.json + chat templates; pretrain and SFT datasets.
 //! - `generate`: greedy and sampled generation for `rsdeep generate` and the demo chat.
 //! - `convert`: a llama.cpp GGUF model as a Hugging Face folder (`rsdeep convert gguf`).
@@ -28,6 +30,7 @@ pub mod generate;
 pub mod kernels;
 pub mod lora;
 pub mod model;
+pub mod quant;
 pub mod rendezvous;
 pub mod tokenizer;
 pub mod train;

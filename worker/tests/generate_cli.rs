@@ -56,6 +56,10 @@ fn generate_cli_runs_plain_chat_and_adapter() {
         dropout: 0.0,
         target_modules: vec!["q_proj".into()],
         use_rslora: false,
+        use_dora: false,
+        modules_to_save: Vec::new(),
+        prefix_tuning: None,
+        bottleneck: None,
     };
     apply_lora(&mut model, &cfg, 1).unwrap();
     let named: Vec<(String, Tensor)> = model

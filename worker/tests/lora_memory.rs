@@ -1,9 +1,11 @@
 //! LoRA against full fine-tuning on the same model and data through the ZeRO engine
 //! (stage 0, one rank, CPU): peak resident memory growth (VmHWM after resetting it via
 //! `/proc/self/clear_refs`) and tokens/s. LoRA must need clearly less memory (no
-//! gradients, fp32 masters or Adam moments for the frozen base). One test per binary so
-//! no other test shares the process while it measures. Prints the figures.
+//! gradients, fp32 masters or Adam moments for the frozen base). The measuring runs in a
+//! child (this test binary re-run alone with `RSDEEP_LORA_MEMORY_CHILD` set) so no other
+//! test shares the process while it measures. Prints the figures.
 
+use crate::support::{printed_value, rerun_alone};
 use rsdeep_worker::comm::Communicator;
 use rsdeep_worker::lora::{LoraConfig, apply_lora};
 use rsdeep_worker::model::{CausalLm, ForwardCtx, ModelConfig, ModelType, causal_lm_loss};
@@ -18,6 +20,8 @@ const STEPS: usize = 4;
 const BATCH: i64 = 4;
 const SEQ: i64 = 64;
 const VOCAB: usize = 4096;
+const CHILD_ENV: &str = "RSDEEP_LORA_MEMORY_CHILD";
+const TEST_PATH: &str = "lora_memory::lora_needs_clearly_less_memory_than_full_training";
 
 fn proc_status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
@@ -47,6 +51,10 @@ fn measure(lora: bool) -> (f64, f64) {
                 dropout: 0.0,
                 target_modules: vec!["q_proj".into(), "v_proj".into()],
                 use_rslora: false,
+                use_dora: false,
+                modules_to_save: Vec::new(),
+                prefix_tuning: None,
+                bottleneck: None,
             };
             let info = apply_lora(&mut model, &cfg, 1).unwrap();
             println!("{}", info.summary);
@@ -86,15 +94,34 @@ fn measure(lora: bool) -> (f64, f64) {
     (growth_mib, tokens_per_s)
 }
 
-#[test]
-fn lora_needs_clearly_less_memory_than_full_training() {
+/// In the child: measures both ways and prints the figures for the parent to parse.
+fn measure_in_child() {
     tch::set_num_threads(1);
     let _warm_up = measure(true); // libtorch's one-time allocations land here
     let (lora_mib, lora_tps) = measure(true);
     let (full_mib, full_tps) = measure(false);
+    println!("LORA_MIB={lora_mib} FULL_MIB={full_mib} LORA_TPS={lora_tps} FULL_TPS={full_tps}");
+}
+
+#[test]
+fn lora_needs_clearly_less_memory_than_full_training() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return measure_in_child();
+    }
+    let output = rerun_alone(TEST_PATH, &[(CHILD_ENV, "1")], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the measuring child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let value = |key: &str| -> f64 { printed_value(&stdout, key) };
+    let (lora_mib, full_mib) = (value("LORA_MIB="), value("FULL_MIB="));
     println!(
         "peak RSS growth: LoRA {lora_mib:.1} MiB vs full {full_mib:.1} MiB; \
-         tokens/s: LoRA {lora_tps:.0} vs full {full_tps:.0}"
+         tokens/s: LoRA {:.0} vs full {:.0}",
+        value("LORA_TPS="),
+        value("FULL_TPS=")
     );
     assert!(
         lora_mib < 0.6 * full_mib,

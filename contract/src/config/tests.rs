@@ -763,3 +763,85 @@ fn deepspeeds_aliases_and_ignored_keys_load() {
     assert_eq!(zero.stage3_param_persistence_threshold, AutoOr::Value(100));
     assert!(zero.stage3_gather_16bit_weights_on_model_save);
 }
+
+#[test]
+fn bottleneck_adapter_keys_are_checked_by_name() {
+    let (_fixture, path) = seed_fixture();
+    let bottleneck = ["--task", "lora", "--peft_type", "BOTTLENECK"];
+    let err = load_err(
+        &path,
+        &[&bottleneck[..], &["--bottleneck_config", "parallel"]].concat(),
+        1,
+    );
+    assert!(
+        err.contains("\"bottleneck_config\"") && err.contains("double_seq_bn"),
+        "{err}"
+    );
+    let err = load_err(
+        &path,
+        &[&bottleneck[..], &["--bottleneck_reduction_factor", "0"]].concat(),
+        1,
+    );
+    assert!(err.contains("\"bottleneck_reduction_factor\""), "{err}");
+    let err = load_err(&path, &["--task", "lora", "--peft_type", "IA3"], 1);
+    assert!(
+        err.contains("\"peft_type\"") && err.contains("BOTTLENECK"),
+        "{err}"
+    );
+    let overrides: Vec<String> = [&bottleneck[..], &["--bottleneck_config", "seq_bn"]]
+        .concat()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let config = load(&path, &overrides, 1).unwrap();
+    assert_eq!(
+        (
+            config.args.bottleneck_config.as_str(),
+            config.args.bottleneck_reduction_factor
+        ),
+        ("seq_bn", 16)
+    );
+}
+
+#[test]
+fn a_4bit_base_is_checked_by_name() {
+    let (_fixture, path) = seed_fixture();
+    let err = load_err(&path, &["--quantization_bit", "8"], 1);
+    assert!(
+        err.contains("\"quantization_bit\"") && err.contains("use 4"),
+        "{err}"
+    );
+    let err = load_err(&path, &["--load_in_4bit", "true"], 1);
+    assert!(
+        err.contains("\"load_in_4bit\"") && err.contains("task to \"lora\""),
+        "{err}"
+    );
+    let lora = ["--task", "lora", "--load_in_4bit", "true"];
+    let err = load_err(
+        &path,
+        &[&lora[..], &["--bnb_4bit_quant_type", "int4"]].concat(),
+        1,
+    );
+    assert!(err.contains("\"bnb_4bit_quant_type\""), "{err}");
+    let dtype = ["--bnb_4bit_compute_dtype", "float16"];
+    let err = load_err(&path, &[&lora[..], &dtype].concat(), 1);
+    assert!(
+        err.contains("\"bnb_4bit_compute_dtype\"") && err.contains("bfloat16"),
+        "{err}"
+    );
+    let ok = [&lora[..], &["--bnb_4bit_compute_dtype", "torch.bfloat16"]].concat();
+    let overrides: Vec<String> = ok.iter().map(|s| s.to_string()).collect();
+    let config = load(&path, &overrides, 1).unwrap();
+    assert!(config.args.base_in_4bit());
+    let fixture = Fixture::new();
+    let seed_ds = std::fs::read_to_string(repo_configs().join("ds_config_zero2.json")).unwrap();
+    fixture.write("ds_config_zero2.json", &seed_ds);
+    let mut llama_factory = seed_args(json!("./ds_config_zero2.json"));
+    llama_factory["task"] = json!("lora");
+    llama_factory["quantization_bit"] = json!(4);
+    llama_factory["quantization_type"] = json!("fp4");
+    llama_factory["double_quantization"] = json!(true);
+    let config = load(&fixture.train_json(&llama_factory), &[], 1).unwrap();
+    assert!(config.args.base_in_4bit() && config.args.bnb_4bit_use_double_quant);
+    assert_eq!(config.args.bnb_4bit_quant_type, "fp4");
+}

@@ -209,6 +209,40 @@ pub struct TrainingArgs {
     pub lora_dropout: f64,
     #[serde(deserialize_with = "string_or_list")]
     pub lora_target_modules: Vec<String>,
+    /// PEFT's DoRA: a trained magnitude per output row on top of the LoRA direction.
+    pub use_dora: bool,
+    /// PEFT's rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.
+    pub use_rslora: bool,
+    /// Modules trained whole and saved in the adapter beside LoRA (PEFT's
+    /// `modules_to_save`, e.g. `["lm_head", "embed_tokens"]`).
+    #[serde(alias = "modules_to_save", deserialize_with = "string_or_list")]
+    pub lora_modules_to_save: Vec<String>,
+
+    /// PEFT method of `task: "lora"`: `"LORA"` (also DoRA, QLoRA), `"PREFIX_TUNING"` or
+    /// `"BOTTLENECK"` (AdapterHub's bottleneck adapters).
+    pub peft_type: String,
+    /// Prefix tuning: trained virtual positions per layer.
+    pub num_virtual_tokens: usize,
+    /// Prefix tuning through an MLP (not built: refused when true).
+    pub prefix_projection: bool,
+    /// Bottleneck adapters: AdapterHub's `"double_seq_bn"` (Houlsby: after attention and
+    /// MLP) or `"seq_bn"` (Pfeiffer: after the MLP).
+    pub bottleneck_config: String,
+    /// Bottleneck adapters: the width is the hidden size divided by this.
+    pub bottleneck_reduction_factor: usize,
+
+    // --- QLoRA: the frozen base in 4 bits (transformers' BitsAndBytesConfig keys) ---
+    pub load_in_4bit: bool,
+    /// LLaMA-Factory's spelling: 4 means `load_in_4bit`.
+    pub quantization_bit: Option<u8>,
+    /// `"nf4"` or `"fp4"`.
+    #[serde(alias = "quantization_type")]
+    pub bnb_4bit_quant_type: String,
+    #[serde(alias = "double_quantization")]
+    pub bnb_4bit_use_double_quant: bool,
+    /// Must agree with the training precision when given (`"bfloat16"`, `"float16"`,
+    /// `"float32"`): rsdeep computes in the precision it trains in.
+    pub bnb_4bit_compute_dtype: Option<String>,
     /// A PEFT LoRA adapter folder to continue training from (`task: "lora"`); its
     /// adapter_config.json then sets the LoRA rank, alpha, dropout and targets.
     pub adapter_name_or_path: Option<String>,
@@ -228,6 +262,14 @@ pub struct TrainingArgs {
     /// The DeepSpeed config file as written in train.json (relative to train.json's
     /// folder); `None` when inline or absent (see `TrainConfig::deepspeed_source`).
     pub deepspeed: Option<String>,
+}
+
+impl TrainingArgs {
+    /// Whether the frozen base is held in 4 bits (`load_in_4bit`, or LLaMA-Factory's
+    /// `quantization_bit: 4`).
+    pub fn base_in_4bit(&self) -> bool {
+        self.load_in_4bit || self.quantization_bit == Some(4)
+    }
 }
 
 impl Default for TrainingArgs {
@@ -300,6 +342,19 @@ impl Default for TrainingArgs {
             lora_alpha: 8.0,
             lora_dropout: 0.0,
             lora_target_modules: vec!["q_proj".to_string(), "v_proj".to_string()],
+            use_dora: false,
+            use_rslora: false,
+            lora_modules_to_save: Vec::new(),
+            peft_type: "LORA".to_string(),
+            num_virtual_tokens: 20,
+            prefix_projection: false,
+            bottleneck_config: "double_seq_bn".to_string(),
+            bottleneck_reduction_factor: 16,
+            load_in_4bit: false,
+            quantization_bit: None,
+            bnb_4bit_quant_type: "nf4".to_string(),
+            bnb_4bit_use_double_quant: false,
+            bnb_4bit_compute_dtype: None,
             adapter_name_or_path: None,
             comm_backend: CommBackend::Auto,
             heartbeat_interval_secs: 5.0,

@@ -221,8 +221,23 @@ fn check_lora(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> {
             "continues training a LoRA adapter: set task to \"lora\" (or remove it)",
         ));
     }
+    check_4bit_base(args, file)?;
     if args.task != Task::Lora {
         return Ok(());
+    }
+    match args.peft_type.as_str() {
+        "LORA" => {}
+        "PREFIX_TUNING" => return check_prefix_tuning(args, file),
+        "BOTTLENECK" => return check_bottleneck(args, file),
+        other => {
+            return Err(unsupported(
+                file,
+                "peft_type",
+                format!(
+                    "{other:?} is not built: use \"LORA\" (with use_dora or load_in_4bit for DoRA and QLoRA), \"PREFIX_TUNING\" or \"BOTTLENECK\""
+                ),
+            ));
+        }
     }
     if args.lora_r == 0 {
         return Err(invalid(file, "lora_r", "the LoRA rank must be at least 1"));
@@ -238,6 +253,103 @@ fn check_lora(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// Prefix tuning's keys: at least one virtual token, no projection MLP, no packing (the
+/// prefix moves every token's position, which packed segments restart).
+fn check_prefix_tuning(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> {
+    if args.num_virtual_tokens == 0 {
+        return Err(invalid(
+            file,
+            "num_virtual_tokens",
+            "prefix tuning needs at least 1",
+        ));
+    }
+    if args.prefix_projection {
+        return Err(unsupported(
+            file,
+            "prefix_projection",
+            "the reparametrising MLP is not built: train the prefix directly (false)",
+        ));
+    }
+    if args.packing {
+        return Err(invalid(
+            file,
+            "packing",
+            "prefix tuning shifts every position by the prefix; packed sequences restart them: set packing to false",
+        ));
+    }
+    Ok(())
+}
+
+/// Bottleneck adapters' keys: one of AdapterHub's two sequential architectures, a
+/// reduction factor of at least 1.
+fn check_bottleneck(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> {
+    if !["double_seq_bn", "seq_bn", "houlsby", "pfeiffer"]
+        .contains(&args.bottleneck_config.as_str())
+    {
+        return Err(unsupported(
+            file,
+            "bottleneck_config",
+            format!(
+                "{:?} is not built: use \"double_seq_bn\" (Houlsby) or \"seq_bn\" (Pfeiffer)",
+                args.bottleneck_config
+            ),
+        ));
+    }
+    if args.bottleneck_reduction_factor == 0 {
+        return Err(invalid(
+            file,
+            "bottleneck_reduction_factor",
+            "the bottleneck width is hidden_size / this: use at least 1 (16 by default)",
+        ));
+    }
+    Ok(())
+}
+
+/// QLoRA's keys: a 4-bit base only under adapters, a known 4-bit type, and a compute
+/// dtype equal to the training precision.
+fn check_4bit_base(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> {
+    if let Some(bits) = args.quantization_bit.filter(|b| *b != 4) {
+        return Err(unsupported(
+            file,
+            "quantization_bit",
+            format!("{bits}-bit bases are not built: use 4 (QLoRA) or remove the key"),
+        ));
+    }
+    if !args.base_in_4bit() {
+        return Ok(());
+    }
+    if args.task != Task::Lora {
+        return Err(invalid(
+            file,
+            "load_in_4bit",
+            "a 4-bit base trains only adapters: set task to \"lora\"",
+        ));
+    }
+    if !matches!(args.bnb_4bit_quant_type.as_str(), "nf4" | "fp4") {
+        return Err(invalid(
+            file,
+            "bnb_4bit_quant_type",
+            "use \"nf4\" or \"fp4\"",
+        ));
+    }
+    let training = match (args.bf16, args.fp16) {
+        (true, _) => "bfloat16",
+        (_, true) => "float16",
+        _ => "float32",
+    };
+    match args.bnb_4bit_compute_dtype.as_deref() {
+        Some(dtype) if dtype.trim_start_matches("torch.") != training => Err(invalid(
+            file,
+            "bnb_4bit_compute_dtype",
+            format!(
+                "{dtype:?} differs from the training precision ({training}): rsdeep computes \
+                 in the precision it trains in; set it to {training:?} or remove it"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn check_runtime(args: &TrainingArgs, file: &Path) -> Result<(), ConfigError> {

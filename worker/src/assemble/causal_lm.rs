@@ -11,6 +11,7 @@ use crate::Result;
 use crate::comm::Communicator;
 use crate::lora::{LoraConfig, LoraInfo, LoraInjector};
 use crate::model::{Block, CausalLm, ModelConfig};
+use crate::quant::QuantConfig;
 use crate::zero::{EngineBuilder, EngineConfig, EngineModel, ZeroEngine};
 use std::collections::HashSet;
 use std::path::Path;
@@ -27,10 +28,18 @@ pub enum ModelSource<'a> {
 }
 
 /// LoRA adapters to inject while building: fresh ones (`apply_lora`'s arguments), or a
-/// saved PEFT adapter to continue training.
+/// saved PEFT adapter to continue training; with `base_4bit`, on a base whose linears
+/// are stored in 4 bits (QLoRA).
 pub enum LoraSpec<'a> {
-    Fresh { config: &'a LoraConfig, seed: u64 },
-    Saved(&'a Path),
+    Fresh {
+        config: &'a LoraConfig,
+        seed: u64,
+        base_4bit: Option<QuantConfig>,
+    },
+    Saved {
+        dir: &'a Path,
+        base_4bit: Option<QuantConfig>,
+    },
 }
 
 /// The engine and what the training loop needs to know about the model it holds.
@@ -60,10 +69,14 @@ pub fn build_causal_lm_engine(
     let _span = tracing::info_span!("build_causal_lm_engine", rank).entered();
     let mut builder = EngineBuilder::new(comm, engine_config)?;
     let mut injector = match lora {
-        Some(LoraSpec::Fresh { config, seed }) => {
-            Some(LoraInjector::new(config, seed, device, kind)?)
+        Some(LoraSpec::Fresh {
+            config,
+            seed,
+            base_4bit,
+        }) => Some(LoraInjector::new(config, seed, device, kind)?.quantizing_base(base_4bit)),
+        Some(LoraSpec::Saved { dir, base_4bit }) => {
+            Some(LoraInjector::from_adapter(dir, device, kind)?.quantizing_base(base_4bit))
         }
-        Some(LoraSpec::Saved(dir)) => Some(LoraInjector::from_adapter(dir, device, kind)?),
         None => None,
     };
     let no_frozen = HashSet::new();

@@ -78,6 +78,7 @@ impl EngineConfig {
             scheduler: scheduler(config, optimizer.lr, total_steps)?,
             activation_checkpointing: config.activation_checkpointing(),
             steps_per_print: ds.steps_per_print.unwrap_or(0),
+            wall_clock_breakdown: ds.wall_clock_breakdown,
             offload_optimizer_cpu,
             device,
             // An A/B switch for benchmarks, not a training option: the two paths agree.

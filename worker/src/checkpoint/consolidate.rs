@@ -50,6 +50,19 @@ pub fn consolidate(
     }
     let manifest = Manifest::read(checkpoint_dir)?;
     let reader = PartitionReader::open(checkpoint_dir, &manifest)?;
+    if reader
+        .meta()
+        .frozen
+        .iter()
+        .any(|n| n.ends_with(".weight.absmax"))
+    {
+        return Err(Error::Checkpoint(format!(
+            "{}: a QLoRA checkpoint holds its base in 4 bits, not as model weights; use its \
+             adapter (adapter_model.safetensors) with the original base, e.g. `rsdeep \
+             merge-lora`",
+            checkpoint_dir.display()
+        )));
+    }
     let frozen = if reader.meta().frozen.is_empty() {
         None
     } else {

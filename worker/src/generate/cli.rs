@@ -1,12 +1,14 @@
-//! `rsdeep generate --model DIR [--adapter DIR] --prompt TEXT [--chat] [--system TEXT]
-//! [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K] [--seed S]
-//! [--device cpu|cuda]`: loads the model (and a PEFT adapter), encodes the prompt (with
+//! `rsdeep generate --model DIR [--adapter DIR [--base_4bit nf4|fp4 [--double_quant]]]
+//! --prompt TEXT [--chat] [--system TEXT] [--max_new_tokens N] [--temperature T]
+//! [--top_p P] [--top_k K] [--seed S] [--device cpu|cuda]`: loads the model (with its
+//! linears in 4 bits for a QLoRA adapter, and a PEFT adapter), encodes the prompt (with
 //! the chat template in chat mode) and streams the generated text to stdout.
 //! Contract: `generate/mod.rs`.
 
 use super::{GenerateOptions, TextStreamer, generate, model_eos_ids};
 use crate::lora::load_adapter;
 use crate::model::CausalLm;
+use crate::quant::QuantConfig;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -22,6 +24,12 @@ struct GenerateArgs {
     /// PEFT LoRA adapter folder to apply on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Hold the base's linears in 4 bits (nf4 or fp4), as a QLoRA adapter was trained.
+    #[arg(long = "base_4bit")]
+    base_4bit: Option<String>,
+    /// With --base_4bit: double quantization (bnb_4bit_use_double_quant).
+    #[arg(long = "double_quant")]
+    double_quant: bool,
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt as a user message in the tokenizer's chat template.
@@ -79,6 +87,11 @@ pub fn generate_cli(args: &[String]) -> anyhow::Result<()> {
     };
     let mut model = CausalLm::from_pretrained(&args.model, device, kind)
         .with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(quant) = QuantConfig::from_flags(args.base_4bit.as_deref(), args.double_quant)? {
+        model
+            .quantize_linears(quant)
+            .context("storing the base in 4 bits")?;
+    }
     if let Some(adapter) = &args.adapter {
         load_adapter(&mut model, adapter)
             .with_context(|| format!("loading adapter {}", adapter.display()))?;

@@ -1,10 +1,14 @@
 //! `rsdeep merge-lora --base DIR --adapter DIR --out DIR`: folds a PEFT adapter into its
 //! base (W' = W + scaling * B A) and writes a plain Hugging Face model (config.json,
-//! safetensors, tokenizer files copied when present). Contract: `lora/mod.rs`.
+//! safetensors, tokenizer files copied when present). For a QLoRA adapter,
+//! `--base_4bit nf4|fp4 [--double_quant]` first stores the base in 4 bits as training
+//! did, and the merge writes dequantize(W) + scaling * B A in the base's dtype: the
+//! model the adapter was trained with, unquantized. Contract: `lora/mod.rs`.
 
 use super::load_adapter;
 use crate::Result;
 use crate::model::CausalLm;
+use crate::quant::QuantConfig;
 use anyhow::Context;
 use clap::Parser;
 use std::path::{Path, PathBuf};
@@ -50,6 +54,12 @@ struct MergeArgs {
     /// Output folder for the merged model.
     #[arg(long)]
     out: PathBuf,
+    /// Hold the base's linears in 4 bits (nf4 or fp4), as a QLoRA adapter was trained.
+    #[arg(long = "base_4bit")]
+    base_4bit: Option<String>,
+    /// With --base_4bit: double quantization (bnb_4bit_use_double_quant).
+    #[arg(long = "double_quant")]
+    double_quant: bool,
 }
 
 /// CLI entry: `args` are the words after `merge-lora`.
@@ -59,6 +69,23 @@ pub fn merge_lora_cli(args: &[String]) -> anyhow::Result<()> {
     )?;
     let mut model = CausalLm::from_pretrained(&args.base, Device::Cpu, Kind::Float)
         .with_context(|| format!("loading base model {}", args.base.display()))?;
+    if let Some(quant) = QuantConfig::from_flags(args.base_4bit.as_deref(), args.double_quant)? {
+        model
+            .quantize_linears(quant)
+            .context("storing the base in 4 bits")?;
+    }
+    let method = super::read_adapter_config(&args.adapter)?;
+    let unmergeable = match (&method.prefix_tuning, &method.bottleneck) {
+        (Some(_), _) => Some("a prefix-tuning adapter has no weights to merge"),
+        (_, Some(_)) => Some("a bottleneck adapter adds layers of its own, it cannot merge"),
+        _ => None,
+    };
+    if let Some(why) = unmergeable {
+        anyhow::bail!(
+            "{}: {why}; use it with `rsdeep generate --adapter`",
+            args.adapter.display()
+        );
+    }
     let info = load_adapter(&mut model, &args.adapter)
         .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
     merge_lora(&mut model).context("merging")?;

@@ -4,9 +4,11 @@
 //! 5.x `modeling_qwen2.py` / `modeling_llama.py` with the SDPA attention backend. Weights
 //! are read from the `Param` tensors at every forward (the engine swaps their storage).
 
+use super::bottleneck::{BottleneckSlots, BottleneckStyle, BottleneckTensors};
 use super::config::ModelConfig;
 use super::rope::{Rotary, apply_rotary};
 use super::{Block, ForwardCtx, Param};
+use crate::quant::{QuantConfig, QuantSpec, QuantizedWeight};
 use crate::{Error, Result};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,40 +24,94 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Indices of a linear layer's weight and optional bias inside a block's `params`, plus
-/// an optional LoRA adapter on it.
+/// an optional LoRA adapter on it and, for a 4-bit weight, its entry in the layer's
+/// `quantized` list.
 #[derive(Clone, Copy)]
 pub(super) struct LinearSlot {
     pub(super) weight: usize,
     pub(super) bias: Option<usize>,
     pub(super) lora: Option<LoraSlot>,
+    pub(super) quant: Option<usize>,
+}
+
+/// A linear weight stored in bitsandbytes' 4-bit format: what its parameters mean and
+/// their indices in the block's `params` (the first is the weight's own slot).
+pub(super) struct QuantizedLinear {
+    spec: QuantSpec,
+    params: Vec<usize>,
 }
 
 /// A LoRA adapter on one linear layer (PEFT's math): indices of `lora_A.weight` (r, in)
-/// and `lora_B.weight` (out, r) in the block's `params`, `scaling` = alpha / r.
+/// and `lora_B.weight` (out, r) in the block's `params`, `scaling` = alpha / r, and with
+/// DoRA the index of `lora_magnitude_vector` (out,).
 #[derive(Clone, Copy)]
 pub(super) struct LoraSlot {
     a: usize,
     b: usize,
+    magnitude: Option<usize>,
     scaling: f64,
     dropout: f64,
 }
 
+/// One adapter's tensors for `DecoderLayer::attach_lora`: A (r, in), B (out, r) and,
+/// for DoRA, the magnitude (out,).
+pub struct LoraTensors {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub magnitude: Option<Tensor>,
+}
+
 impl LinearSlot {
-    /// y = x W^T + b (+ B(A(dropout(x))) * scaling when an adapter is attached).
-    fn apply(&self, params: &[Param], training: bool, x: &Tensor) -> Result<Tensor> {
+    /// y = x W^T + b (+ B(A(dropout(x))) * scaling when an adapter is attached; with DoRA
+    /// the adapted output rows are rescaled to their trained magnitudes). `weight` is
+    /// the slot's weight (dequantized when stored in 4 bits).
+    fn apply(
+        &self,
+        params: &[Param],
+        weight: &Tensor,
+        training: bool,
+        x: &Tensor,
+    ) -> Result<Tensor> {
         let bias = self.bias.map(|i| &params[i].tensor);
-        let base = x.f_linear(&params[self.weight].tensor, bias)?; // (B, T, out)
+        let base = x.f_linear(weight, bias)?; // (B, T, out)
         let Some(lora) = self.lora else {
             return Ok(base);
         };
-        let dropped = match lora.dropout > 0.0 && training {
+        let dropout_on = lora.dropout > 0.0 && training;
+        let dropped = match dropout_on {
             true => x.f_dropout(lora.dropout, true)?,
             false => x.shallow_clone(),
         };
-        let down = dropped.f_linear::<&Tensor>(&params[lora.a].tensor, None)?; // (B, T, r)
-        let up = down.f_linear::<&Tensor>(&params[lora.b].tensor, None)?; // (B, T, out)
-        Ok(base.f_add(&up.f_mul_scalar(lora.scaling)?)?)
+        let (a, b) = (&params[lora.a].tensor, &params[lora.b].tensor);
+        let down = dropped.f_linear::<&Tensor>(a, None)?; // (B, T, r)
+        let up = down.f_linear::<&Tensor>(b, None)?; // (B, T, out)
+        let Some(magnitude) = lora.magnitude else {
+            return Ok(base.f_add(&up.f_mul_scalar(lora.scaling)?)?);
+        };
+        // DoRA: base(x) + (m/n - 1) (x W^T) + (m/n) s B A x, n = |W + s B A| per row
+        // (detached), the base term from the dropped-out input while dropout is on.
+        let scale = params[magnitude]
+            .tensor
+            .f_div(&dora_row_norms(weight, a, b, lora.scaling)?)?; // (out,)
+        let unbiased = match (dropout_on, bias) {
+            (true, _) => dropped.f_linear::<&Tensor>(weight, None)?,
+            (false, Some(bias)) => base.f_sub(bias)?,
+            (false, None) => base.shallow_clone(),
+        }; // (B, T, out)
+        let rescaled_base = unbiased.f_mul(&scale.f_sub_scalar(1.0)?)?;
+        let rescaled_adapter = up.f_mul(&scale)?.f_mul_scalar(lora.scaling)?;
+        Ok(base.f_add(&rescaled_base)?.f_add(&rescaled_adapter)?)
     }
+}
+
+/// DoRA's norm of each output row of W + scaling * B A, outside the autograd graph:
+/// W (out, in), A (r, in), B (out, r) -> (out,).
+pub fn dora_row_norms(weight: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+    tch::no_grad(|| {
+        let delta = b.f_detach()?.f_matmul(&a.f_detach()?)?; // (out, in)
+        let adapted = weight.f_detach()?.f_add(&delta.f_mul_scalar(scaling)?)?;
+        Ok(adapted.f_norm_scalaropt_dim(2.0, [1i64], false)?)
+    })
 }
 
 /// The linear layers of a decoder layer, by their module path inside the layer, in HF
@@ -99,6 +155,7 @@ impl ParamList {
             weight,
             bias,
             lora: None,
+            quant: None,
         }
     }
 }
@@ -184,6 +241,13 @@ pub struct DecoderLayer {
     pub(super) rotary: Arc<Rotary>,
     /// Layer index in the model (`model.layers.{index}.`).
     index: usize,
+    /// The linears stored in 4 bits (`quantize_linears`).
+    pub(super) quantized: Vec<QuantizedLinear>,
+    /// Prefix tuning: the index in `params` of this layer's trained prefix keys and
+    /// values, (N, 2 * KV * D) (`attach_prefix`).
+    pub(super) prefix: Option<usize>,
+    /// Bottleneck adapters after the attention and/or the MLP (`attach_bottleneck`).
+    pub(super) bottleneck: Option<BottleneckSlots>,
     /// Whether LoRA dropout is active (training) or not (inference); shared by every
     /// layer of a model through `use_lora_switch`, so it can be flipped after the blocks
     /// moved into the engine.
@@ -286,8 +350,198 @@ impl DecoderLayer {
             eps: config.rms_norm_eps,
             rotary,
             index,
+            quantized: Vec::new(),
+            prefix: None,
+            bottleneck: None,
             lora_training: Arc::new(AtomicBool::new(true)),
         })
+    }
+
+    /// y = linear `slot` of this layer applied to `x`.
+    fn linear(&self, slot: LinearSlot, training: bool, x: &Tensor) -> Result<Tensor> {
+        slot.apply(&self.params, &self.weight_of(slot, x.kind())?, training, x)
+    }
+
+    /// The weight of `slot` (out, in): the parameter, or the 4-bit one dequantized into
+    /// `kind`.
+    fn weight_of(&self, slot: LinearSlot, kind: Kind) -> Result<Tensor> {
+        let Some(quantized) = slot.quant.map(|i| &self.quantized[i]) else {
+            return Ok(self.params[slot.weight].tensor.shallow_clone());
+        };
+        let tensors: Vec<&Tensor> = quantized
+            .params
+            .iter()
+            .map(|i| &self.params[*i].tensor)
+            .collect();
+        quantized.spec.dequantize(&tensors, kind)
+    }
+
+    /// Stores every linear weight in bitsandbytes' 4-bit format (QLoRA's frozen base,
+    /// quantized from the weight as loaded): the weight's parameter then holds the packed
+    /// codes and `{weight}.absmax` (plus `.nested_absmax`, `.nested_offset` with double
+    /// quantization) follow the layer's parameters, all frozen; forward dequantizes. Call
+    /// before attaching adapters.
+    pub fn quantize_linears(&mut self, config: QuantConfig) -> Result<()> {
+        for module in DECODER_LINEARS {
+            let Some(slot) = self.slot(module).copied() else {
+                continue;
+            };
+            if slot.quant.is_some() || slot.lora.is_some() {
+                return Err(Error::Model(format!(
+                    "layer {} {module}: quantize before attaching adapters, once",
+                    self.index
+                )));
+            }
+            let weight = &self.params[slot.weight];
+            let (name, device) = (weight.name.clone(), weight.tensor.device());
+            let (tensors, spec) = QuantizedWeight::quantize(&weight.tensor, config)?
+                .to_params(weight.tensor.kind())?;
+            let mut indices = Vec::new();
+            for (suffix, tensor) in tensors {
+                let tensor = tensor.f_to_device(device)?;
+                match suffix.is_empty() {
+                    true => {
+                        self.params[slot.weight].tensor = tensor;
+                        indices.push(slot.weight);
+                    }
+                    false => {
+                        self.params.push(Param {
+                            name: format!("{name}{suffix}"),
+                            tensor,
+                        });
+                        indices.push(self.params.len() - 1);
+                    }
+                }
+            }
+            self.quantized.push(QuantizedLinear {
+                spec,
+                params: indices,
+            });
+            let quant = Some(self.quantized.len() - 1);
+            if let Some(slot) = self.slot_mut(module) {
+                slot.quant = quant;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prefix tuning (PEFT's `PrefixTuningConfig` without projection): `kv` (N, 2 * KV * D)
+    /// becomes the parameter `model.layers.{i}.prefix_key_values`, N virtual positions
+    /// of keys (first KV * D columns) and values (the rest) that every token attends to
+    /// before its own sequence; the tokens' positions start at N. Returns its name.
+    pub fn attach_prefix(&mut self, kv: Tensor) -> Result<String> {
+        let width = 2 * self.num_kv_heads * self.head_dim;
+        let size = kv.size();
+        if size.len() != 2 || size[1] != width || size[0] == 0 || self.prefix.is_some() {
+            return Err(Error::Model(format!(
+                "layer {}: a prefix must be (N > 0, {width}) and attached once, got {size:?}",
+                self.index
+            )));
+        }
+        let name = format!("model.layers.{}.prefix_key_values", self.index);
+        self.params.push(Param {
+            name: name.clone(),
+            tensor: kv,
+        });
+        self.prefix = Some(self.params.len() - 1);
+        Ok(name)
+    }
+
+    /// Bottleneck adapters (`style`): `attention` after the attention output (Houlsby
+    /// only), `output` after the MLP, their tensors becoming the params
+    /// `model.layers.{i}.{attention,output}_adapters.adapters.{name}.adapter_down.0.weight`
+    /// (and `.bias`, `adapter_up.weight`, `.bias`), AdapterHub's keys. Returns the names.
+    pub fn attach_bottleneck(
+        &mut self,
+        style: BottleneckStyle,
+        name: &str,
+        attention: Option<BottleneckTensors>,
+        output: BottleneckTensors,
+    ) -> Result<Vec<String>> {
+        if self.bottleneck.is_some() || attention.is_some() != (style == BottleneckStyle::DoubleSeq)
+        {
+            return Err(Error::Model(format!(
+                "layer {}: bottleneck adapters attach once, after the attention exactly for                  double_seq_bn",
+                self.index
+            )));
+        }
+        let mut names = Vec::new();
+        let mut push = |location: &str, tensors: BottleneckTensors| -> [usize; 4] {
+            tensors.named().map(|(suffix, tensor)| {
+                let full = format!(
+                    "model.layers.{}.{location}.adapters.{name}.{suffix}",
+                    self.index
+                );
+                names.push(full.clone());
+                self.params.push(Param { name: full, tensor });
+                self.params.len() - 1
+            })
+        };
+        let attention = attention.map(|t| push("attention_adapters", t));
+        let output = push("output_adapters", output);
+        self.bottleneck = Some(BottleneckSlots {
+            style,
+            attention,
+            output,
+        });
+        Ok(names)
+    }
+
+    /// Attention and MLP around the residual stream, with any bottleneck adapters:
+    /// (B, T, H) -> (B, T, H).
+    fn residual_block(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
+        let normed = rms_norm(x, &self.params[self.input_norm].tensor, self.eps)?;
+        let attended = self.attention(&normed, ctx, cache)?; // (B, T, H)
+        let attended = match &self.bottleneck {
+            Some(slots) => slots.after_attention(&self.params, attended)?,
+            None => attended,
+        };
+        let x = x.f_add(&attended)?;
+        let normed = rms_norm(&x, &self.params[self.post_attention_norm].tensor, self.eps)?;
+        let mlp = self.mlp(&normed)?;
+        let mlp = match &self.bottleneck {
+            Some(slots) => slots.after_mlp(&self.params, mlp, &x)?,
+            None => mlp,
+        };
+        Ok(x.f_add(&mlp)?)
+    }
+
+    /// The prefix as attention keys and values, (B, KV, N, D) each, for `batch` rows.
+    pub(super) fn prefix_keys_values(&self, batch: i64) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(index) = self.prefix else {
+            return Ok(None);
+        };
+        let kv = &self.params[index].tensor; // (N, 2 * KV * D)
+        let n = kv.size()[0];
+        let split = kv
+            .f_view([n, 2, self.num_kv_heads, self.head_dim])?
+            .f_permute([1, 2, 0, 3])?; // (2, KV, N, D)
+        let side = |i: i64| -> Result<Tensor> {
+            Ok(split
+                .f_select(0, i)?
+                .f_unsqueeze(0)?
+                .f_expand([batch, self.num_kv_heads, n, self.head_dim], false)?)
+        };
+        Ok(Some((side(0)?, side(1)?)))
+    }
+
+    /// The elements parameter `index` stands for: a 4-bit weight counts its full shape,
+    /// its quantization state nothing (PEFT's and bitsandbytes' count).
+    pub fn logical_numel(&self, index: usize) -> i64 {
+        for quantized in &self.quantized {
+            if quantized.params[0] == index {
+                return quantized.spec.shape.iter().product();
+            }
+            if quantized.params.contains(&index) {
+                return 0;
+            }
+        }
+        self.params[index].tensor.numel() as i64
     }
 
     /// (B, T, H) -> (B, T, H): RoPE attention with GQA through SDPA. With `cache`, the
@@ -305,19 +559,44 @@ impl DecoderLayer {
                 .f_transpose(1, 2)?) // (B, n, T, D)
         };
         let training = self.lora_training.load(Ordering::Relaxed);
-        let q = heads(self.q.apply(&self.params, training, x)?, self.num_heads)?;
-        let k = heads(self.k.apply(&self.params, training, x)?, self.num_kv_heads)?;
-        let v = heads(self.v.apply(&self.params, training, x)?, self.num_kv_heads)?;
-        let (cos, sin) = self.rotary.cos_sin(&ctx.position_ids, x.kind())?; // (B, T, D)
+        let q = heads(self.linear(self.q, training, x)?, self.num_heads)?;
+        let k = heads(self.linear(self.k, training, x)?, self.num_kv_heads)?;
+        let v = heads(self.linear(self.v, training, x)?, self.num_kv_heads)?;
+        // A prefix sits before the sequence (in the cache when decoding, seeded there by
+        // `CausalLm::forward_cached`): positions continue after it.
+        let prefix = match cache.is_none() {
+            true => self.prefix_keys_values(batch)?,
+            false => None,
+        };
+        let positions = match &prefix {
+            Some((pk, _)) => ctx.position_ids.f_add_scalar(pk.size()[2])?,
+            None => ctx.position_ids.shallow_clone(),
+        };
+        let (cos, sin) = self.rotary.cos_sin(&positions, x.kind())?; // (B, T, D)
         let q = apply_rotary(&q, &cos, &sin)?;
         let k = apply_rotary(&k, &cos, &sin)?; // (B, KV, T, D)
-        let (k, v, past) = match cache {
-            Some(cache) => cache.append(k, v)?, // (B, KV, P+T, D)
-            None => (k, v, 0),
+        let (k, v, past) = match (cache, prefix) {
+            (Some(cache), _) => cache.append(k, v)?, // (B, KV, P+T, D)
+            (None, Some((pk, pv))) => {
+                let past = pk.size()[2];
+                (
+                    Tensor::f_cat(&[pk, k], 2)?,
+                    Tensor::f_cat(&[pv, v], 2)?,
+                    past,
+                )
+            }
+            (None, None) => (k, v, 0),
         };
-        let offset_mask = match past > 0 && seq > 1 {
-            true => Some(offset_causal_mask(seq, past, x.device())?), // (T, P+T)
-            false => None,
+        let offset_mask = match (past > 0, ctx.attention_mask.as_ref()) {
+            // Every query sees the whole past, then its own mask.
+            (true, Some(mask)) => {
+                let size = mask.size(); // (B, 1, T, T)
+                let seen =
+                    Tensor::f_ones([size[0], size[1], size[2], past], (Kind::Bool, x.device()))?;
+                Some(Tensor::f_cat(&[&seen, mask], 3)?) // (B, 1, T, P+T)
+            }
+            (true, None) if seq > 1 => Some(offset_causal_mask(seq, past, x.device())?), // (T, P+T)
+            _ => None,
         };
         let mask = offset_mask.as_ref().or(ctx.attention_mask.as_ref());
         // Without a mask SDPA shares each kv head across its query group itself (as HF's
@@ -337,7 +616,7 @@ impl DecoderLayer {
         let out = out
             .f_transpose(1, 2)?
             .f_reshape([batch, seq, self.num_heads * self.head_dim])?; // (B, T, N*D)
-        self.o.apply(&self.params, training, &out)
+        self.linear(self.o, training, &out)
     }
 
     /// One layer step with a KV cache: (B, T, H) -> (B, T, H). `ctx.position_ids` must be
@@ -348,10 +627,7 @@ impl DecoderLayer {
         ctx: &ForwardCtx,
         cache: &mut LayerKv,
     ) -> Result<Tensor> {
-        let normed = rms_norm(x, &self.params[self.input_norm].tensor, self.eps)?;
-        let x = x.f_add(&self.attention(&normed, ctx, Some(cache))?)?; // (B, T, H)
-        let normed = rms_norm(&x, &self.params[self.post_attention_norm].tensor, self.eps)?;
-        Ok(x.f_add(&self.mlp(&normed)?)?)
+        self.residual_block(x, ctx, Some(cache))
     }
 
     /// Layer index in the model.
@@ -390,29 +666,44 @@ impl DecoderLayer {
         let slot = self
             .slot(module)
             .ok_or_else(|| Error::Model(format!("no linear layer {module}")))?;
-        let size = self.params[slot.weight].tensor.size();
+        let size = match slot.quant {
+            Some(i) => self.quantized[i].spec.shape.clone(),
+            None => self.params[slot.weight].tensor.size(),
+        };
         Ok((size[0], size[1]))
     }
 
-    /// Attaches a LoRA adapter to `module`: `a` (r, in) and `b` (out, r) become params
-    /// named `model.layers.{i}.{module}.lora_A.weight` / `.lora_B.weight`, appended after
-    /// the base params. Returns their names.
+    /// The weight (out, in) of the linear `module` (one of `DECODER_LINEARS`), in fp32
+    /// (dequantized when stored in 4 bits).
+    pub fn linear_weight(&self, module: &str) -> Result<Tensor> {
+        let slot = self
+            .slot(module)
+            .copied()
+            .ok_or_else(|| Error::Model(format!("no linear layer {module}")))?;
+        Ok(self.weight_of(slot, Kind::Float)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Attaches a LoRA adapter to `module`: `a` (r, in), `b` (out, r) and, for DoRA, the
+    /// `magnitude` (out,) become params named `model.layers.{i}.{module}.lora_A.weight` /
+    /// `.lora_B.weight` / `.lora_magnitude_vector` (PEFT's saved keys without their
+    /// prefix), appended after the base params. Returns their names.
     pub fn attach_lora(
         &mut self,
         module: &str,
-        a: Tensor,
-        b: Tensor,
+        adapter: LoraTensors,
         scaling: f64,
         dropout: f64,
-    ) -> Result<[String; 2]> {
+    ) -> Result<Vec<String>> {
         let (out, inp) = self.linear_shape(module)?;
-        let (a_size, b_size) = (a.size(), b.size());
+        let (a_size, b_size) = (adapter.a.size(), adapter.b.size());
         let rank = a_size.first().copied().unwrap_or(0);
-        if a_size != [rank, inp] || b_size != [out, rank] || rank == 0 {
+        let magnitude_fits = adapter.magnitude.as_ref().is_none_or(|m| m.size() == [out]);
+        if a_size != [rank, inp] || b_size != [out, rank] || rank == 0 || !magnitude_fits {
             return Err(Error::Model(format!(
-                "LoRA for layer {} {module}: A {a_size:?} / B {b_size:?} do not fit a \
-                 ({out}, {inp}) linear",
-                self.index
+                "LoRA for layer {} {module}: A {a_size:?} / B {b_size:?} / magnitude {:?} do \
+                 not fit a ({out}, {inp}) linear",
+                self.index,
+                adapter.magnitude.as_ref().map(Tensor::size)
             )));
         }
         if self.slot(module).is_some_and(|s| s.lora.is_some()) {
@@ -422,23 +713,34 @@ impl DecoderLayer {
             )));
         }
         let prefix = format!("model.layers.{}.{module}", self.index);
-        let names = [
+        let mut names = Vec::new();
+        let mut push = |params: &mut Vec<Param>, name: String, tensor: Tensor| {
+            names.push(name.clone());
+            params.push(Param { name, tensor });
+            params.len() - 1
+        };
+        let a = push(
+            &mut self.params,
             format!("{prefix}.lora_A.weight"),
+            adapter.a,
+        );
+        let b = push(
+            &mut self.params,
             format!("{prefix}.lora_B.weight"),
-        ];
-        self.params.push(Param {
-            name: names[0].clone(),
-            tensor: a,
+            adapter.b,
+        );
+        let magnitude = adapter.magnitude.map(|m| {
+            push(
+                &mut self.params,
+                format!("{prefix}.lora_magnitude_vector"),
+                m,
+            )
         });
-        self.params.push(Param {
-            name: names[1].clone(),
-            tensor: b,
-        });
-        let (a, b) = (self.params.len() - 2, self.params.len() - 1);
         if let Some(slot) = self.slot_mut(module) {
             slot.lora = Some(LoraSlot {
                 a,
                 b,
+                magnitude,
                 scaling,
                 dropout,
             });
@@ -446,40 +748,56 @@ impl DecoderLayer {
         Ok(names)
     }
 
-    /// Folds every adapter into its base weight (W += scaling * B A) and removes the
-    /// adapter params, leaving a plain layer.
+    /// Folds every adapter into its base weight (W += scaling * B A; with DoRA
+    /// W = m / |W + scaling * B A| * (W + scaling * B A) row by row) and removes the
+    /// adapter params, leaving a plain layer. 4-bit weights are dequantized first (into
+    /// the layer's dtype), so a QLoRA model merges into exactly the weights it trained on.
     pub fn merge_lora(&mut self) -> Result<()> {
-        let mut first_adapter = self.params.len();
+        let kind = self.params[self.input_norm].tensor.kind();
+        let mut first_extra = self.params.len();
         for module in DECODER_LINEARS {
             let Some(slot) = self.slot(module).copied() else {
                 continue;
             };
-            let Some(lora) = slot.lora else { continue };
-            first_adapter = first_adapter.min(lora.a).min(lora.b);
-            let delta = self.params[lora.b]
-                .tensor
-                .f_detach()?
-                .f_to_kind(Kind::Float)?
-                .f_matmul(
-                    &self.params[lora.a]
-                        .tensor
-                        .f_detach()?
-                        .f_to_kind(Kind::Float)?,
-                )?
-                .f_mul_scalar(lora.scaling)?; // (out, in)
-            let weight = &self.params[slot.weight].tensor;
-            let merged = weight
-                .f_detach()?
-                .f_to_kind(Kind::Float)?
-                .f_add(&delta)?
-                .f_to_kind(weight.kind())?;
-            let mut target = weight.shallow_clone();
-            tch::no_grad(|| target.f_copy_(&merged))?;
+            if slot.lora.is_none() && slot.quant.is_none() {
+                continue;
+            }
+            let float = |i: usize| self.params[i].tensor.f_detach()?.f_to_kind(Kind::Float);
+            let mut merged = self.weight_of(slot, Kind::Float)?.f_detach()?; // (out, in)
+            if let Some(lora) = slot.lora {
+                first_extra = first_extra.min(lora.a).min(lora.b);
+                let delta = float(lora.b)?
+                    .f_matmul(&float(lora.a)?)?
+                    .f_mul_scalar(lora.scaling)?; // (out, in)
+                merged = merged.f_add(&delta)?;
+                if let Some(magnitude) = lora.magnitude {
+                    first_extra = first_extra.min(magnitude);
+                    let norms = merged.f_norm_scalaropt_dim(2.0, [1i64], true)?; // (out, 1)
+                    let magnitude = float(magnitude)?.f_unsqueeze(1)?; // (out, 1)
+                    merged = merged.f_mul(&magnitude.f_div(&norms)?)?;
+                }
+            }
+            match slot.quant.map(|i| &self.quantized[i]) {
+                Some(quantized) => {
+                    first_extra = quantized.params[1..]
+                        .iter()
+                        .fold(first_extra, |m, i| m.min(*i));
+                    self.params[slot.weight].tensor = merged.f_to_kind(kind)?;
+                }
+                None => {
+                    let weight = &self.params[slot.weight].tensor;
+                    let merged = merged.f_to_kind(weight.kind())?;
+                    let mut target = weight.shallow_clone();
+                    tch::no_grad(|| target.f_copy_(&merged))?;
+                }
+            }
             if let Some(slot) = self.slot_mut(module) {
                 slot.lora = None;
+                slot.quant = None;
             }
         }
-        self.params.truncate(first_adapter);
+        self.quantized.clear();
+        self.params.truncate(first_extra);
         Ok(())
     }
 
@@ -496,9 +814,9 @@ impl DecoderLayer {
     /// (B, T, H) -> (B, T, H): down(silu(gate(x)) * up(x)).
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let training = self.lora_training.load(Ordering::Relaxed);
-        let gated = self.gate.apply(&self.params, training, x)?.f_silu()?; // (B, T, I)
-        let hidden = gated.f_mul(&self.up.apply(&self.params, training, x)?)?;
-        self.down.apply(&self.params, training, &hidden)
+        let gated = self.linear(self.gate, training, x)?.f_silu()?; // (B, T, I)
+        let hidden = gated.f_mul(&self.linear(self.up, training, x)?)?;
+        self.linear(self.down, training, &hidden)
     }
 }
 
@@ -510,6 +828,13 @@ pub struct LayerKv {
 }
 
 impl LayerKv {
+    /// Starts an empty cache with `keys` and `values` (B, KV, P, D): a layer's prefix.
+    pub(super) fn seed(&mut self, keys: Tensor, values: Tensor) -> Result<()> {
+        self.keys = Some(keys.f_detach()?);
+        self.values = Some(values.f_detach()?);
+        Ok(())
+    }
+
     /// Number of cached positions P.
     pub fn len(&self) -> i64 {
         self.keys.as_ref().map_or(0, |k| k.size()[2])
@@ -564,10 +889,7 @@ impl Block for DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let normed = rms_norm(x, &self.params[self.input_norm].tensor, self.eps)?;
-        let x = x.f_add(&self.attention(&normed, ctx, None)?)?; // (B, T, H)
-        let normed = rms_norm(&x, &self.params[self.post_attention_norm].tensor, self.eps)?;
-        Ok(x.f_add(&self.mlp(&normed)?)?)
+        self.residual_block(x, ctx, None)
     }
 }
 

@@ -48,7 +48,8 @@ pub struct LayerSaved {
 
 impl DecoderLayer {
     /// Whether `forward_manual` / `backward_manual` can train this layer on `x` (B, T, H):
-    /// fp32 CPU tensors, no LoRA adapter, plain causal attention (no mask), T > 1.
+    /// fp32 CPU tensors, no LoRA adapter, 4-bit weight or prefix, plain causal attention
+    /// (no mask), T > 1.
     pub fn manual_applies(&self, x: &Tensor, ctx: &ForwardCtx) -> bool {
         let size = x.size();
         let slots = [
@@ -59,7 +60,9 @@ impl DecoderLayer {
             && size[1] > 1
             && x.device() == tch::Device::Cpu
             && x.kind() == Kind::Float
-            && slots.iter().all(|s| s.lora.is_none())
+            && slots.iter().all(|s| s.lora.is_none() && s.quant.is_none())
+            && self.prefix.is_none()
+            && self.bottleneck.is_none()
             && self.params.iter().all(|p| kernels::applies(&p.tensor))
     }
 

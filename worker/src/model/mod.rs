@@ -17,11 +17,14 @@
 //!   device, cos/sin derived from `ForwardCtx::position_ids`), not parameters.
 //! - `ForwardCtx::build` makes positions and the attention mask for a batch (padding,
 //!   packed segments); `causal_lm_loss` is HF's loss (shift inside, ignore -100, fp32).
-//! - LoRA (`crate::lora`): `DecoderLayer::attach_lora` appends `lora_A`/`lora_B` params
-//!   after a layer's base params; frozen base params have `requires_grad` false.
+//! - LoRA (`crate::lora`): `DecoderLayer::attach_lora` appends `lora_A`/`lora_B` (and
+//!   DoRA's `lora_magnitude_vector`) params after a layer's base params; frozen base
+//!   params have `requires_grad` false. Prefix tuning and bottleneck adapters attach the
+//!   same way (`attach_prefix`, `attach_bottleneck`).
 //! - Decoding: `CausalLm::forward_cached` with a `KvCache` (one `LayerKv` per decoder
 //!   layer) runs a prompt chunk or single token, positions continuing the cache.
 
+mod bottleneck;
 mod config;
 mod ctx;
 mod fused_head;
@@ -30,12 +33,14 @@ mod layers;
 mod manual_layer;
 mod rope;
 
+pub use bottleneck::{BottleneckStyle, BottleneckTensors};
 pub use config::{ModelConfig, ModelType, RopeScaling, RopeSpec, kind_from_name, kind_name};
 pub use ctx::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_over, count_loss_tokens};
 pub use fused_head::FusedHeadOutput;
 pub use io::{INDEX_FILE, SINGLE_FILE, SafetensorsFolder, save_safetensors_sharded};
 pub use layers::{
-    DECODER_LINEARS, DecoderLayer, Embedding, Head, InitKind, LayerKv, ParamSource, rms_norm,
+    DECODER_LINEARS, DecoderLayer, Embedding, Head, InitKind, LayerKv, LoraTensors, ParamSource,
+    dora_row_norms, rms_norm,
 };
 pub use manual_layer::LayerSaved;
 pub use rope::{Rotary, apply_rotary, inverse_frequencies};
@@ -198,6 +203,15 @@ impl ParamSource for FolderSource<'_> {
 }
 
 impl CausalLm {
+    /// Stores every decoder linear in bitsandbytes' 4-bit format (a QLoRA base; see
+    /// `DecoderLayer::quantize_linears`).
+    pub fn quantize_linears(&mut self, config: crate::quant::QuantConfig) -> Result<()> {
+        for layer in self.decoder_layers_mut() {
+            layer.quantize_linears(config)?;
+        }
+        Ok(())
+    }
+
     /// A freshly initialised model (HF-style init, seeded with `seed` through
     /// `tch::manual_seed`). The same seed gives the same weights as long as nothing else
     /// in the process draws from libtorch's global generator meanwhile (concurrent
@@ -354,6 +368,15 @@ impl CausalLm {
             return Err(Error::Model(format!(
                 "forward_cached wants ids (B, T) and a cache built for this model, got {size:?}"
             )));
+        }
+        if cache.is_empty() {
+            // Prefix tuning: the prefix is the cache's first N positions.
+            let layers = self.blocks.iter().filter_map(|b| b.as_decoder_layer());
+            for (layer, layer_cache) in layers.zip(cache.layers.iter_mut()) {
+                if let Some((keys, values)) = layer.prefix_keys_values(size[0])? {
+                    layer_cache.seed(keys, values)?;
+                }
+            }
         }
         let past = cache.len();
         let positions = Tensor::f_arange_start(past, past + size[1], (Kind::Int64, ids.device()))?

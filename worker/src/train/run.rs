@@ -5,6 +5,7 @@
 //! run depends only on its config and a resumed run continues exactly.
 
 use super::data_source::{DataPlan, Examples, TrainStream};
+use super::ds_monitor::{DsMonitor, step_events};
 use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
 use super::trackers::{TrackerRun, Trackers};
@@ -12,8 +13,9 @@ use crate::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use crate::checkpoint::{self, PendingSave, RunRecord, SaveRequest, TrainerState};
 use crate::comm::{Communicator, ReduceOp};
 use crate::data::Window;
-use crate::lora::{LoraConfig, LoraInfo, lora_state, save_adapter};
-use crate::model::{ForwardCtx, ModelConfig, causal_lm_loss};
+use crate::lora::{Bottleneck, LoraConfig, LoraInfo, PrefixTuning, save_adapter};
+use crate::model::{ForwardCtx, ModelConfig, ModelType, causal_lm_loss};
+use crate::quant::{QuantConfig, QuantType};
 use crate::tokenizer::Tokenizer;
 use crate::zero::{EngineConfig, ZeroEngine};
 use crate::{Error, Result};
@@ -103,6 +105,17 @@ struct StepReport {
     tokens_per_second: f64,
 }
 
+/// Where one optimizer step's wall time went on this rank, in seconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct StepTimes {
+    /// Building the micro-batches (tokens to tensors on the device).
+    data: f64,
+    /// Forward and backward of every micro-step.
+    forward_backward: f64,
+    /// The engine's step: gradient reduction, clipping, the optimizer.
+    optimizer: f64,
+}
+
 /// A training run in named steps: `setup` (data, model + engine, resume, reporter), then
 /// per optimizer step `optimizer_step` (micro-steps with gradient accumulation, then the
 /// engine's step), `log`, `evaluate_if_due`, `save_if_due`; and `finish` (final weights,
@@ -117,6 +130,8 @@ struct Trainer {
     epoch: f64,
     state: TrainerState,
     reporter: Option<ProgressReporter>,
+    /// The DeepSpeed config's `csv_monitor` / `tensorboard` blocks (rank 0, when enabled).
+    ds_monitor: Option<DsMonitor>,
     window: LogWindow,
     pending_save: Option<PendingSave>,
     start_step: u64,
@@ -157,6 +172,7 @@ impl Trainer {
             .map_err(|e| Error::Config(e.to_string()))?;
         let (engine, lora, num_parameters) =
             build_engine(&config, &model_config, &world, kind, total_steps)?;
+        print_model_states(&engine.memory_report());
         let state = TrainerState {
             max_steps: total_steps,
             logging_steps: args.logging_steps,
@@ -191,6 +207,7 @@ impl Trainer {
             epoch: 0.0,
             state,
             reporter: None,
+            ds_monitor: None,
             window: LogWindow::default(),
             pending_save: None,
             start_step: 0,
@@ -240,7 +257,14 @@ impl Trainer {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| run.output_dir.join("runs"))
         });
-        let config = serde_json::to_value(&run.config).unwrap_or_default();
+        let mut config = serde_json::to_value(&run.config).unwrap_or_default();
+        // Where and how the run trains, beside its settings (HF logs the same facts).
+        config["rsdeep"] = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "host": std::env::var(rsdeep_contract::env::HOST).unwrap_or_default(),
+            "device": format!("{:?}", run.world.device),
+            "world_size": run.world.world_size,
+        });
         let trackers = Trackers::start(TrackerRun {
             report_to: &args.report_to,
             run_name: args
@@ -251,6 +275,8 @@ impl Trainer {
             resumed: self.start_step > 0,
             config,
         });
+        let ds = &run.config.deepspeed;
+        self.ds_monitor = DsMonitor::open(&ds.csv_monitor, &ds.tensorboard)?;
         self.reporter = Some(
             ProgressReporter::open(
                 &run.output_dir,
@@ -278,11 +304,15 @@ impl Trainer {
         super::phase::begin_step(self.step + 1);
         tch::manual_seed(step_seed(args.seed, self.step, world.rank));
         let started = Instant::now();
+        let mut times = StepTimes::default();
         let mut tokens = 0i64;
         let window = self.stream.window(self.step);
         self.engine.begin_window(self.loss_weights(&window))?;
         for indices in &window.ranks[world.rank] {
+            let data_started = Instant::now();
             let batch = self.train_data.batch(indices, world.device)?;
+            times.data += data_started.elapsed().as_secs_f64();
+            let compute_started = Instant::now();
             tokens += batch.input_ids.numel() as i64;
             let ctx = ForwardCtx::build(
                 &batch.input_ids,
@@ -292,12 +322,15 @@ impl Trainer {
             // Fused head + loss when the head allows it (no (B*T, V) logits), else generic.
             self.engine
                 .forward_backward_causal_lm(&batch.input_ids, &ctx, &batch.labels)?;
+            times.forward_backward += compute_started.elapsed().as_secs_f64();
         }
         if let Some(pending) = &self.pending_save {
             // An asynchronous save copies the state this step changes in the background.
             pending.wait_for_snapshot()?;
         }
+        let optimizer_started = Instant::now();
         let report = self.engine.step()?;
+        times.optimizer = optimizer_started.elapsed().as_secs_f64();
         self.step += 1;
         let world_tokens = tokens * world.world_size as i64;
         self.state.global_step = self.step;
@@ -308,7 +341,7 @@ impl Trainer {
         self.first_loss.get_or_insert(report.loss);
         self.last_loss = Some(report.loss);
         self.window
-            .add(report.loss, report.grad_norm, tokens_per_second);
+            .add(report.loss, report.grad_norm, tokens_per_second, times);
         Ok(StepReport {
             loss: report.loss,
             lr: report.logged_lr,
@@ -342,9 +375,16 @@ impl Trainer {
             .collect()
     }
 
-    /// Every `logging_steps` (and the last step, and the first with `logging_first_step`):
-    /// the window's means into the log history, the progress line and the metric files.
+    /// Every step: the DeepSpeed monitor events when its config enables them. Every
+    /// `logging_steps` (and the last step, and the first with `logging_first_step`): the
+    /// window's means into the log history, the progress line and the metric files.
     fn log(&mut self, report: &StepReport) -> Result<()> {
+        if let Some(monitor) = self.ds_monitor.as_mut() {
+            let fp16 = self.run.kind == Kind::Half;
+            let events = step_events(report.loss, report.lr, fp16.then_some(report.loss_scale));
+            let samples = self.step * self.run.config.batch.train_batch_size;
+            monitor.write(&events, samples)?;
+        }
         let (args, step, total) = (&self.run.config.args, self.step, self.run.total_steps);
         let log_now = args.logging_strategy == IntervalStrategy::Steps
             && (step.is_multiple_of(args.logging_steps.max(1))
@@ -353,7 +393,8 @@ impl Trainer {
         if !log_now {
             return Ok(());
         }
-        let (loss, grad_norm, tps) = self.window.take();
+        let (loss, grad_norm, tps, times) = self.window.take();
+        let peak_rss_mib = every_ranks_peak_rss_mib(&self.run.world)?;
         let world = &self.run.world;
         let metrics = StepMetrics {
             step,
@@ -362,6 +403,7 @@ impl Trainer {
             learning_rate: report.lr,
             grad_norm,
             loss_scale: report.loss_scale,
+            skipped_steps: self.engine.skipped_steps(),
             tokens_per_second: tps,
             mfu: mfu_percent(
                 self.run.flops_per_token,
@@ -374,6 +416,8 @@ impl Trainer {
                 .reporter
                 .as_ref()
                 .map_or(0.0, |r| r.eta_s(self.start_step, step)),
+            peak_rss_mib,
+            step_time_s: [times.data, times.forward_backward, times.optimizer],
         };
         self.state
             .log_history
@@ -507,6 +551,20 @@ impl Trainer {
     }
 }
 
+/// This rank's model-state bytes (DeepSpeed's "estimated memory" lines, measured):
+/// parameters (the frozen base among them), gradients, optimizer states.
+fn print_model_states(report: &crate::zero::MemoryReport) {
+    let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
+    eprintln!(
+        "model states on this rank: params {:.1} MiB (frozen {:.1} MiB), grads {:.1} MiB, \
+         optimizer {:.1} MiB",
+        mib(report.param_bytes),
+        mib(report.frozen_bytes),
+        mib(report.grad_bytes),
+        mib(report.optimizer_bytes)
+    );
+}
+
 /// The model built block by block straight into the engine (with its adapters for
 /// LoRA): under ZeRO-3 no rank ever holds the whole model. Returns the engine, the LoRA
 /// run (for `task: "lora"`) and the parameter count.
@@ -520,14 +578,19 @@ fn build_engine(
     let args = &config.args;
     let engine_config = EngineConfig::from_train_config(config, total_steps, world.device)?;
     let lora_config = match args.task {
-        Task::Lora => Some(lora_config_of(config)?),
+        Task::Lora => Some(lora_config_of(config, model_config)?),
         _ => None,
     };
+    let base_4bit = base_quantization(args)?;
     let lora_spec = match (&lora_config, &args.adapter_name_or_path) {
-        (Some(_), Some(dir)) => Some(LoraSpec::Saved(Path::new(dir))),
+        (Some(_), Some(dir)) => Some(LoraSpec::Saved {
+            dir: Path::new(dir),
+            base_4bit,
+        }),
         (Some(c), None) => Some(LoraSpec::Fresh {
             config: c,
             seed: args.seed,
+            base_4bit,
         }),
         (None, _) => None,
     };
@@ -597,7 +660,7 @@ fn continue_run(run: RunRecord, saved: &RunRecord, rank: usize) -> RunRecord {
 /// The settings an exact resume depends on (the world size and ZeRO stage are not among
 /// them: checkpoints reshard), recorded in every checkpoint's manifest.
 fn exact_resume_settings(config: &TrainConfig) -> serde_json::Map<String, serde_json::Value> {
-    const KEYS: [&str; 37] = [
+    const KEYS: [&str; 45] = [
         "task",
         "model_name_or_path",
         "config_name",
@@ -635,6 +698,14 @@ fn exact_resume_settings(config: &TrainConfig) -> serde_json::Map<String, serde_
         "lora_alpha",
         "lora_dropout",
         "lora_target_modules",
+        "use_dora",
+        "use_rslora",
+        "lora_modules_to_save",
+        "peft_type",
+        "num_virtual_tokens",
+        "load_in_4bit",
+        "bnb_4bit_quant_type",
+        "bnb_4bit_use_double_quant",
     ];
     let args = serde_json::to_value(&config.args).unwrap_or_default();
     let mut settings: serde_json::Map<String, serde_json::Value> = KEYS
@@ -762,16 +833,20 @@ impl LoraRun {
     /// `dir` from gathered weights (rank 0 only writes).
     fn save(&self, dir: &Path, weights: &[(String, Tensor)], writer: bool) -> Result<()> {
         if writer {
-            save_adapter(dir, &self.config, &self.base_model, &lora_state(weights))?;
+            save_adapter(
+                dir,
+                &self.config,
+                &self.base_model,
+                &self.info.saved_tensors(weights)?,
+            )?;
         }
         Ok(())
     }
 }
 
-/// train.json's LoRA settings (`task: "lora"`).
 /// The LoRA settings of the run: the saved adapter's when training continues from
 /// `adapter_name_or_path`, else train.json's.
-fn lora_config_of(config: &TrainConfig) -> Result<LoraConfig> {
+fn lora_config_of(config: &TrainConfig, model: &ModelConfig) -> Result<LoraConfig> {
     let args = &config.args;
     if let Some(dir) = &args.adapter_name_or_path {
         return crate::lora::read_adapter_config(Path::new(dir));
@@ -781,8 +856,51 @@ fn lora_config_of(config: &TrainConfig) -> Result<LoraConfig> {
         alpha: args.lora_alpha,
         dropout: args.lora_dropout,
         target_modules: args.lora_target_modules.clone(),
-        use_rslora: false,
+        use_rslora: args.use_rslora,
+        use_dora: args.use_dora,
+        modules_to_save: args.lora_modules_to_save.clone(),
+        prefix_tuning: (args.peft_type == "PREFIX_TUNING").then(|| PrefixTuning {
+            num_virtual_tokens: args.num_virtual_tokens,
+            num_layers: model.num_hidden_layers,
+            num_kv_heads: model.num_kv_heads(),
+            head_dim: model.head_dim(),
+        }),
+        bottleneck: bottleneck_of(args, model)?,
     })
+}
+
+/// Bottleneck adapters when `peft_type` asks for them: only Llama-architecture models,
+/// the ones AdapterHub's library (the format they are saved in) supports.
+fn bottleneck_of(
+    args: &rsdeep_contract::config::TrainingArgs,
+    model: &ModelConfig,
+) -> Result<Option<Bottleneck>> {
+    if args.peft_type != "BOTTLENECK" {
+        return Ok(None);
+    }
+    if model.model_type != ModelType::Llama {
+        return Err(Error::Config(format!(
+            "peft_type BOTTLENECK: AdapterHub's adapters library (whose format rsdeep saves) \
+             supports Llama-architecture models, this one is {:?}: use LoRA or a Llama model",
+            model.model_type
+        )));
+    }
+    Ok(Some(Bottleneck {
+        style: crate::lora::parse_bottleneck_style(&args.bottleneck_config)?,
+        reduction_factor: args.bottleneck_reduction_factor,
+        hidden_size: model.hidden_size,
+    }))
+}
+
+/// QLoRA: how the frozen base's linears are stored in 4 bits, when asked for.
+fn base_quantization(args: &rsdeep_contract::config::TrainingArgs) -> Result<Option<QuantConfig>> {
+    if !args.base_in_4bit() {
+        return Ok(None);
+    }
+    Ok(Some(QuantConfig {
+        quant_type: QuantType::parse(&args.bnb_4bit_quant_type)?,
+        double_quant: args.bnb_4bit_use_double_quant,
+    }))
 }
 
 /// The LoRA run's record of what was injected; prints PEFT's trainable-parameters line.
@@ -862,13 +980,45 @@ fn evaluate(
         }
         start = end;
     }
-    let totals = Tensor::from_slice(&[loss_sum, count]);
-    world.comm.all_reduce(&totals, ReduceOp::Sum)?.wait()?;
-    let (sum, n) = (totals.f_double_value(&[0])?, totals.f_double_value(&[1])?);
+    let totals = sum_over_ranks(world, &[loss_sum, count])?;
+    let (sum, n) = (totals[0], totals[1]);
     if n == 0.0 {
         return Err(Error::Data("the eval split has no tokens to score".into()));
     }
     Ok(sum / n)
+}
+
+/// Every rank's peak resident memory in MiB (index = rank), gathered by one small sum
+/// (each rank fills its own slot); every rank calls it at the same logging steps.
+fn every_ranks_peak_rss_mib(world: &TrainWorld) -> Result<Vec<f64>> {
+    let mut slots = vec![0.0f64; world.world_size];
+    slots[world.rank] = own_peak_rss_mib();
+    sum_over_ranks(world, &slots)
+}
+
+/// `values` summed element-wise over every rank (on the communicator's device: NCCL
+/// reduces only device memory).
+fn sum_over_ranks(world: &TrainWorld, values: &[f64]) -> Result<Vec<f64>> {
+    let tensor = Tensor::from_slice(values).f_to_device(world.device)?;
+    world.comm.all_reduce(&tensor, ReduceOp::Sum)?.wait()?;
+    Ok(Vec::<f64>::try_from(&tensor.f_to_device(Device::Cpu)?)?)
+}
+
+/// This process's peak resident set (`VmHWM` in /proc/self/status) in MiB; 0 where the
+/// kernel does not report it.
+fn own_peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// What one log line reports about the steps since the previous one, as Hugging Face's
@@ -878,20 +1028,36 @@ struct LogWindow {
     loss: f64,
     grad_norm: f64,
     tokens_per_second: f64,
+    times: StepTimes,
     count: f64,
 }
 
 impl LogWindow {
-    fn add(&mut self, loss: f64, grad_norm: f64, tps: f64) {
+    fn add(&mut self, loss: f64, grad_norm: f64, tps: f64, times: StepTimes) {
         self.loss += loss;
         self.grad_norm = grad_norm;
         self.tokens_per_second += tps;
+        self.times.data += times.data;
+        self.times.forward_backward += times.forward_backward;
+        self.times.optimizer += times.optimizer;
         self.count += 1.0;
     }
 
-    fn take(&mut self) -> (f64, f64, f64) {
+    /// Mean loss, the last grad norm, mean tokens/s and mean step times since the last
+    /// take; starts a new window.
+    fn take(&mut self) -> (f64, f64, f64, StepTimes) {
         let n = self.count.max(1.0);
-        let means = (self.loss / n, self.grad_norm, self.tokens_per_second / n);
+        let times = StepTimes {
+            data: self.times.data / n,
+            forward_backward: self.times.forward_backward / n,
+            optimizer: self.times.optimizer / n,
+        };
+        let means = (
+            self.loss / n,
+            self.grad_norm,
+            self.tokens_per_second / n,
+            times,
+        );
         *self = LogWindow::default();
         means
     }
@@ -1048,11 +1214,21 @@ mod tests {
     }
 
     #[test]
-    fn log_window_averages_the_loss_keeps_the_last_norm_and_resets() {
+    fn log_window_averages_the_loss_and_times_keeps_the_last_norm_and_resets() {
         let mut w = LogWindow::default();
-        w.add(2.0, 1.0, 10.0);
-        w.add(4.0, 3.0, 30.0);
-        assert_eq!(w.take(), (3.0, 3.0, 20.0));
-        assert_eq!(w.take(), (0.0, 0.0, 0.0));
+        let times = |data, forward_backward, optimizer| StepTimes {
+            data,
+            forward_backward,
+            optimizer,
+        };
+        w.add(2.0, 1.0, 10.0, times(0.1, 1.0, 0.2));
+        w.add(4.0, 3.0, 30.0, times(0.3, 3.0, 0.4));
+        let (loss, norm, tps, mean) = w.take();
+        assert_eq!((loss, norm, tps), (3.0, 3.0, 20.0));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(mean.data, 0.2) && close(mean.forward_backward, 2.0));
+        assert!(close(mean.optimizer, 0.3), "{mean:?}");
+        let (loss, norm, tps, mean) = w.take();
+        assert_eq!((loss, norm, tps, mean.optimizer), (0.0, 0.0, 0.0, 0.0));
     }
 }

@@ -117,6 +117,12 @@ impl EngineBuilder {
         };
         let block_count = model.blocks.len();
         let window = ZeroEngine::default_window(&self.config);
+        let breakdown_every = match self.config.wall_clock_breakdown {
+            // DeepSpeed's default `steps_per_print` is 10.
+            true if self.config.steps_per_print == 0 => 10,
+            true => self.config.steps_per_print,
+            false => 0,
+        };
         Ok(ZeroEngine {
             blocks: model.blocks,
             shards: self.shards,
@@ -143,7 +149,7 @@ impl EngineBuilder {
             kept_buffers: (0..block_count).map(|_| (None, None)).collect(),
             stage3_stats: Stage3Stats::default(),
             inject_overflow: false,
-            profile: StepProfile::from_env(),
+            profile: StepProfile::new(breakdown_every),
         })
     }
 

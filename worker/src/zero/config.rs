@@ -169,6 +169,9 @@ pub struct EngineConfig {
     pub activation_checkpointing: bool,
     /// 0 disables the periodic log line.
     pub steps_per_print: u64,
+    /// DeepSpeed's `wall_clock_breakdown`: print per-phase step times every
+    /// `steps_per_print` steps (`zero/profile.rs`).
+    pub wall_clock_breakdown: bool,
     /// `offload_optimizer.device == "cpu"`: fp32 masters and moments live on the CPU.
     pub offload_optimizer_cpu: bool,
     /// Where the compute buffers live.
@@ -201,6 +204,7 @@ impl Default for EngineConfig {
             scheduler: SchedulerConfig::Constant,
             activation_checkpointing: false,
             steps_per_print: 0,
+            wall_clock_breakdown: false,
             offload_optimizer_cpu: false,
             device: Device::Cpu,
             manual_layers: true,
