@@ -167,6 +167,50 @@ fn only_the_builder_builds_while_others_wait() {
 }
 
 #[test]
+fn a_builder_waits_for_another_jobs_builder_of_the_same_entry_and_uses_its_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = small_tokenizer(dir.path());
+    let corpus = dir.path().join("c.jsonl");
+    write_corpus(&corpus, 40, "text");
+    let cache = dir.path().join("cache");
+    let cfg = config(vec![corpus], &cache, 8);
+    // Learn the entry's key from a first build, then remove the cache.
+    let built = PretrainDataset::load_or_build(&cfg, &tokenizer, true, never_wait).unwrap();
+    let entry = built.dir().to_path_buf();
+    let (blocks, key) = (built.len(), entry.file_name().unwrap().to_owned());
+    drop(built);
+    std::fs::remove_dir_all(&entry).unwrap();
+    // "Another job" holds the entry's lock and finishes the cache while this one waits.
+    let lock_path = cache.join(format!("{}.lock", key.to_string_lossy()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    let mut held = Some(nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).unwrap());
+    let mut waits = 0;
+    let dataset = PretrainDataset::load_or_build(&cfg, &tokenizer, true, || {
+        waits += 1;
+        if waits == 3 {
+            // The other job's cache appears, then its lock goes.
+            let other = dir.path().join("other-cache");
+            let other_cfg = config(cfg.files.clone(), &other, 8);
+            let built = PretrainDataset::load_or_build(&other_cfg, &tokenizer, true, never_wait)
+                .map_err(|e| rsdeep_worker::Error::Data(e.to_string()))?;
+            std::fs::rename(built.dir(), &entry).unwrap();
+            held.take();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        Ok(())
+    })
+    .unwrap();
+    assert!(waits >= 3, "the builder waited for the lock holder ({waits} waits)");
+    assert!(dataset.cache_hit(), "it used the other job's cache instead of building again");
+    assert_eq!(dataset.len(), blocks);
+}
+
+#[test]
 fn a_waiting_rank_fails_when_the_builder_fails() {
     let dir = tempfile::tempdir().unwrap();
     let tokenizer = small_tokenizer(dir.path());

@@ -23,7 +23,10 @@
 //!   renamed into place, so a reader never sees half a cache.
 //! - One builder per node: the caller says `is_builder` (local rank 0); the others poll for
 //!   `meta.json`, calling a `wait` function between polls, and fail if the builder left a
-//!   `<key>.failed` note.
+//!   `<key>.failed` note. One builder per entry across jobs: a builder first takes an
+//!   exclusive `flock` on `<key>.lock` (released when it ends, however it ends); another
+//!   job's builder of the same entry waits for it (calling `wait`), then uses the cache
+//!   that one built instead of building it again.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -109,6 +112,10 @@ impl PretrainDataset {
         }
         if is_builder {
             let _span = tracing::info_span!("build_pretrain_cache", key = %key).entered();
+            let _entry = lock_entry(&config.cache_dir, &key, &mut wait)?;
+            if dir.join("meta.json").is_file() {
+                return Self::open(&dir, true); // another job built it meanwhile
+            }
             let failure_note = config.cache_dir.join(format!("{key}.failed"));
             let _ = std::fs::remove_file(&failure_note);
             if let Err(e) = build_cache(config, tokenizer, &files, &key, &dir) {
@@ -287,6 +294,55 @@ fn wait_for_builder(
         wait()?;
     }
     Ok(())
+}
+
+/// Takes the exclusive lock on building cache entry `key` (`<cache_dir>/<key>.lock`, the
+/// holder's pid written in it), waiting (`wait` between tries) while another process
+/// holds it; held until the returned lock drops.
+fn lock_entry(
+    cache_dir: &Path,
+    key: &str,
+    wait: &mut impl FnMut() -> Result<()>,
+) -> Result<nix::fcntl::Flock<File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    std::fs::create_dir_all(cache_dir)
+        .map_err(|e| Error::io(format!("creating {}", cache_dir.display()), e))?;
+    let path = cache_dir.join(format!("{key}.lock"));
+    let mut announced = false;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                let _ = lock.set_len(0);
+                let _ = write!(lock, "{}", std::process::id());
+                return Ok(lock);
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                if !announced {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    tracing::info!(
+                        lock = %path.display(),
+                        holder = %holder.trim(),
+                        "another process is building this data cache entry; waiting for it"
+                    );
+                    announced = true;
+                }
+                wait()?;
+            }
+            Err((_, errno)) => {
+                return Err(Error::io(
+                    format!("locking {}", path.display()),
+                    std::io::Error::from(errno),
+                ));
+            }
+        }
+    }
 }
 
 /// Removes `<key>.tmp-<pid>` folders of builders that died (a killed job); a living
