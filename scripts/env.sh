@@ -10,3 +10,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$RSDEEP_HOME/target}"
 export RSDEEP_PYTHON="$VIRTUAL_ENV/bin/python"
 # AdapterHub's adapters with its transformers 4.57, for the bottleneck parity tests.
 export RSDEEP_ADAPTERS_PYTHONPATH="$RSDEEP_HOME/adapters-py"
+# Tests never reach the Hugging Face Hub: on CPUs with AVX512-BF16, importing bitsandbytes
+# (which transformers' Trainer does) asks the Hub for a CPU kernel, which hangs where the
+# Hub's address is dropped rather than refused.
+export HF_HUB_OFFLINE=1

@@ -197,32 +197,81 @@ pub fn pretrain_fixture() -> tempfile::TempDir {
     dir
 }
 
+/// How long one `run_deepspeed` may take before its processes are killed and the test
+/// fails with their output (a cold first run builds DeepSpeed's CPU ops: minutes).
+const DEEPSPEED_LIMIT: Duration = Duration::from_secs(900);
+
 /// `deepspeed --num_gpus 2 <script> args...` from the venv in `dir`, on DeepSpeed's CPU
-/// accelerator; returns its output (stdout then stderr) and fails the test if it failed.
+/// accelerator; returns its output (stdout and stderr, as written, also kept in
+/// `dir/deepspeed-<port>.log`) and fails the test if it failed or outlived
+/// `DEEPSPEED_LIMIT`.
 pub fn run_deepspeed(dir: &Path, script: &str, args: &[String]) -> String {
     let deepspeed = PathBuf::from(python()).with_file_name("deepspeed");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port");
-    let output = Command::new(&deepspeed)
+    remove_shm_segments(port);
+    let log_path = dir.join(format!("deepspeed-{port}.log"));
+    let log = File::create(&log_path).expect("deepspeed log file");
+    let mut child = Command::new(&deepspeed)
         .args(["--num_gpus", "2", "--master_port", &port.to_string()])
         .arg(script)
         .args(args)
         .current_dir(dir)
         .env("DS_ACCELERATOR", "cpu")
         .env("OMP_NUM_THREADS", "1")
-        .output()
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("deepspeed log file"))
+        .stderr(log)
+        .process_group(0)
+        .spawn()
         .unwrap_or_else(|e| {
             panic!(
                 "cannot run {}: {e} (scripts/setup.sh installs DeepSpeed)",
                 deepspeed.display()
             )
         });
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "deepspeed failed:\n{text}");
+    let deadline = Instant::now() + DEEPSPEED_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait deepspeed") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on the process group this function started (its leader's pid).
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
+            panic!(
+                "deepspeed did not finish within {DEEPSPEED_LIMIT:?}; its output:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    remove_shm_segments(port);
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(status.success(), "deepspeed failed:\n{text}");
     text
+}
+
+/// Removes the shared-memory segments DeepSpeed's CPU all-reduce leaves in /dev/shm for a
+/// run on loopback `port` (69 MB per rank, never unlinked): a later run given the same
+/// port would otherwise attach to a dead run's segment and wait on it forever.
+fn remove_shm_segments(port: u16) {
+    // SAFETY: getuid(2) has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let prefix = format!("deepspeed_allreduce_buffer_{uid}_127.0.0.1_{port}_");
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// A running `rsdeep` launcher whose stdout/stderr go to files in its own temp folder.
