@@ -193,7 +193,8 @@ fn a_builder_waits_for_another_jobs_builder_of_the_same_entry_and_uses_its_cache
         .write(true)
         .open(&lock_path)
         .unwrap();
-    let mut held = Some(nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).unwrap());
+    let mut held =
+        Some(nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).unwrap());
     let mut waits = 0;
     let dataset = PretrainDataset::load_or_build(&cfg, &tokenizer, true, || {
         waits += 1;
@@ -210,8 +211,14 @@ fn a_builder_waits_for_another_jobs_builder_of_the_same_entry_and_uses_its_cache
         Ok(())
     })
     .unwrap();
-    assert!(waits >= 3, "the builder waited for the lock holder ({waits} waits)");
-    assert!(dataset.cache_hit(), "it used the other job's cache instead of building again");
+    assert!(
+        waits >= 3,
+        "the builder waited for the lock holder ({waits} waits)"
+    );
+    assert!(
+        dataset.cache_hit(),
+        "it used the other job's cache instead of building again"
+    );
     assert_eq!(dataset.len(), blocks);
 }
 

@@ -99,7 +99,7 @@ fn lora_model(tied: bool, method: Method) -> LoraModel {
             num_kv_heads: model.config.num_kv_heads(),
             head_dim: model.config.head_dim(),
         }),
-        bottleneck: (method == Method::Bottleneck).then(|| Bottleneck {
+        bottleneck: (method == Method::Bottleneck).then_some(Bottleneck {
             style: BottleneckStyle::DoubleSeq,
             reduction_factor: 8,
             hidden_size: model.config.hidden_size,
