@@ -28,28 +28,18 @@ use tch::{Device, Kind, Tensor};
 const LOGITS_ATOL: f64 = 1e-4;
 const VOCAB: i64 = 96;
 
-fn python() -> String {
-    match std::env::var("RSDEEP_PYTHON") {
-        Ok(p) if !p.is_empty() => p,
-        _ => panic!(
-            "RSDEEP_PYTHON is not set: the LoRA parity tests need the reference Python \
-             (torch + transformers + peft). Run `source scripts/env.sh` first."
-        ),
-    }
-}
-
 /// Runs the reference script on `jobs`; panics with its output on failure.
 fn run_jobs(jobs: &Value, work: &Path, tag: &str) {
     let spec = work.join(format!("{tag}.json"));
     std::fs::write(&spec, serde_json::to_string(jobs).unwrap()).unwrap();
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_generate_reference.py");
-    let python = python();
+    let python = crate::support::python();
     let output = Command::new(&python)
         .arg(&script)
         .arg(&spec)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {python} ({e})"));
+        .unwrap_or_else(|e| panic!("cannot run {} ({e})", python.display()));
     assert!(
         output.status.success(),
         "reference script failed ({}):\n{}\n{}",
@@ -169,6 +159,24 @@ fn dora_config(modules_to_save: &[&str]) -> LoraConfig {
     }
 }
 
+/// Every parameter of `model` by name, detached (what `saved_tensors` and `lora_state` read).
+fn named_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
+    model
+        .params()
+        .map(|p| (p.name.clone(), p.tensor.detach()))
+        .collect()
+}
+
+/// Adds N(0, 0.1) noise (torch seed `seed`) to the parameters named in `adapter_names`, so
+/// a fresh adapter is no longer the identity.
+fn perturb_adapter(model: &CausalLm, adapter_names: &[String], seed: i64) {
+    tch::manual_seed(seed);
+    for p in model.params().filter(|p| adapter_names.contains(&p.name)) {
+        let mut t = p.tensor.shallow_clone();
+        tch::no_grad(|| t.copy_(&(&t + Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1)));
+    }
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
@@ -222,10 +230,7 @@ fn rsdeep_adapter_loads_in_peft() {
         layer.set_lora_training(false);
     }
     let ours = logits(&model);
-    let named: Vec<(String, Tensor)> = model
-        .params()
-        .map(|p| (p.name.clone(), p.tensor.detach()))
-        .collect();
+    let named = named_tensors(&model);
     let state = lora_state(&named);
     assert_eq!(state.len(), info.adapter_names.len());
     let adapter_dir = reference.dir.path().join("rsdeep_adapter");
@@ -367,19 +372,9 @@ fn rsdeep_dora_adapter_with_a_saved_head_loads_in_peft() {
         err < 1e-5,
         "a fresh DoRA adapter must not change the logits ({err})"
     );
-    tch::manual_seed(4);
-    for p in model
-        .params()
-        .filter(|p| info.adapter_names.contains(&p.name))
-    {
-        let mut t = p.tensor.shallow_clone();
-        tch::no_grad(|| t.copy_(&(&t + Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1)));
-    }
+    perturb_adapter(&model, &info.adapter_names, 4);
     let ours = logits(&model);
-    let named: Vec<(String, Tensor)> = model
-        .params()
-        .map(|p| (p.name.clone(), p.tensor.detach()))
-        .collect();
+    let named = named_tensors(&model);
     let saved = info.saved_tensors(&named).unwrap();
     assert_eq!(saved.len(), 2 * 7 * 3 + 1);
     assert!(
@@ -515,19 +510,9 @@ fn rsdeep_adapter_on_an_fp4_base_loads_in_peft_on_bitsandbytes_fp4() {
         load_base(&reference.base()).num_parameters() + info.trainable,
         "a 4-bit weight counts as its full shape"
     );
-    tch::manual_seed(5);
-    for p in model
-        .params()
-        .filter(|p| info.adapter_names.contains(&p.name))
-    {
-        let mut t = p.tensor.shallow_clone();
-        tch::no_grad(|| t.copy_(&(&t + Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1)));
-    }
+    perturb_adapter(&model, &info.adapter_names, 5);
     let ours = logits(&model);
-    let named: Vec<(String, Tensor)> = model
-        .params()
-        .map(|p| (p.name.clone(), p.tensor.detach()))
-        .collect();
+    let named = named_tensors(&model);
     let adapter_dir = reference.dir.path().join("rsdeep_qdora_adapter");
     save_adapter(
         &adapter_dir,
@@ -636,10 +621,7 @@ fn rsdeep_prefix_adapter_loads_in_peft_and_decodes_the_same_with_the_cache() {
         max_abs_diff(&ours, &logits(&load_base(&reference.base()))) > 1e-2,
         "the prefix must change the logits for this test to mean anything"
     );
-    let named: Vec<(String, Tensor)> = model
-        .params()
-        .map(|p| (p.name.clone(), p.tensor.detach()))
-        .collect();
+    let named = named_tensors(&model);
     let saved = info.saved_tensors(&named).unwrap();
     assert_eq!(saved.len(), 1);
     assert_eq!(saved[0].0, "prompt_embeddings");
