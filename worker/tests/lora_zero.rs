@@ -271,6 +271,33 @@ fn bytes_of(t: &Tensor) -> Tensor {
     t.contiguous().view_dtype(Kind::Uint8)
 }
 
+/// Trains `plan`'s first half of the steps under `save` (engine config, world) saving a
+/// checkpoint, then the second half resumed from it under `resume`; every rank's outcome of
+/// the resumed half.
+fn save_half_then_resume(
+    plan: &Plan,
+    save: (EngineConfig, usize),
+    resume: (EngineConfig, usize),
+) -> Vec<Outcome> {
+    let tmp = tempfile::tempdir().unwrap();
+    let half = STEPS / 2;
+    let first = Plan {
+        steps: 0..half,
+        save_to: Some(tmp.path().to_path_buf()),
+        ..plan.clone()
+    };
+    let checkpoint = train(save.1, save.0, first)
+        .remove(0)
+        .saved
+        .expect("checkpoint");
+    let second = Plan {
+        steps: half..STEPS,
+        resume_from: Some(checkpoint),
+        ..plan.clone()
+    };
+    train(resume.1, resume.0, second)
+}
+
 /// `straight` from step `from` on: its later losses, its final weights.
 fn tail_of(straight: &Outcome, from: usize) -> Outcome {
     Outcome {
@@ -502,28 +529,11 @@ fn dora_with_saved_modules_trains_the_same_at_every_stage_and_resumes_across_sta
             assert_same_training(&outcome, &reference, &format!("DoRA stage {stage} world 2"));
         }
     }
-    let tmp = tempfile::tempdir().unwrap();
     let half = STEPS / 2;
-    let first = Plan {
-        steps: 0..half,
-        save_to: Some(tmp.path().to_path_buf()),
-        ..dora.clone()
-    };
-    let checkpoint = train(2, engine_config(3, 2), first)
-        .remove(0)
-        .saved
-        .expect("checkpoint");
-    let second = Plan {
-        steps: half..STEPS,
-        resume_from: Some(checkpoint),
-        ..dora
-    };
-    let resumed = train(1, engine_config(2, 1), second).remove(0);
+    let resumed =
+        save_half_then_resume(&dora, (engine_config(3, 2), 2), (engine_config(2, 1), 1)).remove(0);
     assert_eq!(resumed.losses.len(), STEPS - half);
-    let straight_tail = Outcome {
-        losses: single.losses[half..].to_vec(),
-        ..single
-    };
+    let straight_tail = tail_of(&single, half);
     assert_trained_within(
         &resumed,
         &straight_tail,
@@ -599,20 +609,8 @@ fn qlora_trains_the_same_at_every_stage_and_ranks_keep_only_their_4bit_slice() {
         "per rank {per_rank} B is not half of {frozen_total} B"
     );
 
-    let tmp = tempfile::tempdir().unwrap();
     let half = STEPS / 2;
-    let first = Plan {
-        steps: 0..half,
-        save_to: Some(tmp.path().to_path_buf()),
-        ..qlora.clone()
-    };
-    let checkpoint = train(2, stage3, first).remove(0).saved.expect("checkpoint");
-    let second = Plan {
-        steps: half..STEPS,
-        resume_from: Some(checkpoint),
-        ..qlora
-    };
-    for resumed in train(2, engine_config(1, 2), second) {
+    for resumed in save_half_then_resume(&qlora, (stage3, 2), (engine_config(1, 2), 2)) {
         let straight_tail = tail_of(&reference, half);
         assert_same_training(&resumed, &straight_tail, "QLoRA resumed at stage 1");
     }
@@ -685,23 +683,9 @@ fn added_weights_train_the_same_at_every_stage_and_resume(method: Method, traine
             assert_same_training(&outcome, &reference, &format!("stage {stage} world 2"));
         }
     }
-    let tmp = tempfile::tempdir().unwrap();
     let half = STEPS / 2;
-    let first = Plan {
-        steps: 0..half,
-        save_to: Some(tmp.path().to_path_buf()),
-        ..plan.clone()
-    };
-    let checkpoint = train(2, engine_config(3, 2), first)
-        .remove(0)
-        .saved
-        .expect("checkpoint");
-    let second = Plan {
-        steps: half..STEPS,
-        resume_from: Some(checkpoint),
-        ..plan
-    };
-    for resumed in train(2, engine_config(2, 2), second) {
+    for resumed in save_half_then_resume(&plan, (engine_config(3, 2), 2), (engine_config(2, 2), 2))
+    {
         let straight_tail = tail_of(&reference, half);
         assert_same_training(&resumed, &straight_tail, "resumed at stage 2");
     }
