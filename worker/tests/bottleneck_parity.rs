@@ -157,19 +157,12 @@ fn rsdeep_adapter_gives_rsdeep_logits_in_the_library(style: BottleneckStyle) {
     save_llama(&base);
     let mut model = CausalLm::from_pretrained(&base, Device::Cpu, Kind::Float).unwrap();
     let cfg = LoraConfig {
-        r: 0,
-        alpha: 0.0,
-        dropout: 0.0,
-        target_modules: Vec::new(),
-        use_rslora: false,
-        use_dora: false,
-        modules_to_save: Vec::new(),
-        prefix_tuning: None,
         bottleneck: Some(Bottleneck {
             style,
             reduction_factor: REDUCTION,
             hidden_size: HIDDEN,
         }),
+        ..LoraConfig::method_only()
     };
     let info = apply_lora(&mut model, &cfg, 11).unwrap();
     tch::no_grad(|| {

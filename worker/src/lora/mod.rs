@@ -85,6 +85,22 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// A config without LoRA settings, for the methods that replace LoRA (prefix tuning,
+    /// bottleneck adapters): set the method's field over it.
+    pub fn method_only() -> LoraConfig {
+        LoraConfig {
+            r: 0,
+            alpha: 0.0,
+            dropout: 0.0,
+            target_modules: Vec::new(),
+            use_rslora: false,
+            use_dora: false,
+            modules_to_save: Vec::new(),
+            prefix_tuning: None,
+            bottleneck: None,
+        }
+    }
+
     /// The factor multiplying B A x: alpha / r (alpha / sqrt(r) with rsLoRA).
     pub fn scaling(&self) -> f64 {
         match self.use_rslora {
@@ -807,14 +823,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         let setup = Bottleneck::from_config_json(&value, &path.display().to_string())?;
         return Ok(LoraConfig {
             bottleneck: Some(setup),
-            ..method_only_config()
+            ..LoraConfig::method_only()
         });
     }
     if field("peft_type") == json!("PREFIX_TUNING") {
         let prefix = PrefixTuning::from_config_json(&field, &path.display().to_string())?;
         return Ok(LoraConfig {
             prefix_tuning: Some(prefix),
-            ..method_only_config()
+            ..LoraConfig::method_only()
         });
     }
     let unsupported = [
@@ -859,21 +875,6 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         prefix_tuning: None,
         bottleneck: None,
     })
-}
-
-/// A config without LoRA settings, for the methods that replace LoRA.
-fn method_only_config() -> LoraConfig {
-    LoraConfig {
-        r: 0,
-        alpha: 0.0,
-        dropout: 0.0,
-        target_modules: Vec::new(),
-        use_rslora: false,
-        use_dora: false,
-        modules_to_save: Vec::new(),
-        prefix_tuning: None,
-        bottleneck: None,
-    }
 }
 
 /// `"a"` or `["a", "b"]` as a list (null: empty).
