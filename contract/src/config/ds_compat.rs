@@ -10,6 +10,9 @@
 //! (`enabled: false`, `device: "none"`, a size of 1) loads silently. Keys DeepSpeed does
 //! not know either (typos included) are warnings with a did-you-mean, or errors with
 //! `strict_config`.
+//!
+//! The `elasticity` block is not judged here: `elasticity.rs` takes it out of the DeepSpeed
+//! JSON before this runs and applies it.
 
 use std::path::Path;
 
@@ -90,7 +93,7 @@ enum Verdict {
 }
 
 /// Top-level sections of DeepSpeed features rsdeep has no mechanism for.
-const SECTIONS_WITHOUT_MECHANISM: [&str; 19] = [
+const SECTIONS_WITHOUT_MECHANISM: [&str; 18] = [
     "aio",
     "amp",
     "sparse_attention",
@@ -98,7 +101,6 @@ const SECTIONS_WITHOUT_MECHANISM: [&str; 19] = [
     "data_efficiency",
     "curriculum_learning",
     "quantize_training",
-    "elasticity",
     "tensor_parallel",
     "sequence_parallel_size",
     "pipeline",
@@ -139,9 +141,6 @@ fn verdict(key: &str, value: &Value) -> Option<Verdict> {
         "quantize_training" if enabled() => {
             Verdict::Refuse("quantized training (MoQ) is not implemented")
         }
-        "elasticity" if enabled() => Verdict::Refuse(
-            "elastic batch sizes are not implemented: set the batch sizes, and use --max_restarts for failures",
-        ),
         "tensor_parallel" if more_than_one("autotp_size") || more_than_one("tp_size") => {
             Verdict::Refuse(
                 "tensor parallelism is not implemented (ZeRO data parallel only): set autotp_size 1",

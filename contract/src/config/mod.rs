@@ -7,9 +7,11 @@
 //! overrides → typed training arguments (unknown keys with did-you-mean, wrong types) →
 //! the DeepSpeed section (inline object, or a path relative to train.json's folder, or
 //! ZeRO-0 with "auto" everywhere when absent), typed once to report wrong types → Hugging
-//! Face's "auto" filling with every mismatch listed → DeepSpeed's batch rule for the world
-//! size → semantic validation. Model-dependent "auto"s stay `AutoOr::Auto` until the worker
-//! calls `TrainConfig::fill_model_autos(hidden_size, total_steps)`.
+//! Face's "auto" filling with every mismatch listed → the batch decision (an enabled
+//! `elasticity` block, or the kept global batch of `load_keeping_batch`) → DeepSpeed's batch
+//! rule for the world size → semantic validation. Model-dependent "auto"s stay
+//! `AutoOr::Auto` until the worker calls `TrainConfig::fill_model_autos(hidden_size,
+//! total_steps)`.
 //!
 //! The launcher ships the resolved `TrainConfig` to workers as JSON (`to_pretty_json`,
 //! `from_json`).
@@ -18,6 +20,7 @@ mod auto;
 mod batch;
 mod deepspeed;
 mod ds_compat;
+mod elasticity;
 mod error;
 mod json_errors;
 mod lr_schedule;
@@ -96,11 +99,51 @@ pub struct TrainConfig {
     pub warnings: Vec<String>,
 }
 
+/// The global batch an elastic job keeps when its world size changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepGlobalBatch {
+    pub train_batch_size: u64,
+    pub micro_batch_per_gpu: u64,
+}
+
 /// Reads, overrides, fills and validates train.json for `world_size` data-parallel ranks.
+///
+/// With an enabled DeepSpeed `elasticity` block (version 0.1), that block decides the
+/// global and micro batch (`elasticity.rs`); the batch values Hugging Face fills from the
+/// training arguments ("auto") are replaced by its result, and the world size must be one
+/// the block allows.
 pub fn load(
     path: &Path,
     overrides: &[String],
     world_size: usize,
+) -> Result<TrainConfig, ConfigError> {
+    resolve(path, overrides, world_size, None)
+}
+
+/// `load` for a job continuing at `world_size` ranks that keeps `keep`'s global batch:
+/// the micro batch stays, gradient accumulation becomes the one that gives the global batch
+/// exactly, or the closest (never below 1) with a warning naming both batches. With an
+/// enabled `elasticity` block, that block's rule decides instead (as `load`).
+///
+/// The batch keys of the DeepSpeed config and the training arguments' batch values are
+/// replaced by the kept batch, so values that no longer divide at the new world size are
+/// not an error. Halfway between two accumulations, the smaller one is taken (the global
+/// batch never grows past a tie).
+pub fn load_keeping_batch(
+    path: &Path,
+    overrides: &[String],
+    world_size: usize,
+    keep: KeepGlobalBatch,
+) -> Result<TrainConfig, ConfigError> {
+    resolve(path, overrides, world_size, Some(keep))
+}
+
+/// The pipeline of `load` and `load_keeping_batch`.
+fn resolve(
+    path: &Path,
+    overrides: &[String],
+    world_size: usize,
+    keep: Option<KeepGlobalBatch>,
 ) -> Result<TrainConfig, ConfigError> {
     let mut raw = top_level_object(json_errors::read_json_file(path)?, path)?;
     overrides::canonicalize_keys(&mut raw);
@@ -115,6 +158,7 @@ pub fn load(
     let mut warnings = validate::validate_training_args(&args, path)?;
 
     let (ds_file, prefix) = deepspeed_location(&deepspeed_source, path);
+    let elastic = elasticity::take_block(&mut ds_raw, &ds_file, prefix)?;
     warnings.extend(ds_compat::make_loadable(
         &mut ds_raw,
         &ds_file,
@@ -125,6 +169,8 @@ pub fn load(
     let _: DeepSpeedConfig =
         json_errors::typed_from_value(ds_raw.clone(), &ds_file, prefix_key(prefix))?;
     warnings.extend(precision_section_warnings(&ds_raw, &args));
+    let decision = BatchDecision::new(elastic, keep);
+    let ignored_keys = decision.take_batch_keys(&mut ds_raw, prefix)?;
 
     let mut filler = AutoFiller::new(&mut ds_raw);
     filler.fill_from_training_args(&args, world_size.max(1));
@@ -135,6 +181,8 @@ pub fn load(
     }
     let mut deepspeed: DeepSpeedConfig =
         json_errors::typed_from_value(ds_raw, &ds_file, prefix_key(prefix))?;
+    let world = world_size.max(1) as u64;
+    warnings.extend(decision.set_batch(&mut deepspeed, world, &ignored_keys)?);
     let batch = apply_batch_rule(&mut deepspeed, &mut args, world_size)?;
     deepspeed.zero_optimization.overlap_comm =
         Some(deepspeed.zero_optimization.overlap_comm_resolved());
@@ -245,6 +293,107 @@ fn precision_section_warnings(ds: &Value, args: &TrainingArgs) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// What decides the batch sizes before DeepSpeed's batch rule checks them.
+enum BatchDecision {
+    /// The DeepSpeed config's values (after "auto" filling).
+    Rule,
+    /// An enabled `elasticity` block.
+    Elastic(elasticity::Elasticity),
+    /// The global batch of the job before its world size changed.
+    Keep(KeepGlobalBatch),
+}
+
+impl BatchDecision {
+    /// An enabled `elasticity` block wins over a kept batch.
+    fn new(elastic: Option<elasticity::Elasticity>, keep: Option<KeepGlobalBatch>) -> Self {
+        match (elastic, keep) {
+            (Some(block), _) => BatchDecision::Elastic(block),
+            (None, Some(keep)) => BatchDecision::Keep(keep),
+            (None, None) => BatchDecision::Rule,
+        }
+    }
+
+    /// Before "auto" filling: the batch keys a decision replaces are removed from the raw
+    /// DeepSpeed JSON (never filled nor compared with the training arguments). Returns the
+    /// explicit keys an elastic block ignores; refuses them where DeepSpeed did.
+    fn take_batch_keys(
+        &self,
+        ds_raw: &mut Value,
+        prefix: &str,
+    ) -> Result<Vec<&'static str>, ConfigError> {
+        let ignored = match self {
+            BatchDecision::Rule => return Ok(Vec::new()),
+            BatchDecision::Elastic(block) => block.explicit_batch_keys(ds_raw, prefix)?,
+            BatchDecision::Keep(_) => Vec::new(),
+        };
+        elasticity::remove_batch_keys(ds_raw);
+        Ok(ignored)
+    }
+
+    /// Writes the decided batch keys into `ds` for the batch rule; the notice to print.
+    fn set_batch(
+        &self,
+        ds: &mut DeepSpeedConfig,
+        world: u64,
+        ignored: &[&str],
+    ) -> Result<Option<String>, ConfigError> {
+        match self {
+            BatchDecision::Rule => Ok(None),
+            BatchDecision::Elastic(block) => {
+                let batch = block.batch_for(world)?;
+                set_batch_keys(ds, batch.train_batch_size, batch.micro_batch_per_gpu, None);
+                Ok(Some(elasticity::batch_notice(world, &batch, ignored)))
+            }
+            BatchDecision::Keep(keep) => {
+                let accumulation = kept_accumulation(keep, world);
+                let micro = keep.micro_batch_per_gpu;
+                let global = micro.saturating_mul(accumulation).saturating_mul(world);
+                set_batch_keys(ds, global, micro, Some(accumulation));
+                Ok(kept_batch_notice(keep, world, accumulation, global))
+            }
+        }
+    }
+}
+
+fn set_batch_keys(ds: &mut DeepSpeedConfig, global: u64, micro: u64, accumulation: Option<u64>) {
+    ds.train_batch_size = Some(AutoOr::Value(global));
+    ds.train_micro_batch_size_per_gpu = Some(AutoOr::Value(micro));
+    ds.gradient_accumulation_steps = accumulation.map(AutoOr::Value);
+}
+
+/// The accumulation closest to `keep`'s global batch at `world` ranks, at least 1; a tie
+/// goes to the smaller one.
+fn kept_accumulation(keep: &KeepGlobalBatch, world: u64) -> u64 {
+    let per_step = keep.micro_batch_per_gpu.saturating_mul(world).max(1);
+    let (whole, rest) = (
+        keep.train_batch_size / per_step,
+        keep.train_batch_size % per_step,
+    );
+    let closest = if rest > per_step - rest {
+        whole + 1
+    } else {
+        whole
+    };
+    closest.max(1)
+}
+
+/// A warning when the kept global batch cannot be met exactly at `world` ranks.
+fn kept_batch_notice(
+    keep: &KeepGlobalBatch,
+    world: u64,
+    accumulation: u64,
+    global: u64,
+) -> Option<String> {
+    (global != keep.train_batch_size).then(|| {
+        format!(
+            "the job's global batch {} cannot be kept at world size {world}: train_batch_size \
+             is now {global} = micro batch {} x accumulation {accumulation} x {world} ranks \
+             (the closest)",
+            keep.train_batch_size, keep.micro_batch_per_gpu
+        )
+    })
 }
 
 /// DeepSpeed's batch rule on the filled values; writes the result back everywhere.

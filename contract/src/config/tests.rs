@@ -845,3 +845,190 @@ fn a_4bit_base_is_checked_by_name() {
     assert!(config.args.base_in_4bit() && config.args.bnb_4bit_use_double_quant);
     assert_eq!(config.args.bnb_4bit_quant_type, "fp4");
 }
+
+/// Seed arguments with an inline DeepSpeed section holding `elasticity` (and `extra` keys).
+fn elastic_args(elasticity: Value, extra: Value) -> Value {
+    let mut ds = json!({
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 2},
+        "elasticity": elasticity
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        ds[key] = value.clone();
+    }
+    seed_args(ds)
+}
+
+fn elastic_block() -> Value {
+    json!({"enabled": true, "max_train_batch_size": 64, "micro_batch_sizes": [2, 4], "max_gpus": 8})
+}
+
+fn sizes(train: u64, micro: u64, accumulation: u64, world: u64) -> BatchSizes {
+    BatchSizes {
+        train_batch_size: train,
+        train_micro_batch_size_per_gpu: micro,
+        gradient_accumulation_steps: accumulation,
+        world_size: world,
+    }
+}
+
+#[test]
+fn elasticity_block_decides_the_batch_at_each_valid_world_size() {
+    let fixture = Fixture::new();
+    let path = fixture.train_json(&elastic_args(elastic_block(), json!({})));
+    // Every base (2, 4 and their lcm 4) scales to 48 (2 x 24, 4 x 12): world sizes 1-8 dividing 24.
+    let config = load(&path, &[], 2).unwrap();
+    assert_eq!(config.batch, sizes(48, 4, 6, 2));
+    assert_eq!(
+        (
+            config.args.per_device_train_batch_size,
+            config.args.gradient_accumulation_steps
+        ),
+        (4, 6),
+        "the training arguments' 16 x 4 are replaced"
+    );
+    let notice = config
+        .warnings
+        .iter()
+        .find(|w| w.starts_with("elasticity: "))
+        .unwrap();
+    assert!(
+        notice.contains("train_batch_size 48 = micro batch 4 x accumulation 6 x 2 ranks"),
+        "{notice}"
+    );
+    assert!(
+        notice.contains("valid world sizes [1, 2, 3, 4, 6, 8]"),
+        "{notice}"
+    );
+    assert_eq!(load(&path, &[], 8).unwrap().batch, sizes(48, 2, 3, 8));
+    let err = load_err(&path, &[], 5);
+    assert!(err.contains("key \"deepspeed.elasticity\""), "{err}");
+    assert!(
+        err.contains("World size (5) is not valid with the current list of valid GPU counts: [1, 2, 3, 4, 6, 8]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn elasticity_refuses_explicit_batch_keys_unless_told_to_ignore_them() {
+    let fixture = Fixture::new();
+    let explicit = json!({"train_batch_size": 128});
+    let path = fixture.train_json(&elastic_args(elastic_block(), explicit.clone()));
+    let err = load_err(&path, &[], 2);
+    assert!(err.contains("key \"deepspeed.train_batch_size\""), "{err}");
+    assert!(
+        err.contains("\"ignore_non_elastic_batch_info\": true in deepspeed.elasticity"),
+        "{err}"
+    );
+    let mut block = elastic_block();
+    block["ignore_non_elastic_batch_info"] = json!(true);
+    let path = fixture.train_json(&elastic_args(block, explicit));
+    let config = load(&path, &[], 2).unwrap();
+    assert_eq!(config.batch, sizes(48, 4, 6, 2));
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("the DeepSpeed config's train_batch_size are ignored")),
+        "{:?}",
+        config.warnings
+    );
+}
+
+#[test]
+fn disabled_elasticity_block_loads_as_before() {
+    let fixture = Fixture::new();
+    let mut block = elastic_block();
+    block["enabled"] = json!(false);
+    block["micro_batch_sizez"] = json!([1]);
+    let path = fixture.train_json(&elastic_args(block, json!({})));
+    let config = load(&path, &[], 2).unwrap();
+    assert_eq!(config.batch, sizes(128, 16, 4, 2));
+    assert!(!config.warnings.iter().any(|w| w.contains("elastic")));
+}
+
+fn keep(train_batch_size: u64, micro_batch_per_gpu: u64) -> KeepGlobalBatch {
+    KeepGlobalBatch {
+        train_batch_size,
+        micro_batch_per_gpu,
+    }
+}
+
+/// train.json whose DeepSpeed section is `ds`, with micro 2 x accumulation `accumulation`.
+fn small_batch_fixture(ds: Value, accumulation: u64) -> (Fixture, PathBuf) {
+    let fixture = Fixture::new();
+    let mut args = seed_args(ds);
+    args["per_device_train_batch_size"] = json!(2);
+    args["gradient_accumulation_steps"] = json!(accumulation);
+    let path = fixture.train_json(&args);
+    (fixture, path)
+}
+
+fn autos() -> Value {
+    json!({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+           "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}})
+}
+
+#[test]
+fn keeping_the_global_batch_exactly_raises_accumulation() {
+    let (_fixture, path) = small_batch_fixture(autos(), 2);
+    assert_eq!(load(&path, &[], 4).unwrap().batch, sizes(16, 2, 2, 4));
+    let config = load_keeping_batch(&path, &[], 2, keep(16, 2)).unwrap();
+    assert_eq!(config.batch, sizes(16, 2, 4, 2));
+    assert_eq!(config.args.gradient_accumulation_steps, 4);
+    assert!(
+        !config.warnings.iter().any(|w| w.contains("cannot be kept")),
+        "{:?}",
+        config.warnings
+    );
+}
+
+#[test]
+fn keeping_an_unreachable_global_batch_takes_the_closest_with_a_warning() {
+    let (_fixture, path) = small_batch_fixture(autos(), 3);
+    let kept =
+        |global: u64, world: usize| load_keeping_batch(&path, &[], world, keep(global, 2)).unwrap();
+    // 48 / (2 x 5) = 4.8 -> 5: 50; 48 / (2 x 7) = 3.4 -> 3: 42.
+    let config = kept(48, 5);
+    assert_eq!(config.batch, sizes(50, 2, 5, 5));
+    let warning = config
+        .warnings
+        .iter()
+        .find(|w| w.contains("cannot be kept"))
+        .unwrap();
+    assert!(
+        warning
+            .contains("global batch 48 cannot be kept at world size 5: train_batch_size is now 50"),
+        "{warning}"
+    );
+    assert_eq!(kept(48, 7).batch, sizes(42, 2, 3, 7));
+    // A tie (12 / 8 = 1.5) takes the smaller accumulation; never below 1.
+    assert_eq!(kept(12, 4).batch, sizes(8, 2, 1, 4));
+    assert_eq!(kept(4, 8).batch, sizes(16, 2, 1, 8));
+}
+
+#[test]
+fn keeping_the_batch_ignores_explicit_values_that_no_longer_divide() {
+    let ds = json!({"train_batch_size": 48, "train_micro_batch_size_per_gpu": 2,
+                    "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}});
+    let (_fixture, path) = small_batch_fixture(ds, 3);
+    assert_eq!(load(&path, &[], 8).unwrap().batch, sizes(48, 2, 3, 8));
+    assert!(load(&path, &[], 5).is_err());
+    let config = load_keeping_batch(&path, &[], 5, keep(48, 2)).unwrap();
+    assert_eq!(config.batch, sizes(50, 2, 5, 5));
+}
+
+#[test]
+fn keeping_the_batch_defers_to_an_elasticity_block() {
+    let fixture = Fixture::new();
+    let path = fixture.train_json(&elastic_args(elastic_block(), json!({})));
+    let config = load_keeping_batch(&path, &[], 2, keep(16, 2)).unwrap();
+    assert_eq!(config.batch, sizes(48, 4, 6, 2));
+    let err = load_keeping_batch(&path, &[], 5, keep(48, 2))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("World size (5)"), "{err}");
+}
