@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rsdeep_e2e::{Launcher, TrainFixture, alive, binary, kill_all, logged_step, wait_for_step};
+use rsdeep_e2e::{
+    Launcher, TrainFixture, alive, binary, kill_all, logged_losses, logged_step, wait_for_step,
+};
 use sshd::Sshd;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -677,6 +679,114 @@ fn used_up_restarts_fail_with_node_1_naming_its_killed_rank_first() {
         "the last report does not name the killed rank first: {stderr}"
     );
     assert_no_process_of_job_left(&job, &stderr);
+}
+
+#[test]
+fn a_node_lost_for_good_leaves_the_job_to_finish_on_the_other_as_a_resume_there_would() {
+    let _guard = serial();
+    let mut sshd = Sshd::start();
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
+    let (json, out) = fx.checkpointed_train_json("elastic");
+    let elastic = [
+        "--max_restarts",
+        "1",
+        "--min_nodes",
+        "1",
+        "--node_return_timeout",
+        "2",
+    ];
+    let mut launcher = launch(&fx, &sshd, &json, &elastic);
+    let job = wait_for_four_ranks(&launcher);
+    wait_for_step(
+        &launcher,
+        &out,
+        RESTART_SAVE_STEPS + 1,
+        Duration::from_secs(300),
+    );
+    // Node 1 is gone for good: its address stops answering ssh, then its launcher dies.
+    sshd.stop_listening_on("127.0.0.2");
+    let (node1, _) = job_processes(&job)
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("--token_stdin") && !cmd.starts_with("ssh"))
+        .unwrap_or_else(|| panic!("no node-1 launcher found\n{}", launcher.output()));
+    sigkill(node1);
+    let status = launcher.wait(Duration::from_secs(300));
+    let stderr = launcher.stderr();
+    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(
+        status.success(),
+        "the elastic job did not finish:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("rsdeep: elastic: waiting up to 2 s for 127.0.0.2 to answer ssh again"),
+        "{stderr}"
+    );
+    let announced = "rsdeep: elastic: restarting the job (1/1) on 1 node(s) (127.0.0.1), \
+                     world size 2 (was 4), without 127.0.0.2: resuming from checkpoint-";
+    let resumed_step: u64 = stderr
+        .split_once(announced)
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no elastic restart line:\n{stderr}"));
+    assert!(resumed_step >= RESTART_SAVE_STEPS, "{stderr}");
+    assert!(
+        stderr.contains(
+            "rsdeep: elastic: world size 2: train_batch_size 8 = 2 micro batch x 2 accumulation x 2 ranks"
+        ),
+        "the global batch of 2 x 1 x 4 is kept: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "rsdeep: job {job} started 2 worker(s) on node 0 (world size 2"
+        )),
+        "{stderr}"
+    );
+    assert!(job_survivors(&job, Duration::from_secs(5)).is_empty());
+
+    // The same checkpoint resumed by a one-node job of two ranks with the global batch
+    // kept by hand (2 per device x 2 accumulation x 2 ranks = 2 x 1 x 4).
+    let checkpoint = out.join(format!("checkpoint-{resumed_step}"));
+    let reference = fx.path("reference");
+    let mut resumed = Launcher::start(
+        &[
+            "--device",
+            "cpu",
+            "--num_procs",
+            "2",
+            "--master_port",
+            "0",
+            json.to_str().expect("utf-8 path"),
+            "--output_dir",
+            reference.to_str().expect("utf-8 path"),
+            "--resume_from_checkpoint",
+            checkpoint.to_str().expect("utf-8 path"),
+            "--gradient_accumulation_steps",
+            "2",
+        ],
+        &[("OMP_NUM_THREADS", "1".to_string())],
+    );
+    let status = resumed.wait(Duration::from_secs(300));
+    assert!(
+        status.success(),
+        "reference resume failed:\n{}",
+        resumed.output()
+    );
+    let after = |out: &Path| -> Vec<(u64, f64)> {
+        logged_losses(out)
+            .into_iter()
+            .filter(|(step, _)| *step > resumed_step)
+            .collect()
+    };
+    let (want, got) = (after(&reference), after(&out));
+    assert_eq!(want.len() as u64, RESTART_STEPS - resumed_step, "{want:?}");
+    assert_eq!(want.len(), got.len(), "{got:?}");
+    for ((step, a), (_, b)) in want.iter().zip(&got) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {step}: loss {b} after the shrink, {a} resumed at world size 2"
+        );
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! make peft (on bitsandbytes' 4-bit base for QLoRA) generate what `rsdeep generate
 //! --adapter` generates.
 
-use rsdeep_e2e::{Launcher, TrainFixture, binary, sentence_corpus};
+use rsdeep_e2e::{Launcher, TrainFixture, binary, logged_losses, sentence_corpus};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -85,21 +85,6 @@ fn run(
     (launcher, status)
 }
 
-/// (step, loss) of every logged training step in `out/metrics.jsonl`.
-fn losses(out: &Path) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics.jsonl");
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| {
-            (
-                v["step"].as_u64().expect("step"),
-                v["loss"].as_f64().expect("loss"),
-            )
-        })
-        .collect()
-}
-
 fn mean(values: &[(u64, f64)]) -> f64 {
     values.iter().map(|(_, l)| l).sum::<f64>() / values.len() as f64
 }
@@ -121,7 +106,7 @@ fn pretrain_sft_lora_pipeline_lowers_each_loss_and_writes_files_hf_loads() {
             "tensorboard",
         ],
     );
-    let pre = losses(&out);
+    let pre = logged_losses(&out);
     assert_eq!(pre.len(), 16, "one log line per step");
     assert!(
         mean(&pre[12..]) < mean(&pre[..4]) - 0.3,
@@ -166,7 +151,7 @@ fn pretrain_sft_lora_pipeline_lowers_each_loss_and_writes_files_hf_loads() {
             "3",
         ],
     );
-    let sft = losses(&sft_out);
+    let sft = logged_losses(&sft_out);
     assert!(
         mean(&sft[9..]) < mean(&sft[..3]),
         "SFT did not lower the loss: {sft:?}"
@@ -195,7 +180,7 @@ fn pretrain_sft_lora_pipeline_lowers_each_loss_and_writes_files_hf_loads() {
             "all-linear",
         ],
     );
-    let lora = losses(&lora_out);
+    let lora = logged_losses(&lora_out);
     assert!(
         mean(&lora[12..]) < mean(&lora[..4]) - 0.1,
         "LoRA did not lower the loss: {lora:?}"
@@ -299,8 +284,8 @@ fn resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run() {
     );
 
     assert_eq!(
-        losses(&straight),
-        losses(&resumed),
+        logged_losses(&straight),
+        logged_losses(&resumed),
         "logged losses differ after resume"
     );
     let a = std::fs::read(straight.join("model.safetensors")).expect("straight weights");
@@ -468,8 +453,8 @@ fn adapter_run_resumes_and_peft_generates_the_same(method: AdapterMethod) {
     run(&resumed, "4", false);
     run(&resumed, "8", true);
     assert_eq!(
-        losses(&straight),
-        losses(&resumed),
+        logged_losses(&straight),
+        logged_losses(&resumed),
         "logged losses differ after resume"
     );
     let weights = |dir: &Path| std::fs::read(dir.join(weights_file)).expect("adapter");
@@ -603,7 +588,7 @@ fn resume_at_another_world_size_and_stage_continues_the_same_losses() {
             "3",
         ],
     );
-    let (want, got) = (losses(&reference), losses(&moved));
+    let (want, got) = (logged_losses(&reference), logged_losses(&moved));
     assert_eq!(want.len(), got.len());
     for ((step, a), (_, b)) in want.iter().zip(&got) {
         assert!(

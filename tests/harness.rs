@@ -457,6 +457,21 @@ pub fn kill_all(pids: &[i32]) {
     }
 }
 
+/// (step, loss) of every logged training step in `out/metrics.jsonl`.
+pub fn logged_losses(out: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics.jsonl");
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| {
+            (
+                v["step"].as_u64().expect("step"),
+                v["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect()
+}
+
 /// The highest step in `out/metrics.jsonl` (rank 0 logs every step), 0 before any.
 pub fn logged_step(out: &Path) -> u64 {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();

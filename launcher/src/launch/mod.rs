@@ -4,6 +4,7 @@
 //! `--max_restarts` times. Binary code: errors are `anyhow`, usage errors are tagged
 //! with `UsageError` so `main` exits 2.
 
+pub mod elastic;
 pub mod output_dir;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -14,6 +15,7 @@ use std::time::Instant;
 use crate::nodes::coordinate::follow;
 use crate::nodes::ssh::{self, SshLaunch, SshNodes};
 use crate::plan::cli::{DeviceKind, LaunchArgs, LauncherKind};
+use crate::plan::elastic::{self as elastic_plan, ElasticError, ElasticPolicy};
 use crate::plan::program::Program;
 use crate::plan::slurm::SlurmJob;
 use crate::plan::{LaunchPlan, PlanInputs};
@@ -67,11 +69,15 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     }
     let inputs = gather_inputs(&args)?;
     let (mut plan, role) = plan_job(&args, &inputs)?;
+    let elastic = ElasticPolicy::from_args(&args, plan.nodes.len()).map_err(usage)?;
+    if elastic.is_some() && !matches!(role, NodeRole::SshLead(_)) {
+        return Err(usage(ElasticError::NotSshRunner));
+    }
     for warning in &plan.warnings {
         eprintln!("rsdeep: warning: {warning}");
     }
     let job_dir = job_dir_of(&plan);
-    let resolved = resolve_config(&mut plan, &job_dir)?;
+    let resolved = resolve_config(&mut plan, &job_dir, None)?;
     if let Some(config) = &resolved {
         plan.adopt_config(&args, config).map_err(usage)?;
     }
@@ -96,7 +102,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let rendezvous = host_rendezvous(&runtime, &mut plan, args.rendezvous_bind_all, tls)?;
+    let mut rendezvous = host_rendezvous(&runtime, &mut plan, args.rendezvous_bind_all, tls)?;
     supervise::install_stop_handlers().context("cannot install signal handlers")?;
     let _pid_file = args.save_pid.then(PidFile::write).transpose()?;
     let state = rendezvous.as_ref().map(|(state, _)| state.clone());
@@ -109,13 +115,31 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
                 restart_base: inherited_restart_count(),
                 stdin_closed: ssh::stop_on_stdin_eof(),
             };
-            supervise_attempts(&runtime, &plan, state, follower, started)
+            supervise_attempts(&runtime, &plan, state, follower, started).map(JobEnd::code)
         }
-        (NodeRole::SshLead(launch), state) => {
-            supervise_attempts(&runtime, &plan, state, Attempts::SshLead(launch), started)
-        }
+        (NodeRole::SshLead(launch), state) => match elastic {
+            Some(policy) => {
+                let job = ElasticJob {
+                    args: &args,
+                    inputs: &inputs,
+                    policy,
+                    job_dir: &job_dir,
+                    keep: resolved.as_ref().map(|config| config::KeepGlobalBatch {
+                        train_batch_size: config.batch.train_batch_size,
+                        micro_batch_per_gpu: config.batch.train_micro_batch_size_per_gpu,
+                    }),
+                };
+                let world = (plan.clone(), launch.clone());
+                lead_elastic_job(&runtime, &job, world, &mut rendezvous, started)
+            }
+            None => {
+                let lead = Attempts::SshLead(launch, None);
+                supervise_attempts(&runtime, &plan, state, lead, started).map(JobEnd::code)
+            }
+        },
         (NodeRole::SingleNode | NodeRole::ManualNode, state) => {
             supervise_attempts(&runtime, &plan, state, Attempts::ThisNode, started)
+                .map(JobEnd::code)
         }
     };
     if let Some((_, mut server)) = rendezvous {
@@ -306,12 +330,22 @@ fn slurm_identity(
     Ok((job_id, token, true))
 }
 
-/// Resolves train.json for the world size (fail fast) and ships it as `RSDEEP_CONFIG`.
-fn resolve_config(plan: &mut LaunchPlan, job_dir: &Path) -> Result<Option<config::TrainConfig>> {
+/// Resolves train.json for the world size (fail fast) and ships it as `RSDEEP_CONFIG`;
+/// with `keep` (an elastic job on a new world) the job's global batch is kept.
+fn resolve_config(
+    plan: &mut LaunchPlan,
+    job_dir: &Path,
+    keep: Option<config::KeepGlobalBatch>,
+) -> Result<Option<config::TrainConfig>> {
     let Some(path) = plan.config_path().map(Path::to_path_buf) else {
         return Ok(None);
     };
-    let resolved = config::load(&path, plan.overrides(), plan.world_size()).map_err(usage)?;
+    let (overrides, world_size) = (plan.overrides(), plan.world_size());
+    let resolved = match keep {
+        Some(keep) => config::load_keeping_batch(&path, overrides, world_size, keep),
+        None => config::load(&path, overrides, world_size),
+    }
+    .map_err(usage)?;
     for warning in &resolved.warnings {
         eprintln!("rsdeep: warning: {warning}");
     }
@@ -466,13 +500,44 @@ fn inherited_restart_count() -> u32 {
 enum Attempts<'a> {
     /// This node alone (one node, or a node of a job started by hand or by srun).
     ThisNode,
-    /// Node 0 of an ssh job: it also starts and watches the remote launchers.
-    SshLead(&'a SshLaunch),
+    /// Node 0 of an ssh job: it also starts and watches the remote launchers; elastic
+    /// jobs check which hosts answer before each restart.
+    SshLead(&'a SshLaunch, Option<ElasticTurn<'a>>),
     /// A node an ssh lead started for attempt `restart_base`.
     SshFollower {
         restart_base: u32,
         stdin_closed: Arc<dyn supervise::StopSource>,
     },
+}
+
+/// An elastic ssh lead's attempts on one world: the attempt they start counting from and
+/// the hosts the job may run on.
+struct ElasticTurn<'a> {
+    policy: &'a ElasticPolicy,
+    /// Every host the job started with, node 0's first.
+    selected: &'a [String],
+    first_attempt: u32,
+}
+
+/// How `supervise_attempts` ended.
+enum JobEnd {
+    /// The job is over: exit with this code.
+    Exit(i32),
+    /// An elastic job restarts attempt `next_attempt` on other hosts (node 0's first).
+    Regroup {
+        next_attempt: u32,
+        hosts: Vec<String>,
+    },
+}
+
+impl JobEnd {
+    /// The exit code of a job that cannot regroup (every role but an elastic ssh lead).
+    fn code(self) -> i32 {
+        match self {
+            JobEnd::Exit(code) => code,
+            JobEnd::Regroup { .. } => 1,
+        }
+    }
 }
 
 /// Spawns and supervises the local workers (and, under the ssh runner, the remote
@@ -486,25 +551,27 @@ enum Attempts<'a> {
 /// forwarded); the workers resume from this run's newest complete checkpoint in
 /// `output_dir` (`train::entry`). A remote launcher counts its attempts from the one it
 /// was started for and stops when node 0 closes its stdin. (Coordinated SLURM nodes run
-/// `nodes::coordinate::follow` instead.)
+/// `nodes::coordinate::follow` instead.) An elastic lead returns `JobEnd::Regroup` when a
+/// restart finds another set of answering hosts.
 fn supervise_attempts(
     runtime: &tokio::runtime::Runtime,
     plan: &LaunchPlan,
     state: Option<Arc<RendezvousState>>,
     role: Attempts,
     started: Instant,
-) -> Result<i32> {
-    let (ssh_launch, restart_base, stdin_closed) = match role {
-        Attempts::ThisNode => (None, 0, None),
-        Attempts::SshLead(launch) => (Some(launch), 0, None),
+) -> Result<JobEnd> {
+    let (ssh_launch, restart_base, stdin_closed, elastic) = match role {
+        Attempts::ThisNode => (None, 0, None, None),
+        Attempts::SshLead(launch, elastic) => (Some(launch), 0, None, elastic),
         Attempts::SshFollower {
             restart_base,
             stdin_closed,
-        } => (None, restart_base, Some(stdin_closed)),
+        } => (None, restart_base, Some(stdin_closed), None),
     };
     let program = rank_program(plan)?;
     let local: Vec<_> = plan.local_ranks().collect();
-    for attempt in 0..=plan.max_restarts {
+    let first_attempt = elastic.as_ref().map_or(0, |turn| turn.first_attempt);
+    for attempt in first_attempt..=plan.max_restarts {
         let restart_count = restart_base + attempt;
         let _span = tracing::info_span!("attempt", attempt = restart_count, node = plan.node_rank)
             .entered();
@@ -540,15 +607,31 @@ fn supervise_attempts(
             }
         }
         match after_attempt(&outcome, attempt, plan.max_restarts) {
-            AfterAttempt::Exit(code) => return Ok(code),
+            AfterAttempt::Exit(code) => return Ok(JobEnd::Exit(code)),
             AfterAttempt::GiveUp(code) => {
                 eprintln!(
                     "rsdeep: giving up: all {} restart(s) used; the last failure is reported above",
                     plan.max_restarts
                 );
-                return Ok(code);
+                return Ok(JobEnd::Exit(code));
             }
             AfterAttempt::Restart => {}
+        }
+        if let (Some(turn), Some(launch)) = (&elastic, ssh_launch) {
+            match next_world(turn, launch, plan) {
+                Ok(Some(hosts)) => {
+                    let next_attempt = attempt + 1;
+                    return Ok(JobEnd::Regroup {
+                        next_attempt,
+                        hosts,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("rsdeep: giving up: {e}");
+                    return Ok(JobEnd::Exit(outcome.exit_code()));
+                }
+            }
         }
         let generation = state.as_ref().map(|s| s.next_generation());
         eprintln!(
@@ -559,7 +642,135 @@ fn supervise_attempts(
             resume_point(plan)
         );
     }
-    Ok(1)
+    Ok(JobEnd::Exit(1))
+}
+
+/// Before an elastic restart: the hosts of the next attempt when they differ from this
+/// world's (a node was lost, or one the job went on without answers again).
+fn next_world(
+    turn: &ElasticTurn,
+    launch: &SshLaunch,
+    plan: &LaunchPlan,
+) -> Result<Option<Vec<String>>, ElasticError> {
+    let current: Vec<String> = plan.nodes.iter().map(|n| n.host.clone()).collect();
+    let timeout = turn.policy.return_timeout;
+    let answering = elastic::answering_hosts(launch, turn.selected, &current, timeout);
+    let hosts = turn.policy.next_hosts(turn.selected, &answering)?;
+    Ok((hosts != current).then_some(hosts))
+}
+
+/// What an elastic ssh job re-plans a new world from.
+struct ElasticJob<'a> {
+    args: &'a LaunchArgs,
+    inputs: &'a PlanInputs,
+    policy: ElasticPolicy,
+    job_dir: &'a Path,
+    /// The global batch of the world the job started on (train.json jobs).
+    keep: Option<config::KeepGlobalBatch>,
+}
+
+/// Node 0 of an elastic ssh job: supervises attempts on the current world; when a restart
+/// finds another set of answering hosts, re-plans the job on them (`regroup`) and goes on
+/// counting restarts there.
+fn lead_elastic_job(
+    runtime: &tokio::runtime::Runtime,
+    job: &ElasticJob,
+    (mut plan, mut launch): (LaunchPlan, SshLaunch),
+    rendezvous: &mut Option<(Arc<RendezvousState>, ServerHandle)>,
+    started: Instant,
+) -> Result<i32> {
+    let selected: Vec<String> = plan.nodes.iter().map(|n| n.host.clone()).collect();
+    let mut first_attempt = 0;
+    loop {
+        let turn = ElasticTurn {
+            policy: &job.policy,
+            selected: &selected,
+            first_attempt,
+        };
+        let state = rendezvous.as_ref().map(|(state, _)| state.clone());
+        let lead = Attempts::SshLead(&launch, Some(turn));
+        match supervise_attempts(runtime, &plan, state, lead, started)? {
+            JobEnd::Exit(code) => return Ok(code),
+            JobEnd::Regroup {
+                next_attempt,
+                hosts,
+            } => {
+                let (next_plan, next_launch) = regroup(runtime, job, &plan, &hosts, rendezvous)?;
+                announce_regroup(&plan, &next_plan, next_attempt);
+                (plan, launch, first_attempt) = (next_plan, next_launch, next_attempt);
+            }
+        }
+    }
+}
+
+/// The job re-planned on `hosts` (node 0's first): same job id, token, rendezvous address
+/// and port; train.json resolved again for the new world size keeping the global batch;
+/// a fresh rendezvous for the new world in place of the old one.
+fn regroup(
+    runtime: &tokio::runtime::Runtime,
+    job: &ElasticJob,
+    old: &LaunchPlan,
+    hosts: &[String],
+    rendezvous: &mut Option<(Arc<RendezvousState>, ServerHandle)>,
+) -> Result<(LaunchPlan, SshLaunch)> {
+    let args = elastic_plan::args_for_hosts(job.args, hosts, &old.master_addr, old.master_port);
+    let hostfile = job.inputs.hostfile.as_deref();
+    let inputs = PlanInputs {
+        hostfile: hostfile.map(|entries| elastic_plan::hostfile_of(entries, hosts)),
+        ..job.inputs.clone()
+    };
+    let (mut plan, launch) = plan_ssh_lead(&args, &inputs)?;
+    if let Some(config) = resolve_config(&mut plan, job.job_dir, job.keep)? {
+        plan.adopt_config(&args, &config).map_err(usage)?;
+        eprintln!("rsdeep: elastic: {}", config.summary());
+    }
+    let tls = rendezvous_tls(&args, &mut plan)?;
+    if let Some((_, mut server)) = rendezvous.take() {
+        server.abort();
+    }
+    // The old listener closes once the runtime has cancelled its task: retry for a while.
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    *rendezvous = loop {
+        match host_rendezvous(runtime, &mut plan, args.rendezvous_bind_all, tls.clone()) {
+            Ok(hosted) => break hosted,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    };
+    Ok((plan, launch))
+}
+
+/// Says how the world changed before the restart on it.
+fn announce_regroup(old: &LaunchPlan, new: &LaunchPlan, attempt: u32) {
+    let hosts =
+        |plan: &LaunchPlan| -> Vec<String> { plan.nodes.iter().map(|n| n.host.clone()).collect() };
+    let (before, after) = (hosts(old), hosts(new));
+    let lost: Vec<&str> = before
+        .iter()
+        .filter(|h| !after.contains(h))
+        .map(String::as_str)
+        .collect();
+    let back: Vec<&str> = after
+        .iter()
+        .filter(|h| !before.contains(h))
+        .map(String::as_str)
+        .collect();
+    let mut change = String::new();
+    if !lost.is_empty() {
+        change.push_str(&format!(", without {}", lost.join(", ")));
+    }
+    if !back.is_empty() {
+        change.push_str(&format!(", {} rejoining", back.join(", ")));
+    }
+    eprintln!(
+        "rsdeep: elastic: restarting the job ({attempt}/{}) on {} node(s) ({}), world size {} (was {}){change}: {}",
+        new.max_restarts,
+        after.len(),
+        after.join(", "),
+        new.world_size(),
+        old.world_size(),
+        resume_point(new)
+    );
 }
 
 #[cfg(test)]

@@ -428,6 +428,11 @@ impl SshLaunch {
         }
         first_error.map_or(Ok(()), Err)
     }
+
+    /// Whether `host` answers `ssh host true` now (the preflight probe of one host).
+    pub fn probe(&self, host: &str) -> Result<(), SshError> {
+        probe_host(&self.options, host)
+    }
 }
 
 /// `ssh OPTIONS -o ConnectTimeout=5 host true`, bounded by `PREFLIGHT_TIMEOUT`.

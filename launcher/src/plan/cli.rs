@@ -195,7 +195,23 @@ pub struct LaunchArgs {
     /// DeepSpeed's autotuner: not part of rsdeep (refused with a message).
     #[arg(long = "autotuning", value_name = "tune|run")]
     pub autotuning: Option<String>,
-    /// Older DeepSpeed's elastic training flags: refused with a message.
+    /// Elastic continuation (ssh runner, with `--max_restarts`): when a node fails and
+    /// does not answer ssh again within `--node_return_timeout`, restart on the nodes that
+    /// remain, as long as at least this many do. The global batch is kept (gradient
+    /// accumulation scaled) and the run resumes from its newest checkpoint, resharded.
+    #[arg(long = "min_nodes")]
+    pub min_nodes: Option<usize>,
+    /// Elastic continuation: the most nodes a restart runs on (default: every host
+    /// selected from the hostfile); nodes that answer again rejoin at the next restart.
+    #[arg(long = "max_nodes")]
+    pub max_nodes: Option<usize>,
+    /// Elastic continuation: seconds to wait for a failed node to answer ssh again
+    /// before the job restarts without it.
+    #[arg(long = "node_return_timeout", default_value_t = 60.0)]
+    pub node_return_timeout: f64,
+    /// DeepSpeed's elastic agent flags: `--elastic_training` with
+    /// `--min_elastic_nodes N` / `--max_elastic_nodes M` is `--min_nodes N --max_nodes M`
+    /// (defaults 1 and every host).
     #[arg(long = "elastic_training")]
     pub elastic_training: bool,
     #[arg(long = "min_elastic_nodes")]

@@ -5,6 +5,7 @@
 //! environment names are the contract in `rsdeep_contract::env`.
 
 pub mod cli;
+pub mod elastic;
 pub mod envfile;
 pub mod hostfile;
 pub mod hostlist;
@@ -156,10 +157,6 @@ pub enum PlanError {
         "--autotuning runs DeepSpeed's autotuner, which rsdeep does not include: tune with `deepspeed --autotuning tune ...`, then launch the config it writes with rsdeep"
     )]
     Autotuning,
-    #[error(
-        "--elastic_training / --min_elastic_nodes / --max_elastic_nodes (DeepSpeed's elastic agent) are not built in rsdeep: use --max_restarts N to restart the whole job after a failure (it resumes from its newest checkpoint)"
-    )]
-    ElasticTraining,
     #[error(
         "--launcher {0} is not built in rsdeep yet: use --launcher ssh with the same hostfile (rsdeep's own ssh runner), or --launcher slurm inside a SLURM allocation"
     )]
@@ -524,10 +521,6 @@ fn parse_core_list(text: &str) -> Result<Vec<usize>, PlanError> {
 fn refuse_unsupported(args: &LaunchArgs, num_nodes: usize) -> Result<(), PlanError> {
     if args.autotuning.is_some() {
         return Err(PlanError::Autotuning);
-    }
-    if args.elastic_training || args.min_elastic_nodes.is_some() || args.max_elastic_nodes.is_some()
-    {
-        return Err(PlanError::ElasticTraining);
     }
     let multi_node = num_nodes > 1 || args.force_multi;
     match args.launcher {
@@ -1147,18 +1140,9 @@ mod tests {
     #[test]
     fn deepspeed_features_rsdeep_lacks_are_refused_with_what_to_do() {
         let cpu = ["--device", "cpu", "--num_procs", "1"];
-        for extra in [
-            &["--autotuning", "tune"][..],
-            &["--elastic_training"],
-            &["--max_elastic_nodes", "4"],
-        ] {
-            let err = LaunchPlan::build(&args(&[&cpu[..], extra, &["t.json"]].concat()), &inputs())
-                .unwrap_err();
-            assert!(
-                matches!(err, PlanError::Autotuning | PlanError::ElasticTraining),
-                "{err}"
-            );
-        }
+        let autotuning = [&cpu[..], &["--autotuning", "tune", "t.json"]].concat();
+        let err = LaunchPlan::build(&args(&autotuning), &inputs()).unwrap_err();
+        assert!(matches!(err, PlanError::Autotuning), "{err}");
         // The multi-node runner only matters with several nodes, as in DeepSpeed.
         let single = [&cpu[..], &["--launcher", "openmpi", "t.json"]].concat();
         assert!(LaunchPlan::build(&args(&single), &inputs()).is_ok());

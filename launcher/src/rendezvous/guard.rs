@@ -134,7 +134,12 @@ pub fn guarded_incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (stream, peer) = match listener.accept().await {
+            // The listener is dropped (the port freed) as soon as the server is gone.
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!("rendezvous accept failed ({e}); backing off");

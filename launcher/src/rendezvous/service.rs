@@ -403,14 +403,22 @@ pub struct ServerHandle {
     /// The accepted connections' standing (flood defence).
     pub guard: Arc<ConnectionGuard>,
     shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl ServerHandle {
-    /// Stops accepting calls.
+    /// Stops accepting calls; open connections are served until they close.
     pub fn shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Stops the server at once: the listener and every open connection are dropped (so
+    /// the port can be bound again as soon as the runtime has cancelled the task).
+    pub fn abort(&mut self) {
+        self.shutdown();
+        self.task.abort();
     }
 }
 
@@ -477,7 +485,7 @@ pub async fn start_server_guarded(
     );
     let incoming = guarded_incoming(listener, guard.clone());
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let served = builder
             .max_concurrent_streams(Some(16_384))
             .tcp_nodelay(true)
@@ -499,6 +507,7 @@ pub async fn start_server_guarded(
         addr,
         guard,
         shutdown: Some(tx),
+        task,
     })
 }
 
