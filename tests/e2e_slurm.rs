@@ -15,7 +15,7 @@
 //! reason; nothing is skipped.
 
 use rsdeep::plan::hostlist::expand_hostlist;
-use rsdeep_e2e::{TrainFixture, binary, logged_step, sentence_corpus};
+use rsdeep_e2e::{Launcher, TrainFixture, binary, logged_losses, logged_step, sentence_corpus};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -1130,6 +1130,128 @@ fn a_rank_killed_on_node_1_restarts_both_nodes_from_the_checkpoint_bit_identical
         "reference + restarted two-node SLURM runs: {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+#[test]
+fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_there_would() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = SlurmCluster::start_two_nodes();
+    let fixture = fixture();
+    let out = fixture.path("elastic");
+    let out_arg = out.display().to_string();
+    let overrides = [
+        "--max_steps",
+        "16",
+        "--save_steps",
+        "4",
+        "--output_dir",
+        &out_arg,
+    ];
+    let mut job = submit(
+        &cluster,
+        &fixture,
+        "train-multinode.sbatch",
+        "--device cpu --num_procs 1 --max_restarts 1 --min_nodes 1 --node_return_timeout 2 \
+         --grace_period 5",
+        &overrides,
+    );
+    let id = job.job_id(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while logged_step(&out) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "step 5 never logged:\n{}",
+            job_output(&fixture, &id)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Node 1 is gone for good: its launcher (and with it its rank) dies, nothing restarts it.
+    let node1 = launcher_of_node(&id, 1).unwrap_or_else(|| {
+        panic!(
+            "no node-1 launcher of job {id}:\n{}",
+            job_output(&fixture, &id)
+        )
+    });
+    signal(node1, libc::SIGKILL);
+    let code = job.wait(Duration::from_secs(300), || {
+        job_output(&fixture, &id) + &cluster.logs()
+    });
+    let output = job_output(&fixture, &id);
+    print_launcher_lines(&output);
+    assert_eq!(code, 0, "the elastic job failed:\n{output}");
+    let network = cluster.network.as_ref().expect("network");
+    let (first, second) = (network.host_name(0), network.host_name(1));
+    assert!(
+        output.contains(&format!(
+            "rsdeep: elastic: waiting up to 2 s for {second} to answer again"
+        )),
+        "{output}"
+    );
+    assert!(
+        output.contains(
+            "rsdeep: elastic: world size 1: train_batch_size 4 = 2 micro batch x 2 accumulation x 1 ranks"
+        ),
+        "the global batch of 2 x 1 x 2 is kept:\n{output}"
+    );
+    let announced = format!(
+        "rsdeep: elastic: restarting the job (1/1) on 1 node(s) ({first}), world size 1 (was 2), \
+         without {second}: resuming from checkpoint-"
+    );
+    let resumed_step: u64 = output
+        .split_once(&announced)
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no elastic restart line:\n{output}"));
+    assert!(output.contains("rsdeep: every node finished"), "{output}");
+
+    // The same checkpoint resumed by one rank outside SLURM, the global batch kept by hand.
+    let reference = fixture.path("reference");
+    let checkpoint = out.join(format!("checkpoint-{resumed_step}"));
+    let train_json = fixture.path("train.json");
+    let mut resumed = Launcher::start(
+        &[
+            "--device",
+            "cpu",
+            "--num_procs",
+            "1",
+            "--master_port",
+            "0",
+            train_json.to_str().expect("utf-8 path"),
+            "--max_steps",
+            "16",
+            "--save_steps",
+            "4",
+            "--output_dir",
+            reference.to_str().expect("utf-8 path"),
+            "--resume_from_checkpoint",
+            checkpoint.to_str().expect("utf-8 path"),
+            "--gradient_accumulation_steps",
+            "2",
+        ],
+        &[("OMP_NUM_THREADS", "1".to_string())],
+    );
+    let status = resumed.wait(Duration::from_secs(300));
+    assert!(
+        status.success(),
+        "reference resume failed:\n{}",
+        resumed.output()
+    );
+    let after = |dir: &Path| -> Vec<(u64, f64)> {
+        logged_losses(dir)
+            .into_iter()
+            .filter(|(step, _)| *step > resumed_step)
+            .collect()
+    };
+    let (want, got) = (after(&reference), after(&out));
+    assert_eq!(want.len() as u64, 16 - resumed_step, "{want:?}");
+    assert_eq!(want.len(), got.len(), "{got:?}");
+    for ((step, a), (_, b)) in want.iter().zip(&got) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {step}: loss {b} after the shrink, {a} resumed at world size 1"
+        );
+    }
 }
 
 /// Waits until the job's output satisfies `pred`; panics with it after `limit`.

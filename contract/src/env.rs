@@ -49,6 +49,9 @@ pub const CONFIG: &str = "RSDEEP_CONFIG";
 pub const SELFTEST: &str = "RSDEEP_SELFTEST";
 /// How many times the job has been restarted (0 on the first attempt).
 pub const RESTART_COUNT: &str = "RSDEEP_RESTART_COUNT";
+/// A file the deciding launcher (node 0) writes the job's exit code to when it ends (for
+/// batch scripts that cannot read node 0's own status, e.g. `srun` of an elastic job).
+pub const STATUS_FILE: &str = "RSDEEP_STATUS_FILE";
 /// Milliseconds between worker heartbeats.
 pub const HEARTBEAT_INTERVAL_MS: &str = "RSDEEP_HEARTBEAT_INTERVAL_MS";
 /// PEM CA a worker trusts for the rendezvous (also the launcher's `--rendezvous_tls_ca`).

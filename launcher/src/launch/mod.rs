@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::nodes::coordinate::follow;
+use crate::nodes::coordinate::follow::{self, Regroup};
 use crate::nodes::ssh::{self, SshLaunch, SshNodes};
 use crate::plan::cli::{DeviceKind, LaunchArgs, LauncherKind};
 use crate::plan::elastic::{self as elastic_plan, ElasticError, ElasticPolicy};
@@ -20,7 +20,7 @@ use crate::plan::program::Program;
 use crate::plan::slurm::SlurmJob;
 use crate::plan::{LaunchPlan, PlanInputs};
 use crate::plan::{envfile, hostfile, resources};
-use crate::rendezvous::{self, RendezvousState, ServerHandle, WorldSpec};
+use crate::rendezvous::{self, RendezvousState, ServerHandle};
 use crate::supervise::{self, Outcome, SuperviseOptions};
 use anyhow::{Context, Result};
 use output_dir::{Acquired, OutputDirLock};
@@ -30,8 +30,8 @@ use rsdeep_proto::tls;
 use tonic::transport::ServerTlsConfig;
 
 use crate::supervise::attempt::{
-    AfterAttempt, after_attempt, announce_world, rank_program, report_outcome, resume_point,
-    spawn_local_workers, supervise_options,
+    AfterAttempt, after_attempt, announce_regroup, announce_world, rank_program, report_outcome,
+    resume_point, spawn_local_workers, supervise_options, world_spec,
 };
 
 /// Marks an error as the user's (bad flag, plan or config): exit code 2.
@@ -70,8 +70,12 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     let inputs = gather_inputs(&args)?;
     let (mut plan, role) = plan_job(&args, &inputs)?;
     let elastic = ElasticPolicy::from_args(&args, plan.nodes.len()).map_err(usage)?;
-    if elastic.is_some() && !matches!(role, NodeRole::SshLead(_)) {
-        return Err(usage(ElasticError::NotSshRunner));
+    let can_regroup = matches!(
+        role,
+        NodeRole::SshLead(_) | NodeRole::SlurmLead | NodeRole::SlurmFollower
+    );
+    if elastic.is_some() && !can_regroup {
+        return Err(usage(ElasticError::NoRunnerToRegroup));
     }
     for warning in &plan.warnings {
         eprintln!("rsdeep: warning: {warning}");
@@ -106,10 +110,33 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     supervise::install_stop_handlers().context("cannot install signal handlers")?;
     let _pid_file = args.save_pid.then(PidFile::write).transpose()?;
     let state = rendezvous.as_ref().map(|(state, _)| state.clone());
+    let keep = resolved.as_ref().map(|config| config::KeepGlobalBatch {
+        train_batch_size: config.batch.train_batch_size,
+        micro_batch_per_gpu: config.batch.train_micro_batch_size_per_gpu,
+    });
+    let rendezvous_host = plan.master_addr.clone();
+    let replan_slurm = |world: &[usize]| {
+        let args = LaunchArgs {
+            master_addr: rendezvous_host.clone(),
+            ..args.clone()
+        };
+        plan_slurm_world(&args, &inputs, &job_dir, keep, world)
+    };
+    let slurm_regroup = Regroup {
+        policy: elastic.clone(),
+        names: inputs
+            .slurm
+            .as_ref()
+            .map(|job| job.nodes.clone())
+            .unwrap_or_default(),
+        replan: &replan_slurm,
+    };
     let code = match (&role, state) {
-        (NodeRole::SlurmLead, Some(state)) => follow::lead_nodes(&runtime, &plan, state, started),
+        (NodeRole::SlurmLead, Some(state)) => {
+            follow::lead_nodes(&runtime, &plan, state, &slurm_regroup, started)
+        }
         (NodeRole::SlurmLead, None) => Err(anyhow::anyhow!("node 0 hosts no rendezvous")),
-        (NodeRole::SlurmFollower, _) => follow::follow_node0(&runtime, &plan),
+        (NodeRole::SlurmFollower, _) => follow::follow_node0(&runtime, &plan, &slurm_regroup),
         (NodeRole::SshFollower, state) => {
             let follower = Attempts::SshFollower {
                 restart_base: inherited_restart_count(),
@@ -124,10 +151,7 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
                     inputs: &inputs,
                     policy,
                     job_dir: &job_dir,
-                    keep: resolved.as_ref().map(|config| config::KeepGlobalBatch {
-                        train_batch_size: config.batch.train_batch_size,
-                        micro_batch_per_gpu: config.batch.train_micro_batch_size_per_gpu,
-                    }),
+                    keep,
                 };
                 let world = (plan.clone(), launch.clone());
                 lead_elastic_job(&runtime, &job, world, &mut rendezvous, started)
@@ -146,7 +170,23 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         server.shutdown();
     }
     let _ = std::fs::remove_dir_all(&job_dir);
+    if plan.hosts_rendezvous() {
+        record_status(code.as_ref().map_or(1, |code| *code));
+    }
     code
+}
+
+/// Writes the job's exit code to `RSDEEP_STATUS_FILE`, when set (node 0 only).
+fn record_status(code: i32) {
+    let Some(path) = std::env::var_os(ev::STATUS_FILE) else {
+        return;
+    };
+    if let Err(e) = std::fs::write(&path, format!("{code}\n")) {
+        eprintln!(
+            "rsdeep: warning: cannot write the exit status to {} ({e})",
+            Path::new(&path).display()
+        );
+    }
 }
 
 /// `--save_pid`: `/tmp/<pid>.deepspeed` holding the launcher's pid while the job runs
@@ -391,6 +431,40 @@ fn claim_output_dir(config: &config::TrainConfig, job_id: &str) -> Result<Output
     Ok(lock)
 }
 
+/// Under `--launcher slurm`: this node's plan in the world of the launch node ids
+/// `world` (node 0 first) of an elastic job: SLURM's node list narrowed to them, this
+/// node's rank in it, train.json resolved again keeping the global batch. `args` name
+/// the rendezvous address the job already uses.
+fn plan_slurm_world(
+    args: &LaunchArgs,
+    inputs: &PlanInputs,
+    job_dir: &Path,
+    keep: Option<config::KeepGlobalBatch>,
+    world: &[usize],
+) -> Result<LaunchPlan> {
+    let slurm = inputs.slurm.as_ref().context("internal: no SLURM job")?;
+    let node_id = world
+        .iter()
+        .position(|&n| n == slurm.node_id)
+        .context("node 0 named a world without this node")?;
+    let narrowed = SlurmJob {
+        nodes: world.iter().map(|&n| slurm.nodes[n].clone()).collect(),
+        node_id,
+        ..slurm.clone()
+    };
+    let inputs = PlanInputs {
+        slurm: Some(narrowed),
+        ..inputs.clone()
+    };
+    let mut plan = LaunchPlan::build(args, &inputs).map_err(usage)?;
+    if let Some(config) = resolve_config(&mut plan, job_dir, keep)? {
+        plan.adopt_config(args, &config).map_err(usage)?;
+        eprintln!("rsdeep: elastic: {}", config.summary());
+    }
+    rendezvous_tls(args, &mut plan)?;
+    Ok(plan)
+}
+
 /// Loads the rendezvous TLS identity (if asked for) and tells every local worker which CA
 /// to trust (`RSDEEP_TLS_CA`: `--rendezvous_tls_ca`, else the certificate itself).
 fn rendezvous_tls(args: &LaunchArgs, plan: &mut LaunchPlan) -> Result<Option<ServerTlsConfig>> {
@@ -433,16 +507,7 @@ fn host_rendezvous(
     if !plan.hosts_rendezvous() {
         return Ok(None);
     }
-    let spec = WorldSpec {
-        job_id: plan.job_id.clone(),
-        nodes: plan
-            .nodes
-            .iter()
-            .map(|n| (n.host.clone(), n.slots.len()))
-            .collect(),
-        join_timeout: plan.join_timeout,
-    };
-    let state = Arc::new(RendezvousState::new(spec));
+    let state = Arc::new(RendezvousState::new(world_spec(plan)));
     let mut last_error = None;
     for addr in bind_candidates(&plan.master_addr, plan.master_port, bind_all) {
         match runtime.block_on(rendezvous::start_server_tls(
@@ -738,39 +803,6 @@ fn regroup(
         }
     };
     Ok((plan, launch))
-}
-
-/// Says how the world changed before the restart on it.
-fn announce_regroup(old: &LaunchPlan, new: &LaunchPlan, attempt: u32) {
-    let hosts =
-        |plan: &LaunchPlan| -> Vec<String> { plan.nodes.iter().map(|n| n.host.clone()).collect() };
-    let (before, after) = (hosts(old), hosts(new));
-    let lost: Vec<&str> = before
-        .iter()
-        .filter(|h| !after.contains(h))
-        .map(String::as_str)
-        .collect();
-    let back: Vec<&str> = after
-        .iter()
-        .filter(|h| !before.contains(h))
-        .map(String::as_str)
-        .collect();
-    let mut change = String::new();
-    if !lost.is_empty() {
-        change.push_str(&format!(", without {}", lost.join(", ")));
-    }
-    if !back.is_empty() {
-        change.push_str(&format!(", {} rejoining", back.join(", ")));
-    }
-    eprintln!(
-        "rsdeep: elastic: restarting the job ({attempt}/{}) on {} node(s) ({}), world size {} (was {}){change}: {}",
-        new.max_restarts,
-        after.len(),
-        after.join(", "),
-        new.world_size(),
-        old.world_size(),
-        resume_point(new)
-    );
 }
 
 #[cfg(test)]

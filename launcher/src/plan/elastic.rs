@@ -1,4 +1,4 @@
-//! Elastic continuation of an ssh-runner job, the pure part: the policy resolved from
+//! Elastic continuation of a multi-node job (ssh runner or SLURM), the pure part: the policy resolved from
 //! `--min_nodes` / `--max_nodes` / `--node_return_timeout` (or DeepSpeed's
 //! `--elastic_training --min_elastic_nodes N --max_elastic_nodes M`), which hosts the next
 //! attempt runs on once the launcher knows which ones answer, and the hostfile and flags
@@ -39,9 +39,9 @@ pub enum ElasticError {
     #[error("--node_return_timeout {0} must be a number of seconds, 0 or more")]
     BadTimeout(f64),
     #[error(
-        "elastic continuation (--min_nodes, --elastic_training) is built for the ssh runner: a hostfile with several hosts, started without --no_ssh and without --launcher slurm"
+        "elastic continuation (--min_nodes, --elastic_training) needs a runner that restarts every node: the ssh runner (a hostfile with several hosts, without --no_ssh) or --launcher slurm with several nodes"
     )]
-    NotSshRunner,
+    NoRunnerToRegroup,
     #[error(
         "only {alive} node(s) answer ({lost} did not within the return timeout), fewer than --min_nodes {min}: the job cannot continue; its checkpoints are kept for a resume"
     )]

@@ -40,8 +40,17 @@ pub struct NodeReport {
 pub enum Directive {
     Continue,
     Stop,
-    Restart { attempt: u32, generation: u64 },
-    Exit { code: i32, report: String },
+    /// Start `attempt` in the world of the launch node ids `world` (node 0 first; an
+    /// elastic job's world may have changed).
+    Restart {
+        attempt: u32,
+        generation: u64,
+        world: Vec<usize>,
+    },
+    Exit {
+        code: i32,
+        report: String,
+    },
 }
 
 /// Something on another node that ends node 0's current attempt.
@@ -83,6 +92,16 @@ struct Inner {
     last_poll: Vec<Option<Instant>>,
     /// Nodes that were answered `Exit`.
     told_exit: Vec<bool>,
+    /// The launch node ids of the current world, node 0 first (every node but those an
+    /// elastic job went on without).
+    world: Vec<usize>,
+}
+
+impl Inner {
+    /// The other nodes of the current world.
+    fn others(&self) -> impl Iterator<Item = usize> + '_ {
+        self.world.iter().copied().filter(|&n| n != 0)
+    }
 }
 
 /// The coordination state of one job on node 0.
@@ -109,6 +128,7 @@ impl JobControl {
                 reports: vec![None; nodes],
                 last_poll: vec![None; nodes],
                 told_exit: vec![false; nodes],
+                world: (0..nodes).collect(),
             }),
         }
     }
@@ -129,7 +149,14 @@ impl JobControl {
     /// Starts `attempt` on rendezvous `generation`: nodes still on an older attempt are
     /// told to stop, then to restart into this one.
     pub fn begin_attempt(&self, attempt: u32, generation: u64) {
+        let world = self.lock().world.clone();
+        self.begin_attempt_on(attempt, generation, world);
+    }
+
+    /// `begin_attempt` in the world of the launch node ids `world` (node 0 first).
+    pub fn begin_attempt_on(&self, attempt: u32, generation: u64, world: Vec<usize>) {
         let mut inner = self.lock();
+        inner.world = world;
         inner.attempt = attempt;
         inner.generation = generation;
         inner.phase = Phase::Running;
@@ -193,7 +220,7 @@ impl JobControl {
     /// unless it already said it stopped for good (interrupted).
     fn lost_node(&self, inner: &Inner) -> Option<RemoteEvent> {
         let limit = self.lost_after();
-        (1..self.nodes).find_map(|node| {
+        inner.others().find_map(|node| {
             let silent_for = inner.last_poll[node]?.elapsed();
             (silent_for > limit).then_some(RemoteEvent::Lost {
                 node_rank: node,
@@ -210,7 +237,8 @@ impl JobControl {
     /// Nodes whose workers of the current attempt are not known to have exited yet.
     pub fn not_stopped(&self) -> Vec<usize> {
         let inner = self.lock();
-        (1..self.nodes)
+        inner
+            .others()
             .filter(|&n| !inner.reports[n].as_ref().is_some_and(|r| r.workers_stopped))
             .collect()
     }
@@ -239,8 +267,9 @@ impl JobControl {
         self.not_stopped().is_empty()
     }
 
-    /// Nodes not yet told to exit, leaving out those that exit on their own (signalled)
-    /// and those silent for longer than the allowed silence.
+    /// Nodes not yet told to exit (those an elastic job left out included), leaving out
+    /// those that exit on their own (signalled) and those silent for longer than the
+    /// allowed silence.
     pub fn not_told_exit(&self) -> Vec<usize> {
         let inner = self.lock();
         let limit = self.lost_after();
@@ -255,6 +284,14 @@ impl JobControl {
             })
             .collect()
     }
+
+    /// The nodes (launch node ids, node 0 left out) that polled within `within`.
+    pub fn answering(&self, within: Duration) -> Vec<usize> {
+        let inner = self.lock();
+        (1..self.nodes)
+            .filter(|&n| inner.last_poll[n].is_some_and(|t| t.elapsed() <= within))
+            .collect()
+    }
 }
 
 /// The answer to `report` in node 0's present state.
@@ -264,10 +301,13 @@ fn directive_for(inner: &Inner, report: &NodeReport) -> Directive {
             code: *code,
             report: report.clone(),
         },
+        // Left out of an elastic job's world: wait, to rejoin at the next restart.
+        _ if !inner.world.contains(&report.node_rank) => Directive::Continue,
         _ if report.attempt < inner.attempt => match report.workers_stopped {
             true => Directive::Restart {
                 attempt: inner.attempt,
                 generation: inner.generation,
+                world: inner.world.clone(),
             },
             false => Directive::Stop,
         },
@@ -336,6 +376,7 @@ mod tests {
         let restart = Directive::Restart {
             attempt: 1,
             generation: 2,
+            world: vec![0, 1, 2],
         };
         assert_eq!(control.poll(stopped), Ok(restart));
         // A node still running the old attempt is stopped first.
@@ -348,6 +389,67 @@ mod tests {
             Ok(Directive::Continue)
         );
         assert_eq!(control.not_stopped(), [1, 2]);
+    }
+
+    #[test]
+    fn a_world_without_a_node_restarts_the_others_into_it_and_ignores_the_left_out_one() {
+        let control = JobControl::new(3);
+        control.set_lost_after(Duration::from_millis(20));
+        for node in [1, 2] {
+            control
+                .poll(report(node, 0, NodeState::Running, false))
+                .unwrap();
+        }
+        control.stop_all();
+        control
+            .poll(report(1, 0, NodeState::Stopped, true))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        control
+            .poll(report(1, 0, NodeState::Stopped, true))
+            .unwrap();
+        assert_eq!(
+            control.answering(Duration::from_millis(20)),
+            [1],
+            "node 2 fell silent"
+        );
+        control.begin_attempt_on(1, 2, vec![0, 1]);
+        let restart = Directive::Restart {
+            attempt: 1,
+            generation: 2,
+            world: vec![0, 1],
+        };
+        assert_eq!(
+            control.poll(report(1, 0, NodeState::Stopped, true)),
+            Ok(restart)
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        control
+            .poll(report(1, 1, NodeState::Running, false))
+            .unwrap();
+        assert_eq!(
+            control.remote_event(),
+            None,
+            "the left-out node is not lost"
+        );
+        assert_eq!(control.not_stopped(), [1]);
+        let waiting = report(2, 0, NodeState::Stopped, true);
+        assert_eq!(
+            control.poll(waiting.clone()),
+            Ok(Directive::Continue),
+            "a left-out node that answers again waits for the next restart"
+        );
+        control.decide_exit(0, String::new());
+        assert_eq!(
+            control.not_told_exit(),
+            [1, 2],
+            "the left-out node that still answers is told the end too"
+        );
+        let exit = Directive::Exit {
+            code: 0,
+            report: String::new(),
+        };
+        assert_eq!(control.poll(waiting), Ok(exit));
     }
 
     #[test]

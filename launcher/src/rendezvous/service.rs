@@ -312,6 +312,7 @@ pub fn directive_of(wire: pb::NodeDirective) -> Directive {
         Action::Restart => Directive::Restart {
             attempt: wire.attempt,
             generation: wire.generation,
+            world: wire.world_nodes.iter().map(|&n| n as usize).collect(),
         },
         Action::Exit => Directive::Exit {
             code: wire.exit_code,
@@ -330,8 +331,10 @@ pub fn wire_directive(directive: Directive) -> pb::NodeDirective {
         Directive::Restart {
             attempt,
             generation,
+            world,
         } => {
             (wire.attempt, wire.generation) = (attempt, generation);
+            wire.world_nodes = world.into_iter().map(|n| n as u32).collect();
             Action::Restart
         }
         Directive::Exit { code, report } => {
@@ -722,6 +725,7 @@ mod tests {
             Directive::Restart {
                 attempt: 2,
                 generation: 3,
+                world: vec![0, 2],
             },
             Directive::Exit {
                 code: 143,

@@ -4,7 +4,7 @@
 //! timeout or a hung rank. Ranks are fixed by the plan: `rank = node offset + local rank`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
@@ -295,7 +295,8 @@ pub struct ErrorRecord {
 /// Shared rendezvous state of one job (one per launcher process on node 0).
 #[derive(Debug)]
 pub struct RendezvousState {
-    spec: WorldSpec,
+    /// The world of the current generation (an elastic job's changes at a restart).
+    spec: RwLock<Arc<WorldSpec>>,
     inner: Mutex<Inner>,
     join_complete: Notify,
     kv_changed: Notify,
@@ -311,7 +312,7 @@ impl RendezvousState {
         let control = JobControl::new(spec.nodes.len());
         RendezvousState {
             control,
-            spec,
+            spec: RwLock::new(Arc::new(spec)),
             inner: Mutex::new(Inner {
                 generation: 1,
                 started: Some(Instant::now()),
@@ -324,8 +325,12 @@ impl RendezvousState {
         }
     }
 
-    pub fn spec(&self) -> &WorldSpec {
-        &self.spec
+    /// The world of the current generation.
+    pub fn spec(&self) -> Arc<WorldSpec> {
+        self.spec
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Node 0's coordination of the other nodes' launchers (`control.rs`).
@@ -342,10 +347,26 @@ impl RendezvousState {
 
     /// Starts a new generation for a restart: forgets members, keys, barriers, progress.
     pub fn next_generation(&self) -> u64 {
+        self.next_generation_of(None)
+    }
+
+    /// `next_generation` on another world (an elastic job that lost or regained nodes):
+    /// the job id stays, the nodes and their ranks are `spec`'s from now on.
+    pub fn next_generation_on(&self, spec: WorldSpec) -> u64 {
+        self.next_generation_of(Some(spec))
+    }
+
+    fn next_generation_of(&self, spec: Option<WorldSpec>) -> u64 {
         let mut inner = self.lock();
+        if let Some(spec) = spec {
+            *self
+                .spec
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(spec);
+        }
         inner.generation += 1;
         inner.started = Some(Instant::now());
-        inner.members = vec![None; self.spec.world_size()];
+        inner.members = vec![None; self.spec().world_size()];
         inner.joined = 0;
         inner.complete = None;
         inner.kv.clear();
@@ -362,27 +383,32 @@ impl RendezvousState {
 
     /// Refuses a request for another job.
     pub fn check_job(&self, job_id: &str) -> Result<(), RendezvousError> {
-        if job_id == self.spec.job_id {
+        let spec = self.spec();
+        if job_id == spec.job_id {
             return Ok(());
         }
         Err(RendezvousError::UnknownJob {
             got: job_id.to_string(),
-            expected: self.spec.job_id.clone(),
+            expected: spec.job_id.clone(),
         })
     }
 
     /// Registers a worker; returns its rank. Does not wait.
     pub fn register(&self, member: Member) -> Result<usize, RendezvousError> {
-        let rank = self
-            .spec
+        let spec = self.spec();
+        let beyond = || RendezvousError::BeyondWorld {
+            node_rank: member.node_rank,
+            local_rank: member.local_rank,
+            world_size: spec.world_size(),
+            layout: layout(&spec),
+        };
+        let rank = spec
             .rank_of(member.node_rank, member.local_rank)
-            .ok_or_else(|| RendezvousError::BeyondWorld {
-                node_rank: member.node_rank,
-                local_rank: member.local_rank,
-                world_size: self.spec.world_size(),
-                layout: self.layout(),
-            })?;
+            .ok_or_else(beyond)?;
         let mut inner = self.lock();
+        if rank >= inner.members.len() {
+            return Err(beyond());
+        }
         if let Some(existing) = &inner.members[rank] {
             return Err(RendezvousError::DuplicateRank {
                 rank,
@@ -404,17 +430,6 @@ impl RendezvousState {
             self.join_complete.notify_waiters();
         }
         Ok(rank)
-    }
-
-    fn layout(&self) -> String {
-        let nodes: Vec<String> = self
-            .spec
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, (host, n))| format!("node {i} {host} has {n}"))
-            .collect();
-        nodes.join(", ")
     }
 
     /// All members in rank order once everyone joined.
@@ -446,7 +461,7 @@ impl RendezvousState {
 
     fn join_deadline(&self) -> Instant {
         let started = self.lock().started.unwrap_or_else(Instant::now);
-        started + self.spec.join_timeout
+        started + self.spec().join_timeout
     }
 
     /// True when the join timeout passed and someone is still missing.
@@ -458,11 +473,14 @@ impl RendezvousState {
     /// range) and every missing rank of the nodes that partly joined.
     pub fn join_timeout_error(&self) -> RendezvousError {
         let inner = self.lock();
-        let missing = describe_missing(&self.spec, |rank| inner.members[rank].is_none());
+        let spec = self.spec();
+        let missing = describe_missing(&spec, |rank| {
+            inner.members.get(rank).is_none_or(Option::is_none)
+        });
         RendezvousError::JoinTimeout {
             waited: inner.started.map(|s| s.elapsed()).unwrap_or_default(),
             joined: inner.joined,
-            world_size: self.spec.world_size(),
+            world_size: spec.world_size(),
             missing,
         }
     }
@@ -499,7 +517,7 @@ impl RendezvousState {
         rank: usize,
         timeout: Duration,
     ) -> Result<(), RendezvousError> {
-        let world_size = self.spec.world_size();
+        let world_size = self.spec().world_size();
         if rank >= world_size {
             return Err(RendezvousError::BadRank { rank, world_size });
         }
@@ -533,7 +551,7 @@ impl RendezvousState {
     fn barrier_timeout_error(&self, name: &str, waited: Duration) -> RendezvousError {
         let inner = self.lock();
         let arrived = inner.barriers.get(name).cloned().unwrap_or_default();
-        let missing: Vec<String> = (0..self.spec.world_size())
+        let missing: Vec<String> = (0..self.spec().world_size())
             .filter(|r| !arrived.contains(r))
             .map(|r| r.to_string())
             .collect();
@@ -581,7 +599,7 @@ impl RendezvousState {
         loss: f64,
         tokens_per_second: f64,
     ) -> bool {
-        if generation != self.generation() || rank >= self.spec.world_size() {
+        if generation != self.generation() || rank >= self.spec().world_size() {
             return false;
         }
         self.record_progress(rank, step, loss, tokens_per_second);
@@ -592,7 +610,7 @@ impl RendezvousState {
     /// send no phase leave it empty).
     pub fn record_phase(&self, generation: u64, rank: usize, phase: RankPhase) {
         let mut inner = self.lock();
-        if inner.generation == generation && rank < self.spec.world_size() {
+        if inner.generation == generation && rank < self.spec().world_size() {
             inner.phases.insert(rank, phase);
         }
     }
@@ -721,6 +739,17 @@ const MISSING_RANKS_LISTED: usize = 16;
 /// `node 1 (10.0.0.2) never joined: ranks 4-7; never arrived: rank 2 (host a, node 0,
 /// local rank 2)`: whole nodes by rank range first, then single ranks of partly joined
 /// nodes (the first `MISSING_RANKS_LISTED`, then a count).
+/// `node 0 a has 2, node 1 b has 3`: the layout a join beyond the world is compared with.
+fn layout(spec: &WorldSpec) -> String {
+    let nodes: Vec<String> = spec
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (host, n))| format!("node {i} {host} has {n}"))
+        .collect();
+    nodes.join(", ")
+}
+
 fn describe_missing(spec: &WorldSpec, is_missing: impl Fn(usize) -> bool) -> String {
     let mut whole_nodes = Vec::new();
     let mut single_ranks = Vec::new();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::plan::LaunchPlan;
-use crate::rendezvous::RendezvousState;
+use crate::rendezvous::{RendezvousState, WorldSpec};
 use crate::supervise::{self, Outcome, SuperviseOptions};
 use anyhow::{Context, Result};
 use rsdeep_contract::env as ev;
@@ -100,6 +100,53 @@ pub(crate) fn resume_point(plan: &LaunchPlan) -> String {
             output_dir.display()
         ),
     }
+}
+
+/// The rendezvous world of `plan`: its job id, every node's host and rank count, the join
+/// timeout.
+pub(crate) fn world_spec(plan: &LaunchPlan) -> WorldSpec {
+    WorldSpec {
+        job_id: plan.job_id.clone(),
+        nodes: plan
+            .nodes
+            .iter()
+            .map(|n| (n.host.clone(), n.slots.len()))
+            .collect(),
+        join_timeout: plan.join_timeout,
+    }
+}
+
+/// Says how an elastic job's world changed (`old` → `new`) before restart `attempt` on it.
+pub(crate) fn announce_regroup(old: &LaunchPlan, new: &LaunchPlan, attempt: u32) {
+    let hosts =
+        |plan: &LaunchPlan| -> Vec<String> { plan.nodes.iter().map(|n| n.host.clone()).collect() };
+    let (before, after) = (hosts(old), hosts(new));
+    let only_in = |these: &[String], not: &[String]| -> String {
+        let only: Vec<&str> = these
+            .iter()
+            .filter(|h| !not.contains(h))
+            .map(String::as_str)
+            .collect();
+        only.join(", ")
+    };
+    let mut change = String::new();
+    let lost = only_in(&before, &after);
+    if !lost.is_empty() {
+        change.push_str(&format!(", without {lost}"));
+    }
+    let back = only_in(&after, &before);
+    if !back.is_empty() {
+        change.push_str(&format!(", {back} rejoining"));
+    }
+    eprintln!(
+        "rsdeep: elastic: restarting the job ({attempt}/{}) on {} node(s) ({}), world size {} (was {}){change}: {}",
+        new.max_restarts,
+        after.len(),
+        after.join(", "),
+        new.world_size(),
+        old.world_size(),
+        resume_point(new)
+    );
 }
 
 /// Prints, once, how long after the launcher started the whole world had joined.

@@ -5,14 +5,21 @@
 //! every node's workers; node 0 decides with `attempt::after_attempt`; a restart opens a
 //! new rendezvous generation before any node starts its workers again with
 //! `RSDEEP_RESTART_COUNT = k`; giving up (or a signal, which never restarts) ends every
-//! node with the report naming the first failure. Contract: docs/status.md "Fault
-//! handling" and deploy/slurm/README.md.
+//! node with the report naming the first failure. With `--min_nodes` (elastic) node 0
+//! first waits for every node of the world to answer again and restarts the job on those
+//! that do (`Regroup`); each node re-plans itself for the world node 0 names. Contract:
+//! docs/status.md "Fault handling" and deploy/slurm/README.md.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::nodes::coordinate::{Decision, LinkTarget, NodeLink, RemoteNodes, outcome_of_event};
+use std::collections::BTreeSet;
+
+use crate::nodes::coordinate::{
+    Decision, LinkTarget, NodeLink, POLL_PERIOD, RemoteNodes, outcome_of_event,
+};
 use crate::plan::LaunchPlan;
+use crate::plan::elastic::{ElasticError, ElasticPolicy};
 use crate::rendezvous::RendezvousState;
 use crate::rendezvous::control::RemoteEvent;
 use crate::supervise::{self, Outcome, STOP_SIGNAL, SuperviseOptions, Worker};
@@ -21,33 +28,52 @@ use rsdeep_contract::env as ev;
 use rsdeep_proto::tls;
 
 use crate::supervise::attempt::{
-    AfterAttempt, after_attempt, announce_world, rank_program, report_outcome, resume_point,
-    spawn_local_workers, supervise_options,
+    AfterAttempt, after_attempt, announce_regroup, announce_world, rank_program, report_outcome,
+    resume_point, spawn_local_workers, supervise_options, world_spec,
 };
 
 /// Beyond the grace period: how long node 0 waits for the other nodes to report their
 /// workers stopped, and to hear its final word, before going on without them.
 const NODE_MARGIN: Duration = Duration::from_secs(5);
 
+/// How the nodes of a SLURM job may change their world at a restart: node 0 decides from
+/// the nodes that answer (`policy`, `None` without `--min_nodes`: the world never
+/// changes); every node re-plans itself for the world node 0 names (`replan`).
+pub struct Regroup<'a> {
+    pub policy: Option<ElasticPolicy>,
+    /// Every node of the SLURM step by launch node id (`SLURM_NODEID`), node 0 first.
+    pub names: Vec<String>,
+    /// This node's plan in the world of these launch node ids (node 0 first).
+    pub replan: &'a dyn Fn(&[usize]) -> Result<LaunchPlan>,
+}
+
+/// How long ago a node's last poll may be for it to count as answering (it polls every
+/// `POLL_PERIOD` while it waits for node 0's decision).
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
 /// Node 0: runs its own workers, hears every other node, decides for all of them.
 pub fn lead_nodes(
     runtime: &tokio::runtime::Runtime,
     plan: &LaunchPlan,
     state: Arc<RendezvousState>,
+    regroup: &Regroup,
     started: Instant,
 ) -> Result<i32> {
     let program = rank_program(plan)?;
     let control = state.control();
     control.set_lost_after(lost_after(plan));
-    let options = SuperviseOptions {
-        stop_source: Some(Arc::new(RemoteNodes(state.clone()))),
-        ..supervise_options(plan)
-    };
-    let local: Vec<_> = plan.local_ranks().collect();
+    let mut current = plan.clone();
+    let mut world: Vec<usize> = (0..plan.nodes.len()).collect();
     for attempt in 0..=plan.max_restarts {
         let _span = tracing::info_span!("attempt", attempt, node = 0).entered();
-        control.begin_attempt(attempt, state.generation());
+        control.begin_attempt_on(attempt, state.generation(), world.clone());
         announce_world(runtime, state.clone(), started);
+        let plan = &current;
+        let options = SuperviseOptions {
+            stop_source: Some(Arc::new(RemoteNodes(state.clone()))),
+            ..supervise_options(plan)
+        };
+        let local: Vec<_> = plan.local_ranks().collect();
         let mut workers = spawn_local_workers(&program, &local, attempt, plan)?;
         let local_outcome = supervise::watch(&mut workers, Some(state.as_ref()), &options);
         report_outcome(&local_outcome, workers.len(), plan);
@@ -70,20 +96,80 @@ pub fn lead_nodes(
             }
             AfterAttempt::Restart => {}
         }
-        let generation = state.next_generation();
-        eprintln!(
-            "rsdeep: restarting the job ({}/{}), rendezvous generation {generation}: {}",
-            attempt + 1,
-            plan.max_restarts,
-            resume_point(plan)
-        );
+        let next = match &regroup.policy {
+            Some(policy) => match next_world(&state, policy, &regroup.names, &world) {
+                Ok(next) => next,
+                Err(e) => {
+                    eprintln!("rsdeep: giving up: {e}");
+                    return Ok(end_job(&state, outcome.exit_code(), &outcome));
+                }
+            },
+            None => None,
+        };
+        let Some(next) = next else {
+            let generation = state.next_generation();
+            eprintln!(
+                "rsdeep: restarting the job ({}/{}), rendezvous generation {generation}: {}",
+                attempt + 1,
+                plan.max_restarts,
+                resume_point(plan)
+            );
+            continue;
+        };
+        let next_plan = (regroup.replan)(&next)?;
+        announce_regroup(plan, &next_plan, attempt + 1);
+        state.next_generation_on(world_spec(&next_plan));
+        (world, current) = (next, next_plan);
     }
     Ok(1)
 }
 
+/// Before an elastic restart: waits up to the return timeout for every node of `world`
+/// to answer again; the world of the next attempt when it differs from `world`.
+fn next_world(
+    state: &RendezvousState,
+    policy: &ElasticPolicy,
+    names: &[String],
+    world: &[usize],
+) -> Result<Option<Vec<usize>>, ElasticError> {
+    let deadline = Instant::now() + policy.return_timeout;
+    let mut announced = false;
+    let answering = loop {
+        let answering = state.control().answering(ANSWER_WITHIN);
+        let missing: Vec<&str> = world
+            .iter()
+            .filter(|&&n| n != 0 && !answering.contains(&n))
+            .map(|&n| names[n].as_str())
+            .collect();
+        if missing.is_empty() || Instant::now() >= deadline {
+            break answering;
+        }
+        if !announced {
+            eprintln!(
+                "rsdeep: elastic: waiting up to {:.0} s for {} to answer again",
+                policy.return_timeout.as_secs_f64(),
+                missing.join(", ")
+            );
+            announced = true;
+        }
+        std::thread::sleep(POLL_PERIOD);
+    };
+    let answer: BTreeSet<String> = answering.iter().map(|&n| names[n].clone()).collect();
+    let hosts = policy.next_hosts(names, &answer)?;
+    let next: Vec<usize> = hosts
+        .iter()
+        .filter_map(|host| names.iter().position(|n| n == host))
+        .collect();
+    Ok((next != world).then_some(next))
+}
+
 /// Node K >= 1: runs its workers for the attempt node 0 names, reports how they ended
-/// and does what node 0 decides.
-pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Result<i32> {
+/// and does what node 0 decides (re-planning itself when node 0 names another world).
+pub fn follow_node0(
+    runtime: &tokio::runtime::Runtime,
+    plan: &LaunchPlan,
+    regroup: &Regroup,
+) -> Result<i32> {
     let program = rank_program(plan)?;
     let link = NodeLink::start(runtime.handle(), link_target(plan)?)
         .context("cannot follow node 0's rendezvous")?;
@@ -91,16 +177,18 @@ pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Res
         stop_source: Some(link.stop_source()),
         ..supervise_options(plan)
     };
-    let local: Vec<_> = plan.local_ranks().collect();
+    let mut plan = plan.clone();
+    let mut world: Vec<usize> = (0..plan.nodes.len()).collect();
     let mut attempt = 0;
     loop {
         let _span = tracing::info_span!("attempt", attempt, node = plan.node_rank).entered();
         link.begin_attempt(attempt);
-        let mut workers = spawn_local_workers(&program, &local, attempt, plan)?;
+        let local: Vec<_> = plan.local_ranks().collect();
+        let mut workers = spawn_local_workers(&program, &local, attempt, &plan)?;
         let outcome = supervise::watch(&mut workers, None, &options);
-        report_outcome(&outcome, workers.len(), plan);
+        report_outcome(&outcome, workers.len(), &plan);
         link.report_outcome(&outcome);
-        stop_local(&mut workers, plan);
+        stop_local(&mut workers, &plan);
         link.mark_stopped();
         match &outcome {
             Outcome::Interrupted { signal } => {
@@ -114,7 +202,18 @@ pub fn follow_node0(runtime: &tokio::runtime::Runtime, plan: &LaunchPlan) -> Res
             Decision::Restart {
                 attempt: next,
                 generation,
+                world: next_world,
             } => {
+                if !next_world.is_empty() && next_world != world {
+                    plan = (regroup.replan)(&next_world)?;
+                    eprintln!(
+                        "rsdeep: node 0 restarts the job on {} node(s): this node is node {} of world size {}",
+                        next_world.len(),
+                        plan.node_rank,
+                        plan.world_size()
+                    );
+                    world = next_world;
+                }
                 eprintln!(
                     "rsdeep: node 0 restarts the job: starting this node's workers again (restart count {next}, rendezvous generation {generation})"
                 );

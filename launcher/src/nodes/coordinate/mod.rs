@@ -62,8 +62,13 @@ pub struct LinkTarget {
 /// What node 0 decided once this node's attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Start `attempt` (node 0 has opened rendezvous `generation`).
-    Restart { attempt: u32, generation: u64 },
+    /// Start `attempt` (node 0 has opened rendezvous `generation`) in the world of the
+    /// launch node ids `world`, node 0 first.
+    Restart {
+        attempt: u32,
+        generation: u64,
+        world: Vec<usize>,
+    },
     /// Exit with `code`; `report` names the job's first failure (empty on success).
     Exit { code: i32, report: String },
     /// Node 0 is unreachable: the message says since when and why.
@@ -250,10 +255,12 @@ impl NodeLink {
                 Some(Directive::Restart {
                     attempt: next,
                     generation,
+                    world,
                 }) if next > attempt => {
                     return Decision::Restart {
                         attempt: next,
                         generation,
+                        world,
                     };
                 }
                 Some(Directive::Exit { code, report }) => return Decision::Exit { code, report },
@@ -539,7 +546,8 @@ mod tests {
             link.wait_for_decision(0),
             Decision::Restart {
                 attempt: 1,
-                generation: 2
+                generation: 2,
+                world: vec![0, 1],
             }
         );
         link.begin_attempt(1);
