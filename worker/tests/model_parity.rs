@@ -1,4 +1,4 @@
-//! Parity of rsdeep's Qwen2 / Llama (`rsdeep_worker::model`) with Python transformers,
+//! Parity of rsdeep's Qwen2 / Qwen3 / Llama (`rsdeep_worker::model`) with Python transformers,
 //! the reference. `fixtures/make_hf_model.py` builds random tiny models with transformers,
 //! saves them with `save_pretrained` and records logits, loss and every gradient for one
 //! batch; rsdeep loads those folders and must match (logits 1e-4 absolute in fp32, loss
@@ -121,6 +121,18 @@ fn cases() -> Vec<Case> {
             "llama_mha_linear_tied",
             with(tiny_config("llama", 160, 4, true), linear),
             4,
+            None,
+            1 << 30,
+        ),
+        // Heads wider than hidden / heads (as Qwen3-0.6B's 16 x 128 over 1024), with the
+        // per-head query/key norms and o_proj bias of `attention_bias`.
+        plain(
+            "qwen3_gqa_wide_heads",
+            with(
+                tiny_config("qwen3", 192, 2, false),
+                json!({"head_dim": 32, "attention_bias": true}),
+            ),
+            7,
             None,
             1 << 30,
         ),
@@ -381,6 +393,11 @@ fn llama_linear_rope_tied_matches_transformers() {
 }
 
 #[test]
+fn qwen3_gqa_wide_heads_matches_transformers() {
+    check_against_transformers("qwen3_gqa_wide_heads");
+}
+
+#[test]
 fn left_and_right_padding_match_transformers() {
     check_against_transformers("qwen2_gqa_padding");
 }
@@ -508,11 +525,14 @@ fn from_config_models_load_in_transformers() {
     let mut qwen = ModelConfig::new(ModelType::Qwen2, 128, 64, 128, 2, 4, 4);
     qwen.tie_word_embeddings = true;
     qwen.initializer_range = 0.2;
+    let mut qwen3 = ModelConfig::new(ModelType::Qwen3, 96, 64, 128, 2, 4, 2);
+    qwen3.head_dim = Some(24);
+    qwen3.initializer_range = 0.2;
 
     let work = tempfile::tempdir().unwrap();
     let mut specs = Vec::new();
     let mut ours = Vec::new();
-    for (i, config) in [llama, qwen].into_iter().enumerate() {
+    for (i, config) in [llama, qwen, qwen3].into_iter().enumerate() {
         let ids = token_ids(40 + i as u64, config.vocab_size as i64);
         let model = CausalLm::from_config(config, Device::Cpu, Kind::Float, 11 + i as u64).unwrap();
         let saved = work.path().join(format!("model{i}"));

@@ -81,7 +81,7 @@ pub struct EstimateArgs {
     pub dtype: Dtype,
 }
 
-/// The architecture numbers the estimate needs, read from a Qwen2/Llama config.json.
+/// The architecture numbers the estimate needs, read from a Qwen2/Qwen3/Llama config.json.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelShape {
     pub model_type: String,
@@ -93,12 +93,14 @@ pub struct ModelShape {
     pub head_dim: u64,
     pub vocab_size: u64,
     pub tie_word_embeddings: bool,
-    /// Bias on q/k/v (Qwen2 always; Llama with `attention_bias`).
+    /// Bias on q/k/v (Qwen2 always; Llama and Qwen3 with `attention_bias`).
     pub qkv_bias: bool,
-    /// Bias on o_proj (Llama `attention_bias` only).
+    /// Bias on o_proj (Llama and Qwen3 `attention_bias`).
     pub o_bias: bool,
     /// Biases in the MLP (Llama `mlp_bias`).
     pub mlp_bias: bool,
+    /// Per-head RMSNorms of queries and keys (Qwen3).
+    pub qk_norm: bool,
 }
 
 impl ModelShape {
@@ -124,13 +126,16 @@ impl ModelShape {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        let is_qwen2 = match model_type.as_str() {
-            "qwen2" => true,
-            "llama" => false,
-            other => anyhow::bail!(
-                "model_type \"{other}\" is not supported: rsdeep implements \"qwen2\" and \"llama\""
-            ),
-        };
+        if !matches!(model_type.as_str(), "qwen2" | "qwen3" | "llama") {
+            anyhow::bail!(
+                "model_type \"{model_type}\" is not supported: rsdeep implements \"qwen2\", \"qwen3\" and \"llama\""
+            );
+        }
+        let (is_qwen2, is_llama, is_qwen3) = (
+            model_type == "qwen2",
+            model_type == "llama",
+            model_type == "qwen3",
+        );
         let number = |key: &str| -> anyhow::Result<u64> {
             config
                 .get(key)
@@ -163,11 +168,13 @@ impl ModelShape {
             tie_word_embeddings: flag("tie_word_embeddings"),
             qkv_bias: is_qwen2 || flag("attention_bias"),
             o_bias: !is_qwen2 && flag("attention_bias"),
-            mlp_bias: !is_qwen2 && flag("mlp_bias"),
+            mlp_bias: is_llama && flag("mlp_bias"),
+            qk_norm: is_qwen3,
         })
     }
 
-    /// Parameters of one decoder layer: attention (GQA), MLP, two RMSNorms.
+    /// Parameters of one decoder layer: attention (GQA), MLP, two RMSNorms (four with
+    /// Qwen3's per-head query/key norms).
     pub fn layer_parameters(&self) -> u64 {
         let h = self.hidden_size;
         let q_out = self.num_heads * self.head_dim;
@@ -176,7 +183,8 @@ impl ModelShape {
         let o = q_out * h + if self.o_bias { h } else { 0 };
         let i = self.intermediate_size;
         let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
-        qkv + o + mlp + 2 * h
+        let head_norms = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        qkv + o + mlp + 2 * h + head_norms
     }
 
     /// All parameters: embeddings, layers, final norm, and the LM head when untied.
@@ -392,6 +400,15 @@ mod tests {
         assert_eq!(shape("qwen2.5-0.5b.json").parameter_count(), 494_032_768);
         assert_eq!(shape("qwen2-tiny.json").parameter_count(), 7_147_776);
         assert_eq!(shape("qwen2-50m.json").parameter_count(), 50_881_024);
+        // Qwen3-0.6B's shape: `Qwen3ForCausalLM(Qwen3Config(...))` counts 596,049,920.
+        let qwen3 = serde_json::json!({
+            "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+            "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": true,
+            "attention_bias": false
+        });
+        let qwen3 = ModelShape::from_config_value(&qwen3).unwrap();
+        assert_eq!(qwen3.parameter_count(), 596_049_920);
     }
 
     #[test]

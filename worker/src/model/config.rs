@@ -1,4 +1,4 @@
-//! `ModelConfig`: a serde mirror of a Hugging Face Qwen2 / Llama `config.json`.
+//! `ModelConfig`: a serde mirror of a Hugging Face Qwen2 / Qwen3 / Llama `config.json`.
 //!
 //! It reads both the transformers 4.x layout (`rope_theta` + `rope_scaling`) and the 5.x
 //! layout (`rope_parameters`), tolerates and keeps unknown keys (they are written back on
@@ -17,6 +17,9 @@ use tch::Kind;
 #[serde(rename_all = "lowercase")]
 pub enum ModelType {
     Qwen2,
+    /// Qwen2's layout with an RMSNorm over each head of the queries and keys (`q_norm`,
+    /// `k_norm`) and Llama's `attention_bias` rule.
+    Qwen3,
     Llama,
 }
 
@@ -25,6 +28,7 @@ impl ModelType {
     pub fn causal_lm_architecture(self) -> &'static str {
         match self {
             ModelType::Qwen2 => "Qwen2ForCausalLM",
+            ModelType::Qwen3 => "Qwen3ForCausalLM",
             ModelType::Llama => "LlamaForCausalLM",
         }
     }
@@ -128,7 +132,8 @@ pub struct ModelConfig {
     pub rope_parameters: Option<RopeScaling>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Llama only: bias on q/k/v/o projections. Qwen2 always has q/k/v bias, no o bias.
+    /// Llama and Qwen3: bias on q/k/v/o projections. Qwen2 always has q/k/v bias, no o
+    /// bias.
     #[serde(default)]
     pub attention_bias: bool,
     /// Llama only: bias on gate/up/down projections.
@@ -229,13 +234,19 @@ impl ModelConfig {
     pub fn qkv_bias(&self) -> bool {
         match self.model_type {
             ModelType::Qwen2 => true,
-            ModelType::Llama => self.attention_bias,
+            ModelType::Qwen3 | ModelType::Llama => self.attention_bias,
         }
     }
 
-    /// Whether the output projection carries a bias (Llama's `attention_bias` only).
+    /// Whether the output projection carries a bias (Llama's and Qwen3's
+    /// `attention_bias`).
     pub fn o_bias(&self) -> bool {
-        self.model_type == ModelType::Llama && self.attention_bias
+        self.model_type != ModelType::Qwen2 && self.attention_bias
+    }
+
+    /// Whether queries and keys are RMS-normalised per head before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == ModelType::Qwen3
     }
 
     /// Whether gate/up/down projections carry a bias.
@@ -446,6 +457,34 @@ mod tests {
         "torch_dtype": "bfloat16", "use_sliding_window": false, "sliding_window": 32768,
         "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu"
     }"#;
+
+    #[test]
+    fn parses_a_qwen3_config_with_wide_heads_and_head_norms() {
+        // The keys of Qwen3-0.6B's config.json as transformers 5 writes it.
+        let text = r#"{
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+            "head_dim": 128, "attention_bias": false, "attention_dropout": 0.0,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": null,
+            "max_position_embeddings": 40960, "max_window_layers": 28,
+            "use_sliding_window": false, "sliding_window": null,
+            "layer_types": ["full_attention"], "tie_word_embeddings": true,
+            "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645
+        }"#;
+        let config = ModelConfig::from_json_str(text).unwrap();
+        assert_eq!(config.model_type, ModelType::Qwen3);
+        assert_eq!((config.head_dim(), config.num_kv_heads()), (128, 8));
+        assert!(config.qk_norm());
+        assert!(!config.qkv_bias() && !config.o_bias() && !config.mlp_has_bias());
+        let biased = ModelConfig {
+            attention_bias: true,
+            ..config.clone()
+        };
+        assert!(biased.qkv_bias() && biased.o_bias());
+        let again = ModelConfig::from_json_str(&config.to_json_string().unwrap()).unwrap();
+        assert_eq!(again, config);
+    }
 
     #[test]
     fn parses_a_qwen2_config_and_keeps_unknown_keys() {

@@ -1,7 +1,8 @@
-//! The three block kinds of a Qwen2 / Llama causal LM — `Embedding`, `DecoderLayer`,
+//! The three block kinds of a Qwen2 / Qwen3 / Llama causal LM — `Embedding`, `DecoderLayer`,
 //! `Head` — implementing the `Block` contract of `model/mod.rs`, plus the functional
 //! pieces they share (RMSNorm, linear, SwiGLU, attention). Numerics follow transformers
-//! 5.x `modeling_qwen2.py` / `modeling_llama.py` with the SDPA attention backend. Weights
+//! 5.x `modeling_qwen2.py` / `modeling_qwen3.py` / `modeling_llama.py` with the SDPA
+//! attention backend. Weights
 //! are read from the `Param` tensors at every forward (the engine swaps their storage).
 
 use super::bottleneck::{BottleneckSlots, BottleneckStyle, BottleneckTensors};
@@ -230,6 +231,8 @@ pub struct DecoderLayer {
     pub(super) k: LinearSlot,
     pub(super) v: LinearSlot,
     pub(super) o: LinearSlot,
+    /// Qwen3: the per-head RMSNorm weights (D,) of queries and keys, in `params`.
+    pub(super) qk_norm: Option<(usize, usize)>,
     pub(super) post_attention_norm: usize,
     pub(super) gate: LinearSlot,
     pub(super) up: LinearSlot,
@@ -333,6 +336,21 @@ impl DecoderLayer {
         };
         let input_norm = norm(&mut list, source, "input_layernorm")?;
         let post_attention_norm = norm(&mut list, source, "post_attention_layernorm")?;
+        let mut head_norm = |list: &mut ParamList, name: &str| {
+            let tensor = source.take(
+                &format!("{prefix}{name}.weight"),
+                &[head_dim],
+                InitKind::Ones,
+            )?;
+            Ok::<_, crate::Error>(list.push(&format!("{name}.weight"), tensor))
+        };
+        let qk_norm = match config.qk_norm() {
+            true => Some((
+                head_norm(&mut list, "self_attn.q_norm")?,
+                head_norm(&mut list, "self_attn.k_norm")?,
+            )),
+            false => None,
+        };
         Ok(DecoderLayer {
             params: list.params,
             input_norm,
@@ -340,6 +358,7 @@ impl DecoderLayer {
             k,
             v,
             o,
+            qk_norm,
             post_attention_norm,
             gate,
             up,
@@ -561,6 +580,13 @@ impl DecoderLayer {
         let training = self.lora_training.load(Ordering::Relaxed);
         let q = heads(self.linear(self.q, training, x)?, self.num_heads)?;
         let k = heads(self.linear(self.k, training, x)?, self.num_kv_heads)?;
+        let (q, k) = match self.qk_norm {
+            Some((q_norm, k_norm)) => (
+                rms_norm(&q, &self.params[q_norm].tensor, self.eps)?, // (B, N, T, D)
+                rms_norm(&k, &self.params[k_norm].tensor, self.eps)?, // (B, KV, T, D)
+            ),
+            None => (q, k),
+        };
         let v = heads(self.linear(self.v, training, x)?, self.num_kv_heads)?;
         // A prefix sits before the sequence (in the cache when decoding, seeded there by
         // `CausalLm::forward_cached`): positions continue after it.

@@ -4,8 +4,8 @@
 //! elementwise parts run as single-pass fused kernels (`crate::kernels`: RMSNorm, rotary,
 //! SwiGLU), the residual adds ride in the `addmm`s, attention calls libtorch's CPU flash
 //! kernels directly (with GQA, saving only the output and its log-sum-exp), and no graph
-//! is built. It applies to plain causal training on the CPU in fp32 without LoRA
-//! (`manual_applies`); the engine (`zero/engine.rs`) falls back to autograd otherwise.
+//! is built. It applies to plain causal training on the CPU in fp32 without LoRA and
+//! without Qwen3's per-head query/key norms (`manual_applies`); the engine (`zero/engine.rs`) falls back to autograd otherwise.
 //! Tests below compare output and every gradient with autograd within 1e-5.
 //! Measurements: docs/benchmarks.md §1e.
 
@@ -63,6 +63,7 @@ impl DecoderLayer {
             && slots.iter().all(|s| s.lora.is_none() && s.quant.is_none())
             && self.prefix.is_none()
             && self.bottleneck.is_none()
+            && self.qk_norm.is_none()
             && self.params.iter().all(|p| kernels::applies(&p.tensor))
     }
 
