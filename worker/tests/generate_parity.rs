@@ -1,6 +1,6 @@
 //! Generation parity: rsdeep's greedy `generate` (KV cache) must emit exactly the tokens
-//! of transformers' `generate(do_sample=False, max_new_tokens=32)` on random tiny Qwen2
-//! and Llama models built by `fixtures/lora_generate_reference.py`, and KV-cached logits
+//! of transformers' `generate(do_sample=False, max_new_tokens=32)` on random tiny Qwen2,
+//! Qwen3 and Llama models built by `fixtures/lora_generate_reference.py`, and KV-cached logits
 //! (prefill, chunked prefill, single steps) must equal a full recompute. Needs
 //! `RSDEEP_PYTHON` with torch + transformers; without it the parity test fails, never
 //! skips.
@@ -55,6 +55,12 @@ fn tiny_config(model_type: &str, kv_heads: i64, tied: bool) -> Value {
     })
 }
 
+/// Heads of 32 over hidden 64 / 4 heads, as Qwen3's heads are wider than hidden / heads.
+fn with_wide_heads(mut config: Value) -> Value {
+    config["head_dim"] = json!(32);
+    config
+}
+
 #[test]
 fn greedy_generation_matches_transformers() {
     let work = tempfile::tempdir().unwrap();
@@ -68,6 +74,11 @@ fn greedy_generation_matches_transformers() {
             "llama",
             tiny_config("llama", 4, true),
             vec![7u32, 8, 120, 64],
+        ),
+        (
+            "qwen3",
+            with_wide_heads(tiny_config("qwen3", 2, true)),
+            vec![11u32, 2, 77, 31, 9, 54],
         ),
     ];
     let mut jobs = Vec::new();
@@ -130,6 +141,7 @@ fn kv_cache_logits_equal_full_recompute() {
     for model in [
         kv_model(ModelType::Qwen2, 2, false),
         kv_model(ModelType::Llama, 4, true),
+        kv_model(ModelType::Qwen3, 2, true),
     ] {
         let full = tch::no_grad(|| {
             model
