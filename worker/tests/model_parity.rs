@@ -1,5 +1,6 @@
-//! Parity of rsdeep's Qwen2 / Qwen3 / Llama (`rsdeep_worker::model`) with Python transformers,
-//! the reference. `fixtures/make_hf_model.py` builds random tiny models with transformers,
+//! Parity of rsdeep's Qwen2 / Qwen3 / Llama / Mistral (`rsdeep_worker::model`) with Python
+//! transformers, the reference. `fixtures/make_hf_model.py` builds random tiny models with
+//! transformers,
 //! saves them with `save_pretrained` and records logits, loss and every gradient for one
 //! batch; rsdeep loads those folders and must match (logits 1e-4 absolute in fp32, loss
 //! and gradients 1e-3 relative). `fixtures/load_rsdeep_model.py` then loads folders saved
@@ -121,6 +122,18 @@ fn cases() -> Vec<Case> {
             "llama_mha_linear_tied",
             with(tiny_config("llama", 160, 4, true), linear),
             4,
+            None,
+            1 << 30,
+        ),
+        // A window exactly as long as the batch's sequences: sliding-window attention is
+        // then causal attention, to the last position.
+        plain(
+            "mistral_gqa_window",
+            with(
+                tiny_config("mistral", 144, 2, false),
+                json!({"sliding_window": SEQ, "rope_theta": 1000000.0}),
+            ),
+            8,
             None,
             1 << 30,
         ),
@@ -390,6 +403,35 @@ fn llama_gqa_llama3_rope_matches_transformers() {
 #[test]
 fn llama_linear_rope_tied_matches_transformers() {
     check_against_transformers("llama_mha_linear_tied");
+}
+
+#[test]
+fn mistral_within_its_window_matches_transformers() {
+    check_against_transformers("mistral_gqa_window");
+}
+
+/// A sequence longer than Mistral's window is refused, naming the key, instead of being
+/// attended to causally (which would differ from transformers).
+#[test]
+fn mistral_beyond_its_window_is_refused() {
+    use rsdeep_worker::model::{ModelConfig, ModelType};
+    let mut config = ModelConfig::new(ModelType::Mistral, 64, 32, 48, 1, 4, 2);
+    config.extra.insert("sliding_window".into(), json!(8));
+    let model = CausalLm::from_config(config, Device::Cpu, Kind::Float, 5).unwrap();
+    let ids = Tensor::arange(9, (Kind::Int64, Device::Cpu)).reshape([1, 9]);
+    let ctx = ForwardCtx::causal(&ids).unwrap();
+    let err = model
+        .forward(&ids, &ctx)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`sliding_window`") && err.contains("9 positions"),
+        "{err}"
+    );
+    let within = ids.narrow(1, 0, 8);
+    let ctx = ForwardCtx::causal(&within).unwrap();
+    assert!(model.forward(&within, &ctx).is_ok());
 }
 
 #[test]

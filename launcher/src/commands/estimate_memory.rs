@@ -81,7 +81,8 @@ pub struct EstimateArgs {
     pub dtype: Dtype,
 }
 
-/// The architecture numbers the estimate needs, read from a Qwen2/Qwen3/Llama config.json.
+/// The architecture numbers the estimate needs, read from a Qwen2/Qwen3/Llama/Mistral
+/// config.json.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelShape {
     pub model_type: String,
@@ -126,15 +127,16 @@ impl ModelShape {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        if !matches!(model_type.as_str(), "qwen2" | "qwen3" | "llama") {
+        if !matches!(model_type.as_str(), "qwen2" | "qwen3" | "llama" | "mistral") {
             anyhow::bail!(
-                "model_type \"{model_type}\" is not supported: rsdeep implements \"qwen2\", \"qwen3\" and \"llama\""
+                "model_type \"{model_type}\" is not supported: rsdeep implements \"qwen2\", \"qwen3\", \"llama\" and \"mistral\""
             );
         }
-        let (is_qwen2, is_llama, is_qwen3) = (
+        let (is_qwen2, is_llama, is_qwen3, is_mistral) = (
             model_type == "qwen2",
             model_type == "llama",
             model_type == "qwen3",
+            model_type == "mistral",
         );
         let number = |key: &str| -> anyhow::Result<u64> {
             config
@@ -166,8 +168,8 @@ impl ModelShape {
             head_dim,
             vocab_size: number("vocab_size")?,
             tie_word_embeddings: flag("tie_word_embeddings"),
-            qkv_bias: is_qwen2 || flag("attention_bias"),
-            o_bias: !is_qwen2 && flag("attention_bias"),
+            qkv_bias: is_qwen2 || (!is_mistral && flag("attention_bias")),
+            o_bias: !is_qwen2 && !is_mistral && flag("attention_bias"),
             mlp_bias: is_llama && flag("mlp_bias"),
             qk_norm: is_qwen3,
         })

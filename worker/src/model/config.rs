@@ -1,4 +1,5 @@
-//! `ModelConfig`: a serde mirror of a Hugging Face Qwen2 / Qwen3 / Llama `config.json`.
+//! `ModelConfig`: a serde mirror of a Hugging Face Qwen2 / Qwen3 / Llama / Mistral
+//! `config.json`.
 //!
 //! It reads both the transformers 4.x layout (`rope_theta` + `rope_scaling`) and the 5.x
 //! layout (`rope_parameters`), tolerates and keeps unknown keys (they are written back on
@@ -21,6 +22,9 @@ pub enum ModelType {
     /// `k_norm`) and Llama's `attention_bias` rule.
     Qwen3,
     Llama,
+    /// Llama's layout without biases; its `sliding_window` equals causal attention on
+    /// sequences no longer than the window, the only ones rsdeep runs it on.
+    Mistral,
 }
 
 impl ModelType {
@@ -30,6 +34,7 @@ impl ModelType {
             ModelType::Qwen2 => "Qwen2ForCausalLM",
             ModelType::Qwen3 => "Qwen3ForCausalLM",
             ModelType::Llama => "LlamaForCausalLM",
+            ModelType::Mistral => "MistralForCausalLM",
         }
     }
 }
@@ -235,18 +240,32 @@ impl ModelConfig {
         match self.model_type {
             ModelType::Qwen2 => true,
             ModelType::Qwen3 | ModelType::Llama => self.attention_bias,
+            ModelType::Mistral => false,
         }
     }
 
     /// Whether the output projection carries a bias (Llama's and Qwen3's
     /// `attention_bias`).
     pub fn o_bias(&self) -> bool {
-        self.model_type != ModelType::Qwen2 && self.attention_bias
+        matches!(self.model_type, ModelType::Qwen3 | ModelType::Llama) && self.attention_bias
     }
 
     /// Whether queries and keys are RMS-normalised per head before RoPE (Qwen3).
     pub fn qk_norm(&self) -> bool {
         self.model_type == ModelType::Qwen3
+    }
+
+    /// Mistral's attention window (`sliding_window`, null: none): a query sees the keys
+    /// of at most this many positions, its own included.
+    pub fn sliding_window(&self) -> Option<usize> {
+        match self.model_type {
+            ModelType::Mistral => self
+                .extra
+                .get("sliding_window")
+                .and_then(Value::as_u64)
+                .map(|w| w as usize),
+            _ => None,
+        }
     }
 
     /// Whether gate/up/down projections carry a bias.
@@ -392,6 +411,15 @@ impl ModelConfig {
                 format!("{pad} is outside the vocabulary"),
             ));
         }
+        if let Some(window) = self.extra.get("sliding_window")
+            && self.model_type == ModelType::Mistral
+            && !(window.is_null() || window.as_u64().is_some_and(|w| w > 0))
+        {
+            return Err(config_error(
+                "sliding_window",
+                format!("{window} is not a positive number of positions or null"),
+            ));
+        }
         if self.extra.get("use_sliding_window") == Some(&Value::Bool(true)) {
             return Err(config_error(
                 "use_sliding_window",
@@ -457,6 +485,29 @@ mod tests {
         "torch_dtype": "bfloat16", "use_sliding_window": false, "sliding_window": 32768,
         "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu"
     }"#;
+
+    #[test]
+    fn parses_a_mistral_config_and_its_window() {
+        // The keys of Mistral-7B-v0.1's config.json.
+        let text = r#"{
+            "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+            "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2
+        }"#;
+        let config = ModelConfig::from_json_str(text).unwrap();
+        assert_eq!(config.model_type, ModelType::Mistral);
+        assert_eq!(config.sliding_window(), Some(4096));
+        assert!(!config.qkv_bias() && !config.o_bias() && !config.mlp_has_bias());
+        let unbounded = text.replace("\"sliding_window\": 4096", "\"sliding_window\": null");
+        let config = ModelConfig::from_json_str(&unbounded).unwrap();
+        assert_eq!(config.sliding_window(), None);
+        let bad = text.replace("\"sliding_window\": 4096", "\"sliding_window\": -3");
+        let err = ModelConfig::from_json_str(&bad).unwrap_err().to_string();
+        assert!(err.contains("`sliding_window`"), "{err}");
+    }
 
     #[test]
     fn parses_a_qwen3_config_with_wide_heads_and_head_norms() {

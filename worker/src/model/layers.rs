@@ -1,4 +1,4 @@
-//! The three block kinds of a Qwen2 / Qwen3 / Llama causal LM — `Embedding`, `DecoderLayer`,
+//! The three block kinds of a Qwen2 / Qwen3 / Llama / Mistral causal LM — `Embedding`, `DecoderLayer`,
 //! `Head` — implementing the `Block` contract of `model/mod.rs`, plus the functional
 //! pieces they share (RMSNorm, linear, SwiGLU, attention). Numerics follow transformers
 //! 5.x `modeling_qwen2.py` / `modeling_qwen3.py` / `modeling_llama.py` with the SDPA
@@ -233,6 +233,9 @@ pub struct DecoderLayer {
     pub(super) o: LinearSlot,
     /// Qwen3: the per-head RMSNorm weights (D,) of queries and keys, in `params`.
     pub(super) qk_norm: Option<(usize, usize)>,
+    /// Mistral: the attention window; longer sequences are refused (within it,
+    /// sliding-window attention is causal attention).
+    pub(super) sliding_window: Option<i64>,
     pub(super) post_attention_norm: usize,
     pub(super) gate: LinearSlot,
     pub(super) up: LinearSlot,
@@ -359,6 +362,7 @@ impl DecoderLayer {
             v,
             o,
             qk_norm,
+            sliding_window: config.sliding_window().map(|w| w as i64),
             post_attention_norm,
             gate,
             up,
@@ -624,6 +628,17 @@ impl DecoderLayer {
             (true, None) if seq > 1 => Some(offset_causal_mask(seq, past, x.device())?), // (T, P+T)
             _ => None,
         };
+        if let Some(window) = self.sliding_window
+            && past + seq > window
+        {
+            return Err(Error::Config(format!(
+                "model config.json key `sliding_window`: {} positions do not fit Mistral's \
+                 attention window of {window}; rsdeep runs sliding-window models on sequences \
+                 within the window (lower block_size / max_seq_length, or the prompt and \
+                 max_new_tokens)",
+                past + seq
+            )));
+        }
         let mask = offset_mask.as_ref().or(ctx.attention_mask.as_ref());
         // Without a mask SDPA shares each kv head across its query group itself (as HF's
         // sdpa path does): no repeated (B, N, T, D) copies and no summing them back in

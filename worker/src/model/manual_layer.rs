@@ -64,6 +64,7 @@ impl DecoderLayer {
             && self.prefix.is_none()
             && self.bottleneck.is_none()
             && self.qk_norm.is_none()
+            && self.sliding_window.is_none_or(|window| size[1] <= window)
             && self.params.iter().all(|p| kernels::applies(&p.tensor))
     }
 
