@@ -766,6 +766,7 @@ fn wall_clock_breakdown_and_deepspeed_monitors_do_what_deepspeed_users_expect() 
             "output_dir": fx.path("out"),
             "deepspeed": {
                 "wall_clock_breakdown": true, "steps_per_print": 2,
+                "comms_logger": {"enabled": true, "prof_all": true},
                 "csv_monitor": {"enabled": true, "output_path": monitors, "job_name": "job"},
                 "tensorboard": {"enabled": true, "output_path": monitors, "job_name": "tb"}
             }
@@ -795,6 +796,21 @@ fn wall_clock_breakdown_and_deepspeed_monitors_do_what_deepspeed_users_expect() 
             .all(|l| l.contains("| bwd_allreduce: ") && l.contains("| step: ")),
         "{lines:?}"
     );
+    // DeepSpeed's comms log summary once, at the end, with the ZeRO-2 collectives.
+    let (_, summary) = log
+        .split_once("[rank 0] comms_logger summary (DeepSpeed's log_summary):\n")
+        .unwrap_or_else(|| panic!("no comms_logger summary:\n{log}"));
+    let summary: Vec<&str> = summary
+        .lines()
+        .filter_map(|l| l.strip_prefix("[rank 0] "))
+        .collect();
+    assert!(summary[0].starts_with("Comm. Op"), "{summary:#?}");
+    for op in ["reduce_scatter", "all_gather"] {
+        assert!(
+            summary.iter().any(|l| l.trim_end() == op),
+            "no {op} rows in:\n{summary:#?}"
+        );
+    }
 }
 
 #[test]

@@ -136,6 +136,9 @@ pub struct DeepSpeedConfig {
     /// DeepSpeed's TensorBoard monitor: the same events as TensorBoard scalars.
     #[serde(default)]
     pub tensorboard: MonitorBlock,
+    /// DeepSpeed's per-collective communication log (the worker's `comm/logger.rs`).
+    #[serde(default)]
+    pub comms_logger: CommsLoggerConfig,
     #[serde(default)]
     pub zero_optimization: ZeroConfig,
     #[serde(default)]
@@ -214,6 +217,39 @@ impl MonitorBlock {
     pub fn folder(&self) -> Option<std::path::PathBuf> {
         self.enabled
             .then(|| std::path::Path::new(&self.output_path).join(&self.job_name))
+    }
+}
+
+/// `comms_logger`: time every profiled collective from issue to completion and print
+/// DeepSpeed's summary table at the end of training (rank 0). Defaults are DeepSpeed's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommsLoggerConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Rank 0 prints one line per profiled collective as it completes.
+    #[serde(default)]
+    pub verbose: bool,
+    /// Profile every collective; when false only those named in `prof_ops`.
+    #[serde(default = "true_bool")]
+    pub prof_all: bool,
+    /// DeepSpeed op names to profile when `prof_all` is false (e.g. "all_reduce").
+    #[serde(default)]
+    pub prof_ops: Vec<String>,
+    /// DeepSpeed splits rows by calling function; accepted, rsdeep's rows are per op.
+    #[serde(default)]
+    pub debug: bool,
+}
+
+impl Default for CommsLoggerConfig {
+    fn default() -> Self {
+        CommsLoggerConfig {
+            enabled: false,
+            verbose: false,
+            prof_all: true,
+            prof_ops: Vec::new(),
+            debug: false,
+        }
     }
 }
 

@@ -93,7 +93,7 @@ enum Verdict {
 }
 
 /// Top-level sections of DeepSpeed features rsdeep has no mechanism for.
-const SECTIONS_WITHOUT_MECHANISM: [&str; 18] = [
+const SECTIONS_WITHOUT_MECHANISM: [&str; 17] = [
     "aio",
     "amp",
     "sparse_attention",
@@ -105,7 +105,6 @@ const SECTIONS_WITHOUT_MECHANISM: [&str; 18] = [
     "sequence_parallel_size",
     "pipeline",
     "flops_profiler",
-    "comms_logger",
     "autotuning",
     "nebula",
     "compile",
@@ -155,9 +154,6 @@ fn verdict(key: &str, value: &Value) -> Option<Verdict> {
         "flops_profiler" if enabled() => Verdict::Notice(
             "flops_profiler: the FLOPs profiler is not built in rsdeep yet; metrics.jsonl carries tokens/s and MFU every logging step",
         ),
-        "comms_logger" if enabled() => Verdict::Notice(
-            "comms_logger: the per-collective log is not built in rsdeep yet; RSDEEP_ZERO_PROFILE=1 prints the engine's communication times",
-        ),
         "autotuning" if enabled() => {
             Verdict::Notice("autotuning: only DeepSpeed's autotuner reads this block; ignored")
         }
@@ -204,6 +200,7 @@ fn judge_features(
             "wall_clock_breakdown: rank 0 prints DeepSpeed's `time (ms) | fwd | bwd | bwd_allreduce | step` line every steps_per_print steps (mean per optimizer step)".into(),
         );
     }
+    notices.extend(comms_logger_notice(ds));
     let keys: Vec<String> = ds.keys().cloned().collect();
     for key in keys {
         match verdict(&key, &ds[&key]) {
@@ -249,6 +246,20 @@ fn judge_features(
         }
     }
     Ok(())
+}
+
+/// What an enabled `comms_logger` block does in rsdeep (and that `debug` splits nothing).
+fn comms_logger_notice(ds: &Map<String, Value>) -> Option<String> {
+    let block = ds.get("comms_logger")?;
+    let flag = |key: &str| block.get(key) == Some(&Value::Bool(true));
+    if !flag("enabled") {
+        return None;
+    }
+    let mut notice = "comms_logger: every profiled collective is timed from issue to completion; rank 0 prints DeepSpeed's log_summary table at the end of training".to_string();
+    if flag("debug") {
+        notice.push_str(" (debug: rows are per op, not split by calling function)");
+    }
+    Some(notice)
 }
 
 /// Types `ds`; each key the schema does not know is dropped with a warning (with a
@@ -350,8 +361,12 @@ mod tests {
             false,
         )
         .unwrap();
-        // As in DeepSpeed, the FLOPs profiler turns the wall-clock breakdown on.
-        assert_eq!(ds, json!({"wall_clock_breakdown": true}));
+        // As in DeepSpeed, the FLOPs profiler turns the wall-clock breakdown on; a
+        // disabled comms_logger (a block rsdeep builds) stays, without a notice.
+        assert_eq!(
+            ds,
+            json!({"wall_clock_breakdown": true, "comms_logger": {"enabled": false}})
+        );
         assert_eq!(notices.len(), 2, "{notices:?}");
         assert!(
             notices.iter().any(|n| n.starts_with("flops_profiler")),
@@ -364,6 +379,17 @@ mod tests {
         assert!(master.is_err());
         let no_bias = json!({"optimizer": {"type": "Adam", "params": {"bias_correction": false}}});
         assert!(load(no_bias, false).is_err());
+    }
+
+    #[test]
+    fn an_enabled_comms_logger_is_kept_and_announced() {
+        let block = json!({"comms_logger": {"enabled": true, "verbose": false, "prof_all": true,
+                                            "debug": true}});
+        let (ds, notices) = load(block.clone(), true).unwrap();
+        assert_eq!(ds, block);
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(notices[0].starts_with("comms_logger: "), "{notices:?}");
+        assert!(notices[0].contains("debug: rows are per op"), "{notices:?}");
     }
 
     #[test]

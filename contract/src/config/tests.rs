@@ -345,6 +345,54 @@ fn wrong_types_name_key_expected_type_and_value() {
 }
 
 #[test]
+fn comms_logger_block_loads_with_deepspeeds_defaults_and_names_wrong_keys() {
+    let fixture = Fixture::new();
+    let path = fixture.train_json(&seed_args(autos()));
+    let absent = load(&path, &[], 1).unwrap().deepspeed.comms_logger;
+    assert_eq!(absent, CommsLoggerConfig::default());
+    assert!(!absent.enabled && absent.prof_all && absent.prof_ops.is_empty());
+    // The block as DeepSpeed's documentation publishes it.
+    let published = r#"{"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "comms_logger": {"enabled": true, "verbose": false, "prof_all": false,
+                         "prof_ops": ["all_reduce", "all_gather"], "debug": false}}"#;
+    fixture.write("ds.json", published);
+    let path = fixture.train_json(&seed_args(json!("ds.json")));
+    let logger = load(&path, &[], 1).unwrap().deepspeed.comms_logger;
+    assert!(logger.enabled && !logger.verbose && !logger.prof_all && !logger.debug);
+    assert_eq!(logger.prof_ops, ["all_reduce", "all_gather"]);
+    let ds = fixture.write(
+        "ds.json",
+        r#"{"comms_logger": {"enabled": true, "prof_ops": "all_reduce"}}"#,
+    );
+    let err = load_err(&path, &[], 1);
+    assert!(
+        err.starts_with(&format!(
+            "{}: key \"comms_logger.prof_ops\": invalid type: string \"all_reduce\"",
+            ds.display()
+        )),
+        "{err}"
+    );
+    let with_block = |block: Value| {
+        let mut ds = autos();
+        ds["comms_logger"] = block;
+        fixture.train_json(&seed_args(ds))
+    };
+    let inline = with_block(json!({"verbose": "yes"}));
+    let err = load_err(&inline, &[], 1);
+    assert!(
+        err.contains("key \"deepspeed.comms_logger.verbose\": invalid type: string \"yes\""),
+        "{err}"
+    );
+    let typo = with_block(json!({"prof_al": false}));
+    let err = load_err(&typo, &["--strict_config", "true"], 1);
+    assert!(
+        err.contains("unknown key \"deepspeed.comms_logger.prof_al\" (did you mean \"prof_all\"?)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn syntax_errors_point_at_file_line_column() {
     let fixture = Fixture::new();
     let path = fixture.write("train.json", "{\n  \"seed\": 1,\n  \"bf16\": tru\n}\n");

@@ -6,17 +6,20 @@
 //! Layout: `tcp/` (ring backend), `nccl.rs` (NCCL backend, the only raw NCCL FFI),
 //! `bucket.rs` (coalesced collectives over many small tensors), `elementwise.rs`
 //! (reduction arithmetic and its rounding rules), `trace.rs` (record of issued
-//! collectives), `backend.rs` (choosing and building a backend).
+//! collectives), `logger.rs` (DeepSpeed's `comms_logger`: timed collectives and their
+//! summary), `backend.rs` (choosing and building a backend).
 
 pub mod backend;
 pub mod bucket;
 pub mod elementwise;
+pub mod logger;
 pub mod nccl;
 pub mod tcp;
 pub mod trace;
 
 pub use backend::{Backend, CommSetup, build_communicator};
 pub use bucket::{BucketPlan, all_reduce_bucketed, reduce_scatter_bucketed};
+pub use logger::{CommOp, CommsLog, LoggedComm};
 pub use tcp::{TcpComm, TcpOptions};
 pub use trace::{TraceEvent, TraceRecorder};
 

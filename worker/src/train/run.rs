@@ -11,7 +11,7 @@ use super::progress::{ProgressReporter, StepMetrics};
 use super::trackers::{TrackerRun, Trackers};
 use crate::assemble::{LoraSpec, ModelSource, build_causal_lm_engine};
 use crate::checkpoint::{self, PendingSave, RunRecord, SaveRequest, TrainerState};
-use crate::comm::{Communicator, ReduceOp};
+use crate::comm::{Communicator, LoggedComm, ReduceOp};
 use crate::data::Window;
 use crate::lora::{Bottleneck, LoraConfig, LoraInfo, PrefixTuning, save_adapter};
 use crate::model::{ForwardCtx, ModelConfig, ModelType, causal_lm_loss};
@@ -19,7 +19,7 @@ use crate::quant::{QuantConfig, QuantType};
 use crate::tokenizer::Tokenizer;
 use crate::zero::{EngineConfig, ZeroEngine};
 use crate::{Error, Result};
-use rsdeep_contract::config::{IntervalStrategy, ResumeFrom, Task, TrainConfig};
+use rsdeep_contract::config::{CommsLoggerConfig, IntervalStrategy, ResumeFrom, Task, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,6 +62,8 @@ pub fn train(
     world: TrainWorld,
     on_step: &mut dyn FnMut(StepProgress),
 ) -> Result<TrainSummary> {
+    let (world, comms_logger) = with_comms_logger(&config.deepspeed.comms_logger, world);
+    let rank = world.rank;
     let mut trainer = Trainer::setup(config, world)?;
     if trainer.run.config.args.eval_on_start {
         trainer.evaluate()?;
@@ -77,7 +79,38 @@ pub fn train(
         trainer.evaluate_if_due()?;
         trainer.save_if_due()?;
     }
-    trainer.finish()
+    let summary = trainer.finish()?;
+    if let Some(logged) = comms_logger.as_deref() {
+        print_comms_summary(logged, rank);
+    }
+    Ok(summary)
+}
+
+/// The DeepSpeed config's `comms_logger` block: when enabled, `world`'s communicator
+/// wrapped in a `LoggedComm` (returned as well, for the summary at the end of training).
+fn with_comms_logger(
+    block: &CommsLoggerConfig,
+    world: TrainWorld,
+) -> (TrainWorld, Option<Arc<LoggedComm>>) {
+    if !block.enabled {
+        return (world, None);
+    }
+    let logged = Arc::new(LoggedComm::new(world.comm.clone(), block));
+    let world = TrainWorld {
+        comm: logged.clone(),
+        ..world
+    };
+    (world, Some(logged))
+}
+
+/// Rank 0 prints DeepSpeed's `log_summary` table of its collectives to stderr.
+fn print_comms_summary(logged: &LoggedComm, rank: usize) {
+    if rank == 0 {
+        eprintln!(
+            "[rank 0] comms_logger summary (DeepSpeed's log_summary):\n{}",
+            logged.summary()
+        );
+    }
 }
 
 /// What stays the same for the whole run once set up: the resolved config, this rank's
@@ -1201,6 +1234,34 @@ mod tests {
         assert_ne!(step_seed(7, 3, 1), step_seed(7, 4, 1));
         assert_ne!(step_seed(7, 3, 1), step_seed(7, 3, 0));
         assert!(step_seed(7, 3, 1) >= 0);
+    }
+
+    #[test]
+    fn an_enabled_comms_logger_wraps_the_worlds_communicator() -> Result<()> {
+        let one_rank = || -> Arc<dyn Communicator> {
+            let mut handles = crate::zero::LocalCommunicator::world(1);
+            Arc::new(handles.remove(0))
+        };
+        let world = |comm: Arc<dyn Communicator>| TrainWorld {
+            comm,
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            device: Device::Cpu,
+            run_id: "test".into(),
+        };
+        let comm = one_rank();
+        let (off, none) = with_comms_logger(&CommsLoggerConfig::default(), world(comm.clone()));
+        assert!(none.is_none() && Arc::ptr_eq(&off.comm, &comm));
+        let enabled = CommsLoggerConfig {
+            enabled: true,
+            ..CommsLoggerConfig::default()
+        };
+        let (on, logged) = with_comms_logger(&enabled, world(one_rank()));
+        on.comm.barrier()?;
+        let rows = logged.map(|l| l.log().rows()).unwrap_or_default();
+        assert_eq!(rows.len(), 1, "the barrier went through the logger");
+        Ok(())
     }
 
     #[test]
