@@ -813,6 +813,57 @@ fn wall_clock_breakdown_and_deepspeed_monitors_do_what_deepspeed_users_expect() 
     }
 }
 
+/// ZeRO-Infinity's NVMe optimizer offload through the real binaries: the same model as
+/// without offload, checkpoints interchangeable both ways, no swap file left behind.
+#[test]
+fn nvme_optimizer_offload_trains_the_same_model_and_leaves_no_swap_file() {
+    let fx = fixture();
+    let nvme = fx.path("nvme");
+    let json = |name: &str, offload: bool| {
+        let mut zero = serde_json::json!({"stage": 3});
+        if offload {
+            zero["offload_optimizer"] = serde_json::json!({"device": "nvme", "nvme_path": nvme});
+        }
+        fx.pretrain_json(
+            &format!("{name}.json"),
+            serde_json::json!({
+                "block_size": 32, "max_steps": 4, "save_steps": 2, "seed": 11,
+                "output_dir": fx.path(name), "deepspeed": {"zero_optimization": zero}
+            }),
+        )
+    };
+    train(2, &json("plain", false), &[]);
+    let log = train(2, &json("offloaded", true), &[]);
+    assert!(
+        log.contains("optimizer 0.0 MiB (+ ") && log.contains(" MiB in files under nvme_path)"),
+        "the optimizer state lives in files:\n{log}"
+    );
+    let model = |dir: &str| std::fs::read(fx.path(dir).join("model.safetensors")).unwrap();
+    assert!(
+        model("plain") == model("offloaded"),
+        "NVMe offload changed the model"
+    );
+    // The plain run's checkpoint resumed with offload ends at the same model.
+    let checkpoint = fx.path("plain").join("checkpoint-2");
+    let resumed = fx.path("resumed");
+    train(
+        2,
+        &json("offloaded", true),
+        &[
+            "--output_dir",
+            resumed.to_str().unwrap(),
+            "--resume_from_checkpoint",
+            checkpoint.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        model("plain") == model("resumed"),
+        "resumed with offload differs"
+    );
+    let left: Vec<_> = std::fs::read_dir(&nvme).unwrap().collect();
+    assert!(left.is_empty(), "swap files left in nvme_path: {left:?}");
+}
+
 #[test]
 fn bottleneck_adapters_on_a_qwen2_model_are_refused_naming_the_library() {
     let fx = fixture();

@@ -191,6 +191,11 @@ fn memory_report_matches_the_zero_formulas_for_bf16_adam() {
 /// Trains `first` steps, snapshots `owned_state`, trains `then` more; a fresh engine
 /// loaded from the snapshot must reproduce those last losses exactly.
 fn state_round_trip(stage: u8, offload: bool) {
+    state_round_trip_in(stage, |config| config.offload_optimizer_cpu = offload);
+}
+
+/// `state_round_trip` with the engine configuration changed by `adjust`.
+fn state_round_trip_in(stage: u8, adjust: impl FnOnce(&mut EngineConfig)) {
     use crate::zero_support::{build_model, init_weights, make_tokens, run_micro_steps};
     use rsdeep_worker::comm::Communicator;
     use rsdeep_worker::zero::{LocalCommunicator, ZeroEngine};
@@ -198,7 +203,7 @@ fn state_round_trip(stage: u8, offload: bool) {
     let spec = TinySpec::default();
     let world = 2;
     let mut config = config(stage, world);
-    config.offload_optimizer_cpu = offload;
+    adjust(&mut config);
     let case = Case {
         world,
         config: config.clone(),
@@ -312,6 +317,57 @@ fn optimizer_offload_to_cpu_matches_the_plain_run() {
     for ((name, a), (_, b)) in plain[0].weights.iter().zip(&moved[0].weights) {
         assert_close(a, b, 0.0, &format!("offload: {name}"));
     }
+}
+
+/// NVMe optimizer offload (`optimizer_swap_dir`): at stages 1-3 on 2 ranks the losses and
+/// weights equal the plain run's bit for bit, no optimizer byte stays in memory (they are
+/// all in the swap files), and the files go with the engine.
+#[test]
+fn optimizer_offload_to_nvme_matches_the_plain_run_and_holds_nothing_in_memory() {
+    tch::set_num_threads(1);
+    let spec = TinySpec::default();
+    for stage in [1u8, 2, 3] {
+        let run = |swap: Option<&std::path::Path>| {
+            let mut config = config(stage, 2);
+            config.optimizer_swap_dir = swap.map(std::path::Path::to_path_buf);
+            let case = Case {
+                world: 2,
+                config,
+                steps: 4,
+                global_batch: 4,
+                ..Case::default()
+            };
+            run_world(&spec, &case)
+        };
+        let swap = tempfile::tempdir().unwrap();
+        let nvme_path = swap.path().join("nvme");
+        let (plain, swapped) = (run(None), run(Some(&nvme_path)));
+        for (rank, (a, b)) in plain.iter().zip(&swapped).enumerate() {
+            let label = format!("stage {stage} rank {rank}");
+            assert_eq!(a.losses, b.losses, "{label}: losses");
+            for ((name, x), (_, y)) in a.weights.iter().zip(&b.weights) {
+                assert_close(x, y, 0.0, &format!("{label}: {name}"));
+            }
+            assert_eq!(b.memory.optimizer_bytes, 0, "{label}: {:?}", b.memory);
+            assert_eq!(
+                b.memory.swapped_optimizer_bytes, a.memory.optimizer_bytes,
+                "{label}: every optimizer byte is in a file"
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(&nvme_path).unwrap().collect();
+        assert!(left.is_empty(), "stage {stage}: swap files left: {left:?}");
+    }
+}
+
+/// A snapshot of a swapped engine (`owned_state`) loads into a swapped engine and
+/// continues exactly as the uninterrupted one.
+#[test]
+fn owned_state_round_trip_resumes_exactly_with_nvme_offload() {
+    tch::set_num_threads(1);
+    let swap = tempfile::tempdir().unwrap();
+    state_round_trip_in(3, |config| {
+        config.optimizer_swap_dir = Some(swap.path().to_path_buf());
+    });
 }
 
 #[test]

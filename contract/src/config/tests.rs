@@ -541,14 +541,34 @@ fn offload_loads_with_a_notice_of_what_rsdeep_does() {
     let config = load(&path, &batch, 1).unwrap();
     let notices = config.warnings.join("\n");
     assert!(
-        notices.contains("NVMe offload (ZeRO-Infinity) is not built"),
-        "{notices}"
+        !notices.contains("nvme"),
+        "NVMe optimizer offload is built: {notices}"
     );
     assert!(
         notices.contains(
             "offload_param: on CPU ranks the parameter partitions already live in host memory"
         ),
         "{notices}"
+    );
+}
+
+#[test]
+fn nvme_offload_without_nvme_path_is_refused_naming_the_key() {
+    let fixture = Fixture::new();
+    let ds = json!({"train_batch_size": 8, "zero_optimization": {"stage": 3,
+        "offload_optimizer": {"device": "nvme"}}});
+    let path = fixture.train_json(&seed_args(ds));
+    let batch = [
+        "--per_device_train_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "1",
+    ];
+    let err = load_err(&path, &batch, 1);
+    assert!(
+        err.contains("deepspeed.zero_optimization.offload_optimizer.nvme_path")
+            && err.contains("set it to a folder on a fast local disk"),
+        "{err}"
     );
 }
 

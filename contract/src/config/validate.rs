@@ -463,6 +463,18 @@ fn check_offload(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<(), 
         .offload_optimizer
         .as_ref()
         .is_some_and(|o| o.device != OffloadDevice::None);
+    let nvme_without_path = zero
+        .offload_optimizer
+        .as_ref()
+        .is_some_and(|o| o.device == OffloadDevice::Nvme && o.nvme_path.is_none());
+    if nvme_without_path {
+        return Err(invalid(
+            file,
+            &format!("{prefix}zero_optimization.offload_optimizer.nvme_path"),
+            "device \"nvme\" keeps the optimizer state in files under nvme_path: set it to a \
+             folder on a fast local disk (DeepSpeed needs it too)",
+        ));
+    }
     if offloads_optimizer && !zero.stage.partitions_optimizer_state() {
         return Err(invalid(
             file,
@@ -473,18 +485,13 @@ fn check_offload(ds: &DeepSpeedConfig, file: &Path, prefix: &str) -> Result<(), 
     Ok(())
 }
 
-/// What rsdeep does with memory settings it has no mechanism for, said once at load:
-/// the optimizer state in host memory is built; parameter offload, NVMe (ZeRO-Infinity)
-/// and Megatron's activation partitioning are not (none of them changes the math).
+/// What rsdeep does with memory settings, said once at load: the optimizer state in host
+/// memory and in files under `nvme_path` (ZeRO-Infinity) is built; parameter offload and
+/// Megatron's activation partitioning are not (neither changes the math).
 pub fn memory_notices(ds: &DeepSpeedConfig) -> Vec<String> {
     let zero = &ds.zero_optimization;
     let device = |o: &Option<super::deepspeed::OffloadConfig>| o.as_ref().map(|o| o.device);
     let mut notices = Vec::new();
-    if device(&zero.offload_optimizer) == Some(OffloadDevice::Nvme) {
-        notices.push(
-            "offload_optimizer \"nvme\": NVMe offload (ZeRO-Infinity) is not built in rsdeep; the optimizer state goes to host memory instead (as with \"cpu\")".to_string(),
-        );
-    }
     let param = device(&zero.offload_param);
     if zero.stage.partitions_parameters()
         && matches!(param, Some(OffloadDevice::Cpu | OffloadDevice::Nvme))

@@ -31,12 +31,14 @@ impl EngineConfig {
         let ds = &config.deepspeed;
         let zero = &ds.zero_optimization;
         // Offload as the loader's notices describe it: parameter partitions stay where the
-        // rank computes (host memory already on CPU ranks); NVMe, not built, falls back to
-        // host memory for the optimizer state.
-        let offload_optimizer_cpu = matches!(
-            zero.offload_optimizer.as_ref().map(|o| o.device),
-            Some(OffloadDevice::Cpu | OffloadDevice::Nvme)
-        );
+        // rank computes (host memory already on CPU ranks); the optimizer state goes to host
+        // memory ("cpu") or to files under nvme_path ("nvme", stepped on the CPU).
+        let offload = zero.offload_optimizer.as_ref();
+        let offload_optimizer_cpu = offload.is_some_and(|o| o.device == OffloadDevice::Cpu);
+        let optimizer_swap_dir = offload
+            .filter(|o| o.device == OffloadDevice::Nvme)
+            .and_then(|o| o.nvme_path.as_ref())
+            .map(std::path::PathBuf::from);
         let resolved = |v: launcher_config::AutoOr<u64>, key: &str| {
             v.value()
                 .map(|v| v as usize)
@@ -80,6 +82,7 @@ impl EngineConfig {
             steps_per_print: ds.steps_per_print.unwrap_or(0),
             wall_clock_breakdown: ds.wall_clock_breakdown,
             offload_optimizer_cpu,
+            optimizer_swap_dir,
             device,
             // An A/B switch for benchmarks, not a training option: the two paths agree.
             manual_layers: std::env::var(rsdeep_contract::env::MANUAL_LAYERS)
@@ -222,6 +225,7 @@ mod tests {
         assert_eq!(engine.stage3_param_persistence_threshold, 640);
         assert!(engine.overlap_comm, "stage 3 overlaps by default");
         assert!(engine.offload_optimizer_cpu);
+        assert_eq!(engine.optimizer_swap_dir, None);
         assert_eq!(engine.precision, Precision::Bf16);
         assert_eq!(engine.gradient_clipping, 0.5);
         assert_eq!(

@@ -588,9 +588,13 @@ impl Trainer {
 /// parameters (the frozen base among them), gradients, optimizer states.
 fn print_model_states(report: &crate::zero::MemoryReport) {
     let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
+    let swapped = match report.swapped_optimizer_bytes {
+        0 => String::new(),
+        bytes => format!(" (+ {:.1} MiB in files under nvme_path)", mib(bytes)),
+    };
     eprintln!(
         "model states on this rank: params {:.1} MiB (frozen {:.1} MiB), grads {:.1} MiB, \
-         optimizer {:.1} MiB",
+         optimizer {:.1} MiB{swapped}",
         mib(report.param_bytes),
         mib(report.frozen_bytes),
         mib(report.grad_bytes),

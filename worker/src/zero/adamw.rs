@@ -1,21 +1,29 @@
 //! Adam/AdamW on one flat fp32 slice, with `torch.optim.AdamW`'s single-tensor math
 //! (bias-corrected moments; decoupled decay `p *= 1 - lr*wd` before the update) or
 //! Adam's L2 decay (`g += wd*p`). Each rank runs it only on the slice it owns; the
-//! engine (`engine.rs`) owns the step counter and the learning rate.
+//! engine (`engine.rs`) owns the step counter and the learning rate. A slice lives in
+//! memory, or with NVMe offload in its swap file (`swap.rs`), read in for each use.
 
 use super::config::OptimizerConfig;
+use super::swap::{SwapFile, SwapPart};
 use crate::Result;
 use crate::kernels;
 use tch::{Device, Kind, Tensor};
 
 /// fp32 master weights and the two moments of one owned slice.
-pub struct AdamSlice {
+pub struct AdamTensors {
     /// (P,) fp32 master copy of the owned parameters.
     pub master: Tensor,
     /// (P,) first moment.
     pub exp_avg: Tensor,
     /// (P,) second moment.
     pub exp_avg_sq: Tensor,
+}
+
+/// One owned slice's optimizer state, in memory or in its swap file.
+pub enum AdamSlice {
+    Resident(AdamTensors),
+    Swapped(SwapFile),
 }
 
 impl AdamSlice {
@@ -28,21 +36,102 @@ impl AdamSlice {
             .f_detach_copy()?;
         let exp_avg = master.f_zeros_like()?;
         let exp_avg_sq = master.f_zeros_like()?;
-        Ok(AdamSlice {
+        Ok(AdamSlice::Resident(AdamTensors {
             master,
             exp_avg,
             exp_avg_sq,
-        })
+        }))
     }
 
-    /// Bytes held by the three fp32 tensors.
+    /// This slice moved into `swap` (its memory freed).
+    pub fn swapped_to(self, swap: SwapFile) -> Result<Self> {
+        let tensors = self.tensors()?;
+        swap.write(SwapPart::Master, &tensors.master)?;
+        swap.write(SwapPart::ExpAvg, &tensors.exp_avg)?;
+        swap.write(SwapPart::ExpAvgSq, &tensors.exp_avg_sq)?;
+        Ok(AdamSlice::Swapped(swap))
+    }
+
+    /// Bytes the slice keeps in memory between uses (none when swapped).
     pub fn bytes(&self) -> usize {
-        3 * 4 * self.master.numel()
+        match self {
+            AdamSlice::Resident(t) => 3 * 4 * t.master.numel(),
+            AdamSlice::Swapped(_) => 0,
+        }
+    }
+
+    /// Bytes the slice keeps in its swap file.
+    pub fn swapped_bytes(&self) -> usize {
+        match self {
+            AdamSlice::Resident(_) => 0,
+            AdamSlice::Swapped(swap) => swap.bytes(),
+        }
+    }
+
+    /// The three tensors: the resident ones themselves (shared storage), or fresh copies
+    /// read from the swap file.
+    pub fn tensors(&self) -> Result<AdamTensors> {
+        match self {
+            AdamSlice::Resident(t) => Ok(AdamTensors {
+                master: t.master.shallow_clone(),
+                exp_avg: t.exp_avg.shallow_clone(),
+                exp_avg_sq: t.exp_avg_sq.shallow_clone(),
+            }),
+            AdamSlice::Swapped(swap) => Ok(AdamTensors {
+                master: swap.read(SwapPart::Master)?,
+                exp_avg: swap.read(SwapPart::ExpAvg)?,
+                exp_avg_sq: swap.read(SwapPart::ExpAvgSq)?,
+            }),
+        }
+    }
+
+    /// The (P,) masters alone (read from the swap file when swapped).
+    pub fn master(&self) -> Result<Tensor> {
+        match self {
+            AdamSlice::Resident(t) => Ok(t.master.shallow_clone()),
+            AdamSlice::Swapped(swap) => swap.read(SwapPart::Master),
+        }
+    }
+
+    /// Replaces the slice's values by `values`.
+    pub fn set(&mut self, values: &AdamTensors) -> Result<()> {
+        match self {
+            AdamSlice::Resident(t) => {
+                t.master.f_copy_(&values.master)?;
+                t.exp_avg.f_copy_(&values.exp_avg)?;
+                t.exp_avg_sq.f_copy_(&values.exp_avg_sq)?;
+                Ok(())
+            }
+            AdamSlice::Swapped(swap) => {
+                swap.write(SwapPart::Master, &values.master)?;
+                swap.write(SwapPart::ExpAvg, &values.exp_avg)?;
+                swap.write(SwapPart::ExpAvgSq, &values.exp_avg_sq)
+            }
+        }
     }
 
     /// One update with the (already unscaled, clipped) fp32 gradient `grad` (P,);
-    /// `step` is 1-based (the count including this update).
+    /// `step` is 1-based (the count including this update). Returns the updated (P,)
+    /// masters (swapped slices are read in, updated and written back).
     pub fn update(
+        &mut self,
+        grad: &Tensor,
+        lr: f64,
+        step: u64,
+        config: &OptimizerConfig,
+    ) -> Result<Tensor> {
+        let mut tensors = self.tensors()?;
+        tensors.update(grad, lr, step, config)?;
+        if let AdamSlice::Swapped(_) = self {
+            self.set(&tensors)?;
+        }
+        Ok(tensors.master)
+    }
+}
+
+impl AdamTensors {
+    /// `AdamSlice::update` on these tensors, in place.
+    fn update(
         &mut self,
         grad: &Tensor,
         lr: f64,
@@ -163,9 +252,9 @@ mod tests {
             let lr = c.lr * step as f64;
             naive_adamw(&mut p, &mut m, &mut v, &g, lr, step, &c);
             let grad = Tensor::from_slice(&g).to_kind(Kind::Float);
-            slice.update(&grad, lr, step, &c).unwrap();
+            let _ = slice.update(&grad, lr, step, &c).unwrap();
         }
-        let got: Vec<f32> = Vec::try_from(&slice.master).unwrap();
+        let got: Vec<f32> = Vec::try_from(&slice.master().unwrap()).unwrap();
         for (a, b) in got.iter().zip(&p) {
             assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
         }
@@ -188,9 +277,10 @@ mod tests {
                 let doubled = Tensor::randn([202], (Kind::Float, Device::Cpu));
                 let strided = doubled.slice(0, 0, 202, 2); // not contiguous: aten path
                 assert!(!kernels::applies(&strided));
-                fused.update(&strided.contiguous(), c.lr, step, &c).unwrap();
-                aten.update(&strided, c.lr, step, &c).unwrap();
+                let _ = fused.update(&strided.contiguous(), c.lr, step, &c).unwrap();
+                let _ = aten.update(&strided, c.lr, step, &c).unwrap();
             }
+            let (fused, aten) = (fused.tensors().unwrap(), aten.tensors().unwrap());
             let diff = (&fused.master - &aten.master).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "decoupled {decoupled}: max diff {diff}");
             let diff = (&fused.exp_avg_sq - &aten.exp_avg_sq)
@@ -252,11 +342,11 @@ print(" ".join(repr(x) for x in p.detach().tolist()))
             let g: Vec<f32> = (0..9)
                 .map(|i| ((i + step) as f64 * 0.91).cos() as f32)
                 .collect();
-            slice
+            let _ = slice
                 .update(&Tensor::from_slice(&g), c.lr, step, &c)
                 .unwrap();
         }
-        let got: Vec<f32> = Vec::try_from(&slice.master).unwrap();
+        let got: Vec<f32> = Vec::try_from(&slice.master().unwrap()).unwrap();
         assert_eq!(got.len(), expected.len());
         for (a, b) in got.iter().zip(&expected) {
             assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");

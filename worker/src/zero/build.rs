@@ -18,6 +18,7 @@ use super::loss_scaler::LossScaler;
 use super::partition::FlatLayout;
 use super::profile::StepProfile;
 use super::scheduler::LrSchedule;
+use super::swap::SwapFile;
 use crate::comm::Communicator;
 use crate::model::Block;
 use crate::{Error, Result};
@@ -48,11 +49,12 @@ impl EngineBuilder {
         config.validate(comm.world_size())?;
         let (rank, world_size) = (comm.rank(), comm.world_size());
         let (shard_rank, shard_world) = config.stage.optimizer_partition(rank, world_size);
-        let optimizer_device = if config.offload_optimizer_cpu {
-            Device::Cpu
-        } else {
-            config.device
-        };
+        let optimizer_device =
+            if config.offload_optimizer_cpu || config.optimizer_swap_dir.is_some() {
+                Device::Cpu
+            } else {
+                config.device
+            };
         if !config.contiguous_gradients {
             tracing::info!(
                 rank,
@@ -82,7 +84,7 @@ impl EngineBuilder {
         let _span =
             tracing::debug_span!("zero_add_block", rank = self.comm.rank(), index).entered();
         let names = block.params().iter().map(|p| p.name.clone()).collect();
-        let (shard, hash) = build_shard(
+        let (mut shard, hash) = build_shard(
             block,
             frozen,
             &mut self.frozen_params,
@@ -91,6 +93,13 @@ impl EngineBuilder {
             self.shard_rank,
             self.optimizer_device,
         )?;
+        if let Some(dir) = &self.config.optimizer_swap_dir
+            && let Some(optim) = shard.optim.take()
+        {
+            let numel = shard.layout.partition_numel();
+            let swap = SwapFile::create(dir, self.shard_rank, index, numel)?;
+            shard.optim = Some(optim.swapped_to(swap)?);
+        }
         self.shards.push(shard);
         self.block_names.push(names);
         self.block_hashes.push(hash);

@@ -174,6 +174,9 @@ pub struct EngineConfig {
     pub wall_clock_breakdown: bool,
     /// `offload_optimizer.device == "cpu"`: fp32 masters and moments live on the CPU.
     pub offload_optimizer_cpu: bool,
+    /// `offload_optimizer.device == "nvme"`: `nvme_path`, where each owned slice's masters
+    /// and moments live in a file between uses (`swap.rs`; the step runs on the CPU).
+    pub optimizer_swap_dir: Option<std::path::PathBuf>,
     /// Where the compute buffers live.
     pub device: Device,
     /// Decoder layers that can train through the hand-written forward/backward
@@ -206,6 +209,7 @@ impl Default for EngineConfig {
             steps_per_print: 0,
             wall_clock_breakdown: false,
             offload_optimizer_cpu: false,
+            optimizer_swap_dir: None,
             device: Device::Cpu,
             manual_layers: true,
         }

@@ -10,7 +10,7 @@
 //! `in_flight.rs` (collectives the engine holds between issue and completion),
 //! `reduce.rs` (gradient buckets), `gather.rs` (parameter all-gathers), `step.rs`
 //! (optimizer step), `state.rs` (memory report, checkpoint state), `adamw.rs`,
-//! `scheduler.rs`, `loss_scaler.rs`, `local_comm.rs` (in-process communicator for tests
+//! `swap.rs` (optimizer state in files under `nvme_path`), `scheduler.rs`, `loss_scaler.rs`, `local_comm.rs` (in-process communicator for tests
 //! and simulations). Building an engine from train.json and a model is `crate::assemble`.
 
 pub mod adamw;
@@ -27,6 +27,7 @@ mod reduce;
 pub mod scheduler;
 pub mod state;
 pub mod step;
+pub mod swap;
 
 pub use build::EngineBuilder;
 pub use config::{

@@ -5,6 +5,7 @@
 //! rebuilds full fp32 weights by Hugging Face name from any stage (a collective).
 //! Contract: `docs/zero-engine.md`.
 
+use super::adamw::AdamTensors;
 use super::config::ZeroStage;
 use super::engine::ZeroEngine;
 use super::loss_scaler::LossScalerState;
@@ -20,8 +21,10 @@ pub struct MemoryReport {
     pub param_bytes: usize,
     /// Gradient buffers kept between micro-steps (full, or owned slices).
     pub grad_bytes: usize,
-    /// fp32 master weights plus Adam's two moments.
+    /// fp32 master weights plus Adam's two moments kept in memory.
     pub optimizer_bytes: usize,
+    /// The same kept in files under `nvme_path` instead (NVMe offload).
+    pub swapped_optimizer_bytes: usize,
     /// The part of `param_bytes` that is frozen parameters (e.g. a LoRA base): whole
     /// below stage 3, the owned slice (+ gathered/persistent copies) under stage 3.
     pub frozen_bytes: usize,
@@ -73,6 +76,7 @@ impl ZeroEngine {
             param_bytes: 0,
             grad_bytes: 0,
             optimizer_bytes: 0,
+            swapped_optimizer_bytes: 0,
             frozen_bytes: 0,
         };
         for shard in &self.shards {
@@ -101,6 +105,7 @@ impl ZeroEngine {
             }
             if let Some(optim) = &shard.optim {
                 report.optimizer_bytes += optim.bytes();
+                report.swapped_optimizer_bytes += optim.swapped_bytes();
             }
         }
         report.frozen_bytes += self
@@ -128,13 +133,14 @@ impl ZeroEngine {
         let mut blocks = Vec::new();
         for (b, shard) in self.shards.iter().enumerate() {
             let Some(optim) = &shard.optim else { continue };
+            let tensors = optim.tensors()?;
             blocks.push(BlockOwnedState {
                 block: b,
                 layout: shard.layout.clone(),
                 partition_rank: self.shard_rank,
-                master: take(&optim.master)?,
-                exp_avg: take(&optim.exp_avg)?,
-                exp_avg_sq: take(&optim.exp_avg_sq)?,
+                master: take(&tensors.master)?,
+                exp_avg: take(&tensors.exp_avg)?,
+                exp_avg_sq: take(&tensors.exp_avg_sq)?,
             });
         }
         Ok(OwnedState {
@@ -174,10 +180,12 @@ impl ZeroEngine {
                 .optim
                 .as_mut()
                 .ok_or_else(|| Error::Engine(format!("block {} has no optimizer", saved.block)))?;
-            optim.master.f_copy_(&saved.master)?;
-            optim.exp_avg.f_copy_(&saved.exp_avg)?;
-            optim.exp_avg_sq.f_copy_(&saved.exp_avg_sq)?;
-            let updated = optim
+            optim.set(&AdamTensors {
+                master: saved.master.shallow_clone(),
+                exp_avg: saved.exp_avg.shallow_clone(),
+                exp_avg_sq: saved.exp_avg_sq.shallow_clone(),
+            })?;
+            let updated = saved
                 .master
                 .f_to_kind(shard.compute.kind())?
                 .f_to_device(shard.compute.device())?;
@@ -252,7 +260,7 @@ impl ZeroEngine {
         let Some(optim) = &shard.optim else {
             return Ok(Vec::new());
         };
-        let master = optim.master.shallow_clone(); // (P,)
+        let master = optim.master()?; // (P,)
         let full = if self.shard_world == 1 {
             master
         } else {

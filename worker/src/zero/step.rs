@@ -247,9 +247,8 @@ impl ZeroEngine {
                 .optim
                 .as_mut()
                 .ok_or_else(|| Error::Engine(format!("block {b} has no optimizer state")))?;
-            optim.update(&grad, lr, step, &self.config.optimizer)?;
             let updated = optim
-                .master
+                .update(&grad, lr, step, &self.config.optimizer)?
                 .f_to_kind(shard.compute.kind())?
                 .f_to_device(shard.compute.device())?;
             let mut target = if stage3 {
