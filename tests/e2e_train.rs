@@ -758,6 +758,7 @@ fn a_worker_error_reaches_the_launcher_report_with_the_file_name() {
 fn wall_clock_breakdown_and_deepspeed_monitors_do_what_deepspeed_users_expect() {
     let fx = fixture();
     let monitors = fx.path("monitors").display().to_string();
+    let flops_file = fx.path("profiles/flops.txt");
     let json = fx.pretrain_json(
         "breakdown.json",
         serde_json::json!({
@@ -768,11 +769,17 @@ fn wall_clock_breakdown_and_deepspeed_monitors_do_what_deepspeed_users_expect() 
                 "wall_clock_breakdown": true, "steps_per_print": 2,
                 "comms_logger": {"enabled": true, "prof_all": true},
                 "csv_monitor": {"enabled": true, "output_path": monitors, "job_name": "job"},
-                "tensorboard": {"enabled": true, "output_path": monitors, "job_name": "tb"}
+                "tensorboard": {"enabled": true, "output_path": monitors, "job_name": "tb"},
+                "flops_profiler": {"enabled": true, "profile_step": 2, "output_file": flops_file}
             }
         }),
     );
     let log = train(2, &json, &[]);
+    check_flops_profile(&flops_file, &fx.path("out"));
+    assert!(
+        !log.contains("DeepSpeed Flops Profiler"),
+        "with output_file the profile goes only there:\n{log}"
+    );
     // DeepSpeed's csv monitor: one file per event, `step,<name>`, step = samples seen
     // (2 ranks x 2 per device = 4 per step).
     let csv = std::fs::read_to_string(fx.path("monitors/job/Train_Samples_lr.csv")).unwrap();
@@ -862,6 +869,79 @@ fn nvme_optimizer_offload_trains_the_same_model_and_leaves_no_swap_file() {
     );
     let left: Vec<_> = std::fs::read_dir(&nvme).unwrap().collect();
     assert!(left.is_empty(), "swap files left in nvme_path: {left:?}");
+}
+
+/// The flops profile rank 0 wrote of step 2 of the fixture's tiny Qwen2 (hidden 64, MLP
+/// 128, 2 layers of 4 heads of 16 with 2 kv heads, vocabulary 512, untied) trained 2 x 32
+/// tokens per micro-step on 2 ranks: DeepSpeed's layout, the parameters of the model
+/// written to `out`, and the forward's MACs and FLOPs counted by hand as DeepSpeed's
+/// profiler counts them.
+fn check_flops_profile(file: &Path, out: &Path) {
+    let text = std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("no flops profile at {}: {e}", file.display()));
+    let row = |label: &str, value: &str| format!("{label:<70}  {value:<8}\n");
+    assert!(
+        text.starts_with(
+            "\n-------------------------- DeepSpeed Flops Profiler --------------------------\n\
+             Profile Summary at step 2:\n"
+        ),
+        "{text}"
+    );
+    let params = saved_parameter_count(out);
+    assert_eq!(params, 139_840, "the fixture's model");
+    let (tokens, hidden, inter, vocab, layers) = (2 * 32, 64, 128, 512, 2);
+    let (q_out, kv_out) = (4 * 16, 2 * 16);
+    let linears = tokens * (hidden * (q_out + 2 * kv_out) + q_out * hidden + 3 * hidden * inter);
+    let attention = 2 * 2 * 4 * 32 * 32 * 16; // Q K^T + A V over (B, N, T, T, D)
+    let macs = layers * (linears + attention) + tokens * hidden * vocab;
+    assert_eq!(macs, 7_340_032);
+    let flops = 2 * macs + layers * tokens * inter; // + one per SiLU element
+    assert_eq!(flops, 14_696_448);
+    for expected in [
+        row("world size: ", "2"),
+        row("data parallel size: ", "2"),
+        row("batch size per GPU: ", "2"),
+        row("params per GPU: ", &format!("{} K", params as f64 / 1e3)),
+        row("fwd MACs per GPU: ", "7.34 MMACs"),
+        row("fwd flops per GPU: ", "14.7 M"),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} in:\n{text}");
+    }
+    for part in [
+        "bwd latency: ",
+        "step latency: ",
+        "samples/second: ",
+        "Top 1 modules in terms of params, MACs or fwd latency",
+        "Detailed Profile per GPU",
+        "    (layers): ModuleList(\n      (0): Qwen2DecoderLayer(",
+        "  (lm_head): Linear(",
+    ] {
+        assert!(text.contains(part), "{part:?} in:\n{text}");
+    }
+}
+
+/// Parameter elements of the model in `dir`'s safetensors files (from their headers).
+fn saved_parameter_count(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+            total += header
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(name, _)| *name != "__metadata__")
+                .map(|(_, t)| {
+                    let shape = t["shape"].as_array().unwrap();
+                    shape.iter().map(|d| d.as_u64().unwrap()).product::<u64>()
+                })
+                .sum::<u64>();
+        }
+    }
+    total
 }
 
 #[test]

@@ -15,6 +15,7 @@ mod checkpoint_files;
 mod checkpoint_memory;
 mod checkpoint_resume;
 mod data_pipeline;
+mod flops_parity;
 mod generate_cli;
 mod generate_parity;
 mod lora_memory;

@@ -139,6 +139,10 @@ pub struct DeepSpeedConfig {
     /// DeepSpeed's per-collective communication log (the worker's `comm/logger.rs`).
     #[serde(default)]
     pub comms_logger: CommsLoggerConfig,
+    /// DeepSpeed's FLOPs profiler: rank 0 prints the model's profile at one step (the
+    /// worker's `train/flops_profile.rs`).
+    #[serde(default)]
+    pub flops_profiler: FlopsProfilerConfig,
     #[serde(default)]
     pub zero_optimization: ZeroConfig,
     #[serde(default)]
@@ -251,6 +255,58 @@ impl Default for CommsLoggerConfig {
             debug: false,
         }
     }
+}
+
+/// `flops_profiler`: at training step `profile_step` (1-based) rank 0 prints DeepSpeed's
+/// `print_model_profile` report of the model rsdeep runs (parameters, MACs and FLOPs per
+/// module, the step's latencies), to stdout or to `output_file`. Keys and defaults are
+/// DeepSpeed 0.19.8's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlopsProfilerConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Forwards recomputed per backward (activation checkpointing): the backward counts
+    /// as `2 + recompute_fwd_factor` forwards in the FLOPS lines.
+    #[serde(default)]
+    pub recompute_fwd_factor: f64,
+    /// The optimizer step to profile, counted from 1.
+    #[serde(default = "one_u64", deserialize_with = "lenient_u64")]
+    pub profile_step: u64,
+    /// Depths of the aggregated profile (-1: every depth).
+    #[serde(default = "minus_one")]
+    pub module_depth: i64,
+    /// Module classes listed per depth in the aggregated profile.
+    #[serde(default = "one_u64", deserialize_with = "lenient_u64")]
+    pub top_modules: u64,
+    /// Print the per-module tree after the aggregated profile.
+    #[serde(default = "true_bool")]
+    pub detailed: bool,
+    /// Write the report to this file (its folder is created) instead of stdout.
+    #[serde(default)]
+    pub output_file: Option<String>,
+}
+
+impl Default for FlopsProfilerConfig {
+    fn default() -> Self {
+        FlopsProfilerConfig {
+            enabled: false,
+            recompute_fwd_factor: 0.0,
+            profile_step: 1,
+            module_depth: -1,
+            top_modules: 1,
+            detailed: true,
+            output_file: None,
+        }
+    }
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+fn minus_one() -> i64 {
+    -1
 }
 
 /// DeepSpeed's default monitor job name.

@@ -93,7 +93,7 @@ enum Verdict {
 }
 
 /// Top-level sections of DeepSpeed features rsdeep has no mechanism for.
-const SECTIONS_WITHOUT_MECHANISM: [&str; 17] = [
+const SECTIONS_WITHOUT_MECHANISM: [&str; 16] = [
     "aio",
     "amp",
     "sparse_attention",
@@ -104,7 +104,6 @@ const SECTIONS_WITHOUT_MECHANISM: [&str; 17] = [
     "tensor_parallel",
     "sequence_parallel_size",
     "pipeline",
-    "flops_profiler",
     "autotuning",
     "nebula",
     "compile",
@@ -151,9 +150,6 @@ fn verdict(key: &str, value: &Value) -> Option<Verdict> {
         "pipeline" if more_than_one("stages") => {
             Verdict::Refuse("pipeline parallelism is not implemented (ZeRO data parallel only)")
         }
-        "flops_profiler" if enabled() => Verdict::Notice(
-            "flops_profiler: the FLOPs profiler is not built in rsdeep yet; metrics.jsonl carries tokens/s and MFU every logging step",
-        ),
         "autotuning" if enabled() => {
             Verdict::Notice("autotuning: only DeepSpeed's autotuner reads this block; ignored")
         }
@@ -201,6 +197,7 @@ fn judge_features(
         );
     }
     notices.extend(comms_logger_notice(ds));
+    notices.extend(flops_profiler_notice(ds));
     let keys: Vec<String> = ds.keys().cloned().collect();
     for key in keys {
         match verdict(&key, &ds[&key]) {
@@ -260,6 +257,25 @@ fn comms_logger_notice(ds: &Map<String, Value>) -> Option<String> {
         notice.push_str(" (debug: rows are per op, not split by calling function)");
     }
     Some(notice)
+}
+
+/// What an enabled `flops_profiler` block does in rsdeep: which step is profiled and
+/// where the report goes.
+fn flops_profiler_notice(ds: &Map<String, Value>) -> Option<String> {
+    let block = ds.get("flops_profiler")?;
+    if block.get("enabled") != Some(&Value::Bool(true)) {
+        return None;
+    }
+    let step = block
+        .get("profile_step")
+        .map_or_else(|| "1".to_string(), Value::to_string);
+    let target = match block.get("output_file").and_then(Value::as_str) {
+        Some(file) if !file.is_empty() => format!("into {file}"),
+        _ => "to stdout".to_string(),
+    };
+    Some(format!(
+        "flops_profiler: rank 0 prints DeepSpeed's model profile (params, MACs and FLOPs per module, counted from the model's shapes; the step's latencies) of training step {step} (counted from 1) {target}"
+    ))
 }
 
 /// Types `ds`; each key the schema does not know is dropped with a warning (with a
@@ -361,15 +377,18 @@ mod tests {
             false,
         )
         .unwrap();
-        // As in DeepSpeed, the FLOPs profiler turns the wall-clock breakdown on; a
-        // disabled comms_logger (a block rsdeep builds) stays, without a notice.
+        // As in DeepSpeed, the FLOPs profiler turns the wall-clock breakdown on; the
+        // profiler and a disabled comms_logger (blocks rsdeep builds) stay, only the
+        // enabled one with a notice.
         assert_eq!(
             ds,
-            json!({"wall_clock_breakdown": true, "comms_logger": {"enabled": false}})
+            json!({"wall_clock_breakdown": true, "flops_profiler": {"enabled": true},
+                   "comms_logger": {"enabled": false}})
         );
         assert_eq!(notices.len(), 2, "{notices:?}");
+        let profiler = notices.iter().find(|n| n.starts_with("flops_profiler: "));
         assert!(
-            notices.iter().any(|n| n.starts_with("flops_profiler")),
+            profiler.is_some_and(|n| n.contains("training step 1 ") && n.ends_with("to stdout")),
             "{notices:?}"
         );
         let master = load(

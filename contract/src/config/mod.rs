@@ -38,9 +38,9 @@ pub use auto::AutoFiller;
 pub use batch::{BatchSizes, resolve_batch};
 pub use deepspeed::{
     ActivationCheckpointingConfig, AutoOr, Bf16Config, CheckpointConfig, CommsLoggerConfig,
-    DeepSpeedConfig, Fp16Config, MonitorBlock, OffloadConfig, OffloadDevice, OptimizerConfig,
-    OptimizerKind, OptimizerParams, SchedulerConfig, SchedulerKind, SchedulerParams, WarmupType,
-    ZeroConfig,
+    DeepSpeedConfig, FlopsProfilerConfig, Fp16Config, MonitorBlock, OffloadConfig, OffloadDevice,
+    OptimizerConfig, OptimizerKind, OptimizerParams, SchedulerConfig, SchedulerKind,
+    SchedulerParams, WarmupType, ZeroConfig,
 };
 pub use error::ConfigError;
 pub use json_errors::did_you_mean;

@@ -345,6 +345,76 @@ fn wrong_types_name_key_expected_type_and_value() {
 }
 
 #[test]
+fn flops_profiler_block_loads_with_deepspeeds_defaults_and_names_wrong_keys() {
+    let fixture = Fixture::new();
+    let path = fixture.train_json(&seed_args(autos()));
+    let absent = load(&path, &[], 1).unwrap().deepspeed.flops_profiler;
+    assert_eq!(absent, FlopsProfilerConfig::default());
+    assert!(!absent.enabled && absent.detailed && absent.output_file.is_none());
+    assert_eq!(
+        (absent.profile_step, absent.module_depth, absent.top_modules),
+        (1, -1, 1)
+    );
+    assert_eq!(absent.recompute_fwd_factor, 0.0);
+    // The block as DeepSpeed's documentation publishes it.
+    let published = r#"{"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "flops_profiler": {"enabled": true, "recompute_fwd_factor": 1.0, "profile_step": 50,
+                           "module_depth": -1, "top_modules": 3, "detailed": true,
+                           "output_file": "profile.log"}}"#;
+    fixture.write("ds.json", published);
+    let path = fixture.train_json(&seed_args(json!("ds.json")));
+    let loaded = load(&path, &[], 1).unwrap().deepspeed;
+    let profiler = &loaded.flops_profiler;
+    assert!(profiler.enabled && profiler.detailed);
+    assert_eq!(profiler.recompute_fwd_factor, 1.0);
+    assert_eq!(
+        (
+            profiler.profile_step,
+            profiler.module_depth,
+            profiler.top_modules
+        ),
+        (50, -1, 3)
+    );
+    assert_eq!(profiler.output_file.as_deref(), Some("profile.log"));
+    assert!(
+        loaded.wall_clock_breakdown,
+        "as in DeepSpeed, the profiler turns the wall-clock breakdown on"
+    );
+    let ds = fixture.write(
+        "ds.json",
+        r#"{"flops_profiler": {"enabled": true, "profile_step": "late"}}"#,
+    );
+    let err = load_err(&path, &[], 1);
+    assert!(
+        err.starts_with(&format!(
+            "{}: key \"flops_profiler.profile_step\": invalid type: string \"late\"",
+            ds.display()
+        )),
+        "{err}"
+    );
+    let with_block = |block: Value| {
+        let mut ds = autos();
+        ds["flops_profiler"] = block;
+        fixture.train_json(&seed_args(ds))
+    };
+    let inline = with_block(json!({"detailed": "yes"}));
+    let err = load_err(&inline, &[], 1);
+    assert!(
+        err.contains("key \"deepspeed.flops_profiler.detailed\": invalid type: string \"yes\""),
+        "{err}"
+    );
+    let typo = with_block(json!({"module_dept": 2}));
+    let err = load_err(&typo, &["--strict_config", "true"], 1);
+    assert!(
+        err.contains(
+            "unknown key \"deepspeed.flops_profiler.module_dept\" (did you mean \"module_depth\"?)"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn comms_logger_block_loads_with_deepspeeds_defaults_and_names_wrong_keys() {
     let fixture = Fixture::new();
     let path = fixture.train_json(&seed_args(autos()));

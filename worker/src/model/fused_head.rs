@@ -9,6 +9,7 @@
 //! the generic path otherwise. Measurements: docs/benchmarks.md §1b-§1d.
 
 use super::ctx::shifted_labels;
+use super::forward_clock;
 use super::{Block, Head, IGNORE_INDEX, rms_norm};
 use crate::kernels;
 use crate::{Error, Result};
@@ -61,10 +62,12 @@ impl Head {
         let rows = x.f_detach()?.f_reshape([-1, size[2]])?; // (N, H)
         // The final norm by the fused CPU kernel when it can, else through autograd.
         let by_kernel = kernels::applies(&rows) && kernels::applies(norm_weight);
+        let lap = forward_clock::lap(x.device());
         let (normed, inv_rms) = match by_kernel {
             true => kernels::rms_norm_forward(&rows, norm_weight, self.eps)?,
             false => (rms_norm(x, norm_weight, self.eps)?, Tensor::new()), // with graph
         };
+        forward_clock::record(lap, || Self::NORM_MODULE.into());
         let hidden = normed.f_detach()?.f_reshape([-1, size[2]])?; // (N, H)
         let targets = shifted_labels(labels)?.f_to_device(x.device())?; // (N,)
         let counted = targets.f_ne(IGNORE_INDEX)?; // (N,) bool
@@ -149,9 +152,12 @@ fn chunked_cross_entropy(
                     .f_view([len, cols])
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        // The lm_head's forward, chunk by chunk (timed while `forward_clock` records).
+        let lap = forward_clock::lap(hidden.device());
         for (tile, w) in logit_tiles.iter().zip(&weight_tiles) {
             let _ = h.f_mm_out(tile, &w.f_transpose(0, 1)?)?; // (c, v)
         }
+        forward_clock::accumulate(lap, Head::LM_HEAD_MODULE);
         let target_at = target_positions(&target, len, vocab)?; // (c,) into `logits`
         let picked = logits.f_gather(0, &target_at, false)?; // (c,)
         let mut row_max = logit_tiles[0].f_amax([1i64].as_slice(), false)?; // (c,)

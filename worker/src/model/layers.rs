@@ -7,6 +7,7 @@
 
 use super::bottleneck::{BottleneckSlots, BottleneckStyle, BottleneckTensors};
 use super::config::ModelConfig;
+use super::forward_clock;
 use super::rope::{Rotary, apply_rotary};
 use super::{Block, ForwardCtx, Param};
 use crate::quant::{QuantConfig, QuantSpec, QuantizedWeight};
@@ -213,13 +214,10 @@ impl Block for Embedding {
     fn forward(&self, ids: &Tensor, _ctx: &ForwardCtx) -> Result<Tensor> {
         // nn.Embedding with padding_idx: that row gets no gradient.
         let weight = &self.params[0].tensor;
-        Ok(Tensor::f_embedding(
-            weight,
-            ids,
-            self.padding_idx,
-            false,
-            false,
-        )?) // (B, T, H)
+        let padding = self.padding_idx;
+        // (B, T) ids -> (B, T, H)
+        let embed = || Ok(Tensor::f_embedding(weight, ids, padding, false, false)?);
+        forward_clock::timed(weight.device(), || "model.embed_tokens".into(), embed)
     }
 }
 
@@ -518,15 +516,19 @@ impl DecoderLayer {
         ctx: &ForwardCtx,
         cache: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
-        let normed = rms_norm(x, &self.params[self.input_norm].tensor, self.eps)?;
-        let attended = self.attention(&normed, ctx, cache)?; // (B, T, H)
+        let norm = |x: &Tensor, index: usize| rms_norm(x, &self.params[index].tensor, self.eps);
+        let normed = self.timed_part(x, "input_layernorm", || norm(x, self.input_norm))?;
+        let attend = || self.attention(&normed, ctx, cache); // (B, T, H)
+        let attended = self.timed_part(x, "self_attn", attend)?;
         let attended = match &self.bottleneck {
             Some(slots) => slots.after_attention(&self.params, attended)?,
             None => attended,
         };
         let x = x.f_add(&attended)?;
-        let normed = rms_norm(&x, &self.params[self.post_attention_norm].tensor, self.eps)?;
-        let mlp = self.mlp(&normed)?;
+        let normed = self.timed_part(&x, "post_attention_layernorm", || {
+            norm(&x, self.post_attention_norm)
+        })?;
+        let mlp = self.timed_part(&x, "mlp", || self.mlp(&normed))?;
         let mlp = match &self.bottleneck {
             Some(slots) => slots.after_mlp(&self.params, mlp, &x)?,
             None => mlp,
@@ -674,6 +676,25 @@ impl DecoderLayer {
     /// Layer index in the model.
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// This layer's Hugging Face module path, or that of its `part` (`self_attn`).
+    fn module_path(&self, part: &str) -> String {
+        match part.is_empty() {
+            true => format!("model.layers.{}", self.index),
+            false => format!("model.layers.{}.{part}", self.index),
+        }
+    }
+
+    /// Runs `forward` on `x`'s device, timed as this layer's `part` while
+    /// `forward_clock` records (the whole layer for "").
+    pub(super) fn timed_part<T>(
+        &self,
+        x: &Tensor,
+        part: &str,
+        forward: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        forward_clock::timed(x.device(), || self.module_path(part), forward)
     }
 
     fn slot(&self, module: &str) -> Option<&LinearSlot> {
@@ -930,7 +951,7 @@ impl Block for DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        self.residual_block(x, ctx, None)
+        self.timed_part(x, "", || self.residual_block(x, ctx, None))
     }
 }
 
@@ -946,6 +967,9 @@ pub struct Head {
 impl Head {
     pub const NORM: &'static str = "model.norm.weight";
     pub const LM_HEAD: &'static str = "lm_head.weight";
+    /// The Hugging Face module paths of the head's two parts (`forward_clock`).
+    pub const NORM_MODULE: &'static str = "model.norm";
+    pub const LM_HEAD_MODULE: &'static str = "lm_head";
 
     /// `tied_weight`: the embedding's weight handle when `tie_word_embeddings`.
     pub fn new(
@@ -994,7 +1018,10 @@ impl Block for Head {
     }
 
     fn forward(&self, x: &Tensor, _ctx: &ForwardCtx) -> Result<Tensor> {
-        let normed = rms_norm(x, &self.params[0].tensor, self.eps)?; // (B, T, H)
-        Ok(normed.f_linear::<&Tensor>(self.lm_head_weight(), None)?) // (B, T, V)
+        let device = x.device();
+        let norm = || rms_norm(x, &self.params[0].tensor, self.eps); // (B, T, H)
+        let normed = forward_clock::timed(device, || Self::NORM_MODULE.into(), norm)?;
+        let project = || Ok(normed.f_linear::<&Tensor>(self.lm_head_weight(), None)?); // (B, T, V)
+        forward_clock::timed(device, || Self::LM_HEAD_MODULE.into(), project)
     }
 }

@@ -46,6 +46,29 @@ pub struct LayerSaved {
     act: Tensor,
 }
 
+/// What the attention part of `forward_manual` computed: rows of (M, ·) as in
+/// `LayerSaved`, `mid` the residual stream after attention.
+struct ManualAttention {
+    cos: Tensor,
+    sin: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_rows: Tensor,
+    lse: Tensor,
+    mid: Tensor,
+}
+
+/// What the MLP part of `forward_manual` computed: (M, I) gate, up, sigmoid(gate),
+/// silu(gate) * up, and the (M, H) layer output.
+struct ManualMlp {
+    gate: Tensor,
+    up: Tensor,
+    sigmoid: Tensor,
+    act: Tensor,
+    out: Tensor,
+}
+
 impl DecoderLayer {
     /// Whether `forward_manual` / `backward_manual` can train this layer on `x` (B, T, H):
     /// fp32 CPU tensors, no LoRA adapter, 4-bit weight or prefix, plain causal attention
@@ -88,41 +111,40 @@ impl DecoderLayer {
     }
 
     /// Forward of (B, T, H) `x` without autograd; returns the (B, T, H) output and what the
-    /// backward needs. Call only when `manual_applies`.
+    /// backward needs. Call only when `manual_applies`. Timed per part while
+    /// `forward_clock` records.
     pub fn forward_manual(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, LayerSaved)> {
+        self.timed_part(x, "", || self.forward_manual_untimed(x, ctx))
+    }
+
+    fn forward_manual_untimed(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, LayerSaved)> {
         let _guard = tch::no_grad_guard();
         let size = x.size();
         let shape = [size[0], size[1], size[2]];
         let rows = shape[0] * shape[1];
-        let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let input = x.f_detach()?.f_reshape([rows, shape[2]])?.f_contiguous()?; // (M, H)
         let in_norm = &self.params[self.input_norm].tensor;
-        let (normed_in, inv_rms_in) = kernels::rms_norm_forward(&input, in_norm, self.eps)?;
-        let (cos, sin) = self.rotary.cos_sin(&ctx.position_ids, Kind::Float)?; // (B, T, D)
-        let cos = cos.f_reshape([rows, dim])?.f_contiguous()?; // (M, D)
-        let sin = sin.f_reshape([rows, dim])?.f_contiguous()?;
-        let mut q = self.project(self.q, &normed_in)?; // (M, N*D)
-        let mut k = self.project(self.k, &normed_in)?; // (M, KV*D)
-        let v = self.project(self.v, &normed_in)?;
-        kernels::rotary_in_place(&mut q, &cos, &sin, heads as usize, dim as usize, false)?;
-        kernels::rotary_in_place(&mut k, &cos, &sin, kv_heads as usize, dim as usize, false)?;
-        let (attn, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
-            &by_heads(&q, shape, heads, dim)?,
-            &by_heads(&k, shape, kv_heads, dim)?,
-            &by_heads(&v, shape, kv_heads, dim)?,
-            0.0,
-            true,
-            None::<&Tensor>,
-            self.attention_scale(),
-        )?; // (B, N, T, D), (B, N, T)
-        let attn_rows = by_rows(&attn, rows)?; // (M, N*D)
-        let mid = self.project_onto(self.o, &input, &attn_rows)?; // (M, H)
+        let (normed_in, inv_rms_in) = self.timed_part(x, "input_layernorm", || {
+            kernels::rms_norm_forward(&input, in_norm, self.eps) // (M, H), (M,)
+        })?;
+        let attended = self.timed_part(x, "self_attn", || {
+            self.manual_attention(&input, &normed_in, ctx, shape)
+        })?;
         let mid_norm = &self.params[self.post_attention_norm].tensor;
-        let (normed_mid, inv_rms_mid) = kernels::rms_norm_forward(&mid, mid_norm, self.eps)?;
-        let gate = self.project(self.gate, &normed_mid)?; // (M, I)
-        let up = self.project(self.up, &normed_mid)?;
-        let (act, sigmoid) = kernels::swiglu_forward(&gate, &up)?;
-        let out = self.project_onto(self.down, &mid, &act)?; // (M, H)
+        let (normed_mid, inv_rms_mid) = self.timed_part(x, "post_attention_layernorm", || {
+            kernels::rms_norm_forward(&attended.mid, mid_norm, self.eps) // (M, H), (M,)
+        })?;
+        let mlp = self.timed_part(x, "mlp", || self.manual_mlp(&attended.mid, &normed_mid))?;
+        let ManualAttention {
+            cos,
+            sin,
+            q,
+            k,
+            v,
+            attn_rows,
+            lse,
+            mid,
+        } = attended;
         let saved = LayerSaved {
             shape,
             input,
@@ -138,12 +160,68 @@ impl DecoderLayer {
             mid,
             inv_rms_mid,
             normed_mid,
+            gate: mlp.gate,
+            up: mlp.up,
+            sigmoid: mlp.sigmoid,
+            act: mlp.act,
+        };
+        Ok((mlp.out.f_view(shape)?, saved))
+    }
+
+    /// Rotary q/k/v, flash attention and `o_proj` onto the residual `input` (M, H).
+    fn manual_attention(
+        &self,
+        input: &Tensor,
+        normed_in: &Tensor,
+        ctx: &ForwardCtx,
+        shape: [i64; 3],
+    ) -> Result<ManualAttention> {
+        let rows = shape[0] * shape[1];
+        let (heads, kv_heads, dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (cos, sin) = self.rotary.cos_sin(&ctx.position_ids, Kind::Float)?; // (B, T, D)
+        let cos = cos.f_reshape([rows, dim])?.f_contiguous()?; // (M, D)
+        let sin = sin.f_reshape([rows, dim])?.f_contiguous()?;
+        let mut q = self.project(self.q, normed_in)?; // (M, N*D)
+        let mut k = self.project(self.k, normed_in)?; // (M, KV*D)
+        let v = self.project(self.v, normed_in)?;
+        kernels::rotary_in_place(&mut q, &cos, &sin, heads as usize, dim as usize, false)?;
+        kernels::rotary_in_place(&mut k, &cos, &sin, kv_heads as usize, dim as usize, false)?;
+        let (attn, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
+            &by_heads(&q, shape, heads, dim)?,
+            &by_heads(&k, shape, kv_heads, dim)?,
+            &by_heads(&v, shape, kv_heads, dim)?,
+            0.0,
+            true,
+            None::<&Tensor>,
+            self.attention_scale(),
+        )?; // (B, N, T, D), (B, N, T)
+        let attn_rows = by_rows(&attn, rows)?; // (M, N*D)
+        let mid = self.project_onto(self.o, input, &attn_rows)?; // (M, H)
+        Ok(ManualAttention {
+            cos,
+            sin,
+            q,
+            k,
+            v,
+            attn_rows,
+            lse,
+            mid,
+        })
+    }
+
+    /// The SwiGLU MLP of `normed_mid` (M, H) onto the residual `mid` (M, H).
+    fn manual_mlp(&self, mid: &Tensor, normed_mid: &Tensor) -> Result<ManualMlp> {
+        let gate = self.project(self.gate, normed_mid)?; // (M, I)
+        let up = self.project(self.up, normed_mid)?;
+        let (act, sigmoid) = kernels::swiglu_forward(&gate, &up)?;
+        let out = self.project_onto(self.down, mid, &act)?; // (M, H)
+        Ok(ManualMlp {
             gate,
             up,
             sigmoid,
             act,
-        };
-        Ok((out.f_view(shape)?, saved))
+            out,
+        })
     }
 
     fn attention_scale(&self) -> f64 {

@@ -21,12 +21,17 @@
 //!   DoRA's `lora_magnitude_vector`) params after a layer's base params; frozen base
 //!   params have `requires_grad` false. Prefix tuning and bottleneck adapters attach the
 //!   same way (`attach_prefix`, `attach_bottleneck`).
+//! - Profiling: `flops.rs` counts a forward's MACs and FLOPs per Hugging Face module as
+//!   DeepSpeed's flops profiler does; while `forward_clock` records, the blocks time
+//!   their forward per module.
 //! - Decoding: `CausalLm::forward_cached` with a `KvCache` (one `LayerKv` per decoder
 //!   layer) runs a prompt chunk or single token, positions continuing the cache.
 
 mod bottleneck;
 mod config;
 mod ctx;
+pub mod flops;
+pub mod forward_clock;
 mod fused_head;
 pub(crate) mod io;
 mod layers;

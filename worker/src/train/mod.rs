@@ -6,6 +6,7 @@
 pub mod data_source;
 pub mod ds_monitor;
 pub mod entry;
+pub mod flops_profile;
 pub mod outputs;
 pub mod phase;
 pub mod plot;

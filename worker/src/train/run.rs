@@ -6,6 +6,9 @@
 
 use super::data_source::{DataPlan, Examples, TrainStream};
 use super::ds_monitor::{DsMonitor, step_events};
+use super::flops_profile::{
+    FlopsProfiler, MicroStepTimes, ProfiledRun, measure, measure_micro_step,
+};
 use super::outputs;
 use super::progress::{ProgressReporter, StepMetrics};
 use super::trackers::{TrackerRun, Trackers};
@@ -165,6 +168,8 @@ struct Trainer {
     reporter: Option<ProgressReporter>,
     /// The DeepSpeed config's `csv_monitor` / `tensorboard` blocks (rank 0, when enabled).
     ds_monitor: Option<DsMonitor>,
+    /// The DeepSpeed config's `flops_profiler` block (rank 0, when enabled).
+    flops_profiler: Option<FlopsProfiler>,
     window: LogWindow,
     pending_save: Option<PendingSave>,
     start_step: u64,
@@ -231,6 +236,9 @@ impl Trainer {
             total_steps,
             micro_batch,
         };
+        let lora_dropout = run.lora.as_ref().map_or(0.0, |l| l.config.dropout);
+        let flops_profiler =
+            FlopsProfiler::new(&run.config.deepspeed.flops_profiler, rank, lora_dropout);
         let mut trainer = Trainer {
             run,
             engine,
@@ -241,6 +249,7 @@ impl Trainer {
             state,
             reporter: None,
             ds_monitor: None,
+            flops_profiler,
             window: LogWindow::default(),
             pending_save: None,
             start_step: 0,
@@ -341,6 +350,11 @@ impl Trainer {
         let mut tokens = 0i64;
         let window = self.stream.window(self.step);
         self.engine.begin_window(self.loss_weights(&window))?;
+        let profiling = self
+            .flops_profiler
+            .as_ref()
+            .is_some_and(|p| p.is_due(self.step + 1));
+        let mut profiled = None;
         for indices in &window.ranks[world.rank] {
             let data_started = Instant::now();
             let batch = self.train_data.batch(indices, world.device)?;
@@ -353,8 +367,18 @@ impl Trainer {
                 batch.segment_ids.as_ref(),
             )?;
             // Fused head + loss when the head allows it (no (B*T, V) logits), else generic.
-            self.engine
-                .forward_backward_causal_lm(&batch.input_ids, &ctx, &batch.labels)?;
+            let mut micro_step = || {
+                self.engine
+                    .forward_backward_causal_lm(&batch.input_ids, &ctx, &batch.labels)
+            };
+            match profiling && profiled.is_none() {
+                true => {
+                    let (_, measured) =
+                        measure_micro_step(world.device, &batch.input_ids, micro_step)?;
+                    profiled = Some(measured);
+                }
+                false => _ = micro_step()?,
+            }
             times.forward_backward += compute_started.elapsed().as_secs_f64();
         }
         if let Some(pending) = &self.pending_save {
@@ -362,9 +386,15 @@ impl Trainer {
             pending.wait_for_snapshot()?;
         }
         let optimizer_started = Instant::now();
-        let report = self.engine.step()?;
+        let (report, step_seconds) = match profiling {
+            true => measure(world.device, || self.engine.step())?,
+            false => (self.engine.step()?, 0.0),
+        };
         times.optimizer = optimizer_started.elapsed().as_secs_f64();
         self.step += 1;
+        if let Some(micro) = profiled {
+            self.report_flops_profile(&micro, step_seconds)?;
+        }
         let world_tokens = tokens * world.world_size as i64;
         self.state.global_step = self.step;
         self.epoch = window.epoch_after;
@@ -381,6 +411,25 @@ impl Trainer {
             loss_scale: report.loss_scale,
             tokens_per_second,
         })
+    }
+
+    /// The DeepSpeed flops profile of the step just taken (rank 0, `flops_profiler`):
+    /// `micro` its first micro-step, `step_seconds` its optimizer step.
+    fn report_flops_profile(&self, micro: &MicroStepTimes, step_seconds: f64) -> Result<()> {
+        let Some(profiler) = self.flops_profiler.as_ref() else {
+            return Ok(());
+        };
+        let trainable: Vec<(String, Vec<i64>)> = (0..self.engine.block_count())
+            .flat_map(|b| self.engine.block_weight_specs(b))
+            .collect();
+        let run = ProfiledRun {
+            step: self.step,
+            model: &self.run.model_config,
+            trainable: &trainable,
+            world_size: self.run.world.world_size,
+            micro_batch: self.run.config.batch.train_micro_batch_size_per_gpu,
+        };
+        profiler.report(&run, micro, step_seconds)
     }
 
     /// Each of this rank's micro-steps' loss weight: its share of the label tokens of the
