@@ -1134,6 +1134,7 @@ fn a_rank_killed_on_node_1_restarts_both_nodes_from_the_checkpoint_bit_identical
 
 #[test]
 fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_there_would() {
+    // Two SLURM nodes of two ranks each; node 1's launcher dies for good after step 5.
     let _serial = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -1153,7 +1154,7 @@ fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_the
         &cluster,
         &fixture,
         "train-multinode.sbatch",
-        "--device cpu --num_procs 1 --max_restarts 1 --min_nodes 1 --node_return_timeout 2 \
+        "--device cpu --num_procs 2 --max_restarts 1 --min_nodes 1 --node_return_timeout 2 \
          --grace_period 5",
         &overrides,
     );
@@ -1167,7 +1168,7 @@ fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_the
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Node 1 is gone for good: its launcher (and with it its rank) dies, nothing restarts it.
+    // Node 1 is gone for good: its launcher (and with it its ranks) dies, nothing restarts it.
     let node1 = launcher_of_node(&id, 1).unwrap_or_else(|| {
         panic!(
             "no node-1 launcher of job {id}:\n{}",
@@ -1191,12 +1192,12 @@ fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_the
     );
     assert!(
         output.contains(
-            "rsdeep: elastic: world size 1: train_batch_size 4 = 2 micro batch x 2 accumulation x 1 ranks"
+            "rsdeep: elastic: world size 2: train_batch_size 8 = 2 micro batch x 2 accumulation x 2 ranks"
         ),
-        "the global batch of 2 x 1 x 2 is kept:\n{output}"
+        "the global batch of 2 x 1 x 4 is kept:\n{output}"
     );
     let announced = format!(
-        "rsdeep: elastic: restarting the job (1/1) on 1 node(s) ({first}), world size 1 (was 2), \
+        "rsdeep: elastic: restarting the job (1/1) on 1 node(s) ({first}), world size 2 (was 4), \
          without {second}: resuming from checkpoint-"
     );
     let resumed_step: u64 = output
@@ -1205,7 +1206,7 @@ fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_the
         .unwrap_or_else(|| panic!("no elastic restart line:\n{output}"));
     assert!(output.contains("rsdeep: every node finished"), "{output}");
 
-    // The same checkpoint resumed by one rank outside SLURM, the global batch kept by hand.
+    // The same checkpoint resumed by two ranks outside SLURM, the global batch kept by hand.
     let reference = fixture.path("reference");
     let checkpoint = out.join(format!("checkpoint-{resumed_step}"));
     let train_json = fixture.path("train.json");
@@ -1214,7 +1215,7 @@ fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_the
             "--device",
             "cpu",
             "--num_procs",
-            "1",
+            "2",
             "--master_port",
             "0",
             train_json.to_str().expect("utf-8 path"),
@@ -1249,7 +1250,7 @@ fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_the
     for ((step, a), (_, b)) in want.iter().zip(&got) {
         assert!(
             (a - b).abs() < 1e-5,
-            "step {step}: loss {b} after the shrink, {a} resumed at world size 1"
+            "step {step}: loss {b} after the shrink, {a} resumed at world size 2"
         );
     }
 }

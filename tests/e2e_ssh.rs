@@ -7,7 +7,9 @@
 //! node-0 launcher, or one remote worker, leaves no process of the job on any node;
 //! with `--max_restarts` node 0 restarts every node into generation 2 after a remote
 //! worker is killed and the final weights match an uninterrupted run, and used-up
-//! restarts fail with node 1's report naming the killed rank first.
+//! restarts fail with node 1's report naming the killed rank first; with `--min_nodes`
+//! a node lost for good is left behind (the losses then equal a resume at the smaller
+//! world size) and a node that answers again rejoins at the next restart.
 //! Tests run one at a time (each starts four libtorch workers on a 2-core machine).
 
 #[path = "hosts/sshd.rs"]
@@ -787,6 +789,66 @@ fn a_node_lost_for_good_leaves_the_job_to_finish_on_the_other_as_a_resume_there_
             "step {step}: loss {b} after the shrink, {a} resumed at world size 2"
         );
     }
+}
+
+#[test]
+fn a_node_that_answers_again_rejoins_at_the_next_restart() {
+    let _guard = serial();
+    let mut sshd = Sshd::start();
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
+    let out = fx.path("rejoin");
+    let settings = serde_json::json!({
+        "block_size": 16, "max_steps": 80, "save_steps": 4, "seed": 5, "output_dir": out,
+    });
+    let json = fx.pretrain_json("rejoin.json", settings);
+    let elastic = [
+        "--max_restarts",
+        "2",
+        "--min_nodes",
+        "1",
+        "--node_return_timeout",
+        "2",
+    ];
+    let mut launcher = launch(&fx, &sshd, &json, &elastic);
+    let job = wait_for_four_ranks(&launcher);
+    let first_rank1 = worker_of_rank(&job, 1, None, &launcher);
+    wait_for_step(&launcher, &out, 5, Duration::from_secs(300));
+    // Node 1 goes away: the job goes on without it.
+    sshd.stop_listening_on("127.0.0.2");
+    let (node1, _) = job_processes(&job)
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("--token_stdin") && !cmd.starts_with("ssh"))
+        .unwrap_or_else(|| panic!("no node-1 launcher found\n{}", launcher.output()));
+    sigkill(node1);
+    launcher.wait_for_stderr(Duration::from_secs(120), |s| {
+        s.contains("rsdeep: elastic: restarting the job (1/2) on 1 node(s) (127.0.0.1)")
+    });
+    // It comes back; the next failure restarts the job on both nodes again.
+    sshd.listen_again_on("127.0.0.2");
+    let shrunk_rank1 = worker_of_rank(&job, 1, Some(first_rank1), &launcher);
+    sigkill(shrunk_rank1);
+    let status = launcher.wait(Duration::from_secs(300));
+    let stderr = launcher.stderr();
+    for line in stderr.lines().filter(|l| l.starts_with("rsdeep: ")) {
+        println!("{line}");
+    }
+    assert!(status.success(), "the job did not finish:\n{stderr}");
+    assert!(
+        stderr.contains(
+            "rsdeep: elastic: restarting the job (2/2) on 2 node(s) (127.0.0.1, 127.0.0.2), \
+             world size 4 (was 2), 127.0.0.2 rejoining: resuming from checkpoint-"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "rsdeep: elastic: world size 4: train_batch_size 8 = 2 micro batch x 1 accumulation x 4 ranks"
+        ),
+        "the original global batch at the original world: {stderr}"
+    );
+    assert!(stderr.contains("rsdeep: every node finished"), "{stderr}");
+    assert_eq!(logged_step(&out), 80);
+    assert!(job_survivors(&job, Duration::from_secs(5)).is_empty());
 }
 
 #[test]

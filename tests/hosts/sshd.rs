@@ -1,8 +1,8 @@
 //! A real OpenSSH server on loopback for the ssh-runner tests, following a recipe tested
 //! on Debian 12: installs openssh if missing (as root, through apt-get), makes a host key
 //! and a client key in its own temp folder, listens on 127.0.0.1 and 127.0.0.2 (two
-//! "hosts" of this machine) on a free port, can stop answering on one of them (a host
-//! lost for good), and is stopped by its pid when dropped.
+//! "hosts" of this machine) on a free port, can stop and start answering on one of them
+//! (a host lost, a host back), and is stopped by its pid when dropped.
 //! `OtherHost` is a network namespace with its own address joined to this one by a veth
 //! pair, for an sshd that is "another machine".
 
@@ -96,20 +96,12 @@ impl Sshd {
         )
     }
 
-    /// Stops answering on `addr` (the "host" is gone for good): rewrites the config
-    /// without it and sends SIGHUP, on which sshd re-executes itself with the new config;
-    /// sessions already open keep running. Returns once a connection there is refused.
+    /// Stops answering on `addr` (the "host" is gone): rewrites the config without it and
+    /// sends SIGHUP, on which sshd re-executes itself with the new config; sessions
+    /// already open keep running. Returns once a connection there is refused.
     pub fn stop_listening_on(&mut self, addr: &str) {
         self.listen.retain(|a| a != addr);
-        let run = self.dir.path();
-        std::fs::write(
-            run.join("sshd_config"),
-            sshd_config(run, self.port, &self.listen),
-        )
-        .expect("rewrite sshd_config");
-        // SAFETY: kill(2) on the sshd this helper started.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
-        assert_eq!(rc, 0, "cannot send SIGHUP to sshd");
+        self.reload();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect((addr, self.port)).is_ok() {
             assert!(
@@ -120,6 +112,26 @@ impl Sshd {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.wait_listening();
+    }
+
+    /// Answers on `addr` again (the "host" came back); returns once it listens there.
+    pub fn listen_again_on(&mut self, addr: &str) {
+        self.listen.push(addr.to_string());
+        self.reload();
+        self.wait_listening();
+    }
+
+    /// Writes the config for the current addresses and makes sshd re-read it (SIGHUP).
+    fn reload(&self) {
+        let run = self.dir.path();
+        std::fs::write(
+            run.join("sshd_config"),
+            sshd_config(run, self.port, &self.listen),
+        )
+        .expect("rewrite sshd_config");
+        // SAFETY: kill(2) on the sshd this helper started.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        assert_eq!(rc, 0, "cannot send SIGHUP to sshd");
     }
 
     /// sshd's own log (for assertion messages).

@@ -10,10 +10,9 @@
 //! that do (`Regroup`); each node re-plans itself for the world node 0 names. Contract:
 //! docs/status.md "Fault handling" and deploy/slurm/README.md.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::collections::BTreeSet;
 
 use crate::nodes::coordinate::{
     Decision, LinkTarget, NodeLink, POLL_PERIOD, RemoteNodes, outcome_of_event,
