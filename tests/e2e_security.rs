@@ -270,9 +270,16 @@ fn attack_worker_ports(pid: i32, workers: usize) -> Vec<(u16, Vec<u8>)> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut attacks = Vec::new();
     let mut seen = Vec::new();
+    let exe = |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let launcher_exe = exe(pid);
     while seen.len() < workers && alive(pid) && Instant::now() < deadline {
         let launcher_ports = listening_ports(pid);
-        for port in children(pid).into_iter().flat_map(listening_ports) {
+        // A child forked but not yet exec'd still holds the launcher's descriptors (its
+        // rendezvous listener among them): only children running another program count.
+        let workers_now = children(pid)
+            .into_iter()
+            .filter(|&child| exe(child).is_some_and(|e| Some(e) != launcher_exe));
+        for port in workers_now.flat_map(listening_ports) {
             if !seen.contains(&port) && !launcher_ports.contains(&port) {
                 seen.push(port);
                 attacks.push((port, std::thread::spawn(move || inject(port).0)));
