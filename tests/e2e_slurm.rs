@@ -15,7 +15,9 @@
 //! reason; nothing is skipped.
 
 use rsdeep::plan::hostlist::expand_hostlist;
-use rsdeep_e2e::{Launcher, TrainFixture, binary, logged_losses, logged_step, sentence_corpus};
+use rsdeep_e2e::{
+    TrainFixture, assert_losses_match_a_resume, binary, logged_step, sentence_corpus,
+};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -1207,52 +1209,22 @@ fn a_node_lost_for_good_leaves_the_slurm_job_to_finish_on_node_0_as_a_resume_the
     assert!(output.contains("rsdeep: every node finished"), "{output}");
 
     // The same checkpoint resumed by two ranks outside SLURM, the global batch kept by hand.
-    let reference = fixture.path("reference");
     let checkpoint = out.join(format!("checkpoint-{resumed_step}"));
-    let train_json = fixture.path("train.json");
-    let mut resumed = Launcher::start(
-        &[
-            "--device",
-            "cpu",
-            "--num_procs",
-            "2",
-            "--master_port",
-            "0",
-            train_json.to_str().expect("utf-8 path"),
-            "--max_steps",
-            "16",
-            "--save_steps",
-            "4",
-            "--output_dir",
-            reference.to_str().expect("utf-8 path"),
-            "--resume_from_checkpoint",
-            checkpoint.to_str().expect("utf-8 path"),
-            "--gradient_accumulation_steps",
-            "2",
-        ],
-        &[("OMP_NUM_THREADS", "1".to_string())],
+    let overrides = [
+        "--max_steps",
+        "16",
+        "--save_steps",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+    ];
+    assert_losses_match_a_resume(
+        &fixture.path("train.json"),
+        2,
+        &overrides,
+        (&checkpoint, resumed_step, 16),
+        (&out, &fixture.path("reference")),
     );
-    let status = resumed.wait(Duration::from_secs(300));
-    assert!(
-        status.success(),
-        "reference resume failed:\n{}",
-        resumed.output()
-    );
-    let after = |dir: &Path| -> Vec<(u64, f64)> {
-        logged_losses(dir)
-            .into_iter()
-            .filter(|(step, _)| *step > resumed_step)
-            .collect()
-    };
-    let (want, got) = (after(&reference), after(&out));
-    assert_eq!(want.len() as u64, 16 - resumed_step, "{want:?}");
-    assert_eq!(want.len(), got.len(), "{got:?}");
-    for ((step, a), (_, b)) in want.iter().zip(&got) {
-        assert!(
-            (a - b).abs() < 1e-5,
-            "step {step}: loss {b} after the shrink, {a} resumed at world size 2"
-        );
-    }
 }
 
 /// Waits until the job's output satisfies `pred`; panics with it after `limit`.

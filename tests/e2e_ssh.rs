@@ -20,7 +20,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rsdeep_e2e::{
-    Launcher, TrainFixture, alive, binary, kill_all, logged_losses, logged_step, wait_for_step,
+    Launcher, TrainFixture, alive, assert_losses_match_a_resume, binary, kill_all, logged_step,
+    wait_for_step,
 };
 use sshd::Sshd;
 
@@ -395,10 +396,7 @@ fn a_killed_remote_launcher_stops_the_job_on_every_node() {
     let train_json = fx.train_json(100_000);
     let mut launcher = launch(&fx, &sshd, &train_json, &[]);
     let job = wait_for_four_ranks(&launcher);
-    let (remote_launcher, _) = job_processes(&job)
-        .into_iter()
-        .find(|(_, cmd)| cmd.contains("--token_stdin") && !cmd.starts_with("ssh"))
-        .unwrap_or_else(|| panic!("no node-1 launcher found\n{}", launcher.output()));
+    let remote_launcher = node1_launcher(&job, &launcher);
     // SAFETY: kill(2) on node 1's launcher of the job this test started.
     unsafe { libc::kill(remote_launcher, libc::SIGKILL) };
     let status = launcher.wait(Duration::from_secs(60));
@@ -561,6 +559,15 @@ fn worker_of_rank(job: &str, rank: usize, not: Option<i32>, launcher: &Launcher)
     }
 }
 
+/// The pid of node 1's launcher (the one sshd started with `--token_stdin`).
+fn node1_launcher(job: &str, launcher: &Launcher) -> i32 {
+    job_processes(job)
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("--token_stdin") && !cmd.starts_with("ssh"))
+        .map(|(pid, _)| pid)
+        .unwrap_or_else(|| panic!("no node-1 launcher found\n{}", launcher.output()))
+}
+
 fn sigkill(pid: i32) {
     // SAFETY: kill(2) on a worker of the job this test started.
     let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -707,10 +714,7 @@ fn a_node_lost_for_good_leaves_the_job_to_finish_on_the_other_as_a_resume_there_
     );
     // Node 1 is gone for good: its address stops answering ssh, then its launcher dies.
     sshd.stop_listening_on("127.0.0.2");
-    let (node1, _) = job_processes(&job)
-        .into_iter()
-        .find(|(_, cmd)| cmd.contains("--token_stdin") && !cmd.starts_with("ssh"))
-        .unwrap_or_else(|| panic!("no node-1 launcher found\n{}", launcher.output()));
+    let node1 = node1_launcher(&job, &launcher);
     sigkill(node1);
     let status = launcher.wait(Duration::from_secs(300));
     let stderr = launcher.stderr();
@@ -749,46 +753,13 @@ fn a_node_lost_for_good_leaves_the_job_to_finish_on_the_other_as_a_resume_there_
     // The same checkpoint resumed by a one-node job of two ranks with the global batch
     // kept by hand (2 per device x 2 accumulation x 2 ranks = 2 x 1 x 4).
     let checkpoint = out.join(format!("checkpoint-{resumed_step}"));
-    let reference = fx.path("reference");
-    let mut resumed = Launcher::start(
-        &[
-            "--device",
-            "cpu",
-            "--num_procs",
-            "2",
-            "--master_port",
-            "0",
-            json.to_str().expect("utf-8 path"),
-            "--output_dir",
-            reference.to_str().expect("utf-8 path"),
-            "--resume_from_checkpoint",
-            checkpoint.to_str().expect("utf-8 path"),
-            "--gradient_accumulation_steps",
-            "2",
-        ],
-        &[("OMP_NUM_THREADS", "1".to_string())],
+    assert_losses_match_a_resume(
+        &json,
+        2,
+        &["--gradient_accumulation_steps", "2"],
+        (&checkpoint, resumed_step, RESTART_STEPS),
+        (&out, &fx.path("reference")),
     );
-    let status = resumed.wait(Duration::from_secs(300));
-    assert!(
-        status.success(),
-        "reference resume failed:\n{}",
-        resumed.output()
-    );
-    let after = |out: &Path| -> Vec<(u64, f64)> {
-        logged_losses(out)
-            .into_iter()
-            .filter(|(step, _)| *step > resumed_step)
-            .collect()
-    };
-    let (want, got) = (after(&reference), after(&out));
-    assert_eq!(want.len() as u64, RESTART_STEPS - resumed_step, "{want:?}");
-    assert_eq!(want.len(), got.len(), "{got:?}");
-    for ((step, a), (_, b)) in want.iter().zip(&got) {
-        assert!(
-            (a - b).abs() < 1e-5,
-            "step {step}: loss {b} after the shrink, {a} resumed at world size 2"
-        );
-    }
 }
 
 #[test]
@@ -815,10 +786,7 @@ fn a_node_that_answers_again_rejoins_at_the_next_restart() {
     wait_for_step(&launcher, &out, 5, Duration::from_secs(300));
     // Node 1 goes away: the job goes on without it.
     sshd.stop_listening_on("127.0.0.2");
-    let (node1, _) = job_processes(&job)
-        .into_iter()
-        .find(|(_, cmd)| cmd.contains("--token_stdin") && !cmd.starts_with("ssh"))
-        .unwrap_or_else(|| panic!("no node-1 launcher found\n{}", launcher.output()));
+    let node1 = node1_launcher(&job, &launcher);
     sigkill(node1);
     launcher.wait_for_stderr(Duration::from_secs(120), |s| {
         s.contains("rsdeep: elastic: restarting the job (1/2) on 1 node(s) (127.0.0.1)")

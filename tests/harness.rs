@@ -472,6 +472,61 @@ pub fn logged_losses(out: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// An elastic job's check: `checkpoint` (of the run in `elastic_out`, at `resumed_step`)
+/// resumed by a fresh one-node job of `ranks` CPU ranks on `train_json` with `overrides`
+/// (the batch kept by hand) into `reference`; its losses after that step must equal the
+/// elastic run's within 1e-5, `total_steps - resumed_step` of them.
+pub fn assert_losses_match_a_resume(
+    train_json: &Path,
+    ranks: usize,
+    overrides: &[&str],
+    (checkpoint, resumed_step, total_steps): (&Path, u64, u64),
+    (elastic_out, reference): (&Path, &Path),
+) {
+    let ranks = ranks.to_string();
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    let (json, reference_arg, checkpoint_arg) =
+        (path(train_json), path(reference), path(checkpoint));
+    let mut args = vec![
+        "--device",
+        "cpu",
+        "--num_procs",
+        &ranks,
+        "--master_port",
+        "0",
+        &json,
+    ];
+    args.extend_from_slice(overrides);
+    args.extend([
+        "--output_dir",
+        &reference_arg,
+        "--resume_from_checkpoint",
+        &checkpoint_arg,
+    ]);
+    let mut resumed = Launcher::start(&args, &[("OMP_NUM_THREADS", "1".to_string())]);
+    let status = resumed.wait(Duration::from_secs(300));
+    assert!(
+        status.success(),
+        "reference resume failed:\n{}",
+        resumed.output()
+    );
+    let after = |dir: &Path| -> Vec<(u64, f64)> {
+        logged_losses(dir)
+            .into_iter()
+            .filter(|(step, _)| *step > resumed_step)
+            .collect()
+    };
+    let (want, got) = (after(reference), after(elastic_out));
+    assert_eq!(want.len() as u64, total_steps - resumed_step, "{want:?}");
+    assert_eq!(want.len(), got.len(), "{got:?}");
+    for ((step, a), (_, b)) in want.iter().zip(&got) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {step}: loss {b} after the shrink, {a} resumed at the smaller world size"
+        );
+    }
+}
+
 /// The highest step in `out/metrics.jsonl` (rank 0 logs every step), 0 before any.
 pub fn logged_step(out: &Path) -> u64 {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
