@@ -373,7 +373,9 @@ pub fn watch(
         for worker in workers.iter_mut() {
             match worker.poll() {
                 Ok(Some(status)) if status.success() => {}
-                Ok(Some(_)) => return settle_and_report(workers, rendezvous, attempt_started_ms),
+                Ok(Some(_)) => {
+                    return settle_and_report(workers, rendezvous, options, attempt_started_ms);
+                }
                 Ok(None) => running += 1,
                 Err(e) => {
                     return Outcome::WorkerFailed {
@@ -438,10 +440,14 @@ impl Failure {
 }
 
 /// Keeps polling (up to `SETTLE`) so that failures caused by the first one show up, then
-/// builds the report naming the earliest failure.
+/// builds the report naming the earliest failure. When every failure says another rank
+/// caused it, the cause may be a node whose loss the stop source has not seen yet (a
+/// killed remote launcher's ssh ends a little after its ranks' peers notice): it gets
+/// up to `SETTLE` more to name that node.
 fn settle_and_report(
     workers: &mut [Worker],
     rendezvous: Option<&RendezvousState>,
+    options: &SuperviseOptions,
     attempt_started_ms: u64,
 ) -> Outcome {
     let deadline = Instant::now() + SETTLE;
@@ -482,6 +488,14 @@ fn settle_and_report(
         });
     }
     failures.extend(remote_failures(workers, rendezvous, &errors));
+    if failures.iter().all(|f| f.caused_by_another_rank)
+        && let Some(outcome) = options
+            .stop_source
+            .as_deref()
+            .and_then(wait_for_outside_cause)
+    {
+        return outcome;
+    }
     order_by_time(&mut failures);
     let first = &failures[0];
     Outcome::WorkerFailed {
@@ -489,6 +503,20 @@ fn settle_and_report(
         exit_code: first.status.map_or(1, exit_code_of),
         report: failure_report(&failures),
         at_ms: first.at_ms,
+    }
+}
+
+/// Polls `source` for up to `SETTLE`: the outcome it gives, if any.
+fn wait_for_outside_cause(source: &dyn StopSource) -> Option<Outcome> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        if let Some(outcome) = source.stop_outcome() {
+            return Some(outcome);
+        }
+        if Instant::now() >= deadline || STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
+            return None;
+        }
+        std::thread::sleep(POLL);
     }
 }
 
@@ -938,6 +966,71 @@ mod tests {
         assert_eq!(outcome.exit_code(), 1);
         assert!(workers[0].status.is_none(), "the watch stops nobody");
         stop_workers(&mut workers, Duration::from_secs(5));
+    }
+
+    /// A remote node's failure, seen `after` has passed.
+    #[derive(Debug)]
+    struct NodeLostAfter(Instant);
+
+    impl StopSource for NodeLostAfter {
+        fn stop_outcome(&self) -> Option<Outcome> {
+            (Instant::now() >= self.0).then(|| Outcome::WorkerFailed {
+                rank: 2,
+                exit_code: 255,
+                report: "node 1 failed".into(),
+                at_ms: unix_ms(),
+            })
+        }
+    }
+
+    /// A rendezvous of one local rank that reports an error (at once) before it exits 1.
+    fn rank_reporting(caused_by_another_rank: bool) -> RendezvousState {
+        let spec = crate::rendezvous::state::WorldSpec {
+            job_id: "job".into(),
+            nodes: vec![("localhost".into(), 1), ("remote".into(), 2)],
+            join_timeout: Duration::from_secs(5),
+        };
+        let state = RendezvousState::new(spec);
+        state.record_error(ErrorRecord {
+            rank: 0,
+            message: "a collective broke".into(),
+            time_ms: unix_ms() + 1000,
+            caused_by_another_rank,
+        });
+        state
+    }
+
+    #[test]
+    fn a_consequence_waits_for_a_node_loss_that_the_stop_source_sees_late() {
+        let mut workers = spawn_sh(&["exit 1"], None);
+        let state = rank_reporting(true);
+        let options = SuperviseOptions {
+            stop_source: Some(Arc::new(NodeLostAfter(Instant::now() + SETTLE))),
+            ..options()
+        };
+        let outcome = watch(&mut workers, Some(&state), &options);
+        let Outcome::WorkerFailed { rank, report, .. } = outcome else {
+            panic!("expected a failure, got {outcome:?}");
+        };
+        assert_eq!((rank, report.as_str()), (2, "node 1 failed"));
+    }
+
+    #[test]
+    fn a_rank_with_its_own_error_is_named_without_waiting_for_other_nodes() {
+        let mut workers = spawn_sh(&["exit 1"], None);
+        let state = rank_reporting(false);
+        let options = SuperviseOptions {
+            stop_source: Some(Arc::new(NodeLostAfter(Instant::now() + 2 * SETTLE))),
+            ..options()
+        };
+        let started = Instant::now();
+        let outcome = watch(&mut workers, Some(&state), &options);
+        let Outcome::WorkerFailed { rank, report, .. } = outcome else {
+            panic!("expected a failure, got {outcome:?}");
+        };
+        assert_eq!(rank, 0);
+        assert!(report.contains("a collective broke"), "{report}");
+        assert!(started.elapsed() < 2 * SETTLE);
     }
 
     static SCRIPTS: std::sync::LazyLock<tempfile::TempDir> =
