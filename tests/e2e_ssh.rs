@@ -9,7 +9,10 @@
 //! worker is killed and the final weights match an uninterrupted run, and used-up
 //! restarts fail with node 1's report naming the killed rank first; with `--min_nodes`
 //! a node lost for good is left behind (the losses then equal a resume at the smaller
-//! world size) and a node that answers again rejoins at the next restart.
+//! world size) and a node that answers again rejoins at the next restart. The pdsh and
+//! Open MPI runners (installed from Debian packages when missing) start a user script on
+//! both hosts as one world, stop every node when a remote rank raises, and leave no rank
+//! behind when the launcher is SIGKILLed.
 //! Tests run one at a time (each starts four libtorch workers on a 2-core machine).
 
 #[path = "hosts/sshd.rs"]
@@ -860,4 +863,191 @@ fn a_user_script_runs_on_two_hosts_as_one_torch_distributed_world() {
         "{}",
         launcher.output()
     );
+}
+
+/// Starts `rsdeep --launcher KIND -H hostfile ... --no_local_rank SCRIPT SCRIPT_ARGS`
+/// over the test sshd with the reference venv's python (`RSDEEP_PYTHON`); mpirun may run
+/// as root here.
+fn launch_through(
+    fx: &TrainFixture,
+    sshd: &Sshd,
+    kind: &str,
+    script: &str,
+    script_args: &[&str],
+) -> Launcher {
+    let python = std::env::var("RSDEEP_PYTHON").expect("RSDEEP_PYTHON (scripts/env.sh)");
+    let hostfile = fx.path("hostfile").display().to_string();
+    let (ssh_port, master_port) = (sshd.port.to_string(), free_port().to_string());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/user_scripts")
+        .join(script);
+    let script = script.display().to_string();
+    let mut args = vec![
+        "--launcher",
+        kind,
+        "-H",
+        &hostfile,
+        "--device",
+        "cpu",
+        "--ssh_port",
+        &ssh_port,
+        "--master_port",
+        &master_port,
+        "--grace_period",
+        "5",
+        "--python",
+        &python,
+        "--no_local_rank",
+        &script,
+    ];
+    args.extend_from_slice(script_args);
+    let envs = [
+        ("RSDEEP_SSH_ARGS", sshd.client_args()),
+        ("OMP_NUM_THREADS", "1".to_string()),
+        ("OMPI_ALLOW_RUN_AS_ROOT", "1".to_string()),
+        ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1".to_string()),
+    ];
+    Launcher::start(&args, &envs)
+}
+
+/// The runner program of `--launcher kind`, installed when missing.
+fn ensure_runner(kind: &str) {
+    match kind {
+        "pdsh" => sshd::ensure_program("pdsh", &["pdsh"]),
+        // ompi_info: Open MPI's own, where `mpirun` could be MPICH's.
+        _ => sshd::ensure_program("ompi_info", &["openmpi-bin"]),
+    }
+}
+
+/// A torchrun-style script on two hosts started by pdsh or mpirun: one world of four
+/// ranks, each node's ranks numbered after the node rank the runner gave its launcher.
+fn a_user_script_runs_on_two_hosts_through(kind: &str) {
+    let _guard = serial();
+    ensure_runner(kind);
+    let sshd = Sshd::start();
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
+    let mut launcher = launch_through(&fx, &sshd, kind, "torchrun_style.py", &[]);
+    let status = launcher.wait(Duration::from_secs(180));
+    let output = launcher.output();
+    assert_eq!(status.code(), Some(0), "{output}\n--- sshd\n{}", sshd.log());
+    let stdout = launcher.stdout();
+    for (rank, local) in [(0, 0), (1, 1), (2, 0), (3, 1)] {
+        let line = format!("[rank {rank}] rank {rank} of 4 sum 10 (local_rank {local})");
+        assert!(stdout.contains(&line), "{line} missing:\n{output}");
+    }
+    if kind == "pdsh" {
+        assert!(
+            stdout.contains("127.0.0.2: [rank 3] rank 3 of 4"),
+            "{output}"
+        );
+    }
+    assert!(
+        launcher.stderr().contains("rsdeep: every node finished"),
+        "{output}"
+    );
+}
+
+/// Rank 3 (node 1) raises: its node reports the exception, every node stops, the job
+/// exits 1 and no rank is left running.
+fn a_failing_rank_stops_every_node_through(kind: &str) {
+    let _guard = serial();
+    ensure_runner(kind);
+    let sshd = Sshd::start();
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
+    let mut launcher = launch_through(&fx, &sshd, kind, "raises.py", &["--fail_rank", "3"]);
+    let status = launcher.wait(Duration::from_secs(120));
+    let (stdout, stderr, output) = (launcher.stdout(), launcher.stderr(), launcher.output());
+    assert_ne!(status.code(), Some(0), "{output}");
+    assert!(
+        stderr.contains("rank 3 raised ValueError: bad batch shape at step 3"),
+        "the failing rank's node names the exception: {output}"
+    );
+    if kind == "pdsh" {
+        assert_eq!(status.code(), Some(1), "{output}");
+        assert!(
+            stderr.contains("rsdeep: node 1 (127.0.0.2) failed with exit code 1"),
+            "{output}"
+        );
+    }
+    let pids: Vec<i32> = stdout
+        .lines()
+        .filter_map(|l| l.split(" started pid ").nth(1)?.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 4, "{output}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let survivors: Vec<_> = pids.iter().filter(|&&pid| alive(pid)).collect();
+    kill_all(&pids);
+    assert!(
+        survivors.is_empty(),
+        "ranks survived: {survivors:?}\n{output}"
+    );
+}
+
+#[test]
+fn pdsh_starts_a_user_script_on_two_hosts_as_one_world() {
+    a_user_script_runs_on_two_hosts_through("pdsh");
+}
+
+#[test]
+fn pdsh_a_rank_that_raises_stops_every_node() {
+    a_failing_rank_stops_every_node_through("pdsh");
+}
+
+#[test]
+fn openmpi_starts_a_user_script_on_two_hosts_as_one_world() {
+    a_user_script_runs_on_two_hosts_through("openmpi");
+}
+
+#[test]
+fn openmpi_a_rank_that_raises_stops_every_node() {
+    a_failing_rank_stops_every_node_through("openmpi");
+}
+
+/// SIGKILL of the `rsdeep` that started pdsh or mpirun: no rank of any node survives.
+fn killing_the_launcher_leaves_no_rank_through(kind: &str) {
+    let _guard = serial();
+    ensure_runner(kind);
+    let sshd = Sshd::start();
+    let fx = fixture(&["127.0.0.1", "127.0.0.2"]);
+    let script_args = ["--fail_rank", "99", "--sleep", "120"];
+    let mut launcher = launch_through(&fx, &sshd, kind, "raises.py", &script_args);
+    let started_pids = |launcher: &Launcher| -> Vec<i32> {
+        let stdout = launcher.stdout();
+        stdout
+            .lines()
+            .filter_map(|l| l.split(" started pid ").nth(1)?.trim().parse().ok())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while started_pids(&launcher).len() < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pids = started_pids(&launcher);
+    assert_eq!(pids.len(), 4, "{}", launcher.output());
+    sigkill(launcher.pid());
+    let _ = launcher.wait(Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pids.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let survivors: Vec<_> = pids.iter().copied().filter(|&pid| alive(pid)).collect();
+    kill_all(&pids);
+    assert!(
+        survivors.is_empty(),
+        "ranks survived: {survivors:?}\n{}",
+        launcher.output()
+    );
+}
+
+#[test]
+fn pdsh_killing_the_launcher_leaves_no_rank_on_any_node() {
+    killing_the_launcher_leaves_no_rank_through("pdsh");
+}
+
+#[test]
+fn openmpi_killing_the_launcher_leaves_no_rank_on_any_node() {
+    killing_the_launcher_leaves_no_rank_through("openmpi");
 }

@@ -229,20 +229,46 @@ fn have_openssh() -> bool {
 /// Installs openssh-server and openssh-client when missing (idempotent); panics with the
 /// reason when that is impossible (not root, no package source).
 fn ensure_openssh() {
-    if have_openssh() {
-        return;
+    if !have_openssh() {
+        install_packages(&["openssh-server", "openssh-client"]);
+        assert!(have_openssh(), "openssh is still missing after apt-get");
     }
+}
+
+/// Makes `program` available, installing the Debian `packages` that provide it when it is
+/// not on PATH (the pdsh and Open MPI runner tests need the real programs); panics with
+/// the reason when that is impossible (not root, no package source).
+pub fn ensure_program(program: &str, packages: &[&str]) {
+    let on_path = || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {program}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !on_path() {
+        install_packages(packages);
+        assert!(
+            on_path(),
+            "{program} is still missing after installing {packages:?}"
+        );
+    }
+}
+
+/// `apt-get install` of `packages` (after an `apt-get update` when the first try fails).
+fn install_packages(packages: &[&str]) {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     assert!(
         root,
-        "{SSHD} or ssh is missing and this test is not root: install openssh-server and \
-         openssh-client (the ssh runner test needs a real sshd)"
+        "{packages:?} missing and this test is not root: install them (the multi-node \
+         runner tests need the real programs)"
     );
     let install = || {
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(["openssh-server", "openssh-client"])
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .output()
     };
@@ -252,8 +278,8 @@ fn ensure_openssh() {
         out = install().expect("run apt-get");
     }
     assert!(
-        out.status.success() && have_openssh(),
-        "cannot install openssh-server/openssh-client: {}",
+        out.status.success(),
+        "cannot install {packages:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

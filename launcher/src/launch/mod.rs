@@ -5,6 +5,7 @@
 //! with `UsageError` so `main` exits 2.
 
 pub mod elastic;
+pub mod fanout;
 pub mod output_dir;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -13,6 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::nodes::coordinate::follow::{self, Regroup};
+use crate::nodes::fanout::{FanOutKind, FanOutLaunch};
+use crate::nodes::mpi;
 use crate::nodes::ssh::{self, SshLaunch, SshNodes};
 use crate::plan::cli::{DeviceKind, LaunchArgs, LauncherKind};
 use crate::plan::elastic::{self as elastic_plan, ElasticError, ElasticPolicy};
@@ -50,9 +53,15 @@ enum NodeRole {
     SingleNode,
     /// Node 0 of a hostfile job: also starts, streams and stops the other nodes over ssh.
     SshLead(SshLaunch),
-    /// A node the ssh lead started (`--token_stdin`): stops when its ssh session ends and
-    /// runs the attempt node 0 names.
+    /// A node the ssh lead started (`--token_stdin`), or pdsh (`--stop_on_stdin_eof`):
+    /// stops when its ssh session ends and runs the attempt node 0 names.
     SshFollower,
+    /// The launcher the user started under `--launcher pdsh|openmpi` on several hosts:
+    /// starts every node through pdsh or mpirun and runs no rank itself.
+    FanOutLead(FanOutLaunch),
+    /// A node mpirun started (`--launcher openmpi --no_ssh`): runs the attempt node 0
+    /// names; mpirun stops it, and it stops when mpirun is gone.
+    MpiNode,
     /// `--no_ssh --node_rank K`: one node of a job the user starts on every node.
     ManualNode,
     /// Node 0 under `--launcher slurm`: decides restarts and stops for every node.
@@ -76,6 +85,9 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
     );
     if elastic.is_some() && !can_regroup {
         return Err(usage(ElasticError::NoRunnerToRegroup));
+    }
+    if let NodeRole::FanOutLead(launch) = &role {
+        return lead_fan_out(&args, &plan, launch);
     }
     for warning in &plan.warnings {
         eprintln!("rsdeep: warning: {warning}");
@@ -137,13 +149,17 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         }
         (NodeRole::SlurmLead, None) => Err(anyhow::anyhow!("node 0 hosts no rendezvous")),
         (NodeRole::SlurmFollower, _) => follow::follow_node0(&runtime, &plan, &slurm_regroup),
-        (NodeRole::SshFollower, state) => {
-            let follower = Attempts::SshFollower {
+        (NodeRole::SshFollower | NodeRole::MpiNode, state) => {
+            let follower = Attempts::Follower {
                 restart_base: inherited_restart_count(),
-                stdin_closed: ssh::stop_on_stdin_eof(),
+                stop: Some(match role {
+                    NodeRole::SshFollower => ssh::stop_on_stdin_eof(),
+                    _ => mpi::stop_when_parent_dies(),
+                }),
             };
             supervise_attempts(&runtime, &plan, state, follower, started).map(JobEnd::code)
         }
+        (NodeRole::FanOutLead(_), _) => unreachable!("a fan-out lead returned above"),
         (NodeRole::SshLead(launch), state) => match elastic {
             Some(policy) => {
                 let job = ElasticJob {
@@ -216,10 +232,15 @@ fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, NodeR
         let (plan, launch) = plan_ssh_lead(args, inputs)?;
         return Ok((plan, NodeRole::SshLead(launch)));
     }
+    if LaunchPlan::needs_fan_out(args, inputs).map_err(usage)? {
+        let (plan, launch) = plan_fan_out_lead(args, inputs)?;
+        return Ok((plan, NodeRole::FanOutLead(launch)));
+    }
     let plan = LaunchPlan::build(args, inputs).map_err(usage)?;
     let role = match (plan.nodes.len(), args.launcher, plan.node_rank) {
-        _ if args.token_stdin => NodeRole::SshFollower,
+        _ if args.token_stdin || args.stop_on_stdin_eof => NodeRole::SshFollower,
         (1, _, _) => NodeRole::SingleNode,
+        (_, LauncherKind::Openmpi, _) => NodeRole::MpiNode,
         // A user's program has no rsdeep rendezvous to carry node 0's decisions: each
         // node supervises its own ranks.
         (_, LauncherKind::Slurm, _) if plan.runs_user_program() => NodeRole::ManualNode,
@@ -235,6 +256,59 @@ fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, NodeR
 /// address auto-detected unless `--master_addr` is given; plus the ssh launch of the other
 /// nodes.
 fn plan_ssh_lead(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, SshLaunch)> {
+    let plan = plan_node0_of_hostfile(args, inputs, true)?;
+    let program = std::env::current_exe().context("cannot locate the rsdeep executable")?;
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let env = ssh::exported_env(std::env::vars(), &inputs.env_file_vars);
+    let hosts = inputs.hostfile.as_deref().unwrap_or_default();
+    let launch = SshLaunch::prepare(args, &plan, hosts, &env, &program, &cwd);
+    Ok((plan, launch))
+}
+
+/// The launcher the user started under `--launcher pdsh|openmpi`: plans the job as node
+/// 0 of the ssh runner would (the master address detected the same way) and prepares the
+/// one command that starts every node.
+fn plan_fan_out_lead(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, FanOutLaunch)> {
+    let kind = FanOutKind::of(args.launcher).context("not a pdsh or mpirun launch")?;
+    let plan = plan_node0_of_hostfile(args, inputs, false)?;
+    let program = std::env::current_exe().context("cannot locate the rsdeep executable")?;
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let env = ssh::exported_env(std::env::vars(), &inputs.env_file_vars);
+    let hosts = inputs.hostfile.as_deref().unwrap_or_default();
+    let launch =
+        FanOutLaunch::prepare(kind, args, &plan, hosts, &env, &program, &cwd).map_err(usage)?;
+    Ok((plan, launch))
+}
+
+/// Runs a pdsh or mpirun job to its end: prints the plan and the command (or only them
+/// under `--dry_run`), then drives the runner.
+fn lead_fan_out(args: &LaunchArgs, plan: &LaunchPlan, launch: &FanOutLaunch) -> Result<i32> {
+    if args.dry_run {
+        print!("{}{}", plan.render(), launch.render());
+        return Ok(0);
+    }
+    supervise::install_stop_handlers().context("cannot install signal handlers")?;
+    let _pid_file = args.save_pid.then(PidFile::write).transpose()?;
+    eprintln!(
+        "rsdeep: {} starts {} node(s): {}",
+        launch.kind.program(),
+        launch.hosts.len(),
+        launch.hosts.join(", ")
+    );
+    let code = fanout::drive(launch, plan.max_restarts, plan.grace_period)?;
+    record_status(code);
+    Ok(code)
+}
+
+/// Node 0's plan of a job over the hostfile's hosts (ssh, pdsh and mpirun runners): a
+/// `--no_ssh --node_rank 0` plan. Unless `--master_addr` is given, the master address is
+/// detected when node 0 runs here (`node0_here`: the ssh runner, or a first host that is
+/// this machine), else it is the first host's name.
+fn plan_node0_of_hostfile(
+    args: &LaunchArgs,
+    inputs: &PlanInputs,
+    node0_here: bool,
+) -> Result<LaunchPlan> {
     let mut node0 = args.clone();
     node0.no_ssh = true;
     node0.node_rank = Some(0);
@@ -243,25 +317,21 @@ fn plan_ssh_lead(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, 
         ..inputs.clone()
     };
     let mut plan = LaunchPlan::build(&node0, &shared).map_err(usage)?;
-    if args.master_addr.is_empty() {
+    let first_host_here = ssh::is_this_machine(&plan.nodes[0].host);
+    if args.master_addr.is_empty() && (node0_here || first_host_here) {
         let others: Vec<&str> = plan.nodes[1..].iter().map(|n| n.host.as_str()).collect();
         let (addr, how) = ssh::detect_master_addr(&plan.nodes[0].host, &others).map_err(usage)?;
         eprintln!("rsdeep: master address {addr} ({how}); --master_addr overrides it");
         node0.master_addr = addr;
         plan = LaunchPlan::build(&node0, &shared).map_err(usage)?;
     }
-    if !ssh::is_this_machine(&plan.nodes[0].host) {
+    if node0_here && !first_host_here {
         eprintln!(
             "rsdeep: warning: the first hostfile host {} is not an address of this machine; node 0 runs here anyway (run rsdeep on the first host)",
             plan.nodes[0].host
         );
     }
-    let program = std::env::current_exe().context("cannot locate the rsdeep executable")?;
-    let cwd = std::env::current_dir().context("cannot read the working directory")?;
-    let env = ssh::exported_env(std::env::vars(), &inputs.env_file_vars);
-    let hosts = inputs.hostfile.as_deref().unwrap_or_default();
-    let launch = SshLaunch::prepare(args, &plan, hosts, &env, &program, &cwd);
-    Ok((plan, launch))
+    Ok(plan)
 }
 
 /// Where this node writes the resolved config: one folder per job and node (nodes may
@@ -336,6 +406,7 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
         slurm,
         total_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         omp_threads_from_user: std::env::var_os("OMP_NUM_THREADS").is_some(),
+        mpi_rank: crate::nodes::mpi::mpi_rank(|name| std::env::var(name).ok()),
     })
 }
 
@@ -568,10 +639,11 @@ enum Attempts<'a> {
     /// Node 0 of an ssh job: it also starts and watches the remote launchers; elastic
     /// jobs check which hosts answer before each restart.
     SshLead(&'a SshLaunch, Option<ElasticTurn<'a>>),
-    /// A node an ssh lead started for attempt `restart_base`.
-    SshFollower {
+    /// A node started for attempt `restart_base` by an ssh lead, pdsh or mpirun; `stop`
+    /// (stdin closed, for ssh and pdsh) ends its attempt.
+    Follower {
         restart_base: u32,
-        stdin_closed: Arc<dyn supervise::StopSource>,
+        stop: Option<Arc<dyn supervise::StopSource>>,
     },
 }
 
@@ -628,10 +700,7 @@ fn supervise_attempts(
     let (ssh_launch, restart_base, stdin_closed, elastic) = match role {
         Attempts::ThisNode => (None, 0, None, None),
         Attempts::SshLead(launch, elastic) => (Some(launch), 0, None, elastic),
-        Attempts::SshFollower {
-            restart_base,
-            stdin_closed,
-        } => (None, restart_base, Some(stdin_closed), None),
+        Attempts::Follower { restart_base, stop } => (None, restart_base, stop, None),
     };
     let program = rank_program(plan)?;
     let local: Vec<_> = plan.local_ranks().collect();

@@ -183,13 +183,28 @@ pub fn decode_world_hosts(text: &str) -> Result<Vec<HostEntry>, SshError> {
         .collect()
 }
 
-/// The launcher flags of node `node_rank`: the user's resource and supervision flags,
-/// node 0's world (hosts, master address and port), `--token_stdin`, then train.json
-/// and its overrides. `--max_restarts` is not forwarded: node 0 alone decides restarts
-/// and starts every remote launcher again with `RSDEEP_RESTART_COUNT` in its command.
+/// How a launcher started on another node learns its node rank, and what stops it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NodeStart<'a> {
+    /// By node 0's ssh runner: `--node_rank K --token_stdin` (token on stdin, stdin EOF
+    /// stops it).
+    Ssh(usize),
+    /// By pdsh: `--node_rank` followed by this word, which pdsh replaces with the node's
+    /// index in its host list, and `--stop_on_stdin_eof`.
+    Pdsh(&'a str),
+    /// By mpirun: `--launcher openmpi` and no `--node_rank` (it is the MPI rank, read
+    /// from MPI's environment); mpirun itself stops every node when one fails.
+    Mpi,
+}
+
+/// The launcher flags of a node started by `start`: the user's resource and supervision
+/// flags, node 0's world (hosts, master address and port), how it learns its node rank
+/// and what stops it, then train.json or the program and their arguments.
+/// `--max_restarts` is not forwarded: node 0 alone decides restarts and starts every
+/// remote launcher again with `RSDEEP_RESTART_COUNT` in its environment.
 pub fn remote_launcher_args(
     args: &LaunchArgs,
-    node_rank: usize,
+    start: NodeStart,
     master_addr: &str,
     master_port: u16,
     hosts: &[HostEntry],
@@ -199,7 +214,11 @@ pub fn remote_launcher_args(
         out.push(name.to_string());
         out.push(value);
     };
-    flag("--node_rank", node_rank.to_string());
+    match start {
+        NodeStart::Ssh(node_rank) => flag("--node_rank", node_rank.to_string()),
+        NodeStart::Pdsh(placeholder) => flag("--node_rank", placeholder.to_string()),
+        NodeStart::Mpi => flag("--launcher", "openmpi".to_string()),
+    }
     flag("--master_addr", master_addr.to_string());
     flag("--master_port", master_port.to_string());
     flag("--world_hosts", encode_world_hosts(hosts));
@@ -236,7 +255,12 @@ pub fn remote_launcher_args(
     if let Some(timeout) = args.hang_timeout {
         flag("--hang_timeout", timeout.to_string());
     }
-    out.extend(["--no_ssh".to_string(), "--token_stdin".to_string()]);
+    out.push("--no_ssh".to_string());
+    match start {
+        NodeStart::Ssh(_) => out.push("--token_stdin".to_string()),
+        NodeStart::Pdsh(_) => out.push("--stop_on_stdin_eof".to_string()),
+        NodeStart::Mpi => {}
+    }
     if args.bind_cores_to_rank {
         out.push("--bind_cores_to_rank".to_string());
     }
@@ -350,7 +374,7 @@ impl SshLaunch {
                     .collect();
                 let launcher_args = remote_launcher_args(
                     args,
-                    node_rank,
+                    NodeStart::Ssh(node_rank),
                     &plan.master_addr,
                     plan.master_port,
                     hosts,
@@ -1108,7 +1132,7 @@ mod tests {
             host: "a".into(),
             slots: 2,
         }];
-        let remote = remote_launcher_args(&args, 1, "10.0.0.1", 4000, &hosts);
+        let remote = remote_launcher_args(&args, NodeStart::Ssh(1), "10.0.0.1", 4000, &hosts);
         let reparsed = LaunchArgs::try_parse_from(
             std::iter::once("rsdeep".to_string()).chain(remote.iter().cloned()),
         )

@@ -32,8 +32,9 @@ pub enum LauncherKind {
     Local,
     /// DeepSpeed's default multi-node runner: pdsh starts every node's launcher.
     Pdsh,
-    /// MPI runners (DeepSpeed's `openmpi`, `mpich`, `impi`, `mvapich`): not built yet.
+    /// Open MPI's `mpirun` starts one launcher per node (its node rank is the MPI rank).
     Openmpi,
+    /// The other MPI runners (DeepSpeed's `mpich`, `impi`, `mvapich`): not built yet.
     Mpich,
     Impi,
     Mvapich,
@@ -183,7 +184,7 @@ pub struct LaunchArgs {
     /// Write the launcher's pid to `/tmp/<pid>.deepspeed` (DeepSpeed's file) while it runs.
     #[arg(long = "save_pid")]
     pub save_pid: bool,
-    /// Extra arguments for the multi-node runner program (pdsh, srun).
+    /// Extra arguments for the multi-node runner program (pdsh, mpirun, srun).
     #[arg(long = "launcher_args", default_value = "", allow_hyphen_values = true)]
     pub launcher_args: String,
     /// Treat a single-node hostfile as a multi-node job (DeepSpeed's `--force_multi`).
@@ -222,6 +223,9 @@ pub struct LaunchArgs {
     /// job when stdin closes.
     #[arg(long = "token_stdin", hide = true)]
     pub token_stdin: bool,
+    /// Internal (pdsh runner): stop the job when stdin closes (pdsh or its ssh ended).
+    #[arg(long = "stop_on_stdin_eof", hide = true)]
+    pub stop_on_stdin_eof: bool,
     /// Internal (ssh runner): node 0's hostfile as `host=slots,...`, used instead of
     /// reading `--hostfile` on this node.
     #[arg(long = "world_hosts", hide = true)]

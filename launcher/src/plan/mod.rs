@@ -51,6 +51,9 @@ pub struct PlanInputs {
     /// True when the launcher's own environment sets OMP_NUM_THREADS (then it is left
     /// to the user, as torchrun does).
     pub omp_threads_from_user: bool,
+    /// This process's MPI rank when mpirun started it (`OMPI_COMM_WORLD_RANK`,
+    /// `PMI_RANK`): the node rank of a launcher that `--launcher openmpi` started.
+    pub mpi_rank: Option<usize>,
 }
 
 /// One rank of the job.
@@ -158,9 +161,21 @@ pub enum PlanError {
     )]
     Autotuning,
     #[error(
-        "--launcher {0} is not built in rsdeep yet: use --launcher ssh with the same hostfile (rsdeep's own ssh runner), or --launcher slurm inside a SLURM allocation"
+        "--launcher {0} is not built in rsdeep yet: use --launcher openmpi, pdsh or ssh with the same hostfile (ssh is rsdeep's own runner), or --launcher slurm inside a SLURM allocation"
     )]
     LauncherNotBuilt(&'static str),
+    #[error(
+        "--launcher {0} starts user programs only: a train.json job shares a secret token \
+         between its nodes, which {0} could only carry on a command line; use --launcher \
+         ssh with the same hostfile and flags (it sends the token over ssh's stdin)"
+    )]
+    FanOutRunsPrograms(&'static str),
+    #[error(
+        "--launcher openmpi --no_ssh: this launcher was not started by mpirun (neither \
+         OMPI_COMM_WORLD_RANK nor PMI_RANK is set): pass --node_rank K, or let `rsdeep \
+         --launcher openmpi -H hostfile ...` start every node"
+    )]
+    NoMpiRank,
     #[error(
         "--heartbeat_interval {interval} must be a positive number of seconds shorter than --heartbeat_timeout {timeout}"
     )]
@@ -184,7 +199,7 @@ impl LaunchPlan {
             return Err(PlanError::FreePortMultiNode);
         }
         let program = Program::from_args(args)?;
-        refuse_unsupported(args, nodes.len())?;
+        refuse_unsupported(args, &program, nodes.len())?;
         let master_addr = match args.master_addr.as_str() {
             "" if nodes.len() == 1 => "127.0.0.1".to_string(),
             "" => nodes[0].host.clone(),
@@ -234,6 +249,16 @@ impl LaunchPlan {
             return Ok(false);
         }
         Ok(select_resources(args, inputs, &mut Vec::new())?.len() > 1)
+    }
+
+    /// True when this launcher starts every node through pdsh or mpirun (`--launcher
+    /// pdsh|openmpi` on a multi-node hostfile, or with `--force_multi`, without
+    /// `--no_ssh`) and runs no rank itself.
+    pub fn needs_fan_out(args: &LaunchArgs, inputs: &PlanInputs) -> Result<bool, PlanError> {
+        if !matches!(args.launcher, LauncherKind::Pdsh | LauncherKind::Openmpi) || args.no_ssh {
+            return Ok(false);
+        }
+        Ok(args.force_multi || select_resources(args, inputs, &mut Vec::new())?.len() > 1)
     }
 
     /// Takes what the plan needs from the resolved train.json (loaded once, by the
@@ -518,7 +543,11 @@ fn parse_core_list(text: &str) -> Result<Vec<usize>, PlanError> {
 /// DeepSpeed runner features rsdeep does not have, refused with what to do instead. The
 /// multi-node runner only matters when there are several nodes (DeepSpeed ignores it
 /// on one node too).
-fn refuse_unsupported(args: &LaunchArgs, num_nodes: usize) -> Result<(), PlanError> {
+fn refuse_unsupported(
+    args: &LaunchArgs,
+    program: &Program,
+    num_nodes: usize,
+) -> Result<(), PlanError> {
     if args.autotuning.is_some() {
         return Err(PlanError::Autotuning);
     }
@@ -526,6 +555,10 @@ fn refuse_unsupported(args: &LaunchArgs, num_nodes: usize) -> Result<(), PlanErr
     match args.launcher {
         LauncherKind::Ssh | LauncherKind::Slurm | LauncherKind::Local => Ok(()),
         _ if !multi_node => Ok(()),
+        kind @ (LauncherKind::Pdsh | LauncherKind::Openmpi) => match program.user() {
+            Some(_) => Ok(()),
+            None => Err(PlanError::FanOutRunsPrograms(kind.as_str())),
+        },
         other => Err(PlanError::LauncherNotBuilt(other.as_str())),
     }
 }
@@ -675,6 +708,11 @@ fn choose_node_rank(
 ) -> Result<usize, PlanError> {
     let node_rank = match args.launcher {
         LauncherKind::Slurm => Some(slurm_job(inputs)?.node_id),
+        LauncherKind::Openmpi if args.no_ssh && num_nodes > 1 => Some(
+            args.node_rank
+                .or(inputs.mpi_rank)
+                .ok_or(PlanError::NoMpiRank)?,
+        ),
         _ => args.node_rank,
     };
     if num_nodes > 1 {
@@ -1144,18 +1182,54 @@ mod tests {
         let err = LaunchPlan::build(&args(&autotuning), &inputs()).unwrap_err();
         assert!(matches!(err, PlanError::Autotuning), "{err}");
         // The multi-node runner only matters with several nodes, as in DeepSpeed.
-        let single = [&cpu[..], &["--launcher", "openmpi", "t.json"]].concat();
+        let single = [&cpu[..], &["--launcher", "mpich", "t.json"]].concat();
         assert!(LaunchPlan::build(&args(&single), &inputs()).is_ok());
         let forced = [
             &cpu[..],
-            &["--launcher", "openmpi", "--force_multi", "t.json"],
+            &["--launcher", "mpich", "--force_multi", "t.json"],
         ]
         .concat();
         let err = LaunchPlan::build(&args(&forced), &inputs()).unwrap_err();
         assert!(
-            err.to_string().contains("--launcher openmpi is not built"),
+            err.to_string().contains("--launcher mpich is not built"),
             "{err}"
         );
+        // pdsh and mpirun start programs; a train.json job's token needs the ssh runner.
+        for kind in ["pdsh", "openmpi"] {
+            let json = [&cpu[..], &["--launcher", kind, "--force_multi", "t.json"]].concat();
+            let err = LaunchPlan::build(&args(&json), &inputs()).unwrap_err();
+            assert!(matches!(err, PlanError::FanOutRunsPrograms(_)), "{err}");
+            assert!(err.to_string().contains("use --launcher ssh"), "{err}");
+            let script = [&cpu[..], &["--launcher", kind, "--force_multi", "x.py"]].concat();
+            assert!(LaunchPlan::build(&args(&script), &inputs()).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_launcher_mpirun_started_takes_its_node_rank_from_mpi() {
+        let hostfile = hosts(&[("a", 1), ("b", 1)]);
+        let argv = [
+            "--launcher",
+            "openmpi",
+            "--no_ssh",
+            "--device",
+            "cpu",
+            "x.py",
+        ];
+        let machine = PlanInputs {
+            hostfile: hostfile.clone(),
+            job_from_env: true,
+            mpi_rank: Some(1),
+            ..inputs()
+        };
+        let plan = LaunchPlan::build(&args(&argv), &machine).unwrap();
+        assert_eq!(plan.node_rank, 1);
+        let outside_mpi = PlanInputs {
+            mpi_rank: None,
+            ..machine
+        };
+        let err = LaunchPlan::build(&args(&argv), &outside_mpi).unwrap_err();
+        assert!(matches!(err, PlanError::NoMpiRank), "{err}");
     }
 
     #[test]
