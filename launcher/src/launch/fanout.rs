@@ -1,8 +1,9 @@
 //! Drives a job that pdsh or mpirun starts on every node (`nodes::fanout`): runs the
 //! runner program in its own process group (SIGKILLed with this launcher), relays its
-//! output, and ends the attempt when it exits, when pdsh reports a node that failed (the
-//! other nodes are then stopped: pdsh ends, every remote stdin closes, each node's
-//! launcher stops its ranks), or when this launcher gets SIGINT/SIGTERM/SIGHUP (passed to
+//! output, and ends the attempt when it exits, when a node is reported failed (by pdsh,
+//! or by that node's launcher under mpirun; the other nodes are then stopped: pdsh ends
+//! and every remote stdin closes, or mpirun passes SIGTERM on; each node's launcher
+//! stops its ranks), or when this launcher gets SIGINT/SIGTERM/SIGHUP (passed to
 //! the runner, SIGKILL after the grace period). Restarts the whole job under
 //! `--max_restarts`. Binary code: errors are `anyhow`.
 
@@ -18,7 +19,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
 use crate::nodes::fanout::{FanOutKind, FanOutLaunch};
-use crate::nodes::pdsh;
+use crate::nodes::{mpi, pdsh};
 use crate::supervise::lines::lock;
 use crate::supervise::{self, STOP_SIGNAL};
 
@@ -29,14 +30,15 @@ const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// launcher still stops its ranks; the next attempt waits this long for their ports.
 const PDSH_RESTART_PAUSE: Duration = Duration::from_secs(3);
 
-/// A node pdsh reported as failed: its host and exit code.
+/// A node reported as failed (by pdsh, or by its own launcher under mpirun): its host
+/// and exit code.
 type FailedNode = Arc<Mutex<Option<(String, i32)>>>;
 
 /// How the watch of one attempt ended.
 enum WatchEnd {
     /// The runner exited by itself.
     Exited(ExitStatus),
-    /// pdsh reported a failed node; every node was stopped. Its exit code.
+    /// A node was reported failed; every node was stopped. Its exit code.
     NodeFailed(i32),
     /// This launcher was signalled; every node was stopped.
     Interrupted(i32),
@@ -89,9 +91,14 @@ fn run_attempt(launch: &FanOutLaunch, attempt: u32, grace: Duration) -> Result<i
             Ok(())
         });
     }
-    let mut child = command.spawn().with_context(|| {
-        format!("cannot start {runner}: is it installed and on PATH on this machine?")
-    })?;
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "{runner} is not installed here (not on PATH): {}, or use --launcher ssh with the same hostfile (rsdeep's own runner needs only ssh)",
+            launch.kind.install_hint()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot start {runner}")),
+    };
     let failed_node = FailedNode::default();
     let relay = relay_stderr(&mut child, launch.kind, failed_node.clone());
     let end = watch(&mut child, launch, &failed_node, grace)?;
@@ -109,7 +116,7 @@ fn run_attempt(launch: &FanOutLaunch, attempt: u32, grace: Duration) -> Result<i
     })
 }
 
-/// Copies the runner's stderr to this launcher's, noting a node pdsh reports as failed.
+/// Copies the runner's stderr to this launcher's, noting the first node reported failed.
 fn relay_stderr(
     child: &mut Child,
     kind: FanOutKind,
@@ -121,9 +128,11 @@ fn relay_stderr(
         true,
         |line| line.to_string(),
         move |line| {
-            if kind == FanOutKind::Pdsh
-                && let Some(failure) = pdsh::node_failure(line)
-            {
+            let failure = match kind {
+                FanOutKind::Pdsh => pdsh::node_failure(line),
+                FanOutKind::Mpi(..) => mpi::node_failure(line),
+            };
+            if let Some(failure) = failure {
                 lock(&failed_node).get_or_insert(failure);
             }
         },

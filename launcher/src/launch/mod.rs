@@ -59,7 +59,7 @@ enum NodeRole {
     /// The launcher the user started under `--launcher pdsh|openmpi` on several hosts:
     /// starts every node through pdsh or mpirun and runs no rank itself.
     FanOutLead(FanOutLaunch),
-    /// A node mpirun started (`--launcher openmpi --no_ssh`): runs the attempt node 0
+    /// A node mpirun started (`--launcher openmpi|mpich|impi --no_ssh`): runs the attempt node 0
     /// names; mpirun stops it, and it stops when mpirun is gone.
     MpiNode,
     /// `--no_ssh --node_rank K`: one node of a job the user starts on every node.
@@ -182,6 +182,12 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
                 .map(JobEnd::code)
         }
     };
+    if let (NodeRole::MpiNode, Ok(code @ 1..)) = (&role, &code)
+        && supervise::STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) == 0
+    {
+        let host = &plan.nodes[plan.node_rank].host;
+        eprintln!("{}", mpi::failure_line(plan.node_rank, host, *code));
+    }
     if let Some((_, mut server)) = rendezvous {
         server.shutdown();
     }
@@ -240,7 +246,9 @@ fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, NodeR
     let role = match (plan.nodes.len(), args.launcher, plan.node_rank) {
         _ if args.token_stdin || args.stop_on_stdin_eof => NodeRole::SshFollower,
         (1, _, _) => NodeRole::SingleNode,
-        (_, LauncherKind::Openmpi, _) => NodeRole::MpiNode,
+        (_, LauncherKind::Openmpi | LauncherKind::Mpich | LauncherKind::Impi, _) => {
+            NodeRole::MpiNode
+        }
         // A user's program has no rsdeep rendezvous to carry node 0's decisions: each
         // node supervises its own ranks.
         (_, LauncherKind::Slurm, _) if plan.runs_user_program() => NodeRole::ManualNode,

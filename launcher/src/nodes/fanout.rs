@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::nodes::mpi::{self, MpiStart};
+use crate::nodes::mpi::{self, MpiFlavor, MpiStart};
 use crate::nodes::pdsh;
 use crate::nodes::ssh::{self, NodeStart, RemoteCommand};
 use crate::plan::LaunchPlan;
@@ -29,7 +29,8 @@ pub enum FanOutError {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum FanOutKind {
     Pdsh,
-    Mpi,
+    /// mpirun, with the `--launcher` name each node's launcher is given.
+    Mpi(MpiFlavor, LauncherKind),
 }
 
 impl FanOutKind {
@@ -37,8 +38,25 @@ impl FanOutKind {
     pub fn of(launcher: LauncherKind) -> Option<FanOutKind> {
         match launcher {
             LauncherKind::Pdsh => Some(FanOutKind::Pdsh),
-            LauncherKind::Openmpi => Some(FanOutKind::Mpi),
+            LauncherKind::Openmpi => Some(FanOutKind::Mpi(MpiFlavor::OpenMpi, launcher)),
+            LauncherKind::Mpich | LauncherKind::Impi => {
+                Some(FanOutKind::Mpi(MpiFlavor::Hydra, launcher))
+            }
             _ => None,
+        }
+    }
+
+    /// How to get the program, for the message when it is missing.
+    pub fn install_hint(self) -> &'static str {
+        match self {
+            FanOutKind::Pdsh => "install pdsh (Debian/Ubuntu: apt-get install pdsh)",
+            FanOutKind::Mpi(_, LauncherKind::Openmpi) => {
+                "install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin)"
+            }
+            FanOutKind::Mpi(_, LauncherKind::Mpich) => {
+                "install MPICH (Debian/Ubuntu: apt-get install mpich)"
+            }
+            FanOutKind::Mpi(..) => "load your MPI's environment (e.g. Intel oneAPI's setvars.sh)",
         }
     }
 
@@ -46,7 +64,7 @@ impl FanOutKind {
     pub fn program(self) -> &'static str {
         match self {
             FanOutKind::Pdsh => "pdsh",
-            FanOutKind::Mpi => "mpirun",
+            FanOutKind::Mpi(..) => "mpirun",
         }
     }
 }
@@ -80,7 +98,7 @@ impl FanOutLaunch {
     ) -> Result<FanOutLaunch, FanOutError> {
         let start = match kind {
             FanOutKind::Pdsh => NodeStart::Pdsh(pdsh::NODE_RANK_PLACEHOLDER),
-            FanOutKind::Mpi => NodeStart::Mpi,
+            FanOutKind::Mpi(_, launcher) => NodeStart::Mpi(launcher.as_str()),
         };
         let remote_args =
             ssh::remote_launcher_args(args, start, &plan.master_addr, plan.master_port, hosts);
@@ -116,7 +134,7 @@ impl FanOutLaunch {
                 &self.launcher_args,
                 &self.ssh_args,
             ),
-            FanOutKind::Mpi => {
+            FanOutKind::Mpi(flavor, _) => {
                 let mut env = self.remote.env.clone();
                 if restart_count > 0 {
                     env.push((ev::RESTART_COUNT.to_string(), restart_count.to_string()));
@@ -129,7 +147,7 @@ impl FanOutLaunch {
                     launcher_args: &self.launcher_args,
                     ssh_args: &self.ssh_args,
                 };
-                mpi::command(&self.hosts, &start)
+                mpi::command(flavor, &self.hosts, &start)
             }
         }
     }

@@ -192,9 +192,9 @@ pub enum NodeStart<'a> {
     /// By pdsh: `--node_rank` followed by this word, which pdsh replaces with the node's
     /// index in its host list, and `--stop_on_stdin_eof`.
     Pdsh(&'a str),
-    /// By mpirun: `--launcher openmpi` and no `--node_rank` (it is the MPI rank, read
-    /// from MPI's environment); mpirun itself stops every node when one fails.
-    Mpi,
+    /// By mpirun: `--launcher` with this name and no `--node_rank` (it is the MPI rank,
+    /// read from MPI's environment); mpirun itself stops every node when one fails.
+    Mpi(&'a str),
 }
 
 /// The launcher flags of a node started by `start`: the user's resource and supervision
@@ -217,7 +217,7 @@ pub fn remote_launcher_args(
     match start {
         NodeStart::Ssh(node_rank) => flag("--node_rank", node_rank.to_string()),
         NodeStart::Pdsh(placeholder) => flag("--node_rank", placeholder.to_string()),
-        NodeStart::Mpi => flag("--launcher", "openmpi".to_string()),
+        NodeStart::Mpi(launcher) => flag("--launcher", launcher.to_string()),
     }
     flag("--master_addr", master_addr.to_string());
     flag("--master_port", master_port.to_string());
@@ -259,7 +259,7 @@ pub fn remote_launcher_args(
     match start {
         NodeStart::Ssh(_) => out.push("--token_stdin".to_string()),
         NodeStart::Pdsh(_) => out.push("--stop_on_stdin_eof".to_string()),
-        NodeStart::Mpi => {}
+        NodeStart::Mpi(_) => {}
     }
     if args.bind_cores_to_rank {
         out.push("--bind_cores_to_rank".to_string());

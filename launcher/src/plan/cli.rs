@@ -34,9 +34,11 @@ pub enum LauncherKind {
     Pdsh,
     /// Open MPI's `mpirun` starts one launcher per node (its node rank is the MPI rank).
     Openmpi,
-    /// The other MPI runners (DeepSpeed's `mpich`, `impi`, `mvapich`): not built yet.
+    /// MPICH's `mpirun` (Hydra), as for Open MPI.
     Mpich,
+    /// Intel MPI's `mpirun` (Hydra, MPICH's command line).
     Impi,
+    /// MVAPICH's `mpirun_rsh`: not built yet.
     Mvapich,
 }
 

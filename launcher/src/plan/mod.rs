@@ -161,7 +161,7 @@ pub enum PlanError {
     )]
     Autotuning,
     #[error(
-        "--launcher {0} is not built in rsdeep yet: use --launcher openmpi, pdsh or ssh with the same hostfile (ssh is rsdeep's own runner), or --launcher slurm inside a SLURM allocation"
+        "--launcher {0} is not built in rsdeep yet: use --launcher openmpi, mpich, pdsh or ssh with the same hostfile (ssh is rsdeep's own runner), or --launcher slurm inside a SLURM allocation"
     )]
     LauncherNotBuilt(&'static str),
     #[error(
@@ -171,11 +171,11 @@ pub enum PlanError {
     )]
     FanOutRunsPrograms(&'static str),
     #[error(
-        "--launcher openmpi --no_ssh: this launcher was not started by mpirun (neither \
+        "--launcher {0} --no_ssh: this launcher was not started by mpirun (neither \
          OMPI_COMM_WORLD_RANK nor PMI_RANK is set): pass --node_rank K, or let `rsdeep \
-         --launcher openmpi -H hostfile ...` start every node"
+         --launcher {0} -H hostfile ...` start every node"
     )]
-    NoMpiRank,
+    NoMpiRank(&'static str),
     #[error(
         "--heartbeat_interval {interval} must be a positive number of seconds shorter than --heartbeat_timeout {timeout}"
     )]
@@ -252,10 +252,16 @@ impl LaunchPlan {
     }
 
     /// True when this launcher starts every node through pdsh or mpirun (`--launcher
-    /// pdsh|openmpi` on a multi-node hostfile, or with `--force_multi`, without
+    /// pdsh|openmpi|mpich|impi` on a multi-node hostfile, or with `--force_multi`, without
     /// `--no_ssh`) and runs no rank itself.
     pub fn needs_fan_out(args: &LaunchArgs, inputs: &PlanInputs) -> Result<bool, PlanError> {
-        if !matches!(args.launcher, LauncherKind::Pdsh | LauncherKind::Openmpi) || args.no_ssh {
+        let fan_out = [
+            LauncherKind::Pdsh,
+            LauncherKind::Openmpi,
+            LauncherKind::Mpich,
+            LauncherKind::Impi,
+        ];
+        if !fan_out.contains(&args.launcher) || args.no_ssh {
             return Ok(false);
         }
         Ok(args.force_multi || select_resources(args, inputs, &mut Vec::new())?.len() > 1)
@@ -555,11 +561,11 @@ fn refuse_unsupported(
     match args.launcher {
         LauncherKind::Ssh | LauncherKind::Slurm | LauncherKind::Local => Ok(()),
         _ if !multi_node => Ok(()),
-        kind @ (LauncherKind::Pdsh | LauncherKind::Openmpi) => match program.user() {
+        LauncherKind::Mvapich => Err(PlanError::LauncherNotBuilt("mvapich")),
+        kind => match program.user() {
             Some(_) => Ok(()),
             None => Err(PlanError::FanOutRunsPrograms(kind.as_str())),
         },
-        other => Err(PlanError::LauncherNotBuilt(other.as_str())),
     }
 }
 
@@ -708,11 +714,12 @@ fn choose_node_rank(
 ) -> Result<usize, PlanError> {
     let node_rank = match args.launcher {
         LauncherKind::Slurm => Some(slurm_job(inputs)?.node_id),
-        LauncherKind::Openmpi if args.no_ssh && num_nodes > 1 => Some(
-            args.node_rank
-                .or(inputs.mpi_rank)
-                .ok_or(PlanError::NoMpiRank)?,
-        ),
+        LauncherKind::Openmpi | LauncherKind::Mpich | LauncherKind::Impi
+            if args.no_ssh && num_nodes > 1 =>
+        {
+            let missing = PlanError::NoMpiRank(args.launcher.as_str());
+            Some(args.node_rank.or(inputs.mpi_rank).ok_or(missing)?)
+        }
         _ => args.node_rank,
     };
     if num_nodes > 1 {
@@ -1182,20 +1189,20 @@ mod tests {
         let err = LaunchPlan::build(&args(&autotuning), &inputs()).unwrap_err();
         assert!(matches!(err, PlanError::Autotuning), "{err}");
         // The multi-node runner only matters with several nodes, as in DeepSpeed.
-        let single = [&cpu[..], &["--launcher", "mpich", "t.json"]].concat();
+        let single = [&cpu[..], &["--launcher", "mvapich", "t.json"]].concat();
         assert!(LaunchPlan::build(&args(&single), &inputs()).is_ok());
         let forced = [
             &cpu[..],
-            &["--launcher", "mpich", "--force_multi", "t.json"],
+            &["--launcher", "mvapich", "--force_multi", "x.py"],
         ]
         .concat();
         let err = LaunchPlan::build(&args(&forced), &inputs()).unwrap_err();
         assert!(
-            err.to_string().contains("--launcher mpich is not built"),
+            err.to_string().contains("--launcher mvapich is not built"),
             "{err}"
         );
         // pdsh and mpirun start programs; a train.json job's token needs the ssh runner.
-        for kind in ["pdsh", "openmpi"] {
+        for kind in ["pdsh", "openmpi", "mpich", "impi"] {
             let json = [&cpu[..], &["--launcher", kind, "--force_multi", "t.json"]].concat();
             let err = LaunchPlan::build(&args(&json), &inputs()).unwrap_err();
             assert!(matches!(err, PlanError::FanOutRunsPrograms(_)), "{err}");
@@ -1229,7 +1236,7 @@ mod tests {
             ..machine
         };
         let err = LaunchPlan::build(&args(&argv), &outside_mpi).unwrap_err();
-        assert!(matches!(err, PlanError::NoMpiRank), "{err}");
+        assert!(matches!(err, PlanError::NoMpiRank("openmpi")), "{err}");
     }
 
     #[test]
