@@ -1,12 +1,26 @@
 """Prints the per-rank peak RSS table (docs/benchmarks.md) from one benches/memory/run.sh
 result directory: one row per world size and ZeRO stage, every rank's VmHWM in MiB, the
-maximum, and the saving of the maximum against ZeRO-0 at the same world size."""
+maximum, the saving of the maximum against ZeRO-0 at the same world size, and the
+maximum against `rsdeep estimate-memory`'s total for that stage (estimate-w<world>.txt)."""
 
 import argparse
 import glob
 import json
 import os
 import re
+
+
+def estimates(run_dir, world):
+    """{stage: predicted GiB per rank} from estimate-memory's table, if it was saved."""
+    path = os.path.join(run_dir, f"estimate-w{world}.txt")
+    if not os.path.exists(path):
+        return {}
+    table = {}
+    for line in open(path):
+        match = re.match(r"ZeRO-(\d)\s+.*\s([\d.]+)\s*$", line)
+        if match:
+            table[int(match.group(1))] = float(match.group(2))
+    return table
 
 
 def main():
@@ -18,8 +32,8 @@ def main():
         world, stage = map(int, re.search(r"w(\d+)-zero(\d)\.json$", path).groups())
         runs[(world, stage)] = json.load(open(path))
     print(f"run: {cli.run_dir}")
-    print("| world | ZeRO | peak RSS per rank (MiB) | max (MiB) | vs ZeRO-0 |")
-    print("|---:|---:|---|---:|---:|")
+    print("| world | ZeRO | peak RSS per rank (MiB) | max (MiB) | vs ZeRO-0 | estimate-memory (GiB) | max / estimate (goal <= 1.25) |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
     for world, stage in sorted(runs):
         run = runs[(world, stage)]
         if run["exit_code"] != 0:
@@ -34,7 +48,10 @@ def main():
             base_max = max(base["peak_rss_kib_by_rank"].values()) / 1024
             saving = f"{100 * (max(mib) - base_max) / base_max:+.0f}%"
         per_rank = " / ".join(f"{m:.0f}" for m in mib)
-        print(f"| {world} | {stage} | {per_rank} | {max(mib):.0f} | {saving} |")
+        predicted = estimates(cli.run_dir, world).get(stage)
+        ratio = "" if predicted is None else f"{max(mib) / 1024 / predicted:.2f}"
+        shown = "" if predicted is None else f"{predicted:.2f}"
+        print(f"| {world} | {stage} | {per_rank} | {max(mib):.0f} | {saving} | {shown} | {ratio} |")
 
 
 if __name__ == "__main__":

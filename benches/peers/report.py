@@ -82,8 +82,10 @@ def main():
     parser.add_argument("run_dir")
     parser.add_argument("--stages", nargs="+", default=["1", "2", "3"])
     parser.add_argument("--tokens_per_step", type=int, default=TOKENS_PER_STEP)
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed first steps")
     cli = parser.parse_args()
     globals()["TOKENS_PER_STEP"] = cli.tokens_per_step
+    globals()["WARMUP_STEPS"] = cli.warmup
     print(f"run: {cli.run_dir}")
     print("| ZeRO | side | tokens/s | best-step tokens/s | tokens per CPU-second | launch to first step (s) | peak RSS per rank (MiB) |")
     print("|---|---|---:|---:|---:|---:|---|")

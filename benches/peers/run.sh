@@ -10,8 +10,10 @@
 # largest deviation, and overlays them in RUN_DIR/curve/loss_curve.png.
 # Usage: benches/peers/run.sh      (env: STEPS=30 STAGES="1 2 3" CURVE_STAGE=2 CURVE_ONLY=1
 #        NO_CURVE=1 SKIP_BUILD=1 THREADS=1 MODEL_CONFIG=configs/models/qwen2-tiny.json
-#        BLOCK=256 MICRO=4 GA=2 — e.g. the real SmolLM2 shape:
+#        BLOCK=256 MICRO=4 GA=2 WARMUP=5 PEER_ADAM=torch — e.g. the real SmolLM2 shape:
 #        MODEL_CONFIG=configs/models/smollm2-135m.json BLOCK=512 MICRO=2 GA=4 NO_CURVE=1
+#        PEER_ADAM=fused: the peer uses DeepSpeed's own fused CPU Adam (built once here,
+#        before any timed launch) instead of torch.optim.AdamW;
 #        BIN_DIR=<folder with rsdeep and rsdeep-worker>, default the release target dir;
 #        point it at a private copy when others rebuild the shared target meanwhile)
 set -euo pipefail
@@ -24,7 +26,8 @@ RUN_DIR="$BENCH_DIR/peers-$(date -u +%Y%m%dT%H%M%S)"
 DATA="$HOME/.cache/rsdeep/data/pretrain.jsonl"
 TOKENIZER="$BENCH_DIR/tokenizer-8k"
 MODEL_CONFIG="${MODEL_CONFIG:-configs/models/qwen2-tiny.json}"
-BLOCK="${BLOCK:-256}" MICRO="${MICRO:-4}" GA="${GA:-2}"
+BLOCK="${BLOCK:-256}" MICRO="${MICRO:-4}" GA="${GA:-2}" WARMUP="${WARMUP:-5}"
+PEER_ADAM="${PEER_ADAM:-torch}"
 # Same intra-op thread count for every rank of both sides: 2 ranks on 2 cores.
 export OMP_NUM_THREADS="${THREADS:-1}"
 export DS_ACCELERATOR=cpu DS_BUILD_OPS=0
@@ -36,16 +39,20 @@ benches/peers/setup.sh
 mkdir -p "$RUN_DIR"
 echo "results in $RUN_DIR"
 
-# The peer reads our DeepSpeed files unchanged except for torch_adam: DeepSpeed's own
-# AdamW would JIT-compile a CPU fused Adam; torch.optim.AdamW is what rsdeep matches.
+# The peer reads our DeepSpeed files unchanged except, with PEER_ADAM=torch, for
+# torch_adam: torch.optim.AdamW is what rsdeep matches step by step. With PEER_ADAM=fused
+# DeepSpeed picks its own fused CPU Adam, JIT-compiled once here so no launch pays it.
 peer_config() {
-  python - "$1" "$2" <<'PY'
+  python - "$1" "$2" "$PEER_ADAM" <<'PY'
 import json, sys
 config = json.load(open(f"configs/ds_config_zero{sys.argv[1]}.json"))
-config["optimizer"]["params"]["torch_adam"] = True
+config["optimizer"]["params"]["torch_adam"] = sys.argv[3] == "torch"
 json.dump(config, open(sys.argv[2], "w"), indent=2)
 PY
 }
+if [ "$PEER_ADAM" = fused ]; then
+  python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('FusedAdamBuilder').load()"
+fi
 
 free_port() {
   python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"
@@ -77,7 +84,7 @@ for stage in $([ -n "${CURVE_ONLY:-}" ] || echo "$STAGES"); do
 done
 
 [ -n "${CURVE_ONLY:-}" ] || python benches/peers/report.py "$RUN_DIR" --stages $STAGES \
-  --tokens_per_step $((2 * MICRO * GA * BLOCK)) | tee "$RUN_DIR/table.md"
+  --tokens_per_step $((2 * MICRO * GA * BLOCK)) --warmup "$WARMUP" | tee "$RUN_DIR/table.md"
 [ -z "${NO_CURVE:-}" ] || exit 0
 
 # The loss curve. The seed's pretrain.py groups blocks per 40000-document map batch.

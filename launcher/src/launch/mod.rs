@@ -56,11 +56,11 @@ enum NodeRole {
     /// A node the ssh lead started (`--token_stdin`), or pdsh (`--stop_on_stdin_eof`):
     /// stops when its ssh session ends and runs the attempt node 0 names.
     SshFollower,
-    /// The launcher the user started under `--launcher pdsh|openmpi` on several hosts:
-    /// starts every node through pdsh or mpirun and runs no rank itself.
+    /// The launcher the user started under `--launcher pdsh|openmpi|mpich|impi` on
+    /// several hosts: starts every node through pdsh or mpirun and runs no rank itself.
     FanOutLead(FanOutLaunch),
-    /// A node mpirun started (`--launcher openmpi|mpich|impi --no_ssh`): runs the attempt node 0
-    /// names; mpirun stops it, and it stops when mpirun is gone.
+    /// A node mpirun started (`--launcher openmpi|mpich|impi --no_ssh`): runs the attempt
+    /// the lead names; mpirun stops it, and it stops when mpirun is gone.
     MpiNode,
     /// `--no_ssh --node_rank K`: one node of a job the user starts on every node.
     ManualNode,
@@ -152,10 +152,10 @@ pub fn run(args: LaunchArgs, started: Instant) -> Result<i32> {
         (NodeRole::SshFollower | NodeRole::MpiNode, state) => {
             let follower = Attempts::Follower {
                 restart_base: inherited_restart_count(),
-                stop: Some(match role {
+                stop: match role {
                     NodeRole::SshFollower => ssh::stop_on_stdin_eof(),
                     _ => mpi::stop_when_parent_dies(),
-                }),
+                },
             };
             supervise_attempts(&runtime, &plan, state, follower, started).map(JobEnd::code)
         }
@@ -265,26 +265,50 @@ fn plan_job(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, NodeR
 /// nodes.
 fn plan_ssh_lead(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, SshLaunch)> {
     let plan = plan_node0_of_hostfile(args, inputs, true)?;
-    let program = std::env::current_exe().context("cannot locate the rsdeep executable")?;
-    let cwd = std::env::current_dir().context("cannot read the working directory")?;
-    let env = ssh::exported_env(std::env::vars(), &inputs.env_file_vars);
+    let every = EveryNode::of(inputs)?;
     let hosts = inputs.hostfile.as_deref().unwrap_or_default();
-    let launch = SshLaunch::prepare(args, &plan, hosts, &env, &program, &cwd);
+    let launch = SshLaunch::prepare(args, &plan, hosts, &every.env, &every.program, &every.cwd);
     Ok((plan, launch))
 }
 
-/// The launcher the user started under `--launcher pdsh|openmpi`: plans the job as node
-/// 0 of the ssh runner would (the master address detected the same way) and prepares the
-/// one command that starts every node.
+/// What a multi-host runner starts on every node.
+struct EveryNode {
+    /// This `rsdeep`: the same path is expected on every host.
+    program: PathBuf,
+    /// The working directory every node runs in.
+    cwd: PathBuf,
+    /// The environment exported to the other nodes (`ssh::exported_env`).
+    env: Vec<(String, String)>,
+}
+
+impl EveryNode {
+    fn of(inputs: &PlanInputs) -> Result<EveryNode> {
+        Ok(EveryNode {
+            program: std::env::current_exe().context("cannot locate the rsdeep executable")?,
+            cwd: std::env::current_dir().context("cannot read the working directory")?,
+            env: ssh::exported_env(std::env::vars(), &inputs.env_file_vars),
+        })
+    }
+}
+
+/// The launcher the user started under `--launcher pdsh|openmpi|mpich|impi`: plans the
+/// job as node 0 of the ssh runner would (the master address detected the same way when
+/// the first host is this machine) and prepares the one command that starts every node.
 fn plan_fan_out_lead(args: &LaunchArgs, inputs: &PlanInputs) -> Result<(LaunchPlan, FanOutLaunch)> {
     let kind = FanOutKind::of(args.launcher).context("not a pdsh or mpirun launch")?;
     let plan = plan_node0_of_hostfile(args, inputs, false)?;
-    let program = std::env::current_exe().context("cannot locate the rsdeep executable")?;
-    let cwd = std::env::current_dir().context("cannot read the working directory")?;
-    let env = ssh::exported_env(std::env::vars(), &inputs.env_file_vars);
+    let every = EveryNode::of(inputs)?;
     let hosts = inputs.hostfile.as_deref().unwrap_or_default();
-    let launch =
-        FanOutLaunch::prepare(kind, args, &plan, hosts, &env, &program, &cwd).map_err(usage)?;
+    let launch = FanOutLaunch::prepare(
+        kind,
+        args,
+        &plan,
+        hosts,
+        &every.env,
+        &every.program,
+        &every.cwd,
+    )
+    .map_err(usage)?;
     Ok((plan, launch))
 }
 
@@ -414,7 +438,7 @@ fn gather_inputs(args: &LaunchArgs) -> Result<PlanInputs> {
         slurm,
         total_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         omp_threads_from_user: std::env::var_os("OMP_NUM_THREADS").is_some(),
-        mpi_rank: crate::nodes::mpi::mpi_rank(|name| std::env::var(name).ok()),
+        mpi_rank: mpi::mpi_rank(|name| std::env::var(name).ok()),
     })
 }
 
@@ -648,10 +672,10 @@ enum Attempts<'a> {
     /// jobs check which hosts answer before each restart.
     SshLead(&'a SshLaunch, Option<ElasticTurn<'a>>),
     /// A node started for attempt `restart_base` by an ssh lead, pdsh or mpirun; `stop`
-    /// (stdin closed, for ssh and pdsh) ends its attempt.
+    /// (stdin closed under ssh and pdsh, mpirun gone) ends its attempt.
     Follower {
         restart_base: u32,
-        stop: Option<Arc<dyn supervise::StopSource>>,
+        stop: Arc<dyn supervise::StopSource>,
     },
 }
 
@@ -705,10 +729,10 @@ fn supervise_attempts(
     role: Attempts,
     started: Instant,
 ) -> Result<JobEnd> {
-    let (ssh_launch, restart_base, stdin_closed, elastic) = match role {
+    let (ssh_launch, restart_base, follower_stop, elastic) = match role {
         Attempts::ThisNode => (None, 0, None, None),
         Attempts::SshLead(launch, elastic) => (Some(launch), 0, None, elastic),
-        Attempts::Follower { restart_base, stop } => (None, restart_base, stop, None),
+        Attempts::Follower { restart_base, stop } => (None, restart_base, Some(stop), None),
     };
     let program = rank_program(plan)?;
     let local: Vec<_> = plan.local_ranks().collect();
@@ -728,7 +752,7 @@ fn supervise_attempts(
             stop_source: remote
                 .as_ref()
                 .map(SshNodes::stop_source)
-                .or_else(|| stdin_closed.clone()),
+                .or_else(|| follower_stop.clone()),
             ..supervise_options(plan)
         };
         let mut workers = spawn_local_workers(&program, &local, restart_count, plan)?;

@@ -186,13 +186,14 @@ pub struct LaunchArgs {
     /// Write the launcher's pid to `/tmp/<pid>.deepspeed` (DeepSpeed's file) while it runs.
     #[arg(long = "save_pid")]
     pub save_pid: bool,
-    /// Extra arguments for the multi-node runner program (pdsh, mpirun, srun).
+    /// Extra arguments for the multi-node runner program (pdsh, mpirun), split as a shell would.
     #[arg(long = "launcher_args", default_value = "", allow_hyphen_values = true)]
     pub launcher_args: String,
     /// Treat a single-node hostfile as a multi-node job (DeepSpeed's `--force_multi`).
     #[arg(long = "force_multi")]
     pub force_multi: bool,
-    /// A comment for the job (passed to `srun --comment` under `--launcher slurm`).
+    /// A comment for the job (DeepSpeed passes it to `srun --comment`; rsdeep runs inside
+    /// srun under `--launcher slurm`, so it is accepted and not used).
     #[arg(long = "comment", default_value = "")]
     pub comment: String,
     /// DeepSpeed's autotuner: not part of rsdeep (refused with a message).
