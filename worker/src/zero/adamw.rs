@@ -2,7 +2,9 @@
 //! (bias-corrected moments; decoupled decay `p *= 1 - lr*wd` before the update) or
 //! Adam's L2 decay (`g += wd*p`). Each rank runs it only on the slice it owns; the
 //! engine (`engine.rs`) owns the step counter and the learning rate. A slice lives in
-//! memory, or with NVMe offload in its swap file (`swap.rs`), read in for each use.
+//! memory, or with NVMe offload in its swap file (`swap.rs`), read in for each use. When
+//! training is fp32 on the optimizer's device the masters are the owned slice of the
+//! compute buffer itself (`over_compute`): a copy would hold the same values.
 
 use super::config::OptimizerConfig;
 use super::swap::{SwapFile, SwapPart};
@@ -22,7 +24,11 @@ pub struct AdamTensors {
 
 /// One owned slice's optimizer state, in memory or in its swap file.
 pub enum AdamSlice {
-    Resident(AdamTensors),
+    Resident {
+        tensors: AdamTensors,
+        /// The masters are a view of the compute buffer (counted with the parameters).
+        master_is_compute: bool,
+    },
     Swapped(SwapFile),
 }
 
@@ -34,13 +40,28 @@ impl AdamSlice {
             .f_to_device(device)?
             .f_contiguous()?
             .f_detach_copy()?;
+        Self::resident(master, false)
+    }
+
+    /// Masters that are `compute_slice` itself (fp32, on the optimizer's device: the
+    /// owned part of the compute buffer), moments zero. An update writes the compute
+    /// buffer directly.
+    pub fn over_compute(compute_slice: &Tensor) -> Result<Self> {
+        Self::resident(compute_slice.shallow_clone(), true)
+    }
+
+    fn resident(master: Tensor, master_is_compute: bool) -> Result<Self> {
         let exp_avg = master.f_zeros_like()?;
         let exp_avg_sq = master.f_zeros_like()?;
-        Ok(AdamSlice::Resident(AdamTensors {
+        let tensors = AdamTensors {
             master,
             exp_avg,
             exp_avg_sq,
-        }))
+        };
+        Ok(AdamSlice::Resident {
+            tensors,
+            master_is_compute,
+        })
     }
 
     /// This slice moved into `swap` (its memory freed).
@@ -55,7 +76,13 @@ impl AdamSlice {
     /// Bytes the slice keeps in memory between uses (none when swapped).
     pub fn bytes(&self) -> usize {
         match self {
-            AdamSlice::Resident(t) => 3 * 4 * t.master.numel(),
+            AdamSlice::Resident {
+                tensors,
+                master_is_compute,
+            } => {
+                let copies = if *master_is_compute { 2 } else { 3 };
+                copies * 4 * tensors.master.numel()
+            }
             AdamSlice::Swapped(_) => 0,
         }
     }
@@ -63,7 +90,7 @@ impl AdamSlice {
     /// Bytes the slice keeps in its swap file.
     pub fn swapped_bytes(&self) -> usize {
         match self {
-            AdamSlice::Resident(_) => 0,
+            AdamSlice::Resident { .. } => 0,
             AdamSlice::Swapped(swap) => swap.bytes(),
         }
     }
@@ -72,7 +99,7 @@ impl AdamSlice {
     /// read from the swap file.
     pub fn tensors(&self) -> Result<AdamTensors> {
         match self {
-            AdamSlice::Resident(t) => Ok(AdamTensors {
+            AdamSlice::Resident { tensors: t, .. } => Ok(AdamTensors {
                 master: t.master.shallow_clone(),
                 exp_avg: t.exp_avg.shallow_clone(),
                 exp_avg_sq: t.exp_avg_sq.shallow_clone(),
@@ -88,7 +115,7 @@ impl AdamSlice {
     /// The (P,) masters alone (read from the swap file when swapped).
     pub fn master(&self) -> Result<Tensor> {
         match self {
-            AdamSlice::Resident(t) => Ok(t.master.shallow_clone()),
+            AdamSlice::Resident { tensors, .. } => Ok(tensors.master.shallow_clone()),
             AdamSlice::Swapped(swap) => swap.read(SwapPart::Master),
         }
     }
@@ -96,7 +123,7 @@ impl AdamSlice {
     /// Replaces the slice's values by `values`.
     pub fn set(&mut self, values: &AdamTensors) -> Result<()> {
         match self {
-            AdamSlice::Resident(t) => {
+            AdamSlice::Resident { tensors: t, .. } => {
                 t.master.f_copy_(&values.master)?;
                 t.exp_avg.f_copy_(&values.exp_avg)?;
                 t.exp_avg_sq.f_copy_(&values.exp_avg_sq)?;

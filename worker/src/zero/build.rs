@@ -353,7 +353,6 @@ fn build_shard(
         shard.layout.partition_numel() as i64,
     );
     let owned32 = flat32.f_narrow(0, start, part)?;
-    shard.optim = Some(AdamSlice::new(&owned32, optimizer_device)?);
     let padded = shard.layout.padded_numel as i64;
     if !config.stage.partitions_parameters() {
         shard.compute = flat32.f_to_kind(kind)?.f_contiguous()?;
@@ -368,6 +367,16 @@ fn build_shard(
         shard.grad_owned = Some(Tensor::f_zeros([part], (kind, config.device))?);
         empty_params(&mut shard.params, kind, config.device)?;
     }
+    // fp32 compute next to the optimizer: the owned compute slice is the master (with
+    // NVMe offload the master goes to the swap file as a copy, freeing its memory).
+    let shared_master = kind == Kind::Float
+        && optimizer_device == config.device
+        && config.optimizer_swap_dir.is_none();
+    shard.optim = Some(match shared_master {
+        true if config.stage.partitions_parameters() => AdamSlice::over_compute(&shard.compute)?,
+        true => AdamSlice::over_compute(&shard.compute.f_narrow(0, start, part)?)?,
+        false => AdamSlice::new(&owned32, optimizer_device)?,
+    });
     for p in shard.params.iter_mut() {
         *p = p.f_set_requires_grad(true)?;
     }

@@ -256,7 +256,10 @@ impl ZeroEngine {
             } else {
                 shard.compute.f_narrow(0, start, updated.numel() as i64)?
             };
-            target.f_copy_(&updated)?;
+            // Masters over the compute buffer were updated in place.
+            if target.data_ptr() != updated.data_ptr() {
+                target.f_copy_(&updated)?;
+            }
         }
         Ok(())
     }
