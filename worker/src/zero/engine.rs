@@ -483,10 +483,12 @@ impl ZeroEngine {
                 self.profile.add(Phase::Flatten, mark);
                 continue;
             }
-            let mut flat = flatten_grads(&self.shards[b], &grads, self.config.precision.kind())?;
-            if let Some(tied) = self.shards[b].tied_grad.take() {
-                flat = flat.f_add(&tied)?;
-            }
+            // A tied embedding's head gradient is the buffer its own gradient adds into.
+            let flat = match self.shards[b].tied_grad.take() {
+                Some(tied) => add_grads_into(&tied, &self.shards[b], &grads)?,
+                None => flatten_grads(&self.shards[b], &grads, self.config.precision.kind())?,
+            };
+            drop(grads);
             self.profile.add(Phase::Flatten, mark);
             let mark = self.profile.mark();
             self.reduce_block_gradients(b, flat, last_micro)?;
@@ -660,6 +662,20 @@ pub(super) fn flatten_grads(shard: &BlockShard, grads: &[Tensor], kind: Kind) ->
         pieces.push(Tensor::f_zeros([padding as i64], (kind, device))?);
     }
     Ok(Tensor::f_cat(&pieces, 0)?)
+}
+
+/// Adds per-parameter gradients into their slots of the (padded,) flat buffer `flat` in
+/// place (an undefined gradient adds nothing); returns `flat`. `a + b` is `b + a` in IEEE
+/// arithmetic, so this equals `flatten_grads(grads) + flat` bit for bit.
+fn add_grads_into(flat: &Tensor, shard: &BlockShard, grads: &[Tensor]) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    for (slot, grad) in shard.layout.slots.iter().zip(grads) {
+        if grad.defined() {
+            let mut piece = flat.f_narrow(0, slot.offset as i64, slot.numel as i64)?;
+            let _ = piece.f_add_(&grad.f_reshape([-1])?.f_to_kind(flat.kind())?)?;
+        }
+    }
+    Ok(flat.shallow_clone())
 }
 
 /// Re-points every parameter at its view of the (padded,) buffer `flat`.
